@@ -1,0 +1,63 @@
+//! Command-line types (clap). Dispatch lives in `main.rs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Authenticating reverse-proxy sidecar for OAuth2-protected APIs.
+#[derive(Debug, Parser)]
+#[command(name = "tokenproxy", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(
+        short,
+        long,
+        env = "TOKENPROXY_CONFIG",
+        global = true,
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+    /// What to do; without one, run the sidecar.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar (the default).
+    Run,
+    /// Validate the configuration and print a redacted summary.
+    Check,
+    /// Obtain one token for CLIENT and print its metadata.
+    Token {
+        /// The client name (a `[clients.NAME]` table).
+        client: String,
+        /// Also print the access token (and a new refresh token, if one came back).
+        #[arg(long)]
+        show_token: bool,
+        /// For `grant = "refresh_token"` clients: spend the configured refresh token.
+        /// With a rotating provider the old one dies, so pair this with --show-token.
+        #[arg(long)]
+        spend_refresh_token: bool,
+    },
+    /// Run the sidecar in front of a built-in mock provider and API on loopback.
+    Demo {
+        /// Where the demo sidecar listens for the app.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the admin endpoints listen.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// Access token lifetime at the mock provider.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        token_lifetime: std::time::Duration,
+        /// How often the demo sends a request through the sidecar and prints the result.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this long (default: run until Ctrl-C).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        exit_after: Option<std::time::Duration>,
+    },
+}

@@ -1,0 +1,269 @@
+//! `${VAR}` expansion and `*_file` secret reads, through an injected [`Env`].
+//!
+//! The process environment and the file system are reached only through the
+//! [`Env`] trait, so tests use [`MapEnv`] and never touch the real environment
+//! (`std::env::set_var` is banned). Errors name the dotted key and the variable
+//! or path, never a secret value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::error::{io_text, ConfigError};
+use crate::secret::Secret;
+
+/// Where `${VAR}` values and `*_file` contents come from.
+pub trait Env {
+    /// The value of environment variable `name`, if it is set (and valid UTF-8).
+    fn var(&self, name: &str) -> Option<String>;
+    /// The whole content of the file at `path`.
+    fn read_file(&self, path: &Path) -> io::Result<String>;
+}
+
+/// The real process environment and file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemEnv;
+
+impl Env for SystemEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+/// An in-memory environment for tests: `MapEnv::new().var("A", "b").file("/x", "y")`.
+///
+/// The builder method `var` shadows [`Env::var`] on a `MapEnv` value; call the
+/// lookup as `Env::var(&env, "A")` when you need it directly.
+#[derive(Clone, Default)]
+pub struct MapEnv {
+    vars: HashMap<String, String>,
+    files: HashMap<PathBuf, String>,
+}
+
+impl MapEnv {
+    /// An environment with no variables and no files.
+    pub fn new() -> Self {
+        MapEnv::default()
+    }
+
+    /// Sets environment variable `name` to `value`.
+    pub fn var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// Adds a readable file at `path` with `content`.
+    pub fn file(mut self, path: impl Into<PathBuf>, content: impl Into<String>) -> Self {
+        self.files.insert(path.into(), content.into());
+        self
+    }
+}
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.vars.get(name).cloned()
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<String> {
+        self.files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file or directory"))
+    }
+}
+
+// Values may be secrets: show only names and paths.
+impl fmt::Debug for MapEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapEnv")
+            .field("vars", &self.vars.keys().collect::<Vec<_>>())
+            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Expands strings and reads secrets for one config load.
+pub(super) struct Expander<'a> {
+    env: &'a dyn Env,
+    /// Relative `*_file` paths are resolved against the config file's directory.
+    base_dir: Option<&'a Path>,
+}
+
+impl<'a> Expander<'a> {
+    /// An expander reading from `env`, resolving relative paths against `base_dir`.
+    pub(super) fn new(env: &'a dyn Env, base_dir: Option<&'a Path>) -> Self {
+        Expander { env, base_dir }
+    }
+
+    /// `raw` with `${VAR}` replaced and `$$` turned into `$`; errors name `key`.
+    pub(super) fn string(&self, key: &str, raw: &str) -> Result<String, ConfigError> {
+        expand(raw, key, self.env, false)
+    }
+
+    /// A secret given inline (`key`) or as a file (`key_file`), at most one of them.
+    ///
+    /// `prefix` is the dotted table (`clients.payments.token`), `name` the key
+    /// without `_file`. File content loses its trailing newlines (`echo` and
+    /// Kubernetes secrets add one). An empty secret is an error: it is almost
+    /// always an unset variable or an empty mount.
+    pub(super) fn secret(
+        &self,
+        prefix: &str,
+        name: &str,
+        inline: Option<String>,
+        file: Option<String>,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let key = format!("{prefix}.{name}");
+        let file_key = format!("{key}_file");
+        match (inline, file) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                key,
+                format!("is set together with {name}_file"),
+            )
+            .with_hint(format!("set only one of {name} and {name}_file"))),
+            (Some(raw), None) => {
+                let value = expand(&raw, &key, self.env, true)?;
+                if value.is_empty() {
+                    return Err(ConfigError::new(key, "is empty")
+                        .with_hint(format!("set a value, or remove {name}")));
+                }
+                Ok(Some(Secret::new(value)))
+            }
+            (None, Some(raw_path)) => {
+                let path = self.path(&self.string(&file_key, &raw_path)?);
+                let content = self.env.read_file(&path).map_err(|e| {
+                    ConfigError::new(
+                        file_key.clone(),
+                        format!("cannot read {}: {}", path.display(), io_text(&e)),
+                    )
+                    .with_hint("check that the secret is mounted and readable by tokenproxy")
+                })?;
+                let value = content.trim_end_matches(['\r', '\n']);
+                if value.is_empty() {
+                    return Err(
+                        ConfigError::new(file_key, format!("{} is empty", path.display()))
+                            .with_hint("write the secret into the file"),
+                    );
+                }
+                Ok(Some(Secret::new(value)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn path(&self, text: &str) -> PathBuf {
+        let path = Path::new(text);
+        match self.base_dir {
+            Some(dir) if path.is_relative() && !dir.as_os_str().is_empty() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+}
+
+/// Replaces `${VAR}` from `env` and `$$` with `$`; a lone `$` stays as it is.
+///
+/// With `secret` set, error messages do not quote the text around the
+/// reference, which may be part of the secret.
+fn expand(raw: &str, key: &str, env: &dyn Env, secret: bool) -> Result<String, ConfigError> {
+    const HINT: &str = "write ${NAME} for an environment variable and $$ for a literal $";
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let Some(end) = tail.find('}') else {
+                return Err(
+                    ConfigError::new(key, "has an unterminated ${ (no closing })").with_hint(HINT),
+                );
+            };
+            let name = &tail[..end];
+            if !is_var_name(name) {
+                let problem = if secret {
+                    "contains an invalid variable reference".to_owned()
+                } else {
+                    format!("${{{name}}} is not a valid variable reference")
+                };
+                return Err(ConfigError::new(key, problem).with_hint(
+                    "variable names use letters, digits and _, and do not start with a digit",
+                ));
+            }
+            let value = env.var(name).ok_or_else(|| {
+                ConfigError::new(key, format!("environment variable {name} is not set")).with_hint(
+                    format!("set {name} in tokenproxy's environment; write $$ for a literal $"),
+                )
+            })?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn is_var_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> MapEnv {
+        MapEnv::new().var("A", "alpha").var("EMPTY", "")
+    }
+
+    #[test]
+    fn expands_variables_and_escapes() {
+        let e = env();
+        let x = |s: &str| expand(s, "k", &e, false);
+        assert_eq!(x("${A}/${A}").ok().as_deref(), Some("alpha/alpha"));
+        assert_eq!(x("$${A}").ok().as_deref(), Some("${A}"));
+        assert_eq!(x("a$b $").ok().as_deref(), Some("a$b $"));
+        assert_eq!(x("x${EMPTY}y").ok().as_deref(), Some("xy"));
+        assert_eq!(x("").ok().as_deref(), Some(""));
+    }
+
+    #[test]
+    fn reference_errors_name_the_variable_and_key() {
+        let e = env();
+        let err = expand("${MISSING}", "clients.a.upstream", &e, false).unwrap_err();
+        assert_eq!(err.key(), "clients.a.upstream");
+        assert!(err.to_string().contains("MISSING is not set"), "{err}");
+        let err = expand("x${A", "k", &e, false).unwrap_err();
+        assert!(err.problem().contains("unterminated"), "{err}");
+        let err = expand("${1x}", "k", &e, false).unwrap_err();
+        assert!(err.problem().contains("not a valid variable"), "{err}");
+        let err = expand("pw${a b}", "k", &e, true).unwrap_err();
+        assert!(
+            !err.to_string().contains("a b"),
+            "secret text must not be echoed: {err}"
+        );
+    }
+
+    #[test]
+    fn relative_secret_files_resolve_against_the_config_directory() {
+        let e = MapEnv::new().file("/etc/tp/pw", "s3cret\r\n");
+        let x = Expander::new(&e, Some(Path::new("/etc/tp")));
+        let s = x.secret("t", "password", None, Some("pw".into()));
+        assert_eq!(
+            s.ok().flatten().map(|s| s.expose().to_owned()).as_deref(),
+            Some("s3cret")
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! `tokenproxy demo`: the sidecar in front of the built-in mock provider and API,
+//! on loopback, with no credentials and no network. It sends a request through
+//! the sidecar every few seconds and prints which token the API saw, so a
+//! refresh shows up as a new token number.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+
+use crate::clock::SystemClock;
+use crate::config::{self, MapEnv};
+use crate::mock::{MockApi, MockProvider, ProviderConfig};
+use crate::{start, Listeners, StartError};
+
+/// Options of `tokenproxy demo`.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Sidecar listen address (falls back to a free port when taken).
+    pub listen: SocketAddr,
+    /// Admin listen address (falls back to a free port when taken).
+    pub admin: SocketAddr,
+    /// Mock access token lifetime.
+    pub token_lifetime: Duration,
+    /// Interval between demo requests.
+    pub interval: Duration,
+    /// Stop after this long.
+    pub exit_after: Option<Duration>,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A mock or listener could not bind.
+    #[error("cannot bind: {0}")]
+    Io(#[from] std::io::Error),
+    /// The generated configuration was refused (a bug).
+    #[error("demo configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    /// The sidecar did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+const DEMO_CLIENT_ID: &str = "demo-client";
+const DEMO_CLIENT_SECRET: &str = "demo-secret";
+
+/// Runs the demo until Ctrl-C / SIGTERM or `exit_after`.
+pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
+    let provider = MockProvider::start(ProviderConfig {
+        client_id: DEMO_CLIENT_ID.into(),
+        client_secret: DEMO_CLIENT_SECRET.into(),
+        lifetime: options.token_lifetime,
+        ..ProviderConfig::default()
+    })
+    .await?;
+    let api = MockApi::start(provider.validator()).await?;
+
+    let proxy_listener = bind_or_any(options.listen).await?;
+    let admin_listener = bind_or_any(options.admin).await?;
+    let listen = proxy_listener.local_addr()?;
+    let admin = admin_listener.local_addr()?;
+    let text = format!(
+        r#"
+[admin]
+listen = "{admin}"
+
+[clients.payments]
+listen = "{listen}"
+upstream = "{upstream}"
+timeout = "10s"
+
+[clients.payments.token]
+url = "{token_url}"
+grant = "client_credentials"
+client_id = "{DEMO_CLIENT_ID}"
+client_secret = "${{DEMO_CLIENT_SECRET}}"
+scope = "payments"
+"#,
+        upstream = api.url(),
+        token_url = provider.token_url(),
+    );
+    let env = MapEnv::new().var("DEMO_CLIENT_SECRET", DEMO_CLIENT_SECRET);
+    let config = config::from_str(&text, None, &env)?;
+    let mut proxies = std::collections::BTreeMap::new();
+    proxies.insert(listen, proxy_listener);
+    let running = start(
+        config,
+        Listeners {
+            admin: admin_listener,
+            proxies,
+        },
+        Arc::new(SystemClock),
+    )?;
+
+    println!(
+        "tokenproxy demo is running.\n\
+         \n  mock token endpoint  {token_url}  (client {DEMO_CLIENT_ID}; tokens live {life})\
+         \n  mock payments API    {api}  (401 without a valid token)\
+         \n  tokenproxy           http://{listen}  ->  {api}\
+         \n  admin                http://{admin}\
+         \n\nTry, in another terminal:\
+         \n  curl -i http://{listen}/api/v1/payments             # 200: tokenproxy injected a token\
+         \n  curl -i {api}/api/v1/payments   # 401: the API wants a token\
+         \n  curl -i -X POST -d '{{\"amount\":100}}' http://{listen}/api/v1/payments\
+         \n  curl -s http://{admin}/status\
+         \n  curl -s http://{admin}/metrics | grep ^tokenproxy_token\
+         \n\nEvery {every} the demo sends GET /api/v1/payments through tokenproxy; watch the token number\
+         \nchange when the token is refreshed ahead of its expiry. Ctrl-C stops.\n",
+        token_url = provider.token_url(),
+        life = humantime::format_duration(options.token_lifetime),
+        api = api.url(),
+        every = humantime::format_duration(options.interval),
+    );
+
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("http://{listen}/api/v1/payments");
+    let ticker = async {
+        let mut tick = tokio::time::interval(options.interval);
+        loop {
+            tick.tick().await;
+            println!("{}", demo_request(&client, &url, &provider).await);
+        }
+    };
+    let until = async {
+        match options.exit_after {
+            Some(d) => tokio::time::sleep(d).await,
+            None => {
+                if let Err(e) = crate::signal::shutdown().await {
+                    tracing::error!(error = %e, "cannot listen for signals");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = ticker => {}
+        () = until => {}
+    }
+    running.shutdown().await;
+    println!(
+        "demo stopped: the mock provider saw {} token request(s), the API {} request(s)",
+        provider.token_requests(),
+        api.requests()
+    );
+    Ok(())
+}
+
+async fn demo_request(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    provider: &MockProvider,
+) -> String {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return format!("bad demo URL {url}");
+    };
+    let started = tokio::time::Instant::now();
+    match client.get(uri).await {
+        Ok(response) => {
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let serial = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("token_serial").and_then(|s| s.as_u64()));
+            format!(
+                "GET /api/v1/payments via tokenproxy -> {} in {:.1} ms, API saw token #{} (token requests so far: {})",
+                status.as_u16(),
+                started.elapsed().as_secs_f64() * 1000.0,
+                serial.map_or("-".to_owned(), |s| s.to_string()),
+                provider.token_requests()
+            )
+        }
+        Err(e) => format!("GET /api/v1/payments via tokenproxy failed: {e}"),
+    }
+}
+
+async fn bind_or_any(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!("{addr} is in use; using a free port instead");
+            TcpListener::bind(std::net::SocketAddr::new(addr.ip(), 0)).await
+        }
+        Err(e) => Err(e),
+    }
+}

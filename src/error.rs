@@ -1,0 +1,147 @@
+//! Errors the sidecar answers itself, and their single mapping to a response:
+//! status, contract code, JSON body and `x-tokenproxy-error`.
+//!
+//! Who failed decides the class: the app (4xx), the provider
+//! (`token_unavailable`), the upstream (502/504).
+
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::proxy::body::{full, Body};
+
+/// Header naming the error code on every response the sidecar makes itself.
+pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-tokenproxy-error");
+
+/// A failure answered by the sidecar instead of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No usable token within `token_wait_timeout`.
+    #[error("no access token available: {reason}")]
+    TokenUnavailable {
+        /// Why, without secrets.
+        reason: String,
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
+    /// The upstream could not be reached or broke the exchange.
+    #[error("upstream {upstream} unreachable: {detail}")]
+    UpstreamUnreachable {
+        /// scheme://authority of the upstream.
+        upstream: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The upstream did not answer within the client's `timeout`.
+    #[error("upstream {upstream} did not answer within {timeout}")]
+    UpstreamTimeout {
+        /// scheme://authority of the upstream.
+        upstream: String,
+        /// The configured timeout, human readable.
+        timeout: String,
+    },
+    /// No client is configured for this listener and path.
+    #[error("no client is configured for path {path}")]
+    NoRoute {
+        /// The request path (without query).
+        path: String,
+    },
+    /// The request is not one the sidecar forwards.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The contract code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The response: `{"error": CODE, "client": NAME, "detail": …}` plus `x-tokenproxy-error`.
+    pub fn into_response(self, client: Option<&str>) -> Response<Body> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "client": client,
+            "detail": self.to_string(),
+        });
+        let mut response = Response::new(full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER.clone(), HeaderValue::from_static(self.code()));
+        if let ProxyError::TokenUnavailable { retry_after, .. } = &self {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_its_contract_status_code_and_header() {
+        let cases = [
+            (
+                ProxyError::TokenUnavailable {
+                    reason: "x".into(),
+                    retry_after: Duration::from_secs(3),
+                },
+                503,
+                "token_unavailable",
+            ),
+            (
+                ProxyError::UpstreamUnreachable {
+                    upstream: "u".into(),
+                    detail: "d".into(),
+                },
+                502,
+                "upstream_unreachable",
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    upstream: "u".into(),
+                    timeout: "1s".into(),
+                },
+                504,
+                "upstream_timeout",
+            ),
+            (ProxyError::NoRoute { path: "/".into() }, 404, "no_route"),
+            (ProxyError::BadRequest("b".into()), 400, "bad_request"),
+        ];
+        for (err, status, code) in cases {
+            let r = err.into_response(Some("payments"));
+            assert_eq!(r.status().as_u16(), status, "{code}");
+            assert_eq!(r.headers()[&ERROR_HEADER], code);
+        }
+    }
+
+    #[test]
+    fn token_unavailable_carries_retry_after() {
+        let r = ProxyError::TokenUnavailable {
+            reason: "x".into(),
+            retry_after: Duration::from_secs(7),
+        }
+        .into_response(None);
+        assert_eq!(r.headers()[RETRY_AFTER], "7");
+    }
+}

@@ -1,0 +1,159 @@
+//! The `tokenproxy` binary: CLI dispatch and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::Parser;
+
+use tokenproxy::cli::{Cli, Command};
+use tokenproxy::clock::SystemClock;
+use tokenproxy::config::{self, Config, SystemEnv};
+use tokenproxy::{demo, signal, telemetry, token, Listeners};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => config_path(cli.config.as_deref()).and_then(|p| run(&p)),
+        Command::Check => config_path(cli.config.as_deref()).and_then(|p| check(&p)),
+        Command::Token {
+            client,
+            show_token,
+            spend_refresh_token,
+        } => config_path(cli.config.as_deref())
+            .and_then(|p| token_command(&p, &client, show_token, spend_refresh_token)),
+        Command::Demo {
+            listen,
+            admin,
+            token_lifetime,
+            interval,
+            exit_after,
+        } => run_demo(demo::DemoOptions {
+            listen,
+            admin,
+            token_lifetime,
+            interval,
+            exit_after,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    given
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("no configuration: pass --config PATH or set TOKENPROXY_CONFIG"))
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Ok(config::load(path, &SystemEnv)?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tokenproxy")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    telemetry::init(
+        &config.log.level,
+        config.log.format,
+        std::env::var("RUST_LOG").ok(),
+    )
+    .map_err(|e| anyhow!(e))?;
+    runtime()?.block_on(async move {
+        let listeners = Listeners::bind(&config).await?;
+        let running = tokenproxy::start(config, listeners, Arc::new(SystemClock))?;
+        signal::shutdown()
+            .await
+            .context("cannot listen for signals")?;
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    println!("{}: ok\n{}", path.display(), config.summary());
+    Ok(())
+}
+
+fn token_command(path: &Path, client: &str, show: bool, spend: bool) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let Some(client_config) = config.clients.iter().find(|c| c.name == client) else {
+        let names: Vec<_> = config.clients.iter().map(|c| c.name.as_str()).collect();
+        bail!(
+            "no client {client:?} in {}; configured: {}",
+            path.display(),
+            names.join(", ")
+        );
+    };
+    if matches!(client_config.token.grant, config::Grant::RefreshToken) && !spend {
+        bail!(
+            "client {client:?} uses grant = \"refresh_token\": obtaining a token spends the configured \
+             refresh token, and a rotating provider kills it; pass --spend-refresh-token --show-token \
+             to do it anyway and see the new one"
+        );
+    }
+    let set = runtime()?.block_on(async {
+        let http = tokenproxy::proxy::upstream::build_client()?;
+        let endpoint = token::TokenEndpoint::new(http, Arc::new(SystemClock));
+        anyhow::Ok(endpoint.obtain_once(&client_config.token).await?)
+    })?;
+    println!("client:         {client}");
+    println!("token endpoint: {}", client_config.token.url);
+    println!("grant:          {}", client_config.token.grant.as_str());
+    println!(
+        "token_type:     {}",
+        set.token_type.as_deref().unwrap_or("(none)")
+    );
+    match set.lifetime {
+        Some(l) => println!(
+            "expires_in:     {} (from {})",
+            humantime::format_duration(l),
+            set.lifetime_source.as_str()
+        ),
+        None => println!("expires_in:     (not stated; valid until the API rejects it)"),
+    }
+    println!(
+        "refresh_token:  {}",
+        match (&set.refresh_token, set.refresh_token_lifetime) {
+            (None, _) => "none".to_owned(),
+            (Some(_), Some(l)) => format!("issued, expires in {}", humantime::format_duration(l)),
+            (Some(_), None) => "issued".to_owned(),
+        }
+    );
+    println!(
+        "scope:          {}",
+        set.scope.as_deref().unwrap_or("(none)")
+    );
+    if show {
+        println!("access_token:   {}", set.access_token.expose());
+        if let Some(rt) = &set.refresh_token {
+            println!("refresh_token:  {}", rt.expose());
+        }
+    }
+    Ok(())
+}
+
+fn run_demo(options: demo::DemoOptions) -> anyhow::Result<()> {
+    telemetry::init(
+        "info",
+        config::LogFormat::Text,
+        std::env::var("RUST_LOG").ok(),
+    )
+    .map_err(|e| anyhow!(e))?;
+    runtime()?.block_on(demo::run(options))?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! Every Prometheus family tokenproxy exports, registered on an owned registry.
+//!
+//! Names and labels are the contract in PRODUCT.md. Children for configured
+//! clients are created at start so dashboards see zeros instead of gaps.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::token::{Outcome, Trigger};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const WAIT_BUCKETS: &[f64] = &[
+    0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+/// The metric families, registered on one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    token_refreshes: IntCounterVec,
+    token_request_duration: HistogramVec,
+    token_expiry: prometheus::GaugeVec,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    token_wait: HistogramVec,
+    unauthorized_retries: IntCounterVec,
+    inflight: IntGaugeVec,
+    client_state: IntGaugeVec,
+}
+
+/// Why a metric family could not be registered (a programming error, surfaced at start).
+pub type MetricsError = prometheus::Error;
+
+impl Metrics {
+    /// Registers every family (and the process collector) on a new registry.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let token_refreshes = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_token_refreshes_total",
+                "Token endpoint calls by trigger, grant and outcome.",
+            ),
+            &["client", "trigger", "grant", "outcome"],
+        )?;
+        let token_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tokenproxy_token_request_duration_seconds",
+                "Duration of token endpoint calls.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["client", "grant"],
+        )?;
+        let token_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "tokenproxy_token_expiry_timestamp_seconds",
+                "Unix time at which the current access token expires (0: none; +Inf: no expiry known).",
+            ),
+            &["client"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_requests_total",
+                "Proxied requests by response status code.",
+            ),
+            &["client", "code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tokenproxy_request_duration_seconds",
+                "Time from request head to response head for proxied requests.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["client"],
+        )?;
+        let token_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "tokenproxy_token_wait_seconds",
+                "Time requests waited for a token (0 when a valid token was cached).",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+            &["client"],
+        )?;
+        let unauthorized_retries = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_unauthorized_retries_total",
+                "Upstream 401s handled by refreshing and replaying once.",
+            ),
+            &["client", "outcome"],
+        )?;
+        let inflight = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_inflight_requests",
+                "Proxied requests in flight.",
+            ),
+            &["client"],
+        )?;
+        let client_state = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_client_state",
+                "1 for the state each client is in (starting, valid, refreshing, unavailable, needs_authorization).",
+            ),
+            &["client", "state"],
+        )?;
+        registry.register(Box::new(token_refreshes.clone()))?;
+        registry.register(Box::new(token_request_duration.clone()))?;
+        registry.register(Box::new(token_expiry.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(token_wait.clone()))?;
+        registry.register(Box::new(unauthorized_retries.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(client_state.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            registry,
+            token_refreshes,
+            token_request_duration,
+            token_expiry,
+            requests,
+            request_duration,
+            token_wait,
+            unauthorized_retries,
+            inflight,
+            client_state,
+        })
+    }
+
+    /// Handles for one client, with its children pre-created.
+    pub fn client(&self, client: &str) -> ClientMetrics {
+        let m = ClientMetrics {
+            name: client.to_owned(),
+            families: self.clone(),
+            request_duration: self.request_duration.with_label_values(&[client]),
+            token_wait: self.token_wait.with_label_values(&[client]),
+            inflight: self.inflight.with_label_values(&[client]),
+            expiry: self.token_expiry.with_label_values(&[client]),
+            retry_recovered: self
+                .unauthorized_retries
+                .with_label_values(&[client, RetryOutcome::Recovered.as_str()]),
+            retry_failed: self
+                .unauthorized_retries
+                .with_label_values(&[client, RetryOutcome::Failed.as_str()]),
+            retry_not_replayable: self
+                .unauthorized_retries
+                .with_label_values(&[client, RetryOutcome::NotReplayable.as_str()]),
+        };
+        m.set_state(crate::token::State::Starting);
+        m
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Outcome of a 401 replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The replay with a new token got a non-401 answer.
+    Recovered,
+    /// The replay got a 401 again, or no new token could be had.
+    Failed,
+    /// The request body was too large to buffer, so the 401 went back to the app.
+    NotReplayable,
+}
+
+impl RetryOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOutcome::Recovered => "recovered",
+            RetryOutcome::Failed => "failed",
+            RetryOutcome::NotReplayable => "not_replayable",
+        }
+    }
+}
+
+/// Metric handles for one client.
+#[derive(Clone)]
+pub struct ClientMetrics {
+    name: String,
+    families: Metrics,
+    request_duration: prometheus::Histogram,
+    token_wait: prometheus::Histogram,
+    inflight: IntGauge,
+    expiry: prometheus::Gauge,
+    retry_recovered: IntCounter,
+    retry_failed: IntCounter,
+    retry_not_replayable: IntCounter,
+}
+
+impl ClientMetrics {
+    /// Records one token endpoint call.
+    pub fn token_request(&self, trigger: Trigger, grant: &str, outcome: Outcome, seconds: f64) {
+        self.families
+            .token_refreshes
+            .with_label_values(&[&self.name, trigger.as_str(), grant, outcome.as_str()])
+            .inc();
+        self.families
+            .token_request_duration
+            .with_label_values(&[&self.name, grant])
+            .observe(seconds);
+    }
+
+    /// Sets the expiry gauge (Unix seconds; +Inf when the token has no known expiry).
+    pub fn set_expiry(&self, epoch_seconds: f64) {
+        self.expiry.set(epoch_seconds);
+    }
+
+    /// Marks `state` as the client's current state.
+    pub fn set_state(&self, state: crate::token::State) {
+        for s in crate::token::State::ALL {
+            self.families
+                .client_state
+                .with_label_values(&[&self.name, s.as_str()])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Records a proxied response.
+    pub fn request(&self, code: http::StatusCode, seconds: f64) {
+        self.families
+            .requests
+            .with_label_values(&[&self.name, code.as_str()])
+            .inc();
+        self.request_duration.observe(seconds);
+    }
+
+    /// Records how long a request waited for a token.
+    pub fn token_wait(&self, seconds: f64) {
+        self.token_wait.observe(seconds);
+    }
+
+    /// Records a 401 replay outcome.
+    pub fn unauthorized_retry(&self, outcome: RetryOutcome) {
+        match outcome {
+            RetryOutcome::Recovered => self.retry_recovered.inc(),
+            RetryOutcome::Failed => self.retry_failed.inc(),
+            RetryOutcome::NotReplayable => self.retry_not_replayable.inc(),
+        }
+    }
+
+    /// The in-flight gauge, for a guard around each request.
+    pub fn inflight(&self) -> &IntGauge {
+        &self.inflight
+    }
+}

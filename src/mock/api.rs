@@ -1,0 +1,541 @@
+//! The mock payments API: a bearer-protected echo server that records every request.
+//!
+//! Tokens are checked with the provider's [`TokenValidator`]; a missing or invalid one gets the
+//! RFC 6750 401 with `WWW-Authenticate: Bearer … error="invalid_token"`. Valid requests reach a
+//! few routes that let tests exercise latency (`/slow`), streaming (`/big`) and arbitrary
+//! upstream statuses (`/status/NNN`); everything else echoes what arrived.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use super::provider::TokenValidator;
+use super::{full, json_response, lock, query_param, Closed, MockBody, Server, Shutdown};
+
+/// Chunk size of `/big` responses.
+const CHUNK: usize = 64 * 1024;
+
+/// One request as the mock API received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// Request method.
+    pub method: Method,
+    /// URI path.
+    pub path: String,
+    /// URI query, without the `?`.
+    pub query: Option<String>,
+    /// Request headers, as received.
+    pub headers: HeaderMap,
+    /// The whole request body.
+    pub body: Bytes,
+    /// Serial of the presented access token, when the validator accepted it.
+    pub token_serial: Option<u64>,
+    /// Status the API answered with.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct ApiState {
+    recorded: Vec<RecordedRequest>,
+    reject_next: usize,
+}
+
+struct Shared {
+    validator: TokenValidator,
+    state: Mutex<ApiState>,
+}
+
+/// A running mock payments API on loopback; stops when dropped.
+pub struct MockApi {
+    shared: Arc<Shared>,
+    server: Server,
+}
+
+impl std::fmt::Debug for MockApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockApi")
+            .field("addr", &self.server.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MockApi {
+    /// Binds 127.0.0.1:0 and starts serving, accepting tokens `validator` accepts.
+    pub async fn start(validator: TokenValidator) -> std::io::Result<MockApi> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(listener, validator).await
+    }
+
+    /// Starts serving on an already bound listener.
+    pub async fn start_on(
+        listener: TcpListener,
+        validator: TokenValidator,
+    ) -> std::io::Result<MockApi> {
+        let shared = Arc::new(Shared {
+            validator,
+            state: Mutex::new(ApiState::default()),
+        });
+        let handler_shared = shared.clone();
+        let server = Server::start(listener, "api", move |req, shutdown| {
+            handle(handler_shared.clone(), req, shutdown)
+        })?;
+        Ok(MockApi { shared, server })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> usize {
+        self.state().recorded.len()
+    }
+
+    /// Every request received so far, in order of arrival.
+    pub fn recorded(&self) -> Vec<RecordedRequest> {
+        self.state().recorded.clone()
+    }
+
+    /// The next `n` requests get 401 `invalid_token` whatever their token.
+    pub fn reject_next(&self, n: usize) {
+        self.state().reject_next = n;
+    }
+
+    fn state(&self) -> MutexGuard<'_, ApiState> {
+        lock(&self.shared.state)
+    }
+}
+
+/// What a request is answered with, decided before any waiting.
+enum Route {
+    Unauthorized,
+    BadRequest(&'static str),
+    Slow(Duration),
+    Big(u64),
+    Status(StatusCode),
+    Echo(StatusCode),
+}
+
+impl Route {
+    fn status(&self) -> StatusCode {
+        match self {
+            Route::Unauthorized => StatusCode::UNAUTHORIZED,
+            Route::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Route::Slow(_) | Route::Big(_) => StatusCode::OK,
+            Route::Status(status) | Route::Echo(status) => *status,
+        }
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    _shutdown: Shutdown,
+) -> Result<Response<MockBody>, Closed> {
+    let (parts, body) = req.into_parts();
+    let (body, body_ok) = match body.collect().await {
+        Ok(collected) => (collected.to_bytes(), true),
+        Err(_) => (Bytes::new(), false),
+    };
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    let token_serial = bearer_token(&parts.headers).and_then(|t| shared.validator.check(t));
+
+    let route = {
+        let mut state = lock(&shared.state);
+        let route = if !body_ok {
+            Route::BadRequest("request body could not be read")
+        } else if state.reject_next > 0 {
+            state.reject_next -= 1;
+            Route::Unauthorized
+        } else if token_serial.is_none() {
+            Route::Unauthorized
+        } else {
+            route(&parts.method, &path, query.as_deref())
+        };
+        state.recorded.push(RecordedRequest {
+            method: parts.method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            token_serial,
+            status: route.status().as_u16(),
+        });
+        route
+    };
+
+    let mut response = match route {
+        Route::Unauthorized => {
+            let mut response =
+                json_response(StatusCode::UNAUTHORIZED, &json!({"error": "invalid_token"}));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"payments\", error=\"invalid_token\""),
+            );
+            response
+        }
+        Route::BadRequest(problem) => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "bad_request", "detail": problem}),
+        ),
+        Route::Slow(wait) => {
+            tokio::time::sleep(wait).await;
+            echo_response(StatusCode::OK, &parts, &path, &query, &body, token_serial)
+        }
+        Route::Big(len) => {
+            let mut response = Response::new(BigBody { remaining: len }.boxed());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        Route::Status(status) => {
+            if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+                // These statuses cannot carry a body.
+                let mut response = Response::new(full(Bytes::new()));
+                *response.status_mut() = status;
+                response
+            } else {
+                json_response(status, &json!({"status": status.as_u16()}))
+            }
+        }
+        Route::Echo(status) => echo_response(status, &parts, &path, &query, &body, token_serial),
+    };
+    response
+        .headers_mut()
+        .insert("x-mock-api", HeaderValue::from_static("1"));
+    Ok(response)
+}
+
+/// The route of an authorized request.
+fn route(method: &Method, path: &str, query: Option<&str>) -> Route {
+    if path == "/slow" && (method == Method::GET || method == Method::HEAD) {
+        return match query_param(query, "ms").map(|ms| ms.parse::<u64>()) {
+            None => Route::Slow(Duration::ZERO),
+            Some(Ok(ms)) => Route::Slow(Duration::from_millis(ms)),
+            Some(Err(_)) => Route::BadRequest("ms must be a whole number of milliseconds"),
+        };
+    }
+    if path == "/big" && method == Method::GET {
+        return match query_param(query, "bytes").map(|n| n.parse::<u64>()) {
+            None => Route::Big(0),
+            Some(Ok(n)) => Route::Big(n),
+            Some(Err(_)) => Route::BadRequest("bytes must be a whole number"),
+        };
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        return match code.parse::<u16>().ok().filter(|c| (200..=599).contains(c)) {
+            Some(code) => StatusCode::from_u16(code)
+                .map(Route::Status)
+                .unwrap_or(Route::BadRequest("status must be 200..=599")),
+            None => Route::BadRequest("status must be 200..=599"),
+        };
+    }
+    if method == Method::POST && path.ends_with("payments") {
+        Route::Echo(StatusCode::CREATED)
+    } else {
+        Route::Echo(StatusCode::OK)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn echo_response(
+    status: StatusCode,
+    parts: &http::request::Parts,
+    path: &str,
+    query: &Option<String>,
+    body: &Bytes,
+    token_serial: Option<u64>,
+) -> Response<MockBody> {
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let value = if name == header::AUTHORIZATION {
+            "<elided>".to_owned()
+        } else {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        headers.insert(name.as_str().to_owned(), json!(value));
+    }
+    let body = json!({
+        "ok": true,
+        "method": parts.method.as_str(),
+        "path": path,
+        "query": query,
+        "token_serial": token_serial,
+        "headers": headers,
+        "body": String::from_utf8_lossy(body),
+        "payments": [
+            {"id": "pay_0001", "amount": 1250, "currency": "EUR", "status": "settled"}
+        ],
+    });
+    json_response(status, &body)
+}
+
+/// A body of `remaining` bytes generated in 64 KiB chunks as hyper asks for them.
+struct BigBody {
+    remaining: u64,
+}
+
+impl Body for BigBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let len = usize::try_from(self.remaining).map_or(CHUNK, |r| r.min(CHUNK));
+        self.remaining -= len as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; len])))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::test_support::{client, send, Reply};
+    use crate::mock::{MockProvider, ProviderConfig};
+    use http_body_util::Full;
+
+    /// A provider, an API in front of its validator, and one fresh token.
+    async fn setup() -> (MockProvider, MockApi, String) {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let api = MockApi::start(provider.validator())
+            .await
+            .expect("the mock API should start");
+        let req = Request::post(provider.token_url())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from_static(
+                b"grant_type=client_credentials&client_id=demo-client&client_secret=demo-secret",
+            )))
+            .expect("valid request");
+        let reply = send(&client(), req).await;
+        let token = reply.json()["access_token"]
+            .as_str()
+            .expect("the provider should issue a token")
+            .to_owned();
+        (provider, api, token)
+    }
+
+    async fn call(api: &MockApi, method: Method, path: &str, token: Option<&str>) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", api.url()));
+        if let Some(token) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .header("x-app", "legacy")
+            .body(Full::new(Bytes::from_static(b"{\"amount\":1250}")))
+            .expect("valid request");
+        send(&client(), req).await
+    }
+
+    #[tokio::test]
+    async fn fresh_token_is_accepted_and_echoed() {
+        let (_provider, api, token) = setup().await;
+        let reply = call(&api, Method::GET, "/v1/balance?currency=EUR", Some(&token)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "a fresh token should be accepted"
+        );
+        assert_eq!(reply.headers["x-mock-api"], "1");
+        let body = reply.json();
+        assert_eq!(body["ok"], true);
+        assert_eq!(body["method"], "GET");
+        assert_eq!(body["path"], "/v1/balance");
+        assert_eq!(body["query"], "currency=EUR");
+        assert_eq!(body["token_serial"], 1);
+        assert_eq!(body["headers"]["authorization"], "<elided>");
+        assert_eq!(body["headers"]["x-app"], "legacy");
+        assert_eq!(body["body"], "{\"amount\":1250}");
+        assert_eq!(body["payments"][0]["id"], "pay_0001");
+        assert!(
+            !reply
+                .body
+                .windows(token.len())
+                .any(|w| w == token.as_bytes()),
+            "the echo must not contain the token"
+        );
+
+        let recorded = api.recorded();
+        assert_eq!(api.requests(), 1);
+        assert_eq!(recorded[0].token_serial, Some(1));
+        assert_eq!(recorded[0].status, 200);
+        assert_eq!(recorded[0].query.as_deref(), Some("currency=EUR"));
+        assert_eq!(&recorded[0].body[..], b"{\"amount\":1250}");
+    }
+
+    #[tokio::test]
+    async fn post_to_payments_is_201() {
+        let (_provider, api, token) = setup().await;
+        let reply = call(&api, Method::POST, "/v1/payments", Some(&token)).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(reply.json()["method"], "POST");
+    }
+
+    #[tokio::test]
+    async fn unknown_or_missing_token_is_401_invalid_token() {
+        let (_provider, api, _token) = setup().await;
+        for token in [Some("not-a-token"), None] {
+            let reply = call(&api, Method::GET, "/v1/balance", token).await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "token {token:?}");
+            assert_eq!(
+                reply.headers[header::WWW_AUTHENTICATE],
+                "Bearer realm=\"payments\", error=\"invalid_token\""
+            );
+            assert_eq!(reply.json()["error"], "invalid_token");
+            assert_eq!(reply.headers["x-mock-api"], "1");
+        }
+        let recorded = api.recorded();
+        assert_eq!(recorded.len(), 2, "rejected requests are recorded");
+        assert!(recorded
+            .iter()
+            .all(|r| r.status == 401 && r.token_serial.is_none()));
+    }
+
+    #[tokio::test]
+    async fn reject_next_rejects_exactly_n_requests() {
+        let (_provider, api, token) = setup().await;
+        api.reject_next(2);
+        let statuses = [
+            call(&api, Method::GET, "/v1/a", Some(&token)).await.status,
+            call(&api, Method::GET, "/v1/b", Some(&token)).await.status,
+            call(&api, Method::GET, "/v1/c", Some(&token)).await.status,
+        ];
+        assert_eq!(
+            statuses,
+            [
+                StatusCode::UNAUTHORIZED,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::OK
+            ],
+            "only the next two requests should be rejected"
+        );
+        let recorded = api.recorded();
+        assert_eq!(
+            recorded[0].token_serial,
+            Some(1),
+            "the token itself was valid"
+        );
+        assert_eq!(recorded[0].status, 401);
+        assert_eq!(recorded[2].status, 200);
+    }
+
+    #[tokio::test]
+    async fn big_streams_exactly_n_bytes() {
+        let (_provider, api, token) = setup().await;
+        let n = 3 * CHUNK + 123;
+        let reply = call(&api, Method::GET, &format!("/big?bytes={n}"), Some(&token)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(
+            reply.headers[header::CONTENT_TYPE],
+            "application/octet-stream"
+        );
+        assert_eq!(reply.body.len(), n, "/big should send exactly N bytes");
+    }
+
+    #[tokio::test]
+    async fn big_body_yields_64_kib_chunks() {
+        let mut body = BigBody {
+            remaining: (CHUNK + 10) as u64,
+        };
+        assert_eq!(body.size_hint().exact(), Some((CHUNK + 10) as u64));
+        let first = body.frame().await.expect("a frame").expect("infallible");
+        assert_eq!(first.data_ref().map(Bytes::len), Some(CHUNK));
+        let second = body.frame().await.expect("a frame").expect("infallible");
+        assert_eq!(second.data_ref().map(Bytes::len), Some(10));
+        assert!(body.frame().await.is_none(), "then the body ends");
+    }
+
+    #[tokio::test]
+    async fn status_route_answers_that_status() {
+        let (_provider, api, token) = setup().await;
+        let reply = call(&api, Method::DELETE, "/status/503", Some(&token)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.json(), json!({"status": 503}));
+        let reply = call(&api, Method::GET, "/status/abc", Some(&token)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "malformed input is a 400"
+        );
+        let reply = call(&api, Method::GET, "/slow?ms=soon", Some(&token)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "malformed input is a 400"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_waits_before_answering() {
+        let (_provider, api, token) = setup().await;
+        let started = tokio::time::Instant::now();
+        let reply = call(&api, Method::GET, "/slow?ms=1500", Some(&token)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "/slow should wait ms before answering"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_token_is_rejected_after_its_lifetime() {
+        let (provider, api, token) = setup().await;
+        let validator = provider.validator();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(validator.check(&token), None, "the token expired at 20 s");
+        let reply = call(&api, Method::GET, "/v1/balance", Some(&token)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "the API rejects it too"
+        );
+    }
+}

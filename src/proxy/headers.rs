@@ -1,0 +1,125 @@
+//! Header rules for forwarded requests and responses: hop-by-hop headers are
+//! stripped (RFC 9110 §7.6.1, including those named in `Connection`), `Host` is
+//! the upstream's, the app's credentials are replaced, and every request carries
+//! an `x-request-id`.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The request id header.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including every header `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Prepares the app's request headers for the upstream.
+///
+/// `inject` is the header that carries the token; whatever the app put there (and
+/// in `Authorization`) is dropped so the app can never choose the credential.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    upstream_host: &HeaderValue,
+    inject: &HeaderName,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(inject);
+    headers.insert(header::HOST, upstream_host.clone());
+    if !headers.contains_key(&REQUEST_ID) {
+        headers.insert(REQUEST_ID.clone(), request_id.clone());
+    }
+}
+
+/// A new request id: 16 random hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let id = format!("{:016x}", fastrand::u64(..));
+    HeaderValue::from_str(&id).expect("hex digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic abc"),
+            ("accept", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"], "only end-to-end headers may remain");
+    }
+
+    #[test]
+    fn app_credentials_are_dropped_host_rewritten_and_request_id_added() {
+        let mut h = map(&[
+            ("authorization", "Bearer app-chosen"),
+            ("host", "127.0.0.1:8080"),
+        ]);
+        let host = HeaderValue::from_static("api.pay.example");
+        let id = HeaderValue::from_static("abc");
+        prepare_request(&mut h, &host, &header::AUTHORIZATION, &id);
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert_eq!(h.get(header::HOST), Some(&host));
+        assert_eq!(h.get(&REQUEST_ID), Some(&id));
+    }
+
+    #[test]
+    fn an_existing_request_id_is_kept() {
+        let mut h = map(&[("x-request-id", "from-app")]);
+        prepare_request(
+            &mut h,
+            &HeaderValue::from_static("h"),
+            &header::AUTHORIZATION,
+            &HeaderValue::from_static("new"),
+        );
+        assert_eq!(
+            h.get(&REQUEST_ID).map(|v| v.as_bytes()),
+            Some(&b"from-app"[..])
+        );
+    }
+}

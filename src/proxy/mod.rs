@@ -1,0 +1,296 @@
+//! The request flow: route, take the token, forward, replay once after a 401,
+//! answer.
+//!
+//! Request bodies up to `retry_body_limit` are buffered so that a 401 can be
+//! answered by one refresh and one replay; larger bodies stream once, and a 401
+//! to them goes back to the app (`not_replayable`). Responses always stream.
+
+pub mod body;
+pub mod headers;
+pub mod route;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use self::body::{Body, RequestBody};
+use self::route::ListenerRoutes;
+use self::upstream::HttpClient;
+use crate::config::ClientConfig;
+use crate::error::ProxyError;
+use crate::metrics::{ClientMetrics, RetryOutcome};
+use crate::token::{Token, TokenHandle, Unavailable};
+
+/// One configured client as the request path sees it.
+pub struct ClientRuntime {
+    /// The client's name (the `[clients.NAME]` table).
+    pub name: String,
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    host_header: HeaderValue,
+    upstream_display: String,
+    inject_header: HeaderName,
+    retry_body_limit: usize,
+    timeout: Duration,
+    unauthorized: Vec<StatusCode>,
+    /// The client's token.
+    pub token: TokenHandle,
+    metrics: ClientMetrics,
+}
+
+impl ClientRuntime {
+    /// The runtime view of `config`, using `token` and `metrics`.
+    pub fn new(config: &ClientConfig, token: TokenHandle, metrics: ClientMetrics) -> Self {
+        let authority = config.upstream.authority.clone();
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .expect("a parsed URI authority is a valid header value");
+        ClientRuntime {
+            name: config.name.clone(),
+            scheme: config.upstream.scheme.clone(),
+            upstream_display: format!("{}://{}", config.upstream.scheme, authority),
+            authority,
+            base_path: config.upstream.base_path.clone(),
+            host_header,
+            inject_header: config.inject.header.clone(),
+            retry_body_limit: config.retry_body_limit,
+            timeout: config.timeout,
+            unauthorized: config.unauthorized_status.clone(),
+            token,
+            metrics,
+        }
+    }
+
+    fn is_unauthorized(&self, status: StatusCode) -> bool {
+        self.unauthorized.contains(&status)
+    }
+}
+
+/// Handles one request on a proxy listener; every failure becomes a response.
+pub async fn handle(
+    req: Request<Incoming>,
+    routes: Arc<ListenerRoutes>,
+    http: HttpClient,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let (client, path_and_query) = match routes.route(&req) {
+        Ok((client, pq)) => (Arc::clone(client), pq),
+        Err(e) => {
+            debug!(error = %e, method = %req.method(), "request refused");
+            return Ok(e.into_response(None));
+        }
+    };
+    let gauge = client.metrics.inflight().clone();
+    gauge.inc();
+    let _inflight = scopeguard(move || gauge.dec());
+
+    let request_id = req
+        .headers()
+        .get(&headers::REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(headers::new_request_id);
+    let method = req.method().clone();
+    let response = match forward(&client, &http, req, path_and_query, &request_id).await {
+        Ok(response) => response,
+        Err(e) => {
+            warn!(client = %client.name, request.id = ?request_id, error = %e, "request failed");
+            e.into_response(Some(&client.name))
+        }
+    };
+    let elapsed = started.elapsed();
+    client
+        .metrics
+        .request(response.status(), elapsed.as_secs_f64());
+    debug!(
+        client = %client.name,
+        request.id = ?request_id,
+        method = %method,
+        status = response.status().as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    Ok(response)
+}
+
+/// The parts of the app's request that are sent (again) upstream.
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    fn request(&self, body: Body, token: &Token, inject: &HeaderName) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        let mut headers = self.headers.clone();
+        headers.insert(inject.clone(), token.header.clone());
+        *req.headers_mut() = headers;
+        req
+    }
+}
+
+async fn forward(
+    client: &ClientRuntime,
+    http: &HttpClient,
+    req: Request<Incoming>,
+    path_and_query: PathAndQuery,
+    request_id: &HeaderValue,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, incoming) = req.into_parts();
+    let uri = Uri::builder()
+        .scheme(client.scheme.clone())
+        .authority(client.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
+    headers::prepare_request(
+        &mut parts.headers,
+        &client.host_header,
+        &client.inject_header,
+        request_id,
+    );
+    let outgoing = Outgoing {
+        method: parts.method,
+        uri,
+        headers: parts.headers,
+    };
+
+    let body = RequestBody::read(incoming, client.retry_body_limit)
+        .await
+        .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?;
+
+    let token = take_token(client).await?;
+    match body {
+        RequestBody::Buffered(bytes) => {
+            let first = send(
+                client,
+                http,
+                outgoing.request(body::full(bytes.clone()), &token, &client.inject_header),
+            )
+            .await?;
+            if !client.is_unauthorized(first.status()) {
+                return Ok(first);
+            }
+            drop(first);
+            replay(client, http, &outgoing, bytes, &token).await
+        }
+        RequestBody::Streaming(stream) => {
+            let response = send(
+                client,
+                http,
+                outgoing.request(stream, &token, &client.inject_header),
+            )
+            .await?;
+            if client.is_unauthorized(response.status()) {
+                client.token.reject(token.generation);
+                client
+                    .metrics
+                    .unauthorized_retry(RetryOutcome::NotReplayable);
+            }
+            Ok(response)
+        }
+    }
+}
+
+/// After a 401: retire the token (if still current), wait for a newer one and
+/// send the request once more. A second 401 goes back to the app as it came.
+async fn replay(
+    client: &ClientRuntime,
+    http: &HttpClient,
+    outgoing: &Outgoing,
+    bytes: Bytes,
+    rejected: &Token,
+) -> Result<Response<Body>, ProxyError> {
+    client.token.reject(rejected.generation);
+    let started = Instant::now();
+    let newer = client.token.get_newer(rejected.generation).await;
+    client.metrics.token_wait(started.elapsed().as_secs_f64());
+    let newer = match newer {
+        Ok(t) => t,
+        Err(e) => {
+            client.metrics.unauthorized_retry(RetryOutcome::Failed);
+            return Err(unavailable(e));
+        }
+    };
+    let result = send(
+        client,
+        http,
+        outgoing.request(body::full(bytes), &newer, &client.inject_header),
+    )
+    .await;
+    let outcome = match &result {
+        Ok(r) if !client.is_unauthorized(r.status()) => RetryOutcome::Recovered,
+        _ => RetryOutcome::Failed,
+    };
+    client.metrics.unauthorized_retry(outcome);
+    result
+}
+
+async fn take_token(client: &ClientRuntime) -> Result<Arc<Token>, ProxyError> {
+    if let Some(token) = client.token.current() {
+        client.metrics.token_wait(0.0);
+        return Ok(token);
+    }
+    let started = Instant::now();
+    let result = client.token.get().await;
+    client.metrics.token_wait(started.elapsed().as_secs_f64());
+    result.map_err(unavailable)
+}
+
+fn unavailable(e: Unavailable) -> ProxyError {
+    ProxyError::TokenUnavailable {
+        reason: e.reason,
+        retry_after: e.retry_after,
+    }
+}
+
+async fn send(
+    client: &ClientRuntime,
+    http: &HttpClient,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let response = match tokio::time::timeout(client.timeout, http.request(req)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            return Err(ProxyError::UpstreamUnreachable {
+                upstream: client.upstream_display.clone(),
+                detail: crate::token::error_chain(&e),
+            })
+        }
+        Err(_elapsed) => {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: client.upstream_display.clone(),
+                timeout: humantime::format_duration(client.timeout).to_string(),
+            })
+        }
+    };
+    let (mut parts, incoming) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body::incoming(incoming)))
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

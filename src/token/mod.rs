@@ -1,0 +1,252 @@
+//! The token engine: one [`Refresher`] task per client owns every token request;
+//! requests read the current token through a [`TokenHandle`].
+//!
+//! The hot path is one atomic load of an `ArcSwapOption<Token>`: no lock is shared
+//! by all requests. Only the refresher publishes tokens; a request that saw a 401
+//! may retire the token it used, but only while that exact token is still current
+//! (compare-and-swap on the pointer), so a burst of 401s causes one refresh.
+
+mod dialect;
+mod refresher;
+pub mod response;
+mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub(crate) use refresher::error_chain;
+pub use refresher::{Refresher, TokenEndpoint, TokenError};
+pub use state::{LastRefresh, State, Status};
+
+/// What started a token request (a label of `tokenproxy_token_refreshes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The first token after start.
+    Startup,
+    /// Ahead of expiry, in the background.
+    Proactive,
+    /// A request found no usable token.
+    Expired,
+    /// The API answered 401 to the current token.
+    Unauthorized,
+}
+
+impl Trigger {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Proactive => "proactive",
+            Trigger::Expired => "expired",
+            Trigger::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// How a token endpoint call ended (a label of `tokenproxy_token_refreshes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A usable token came back.
+    Success,
+    /// The provider refused (invalid_grant, invalid_client, ...).
+    Rejected,
+    /// Network failure, timeout, 5xx, 429 or an unusable response.
+    Error,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// An access token ready to inject.
+pub struct Token {
+    /// Increases by one with every token the refresher publishes.
+    pub generation: u64,
+    /// The complete injected header value (`Bearer …`), marked sensitive.
+    pub header: HeaderValue,
+    /// After this instant the token is not used any more.
+    pub usable_until: Option<Instant>,
+}
+
+impl Token {
+    /// Whether the token may still be sent.
+    pub fn is_usable(&self, now: Instant) -> bool {
+        self.usable_until.is_none_or(|t| now < t)
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("header", &"[redacted]")
+            .field("usable_until", &self.usable_until)
+            .finish()
+    }
+}
+
+/// Messages from request handlers to the refresher.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// A request found no usable token.
+    Need,
+    /// The API rejected the token of this generation (already retired from the cell).
+    Rejected(u64),
+}
+
+/// Why a request could not get a token.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Unavailable {
+    /// Human-readable cause, without secrets.
+    pub reason: String,
+    /// When it is worth trying again.
+    pub retry_after: Duration,
+}
+
+pub(crate) struct Shared {
+    current: ArcSwapOption<Token>,
+    status: watch::Sender<Status>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// The request path's view of one client's token.
+#[derive(Clone)]
+pub struct TokenHandle {
+    shared: Arc<Shared>,
+    wait_timeout: Duration,
+}
+
+impl TokenHandle {
+    /// The current token when it is usable now; never waits.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let guard = self.shared.current.load();
+        match &*guard {
+            Some(t) if t.is_usable(Instant::now()) => Some(Arc::clone(t)),
+            _ => None,
+        }
+    }
+
+    /// A usable token, waiting at most the client's `token_wait_timeout`.
+    pub async fn get(&self) -> Result<Arc<Token>, Unavailable> {
+        if let Some(t) = self.current() {
+            return Ok(t);
+        }
+        self.wait_for(0).await
+    }
+
+    /// A usable token newer than `generation` (after that one was rejected).
+    pub async fn get_newer(&self, generation: u64) -> Result<Arc<Token>, Unavailable> {
+        if let Some(t) = self.current() {
+            if t.generation > generation {
+                return Ok(t);
+            }
+        }
+        self.wait_for(generation).await
+    }
+
+    /// Retires the token of `generation` if it is still current, and asks for a new one.
+    ///
+    /// Returns whether this call retired it (false: someone already did, or a newer
+    /// token is already in place).
+    pub fn reject(&self, generation: u64) -> bool {
+        let current = self.shared.current.load_full();
+        let Some(cur) = current.as_ref() else {
+            return false;
+        };
+        if cur.generation != generation {
+            return false;
+        }
+        let prev = self.shared.current.compare_and_swap(&current, None);
+        let retired = matches!(&*prev, Some(p) if Arc::ptr_eq(p, cur));
+        if retired {
+            // A full queue means the refresher already has work pending, which will
+            // publish a new token: nothing is lost by dropping this message.
+            let _ignored = self.shared.commands.try_send(Command::Rejected(generation));
+        }
+        retired
+    }
+
+    /// A snapshot of the client's state for `/status` and `/readyz`.
+    pub fn status(&self) -> Status {
+        self.shared.status.borrow().clone()
+    }
+
+    /// Whether a usable token is held right now.
+    pub fn is_ready(&self) -> bool {
+        self.current().is_some()
+    }
+
+    async fn wait_for(&self, newer_than: u64) -> Result<Arc<Token>, Unavailable> {
+        let deadline = Instant::now() + self.wait_timeout;
+        let mut rx = self.shared.status.subscribe();
+        // See the comment in `reject`: a full queue already holds a request for work.
+        let _ignored = self.shared.commands.try_send(Command::Need);
+        loop {
+            if let Some(t) = self.current() {
+                if t.generation > newer_than {
+                    return Ok(t);
+                }
+            }
+            {
+                let status = rx.borrow_and_update();
+                if let Some(err) = status.fail_fast() {
+                    return Err(err);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_closed)) => {
+                    return Err(Unavailable {
+                        reason: "token refresher stopped".into(),
+                        retry_after: Duration::from_secs(1),
+                    })
+                }
+                Err(_elapsed) => {
+                    let status = rx.borrow();
+                    return Err(Unavailable {
+                        reason: format!(
+                            "no token within {}: {}",
+                            humantime::format_duration(self.wait_timeout),
+                            status.describe()
+                        ),
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Creates the handle and the refresher for one client.
+pub(crate) fn channel(
+    wait_timeout: Duration,
+) -> (TokenHandle, Arc<Shared>, mpsc::Receiver<Command>) {
+    let (commands, rx) = mpsc::channel(64);
+    let (status, _) = watch::channel(Status::default());
+    let shared = Arc::new(Shared {
+        current: ArcSwapOption::empty(),
+        status,
+        commands,
+    });
+    (
+        TokenHandle {
+            shared: Arc::clone(&shared),
+            wait_timeout,
+        },
+        shared,
+        rx,
+    )
+}

@@ -1,0 +1,746 @@
+//! The refresher: one task per client that owns every token request.
+//!
+//! Because only this task talks to the token endpoint, there is never more than
+//! one token request per client in flight (single flight), and a rotating refresh
+//! token is used exactly once: the task replaces it with the new one before it
+//! can start another request.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Limited};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::dialect::{build_request, GrantKind};
+use super::response::{parse_error, parse_success, ProviderError, ResponseError, TokenSet};
+use super::state::{wall, LastRefresh, State, StateCell, Status};
+use super::{Command, Outcome, Shared, Token, Trigger};
+use crate::clock::{epoch_seconds, SharedClock};
+use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
+use crate::metrics::ClientMetrics;
+use crate::proxy::upstream::HttpClient;
+use crate::secret::Secret;
+
+/// Largest token endpoint response read; anything longer is an error.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Backoff after the first failure; doubles per failure up to [`BACKOFF_MAX`].
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest backoff between failed token requests.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Longest wait a provider's `Retry-After` can impose.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+/// Shortest access token lifetime the sidecar will use.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+/// Why a token endpoint call failed. Never holds a secret or a response body.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The connection could not be made; the request was not sent.
+    #[error("cannot connect to token endpoint {url}: {detail}")]
+    Unreachable {
+        /// Endpoint URL.
+        url: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The request may have reached the provider, but no answer came back.
+    #[error("token endpoint {url} failed before answering: {detail}")]
+    Broken {
+        /// Endpoint URL.
+        url: String,
+        /// Cause.
+        detail: String,
+    },
+    /// No answer within `token.timeout`.
+    #[error("token endpoint {url} did not answer within {timeout}")]
+    Timeout {
+        /// Endpoint URL.
+        url: String,
+        /// The configured timeout, human readable.
+        timeout: String,
+    },
+    /// The provider answered with an error status.
+    #[error("token endpoint {url} answered {error}")]
+    Provider {
+        /// Endpoint URL.
+        url: String,
+        /// What it said.
+        error: ProviderError,
+        /// Its `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// A 3xx: redirects are never followed with credentials.
+    #[error("token endpoint {url} answered {status}; redirects are not followed")]
+    Redirect {
+        /// Endpoint URL.
+        url: String,
+        /// The status.
+        status: StatusCode,
+    },
+    /// A 2xx whose body is not a usable token response.
+    #[error("token endpoint {url} sent an unusable response: {source}")]
+    Response {
+        /// Endpoint URL.
+        url: String,
+        /// What was wrong.
+        #[source]
+        source: ResponseError,
+    },
+    /// The token came back but cannot be used as configured.
+    #[error("token from {url} cannot be used: {reason}")]
+    Unusable {
+        /// Endpoint URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TokenError {
+    /// Whether the provider refused (as opposed to failing).
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, TokenError::Provider { error, .. } if error.is_rejection())
+    }
+
+    /// Whether the provider may have acted on the request although we saw no
+    /// usable answer (so a rotating refresh token may already be spent).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Broken { .. } | TokenError::Timeout { .. } | TokenError::Response { .. }
+        )
+    }
+
+    fn outcome(&self) -> Outcome {
+        if self.is_rejection() {
+            Outcome::Rejected
+        } else {
+            Outcome::Error
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Provider { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Calls a token endpoint over the shared pooled client.
+#[derive(Clone)]
+pub struct TokenEndpoint {
+    http: HttpClient,
+    clock: SharedClock,
+}
+
+impl TokenEndpoint {
+    /// An endpoint caller using `http` and reading wall time from `clock`.
+    pub fn new(http: HttpClient, clock: SharedClock) -> Self {
+        TokenEndpoint { http, clock }
+    }
+
+    /// One token request as a fresh start would make it: the refresh grant with the
+    /// configured refresh token for `grant = "refresh_token"`, else the primary grant.
+    pub async fn obtain_once(&self, config: &TokenConfig) -> Result<TokenSet, TokenError> {
+        match (&config.grant, &config.refresh_token) {
+            (Grant::RefreshToken, Some(rt)) => self.call(config, GrantKind::Refresh(rt)).await,
+            _ => self.call(config, GrantKind::Primary).await,
+        }
+    }
+
+    /// One token request of `kind`, bounded by `config.timeout`.
+    pub(crate) async fn call(
+        &self,
+        config: &TokenConfig,
+        kind: GrantKind<'_>,
+    ) -> Result<TokenSet, TokenError> {
+        let url_ref = match kind {
+            GrantKind::Refresh(_) => config.refresh_url.as_ref().unwrap_or(&config.url),
+            GrantKind::Primary => &config.url,
+        };
+        let url = display_url(url_ref);
+        let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
+            url: url.clone(),
+            reason: format!("cannot build request: {e}"),
+        })?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                let detail = error_chain(&e);
+                if e.is_connect() {
+                    TokenError::Unreachable {
+                        url: url.clone(),
+                        detail,
+                    }
+                } else {
+                    TokenError::Broken {
+                        url: url.clone(),
+                        detail,
+                    }
+                }
+            })?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body: Bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| TokenError::Broken {
+                    url: url.clone(),
+                    detail: format!("reading the response body: {e}"),
+                })?
+                .to_bytes();
+            if status.is_success() {
+                parse_success(&body, self.clock.wall_now()).map_err(|source| TokenError::Response {
+                    url: url.clone(),
+                    source,
+                })
+            } else if status.is_redirection() {
+                Err(TokenError::Redirect {
+                    url: url.clone(),
+                    status,
+                })
+            } else {
+                Err(TokenError::Provider {
+                    url: url.clone(),
+                    error: parse_error(status, &body),
+                    retry_after,
+                })
+            }
+        };
+        match tokio::time::timeout(config.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(TokenError::Timeout {
+                url,
+                timeout: humantime::format_duration(config.timeout).to_string(),
+            }),
+        }
+    }
+}
+
+/// A URL for messages: scheme, authority and path, never the query.
+fn display_url(uri: &http::Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        uri.path()
+    )
+}
+
+/// An error and its sources on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+struct HeldRefreshToken {
+    value: Secret,
+    usable_until: Option<Instant>,
+    expires_wall: Option<SystemTime>,
+}
+
+/// The background task that obtains and renews one client's token.
+pub struct Refresher {
+    client: String,
+    config: Arc<TokenConfig>,
+    inject: InjectConfig,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    endpoint: TokenEndpoint,
+    metrics: ClientMetrics,
+    clock: SharedClock,
+    refresh_token: Option<HeldRefreshToken>,
+    current: Option<Arc<Token>>,
+    refresh_at: Option<Instant>,
+    generation: u64,
+    failures: u32,
+    retry_at: Option<Instant>,
+    needs_authorization: bool,
+}
+
+impl Refresher {
+    /// Builds the handle and refresher for `client`; spawn [`Refresher::run`].
+    pub fn new(
+        client: &ClientConfig,
+        endpoint: TokenEndpoint,
+        metrics: ClientMetrics,
+        clock: SharedClock,
+    ) -> (super::TokenHandle, Refresher) {
+        let (handle, shared, commands) = super::channel(client.token_wait_timeout);
+        let refresh_token = client
+            .token
+            .refresh_token
+            .clone()
+            .map(|value| HeldRefreshToken {
+                value,
+                usable_until: None,
+                expires_wall: None,
+            });
+        let refresher = Refresher {
+            client: client.name.clone(),
+            config: Arc::new(client.token.clone()),
+            inject: client.inject.clone(),
+            shared,
+            commands,
+            endpoint,
+            metrics,
+            clock,
+            refresh_token,
+            current: None,
+            refresh_at: None,
+            generation: 0,
+            failures: 0,
+            retry_at: None,
+            needs_authorization: false,
+        };
+        refresher.publish(|s| s.has_refresh_token = refresher.refresh_token.is_some());
+        (handle, refresher)
+    }
+
+    /// Runs until aborted: obtains the first token, then renews ahead of expiry,
+    /// on demand and after a 401.
+    pub async fn run(mut self) {
+        let mut trigger = Some(Trigger::Startup);
+        loop {
+            if let Some(t) = trigger.take() {
+                self.obtain(t).await;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                () = sleep_until_opt(wake.map(|w| w.0)) => {
+                    trigger = wake.map(|w| w.1);
+                }
+                command = self.commands.recv() => match command {
+                    None => return,
+                    Some(Command::Need) => trigger = self.on_need(),
+                    Some(Command::Rejected(generation)) => trigger = self.on_rejected(generation),
+                }
+            }
+        }
+    }
+
+    fn has_primary_grant(&self) -> bool {
+        !matches!(self.config.grant, Grant::RefreshToken)
+    }
+
+    fn token_usable(&self, now: Instant) -> bool {
+        self.current.as_ref().is_some_and(|t| t.is_usable(now))
+    }
+
+    fn next_wake(&self) -> Option<(Instant, Trigger)> {
+        if self.needs_authorization && !self.token_usable(Instant::now()) {
+            return None;
+        }
+        let now = Instant::now();
+        if let Some(at) = self.retry_at {
+            let trigger = if self.token_usable(now) {
+                Trigger::Proactive
+            } else {
+                Trigger::Expired
+            };
+            return Some((at, trigger));
+        }
+        if self.needs_authorization {
+            // Keep serving the last token; wake when it dies to update the state.
+            return self
+                .current
+                .as_ref()
+                .and_then(|t| t.usable_until)
+                .map(|at| (at, Trigger::Expired));
+        }
+        self.refresh_at.map(|at| (at, Trigger::Proactive))
+    }
+
+    fn on_need(&mut self) -> Option<Trigger> {
+        let now = Instant::now();
+        if self.token_usable(now) {
+            // Wake the waiter so it re-reads the cell.
+            self.publish(|_| {});
+            return None;
+        }
+        if self.needs_authorization {
+            self.set_state(State::NeedsAuthorization);
+            return None;
+        }
+        if self.retry_at.is_some_and(|at| at > now) {
+            self.set_state(State::Unavailable);
+            return None;
+        }
+        Some(Trigger::Expired)
+    }
+
+    fn on_rejected(&mut self, generation: u64) -> Option<Trigger> {
+        let is_current = self
+            .current
+            .as_ref()
+            .is_some_and(|t| t.generation == generation);
+        if !is_current {
+            self.publish(|_| {});
+            return None;
+        }
+        info!(client = %self.client, generation, "upstream rejected the token; refreshing");
+        self.current = None;
+        self.refresh_at = None;
+        self.metrics.set_expiry(0.0);
+        self.publish(|s| s.access_token_expires_at = None);
+        if self.needs_authorization {
+            self.set_state(State::NeedsAuthorization);
+            return None;
+        }
+        if self.retry_at.is_some_and(|at| at > Instant::now()) {
+            self.set_state(State::Unavailable);
+            return None;
+        }
+        Some(Trigger::Unauthorized)
+    }
+
+    async fn obtain(&mut self, trigger: Trigger) {
+        if self.needs_authorization {
+            return;
+        }
+        let starting = self.generation == 0 && self.failures == 0;
+        if !starting {
+            self.set_state(State::Refreshing);
+        }
+        loop {
+            let now = Instant::now();
+            let refresh = self
+                .refresh_token
+                .as_ref()
+                .filter(|rt| rt.usable_until.is_none_or(|t| now < t))
+                .map(|rt| rt.value.clone());
+            if refresh.is_none() && self.refresh_token.is_some() {
+                debug!(client = %self.client, "refresh token expired; dropping it");
+                self.refresh_token = None;
+            }
+            let kind = match &refresh {
+                Some(rt) => GrantKind::Refresh(rt),
+                None if self.has_primary_grant() => GrantKind::Primary,
+                None => {
+                    self.enter_needs_authorization(
+                        "no usable refresh token and no other credential configured".into(),
+                    );
+                    return;
+                }
+            };
+            let grant = kind.label(&self.config);
+            let started = Instant::now();
+            let result = self.endpoint.call(&self.config, kind).await;
+            let result = result.and_then(|set| self.install(set, trigger, grant));
+            let elapsed = started.elapsed().as_secs_f64();
+            match result {
+                Ok(()) => {
+                    self.metrics
+                        .token_request(trigger, grant, Outcome::Success, elapsed);
+                    return;
+                }
+                Err(e) => {
+                    let outcome = e.outcome();
+                    self.metrics.token_request(trigger, grant, outcome, elapsed);
+                    self.record_failure(trigger, grant, outcome, &e);
+                    let was_refresh = matches!(kind, GrantKind::Refresh(_));
+                    if was_refresh && e.is_rejection() {
+                        warn!(client = %self.client, error = %e, "refresh token rejected; dropping it");
+                        self.refresh_token = None;
+                        self.publish(|s| {
+                            s.has_refresh_token = false;
+                            s.refresh_token_expires_at = None;
+                        });
+                        if self.has_primary_grant() {
+                            continue;
+                        }
+                        self.enter_needs_authorization(format!("refresh token rejected: {e}"));
+                        return;
+                    }
+                    if was_refresh && e.is_ambiguous() && self.has_primary_grant() {
+                        // The provider may have rotated the refresh token without our
+                        // seeing the answer; sending it again could look like reuse and
+                        // revoke the whole grant. The primary grant is safe to repeat.
+                        warn!(client = %self.client, error = %e,
+                            "refresh outcome unknown; not reusing the refresh token, the next attempt uses the full grant");
+                        self.refresh_token = None;
+                        self.publish(|s| {
+                            s.has_refresh_token = false;
+                            s.refresh_token_expires_at = None;
+                        });
+                    }
+                    self.back_off(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publishes a token from a successful response.
+    fn install(&mut self, set: TokenSet, trigger: Trigger, grant: &str) -> Result<(), TokenError> {
+        let url = display_url(&self.config.url);
+        if !set.is_bearer() && self.inject.format_is_default {
+            return Err(TokenError::Unusable {
+                url,
+                reason: format!(
+                    "token_type is {:?}, not Bearer; set clients.{}.inject.format to say how to send it",
+                    set.token_type.as_deref().unwrap_or(""),
+                    self.client
+                ),
+            });
+        }
+        let lifetime = set.lifetime.or(self.config.default_lifetime);
+        if let Some(l) = lifetime {
+            if l < MIN_LIFETIME {
+                return Err(TokenError::Unusable {
+                    url,
+                    reason: format!(
+                        "the token's lifetime ({} ms) is shorter than {} s",
+                        l.as_millis(),
+                        MIN_LIFETIME.as_secs()
+                    ),
+                });
+            }
+        }
+        let mut header = http::HeaderValue::from_str(&format!(
+            "{}{}{}",
+            self.inject.prefix,
+            set.access_token.expose(),
+            self.inject.suffix
+        ))
+        .map_err(|_| TokenError::Unusable {
+            url: url.clone(),
+            reason: "the access token has characters not allowed in an HTTP header".into(),
+        })?;
+        header.set_sensitive(true);
+
+        let now = Instant::now();
+        let wall_now = self.clock.wall_now();
+        // Rotation: store the new refresh token before anything else can run.
+        if let Some(rt) = set.refresh_token {
+            self.refresh_token = Some(HeldRefreshToken {
+                value: rt,
+                usable_until: set.refresh_token_lifetime.map(|l| now + l),
+                expires_wall: set.refresh_token_lifetime.map(|l| wall_now + l),
+            });
+        }
+        self.generation += 1;
+        let token = Arc::new(Token {
+            generation: self.generation,
+            header,
+            usable_until: lifetime.map(|l| now + l),
+        });
+        self.shared.current.store(Some(Arc::clone(&token)));
+        self.current = Some(token);
+        self.refresh_at = lifetime.map(|l| now + l - refresh_margin(l, self.config.refresh_before));
+        self.failures = 0;
+        self.retry_at = None;
+        let expires_wall = lifetime.map(|l| wall_now + l);
+        self.metrics
+            .set_expiry(expires_wall.map(epoch_seconds).unwrap_or(f64::INFINITY));
+        let next_wall = self
+            .refresh_at
+            .map(|at| wall_now + at.saturating_duration_since(now));
+        info!(
+            client = %self.client,
+            trigger = trigger.as_str(),
+            grant,
+            generation = self.generation,
+            expires_in_s = lifetime.map(|l| l.as_secs()),
+            lifetime_source = set.lifetime_source.as_str(),
+            "token obtained"
+        );
+        let generation = self.generation;
+        let (rt_held, rt_wall) = match &self.refresh_token {
+            Some(rt) => (true, rt.expires_wall),
+            None => (false, None),
+        };
+        self.publish(|s| {
+            s.state = StateCell(State::Valid);
+            s.generation = generation;
+            s.access_token_expires_at = expires_wall.and_then(wall);
+            s.has_refresh_token = rt_held;
+            s.refresh_token_expires_at = rt_wall.and_then(wall);
+            s.next_refresh_at = next_wall.and_then(wall);
+            s.last_refresh = Some(LastRefresh {
+                at: crate::clock::rfc3339(wall_now),
+                trigger: trigger.as_str(),
+                grant: static_grant(grant),
+                outcome: Outcome::Success.as_str(),
+                error: None,
+            });
+            s.last_success_at = wall(wall_now);
+            s.refreshes_succeeded += 1;
+            s.reason = None;
+            s.retry_at = None;
+        });
+        self.metrics.set_state(State::Valid);
+        Ok(())
+    }
+
+    fn record_failure(&mut self, trigger: Trigger, grant: &str, outcome: Outcome, e: &TokenError) {
+        let at = crate::clock::rfc3339(self.clock.wall_now());
+        let message = e.to_string();
+        self.publish(|s| {
+            s.last_refresh = Some(LastRefresh {
+                at,
+                trigger: trigger.as_str(),
+                grant: static_grant(grant),
+                outcome: outcome.as_str(),
+                error: Some(message),
+            });
+            s.refreshes_failed += 1;
+        });
+    }
+
+    fn back_off(&mut self, e: &TokenError) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = backoff_delay(self.failures, e.retry_after());
+        let now = Instant::now();
+        self.retry_at = Some(now + delay);
+        let usable = self.token_usable(now);
+        if usable {
+            warn!(client = %self.client, error = %e, retry_in_ms = delay.as_millis() as u64,
+                "token request failed; the current token is still valid");
+        } else {
+            error!(client = %self.client, error = %e, retry_in_ms = delay.as_millis() as u64,
+                "token request failed; no valid token");
+        }
+        let retry_at = self.retry_at;
+        let next_wall = self.clock.wall_now() + delay;
+        self.publish(|s| {
+            s.retry_at = retry_at;
+            s.next_refresh_at = wall(next_wall);
+        });
+        self.set_state(if usable {
+            State::Valid
+        } else {
+            State::Unavailable
+        });
+    }
+
+    fn enter_needs_authorization(&mut self, reason: String) {
+        self.needs_authorization = true;
+        error!(client = %self.client, reason = %reason,
+            "client needs authorization: a new refresh token must be provided");
+        self.publish(|s| {
+            s.reason = Some(reason);
+            s.next_refresh_at = None;
+        });
+        self.set_state(State::NeedsAuthorization);
+    }
+
+    fn set_state(&self, state: State) {
+        self.publish(|s| s.state = StateCell(state));
+        self.metrics.set_state(state);
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Status)) {
+        self.shared.status.send_modify(f);
+    }
+}
+
+fn static_grant(grant: &str) -> &'static str {
+    match grant {
+        "password" => "password",
+        "refresh_token" => "refresh_token",
+        _ => "client_credentials",
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How far ahead of expiry to refresh: `refresh_before`, or by default the
+/// smaller of 60 s and 10 % of the lifetime; never under 1 s, never over half
+/// the lifetime (so a short token is not refreshed the moment it arrives).
+pub(crate) fn refresh_margin(lifetime: Duration, configured: Option<Duration>) -> Duration {
+    let margin = configured
+        .unwrap_or_else(|| (lifetime / 10).min(Duration::from_secs(60)))
+        .max(Duration::from_secs(1));
+    margin.min(lifetime / 2)
+}
+
+/// Exponential backoff with jitter: uniform in [d/2, d] where d doubles per
+/// failure from 1 s to 60 s; a provider's `Retry-After` (up to 5 min) is a floor.
+pub(crate) fn backoff_delay(failures: u32, retry_after: Option<Duration>) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
+    let half = ceiling / 2;
+    let jitter = half.mul_f64(fastrand::f64());
+    let delay = half + jitter;
+    match retry_after {
+        Some(ra) => delay.max(ra.min(RETRY_AFTER_MAX)),
+        None => delay,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_margin_is_ten_percent_capped_at_a_minute_and_at_least_a_second() {
+        assert_eq!(
+            refresh_margin(Duration::from_secs(900), None),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            refresh_margin(Duration::from_secs(300), None),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            refresh_margin(Duration::from_secs(3), None),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn margin_never_exceeds_half_the_lifetime() {
+        assert_eq!(
+            refresh_margin(Duration::from_secs(10), Some(Duration::from_secs(60))),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for _ in 0..100 {
+            let first = backoff_delay(1, None);
+            assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+            let third = backoff_delay(3, None);
+            assert!(third >= Duration::from_secs(2) && third <= Duration::from_secs(4));
+            let many = backoff_delay(50, None);
+            assert!(many >= Duration::from_secs(30) && many <= Duration::from_secs(60));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_but_bounded() {
+        assert_eq!(
+            backoff_delay(1, Some(Duration::from_secs(20))),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            backoff_delay(1, Some(Duration::from_secs(100_000))),
+            RETRY_AFTER_MAX
+        );
+    }
+}

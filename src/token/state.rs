@@ -1,0 +1,150 @@
+//! Per-client token state as the outside sees it: `/status`, `/readyz`, waiters.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::Unavailable;
+use crate::clock::rfc3339;
+
+/// Where a client stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// No token yet; the first request to the token endpoint is under way.
+    Starting,
+    /// A usable token is held.
+    Valid,
+    /// A token request is under way.
+    Refreshing,
+    /// The last token request failed and no usable token is held; retrying after a backoff.
+    Unavailable,
+    /// The refresh token is dead and no other credential is configured: a person must authorize.
+    NeedsAuthorization,
+}
+
+impl State {
+    /// Every state, for metric children.
+    pub const ALL: [State; 5] = [
+        State::Starting,
+        State::Valid,
+        State::Refreshing,
+        State::Unavailable,
+        State::NeedsAuthorization,
+    ];
+
+    /// The label / JSON value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Unavailable => "unavailable",
+            State::NeedsAuthorization => "needs_authorization",
+        }
+    }
+}
+
+/// The last token endpoint call.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastRefresh {
+    /// Wall-clock time it ended (RFC 3339).
+    pub at: String,
+    /// startup | proactive | expired | unauthorized.
+    pub trigger: &'static str,
+    /// The grant used.
+    pub grant: &'static str,
+    /// success | rejected | error.
+    pub outcome: &'static str,
+    /// The error, without secrets, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A snapshot of one client's token state. Holds no secret.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    /// See [`State`].
+    pub state: StateCell,
+    /// Generation of the newest token (0: none yet).
+    pub generation: u64,
+    /// When the access token expires (RFC 3339), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token_expires_at: Option<String>,
+    /// Whether a refresh token is held.
+    pub has_refresh_token: bool,
+    /// When the refresh token expires (RFC 3339), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token_expires_at: Option<String>,
+    /// When the next token request is planned (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_refresh_at: Option<String>,
+    /// The last token endpoint call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_refresh: Option<LastRefresh>,
+    /// When the last successful token request ended (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<String>,
+    /// Successful token requests since start.
+    pub refreshes_succeeded: u64,
+    /// Failed or rejected token requests since start.
+    pub refreshes_failed: u64,
+    /// Why the client is not ready, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub(crate) retry_at: Option<Instant>,
+}
+
+/// [`State`] with a default, so `Status` can derive `Default`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct StateCell(pub State);
+
+impl Default for StateCell {
+    fn default() -> Self {
+        StateCell(State::Starting)
+    }
+}
+
+impl Status {
+    /// The client's state.
+    pub fn state(&self) -> State {
+        self.state.0
+    }
+
+    /// When no token can come soon, the error to answer at once instead of waiting.
+    pub(crate) fn fail_fast(&self) -> Option<Unavailable> {
+        match self.state.0 {
+            State::Starting | State::Refreshing | State::Valid => None,
+            State::Unavailable => Some(Unavailable {
+                reason: self.describe(),
+                retry_after: self
+                    .retry_at
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(Duration::from_secs(1)),
+            }),
+            State::NeedsAuthorization => Some(Unavailable {
+                reason: self.describe(),
+                retry_after: Duration::from_secs(60),
+            }),
+        }
+    }
+
+    /// One line saying where the client stands and why.
+    pub fn describe(&self) -> String {
+        match (&self.reason, &self.last_refresh) {
+            (Some(r), _) => format!("{}: {r}", self.state.0.as_str()),
+            (None, Some(LastRefresh { error: Some(e), .. })) => {
+                format!("{}: last token request failed: {e}", self.state.0.as_str())
+            }
+            _ => self.state.0.as_str().to_owned(),
+        }
+    }
+}
+
+pub(crate) fn wall(t: SystemTime) -> Option<String> {
+    Some(rfc3339(t))
+}

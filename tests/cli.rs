@@ -1,0 +1,264 @@
+//! The command line: `check` accepts the examples and names the key of every
+//! config error; `token` prints metadata but not the token; `demo` shows a
+//! proxied request and a refresh.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use tokenproxy::mock::{MockProvider, ProviderConfig};
+
+fn tokenproxy(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+    cmd.args(args)
+        .env_remove("TOKENPROXY_CONFIG")
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("tokenproxy runs")
+}
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tokenproxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+const VALID: &str = r#"
+[clients.payments]
+listen = "127.0.0.1:18080"
+upstream = "https://api.pay.example"
+
+[clients.payments.token]
+url = "https://api.pay.example/oauth2/token"
+client_id = "id"
+client_secret = "${PAY_SECRET}"
+"#;
+
+#[test]
+fn check_accepts_every_example_in_the_config_folder() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        // Examples take their secrets from the environment; give every variable they name a value.
+        let text = std::fs::read_to_string(&path).expect("read example");
+        let vars: Vec<String> = text
+            .split("${")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('}').map(|(v, _)| v.to_owned()))
+            .collect();
+        let env: Vec<(&str, &str)> = vars.iter().map(|v| (v.as_str(), "example-value")).collect();
+        let out = tokenproxy(
+            &["check", "--config", path.to_str().expect("utf8 path")],
+            &env,
+        );
+        assert!(
+            out.status.success(),
+            "{} must pass check: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 1, "config/ holds examples");
+}
+
+#[test]
+fn check_prints_a_redacted_summary() {
+    let path = temp_config("valid.toml", VALID);
+    let out = tokenproxy(
+        &["check", "--config", path.to_str().expect("utf8")],
+        &[("PAY_SECRET", "very-secret-value-123")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("payments"),
+        "the summary names the client: {stdout}"
+    );
+    assert!(
+        !stdout.contains("very-secret-value-123"),
+        "the secret must not be printed"
+    );
+}
+
+#[test]
+fn every_config_error_class_names_its_key_and_exits_non_zero() {
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "unknown key",
+            VALID.replace("upstream =", "upstreem ="),
+            "upstreem",
+        ),
+        (
+            "bad duration",
+            VALID.replace(
+                "[clients.payments.token]",
+                "timeout = \"soon\"\n[clients.payments.token]",
+            ),
+            "clients.payments.timeout",
+        ),
+        (
+            "missing env var",
+            VALID.replace("${PAY_SECRET}", "${NOT_SET_ANYWHERE}"),
+            "NOT_SET_ANYWHERE",
+        ),
+        (
+            "unreadable secret file",
+            VALID.replace(
+                "client_secret = \"${PAY_SECRET}\"",
+                "client_secret_file = \"/nonexistent/tokenproxy/secret\"",
+            ),
+            "clients.payments.token.client_secret_file",
+        ),
+        (
+            "bad url",
+            VALID.replace("https://api.pay.example/oauth2/token", "ftp://x/token"),
+            "clients.payments.token.url",
+        ),
+        (
+            "duplicate listen",
+            format!(
+                "{VALID}\n{}",
+                VALID.replace("clients.payments", "clients.zeta")
+            ),
+            "clients.zeta.listen",
+        ),
+    ];
+    for (what, text, key) in cases {
+        let path = temp_config("bad.toml", text);
+        let out = tokenproxy(
+            &["check", "--config", path.to_str().expect("utf8")],
+            &[("PAY_SECRET", "s3cret-do-not-print")],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: check must fail");
+        assert!(
+            stderr.contains(key),
+            "{what}: the error names {key}: {stderr}"
+        );
+        assert!(
+            stderr.contains("bad.toml"),
+            "{what}: the error names the file: {stderr}"
+        );
+        assert!(
+            !stderr.contains("s3cret-do-not-print"),
+            "{what}: no secret in errors"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_prints_metadata_and_the_token_only_when_asked() {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let text = format!(
+        r#"
+[clients.payments]
+listen = "127.0.0.1:18080"
+upstream = "http://127.0.0.1:1"
+[clients.payments.token]
+url = "{}"
+client_id = "demo-client"
+client_secret = "${{SECRET}}"
+"#,
+        provider.token_url()
+    );
+    let path = temp_config("token.toml", &text);
+    let p = path.to_str().expect("utf8").to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        tokenproxy(
+            &["token", "payments", "--config", &p],
+            &[("SECRET", "demo-secret")],
+        )
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("expires_in:     20s"), "{stdout}");
+    assert!(
+        !stdout.contains("access_token:"),
+        "the token is hidden by default"
+    );
+    let p = path.to_str().expect("utf8").to_owned();
+    let shown = tokio::task::spawn_blocking(move || {
+        tokenproxy(
+            &["token", "payments", "--show-token", "--config", &p],
+            &[("SECRET", "demo-secret")],
+        )
+    })
+    .await
+    .expect("join");
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    let token = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("access_token:"))
+        .map(str::trim)
+        .expect("--show-token prints it");
+    assert!(
+        provider.validator().check(token).is_some(),
+        "the printed token is a real one"
+    );
+    assert_eq!(provider.token_requests(), 2);
+}
+
+#[test]
+fn demo_shows_a_proxied_request_and_a_refresh() {
+    let out = tokenproxy(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--token-lifetime",
+            "2s",
+            "--interval",
+            "250ms",
+            "--exit-after",
+            "3s",
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo exits cleanly: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("curl -i http://127.0.0.1:"),
+        "it prints what to curl: {stdout}"
+    );
+    assert!(
+        stdout.contains("-> 200"),
+        "a proxied request succeeded: {stdout}"
+    );
+    assert!(stdout.contains("token #1"), "{stdout}");
+    assert!(
+        stdout.contains("token #2"),
+        "the token was refreshed within the run: {stdout}"
+    );
+    assert!(
+        !stdout.contains("-> 401") && !stdout.contains("-> 503"),
+        "no request failed: {stdout}"
+    );
+}

@@ -1,0 +1,194 @@
+//! No credential ever leaves the sidecar except towards the provider and the API:
+//! a full flow (password grant, rotating refresh tokens, a 401 and replay, a
+//! provider failure) at TRACE, then logs, `/status`, `/metrics`, error bodies and
+//! `check` output are searched for every secret value.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{start_sidecar_env, TestClient};
+use tokenproxy::config::MapEnv;
+use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+
+const CLIENT_SECRET: &str = "cs-Qx7Lk2-client-secret";
+const PASSWORD: &str = "pw-Zr5Nb8-user-password";
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
+    let logs = Capture::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let provider = MockProvider::start(ProviderConfig {
+        client_id: "secret-test".into(),
+        client_secret: CLIENT_SECRET.into(),
+        lifetime: Duration::from_secs(60),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        users: vec![("alice".into(), PASSWORD.into())],
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let template = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{api}"
+token_wait_timeout = "500ms"
+[clients.payments.token]
+url = "{token}"
+grant = "password"
+client_id = "secret-test"
+client_secret = "${{TP_CLIENT_SECRET}}"
+username = "alice"
+password = "${{TP_PASSWORD}}"
+"#,
+        api = api.url(),
+        token = provider.token_url()
+    );
+    let env = MapEnv::new()
+        .var("TP_CLIENT_SECRET", CLIENT_SECRET)
+        .var("TP_PASSWORD", PASSWORD);
+    let (running, proxy, admin) = start_sidecar_env(&template, env).await;
+    let http = TestClient::new();
+    let h_url = format!("http://{proxy}/api/v1/payments");
+
+    // Password grant, then a 401 that makes the sidecar use (and rotate) the refresh token.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !running.token("payments").is_some_and(|t| t.is_ready()) {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http.get(&h_url).await.status, StatusCode::OK);
+    provider.revoke_all();
+    assert_eq!(
+        http.get(&h_url).await.status,
+        StatusCode::OK,
+        "recovered by refresh + replay"
+    );
+    let spent_refresh_token = provider
+        .last_request()
+        .and_then(|r| r.param("refresh_token").map(str::to_owned))
+        .expect("the sidecar used its refresh token");
+    assert_eq!(provider.grant_requests("refresh_token"), 1);
+
+    // A provider failure, to exercise the error paths.
+    provider.set_fault(Fault::Status {
+        status: 400,
+        body: format!(r#"{{"error":"invalid_grant","error_description":"bad","echo":"{spent_refresh_token}"}}"#),
+        content_type: "application/json",
+        retry_after: None,
+    });
+    provider.revoke_all();
+    let failed = http.get(&h_url).await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let access_tokens: Vec<String> = api
+        .recorded()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization"))
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim_start_matches("Bearer ").to_owned())
+        .collect();
+    assert!(access_tokens.len() >= 2);
+
+    let status = http.get(&format!("http://{admin}/status")).await.text();
+    let metrics = http.get(&format!("http://{admin}/metrics")).await.text();
+    let ready = http.get(&format!("http://{admin}/readyz")).await.text();
+    drop(running);
+
+    // `check` on the same config, in a child process with the secrets in its environment.
+    let dir = std::env::temp_dir().join(format!("tokenproxy-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("tokenproxy.toml");
+    std::fs::write(
+        &file,
+        template
+            .replace("{listen}", "127.0.0.1:18080")
+            .replace("{admin}", "127.0.0.1:19090"),
+    )
+    .expect("write config");
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .env("TP_CLIENT_SECRET", CLIENT_SECRET)
+        .env("TP_PASSWORD", PASSWORD)
+        .output()
+        .expect("run check");
+    assert!(
+        check.status.success(),
+        "check passes: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let check_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let log_text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    assert!(
+        log_text.contains("token obtained"),
+        "the capture saw the sidecar's logs"
+    );
+    let places = [
+        ("logs", &log_text),
+        ("/status", &status),
+        ("/metrics", &metrics),
+        ("/readyz", &ready),
+        ("error body", &failed.text()),
+        ("check output", &check_out),
+    ];
+    let mut secrets = vec![
+        ("client secret", CLIENT_SECRET.to_owned()),
+        ("password", PASSWORD.to_owned()),
+        ("refresh token", spent_refresh_token),
+    ];
+    for (i, t) in access_tokens.iter().enumerate() {
+        secrets.push((
+            if i == 0 {
+                "first access token"
+            } else {
+                "access token"
+            },
+            t.clone(),
+        ));
+    }
+    for (what, value) in &secrets {
+        assert!(value.len() >= 8, "{what} is long enough to search for");
+        for (place, text) in &places {
+            assert!(
+                !text.contains(value.as_str()),
+                "the {what} leaked into {place}"
+            );
+        }
+    }
+}

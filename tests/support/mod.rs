@@ -1,0 +1,287 @@
+//! Builders for integration tests: a mock provider and API, a sidecar started
+//! from a TOML template on loopback ports chosen by the OS, and a small client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+
+use tokenproxy::clock::SystemClock;
+use tokenproxy::config::{self, MapEnv};
+use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy::{Listeners, Running};
+
+pub const CLIENT_ID: &str = "demo-client";
+pub const CLIENT_SECRET: &str = "demo-secret";
+
+/// A sidecar in front of a mock provider and API.
+pub struct Harness {
+    pub provider: MockProvider,
+    pub api: MockApi,
+    pub running: Running,
+    /// Bound proxy address (the first listener).
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: TestClient,
+}
+
+/// Placeholders replaced in a template: {listen} {admin} {upstream} {token_url}
+/// {client_id}; `${CLIENT_SECRET}` is resolved from the injected env.
+pub const ONE_CLIENT: &str = r#"
+[admin]
+listen = "{admin}"
+
+[clients.payments]
+listen = "{listen}"
+upstream = "{upstream}"
+{client_extra}
+
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "${CLIENT_SECRET}"
+{token_extra}
+"#;
+
+pub struct Options {
+    pub provider: ProviderConfig,
+    pub client_extra: String,
+    pub token_extra: String,
+    pub template: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            provider: ProviderConfig::default(),
+            client_extra: String::new(),
+            token_extra: String::new(),
+            template: ONE_CLIENT,
+        }
+    }
+}
+
+impl Options {
+    pub fn lifetime(mut self, d: Duration) -> Self {
+        self.provider.lifetime = d;
+        self
+    }
+    pub fn client(mut self, extra: &str) -> Self {
+        self.client_extra = extra.to_owned();
+        self
+    }
+    pub fn token(mut self, extra: &str) -> Self {
+        self.token_extra = extra.to_owned();
+        self
+    }
+}
+
+pub async fn harness(options: Options) -> Harness {
+    let provider = MockProvider::start(options.provider.clone())
+        .await
+        .expect("mock provider starts");
+    let api = MockApi::start(provider.validator())
+        .await
+        .expect("mock api starts");
+    let text = options
+        .template
+        .replace("{upstream}", &api.url())
+        .replace("{token_url}", &provider.token_url())
+        .replace("{client_id}", CLIENT_ID)
+        .replace("{client_extra}", &options.client_extra)
+        .replace("{token_extra}", &options.token_extra);
+    let (running, proxy, admin) = start_sidecar(&text).await;
+    Harness {
+        provider,
+        api,
+        running,
+        proxy,
+        admin,
+        http: TestClient::new(),
+    }
+}
+
+/// Binds fresh ports for {listen}, {listen2} and {admin}, fills them in, starts.
+pub async fn start_sidecar(template: &str) -> (Running, SocketAddr, SocketAddr) {
+    start_sidecar_env(template, MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET)).await
+}
+
+/// As [`start_sidecar`], resolving `${VAR}`s from `env`.
+pub async fn start_sidecar_env(template: &str, env: MapEnv) -> (Running, SocketAddr, SocketAddr) {
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let proxy2 = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy2");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let (p, p2, a) = (
+        proxy.local_addr().expect("addr"),
+        proxy2.local_addr().expect("addr"),
+        admin.local_addr().expect("addr"),
+    );
+    let text = template
+        .replace("{listen}", &p.to_string())
+        .replace("{listen2}", &p2.to_string())
+        .replace("{admin}", &a.to_string());
+    let config = config::from_str(&text, None, &env).expect("test config is valid");
+    let mut proxies = BTreeMap::new();
+    let uses2 = config.clients.iter().any(|c| c.listen == p2);
+    proxies.insert(p, proxy);
+    if uses2 {
+        proxies.insert(p2, proxy2);
+    }
+    let running = tokenproxy::start(config, Listeners { admin, proxies }, Arc::new(SystemClock))
+        .expect("sidecar starts");
+    (running, p, a)
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn error_code(&self) -> Option<&str> {
+        self.headers
+            .get("x-tokenproxy-error")
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Clone)]
+pub struct TestClient {
+    inner: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestClient {
+    pub fn new() -> Self {
+        TestClient {
+            inner: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build_http(),
+        }
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
+        let response = self
+            .inner
+            .request(req)
+            .await
+            .expect("request reaches the sidecar");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body reads").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Reply {
+        self.send(
+            Request::get(url)
+                .body(Full::new(Bytes::new()))
+                .expect("request builds"),
+        )
+        .await
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        self.send(
+            builder
+                .body(Full::new(Bytes::copy_from_slice(body)))
+                .expect("request builds"),
+        )
+        .await
+    }
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `metric(&text, "tokenproxy_token_wait_seconds_sum", &[("client","payments")])`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            continue;
+        }
+        let all = labels.iter().all(|(k, v)| {
+            label_text
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        });
+        if all {
+            return value.parse().ok();
+        }
+    }
+    None
+}
+
+/// Polls `f` every 20 ms until it is true or `within` passes.
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the sidecar's `/readyz` answers 200.
+pub async fn wait_ready(h: &Harness) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = h.http.get(&format!("http://{}/readyz", h.admin)).await;
+        if r.status == StatusCode::OK {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sidecar never became ready: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
