@@ -85,7 +85,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
-    println!("{}: ok\n{}", path.display(), config.summary());
+    println!("{}", config.summary());
     Ok(())
 }
 

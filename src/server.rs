@@ -34,7 +34,9 @@ pub async fn serve<F, Fut>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper's header timer also runs while a keep-alive connection waits for
+        // its next request, so it doubles as the idle timeout: use the smaller.
+        .header_read_timeout(limits.header_read_timeout.min(limits.idle_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
