@@ -1,0 +1,121 @@
+//! The admin endpoints: readiness follows token state, `/status` describes each
+//! client without secrets, `/metrics` has every family with children for
+//! configured clients from the start.
+
+mod support;
+
+use http::StatusCode;
+use support::{harness, wait_ready, Options};
+use tokenproxy::mock::Fault;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_describes_the_client_and_readyz_follows_the_token() {
+    let h = harness(Options::default()).await;
+    wait_ready(&h).await;
+    let status = h.http.get(&format!("http://{}/status", h.admin)).await;
+    assert_eq!(status.status, StatusCode::OK);
+    let s = status.json();
+    let c = &s["clients"]["payments"];
+    assert_eq!(c["state"], "valid", "{s}");
+    assert_eq!(c["ready"], true);
+    assert_eq!(c["generation"], 1);
+    assert_eq!(c["last_refresh"]["trigger"], "startup");
+    assert_eq!(c["last_refresh"]["outcome"], "success");
+    assert_eq!(c["last_refresh"]["grant"], "client_credentials");
+    assert!(
+        c["access_token_expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{c}"
+    );
+    assert!(c["next_refresh_at"].is_string());
+    assert_eq!(c["refreshes_succeeded"], 1);
+
+    // The token is rejected and the provider now refuses: the client is not ready.
+    h.provider.set_fault(Fault::Status {
+        status: 400,
+        body: r#"{"error":"invalid_client"}"#.into(),
+        content_type: "application/json",
+        retry_after: None,
+    });
+    h.provider.revoke_all();
+    let r = h
+        .http
+        .get(&format!("http://{}/api/v1/payments", h.proxy))
+        .await;
+    assert_eq!(r.error_code(), Some("token_unavailable"));
+    let ready = h.http.get(&format!("http://{}/readyz", h.admin)).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = ready.json();
+    assert_eq!(body["clients"][0]["client"], "payments");
+    assert_eq!(body["clients"][0]["state"], "unavailable");
+    assert!(
+        body["clients"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("invalid_client")),
+        "readyz says why: {body}"
+    );
+    let s = h
+        .http
+        .get(&format!("http://{}/status", h.admin))
+        .await
+        .json();
+    assert_eq!(
+        s["clients"]["payments"]["last_refresh"]["outcome"],
+        "rejected"
+    );
+    assert_eq!(
+        s["clients"]["payments"]["last_refresh"]["trigger"],
+        "unauthorized"
+    );
+    assert_eq!(
+        h.http
+            .get(&format!("http://{}/healthz", h.admin))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_every_contract_family_for_configured_clients_from_the_start() {
+    let h = harness(Options::default()).await;
+    wait_ready(&h).await;
+    let r = h.http.get(&format!("http://{}/metrics", h.admin)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .is_ok_and(|v| v.starts_with("text/plain")));
+    let text = r.text();
+    for family in [
+        "tokenproxy_token_refreshes_total",
+        "tokenproxy_token_request_duration_seconds",
+        "tokenproxy_token_expiry_timestamp_seconds",
+        "tokenproxy_request_duration_seconds",
+        "tokenproxy_token_wait_seconds",
+        "tokenproxy_unauthorized_retries_total",
+        "tokenproxy_inflight_requests",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family}")),
+            "{family} is exported"
+        );
+    }
+    let expiry = support::metric(
+        &text,
+        "tokenproxy_token_expiry_timestamp_seconds",
+        &[("client", "payments")],
+    )
+    .expect("expiry gauge");
+    assert!(expiry > 1.7e9, "the expiry gauge is a Unix time: {expiry}");
+    assert_eq!(
+        support::metric(
+            &text,
+            "tokenproxy_unauthorized_retries_total",
+            &[("client", "payments"), ("outcome", "recovered")]
+        ),
+        Some(0.0),
+        "children exist before anything happened"
+    );
+}
