@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, and
+//! `POST /clients/NAME/refresh-token` for an operator to put in a new refresh token.
 //!
 //! It runs on its own listener so it answers while the data path is loaded, and
 //! it never shows a token or a secret.
@@ -9,8 +10,14 @@ use std::sync::Arc;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
+
+use crate::secret::Secret;
+use crate::server::PeerAddr;
+
+const MAX_REFRESH_TOKEN_BYTES: usize = 16 * 1024;
 
 use crate::metrics::Metrics;
 use crate::proxy::body::{full, Body};
@@ -42,6 +49,9 @@ impl Admin {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        if req.method() == Method::POST {
+            return Ok(self.post(req).await);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Ok(json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -62,6 +72,66 @@ impl Admin {
             }
             _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
         })
+    }
+
+    /// `POST /clients/NAME/refresh-token`: the body is a new refresh token for a
+    /// client (e.g. one in `needs_authorization`). Accepted from loopback peers only,
+    /// since whoever sets the refresh token chooses whose account the API sees.
+    async fn post(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let Some(name) = path
+            .strip_prefix("/clients/")
+            .and_then(|rest| rest.strip_suffix("/refresh-token"))
+        else {
+            return json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"}));
+        };
+        let loopback = req
+            .extensions()
+            .get::<PeerAddr>()
+            .is_some_and(|p| p.0.ip().is_loopback());
+        if !loopback {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                &json!({"error": "forbidden", "detail": "refresh tokens are accepted from loopback only"}),
+            );
+        }
+        let Some((_, handle)) = self.clients.iter().find(|(n, _)| n == name) else {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "no_such_client", "client": name}),
+            );
+        };
+        let body = match Limited::new(req.into_body(), MAX_REFRESH_TOKEN_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "bad_request", "detail": "body unreadable or over 16 KiB"}),
+                )
+            }
+        };
+        let token = match std::str::from_utf8(&body).map(str::trim) {
+            Ok(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()) => Secret::new(t),
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "bad_request", "detail": "the body must be the refresh token (printable ASCII)"}),
+                )
+            }
+        };
+        match handle.provide_refresh_token(token) {
+            Ok(()) => json_response(
+                StatusCode::ACCEPTED,
+                &json!({"client": name, "accepted": true}),
+            ),
+            Err(e) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": "busy", "detail": e.reason}),
+            ),
+        }
     }
 
     fn readyz(&self) -> Response<Body> {

@@ -41,6 +41,10 @@ pub enum Command {
         /// With a rotating provider the old one dies, so pair this with --show-token.
         #[arg(long)]
         spend_refresh_token: bool,
+        /// Instead: read a new refresh token from stdin and hand it to the running
+        /// sidecar (through its admin listener), e.g. for a client in needs_authorization.
+        #[arg(long, conflicts_with_all = ["show_token", "spend_refresh_token"])]
+        refresh_token_from_stdin: bool,
     },
     /// Run the sidecar in front of a built-in mock provider and API on loopback.
     Demo {

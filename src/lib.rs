@@ -18,6 +18,7 @@
 //! | [`metrics`] | every metric family, on an owned registry |
 //! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
 //! | [`mock`] | in-process mock provider and API for `demo` and tests |
+//! | [`operator`] | commands that talk to a running sidecar's admin listener |
 //! | [`telemetry`] | log subscriber setup |
 //! | [`signal`] | SIGTERM/SIGINT → drain |
 //! | [`demo`] | `tokenproxy demo`: the sidecar in front of the mocks |
@@ -38,6 +39,7 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod mock;
+pub mod operator;
 pub mod proxy;
 pub mod secret;
 pub mod server;

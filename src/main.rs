@@ -21,8 +21,14 @@ fn main() -> ExitCode {
             client,
             show_token,
             spend_refresh_token,
-        } => config_path(cli.config.as_deref())
-            .and_then(|p| token_command(&p, &client, show_token, spend_refresh_token)),
+            refresh_token_from_stdin,
+        } => config_path(cli.config.as_deref()).and_then(|p| {
+            if refresh_token_from_stdin {
+                provide_refresh_token(&p, &client)
+            } else {
+                token_command(&p, &client, show_token, spend_refresh_token)
+            }
+        }),
         Command::Demo {
             listen,
             admin,
@@ -144,6 +150,35 @@ fn token_command(path: &Path, client: &str, show: bool, spend: bool) -> anyhow::
             println!("refresh_token:  {}", rt.expose());
         }
     }
+    Ok(())
+}
+
+fn provide_refresh_token(path: &Path, client: &str) -> anyhow::Result<()> {
+    let config = load(path)?;
+    if !config.clients.iter().any(|c| c.name == client) {
+        bail!("no client {client:?} in {}", path.display());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .context("cannot read the refresh token from stdin")?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("stdin was empty: pipe the refresh token in");
+    }
+    let admin = tokenproxy::operator::admin_target(config.admin.listen);
+    let status = runtime()?.block_on(tokenproxy::operator::provide_refresh_token(
+        admin,
+        client,
+        tokenproxy::secret::Secret::new(token),
+        std::time::Duration::from_secs(15),
+    ))?;
+    println!(
+        "client {client}: refresh token accepted; state {}, access token expires {}",
+        status["state"].as_str().unwrap_or("?"),
+        status["access_token_expires_at"]
+            .as_str()
+            .unwrap_or("(no expiry stated)")
+    );
     Ok(())
 }
 

@@ -18,6 +18,10 @@ use tracing::{debug, warn, Instrument};
 use crate::config::Limits;
 use crate::proxy::body::Body;
 
+/// The connection's remote address, in every request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Serves `listener` until `stop` turns true, then waits for its open
 /// connections to finish their in-flight requests (the caller bounds the wait).
 pub async fn serve<F, Fut>(
@@ -66,7 +70,11 @@ pub async fn serve<F, Fut>(
             debug!(error = %e, "set_nodelay failed");
         }
         let handler = handler.clone();
-        let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler));
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            handler(req)
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
         tokio::spawn(

@@ -98,6 +98,7 @@ pub(super) struct RawToken {
     pub(super) refresh_url: Option<String>,
     pub(super) refresh_before: Option<Scalar>,
     pub(super) default_lifetime: Option<Scalar>,
+    pub(super) refresh_token_lifetime: Option<Scalar>,
     // Sorted by key, so the grant request is the same on every run.
     pub(super) params: Option<BTreeMap<String, String>>,
     pub(super) timeout: Option<Scalar>,

@@ -237,6 +237,9 @@ pub struct TokenConfig {
     pub refresh_before: Option<Duration>,
     /// Lifetime assumed when a response states no expiry.
     pub default_lifetime: Option<Duration>,
+    /// How long a refresh token lives when the response does not say
+    /// (`refresh_token_expires_in`/`_at`); None = until the provider rejects it.
+    pub refresh_token_lifetime: Option<Duration>,
     /// Extra grant parameters sorted by key; never a reserved OAuth parameter.
     pub params: Vec<(String, String)>,
     /// Key `timeout` (an extension of PRODUCT.md's schema): limit of one token endpoint call; default 10s.
@@ -418,6 +421,10 @@ impl ClientConfig {
         row(out, "token.refresh_before", before)?;
         let lifetime = t.default_lifetime.map_or_else(|| "(none)".to_owned(), dur);
         row(out, "token.default_lifetime", lifetime)?;
+        let rt_lifetime = t
+            .refresh_token_lifetime
+            .map_or_else(|| "(until rejected)".to_owned(), dur);
+        row(out, "token.refresh_token_lifetime", rt_lifetime)?;
         // Only the names: a parameter value may well be a credential.
         let names: Vec<&str> = t.params.iter().map(|(k, _)| k.as_str()).collect();
         let params = if names.is_empty() {
@@ -748,6 +755,11 @@ fn build_token(raw: RawToken, t: &Table<'_>) -> Result<TokenConfig, ConfigError>
         refresh_url,
         refresh_before: t.opt_duration("refresh_before", raw.refresh_before, true)?,
         default_lifetime: t.opt_duration("default_lifetime", raw.default_lifetime, false)?,
+        refresh_token_lifetime: t.opt_duration(
+            "refresh_token_lifetime",
+            raw.refresh_token_lifetime,
+            false,
+        )?,
         params: params(t, raw.params.unwrap_or_default())?,
         timeout: t.duration("timeout", raw.timeout, Duration::from_secs(10))?,
     })
@@ -1348,6 +1360,7 @@ refresh_token = "${PAY_CLIENT_SECRET}"
 refresh_url = "https://auth.wallet.example/o/refresh/"
 refresh_before = "60s"
 default_lifetime = "5m"
+refresh_token_lifetime = "24h"
 params = { audience = "payments-api", "a" = "$${literal}" }
 timeout = "3s"
 
@@ -1412,6 +1425,7 @@ client_auth = "none"
         );
         assert_eq!(t.refresh_before, Some(Duration::from_secs(60)));
         assert_eq!(t.default_lifetime, Some(Duration::from_secs(300)));
+        assert_eq!(t.refresh_token_lifetime, Some(Duration::from_secs(86_400)));
         let params: Vec<(&str, &str)> = t
             .params
             .iter()

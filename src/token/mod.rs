@@ -104,6 +104,8 @@ pub(crate) enum Command {
     Need,
     /// The API rejected the token of this generation (already retired from the cell).
     Rejected(u64),
+    /// An operator supplied a new refresh token (leaves `needs_authorization`).
+    NewRefreshToken(crate::secret::Secret),
 }
 
 /// Why a request could not get a token.
@@ -177,6 +179,17 @@ impl TokenHandle {
             let _ignored = self.shared.commands.try_send(Command::Rejected(generation));
         }
         retired
+    }
+
+    /// Hands the refresher a new refresh token from an operator; it is used at once.
+    pub fn provide_refresh_token(&self, token: crate::secret::Secret) -> Result<(), Unavailable> {
+        self.shared
+            .commands
+            .try_send(Command::NewRefreshToken(token))
+            .map_err(|_| Unavailable {
+                reason: "the refresher is busy; try again".into(),
+                retry_after: Duration::from_secs(1),
+            })
     }
 
     /// A snapshot of the client's state for `/status` and `/readyz`.

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::dialect::{build_request, GrantKind};
-use super::response::{parse_error, parse_success, ProviderError, ResponseError, TokenSet};
+use super::response::{
+    parse_error, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
+};
 use super::state::{wall, LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
 use crate::clock::{epoch_seconds, SharedClock};
@@ -35,6 +37,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 /// Shortest access token lifetime the sidecar will use.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// Lifetime assumed when a provider's absolute expiry is already past on our clock.
+const SKEW_FALLBACK_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Why a token endpoint call failed. Never holds a secret or a response body.
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +336,7 @@ impl Refresher {
                     None => return,
                     Some(Command::Need) => trigger = self.on_need(),
                     Some(Command::Rejected(generation)) => trigger = self.on_rejected(generation),
+                    Some(Command::NewRefreshToken(token)) => trigger = self.on_new_refresh_token(token),
                 }
             }
         }
@@ -410,6 +415,25 @@ impl Refresher {
             return None;
         }
         Some(Trigger::Unauthorized)
+    }
+
+    fn on_new_refresh_token(&mut self, token: Secret) -> Option<Trigger> {
+        info!(client = %self.client, "a new refresh token was provided; using it now");
+        self.refresh_token = Some(HeldRefreshToken {
+            value: token,
+            usable_until: None,
+            expires_wall: None,
+        });
+        self.needs_authorization = false;
+        self.failures = 0;
+        self.retry_at = None;
+        self.publish(|s| {
+            s.has_refresh_token = true;
+            s.refresh_token_expires_at = None;
+            s.reason = None;
+            s.retry_at = None;
+        });
+        Some(Trigger::Startup)
     }
 
     async fn obtain(&mut self, trigger: Trigger) {
@@ -502,7 +526,7 @@ impl Refresher {
                 ),
             });
         }
-        let lifetime = set.lifetime.or(self.config.default_lifetime);
+        let lifetime = self.checked_lifetime(&set);
         if let Some(l) = lifetime {
             if l < MIN_LIFETIME {
                 return Err(TokenError::Unusable {
@@ -531,10 +555,19 @@ impl Refresher {
         let wall_now = self.clock.wall_now();
         // Rotation: store the new refresh token before anything else can run.
         if let Some(rt) = set.refresh_token {
+            let rt_lifetime = match set.refresh_token_lifetime {
+                // An expiry already past on our clock is skew, not a dead token just issued.
+                Some(l) if l.is_zero() => {
+                    warn!(client = %self.client, "refresh token expiry is in the past by our clock; ignoring it");
+                    self.config.refresh_token_lifetime
+                }
+                Some(l) => Some(l),
+                None => self.config.refresh_token_lifetime,
+            };
             self.refresh_token = Some(HeldRefreshToken {
                 value: rt,
-                usable_until: set.refresh_token_lifetime.map(|l| now + l),
-                expires_wall: set.refresh_token_lifetime.map(|l| wall_now + l),
+                usable_until: rt_lifetime.map(|l| now + l),
+                expires_wall: rt_lifetime.map(|l| wall_now + l),
             });
         }
         self.generation += 1;
@@ -591,6 +624,33 @@ impl Refresher {
         Ok(())
     }
 
+    /// The access token lifetime to schedule by, measured from now (the moment
+    /// the response arrived, on tokio's monotonic clock): the response's, else
+    /// `default_lifetime`. A provider's `expires_at` already past on our clock
+    /// means clock skew; it is replaced by `default_lifetime` (or 60 s) and logged.
+    fn checked_lifetime(&self, set: &TokenSet) -> Option<Duration> {
+        match set.lifetime {
+            Some(l) if l.is_zero() && set.lifetime_source != LifetimeSource::ExpiresIn => {
+                let fallback = self
+                    .config
+                    .default_lifetime
+                    .unwrap_or(SKEW_FALLBACK_LIFETIME);
+                warn!(client = %self.client, source = set.lifetime_source.as_str(),
+                    fallback_s = fallback.as_secs(),
+                    "token expiry is already past by our clock (clock skew?); assuming a fallback lifetime");
+                Some(fallback)
+            }
+            Some(l) => {
+                if set.clamped() {
+                    warn!(client = %self.client, source = set.lifetime_source.as_str(),
+                        "token expiry is implausibly far away; clamped");
+                }
+                Some(l)
+            }
+            None => self.config.default_lifetime,
+        }
+    }
+
     fn record_failure(&mut self, trigger: Trigger, grant: &str, outcome: Outcome, e: &TokenError) {
         let at = crate::clock::rfc3339(self.clock.wall_now());
         let message = e.to_string();
@@ -633,6 +693,10 @@ impl Refresher {
     }
 
     fn enter_needs_authorization(&mut self, reason: String) {
+        let reason = format!(
+            "{reason}; a person must authorize again, then run `tokenproxy token {} --config <file> --refresh-token-from-stdin` with the new refresh token",
+            self.client
+        );
         self.needs_authorization = true;
         error!(client = %self.client, reason = %reason,
             "client needs authorization: a new refresh token must be provided");

@@ -92,13 +92,14 @@ pub async fn harness(options: Options) -> Harness {
     let api = MockApi::start(provider.validator())
         .await
         .expect("mock api starts");
+    // Extras first, so they may use the placeholders too.
     let text = options
         .template
+        .replace("{client_extra}", &options.client_extra)
+        .replace("{token_extra}", &options.token_extra)
         .replace("{upstream}", &api.url())
         .replace("{token_url}", &provider.token_url())
-        .replace("{client_id}", CLIENT_ID)
-        .replace("{client_extra}", &options.client_extra)
-        .replace("{token_extra}", &options.token_extra);
+        .replace("{client_id}", CLIENT_ID);
     let (running, proxy, admin) = start_sidecar(&text).await;
     Harness {
         provider,

@@ -1,0 +1,161 @@
+//! Operator commands that talk to a running sidecar's admin listener, such as
+//! putting in a new refresh token without a restart.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::secret::Secret;
+
+/// Why an operator command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// The admin listener could not be reached.
+    #[error("cannot reach the running sidecar's admin listener at {addr}: {detail}")]
+    Unreachable {
+        /// Admin address tried.
+        addr: SocketAddr,
+        /// Cause.
+        detail: String,
+    },
+    /// The sidecar refused the request.
+    #[error("the sidecar refused: {status} {body}")]
+    Refused {
+        /// Status.
+        status: StatusCode,
+        /// Its JSON answer.
+        body: String,
+    },
+    /// The new refresh token did not produce a token in time.
+    #[error("client {client} is {state} after the new refresh token: {reason}")]
+    NotRecovered {
+        /// Client name.
+        client: String,
+        /// Its state.
+        state: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The address to connect to for a configured admin `listen` (unspecified → loopback).
+pub fn admin_target(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        let ip = if listen.is_ipv4() {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        };
+        SocketAddr::new(ip, listen.port())
+    } else {
+        listen
+    }
+}
+
+/// Sends `token` to the sidecar at `admin` for `client`, then waits up to `wait`
+/// for the client to hold a valid token. Returns the client's `/status` entry.
+pub async fn provide_refresh_token(
+    admin: SocketAddr,
+    client: &str,
+    token: Secret,
+    wait: Duration,
+) -> Result<serde_json::Value, OperatorError> {
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let before = status_of(&http, admin, client).await?;
+    let before_generation = before["generation"].as_u64().unwrap_or(0);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{admin}/clients/{client}/refresh-token"))
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::copy_from_slice(token.expose().as_bytes())))
+        .map_err(|e| unreachable(admin, e))?;
+    let (status, body) = call(&http, admin, req).await?;
+    if status != StatusCode::ACCEPTED {
+        return Err(OperatorError::Refused {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = status_of(&http, admin, client).await?;
+        let state = now["state"].as_str().unwrap_or("").to_owned();
+        let generation = now["generation"].as_u64().unwrap_or(0);
+        if state == "valid" && generation > before_generation {
+            return Ok(now);
+        }
+        let gave_up = state == "needs_authorization" || state == "unavailable";
+        if gave_up || tokio::time::Instant::now() >= deadline {
+            let reason = now["reason"]
+                .as_str()
+                .or_else(|| now["last_refresh"]["error"].as_str())
+                .unwrap_or("no new token yet")
+                .to_owned();
+            return Err(OperatorError::NotRecovered {
+                client: client.to_owned(),
+                state,
+                reason,
+            });
+        }
+    }
+}
+
+async fn status_of(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    admin: SocketAddr,
+    client: &str,
+) -> Result<serde_json::Value, OperatorError> {
+    let req = Request::get(format!("http://{admin}/status"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| unreachable(admin, e))?;
+    let (status, body) = call(http, admin, req).await?;
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    match value["clients"].get(client) {
+        Some(c) if status.is_success() => Ok(c.clone()),
+        _ => Err(OperatorError::Refused {
+            status,
+            body: format!("no client {client:?} in the running sidecar's /status"),
+        }),
+    }
+}
+
+async fn call(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    admin: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), OperatorError> {
+    let fut = async {
+        let response = http.request(req).await.map_err(|e| unreachable(admin, e))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(admin, e))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(OperatorError::Unreachable {
+                addr: admin,
+                detail: "no answer within 10 s".into(),
+            })
+        })
+}
+
+fn unreachable(addr: SocketAddr, e: impl std::fmt::Display) -> OperatorError {
+    OperatorError::Unreachable {
+        addr,
+        detail: e.to_string(),
+    }
+}
