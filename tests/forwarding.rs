@@ -262,3 +262,36 @@ client_secret = "${{CLIENT_SECRET}}"
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_inject_header_and_format_carry_the_token() {
+    let h = harness(Options::default().token(
+        "[clients.payments.inject]\nheader = \"X-Api-Token\"\nformat = \"Token {token}; v=1\"",
+    ))
+    .await;
+    wait_ready(&h).await;
+    // The mock API only reads Authorization, so it refuses; what matters is what it saw.
+    let _ = h
+        .http
+        .request(
+            Method::GET,
+            &format!("http://{}/api/v1/payments", h.proxy),
+            &[
+                ("x-api-token", "app-chosen"),
+                ("authorization", "Bearer app"),
+            ],
+            b"",
+        )
+        .await;
+    let seen = &h.api.recorded()[0];
+    let value = seen.headers["x-api-token"].to_str().expect("ascii");
+    assert!(
+        value.starts_with("Token ") && value.ends_with("; v=1"),
+        "{value}"
+    );
+    assert_ne!(value, "app-chosen");
+    assert!(
+        seen.headers.get("authorization").is_none(),
+        "the app's Authorization is dropped too"
+    );
+}

@@ -280,6 +280,8 @@ pub enum ClientAuth {
     Basic,
     /// `client_id` and `client_secret` in the request body.
     Body,
+    /// Both: HTTP Basic and the body parameters (for servers that want both).
+    Both,
     /// No client authentication.
     None,
 }
@@ -290,6 +292,7 @@ impl ClientAuth {
         match self {
             ClientAuth::Basic => "basic",
             ClientAuth::Body => "body",
+            ClientAuth::Both => "both",
             ClientAuth::None => "none",
         }
     }
@@ -664,6 +667,7 @@ fn build_token(raw: RawToken, t: &Table<'_>) -> Result<TokenConfig, ConfigError>
     let auths = [
         ("basic", ClientAuth::Basic),
         ("body", ClientAuth::Body),
+        ("both", ClientAuth::Both),
         ("none", ClientAuth::None),
     ];
     let client_auth = t.choice(
@@ -724,7 +728,7 @@ fn build_token(raw: RawToken, t: &Table<'_>) -> Result<TokenConfig, ConfigError>
         (GrantKind::ClientCredentials, None, None) => Grant::ClientCredentials,
     };
     match client_auth {
-        ClientAuth::Basic | ClientAuth::Body if client_id.is_none() => {
+        ClientAuth::Basic | ClientAuth::Body | ClientAuth::Both if client_id.is_none() => {
             let problem = format!(
                 "is required when client_auth = \"{}\"",
                 client_auth.as_str()

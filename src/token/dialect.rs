@@ -58,30 +58,27 @@ pub(crate) fn build_request(
         }
     };
 
-    let mut basic = None;
-    match config.client_auth {
-        ClientAuth::Basic => {
-            basic = Some(basic_credentials(
-                config.client_id.as_deref().unwrap_or(""),
-                config
-                    .client_secret
-                    .as_ref()
-                    .map(Secret::expose)
-                    .unwrap_or(""),
-            ));
+    let in_header = matches!(config.client_auth, ClientAuth::Basic | ClientAuth::Both);
+    let in_body = matches!(config.client_auth, ClientAuth::Body | ClientAuth::Both);
+    let basic = in_header.then(|| {
+        basic_credentials(
+            config.client_id.as_deref().unwrap_or(""),
+            config
+                .client_secret
+                .as_ref()
+                .map(Secret::expose)
+                .unwrap_or(""),
+        )
+    });
+    // Public clients (`none`) still identify themselves with client_id.
+    if in_body || config.client_auth == ClientAuth::None {
+        if let Some(id) = &config.client_id {
+            params.push(("client_id", id));
         }
-        ClientAuth::Body => {
-            if let Some(id) = &config.client_id {
-                params.push(("client_id", id));
-            }
-            if let Some(secret) = &config.client_secret {
-                params.push(("client_secret", secret.expose()));
-            }
-        }
-        ClientAuth::None => {
-            if let Some(id) = &config.client_id {
-                params.push(("client_id", id));
-            }
+    }
+    if in_body {
+        if let Some(secret) = &config.client_secret {
+            params.push(("client_secret", secret.expose()));
         }
     }
 
@@ -131,6 +128,80 @@ fn basic_credentials(id: &str, secret: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{self, MapEnv};
+
+    fn token_config(extra: &str) -> TokenConfig {
+        let text = format!(
+            "[clients.c]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://api\"\n\
+             [clients.c.token]\nurl = \"https://auth.example/token\"\nclient_id = \"id\"\n\
+             client_secret = \"sec ret\"\n{extra}"
+        );
+        config::from_str(&text, None, &MapEnv::new())
+            .expect("valid config")
+            .clients
+            .remove(0)
+            .token
+    }
+
+    async fn body_of(req: Request<Body>) -> (http::request::Parts, String) {
+        use http_body_util::BodyExt;
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        (parts, String::from_utf8(bytes.to_vec()).expect("utf8"))
+    }
+
+    #[tokio::test]
+    async fn client_credentials_form_with_basic_auth_scope_and_params() {
+        let c = token_config("scope = \"payments read\"\nparams = { audience = \"api\" }");
+        let (parts, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        assert_eq!(parts.method, Method::POST);
+        assert_eq!(
+            parts.headers[CONTENT_TYPE],
+            "application/x-www-form-urlencoded"
+        );
+        assert!(parts.headers[AUTHORIZATION]
+            .to_str()
+            .is_ok_and(|v| v.starts_with("Basic ")));
+        assert_eq!(
+            body,
+            "grant_type=client_credentials&scope=payments+read&audience=api"
+        );
+    }
+
+    #[tokio::test]
+    async fn json_body_with_body_auth_carries_the_credentials_as_members() {
+        let c = token_config("client_auth = \"body\"\nbody = \"json\"");
+        let (parts, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        assert_eq!(parts.headers[CONTENT_TYPE], "application/json");
+        assert!(parts.headers.get(AUTHORIZATION).is_none());
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["grant_type"], "client_credentials");
+        assert_eq!(v["client_id"], "id");
+        assert_eq!(v["client_secret"], "sec ret");
+    }
+
+    #[tokio::test]
+    async fn both_sends_basic_and_body_credentials() {
+        let c = token_config("client_auth = \"both\"");
+        let (parts, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        assert!(parts.headers.get(AUTHORIZATION).is_some());
+        assert!(body.contains("client_id=id") && body.contains("client_secret=sec+ret"));
+    }
+
+    #[tokio::test]
+    async fn password_grant_and_refresh_grant_on_the_refresh_url() {
+        let c = token_config(
+            "grant = \"password\"\nusername = \"alice\"\npassword = \"p&w\"\n\
+             refresh_url = \"https://auth.example/refresh\"",
+        );
+        let (_, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        assert_eq!(body, "grant_type=password&username=alice&password=p%26w");
+        let rt = Secret::new("rt-1");
+        let (parts, body) =
+            body_of(build_request(&c, GrantKind::Refresh(&rt)).expect("request")).await;
+        assert_eq!(parts.uri, "https://auth.example/refresh");
+        assert_eq!(body, "grant_type=refresh_token&refresh_token=rt-1");
+    }
 
     #[test]
     fn basic_credentials_are_form_urlencoded_before_base64() {
