@@ -124,6 +124,8 @@ pub struct Running {
     clients: Vec<(String, TokenHandle)>,
     metrics: Metrics,
     stop: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    admin_task: Option<JoinHandle<()>>,
     draining: Arc<AtomicBool>,
     accept_tasks: Vec<JoinHandle<()>>,
     refreshers: Vec<JoinHandle<()>>,
@@ -155,7 +157,8 @@ impl Running {
     }
 
     /// Stops accepting, lets in-flight requests finish within `shutdown_grace`,
-    /// then stops every task.
+    /// then stops every task. `/readyz` answers 503 from the start of the drain
+    /// until the admin listener closes last.
     pub async fn shutdown(mut self) {
         self.draining.store(true, Ordering::Relaxed);
         let _receivers_gone = self.stop.send(true);
@@ -174,13 +177,27 @@ impl Running {
                 }
             }
         }
+        let _receivers_gone = self.stop_admin.send(true);
+        if let Some(task) = self.admin_task.take() {
+            if tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                warn!("admin listener did not close within 1 s");
+            }
+        }
         info!("stopped");
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for task in self.accept_tasks.iter().chain(&self.refreshers) {
+        for task in self
+            .accept_tasks
+            .iter()
+            .chain(&self.refreshers)
+            .chain(self.admin_task.as_ref())
+        {
             task.abort();
         }
     }
@@ -196,6 +213,7 @@ pub fn start(
     let http: HttpClient = build_client()?;
     let endpoint = TokenEndpoint::new(http.clone(), clock.clone());
     let (stop, stop_rx) = watch::channel(false);
+    let (stop_admin, stop_admin_rx) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
 
     let mut refreshers = Vec::new();
@@ -258,11 +276,11 @@ pub fn start(
         metrics.clone(),
         Arc::clone(&draining),
     ));
-    accept_tasks.push(tokio::spawn(server::serve(
+    let admin_task = Some(tokio::spawn(server::serve(
         "admin",
         listeners.admin,
         config.limits.clone(),
-        stop_rx,
+        stop_admin_rx,
         move |req| Arc::clone(&admin).handle(req),
     )));
 
@@ -272,6 +290,8 @@ pub fn start(
         clients,
         metrics,
         stop,
+        stop_admin,
+        admin_task,
         draining,
         accept_tasks,
         refreshers,

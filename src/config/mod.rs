@@ -1707,7 +1707,7 @@ client_auth = "none"
         assert_error(
             &err,
             "clients.payments.token.client_auth",
-            "\"basic\", \"body\", \"none\"",
+            "\"basic\", \"body\", \"both\", \"none\"",
         );
     }
 

@@ -21,7 +21,7 @@ use http::{
 };
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 use self::body::{Body, RequestBody};
 use self::route::ListenerRoutes;
@@ -86,8 +86,16 @@ pub async fn handle(
     let (client, path_and_query) = match routes.route(&req) {
         Ok((client, pq)) => (Arc::clone(client), pq),
         Err(e) => {
-            debug!(error = %e, method = %req.method(), "request refused");
-            return Ok(e.into_response(None));
+            let response = e.into_response(None);
+            info!(
+                target: ACCESS_LOG,
+                method = %req.method(),
+                path = %req.uri().path(),
+                status = response.status().as_u16(),
+                error = e_code(&response),
+                "refused"
+            );
+            return Ok(response);
         }
     };
     let gauge = client.metrics.inflight().clone();
@@ -100,10 +108,22 @@ pub async fn handle(
         .cloned()
         .unwrap_or_else(headers::new_request_id);
     let method = req.method().clone();
-    let response = match forward(&client, &http, req, path_and_query, &request_id).await {
+    // Only the path: query strings can carry secrets and are never logged.
+    let path = req.uri().path().to_owned();
+    let mut exchange = Exchange::default();
+    let forwarded = forward(
+        &client,
+        &http,
+        req,
+        path_and_query,
+        &request_id,
+        &mut exchange,
+    )
+    .await;
+    let response = match forwarded {
         Ok(response) => response,
         Err(e) => {
-            warn!(client = %client.name, request.id = ?request_id, error = %e, "request failed");
+            warn!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
             e.into_response(Some(&client.name))
         }
     };
@@ -111,15 +131,39 @@ pub async fn handle(
     client
         .metrics
         .request(response.status(), elapsed.as_secs_f64());
-    debug!(
+    info!(
+        target: ACCESS_LOG,
         client = %client.name,
-        request.id = ?request_id,
+        request.id = %request_id.to_str().unwrap_or("-"),
         method = %method,
+        path = %path,
         status = response.status().as_u16(),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        upstream.status = exchange.upstream_status,
+        duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+        token_waited = exchange.token_waited,
+        replayed = exchange.replayed,
         "request"
     );
     Ok(response)
+}
+
+/// Log target of the one-line-per-request access log (`RUST_LOG=tokenproxy::access=off` silences it).
+pub const ACCESS_LOG: &str = "tokenproxy::access";
+
+fn e_code<B>(response: &Response<B>) -> &str {
+    response
+        .headers()
+        .get(&crate::error::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// What happened to one request on its way, for the access log.
+#[derive(Default)]
+struct Exchange {
+    upstream_status: Option<u16>,
+    token_waited: bool,
+    replayed: bool,
 }
 
 /// The parts of the app's request that are sent (again) upstream.
@@ -148,6 +192,7 @@ async fn forward(
     req: Request<Incoming>,
     path_and_query: PathAndQuery,
     request_id: &HeaderValue,
+    exchange: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     let uri = Uri::builder()
@@ -172,7 +217,7 @@ async fn forward(
         .await
         .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?;
 
-    let token = take_token(client).await?;
+    let token = take_token(client, exchange).await?;
     match body {
         RequestBody::Buffered(bytes) => {
             let first = send(
@@ -181,11 +226,17 @@ async fn forward(
                 outgoing.request(body::full(bytes.clone()), &token, &client.inject_header),
             )
             .await?;
+            exchange.upstream_status = Some(first.status().as_u16());
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
             }
             drop(first);
-            replay(client, http, &outgoing, bytes, &token).await
+            exchange.replayed = true;
+            let second = replay(client, http, &outgoing, bytes, &token).await;
+            if let Ok(r) = &second {
+                exchange.upstream_status = Some(r.status().as_u16());
+            }
+            second
         }
         RequestBody::Streaming(stream) => {
             let response = send(
@@ -194,6 +245,7 @@ async fn forward(
                 outgoing.request(stream, &token, &client.inject_header),
             )
             .await?;
+            exchange.upstream_status = Some(response.status().as_u16());
             if client.is_unauthorized(response.status()) {
                 client.token.reject(token.generation);
                 client
@@ -239,11 +291,15 @@ async fn replay(
     result
 }
 
-async fn take_token(client: &ClientRuntime) -> Result<Arc<Token>, ProxyError> {
+async fn take_token(
+    client: &ClientRuntime,
+    exchange: &mut Exchange,
+) -> Result<Arc<Token>, ProxyError> {
     if let Some(token) = client.token.current() {
         client.metrics.token_wait(0.0);
         return Ok(token);
     }
+    exchange.token_waited = true;
     let started = Instant::now();
     let result = client.token.get().await;
     client.metrics.token_wait(started.elapsed().as_secs_f64());

@@ -1,0 +1,168 @@
+//! The process as operators run it: SIGTERM drains (readiness off, no new
+//! connections, in-flight requests finish, exit 0); logs are JSON when asked,
+//! with one access line per request that never carries the query string.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::TestClient;
+use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Sidecar(Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let (listen, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tokenproxy-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("tokenproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+[log]
+format = "json"
+[clients.payments]
+listen = "127.0.0.1:{listen}"
+upstream = "{upstream}"
+[clients.payments.token]
+url = "{token_url}"
+client_id = "demo-client"
+client_secret = "${{SECRET}}"
+"#,
+            upstream = api.url(),
+            token_url = provider.token_url()
+        ),
+    )
+    .expect("write config");
+    let log_path = dir.join("stderr.log");
+    let log_file = std::fs::File::create(&log_path).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .arg("--config")
+        .arg(&config)
+        .env("SECRET", "demo-secret")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start tokenproxy");
+    let mut sidecar = Sidecar(child);
+    let pid = sidecar.0.id();
+    let http = TestClient::new();
+
+    let ready = support::eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
+    })
+    .await;
+    assert!(ready, "the admin listener comes up");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while http
+        .get(&format!("http://127.0.0.1:{admin}/readyz"))
+        .await
+        .status
+        != StatusCode::OK
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let slow = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            http.get(&format!(
+                "http://127.0.0.1:{listen}/slow?ms=1500&card=4111111111111111"
+            ))
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(pid, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let readyz = http.get(&format!("http://127.0.0.1:{admin}/readyz")).await;
+    assert_eq!(
+        readyz.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "readiness turns off while draining"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", listen))
+            .await
+            .is_err(),
+        "no new connections are accepted while draining"
+    );
+    let slow = slow.await.expect("join");
+    assert_eq!(
+        slow.status,
+        StatusCode::OK,
+        "the in-flight request completes: {}",
+        slow.text()
+    );
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = sidecar.0.wait().expect("wait");
+        drop(sidecar);
+        status
+    })
+    .await
+    .expect("join");
+    assert_eq!(status.code(), Some(0), "exit 0 after draining");
+
+    let logs = std::fs::read_to_string(&log_path).expect("read logs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}"))
+        })
+        .collect();
+    let access: Vec<_> = lines.iter().filter(|l| l["message"] == "request").collect();
+    assert_eq!(
+        access.len(),
+        1,
+        "one access line per proxied request: {logs}"
+    );
+    assert_eq!(access[0]["path"], "/slow");
+    assert_eq!(access[0]["status"], 200);
+    assert_eq!(access[0]["client"], "payments");
+    assert!(access[0]["request.id"].is_string());
+    assert!(
+        !logs.contains("4111111111111111"),
+        "query strings are never logged"
+    );
+    assert!(
+        lines.iter().any(|l| l["message"] == "token obtained"),
+        "lifecycle lines are logged"
+    );
+}
