@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -25,7 +26,7 @@ use crate::token::TokenHandle;
 
 /// What the admin endpoints report on.
 pub struct Admin {
-    clients: Vec<(String, TokenHandle)>,
+    clients: ArcSwap<Vec<(String, TokenHandle)>>,
     metrics: Metrics,
     draining: Arc<AtomicBool>,
 }
@@ -38,10 +39,15 @@ impl Admin {
         draining: Arc<AtomicBool>,
     ) -> Self {
         Admin {
-            clients,
+            clients: ArcSwap::from_pointee(clients),
             metrics,
             draining,
         }
+    }
+
+    /// Replaces the client list (after a reload).
+    pub fn set_clients(&self, clients: Vec<(String, TokenHandle)>) {
+        self.clients.store(Arc::new(clients));
     }
 
     /// Answers one admin request.
@@ -95,7 +101,8 @@ impl Admin {
                 &json!({"error": "forbidden", "detail": "refresh tokens are accepted from loopback only"}),
             );
         }
-        let Some((_, handle)) = self.clients.iter().find(|(n, _)| n == name) else {
+        let clients = self.clients.load();
+        let Some((_, handle)) = clients.iter().find(|(n, _)| n == name) else {
             return json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"error": "no_such_client", "client": name}),
@@ -143,6 +150,7 @@ impl Admin {
         }
         let not_ready: Vec<_> = self
             .clients
+            .load()
             .iter()
             .filter(|(_, handle)| !handle.is_ready())
             .map(|(name, handle)| {
@@ -162,7 +170,7 @@ impl Admin {
 
     fn status(&self) -> Response<Body> {
         let mut clients = serde_json::Map::new();
-        for (name, handle) in &self.clients {
+        for (name, handle) in self.clients.load().iter() {
             let mut value = serde_json::to_value(handle.status()).unwrap_or_default();
             if let Some(obj) = value.as_object_mut() {
                 obj.insert("ready".into(), json!(handle.is_ready()));

@@ -30,6 +30,8 @@ pub struct Metrics {
     unauthorized_retries: IntCounterVec,
     inflight: IntGaugeVec,
     client_state: IntGaugeVec,
+    config_reloads: IntCounterVec,
+    config_last_success: prometheus::Gauge,
 }
 
 /// Why a metric family could not be registered (a programming error, surfaced at start).
@@ -105,6 +107,22 @@ impl Metrics {
             ),
             &["client", "state"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_config_reloads_total",
+                "Configuration reloads (SIGHUP) by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let config_last_success = prometheus::Gauge::new(
+            "tokenproxy_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load.",
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_last_success.clone()))?;
+        for outcome in ["success", "failure"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(token_refreshes.clone()))?;
         registry.register(Box::new(token_request_duration.clone()))?;
         registry.register(Box::new(token_expiry.clone()))?;
@@ -129,7 +147,21 @@ impl Metrics {
             unauthorized_retries,
             inflight,
             client_state,
+            config_reloads,
+            config_last_success,
         })
+    }
+
+    /// Records that a configuration was loaded and applied (at start or by reload).
+    pub fn config_loaded(&self) {
+        self.config_last_success
+            .set(crate::clock::epoch_seconds(std::time::SystemTime::now()));
+    }
+
+    /// Counts a reload attempt.
+    pub fn config_reload(&self, success: bool) {
+        let outcome = if success { "success" } else { "failure" };
+        self.config_reloads.with_label_values(&[outcome]).inc();
     }
 
     /// Handles for one client, with its children pre-created.

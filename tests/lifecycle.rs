@@ -166,3 +166,114 @@ client_secret = "${{SECRET}}"
         "lifecycle lines are logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_config_and_rejects_a_bad_one_while_serving() {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let (listen, listen2, admin) = (free_port(), free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tokenproxy-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("tokenproxy.toml");
+    let client = |name: &str, port: u16| {
+        format!(
+            "[clients.{name}]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{}\"\n[clients.{name}.token]\nurl = \"{}\"\n\
+             client_id = \"demo-client\"\nclient_secret_file = \"secret.txt\"\n",
+            api.url(),
+            provider.token_url()
+        )
+    };
+    std::fs::write(dir.join("secret.txt"), "demo-secret\n").expect("secret file");
+    let head = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    std::fs::write(&config, format!("{head}{}", client("one", listen))).expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tokenproxy");
+    let sidecar = Sidecar(child);
+    let pid = sidecar.0.id();
+    let http = TestClient::new();
+    let ok = |port: u16| format!("http://127.0.0.1:{port}/api/v1/payments");
+    let up = support::eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+    })
+    .await;
+    assert!(up);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while http.get(&ok(listen)).await.status != StatusCode::OK {
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A good change: a second client on a second port.
+    std::fs::write(
+        &config,
+        format!("{head}{}{}", client("one", listen), client("two", listen2)),
+    )
+    .expect("config");
+    signal(pid, "HUP");
+    let added = support::eventually(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", listen2)).is_ok()
+    })
+    .await;
+    assert!(added, "the new listener comes up after SIGHUP");
+    assert_eq!(http.get(&ok(listen2)).await.status, StatusCode::OK);
+
+    // A bad change: rejected, logged, counted; the old configuration keeps serving.
+    std::fs::write(
+        &config,
+        format!(
+            "{head}{}\n[clients.three]\nlisten = \"nowhere\"\n",
+            client("one", listen)
+        ),
+    )
+    .expect("config");
+    signal(pid, "HUP");
+    let metrics_url = format!("http://127.0.0.1:{admin}/metrics");
+    let mut failures = None;
+    for _ in 0..100 {
+        let text = http.get(&metrics_url).await.text();
+        failures = support::metric(
+            &text,
+            "tokenproxy_config_reloads_total",
+            &[("outcome", "failure")],
+        );
+        if failures == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(failures, Some(1.0), "the bad reload is counted");
+    let text = http.get(&metrics_url).await.text();
+    assert_eq!(
+        support::metric(
+            &text,
+            "tokenproxy_config_reloads_total",
+            &[("outcome", "success")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        http.get(&ok(listen)).await.status,
+        StatusCode::OK,
+        "still serving"
+    );
+    assert_eq!(
+        http.get(&ok(listen2)).await.status,
+        StatusCode::OK,
+        "the last good config stays"
+    );
+    assert_eq!(
+        provider.token_requests(),
+        2,
+        "no client was renewed by the reloads"
+    );
+    drop(sidecar);
+    let _ = std::fs::remove_dir_all(&dir);
+}

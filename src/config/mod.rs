@@ -170,7 +170,7 @@ pub enum StoreConfig {
 }
 
 /// `[clients.NAME]`: one OAuth client, one route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// The table name, `[A-Za-z0-9_-]+`; used as the `client` metric label.
     pub name: String,
@@ -213,7 +213,7 @@ impl UpstreamUrl {
 }
 
 /// `[clients.NAME.token]`: how to obtain and refresh tokens.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenConfig {
     /// The token endpoint, an absolute http(s) URL.
     pub url: Uri,
@@ -247,7 +247,7 @@ pub struct TokenConfig {
 }
 
 /// `token.grant`, with the credentials the grant needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
     /// `client_credentials`: the client's own credentials.
     ClientCredentials,

@@ -1,0 +1,447 @@
+//! The running sidecar: builds clients and listeners from a validated config,
+//! reloads them in place, and drains on shutdown.
+//!
+//! Each listener serves from a routing table in an `ArcSwap`, so a reload swaps
+//! tables without touching open connections. A client whose configuration is
+//! unchanged keeps its refresher, and so its token; a changed one gets a new
+//! refresher (a new token); listeners come and go with the clients that use them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn, Instrument};
+
+use crate::admin::Admin;
+use crate::clock::SharedClock;
+use crate::config::{ClientConfig, Config};
+use crate::metrics::{self, Metrics};
+use crate::proxy::route::{ListenerRoutes, Route};
+use crate::proxy::upstream::{build_client, HttpClient, UpstreamError};
+use crate::proxy::{self, ClientRuntime};
+use crate::server;
+use crate::token::{Refresher, TokenEndpoint, TokenHandle};
+
+/// Why the sidecar could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No listener was supplied for a configured address.
+    #[error("no listener was bound for {0}")]
+    MissingListener(SocketAddr),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] metrics::MetricsError),
+}
+
+/// Pre-bound sockets: the admin listener and one per distinct client `listen`.
+pub struct Listeners {
+    /// The admin listener.
+    pub admin: TcpListener,
+    /// Proxy listeners keyed by their configured address.
+    pub proxies: BTreeMap<SocketAddr, TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every address in `config`.
+    pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let admin = bind(config.admin.listen).await?;
+        let mut proxies = BTreeMap::new();
+        for client in &config.clients {
+            if let std::collections::btree_map::Entry::Vacant(slot) = proxies.entry(client.listen) {
+                slot.insert(bind(client.listen).await?);
+            }
+        }
+        Ok(Listeners { admin, proxies })
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+struct ClientEntry {
+    config: ClientConfig,
+    runtime: Arc<ClientRuntime>,
+    refresher: JoinHandle<()>,
+}
+
+struct ListenerEntry {
+    bound: SocketAddr,
+    table: Arc<ArcSwap<ListenerRoutes>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Clients added.
+    pub added: Vec<String>,
+    /// Clients whose configuration changed (they get a new token).
+    pub changed: Vec<String>,
+    /// Clients removed.
+    pub removed: Vec<String>,
+    /// Clients kept as they were (tokens kept).
+    pub unchanged: Vec<String>,
+    /// Settings that only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// A running sidecar. Dropping it aborts every task; [`Running::shutdown`] drains.
+pub struct Running {
+    config: Config,
+    clients: BTreeMap<String, ClientEntry>,
+    listeners: BTreeMap<SocketAddr, ListenerEntry>,
+    admin: Arc<Admin>,
+    admin_addr: SocketAddr,
+    admin_stop: watch::Sender<bool>,
+    admin_task: Option<JoinHandle<()>>,
+    retired: Vec<JoinHandle<()>>,
+    metrics: Metrics,
+    http: HttpClient,
+    endpoint: TokenEndpoint,
+    clock: SharedClock,
+    draining: Arc<AtomicBool>,
+}
+
+/// Starts the refreshers and serves every listener.
+pub fn start(
+    config: Config,
+    mut listeners: Listeners,
+    clock: SharedClock,
+) -> Result<Running, StartError> {
+    let metrics = Metrics::new()?;
+    let http: HttpClient = build_client()?;
+    let endpoint = TokenEndpoint::new(http.clone(), clock.clone());
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin = Arc::new(Admin::new(
+        Vec::new(),
+        metrics.clone(),
+        Arc::clone(&draining),
+    ));
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let admin_for_task = Arc::clone(&admin);
+    let admin_task = tokio::spawn(server::serve(
+        "admin",
+        listeners.admin,
+        config.limits.clone(),
+        admin_stop_rx,
+        move |req| Arc::clone(&admin_for_task).handle(req),
+    ));
+    info!(addr = %admin_addr, "admin listening");
+
+    let mut running = Running {
+        config: config.clone(),
+        clients: BTreeMap::new(),
+        listeners: BTreeMap::new(),
+        admin,
+        admin_addr,
+        admin_stop,
+        admin_task: Some(admin_task),
+        retired: Vec::new(),
+        metrics,
+        http,
+        endpoint,
+        clock,
+        draining,
+    };
+    for client in &config.clients {
+        running.add_client(client);
+    }
+    let mut wanted: BTreeMap<SocketAddr, TcpListener> = BTreeMap::new();
+    for addr in running.wanted_listeners(&config) {
+        let listener = listeners
+            .proxies
+            .remove(&addr)
+            .ok_or(StartError::MissingListener(addr))?;
+        wanted.insert(addr, listener);
+    }
+    for (addr, listener) in wanted {
+        running.add_listener(addr, listener)?;
+    }
+    running.publish_tables();
+    running.metrics.config_loaded();
+    Ok(running)
+}
+
+impl Running {
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The bound address of the listener configured as `configured`.
+    pub fn proxy_addr(&self, configured: SocketAddr) -> Option<SocketAddr> {
+        self.listeners.get(&configured).map(|l| l.bound)
+    }
+
+    /// The token handle of `client`.
+    pub fn token(&self, client: &str) -> Option<&TokenHandle> {
+        self.clients.get(client).map(|c| &c.runtime.token)
+    }
+
+    /// The metric families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Applies a new configuration: unchanged clients keep their tokens, changed
+    /// ones get a new token, listeners are added and removed. New listeners are
+    /// bound first; if one cannot be bound nothing changes.
+    pub async fn reload(&mut self, new: Config) -> Result<ReloadSummary, StartError> {
+        let mut summary = ReloadSummary::default();
+        if new.admin != self.config.admin {
+            summary.needs_restart.push("admin.listen");
+        }
+        if new.limits != self.config.limits {
+            summary.needs_restart.push("limits");
+        }
+        if new.log != self.config.log {
+            summary.needs_restart.push("log");
+        }
+        let mut fresh = BTreeMap::new();
+        for addr in self.wanted_listeners(&new) {
+            if !self.listeners.contains_key(&addr) {
+                fresh.insert(addr, bind(addr).await?);
+            }
+        }
+
+        let new_names: Vec<&str> = new.clients.iter().map(|c| c.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .clients
+            .keys()
+            .filter(|name| !new_names.contains(&name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(entry) = self.clients.remove(&name) {
+                entry.refresher.abort();
+            }
+            summary.removed.push(name);
+        }
+        for client in &new.clients {
+            match self.clients.get(&client.name) {
+                Some(entry) if entry.config == *client => {
+                    summary.unchanged.push(client.name.clone())
+                }
+                Some(_) => {
+                    if let Some(old) = self.clients.remove(&client.name) {
+                        old.refresher.abort();
+                    }
+                    self.add_client(client);
+                    summary.changed.push(client.name.clone());
+                }
+                None => {
+                    self.add_client(client);
+                    summary.added.push(client.name.clone());
+                }
+            }
+        }
+
+        let limits_for_new = self.config.limits.clone();
+        for (addr, listener) in fresh {
+            self.add_listener_with(addr, listener, &limits_for_new)?;
+        }
+        let wanted = self.wanted_listeners(&new);
+        let unused: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .filter(|addr| !wanted.contains(addr))
+            .copied()
+            .collect();
+        for addr in unused {
+            if let Some(entry) = self.listeners.remove(&addr) {
+                info!(addr = %entry.bound, "proxy listener removed; draining it");
+                let _receivers_gone = entry.stop.send(true);
+                self.retired.push(entry.task);
+            }
+        }
+        // Keep admin, limits and log as they are: they need a restart.
+        let kept = (
+            self.config.admin.clone(),
+            self.config.limits.clone(),
+            self.config.log.clone(),
+        );
+        self.config = Config {
+            admin: kept.0,
+            limits: kept.1,
+            log: kept.2,
+            ..new
+        };
+        self.publish_tables();
+        self.metrics.config_loaded();
+        Ok(summary)
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`,
+    /// then stops every task. `/readyz` answers 503 from the start of the drain
+    /// until the admin listener closes last.
+    pub async fn shutdown(mut self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let grace = self.config.limits.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut tasks: Vec<JoinHandle<()>> = std::mem::take(&mut self.retired);
+        for (_, entry) in std::mem::take(&mut self.listeners) {
+            let _receivers_gone = entry.stop.send(true);
+            tasks.push(entry.task);
+        }
+        for task in tasks {
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "listener task ended abnormally"),
+                Err(_elapsed) => {
+                    warn!(
+                        grace_s = grace.as_secs(),
+                        "shutdown grace elapsed with requests still in flight"
+                    );
+                    break;
+                }
+            }
+        }
+        let _receivers_gone = self.admin_stop.send(true);
+        if let Some(task) = self.admin_task.take() {
+            if tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                warn!("admin listener did not close within 1 s");
+            }
+        }
+        info!("stopped");
+    }
+
+    fn add_client(&mut self, client: &ClientConfig) {
+        let client_metrics = self.metrics.client(&client.name);
+        let (handle, refresher) = Refresher::new(
+            client,
+            self.endpoint.clone(),
+            client_metrics.clone(),
+            self.clock.clone(),
+        );
+        let span = tracing::info_span!("refresher", client = %client.name);
+        let task = tokio::spawn(refresher.run().instrument(span));
+        let runtime = Arc::new(ClientRuntime::new(client, handle, client_metrics));
+        self.clients.insert(
+            client.name.clone(),
+            ClientEntry {
+                config: client.clone(),
+                runtime,
+                refresher: task,
+            },
+        );
+    }
+
+    fn add_listener(&mut self, addr: SocketAddr, listener: TcpListener) -> Result<(), StartError> {
+        let limits = self.config.limits.clone();
+        self.add_listener_with(addr, listener, &limits)
+    }
+
+    fn add_listener_with(
+        &mut self,
+        addr: SocketAddr,
+        listener: TcpListener,
+        limits: &crate::config::Limits,
+    ) -> Result<(), StartError> {
+        let bound = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let table = Arc::new(ArcSwap::from_pointee(ListenerRoutes::new(
+            bound,
+            Vec::new(),
+        )));
+        let (stop, stop_rx) = watch::channel(false);
+        let http = self.http.clone();
+        let serving = Arc::clone(&table);
+        let handler = move |req| proxy::handle(req, serving.load_full(), http.clone());
+        let task = tokio::spawn(server::serve(
+            "proxy",
+            listener,
+            limits.clone(),
+            stop_rx,
+            handler,
+        ));
+        info!(addr = %bound, "proxy listening");
+        self.listeners.insert(
+            addr,
+            ListenerEntry {
+                bound,
+                table,
+                stop,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    fn wanted_listeners(&self, config: &Config) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> = config.clients.iter().map(|c| c.listen).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    /// Rebuilds every listener's routing table and the admin's client list.
+    fn publish_tables(&self) {
+        for (addr, entry) in &self.listeners {
+            let routes: Vec<Route> = self
+                .clients
+                .values()
+                .filter(|c| c.config.listen == *addr)
+                .map(|c| (c.config.path_prefix.clone(), Arc::clone(&c.runtime)))
+                .collect();
+            let names: Vec<&str> = routes.iter().map(|(_, c)| c.name.as_str()).collect();
+            info!(addr = %entry.bound, clients = ?names, "routes");
+            entry
+                .table
+                .store(Arc::new(ListenerRoutes::new(entry.bound, routes)));
+        }
+        let handles = self
+            .clients
+            .iter()
+            .map(|(name, c)| (name.clone(), c.runtime.token.clone()))
+            .collect();
+        self.admin.set_clients(handles);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let tasks = self
+            .clients
+            .values()
+            .map(|c| &c.refresher)
+            .chain(self.listeners.values().map(|l| &l.task))
+            .chain(&self.retired)
+            .chain(self.admin_task.as_ref());
+        for task in tasks {
+            task.abort();
+        }
+    }
+}
