@@ -23,7 +23,7 @@ use crate::clock::SharedClock;
 use crate::config::{ClientConfig, Config};
 use crate::metrics::{self, Metrics};
 use crate::proxy::route::{ListenerRoutes, Route};
-use crate::proxy::upstream::{build_client, HttpClient, UpstreamError};
+use crate::proxy::upstream::{Clients, UpstreamError};
 use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::token::{Refresher, TokenEndpoint, TokenHandle};
@@ -118,8 +118,7 @@ pub struct Running {
     admin_task: Option<JoinHandle<()>>,
     retired: Vec<JoinHandle<()>>,
     metrics: Metrics,
-    http: HttpClient,
-    endpoint: TokenEndpoint,
+    http: Clients,
     clock: SharedClock,
     draining: Arc<AtomicBool>,
 }
@@ -131,8 +130,9 @@ pub fn start(
     clock: SharedClock,
 ) -> Result<Running, StartError> {
     let metrics = Metrics::new()?;
-    let http: HttpClient = build_client()?;
-    let endpoint = TokenEndpoint::new(http.clone(), clock.clone());
+    let mut http = Clients::default();
+    // The default client is built up front so that a broken trust store fails the start.
+    http.get(&crate::config::TlsConfig::default())?;
     let draining = Arc::new(AtomicBool::new(false));
     let admin_addr = listeners
         .admin
@@ -168,12 +168,11 @@ pub fn start(
         retired: Vec::new(),
         metrics,
         http,
-        endpoint,
         clock,
         draining,
     };
     for client in &config.clients {
-        running.add_client(client);
+        running.add_client(client)?;
     }
     let mut wanted: BTreeMap<SocketAddr, TcpListener> = BTreeMap::new();
     for addr in running.wanted_listeners(&config) {
@@ -255,11 +254,11 @@ impl Running {
                     if let Some(old) = self.clients.remove(&client.name) {
                         old.refresher.abort();
                     }
-                    self.add_client(client);
+                    self.add_client(client)?;
                     summary.changed.push(client.name.clone());
                 }
                 None => {
-                    self.add_client(client);
+                    self.add_client(client)?;
                     summary.added.push(client.name.clone());
                 }
             }
@@ -337,17 +336,20 @@ impl Running {
         info!("stopped");
     }
 
-    fn add_client(&mut self, client: &ClientConfig) {
+    fn add_client(&mut self, client: &ClientConfig) -> Result<(), StartError> {
+        let upstream_http = self.http.get(&client.tls)?;
+        let endpoint = TokenEndpoint::new(self.http.get(&client.token.tls)?, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
-        let (handle, refresher) = Refresher::new(
-            client,
-            self.endpoint.clone(),
-            client_metrics.clone(),
-            self.clock.clone(),
-        );
+        let (handle, refresher) =
+            Refresher::new(client, endpoint, client_metrics.clone(), self.clock.clone());
         let span = tracing::info_span!("refresher", client = %client.name);
         let task = tokio::spawn(refresher.run().instrument(span));
-        let runtime = Arc::new(ClientRuntime::new(client, handle, client_metrics));
+        let runtime = Arc::new(ClientRuntime::new(
+            client,
+            handle,
+            client_metrics,
+            upstream_http,
+        ));
         self.clients.insert(
             client.name.clone(),
             ClientEntry {
@@ -356,6 +358,7 @@ impl Running {
                 refresher: task,
             },
         );
+        Ok(())
     }
 
     fn add_listener(&mut self, addr: SocketAddr, listener: TcpListener) -> Result<(), StartError> {
@@ -377,9 +380,8 @@ impl Running {
             Vec::new(),
         )));
         let (stop, stop_rx) = watch::channel(false);
-        let http = self.http.clone();
         let serving = Arc::clone(&table);
-        let handler = move |req| proxy::handle(req, serving.load_full(), http.clone());
+        let handler = move |req| proxy::handle(req, serving.load_full());
         let task = tokio::spawn(server::serve(
             "proxy",
             listener,

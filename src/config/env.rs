@@ -156,6 +156,19 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// Reads the (non-secret) file named by `raw_path` at `key`: its resolved path and content.
+    pub(super) fn read(&self, key: &str, raw_path: &str) -> Result<(PathBuf, String), ConfigError> {
+        let path = self.path(&self.string(key, raw_path)?);
+        let content = self.env.read_file(&path).map_err(|e| {
+            ConfigError::new(
+                key,
+                format!("cannot read {}: {}", path.display(), io_text(&e)),
+            )
+            .with_hint("check that the file is mounted and readable by tokenproxy")
+        })?;
+        Ok((path, content))
+    }
+
     fn path(&self, text: &str) -> PathBuf {
         let path = Path::new(text);
         match self.base_dir {

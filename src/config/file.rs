@@ -76,6 +76,7 @@ pub(super) struct RawClient {
     pub(super) unauthorized_status: Option<Vec<Scalar>>,
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,
+    pub(super) tls: Option<super::tls::RawTls>,
 }
 
 /// `[clients.NAME.token]`.
@@ -102,6 +103,7 @@ pub(super) struct RawToken {
     // Sorted by key, so the grant request is the same on every run.
     pub(super) params: Option<BTreeMap<String, String>>,
     pub(super) timeout: Option<Scalar>,
+    pub(super) tls: Option<super::tls::RawTls>,
 }
 
 /// `[clients.NAME.inject]`.

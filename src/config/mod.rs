@@ -10,9 +10,11 @@
 mod env;
 mod error;
 mod file;
+mod tls;
 
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
+pub use tls::{TlsConfig, TlsVersion};
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -28,6 +30,7 @@ use http::{HeaderName, HeaderValue, StatusCode, Uri};
 use crate::secret::Secret;
 use env::Expander;
 use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawStore, RawToken, Scalar};
+use tls::build_tls;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -192,6 +195,8 @@ pub struct ClientConfig {
     pub token: TokenConfig,
     /// `[clients.NAME.inject]`.
     pub inject: InjectConfig,
+    /// `[clients.NAME.tls]`: TLS to the upstream.
+    pub tls: TlsConfig,
 }
 
 /// An upstream `scheme://host[:port][/base-path]`, without query, fragment or userinfo.
@@ -244,6 +249,8 @@ pub struct TokenConfig {
     pub params: Vec<(String, String)>,
     /// Key `timeout` (an extension of PRODUCT.md's schema): limit of one token endpoint call; default 10s.
     pub timeout: Duration,
+    /// `[clients.NAME.token.tls]`: TLS to the token endpoint.
+    pub tls: TlsConfig,
 }
 
 /// `token.grant`, with the credentials the grant needs.
@@ -437,6 +444,8 @@ impl ClientConfig {
         };
         row(out, "token.params", params)?;
         row(out, "token.timeout", dur(t.timeout))?;
+        row(out, "token.tls", t.tls.summary())?;
+        row(out, "tls", self.tls.summary())?;
         let i = &self.inject;
         row(
             out,
@@ -624,6 +633,7 @@ fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientCo
             raw.inject.unwrap_or_default(),
             &Table::new(x, t.key("inject")),
         )?,
+        tls: build_tls(raw.tls, &Table::new(x, t.key("tls")))?,
     })
 }
 
@@ -766,6 +776,7 @@ fn build_token(raw: RawToken, t: &Table<'_>) -> Result<TokenConfig, ConfigError>
         )?,
         params: params(t, raw.params.unwrap_or_default())?,
         timeout: t.duration("timeout", raw.timeout, Duration::from_secs(10))?,
+        tls: build_tls(raw.tls, &Table::new(t.x, t.key("tls")))?,
     })
 }
 

@@ -47,11 +47,17 @@ pub struct ClientRuntime {
     /// The client's token.
     pub token: TokenHandle,
     metrics: ClientMetrics,
+    http: HttpClient,
 }
 
 impl ClientRuntime {
     /// The runtime view of `config`, using `token` and `metrics`.
-    pub fn new(config: &ClientConfig, token: TokenHandle, metrics: ClientMetrics) -> Self {
+    pub fn new(
+        config: &ClientConfig,
+        token: TokenHandle,
+        metrics: ClientMetrics,
+        http: HttpClient,
+    ) -> Self {
         let authority = config.upstream.authority.clone();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("a parsed URI authority is a valid header value");
@@ -68,6 +74,7 @@ impl ClientRuntime {
             unauthorized: config.unauthorized_status.clone(),
             token,
             metrics,
+            http,
         }
     }
 
@@ -80,7 +87,6 @@ impl ClientRuntime {
 pub async fn handle(
     req: Request<Incoming>,
     routes: Arc<ListenerRoutes>,
-    http: HttpClient,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (client, path_and_query) = match routes.route(&req) {
@@ -113,7 +119,7 @@ pub async fn handle(
     let mut exchange = Exchange::default();
     let forwarded = forward(
         &client,
-        &http,
+        &client.http,
         req,
         path_and_query,
         &request_id,

@@ -1,53 +1,82 @@
-//! The one pooled HTTP client for upstream APIs and token endpoints: hyper-util's
+//! Pooled HTTP clients for upstream APIs and token endpoints: hyper-util's
 //! legacy client over a hyper-rustls connector (HTTP/1.1, and HTTP/2 when the
-//! server offers it through ALPN), keep-alive with an idle timeout.
+//! server offers it through ALPN), keep-alive with an idle timeout. One client
+//! per distinct TLS setting, shared by every client that uses it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::Body;
+use crate::config::{TlsConfig, TlsVersion};
 
 /// The shared, pooled client type.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-/// Pooled connections idle for longer than this are closed. Below common server
-/// keep-alive timeouts (nginx 75 s, Node 5 s is lower: hyper retries a request
-/// whose pooled connection was found closed before it was written).
+/// Pooled connections idle for longer than this are closed. hyper retries a
+/// request whose pooled connection was found closed before it was written.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why the client could not be built.
+/// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// Neither the system's nor the bundled root certificates could be loaded.
+    /// No root certificate could be loaded.
     #[error("no TLS root certificates could be loaded")]
     NoRoots,
+    /// A certificate or key could not be used.
+    #[error("tls: {0}")]
+    Pem(String),
     /// rustls refused the configuration.
     #[error("tls configuration: {0}")]
     Tls(#[from] rustls::Error),
 }
 
-/// Builds the pooled client. Trusts the system's roots and Mozilla's bundled roots.
-pub fn build_client() -> Result<HttpClient, UpstreamError> {
+/// Builds a pooled client with the given TLS settings.
+pub fn build_client(tls: &TlsConfig) -> Result<HttpClient, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        tracing::debug!(error = %e, "skipping a system root certificate source");
+    if tls.system_roots {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!(error = %e, "skipping a system root certificate source");
+        }
+        let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
     }
-    let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+    if let Some(pem) = &tls.ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| UpstreamError::Pem(format!("ca_file: {e}")))?;
+            roots.add(cert)?;
+        }
+    }
     if roots.is_empty() {
         return Err(UpstreamError::NoRoots);
     }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots);
+    let config = match (&tls.client_cert_pem, &tls.client_key_pem) {
+        (Some(cert_pem), Some(key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| UpstreamError::Pem(format!("client_cert_file: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes())
+                .map_err(|_| UpstreamError::Pem("client_key_file: no usable private key".into()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
 
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -55,15 +84,40 @@ pub fn build_client() -> Result<HttpClient, UpstreamError> {
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_keepalive(Some(Duration::from_secs(60)));
 
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+    let schemes = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http();
+    let schemes = match &tls.server_name {
+        Some(name) => {
+            let name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| UpstreamError::Pem(format!("server_name: {e}")))?;
+            schemes.with_server_name_resolver(FixedServerNameResolver::new(name))
+        }
+        None => schemes,
+    };
+    let connector = schemes.enable_all_versions().wrap_connector(http);
 
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector))
+}
+
+/// Builds each distinct TLS setting's client once.
+#[derive(Default)]
+pub struct Clients {
+    built: Vec<(TlsConfig, HttpClient)>,
+}
+
+impl Clients {
+    /// The client for `tls`, built on first use.
+    pub fn get(&mut self, tls: &TlsConfig) -> Result<HttpClient, UpstreamError> {
+        if let Some((_, client)) = self.built.iter().find(|(t, _)| t == tls) {
+            return Ok(client.clone());
+        }
+        let client = build_client(tls)?;
+        self.built.push((tls.clone(), client.clone()));
+        Ok(client)
+    }
 }

@@ -1,0 +1,251 @@
+//! `[clients.NAME.tls]` and `[clients.NAME.token.tls]`: how to trust and
+//! authenticate to an upstream or token endpoint over TLS.
+//!
+//! PEM files are read (through the injected lookup) and checked when the
+//! config is loaded, so `check` catches a bad bundle and a reload picks up a
+//! rotated certificate.
+
+use std::path::PathBuf;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use super::{ConfigError, Table};
+use crate::secret::Secret;
+
+/// The raw `tls` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca_file: Option<String>,
+    pub(super) system_roots: Option<bool>,
+    pub(super) client_cert_file: Option<String>,
+    pub(super) client_key_file: Option<String>,
+    pub(super) server_name: Option<String>,
+    pub(super) min_version: Option<String>,
+}
+
+/// Lowest TLS version accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[default]
+    V1_2,
+    /// TLS 1.3 only.
+    V1_3,
+}
+
+/// Validated TLS settings; the default trusts the system's and Mozilla's roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Extra trusted CA certificates (PEM), from `ca_file`.
+    pub ca_pem: Option<String>,
+    /// Where `ca_pem` came from, for display.
+    pub ca_file: Option<PathBuf>,
+    /// Whether the system's and Mozilla's roots are trusted too (default true).
+    pub system_roots: bool,
+    /// Client certificate chain (PEM) for mutual TLS, from `client_cert_file`.
+    pub client_cert_pem: Option<String>,
+    /// Its private key (PEM), from `client_key_file`.
+    pub client_key_pem: Option<Secret>,
+    /// Name to send in SNI and to verify the server certificate against, instead of the URL's host.
+    pub server_name: Option<String>,
+    /// Lowest TLS version accepted (default 1.2).
+    pub min_version: TlsVersion,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_pem: None,
+            ca_file: None,
+            system_roots: true,
+            client_cert_pem: None,
+            client_key_pem: None,
+            server_name: None,
+            min_version: TlsVersion::V1_2,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether anything differs from the default.
+    pub fn is_default(&self) -> bool {
+        *self == TlsConfig::default()
+    }
+
+    /// One line for `check`; never the key.
+    pub fn summary(&self) -> String {
+        if self.is_default() {
+            return "system + bundled roots".to_owned();
+        }
+        let mut parts = Vec::new();
+        if let Some(f) = &self.ca_file {
+            parts.push(format!("ca_file {}", f.display()));
+        }
+        if !self.system_roots {
+            parts.push("no system roots".to_owned());
+        }
+        if self.client_cert_pem.is_some() {
+            parts.push("client certificate [key redacted]".to_owned());
+        }
+        if let Some(n) = &self.server_name {
+            parts.push(format!("server_name {n}"));
+        }
+        if self.min_version == TlsVersion::V1_3 {
+            parts.push("min TLS 1.3".to_owned());
+        }
+        parts.join(", ")
+    }
+}
+
+pub(super) fn build_tls(raw: Option<RawTls>, t: &Table<'_>) -> Result<TlsConfig, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(TlsConfig::default());
+    };
+    let mut tls = TlsConfig::default();
+    if let Some(path) = raw.ca_file {
+        let (path, pem) = t.x.read(&t.key("ca_file"), &path)?;
+        let count = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .filter(|c| c.is_ok())
+            .count();
+        if count == 0 {
+            return Err(t
+                .err(
+                    "ca_file",
+                    format!("{} holds no PEM certificate", path.display()),
+                )
+                .with_hint("use a PEM bundle with -----BEGIN CERTIFICATE----- blocks"));
+        }
+        tls.ca_pem = Some(pem);
+        tls.ca_file = Some(path);
+    }
+    tls.system_roots = raw.system_roots.unwrap_or(true);
+    if !tls.system_roots && tls.ca_pem.is_none() {
+        return Err(t
+            .err(
+                "system_roots",
+                "is false but no ca_file is set: nothing would be trusted",
+            )
+            .with_hint("set ca_file, or remove system_roots"));
+    }
+    match (raw.client_cert_file, raw.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let (cert_path, cert_pem) = t.x.read(&t.key("client_cert_file"), &cert)?;
+            if CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .filter(|c| c.is_ok())
+                .count()
+                == 0
+            {
+                return Err(t
+                    .err(
+                        "client_cert_file",
+                        format!("{} holds no PEM certificate", cert_path.display()),
+                    )
+                    .with_hint("use the client certificate (and its chain) in PEM"));
+            }
+            let (key_path, key_pem) = t.x.read(&t.key("client_key_file"), &key)?;
+            if PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).is_err() {
+                return Err(t
+                    .err(
+                        "client_key_file",
+                        format!("{} holds no PEM private key", key_path.display()),
+                    )
+                    .with_hint("use an unencrypted PKCS#8, PKCS#1 or SEC1 key in PEM"));
+            }
+            tls.client_cert_pem = Some(cert_pem);
+            tls.client_key_pem = Some(Secret::new(key_pem));
+        }
+        (Some(_), None) => {
+            return Err(t
+                .err("client_key_file", "is required with client_cert_file")
+                .with_hint("set both for mutual TLS"))
+        }
+        (None, Some(_)) => {
+            return Err(t
+                .err("client_cert_file", "is required with client_key_file")
+                .with_hint("set both for mutual TLS"))
+        }
+        (None, None) => {}
+    }
+    if let Some(name) = raw.server_name {
+        let name = t.string("server_name", &name)?;
+        if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(t
+                .err(
+                    "server_name",
+                    format!("{name:?} is not a DNS name or IP address"),
+                )
+                .with_hint("write it like \"api.pay.example\""));
+        }
+        tls.server_name = Some(name);
+    }
+    tls.min_version = t.choice(
+        "min_version",
+        raw.min_version,
+        Some(TlsVersion::V1_2),
+        &[("1.2", TlsVersion::V1_2), ("1.3", TlsVersion::V1_3)],
+    )?;
+    Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{from_str, MapEnv};
+
+    const BASE: &str = "[clients.c]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://api\"\n\
+        [clients.c.token]\nurl = \"https://auth/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+
+    fn key_of(tls: &str, env: &MapEnv) -> String {
+        match from_str(&format!("{BASE}[clients.c.tls]\n{tls}\n"), None, env) {
+            Ok(_) => panic!("{tls} should be rejected"),
+            Err(e) => {
+                assert!(
+                    !e.to_string().contains("PRIVATE KEY"),
+                    "no key material in errors"
+                );
+                e.key().to_owned()
+            }
+        }
+    }
+
+    #[test]
+    fn tls_errors_name_their_key() {
+        let env = MapEnv::new().file("/x/not-pem.txt", "hello").file(
+            "/x/key.pem",
+            "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n",
+        );
+        assert_eq!(
+            key_of("ca_file = \"/x/missing.pem\"", &env),
+            "clients.c.tls.ca_file"
+        );
+        assert_eq!(
+            key_of("ca_file = \"/x/not-pem.txt\"", &env),
+            "clients.c.tls.ca_file"
+        );
+        assert_eq!(
+            key_of("system_roots = false", &env),
+            "clients.c.tls.system_roots"
+        );
+        assert_eq!(
+            key_of("client_cert_file = \"/x/not-pem.txt\"", &env),
+            "clients.c.tls.client_key_file"
+        );
+        assert_eq!(
+            key_of("server_name = \"not a name\"", &env),
+            "clients.c.tls.server_name"
+        );
+        assert_eq!(
+            key_of("min_version = \"1.1\"", &env),
+            "clients.c.tls.min_version"
+        );
+        assert_eq!(key_of("ca_fil = \"x\"", &env), "clients.c.tls.ca_fil");
+    }
+
+    #[test]
+    fn no_tls_table_means_the_default_trust() {
+        let c = from_str(BASE, None, &MapEnv::new()).expect("valid");
+        assert!(c.clients[0].tls.is_default() && c.clients[0].token.tls.is_default());
+    }
+}
