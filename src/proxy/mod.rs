@@ -21,7 +21,7 @@ use http::{
 };
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 use self::body::{Body, RequestBody};
 use self::route::ListenerRoutes;
@@ -129,7 +129,9 @@ pub async fn handle(
     let response = match forwarded {
         Ok(response) => response,
         Err(e) => {
-            warn!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
+            // The access line below records every failure with its code; the cause goes
+            // to debug so that an outage does not write one warning per request.
+            debug!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
             e.into_response(Some(&client.name))
         }
     };
@@ -148,6 +150,7 @@ pub async fn handle(
         duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
         token_waited = exchange.token_waited,
         replayed = exchange.replayed,
+        error = e_code(&response),
         "request"
     );
     Ok(response)

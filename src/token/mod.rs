@@ -208,16 +208,18 @@ impl TokenHandle {
         // See the comment in `reject`: a full queue already holds a request for work.
         let _ignored = self.shared.commands.try_send(Command::Need);
         loop {
+            // Mark the status as seen *before* reading the cell: the refresher stores
+            // the token first and publishes the status second, so a token stored after
+            // this point also wakes `changed()` below. The other order can miss it and
+            // sleep out the whole timeout with a valid token in the cell.
+            let fail = rx.borrow_and_update().fail_fast();
             if let Some(t) = self.current() {
                 if t.generation > newer_than {
                     return Ok(t);
                 }
             }
-            {
-                let status = rx.borrow_and_update();
-                if let Some(err) = status.fail_fast() {
-                    return Err(err);
-                }
+            if let Some(err) = fail {
+                return Err(err);
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
