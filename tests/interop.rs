@@ -1,0 +1,936 @@
+//! Interop: the real `tokenproxy` binary in front of real OAuth2 servers.
+//!
+//! Each case starts one peer from `../shared/peers` (django-oauth-toolkit `dot` or
+//! panva/oidc-provider `oidc`) with short access token lifetimes, runs the built
+//! binary in front of the peer's protected API, drives concurrent GET and POST
+//! traffic for a little over three token lifetimes, and then checks:
+//!
+//! * every request the app sent succeeded (GET 200, POST 201, the echo shows the
+//!   right client and, for POST, the body that was sent);
+//! * the peer's own log shows about one token request per lifetime, at least one
+//!   renewal, and no token endpoint answer other than 200 (so no refresh token was
+//!   ever used twice).
+//!
+//! The peers need python3 (with venv) and node/npm and install their own
+//! dependencies, so these tests are `#[ignore]`d; `tests/interop.sh` runs them.
+//! The peers directory is `$TOKENPROXY_PEERS`, else `<crate>/../shared/peers`.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+/// Access token lifetime given to the peers (`ACCESS_TOKEN_EXPIRE_SECONDS`).
+const LIFETIME_SECS: u64 = 4;
+/// How long the load runs: a little over three lifetimes.
+const LOAD: Duration = Duration::from_millis(13_250);
+/// Concurrent app workers, each alternating GET and POST.
+const WORKERS: usize = 8;
+/// Longest one app request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the sidecar may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+const API_PATH: &str = "/api/v1/payments";
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+// ------------------------------------------------------------------ the cases
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn dot_client_credentials() {
+    run(Case {
+        name: "dot-cc",
+        peer: Peer::Dot,
+        peer_env: &[],
+        token: Token::new("client_credentials", "sidecar-cc", "sidecar-cc-secret"),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn dot_password_rotating_refresh_token() {
+    run(Case {
+        name: "dot-pw-rotate",
+        peer: Peer::Dot,
+        peer_env: &[("ROTATE_REFRESH_TOKEN", "1")],
+        token: Token::new("password", "sidecar-pw", "sidecar-pw-secret").user(),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: true,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn dot_password_refresh_token_not_rotated() {
+    run(Case {
+        name: "dot-pw-norotate",
+        peer: Peer::Dot,
+        peer_env: &[("ROTATE_REFRESH_TOKEN", "0")],
+        token: Token::new("password", "sidecar-pw", "sidecar-pw-secret").user(),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: true,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn dot_password_special_secret_basic_auth() {
+    run(Case {
+        name: "dot-pw-special",
+        peer: Peer::Dot,
+        peer_env: &[],
+        token: Token::new("password", "sidecar-pw-special", "Sp3c+al:secret/&=%").user(),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: true,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_credentials_opaque() {
+    run(Case {
+        name: "oidc-cc-opaque",
+        peer: Peer::Oidc,
+        peer_env: &[("OIDC_ACCESS_TOKEN_FORMAT", "opaque")],
+        token: Token::new("client_credentials", "sidecar-cc", "sidecar-cc-secret"),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_credentials_jwt() {
+    run(Case {
+        name: "oidc-cc-jwt",
+        peer: Peer::Oidc,
+        peer_env: &[("OIDC_ACCESS_TOKEN_FORMAT", "jwt")],
+        token: Token::new("client_credentials", "sidecar-cc", "sidecar-cc-secret"),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_credentials_special_secret_basic_auth() {
+    run(Case {
+        name: "oidc-cc-special",
+        peer: Peer::Oidc,
+        peer_env: &[],
+        token: Token::new(
+            "client_credentials",
+            "sidecar-cc-special",
+            "Sp3c+al:secret/&=%",
+        ),
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_refresh_token_grant_rotating() {
+    run(Case {
+        name: "oidc-rt-rotate",
+        peer: Peer::Oidc,
+        peer_env: &[("ROTATE_REFRESH_TOKEN", "1")],
+        token: Token::new("refresh_token", "sidecar-code", "sidecar-code-secret"),
+        bootstrap_refresh_token: true,
+        expect_refresh_grant: true,
+    });
+}
+
+// ------------------------------------------------------------------ case model
+
+struct Case {
+    name: &'static str,
+    peer: Peer,
+    /// Extra environment for the peer's start script.
+    peer_env: &'static [(&'static str, &'static str)],
+    token: Token,
+    /// Get a refresh token with `oidc/get-refresh-token.sh` and configure it.
+    bootstrap_refresh_token: bool,
+    /// The sidecar's metrics must show successful refresh_token grants.
+    expect_refresh_grant: bool,
+}
+
+struct Token {
+    grant: &'static str,
+    client_id: &'static str,
+    client_secret: &'static str,
+    password_user: bool,
+}
+
+impl Token {
+    fn new(grant: &'static str, client_id: &'static str, client_secret: &'static str) -> Self {
+        Token {
+            grant,
+            client_id,
+            client_secret,
+            password_user: false,
+        }
+    }
+
+    /// The password grant's resource owner (alice).
+    fn user(mut self) -> Self {
+        self.password_user = true;
+        self
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Dot,
+    Oidc,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Dot => "dot",
+            Peer::Oidc => "oidc",
+        }
+    }
+
+    fn token_path(self) -> &'static str {
+        match self {
+            Peer::Dot => "/o/token/",
+            Peer::Oidc => "/token",
+        }
+    }
+
+    fn log_key(self) -> &'static str {
+        match self {
+            Peer::Dot => "DOT_LOG",
+            Peer::Oidc => "OIDC_LOG",
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the run
+
+fn run(case: Case) {
+    let peers = peers_dir();
+    let mut summary = SummaryGuard {
+        name: case.name,
+        printed: false,
+    };
+    let workdir = WorkDir::new(case.name);
+
+    // 1. the peer
+    let peer_port = free_port();
+    let mut peer = PeerGuard {
+        peers: peers.clone(),
+        peer: case.peer,
+        port: peer_port,
+        log: None,
+    };
+    eprintln!(
+        "[{}] starting {} on 127.0.0.1:{peer_port} (access tokens live {LIFETIME_SECS} s)",
+        case.name,
+        case.peer.name()
+    );
+    let out = Command::new(peers.join(format!("start-{}.sh", case.peer.name())))
+        .arg(peer_port.to_string())
+        .env("ACCESS_TOKEN_EXPIRE_SECONDS", LIFETIME_SECS.to_string())
+        .envs(case.peer_env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("the peer's start script runs");
+    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "[{}] start-{}.sh {peer_port} failed ({}):\n{info}",
+        case.name,
+        case.peer.name(),
+        out.status
+    );
+    let log = info
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{}=", case.peer.log_key())))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("start script printed no {}=:\n{info}", case.peer.log_key()));
+    peer.log = Some(log.clone());
+
+    // 2. a bootstrap refresh token (oidc authorization_code flow), kept out of every file
+    let mut child_env: Vec<(&str, String)> = vec![
+        ("PEER_SECRET", case.token.client_secret.to_owned()),
+        ("PEER_PASSWORD", "alice-password-1".to_owned()),
+    ];
+    if case.bootstrap_refresh_token {
+        child_env.push(("BOOTSTRAP_RT", bootstrap_refresh_token(&peers, peer_port)));
+    }
+
+    // 3. the sidecar; only token calls made from here on count
+    let log_offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let admin_port = free_port();
+    let listen_port = free_port();
+    let config = sidecar_config(&case, peer_port, admin_port, listen_port);
+    let config_path = workdir.path.join("tokenproxy.toml");
+    fs::write(&config_path, config).expect("config written");
+    let stderr_path = workdir.path.join("tokenproxy.stderr");
+    let stderr_file = File::create(&stderr_path).expect("stderr file");
+    let stdout_file = stderr_file.try_clone().expect("stderr file clone");
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .env_remove("TOKENPROXY_CONFIG")
+        .envs(child_env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(stdout_file)
+        .stderr(stderr_file)
+        .spawn()
+        .expect("tokenproxy starts");
+    let started = Instant::now();
+    let mut sidecar = SidecarGuard {
+        child: Some(child),
+        stderr: stderr_path,
+        name: case.name,
+    };
+
+    // 4. ready, load, counters
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (stats, metrics, health) = runtime.block_on(async {
+        let http: HttpClient = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .build_http();
+        wait_ready(&http, admin_port, &mut sidecar).await;
+        eprintln!(
+            "[{}] sidecar ready after {:.2} s; {WORKERS} workers for {:.2} s",
+            case.name,
+            started.elapsed().as_secs_f64(),
+            LOAD.as_secs_f64()
+        );
+        let stats = drive_load(&http, listen_port, case.token.client_id).await;
+        let metrics = get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
+        let health = get_text(&http, &format!("http://127.0.0.1:{peer_port}/healthz")).await;
+        (stats, metrics, health)
+    });
+    drop(runtime);
+
+    // 5. stop the sidecar (SIGTERM), then read what the peer saw
+    let exit = sidecar.stop();
+    let elapsed = started.elapsed();
+    let seen = read_from(&log, log_offset);
+    let calls = count_token_calls(case.peer, &seen);
+
+    // 6. report
+    let lifetimes = elapsed.as_secs_f64() / LIFETIME_SECS as f64;
+    let limit = lifetimes.ceil() as usize + 2;
+    let requests = stats.sent.load(Ordering::Relaxed);
+    let failures = stats.failed.load(Ordering::Relaxed);
+    let refresh_grants = metric_sum(
+        &metrics,
+        "tokenproxy_token_refreshes_total",
+        &[("grant", "refresh_token"), ("outcome", "success")],
+    );
+    let unauthorized_recovered = metric_sum(
+        &metrics,
+        "tokenproxy_unauthorized_retries_total",
+        &[("outcome", "recovered")],
+    );
+    eprintln!(
+        "[{}] requests sent {requests} (GET {}, POST {}), failures {failures}, slowest {:.1} ms",
+        case.name,
+        stats.gets.load(Ordering::Relaxed),
+        stats.posts.load(Ordering::Relaxed),
+        stats.max_micros.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    for sample in stats.samples.lock().expect("samples").iter() {
+        eprintln!("[{}]   failure: {sample}", case.name);
+    }
+    eprintln!(
+        "[{}] token requests in the peer log: {} ({} answered 200; limit {limit} for {lifetimes:.2} lifetimes); API 401s absorbed by the sidecar: {}",
+        case.name, calls.total, calls.ok, calls.api_unauthorized
+    );
+    for bad in &calls.bad {
+        eprintln!("[{}]   token endpoint problem: {bad}", case.name);
+    }
+    eprintln!("[{}] peer /healthz: {}", case.name, health.trim());
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("tokenproxy_token_refreshes_total")
+            || l.starts_with("tokenproxy_unauthorized_retries_total")
+            || l.starts_with("tokenproxy_token_wait_seconds_sum")
+            || l.starts_with("tokenproxy_requests_total")
+    }) {
+        eprintln!("[{}]   {line}", case.name);
+    }
+    eprintln!(
+        "[{}] sidecar ran {:.2} s; exit on SIGTERM: {}",
+        case.name,
+        elapsed.as_secs_f64(),
+        exit.map_or_else(
+            || "killed (no exit within 10 s)".to_owned(),
+            |s| s.to_string()
+        )
+    );
+
+    let mut problems = Vec::new();
+    if requests == 0 {
+        problems.push("no request was sent".to_owned());
+    }
+    if failures > 0 {
+        problems.push(format!("{failures} of {requests} app requests failed"));
+    }
+    if calls.total > limit {
+        problems.push(format!(
+            "{} token requests in {lifetimes:.2} lifetimes (limit {limit})",
+            calls.total
+        ));
+    }
+    if calls.total < 2 {
+        problems.push(format!(
+            "{} token request(s): the token was never renewed",
+            calls.total
+        ));
+    }
+    if !calls.bad.is_empty() {
+        problems.push(format!(
+            "{} token endpoint answer(s) other than 200 (refresh token reuse or a rejected credential)",
+            calls.bad.len()
+        ));
+    }
+    if case.expect_refresh_grant && refresh_grants < 1.0 {
+        problems.push("the refresh_token grant was never used successfully".to_owned());
+    }
+    let verdict = if problems.is_empty() { "PASS" } else { "FAIL" };
+    eprintln!(
+        "INTEROP | {:<16} | {:>8} | {:>8} | {:>6} / {:<5} | {:>8} | {:>9} | {:>6.1} s | {verdict}",
+        case.name,
+        requests,
+        failures,
+        calls.total,
+        limit,
+        refresh_grants as u64,
+        unauthorized_recovered as u64,
+        elapsed.as_secs_f64(),
+    );
+    summary.printed = true;
+    if !problems.is_empty() {
+        sidecar.print_tail();
+        panic!("[{}] {}", case.name, problems.join("; "));
+    }
+    drop(sidecar);
+    drop(peer);
+    workdir.remove();
+}
+
+fn sidecar_config(case: &Case, peer_port: u16, admin_port: u16, listen_port: u16) -> String {
+    let mut text = format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[log]
+level = "info"
+
+[clients.peer]
+listen = "127.0.0.1:{listen_port}"
+upstream = "http://127.0.0.1:{peer_port}"
+
+[clients.peer.token]
+url = "http://127.0.0.1:{peer_port}{token_path}"
+grant = "{grant}"
+client_id = "{client_id}"
+client_secret = "${{PEER_SECRET}}"
+"#,
+        token_path = case.peer.token_path(),
+        grant = case.token.grant,
+        client_id = case.token.client_id,
+    );
+    if case.token.password_user {
+        text.push_str("username = \"alice\"\npassword = \"${PEER_PASSWORD}\"\n");
+    }
+    if case.bootstrap_refresh_token {
+        text.push_str("refresh_token = \"${BOOTSTRAP_RT}\"\n");
+    }
+    text
+}
+
+fn bootstrap_refresh_token(peers: &Path, port: u16) -> String {
+    let out = Command::new(peers.join("oidc/get-refresh-token.sh"))
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("get-refresh-token.sh runs");
+    assert!(
+        out.status.success(),
+        "get-refresh-token.sh {port} failed ({})",
+        out.status
+    );
+    let response: Value =
+        serde_json::from_slice(&out.stdout).expect("get-refresh-token.sh prints JSON");
+    response["refresh_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .expect("the token response has a refresh_token")
+        .to_owned()
+}
+
+// ------------------------------------------------------------------ load
+
+#[derive(Default)]
+struct Stats {
+    sent: AtomicU64,
+    failed: AtomicU64,
+    gets: AtomicU64,
+    posts: AtomicU64,
+    max_micros: AtomicU64,
+    samples: Mutex<Vec<String>>,
+}
+
+impl Stats {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self.samples.lock().expect("samples");
+        if samples.len() < 10 {
+            samples.push(what);
+        }
+    }
+}
+
+async fn drive_load(http: &HttpClient, listen_port: u16, client_id: &'static str) -> Stats {
+    let stats = Arc::new(Stats::default());
+    let deadline = Instant::now() + LOAD;
+    let url = format!("http://127.0.0.1:{listen_port}{API_PATH}");
+    let mut tasks = Vec::new();
+    for worker in 0..WORKERS {
+        let (http, stats, url) = (http.clone(), Arc::clone(&stats), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                seq += 1;
+                one_request(&http, &url, client_id, worker, seq, &stats).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("load worker");
+    }
+    Arc::try_unwrap(stats).unwrap_or_else(|_| panic!("workers are done"))
+}
+
+async fn one_request(
+    http: &HttpClient,
+    url: &str,
+    client_id: &str,
+    worker: usize,
+    seq: u64,
+    stats: &Stats,
+) {
+    let post = (seq + worker as u64) % 2 == 0;
+    let sent_json =
+        json!({"amount": seq, "currency": "EUR", "reference": format!("w{worker}-{seq}")});
+    let (method, body, want) = if post {
+        stats.posts.fetch_add(1, Ordering::Relaxed);
+        (Method::POST, sent_json.to_string(), StatusCode::CREATED)
+    } else {
+        stats.gets.fetch_add(1, Ordering::Relaxed);
+        (Method::GET, String::new(), StatusCode::OK)
+    };
+    let mut builder = Request::builder().method(method.clone()).uri(url);
+    if post {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body)))
+        .expect("request builds");
+    stats.sent.fetch_add(1, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let response = http.request(request).await.map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((parts, body))
+    })
+    .await;
+    let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+    stats.max_micros.fetch_max(micros, Ordering::Relaxed);
+    let (parts, body) = match answer {
+        Err(_) => return stats.fail(format!("{method} timed out after {REQUEST_TIMEOUT:?}")),
+        Ok(Err(e)) => return stats.fail(format!("{method} transport error: {e}")),
+        Ok(Ok(reply)) => reply,
+    };
+    let text = String::from_utf8_lossy(&body);
+    let short: String = text.chars().take(200).collect();
+    if let Some(code) = parts.headers.get("x-tokenproxy-error") {
+        return stats.fail(format!(
+            "{method} -> {} x-tokenproxy-error: {code:?} {short}",
+            parts.status
+        ));
+    }
+    if parts.status != want {
+        return stats.fail(format!(
+            "{method} -> {} (want {want}): {short}",
+            parts.status
+        ));
+    }
+    let echo: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return stats.fail(format!("{method} -> {}: not JSON ({e})", parts.status)),
+    };
+    if echo["client_id"] != client_id {
+        return stats.fail(format!(
+            "{method}: the API saw client {} (want {client_id})",
+            echo["client_id"]
+        ));
+    }
+    if post && echo["json"] != sent_json {
+        stats.fail(format!(
+            "POST: the API saw body {} (sent {sent_json})",
+            echo["json"]
+        ));
+    }
+}
+
+async fn wait_ready(http: &HttpClient, admin_port: u16, sidecar: &mut SidecarGuard) {
+    let url = format!("http://127.0.0.1:{admin_port}/readyz");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last = String::from("no answer");
+    loop {
+        // (the guard prints tokenproxy's stderr when this panics)
+        if let Some(status) = sidecar.exited() {
+            panic!(
+                "[{}] tokenproxy exited before it was ready: {status}",
+                sidecar.name
+            );
+        }
+        let request = Request::get(&url)
+            .body(Full::new(Bytes::new()))
+            .expect("request builds");
+        if let Ok(Ok(response)) =
+            tokio::time::timeout(Duration::from_secs(2), http.request(request)).await
+        {
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            if status == StatusCode::OK {
+                return;
+            }
+            last = format!("{status} {}", String::from_utf8_lossy(&body));
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "[{}] tokenproxy not ready within {READY_TIMEOUT:?}; last /readyz: {last}",
+                sidecar.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_text(http: &HttpClient, url: &str) -> String {
+    let request = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request builds");
+    match tokio::time::timeout(Duration::from_secs(5), http.request(request)).await {
+        Ok(Ok(response)) => match response.into_body().collect().await {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            Err(e) => format!("(body error: {e})"),
+        },
+        Ok(Err(e)) => format!("(request error: {e})"),
+        Err(_) => "(timed out)".to_owned(),
+    }
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels`.
+fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(series, value)| {
+            let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
+            let matches = metric == name
+                && labels.iter().all(|(k, v)| {
+                    label_text
+                        .trim_end_matches('}')
+                        .split(',')
+                        .any(|pair| pair == format!("{k}=\"{v}\""))
+                });
+            if matches {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
+}
+
+// ------------------------------------------------------------------ peer logs
+
+#[derive(Default)]
+struct TokenCalls {
+    total: usize,
+    ok: usize,
+    /// Every token endpoint answer other than 200 (and oidc grant revocations).
+    bad: Vec<String>,
+    api_unauthorized: usize,
+}
+
+/// Counts token endpoint calls in a peer's server log.
+///
+/// dot (gunicorn access log):
+/// `127.0.0.1 - sidecar-cc [22/Nov/2026:03:55:48 +0000] "POST /o/token/ HTTP/1.1" 200 123 "-" "ua"`
+///
+/// oidc (its own event log, one line per token endpoint outcome and per API call):
+/// `2026-11-22T03:55:56.523Z token issued client_credentials client sidecar-cc`
+/// `2026-11-22T03:55:56.574Z token error client_credentials invalid_client client authentication failed`
+/// `2026-11-22T03:55:56.600Z grant revoked <id>`
+/// `2026-11-22T03:56:33.370Z api GET /api/v1/payments 401 no token`
+fn count_token_calls(peer: Peer, log: &str) -> TokenCalls {
+    let mut calls = TokenCalls::default();
+    for line in log.lines() {
+        match peer {
+            Peer::Dot => {
+                let Some((request, after)) = access_log_request(line) else {
+                    continue;
+                };
+                let status = after.split_whitespace().next().unwrap_or("");
+                if request.starts_with("POST /o/token/ ") {
+                    calls.total += 1;
+                    if status == "200" {
+                        calls.ok += 1;
+                    } else {
+                        calls.bad.push(line.to_owned());
+                    }
+                } else if request.contains(" /api/") && status == "401" {
+                    calls.api_unauthorized += 1;
+                }
+            }
+            Peer::Oidc => {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.get(1..3) {
+                    Some(["token", "issued"]) => {
+                        calls.total += 1;
+                        calls.ok += 1;
+                    }
+                    Some(["token", "error"]) => {
+                        calls.total += 1;
+                        calls.bad.push(line.to_owned());
+                    }
+                    Some(["grant", "revoked"]) => calls.bad.push(line.to_owned()),
+                    Some(["provider", "server_error"]) => calls.bad.push(line.to_owned()),
+                    _ => {
+                        if words.get(1) == Some(&"api") && words.get(4) == Some(&"401") {
+                            calls.api_unauthorized += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    calls
+}
+
+/// From a gunicorn access log line: the quoted request line and what follows it.
+fn access_log_request(line: &str) -> Option<(&str, &str)> {
+    let start = line.find("] \"")? + 3;
+    let rest = &line[start..];
+    let end = rest.find('"')?;
+    Some((&rest[..end], &rest[end + 1..]))
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        if file.seek(SeekFrom::Start(offset)).is_ok() {
+            let mut bytes = Vec::new();
+            let _ = file.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+    }
+    text
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = read_from(path, 0);
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        let _ = writeln!(out, "    {line}");
+    }
+    out
+}
+
+// ------------------------------------------------------------------ processes
+
+fn peers_dir() -> PathBuf {
+    let dir = std::env::var_os("TOKENPROXY_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers"));
+    if !dir.join("start-dot.sh").is_file() || !dir.join("start-oidc.sh").is_file() {
+        panic!(
+            "OAuth2 peers not found in {} (no start-dot.sh / start-oidc.sh there); \
+             set TOKENPROXY_PEERS to the peers directory, or run tests/interop.sh",
+            dir.display()
+        );
+    }
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Stops the peer started on `port` (only that instance) when dropped.
+struct PeerGuard {
+    peers: PathBuf,
+    peer: Peer,
+    port: u16,
+    log: Option<PathBuf>,
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(log) = &self.log {
+                eprintln!(
+                    "--- last lines of the {} log ({}):\n{}",
+                    self.peer.name(),
+                    log.display(),
+                    tail(log, 25)
+                );
+            }
+        }
+        let status = Command::new(self.peers.join(format!("stop-{}.sh", self.peer.name())))
+            .arg(self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!(
+                "stop-{}.sh {} failed: {status:?}",
+                self.peer.name(),
+                self.port
+            );
+        }
+    }
+}
+
+/// The tokenproxy child: SIGTERM, then SIGKILL, when stopped or dropped.
+struct SidecarGuard {
+    child: Option<Child>,
+    stderr: PathBuf,
+    name: &'static str,
+}
+
+impl SidecarGuard {
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Stops the child; its exit status, or None when it had to be killed.
+    fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    fn print_tail(&self) {
+        eprintln!(
+            "--- last lines of tokenproxy's stderr ({}):\n{}",
+            self.stderr.display(),
+            tail(&self.stderr, 40)
+        );
+    }
+}
+
+impl Drop for SidecarGuard {
+    fn drop(&mut self) {
+        if self.child.is_some() && std::thread::panicking() {
+            self.print_tail();
+        }
+        self.stop();
+    }
+}
+
+/// Prints the case's figures line as a failure when the case panics before its figures.
+struct SummaryGuard {
+    name: &'static str,
+    printed: bool,
+}
+
+impl Drop for SummaryGuard {
+    fn drop(&mut self) {
+        if !self.printed && std::thread::panicking() {
+            eprintln!(
+                "INTEROP | {:<16} | {:>8} | {:>8} | {:>6} / {:<5} | {:>8} | {:>9} | {:>8} | FAIL (see above)",
+                self.name, "-", "-", "-", "-", "-", "-", "-"
+            );
+        }
+    }
+}
+
+/// A scratch directory for the config and the sidecar's stderr; kept when a case fails.
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn new(case: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "tokenproxy-interop-{case}-{}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&path).expect("work dir");
+        WorkDir { path }
+    }
+
+    fn remove(self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
