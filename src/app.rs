@@ -132,7 +132,10 @@ pub fn start(
     let metrics = Metrics::new()?;
     let mut http = Clients::default();
     // The default client is built up front so that a broken trust store fails the start.
-    http.get(&crate::config::TlsConfig::default())?;
+    http.get(
+        &crate::config::TlsConfig::default(),
+        &crate::config::EgressProxy::default(),
+    )?;
     let draining = Arc::new(AtomicBool::new(false));
     let admin_addr = listeners
         .admin
@@ -337,8 +340,9 @@ impl Running {
     }
 
     fn add_client(&mut self, client: &ClientConfig) -> Result<(), StartError> {
-        let upstream_http = self.http.get(&client.tls)?;
-        let endpoint = TokenEndpoint::new(self.http.get(&client.token.tls)?, self.clock.clone());
+        let upstream_http = self.http.get(&client.tls, &client.proxy)?;
+        let token_http = self.http.get(&client.token.tls, &client.proxy)?;
+        let endpoint = TokenEndpoint::new(token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
         let (handle, refresher) =
             Refresher::new(client, endpoint, client_metrics.clone(), self.clock.clone());

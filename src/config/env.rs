@@ -156,6 +156,11 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// An environment variable, for settings that follow conventions such as `https_proxy`.
+    pub(super) fn var(&self, name: &str) -> Option<String> {
+        self.env.var(name)
+    }
+
     /// Reads the (non-secret) file named by `raw_path` at `key`: its resolved path and content.
     pub(super) fn read(&self, key: &str, raw_path: &str) -> Result<(PathBuf, String), ConfigError> {
         let path = self.path(&self.string(key, raw_path)?);

@@ -77,6 +77,7 @@ pub(super) struct RawClient {
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,
     pub(super) tls: Option<super::tls::RawTls>,
+    pub(super) proxy: Option<String>,
 }
 
 /// `[clients.NAME.token]`.

@@ -7,11 +7,13 @@
 //! cross-field rules checked. [`load`] only reads the file first. Every failure
 //! is a [`ConfigError`] naming the file, the dotted key and a fix.
 
+mod egress;
 mod env;
 mod error;
 mod file;
 mod tls;
 
+pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
 pub use tls::{TlsConfig, TlsVersion};
@@ -28,6 +30,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, StatusCode, Uri};
 
 use crate::secret::Secret;
+use egress::build_proxy;
 use env::Expander;
 use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawStore, RawToken, Scalar};
 use tls::build_tls;
@@ -197,6 +200,8 @@ pub struct ClientConfig {
     pub inject: InjectConfig,
     /// `[clients.NAME.tls]`: TLS to the upstream.
     pub tls: TlsConfig,
+    /// `clients.NAME.proxy` (or the environment): the egress proxy for upstream and token endpoint.
+    pub proxy: EgressProxy,
 }
 
 /// An upstream `scheme://host[:port][/base-path]`, without query, fragment or userinfo.
@@ -446,6 +451,7 @@ impl ClientConfig {
         row(out, "token.timeout", dur(t.timeout))?;
         row(out, "token.tls", t.tls.summary())?;
         row(out, "tls", self.tls.summary())?;
+        row(out, "proxy", self.proxy.summary())?;
         let i = &self.inject;
         row(
             out,
@@ -634,6 +640,7 @@ fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientCo
             &Table::new(x, t.key("inject")),
         )?,
         tls: build_tls(raw.tls, &Table::new(x, t.key("tls")))?,
+        proxy: build_proxy(raw.proxy, &t)?,
     })
 }
 

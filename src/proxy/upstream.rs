@@ -3,8 +3,17 @@
 //! server offers it through ALPN), keep-alive with an idle timeout. One client
 //! per distinct TLS setting, shared by every client that uses it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,10 +23,53 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::Body;
-use crate::config::{TlsConfig, TlsVersion};
+use super::body::BoxError;
+use crate::config::{EgressProxy, TlsConfig, TlsVersion};
 
 /// The shared, pooled client type.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<HttpsConnector<Egress>, Body>;
+
+/// Connects directly, or through a CONNECT tunnel when the egress proxy
+/// applies to the destination (TLS to the destination then runs inside it).
+#[derive(Clone)]
+pub struct Egress {
+    direct: HttpConnector,
+    proxy: Option<Arc<Matcher>>,
+}
+
+impl tower_service::Service<Uri> for Egress {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // HttpConnector is always ready; tunnels are created per call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let intercept = self.proxy.as_ref().and_then(|m| m.intercept(&dst));
+        let mut direct = self.direct.clone();
+        match intercept {
+            Some(proxy) => {
+                let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(async move {
+                    tower_service::Service::call(&mut tunnel, dst)
+                        .await
+                        .map_err(|e| BoxError::from(format!("through the egress proxy: {e}")))
+                })
+            }
+            None => Box::pin(async move {
+                tower_service::Service::call(&mut direct, dst)
+                    .await
+                    .map_err(BoxError::from)
+            }),
+        }
+    }
+}
 
 /// Pooled connections idle for longer than this are closed. hyper retries a
 /// request whose pooled connection was found closed before it was written.
@@ -38,8 +90,8 @@ pub enum UpstreamError {
     Tls(#[from] rustls::Error),
 }
 
-/// Builds a pooled client with the given TLS settings.
-pub fn build_client(tls: &TlsConfig) -> Result<HttpClient, UpstreamError> {
+/// Builds a pooled client with the given TLS and egress proxy settings.
+pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     if tls.system_roots {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -95,7 +147,25 @@ pub fn build_client(tls: &TlsConfig) -> Result<HttpClient, UpstreamError> {
         }
         None => schemes,
     };
-    let connector = schemes.enable_all_versions().wrap_connector(http);
+    let matcher = (!proxy.is_direct()).then(|| {
+        let url = |s: &Option<crate::secret::Secret>| {
+            s.as_ref()
+                .map(|u| u.expose().to_owned())
+                .unwrap_or_default()
+        };
+        Arc::new(
+            Matcher::builder()
+                .http(url(&proxy.http))
+                .https(url(&proxy.https))
+                .no(proxy.no_proxy.clone())
+                .build(),
+        )
+    });
+    let egress = Egress {
+        direct: http,
+        proxy: matcher,
+    };
+    let connector = schemes.enable_all_versions().wrap_connector(egress);
 
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -104,20 +174,25 @@ pub fn build_client(tls: &TlsConfig) -> Result<HttpClient, UpstreamError> {
         .build(connector))
 }
 
-/// Builds each distinct TLS setting's client once.
+/// Builds each distinct (TLS, proxy) setting's client once.
 #[derive(Default)]
 pub struct Clients {
-    built: Vec<(TlsConfig, HttpClient)>,
+    built: Vec<((TlsConfig, EgressProxy), HttpClient)>,
 }
 
 impl Clients {
-    /// The client for `tls`, built on first use.
-    pub fn get(&mut self, tls: &TlsConfig) -> Result<HttpClient, UpstreamError> {
-        if let Some((_, client)) = self.built.iter().find(|(t, _)| t == tls) {
+    /// The client for `tls` and `proxy`, built on first use.
+    pub fn get(
+        &mut self,
+        tls: &TlsConfig,
+        proxy: &EgressProxy,
+    ) -> Result<HttpClient, UpstreamError> {
+        if let Some((_, client)) = self.built.iter().find(|((t, p), _)| t == tls && p == proxy) {
             return Ok(client.clone());
         }
-        let client = build_client(tls)?;
-        self.built.push((tls.clone(), client.clone()));
+        let client = build_client(tls, proxy)?;
+        self.built
+            .push(((tls.clone(), proxy.clone()), client.clone()));
         Ok(client)
     }
 }
