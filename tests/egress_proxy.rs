@@ -121,7 +121,7 @@ async fn the_environment_proxy_honours_no_proxy_and_none_disables_it() {
     let env = || {
         MapEnv::new()
             .var("CLIENT_SECRET", CLIENT_SECRET)
-            .var("http_proxy", &format!("http://{proxy}"))
+            .var("http_proxy", format!("http://{proxy}"))
             .var("no_proxy", "localhost")
     };
     let (_running, listen, _) =
