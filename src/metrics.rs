@@ -32,6 +32,7 @@ pub struct Metrics {
     client_state: IntGaugeVec,
     config_reloads: IntCounterVec,
     config_last_success: prometheus::Gauge,
+    sidecar_errors: IntCounterVec,
 }
 
 /// Why a metric family could not be registered (a programming error, surfaced at start).
@@ -118,6 +119,14 @@ impl Metrics {
             "tokenproxy_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load.",
         )?;
+        let sidecar_errors = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_errors_total",
+                "Responses the sidecar made itself, by error code (token_unavailable, upstream_unreachable, upstream_timeout, bad_request); the API's own errors are not counted here.",
+            ),
+            &["client", "error"],
+        )?;
+        registry.register(Box::new(sidecar_errors.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_success.clone()))?;
         for outcome in ["success", "failure"] {
@@ -149,6 +158,7 @@ impl Metrics {
             client_state,
             config_reloads,
             config_last_success,
+            sidecar_errors,
         })
     }
 
@@ -184,6 +194,14 @@ impl Metrics {
                 .with_label_values(&[client, RetryOutcome::NotReplayable.as_str()]),
         };
         m.set_state(crate::token::State::Starting);
+        for code in [
+            "token_unavailable",
+            "upstream_unreachable",
+            "upstream_timeout",
+            "bad_request",
+        ] {
+            self.sidecar_errors.with_label_values(&[client, code]);
+        }
         m
     }
 
@@ -269,6 +287,14 @@ impl ClientMetrics {
             .with_label_values(&[&self.name, code.as_str()])
             .inc();
         self.request_duration.observe(seconds);
+    }
+
+    /// Counts a response the sidecar made itself.
+    pub fn sidecar_error(&self, code: &str) {
+        self.families
+            .sidecar_errors
+            .with_label_values(&[&self.name, code])
+            .inc();
     }
 
     /// Records how long a request waited for a token.

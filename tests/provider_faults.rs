@@ -113,6 +113,15 @@ async fn check_fault(fault: Option<Fault>, expected_outcome: &str) {
         Some(1.0),
         "fault {fault:?} is counted as {expected_outcome}"
     );
+    assert_eq!(
+        metric(
+            &text,
+            "tokenproxy_errors_total",
+            &[("client", "broken"), ("error", "token_unavailable")]
+        ),
+        Some(1.0),
+        "the sidecar's own 503 is counted apart from the API's errors"
+    );
 
     let ready = http.get(&format!("http://{admin}/readyz")).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);

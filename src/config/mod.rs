@@ -462,7 +462,7 @@ impl ClientConfig {
 }
 
 fn row(out: &mut String, key: &str, value: impl fmt::Display) -> fmt::Result {
-    writeln!(out, "  {key:<24}{value}")
+    writeln!(out, "  {key:<30}{value}")
 }
 
 fn dur(d: Duration) -> String {

@@ -132,6 +132,7 @@ pub async fn handle(
             // The access line below records every failure with its code; the cause goes
             // to debug so that an outage does not write one warning per request.
             debug!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
+            client.metrics.sidecar_error(e.code());
             e.into_response(Some(&client.name))
         }
     };
