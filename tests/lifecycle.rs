@@ -12,10 +12,7 @@ use support::TestClient;
 use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    support::free_addr().port()
 }
 
 struct Sidecar(Child);
@@ -106,7 +103,25 @@ client_secret = "${{SECRET}}"
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Signal only once the sidecar holds the slow request in flight.
+    let metrics_url = format!("http://127.0.0.1:{admin}/metrics");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = http.get(&metrics_url).await.text();
+        if support::metric(
+            &text,
+            "tokenproxy_inflight_requests",
+            &[("client", "payments")],
+        ) == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     signal(pid, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
 

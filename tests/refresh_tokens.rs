@@ -8,7 +8,6 @@ mod support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -183,31 +182,9 @@ async fn a_non_rotating_refresh_token_is_kept_until_its_configured_lifetime_then
     assert_eq!(status["clients"]["payments"]["has_refresh_token"], true);
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_bootstrap_refresh_token_means_needs_authorization_until_an_operator_provides_one() {
-    let logs = Capture::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let logs = support::LogCapture::install(tracing::Level::INFO);
 
     let mut options = Options {
         provider: rotating_password_provider(Duration::from_secs(60)),
@@ -256,7 +233,7 @@ async fn a_dead_bootstrap_refresh_token_means_needs_authorization_until_an_opera
         ),
         Some(1.0)
     );
-    let log_text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    let log_text = logs.text();
     assert_eq!(
         log_text.matches("client needs authorization").count(),
         1,

@@ -6,15 +6,9 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{eventually, start_sidecar, TestClient, CLIENT_SECRET};
+use support::{eventually, free_addr, start_sidecar, TestClient, CLIENT_SECRET};
 use tokenproxy::config::{self, MapEnv};
 use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
 
 fn client_toml(name: &str, listen: &str, upstream: &str, token_url: &str, scope: &str) -> String {
     format!(

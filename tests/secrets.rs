@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -17,31 +15,9 @@ use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
 const CLIENT_SECRET: &str = "cs-Qx7Lk2-client-secret";
 const PASSWORD: &str = "pw-Zr5Nb8-user-password";
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
-    let logs = Capture::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let logs = support::LogCapture::install(tracing::Level::TRACE);
 
     let provider = MockProvider::start(ProviderConfig {
         client_id: "secret-test".into(),
@@ -154,7 +130,7 @@ password = "${{TP_PASSWORD}}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 
-    let log_text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    let log_text = logs.text();
     assert!(
         log_text.contains("token obtained"),
         "the capture saw the sidecar's logs"

@@ -100,24 +100,34 @@ impl TlsConfig {
     }
 }
 
+/// Reads the PEM file at key `k`, which must hold at least one certificate.
+fn read_certificates(
+    t: &Table<'_>,
+    k: &str,
+    raw_path: &str,
+    hint: &str,
+) -> Result<(PathBuf, String), ConfigError> {
+    let (path, pem) = t.x.read(&t.key(k), raw_path)?;
+    if !CertificateDer::pem_slice_iter(pem.as_bytes()).any(|c| c.is_ok()) {
+        return Err(t
+            .err(k, format!("{} holds no PEM certificate", path.display()))
+            .with_hint(hint));
+    }
+    Ok((path, pem))
+}
+
 pub(super) fn build_tls(raw: Option<RawTls>, t: &Table<'_>) -> Result<TlsConfig, ConfigError> {
     let Some(raw) = raw else {
         return Ok(TlsConfig::default());
     };
     let mut tls = TlsConfig::default();
     if let Some(path) = raw.ca_file {
-        let (path, pem) = t.x.read(&t.key("ca_file"), &path)?;
-        let count = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .filter(|c| c.is_ok())
-            .count();
-        if count == 0 {
-            return Err(t
-                .err(
-                    "ca_file",
-                    format!("{} holds no PEM certificate", path.display()),
-                )
-                .with_hint("use a PEM bundle with -----BEGIN CERTIFICATE----- blocks"));
-        }
+        let (path, pem) = read_certificates(
+            t,
+            "ca_file",
+            &path,
+            "use a PEM bundle with -----BEGIN CERTIFICATE----- blocks",
+        )?;
         tls.ca_pem = Some(pem);
         tls.ca_file = Some(path);
     }
@@ -132,19 +142,12 @@ pub(super) fn build_tls(raw: Option<RawTls>, t: &Table<'_>) -> Result<TlsConfig,
     }
     match (raw.client_cert_file, raw.client_key_file) {
         (Some(cert), Some(key)) => {
-            let (cert_path, cert_pem) = t.x.read(&t.key("client_cert_file"), &cert)?;
-            if CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                .filter(|c| c.is_ok())
-                .count()
-                == 0
-            {
-                return Err(t
-                    .err(
-                        "client_cert_file",
-                        format!("{} holds no PEM certificate", cert_path.display()),
-                    )
-                    .with_hint("use the client certificate (and its chain) in PEM"));
-            }
+            let (_, cert_pem) = read_certificates(
+                t,
+                "client_cert_file",
+                &cert,
+                "use the client certificate (and its chain) in PEM",
+            )?;
             let (key_path, key_pem) = t.x.read(&t.key("client_key_file"), &key)?;
             if PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).is_err() {
                 return Err(t
