@@ -230,12 +230,7 @@ async fn forward(
     let token = take_token(client, exchange).await?;
     match body {
         RequestBody::Buffered(bytes) => {
-            let first = send(
-                client,
-                http,
-                outgoing.request(body::full(bytes.clone()), &token, &client.inject_header),
-            )
-            .await?;
+            let first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
             exchange.upstream_status = Some(first.status().as_u16());
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
@@ -287,12 +282,7 @@ async fn replay(
             return Err(unavailable(e));
         }
     };
-    let result = send(
-        client,
-        http,
-        outgoing.request(body::full(bytes), &newer, &client.inject_header),
-    )
-    .await;
+    let result = send_buffered(client, http, outgoing, &bytes, &newer).await;
     let outcome = match &result {
         Ok(r) if !client.is_unauthorized(r.status()) => RetryOutcome::Recovered,
         _ => RetryOutcome::Failed,
@@ -323,24 +313,86 @@ fn unavailable(e: Unavailable) -> ProxyError {
     }
 }
 
+/// Sends a buffered request; a safe method (GET, HEAD, OPTIONS) whose connection
+/// broke before any response head is sent once more on a fresh connection.
+///
+/// A pooled connection the upstream closes just as a request is written (servers
+/// close idle keep-alive connections: gunicorn after 2 s) fails that request
+/// although the upstream never processed it. For a POST that cannot be proven,
+/// so it is never resent: the app gets `upstream_unreachable` and decides.
+async fn send_buffered(
+    client: &ClientRuntime,
+    http: &HttpClient,
+    outgoing: &Outgoing,
+    bytes: &Bytes,
+    token: &Token,
+) -> Result<Response<Body>, ProxyError> {
+    let request = || outgoing.request(body::full(bytes.clone()), token, &client.inject_header);
+    match send_once(client, http, request()).await {
+        Err(Failure::Broken(e)) if is_safe(&outgoing.method) => {
+            debug!(client = %client.name, error = %e, "connection broke before a response; retrying a safe request once");
+            send_once(client, http, request())
+                .await
+                .map_err(Failure::into_error)
+        }
+        other => other.map_err(Failure::into_error),
+    }
+}
+
+/// RFC 9110 §9.2.1 safe methods: sending them twice changes nothing.
+fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Why one send failed.
+enum Failure {
+    /// The exchange broke after the connection was made, before a response head.
+    Broken(ProxyError),
+    /// Anything else (no connection at all, or a timeout).
+    Other(ProxyError),
+}
+
+impl Failure {
+    fn into_error(self) -> ProxyError {
+        match self {
+            Failure::Broken(e) | Failure::Other(e) => e,
+        }
+    }
+}
+
 async fn send(
     client: &ClientRuntime,
     http: &HttpClient,
     req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
+    send_once(client, http, req)
+        .await
+        .map_err(Failure::into_error)
+}
+
+async fn send_once(
+    client: &ClientRuntime,
+    http: &HttpClient,
+    req: Request<Body>,
+) -> Result<Response<Body>, Failure> {
     let response = match tokio::time::timeout(client.timeout, http.request(req)).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            return Err(ProxyError::UpstreamUnreachable {
+            let error = ProxyError::UpstreamUnreachable {
                 upstream: client.upstream_display.clone(),
                 detail: crate::token::error_chain(&e),
-            })
+            };
+            return Err(if e.is_connect() {
+                Failure::Other(error)
+            } else {
+                Failure::Broken(error)
+            });
         }
         Err(_elapsed) => {
-            return Err(ProxyError::UpstreamTimeout {
+            return Err(Failure::Other(ProxyError::UpstreamTimeout {
                 upstream: client.upstream_display.clone(),
                 timeout: humantime::format_duration(client.timeout).to_string(),
-            })
+            }))
         }
     };
     let (mut parts, incoming) = response.into_parts();

@@ -1,0 +1,211 @@
+//! Upstream faults: connections the server closes while idle in the pool (as
+//! gunicorn does after 2 s), connections reset mid-response, and the rule that a
+//! POST is never sent twice unless it provably never reached the upstream.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use support::{start_sidecar, TestClient};
+use tokenproxy::mock::{MockProvider, ProviderConfig};
+use tokio::net::TcpListener;
+
+/// An upstream that answers 200 and closes keep-alive connections idle for `idle`.
+async fn closing_upstream(idle: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let service = service_fn(move |_req| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"{\"ok\":true}",
+                        ))))
+                    }
+                });
+                // hyper's header timer runs while the connection waits for its next
+                // request, so this closes idle connections after `idle`, like gunicorn.
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(idle)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+async fn sidecar_for(upstream: SocketAddr) -> (MockProvider, tokenproxy::Running, SocketAddr) {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let text = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
+         [clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
+        provider.token_url()
+    );
+    let (running, proxy, _) = start_sidecar(&text).await;
+    (provider, running, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_fails_because_the_upstream_closed_an_idle_pooled_connection() {
+    let idle = Duration::from_millis(100);
+    let (upstream, served) = closing_upstream(idle).await;
+    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let http = TestClient::new();
+    let mut failures = Vec::new();
+    let rounds = 40;
+    for i in 0..rounds {
+        // Gaps around the server's idle timeout: the pooled connection is often
+        // closed by the server just before or while it is reused.
+        let gap = 85 + (i * 7) % 30;
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let method = if i % 2 == 0 {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let r = http
+            .request(
+                method.clone(),
+                &format!("http://{proxy}/x"),
+                &[],
+                b"{\"amount\":1}",
+            )
+            .await;
+        if r.status != StatusCode::OK {
+            failures.push(format!(
+                "{method} after {gap} ms: {} {}",
+                r.status,
+                r.text()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {rounds} failed: {failures:#?}",
+        failures.len()
+    );
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        rounds as usize,
+        "each request reached the upstream exactly once"
+    );
+}
+
+/// An upstream that serves the first request on each connection with keep-alive,
+/// then reads the second one and closes the connection without answering: the
+/// race of a server closing an idle connection just as a request is written,
+/// made deterministic. Records the request line of everything it read.
+async fn closes_on_second_request() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                for n in 0..2 {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let length = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_owned())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    log.lock()
+                        .expect("log")
+                        .push(text.lines().next().unwrap_or("").to_owned());
+                    if n == 1 {
+                        return; // close without answering
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_on_a_connection_closed_under_it_is_retried_but_a_post_is_never_sent_twice() {
+    let (upstream, seen) = closes_on_second_request().await;
+    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let http = TestClient::new();
+    let url = format!("http://{proxy}/x");
+
+    assert_eq!(http.get(&url).await.status, StatusCode::OK);
+    let r = http.get(&url).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the GET is retried on a fresh connection: {}",
+        r.text()
+    );
+    assert_eq!(
+        seen.lock().expect("seen").len(),
+        3,
+        "GET, GET (dropped), GET (retried)"
+    );
+
+    let post = |body: &'static [u8]| {
+        http.request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            body,
+        )
+    };
+    // The retried GET's connection is pooled and has served one request, so this
+    // POST is its second: the upstream reads it and closes without answering.
+    let r = post(b"{\"amount\":1}").await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_GATEWAY,
+        "a POST that may have arrived is not resent"
+    );
+    assert_eq!(r.error_code(), Some("upstream_unreachable"));
+    let posts = seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .filter(|l| l.starts_with("POST"))
+        .count();
+    assert_eq!(posts, 1, "the POST reached the upstream exactly once");
+}
