@@ -39,7 +39,7 @@ client_secret = "${CLIENT_SECRET}"
 
 /// Runs one fault against the `broken` client and checks the answer, its timing,
 /// the metric outcome, and that the `healthy` client is unaffected.
-async fn check_fault(fault: Option<Fault>, expected_outcome: &str) {
+async fn check_fault(fault: Option<Fault>, expected_outcome: &str) -> serde_json::Value {
     let broken = MockProvider::start(ProviderConfig::default())
         .await
         .expect("provider");
@@ -130,12 +130,75 @@ async fn check_fault(fault: Option<Fault>, expected_outcome: &str) {
         not_ready["clients"][0]["client"], "broken",
         "readyz names the client: {not_ready}"
     );
+    let status = http.get(&format!("http://{admin}/status")).await.json();
     drop(running);
+    status["clients"]["broken"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_down_gives_token_unavailable() {
     check_fault(None, "error").await;
+}
+
+fn status_fault(status: u16, body: String, retry_after: Option<u64>) -> Option<Fault> {
+    Some(Fault::Status {
+        status,
+        body,
+        content_type: "application/json",
+        retry_after,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_429_with_retry_after_is_honoured_before_the_next_attempt() {
+    let status = check_fault(status_fault(429, "{}".into(), Some(30)), "error").await;
+    let next = status["next_refresh_at"].as_str().expect("a planned retry");
+    let next = humantime::parse_rfc3339(next).expect("RFC 3339");
+    let wait = next
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        wait >= std::time::Duration::from_secs(25),
+        "Retry-After: 30 is a floor, next try in {wait:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_503_without_retry_after_backs_off_with_the_default_schedule() {
+    let status = check_fault(status_fault(503, "busy".into(), None), "error").await;
+    assert!(
+        status["last_refresh"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_mebibyte_token_response_is_not_read_whole() {
+    let status = check_fault(
+        status_fault(200, "x".repeat(10 * 1024 * 1024), None),
+        "error",
+    )
+    .await;
+    let error = status["last_refresh"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        error.contains("reading the response body"),
+        "bounded read: {error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_the_token_endpoint_is_not_followed() {
+    let status = check_fault(status_fault(302, String::new(), None), "error").await;
+    let error = status["last_refresh"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(error.contains("redirects are not followed"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
