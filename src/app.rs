@@ -204,6 +204,12 @@ impl Running {
         self.listeners.get(&configured).map(|l| l.bound)
     }
 
+    /// The bound address of the listener that serves `client`.
+    pub fn client_addr(&self, client: &str) -> Option<SocketAddr> {
+        let listen = self.clients.get(client)?.config.listen;
+        self.proxy_addr(listen)
+    }
+
     /// The token handle of `client`.
     pub fn token(&self, client: &str) -> Option<&TokenHandle> {
         self.clients.get(client).map(|c| &c.runtime.token)

@@ -1,7 +1,8 @@
 //! No credential ever leaves the sidecar except towards the provider and the API:
-//! a full flow (password grant, rotating refresh tokens, a 401 and replay, a
-//! provider failure) at TRACE, then logs, `/status`, `/metrics`, error bodies and
-//! `check` output are searched for every secret value.
+//! a full flow (password grant, a refresh_token-grant client with a bootstrap
+//! token, rotating refresh tokens, a 401 and replay, a reload, a provider
+//! failure) at TRACE, then logs, `/status`, `/metrics`, error bodies, `check`
+//! and `token` output are searched for every secret value.
 
 mod support;
 
@@ -30,6 +31,19 @@ async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
     .await
     .expect("provider");
     let api = MockApi::start(provider.validator()).await.expect("api");
+    // A person's login gives the wallet client its bootstrap refresh token.
+    let login = TestClient::new()
+        .request(
+            http::Method::POST,
+            &provider.token_url(),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            format!("grant_type=password&username=alice&password={PASSWORD}&client_id=secret-test&client_secret={CLIENT_SECRET}").as_bytes(),
+        )
+        .await;
+    let bootstrap_refresh_token = login.json()["refresh_token"]
+        .as_str()
+        .expect("a refresh token")
+        .to_owned();
     let template = format!(
         r#"
 [admin]
@@ -45,20 +59,36 @@ client_id = "secret-test"
 client_secret = "${{TP_CLIENT_SECRET}}"
 username = "alice"
 password = "${{TP_PASSWORD}}"
+[clients.wallet]
+listen = "{{listen2}}"
+upstream = "{api}"
+[clients.wallet.token]
+url = "{token}"
+grant = "refresh_token"
+client_id = "secret-test"
+client_secret = "${{TP_CLIENT_SECRET}}"
+client_auth = "body"
+refresh_token = "${{TP_BOOTSTRAP_RT}}"
 "#,
         api = api.url(),
         token = provider.token_url()
     );
-    let env = MapEnv::new()
-        .var("TP_CLIENT_SECRET", CLIENT_SECRET)
-        .var("TP_PASSWORD", PASSWORD);
-    let (running, proxy, admin) = start_sidecar_env(&template, env).await;
+    let env = || {
+        MapEnv::new()
+            .var("TP_CLIENT_SECRET", CLIENT_SECRET)
+            .var("TP_PASSWORD", PASSWORD)
+            .var("TP_BOOTSTRAP_RT", &bootstrap_refresh_token)
+    };
+    let (mut running, proxy, admin) = start_sidecar_env(&template, env()).await;
     let http = TestClient::new();
     let h_url = format!("http://{proxy}/api/v1/payments");
 
     // Password grant, then a 401 that makes the sidecar use (and rotate) the refresh token.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !running.token("payments").is_some_and(|t| t.is_ready()) {
+    while !["payments", "wallet"]
+        .iter()
+        .all(|c| running.token(c).is_some_and(|t| t.is_ready()))
+    {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -73,7 +103,30 @@ password = "${{TP_PASSWORD}}"
         .last_request()
         .and_then(|r| r.param("refresh_token").map(str::to_owned))
         .expect("the sidecar used its refresh token");
-    assert_eq!(provider.grant_requests("refresh_token"), 1);
+    assert_eq!(
+        provider.grant_requests("refresh_token"),
+        2,
+        "the wallet's bootstrap and the payments refresh"
+    );
+
+    // A reload that changes the payments client (a new token) and keeps the wallet.
+    let listen2 = running.client_addr("wallet").expect("wallet listener");
+    let reloaded = template
+        .replace("{listen}", &proxy.to_string())
+        .replace("{listen2}", &listen2.to_string())
+        .replace("{admin}", &admin.to_string())
+        .replace(
+            "username = \"alice\"",
+            "username = \"alice\"\nscope = \"payments\"",
+        );
+    let new_config = tokenproxy::config::from_str(&reloaded, None, &env()).expect("valid");
+    let summary = running.reload(new_config).await.expect("reload");
+    assert_eq!(summary.changed, vec!["payments".to_owned()]);
+    assert_eq!(
+        http.get(&h_url).await.status,
+        StatusCode::OK,
+        "served after the reload"
+    );
 
     // A provider failure, to exercise the error paths.
     provider.set_fault(Fault::Status {
@@ -85,6 +138,7 @@ password = "${{TP_PASSWORD}}"
     provider.revoke_all();
     let failed = http.get(&h_url).await;
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    provider.set_fault(Fault::None);
 
     let access_tokens: Vec<String> = api
         .recorded()
@@ -108,6 +162,7 @@ password = "${{TP_PASSWORD}}"
         &file,
         template
             .replace("{listen}", "127.0.0.1:18080")
+            .replace("{listen2}", "127.0.0.1:18081")
             .replace("{admin}", "127.0.0.1:19090"),
     )
     .expect("write config");
@@ -116,6 +171,7 @@ password = "${{TP_PASSWORD}}"
         .arg(&file)
         .env("TP_CLIENT_SECRET", CLIENT_SECRET)
         .env("TP_PASSWORD", PASSWORD)
+        .env("TP_BOOTSTRAP_RT", &bootstrap_refresh_token)
         .output()
         .expect("run check");
     assert!(
@@ -128,6 +184,20 @@ password = "${{TP_PASSWORD}}"
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
+    let token_cli = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["token", "payments", "--config"])
+        .arg(&file)
+        .env("TP_CLIENT_SECRET", CLIENT_SECRET)
+        .env("TP_PASSWORD", PASSWORD)
+        .env("TP_BOOTSTRAP_RT", &bootstrap_refresh_token)
+        .output()
+        .expect("run token");
+    let token_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&token_cli.stdout),
+        String::from_utf8_lossy(&token_cli.stderr)
+    );
+    assert!(token_cli.status.success(), "token succeeds: {token_out}");
     let _ = std::fs::remove_dir_all(&dir);
 
     let log_text = logs.text();
@@ -142,11 +212,13 @@ password = "${{TP_PASSWORD}}"
         ("/readyz", &ready),
         ("error body", &failed.text()),
         ("check output", &check_out),
+        ("token output", &token_out),
     ];
     let mut secrets = vec![
         ("client secret", CLIENT_SECRET.to_owned()),
         ("password", PASSWORD.to_owned()),
         ("refresh token", spent_refresh_token),
+        ("bootstrap refresh token", bootstrap_refresh_token.clone()),
     ];
     for (i, t) in access_tokens.iter().enumerate() {
         secrets.push((
