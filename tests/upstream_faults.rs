@@ -209,3 +209,198 @@ async fn a_get_on_a_connection_closed_under_it_is_retried_but_a_post_is_never_se
         .count();
     assert_eq!(posts, 1, "the POST reached the upstream exactly once");
 }
+
+/// An upstream that reads each request and then misbehaves as `act` says.
+async fn scripted_upstream(act: &'static str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                match act {
+                    "reset" => {
+                        // SO_LINGER 0: close with RST instead of FIN.
+                        let _ = stream.set_zero_linger();
+                    }
+                    "reset-mid-body" => {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly-part-of-the-body")
+                            .await;
+                        let _ = stream.flush().await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = stream.set_zero_linger();
+                    }
+                    _ => {
+                        // slow body: 10 chunks of 100 bytes, 100 ms apart
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+                            .await;
+                        for _ in 0..10 {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            if stream.write_all(&[b'x'; 100]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one request over a raw connection and reads until close or 5 s.
+async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&buf).into_owned(), ended)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_before_the_response_is_a_502_and_the_sidecar_keeps_serving() {
+    let upstream = scripted_upstream("reset").await;
+    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let http = TestClient::new();
+    for method in [Method::GET, Method::POST] {
+        let r = http
+            .request(method.clone(), &format!("http://{proxy}/x"), &[], b"{}")
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{method}");
+        assert_eq!(r.error_code(), Some("upstream_unreachable"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_in_the_middle_of_the_body_ends_the_app_connection_instead_of_hanging() {
+    let upstream = scripted_upstream("reset-mid-body").await;
+    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let (text, ended) = raw_exchange(proxy, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "the head was already on its way: {text:?}"
+    );
+    assert!(
+        text.ends_with("only-part-of-the-body"),
+        "what arrived is passed on: {text:?}"
+    );
+    assert!(
+        ended,
+        "the app's connection is closed, so it sees the truncation instead of waiting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_streams_through_past_the_head_timeout() {
+    let upstream = scripted_upstream("slow").await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let text = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
+         timeout = \"500ms\"\n[clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
+        provider.token_url()
+    );
+    let (_running, proxy, _) = start_sidecar(&text).await;
+    let started = tokio::time::Instant::now();
+    let r = TestClient::new().get(&format!("http://{proxy}/x")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), 1000, "every byte arrived");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "it really was slow"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_while_the_upstream_restarts_end_cleanly() {
+    use tokenproxy::mock::MockApi;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let api_addr = listener.local_addr().expect("addr");
+    let api = MockApi::start_on(listener, provider.validator())
+        .await
+        .expect("api");
+    let text = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[limits]\nmax_connections = 5000\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+         upstream = \"{}\"\ntimeout = \"5s\"\n[clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\n\
+         client_secret = \"${{CLIENT_SECRET}}\"\n",
+        api.url(),
+        provider.token_url()
+    );
+    let (_running, proxy, _) = start_sidecar(&text).await;
+    let http = TestClient::new();
+    let url = format!("http://{proxy}/api/v1/payments");
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let http = http.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis((i % 100) as u64 * 3)).await;
+            let r = http.get(&url).await;
+            (r.status, r.error_code().map(str::to_owned))
+        }));
+    }
+    // Restart the upstream while the requests are in flight.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(api);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let listener = TcpListener::bind(api_addr)
+        .await
+        .expect("rebind the same port");
+    let _api = MockApi::start_on(listener, provider.validator())
+        .await
+        .expect("api again");
+
+    let (mut ok, mut unreachable) = (0, 0);
+    for t in tasks {
+        match tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("no request hangs")
+            .expect("join")
+        {
+            (StatusCode::OK, _) => ok += 1,
+            (StatusCode::BAD_GATEWAY, Some(code)) if code == "upstream_unreachable" => {
+                unreachable += 1
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("upstream restart under 1000 concurrent requests: {ok} ok, {unreachable} upstream_unreachable");
+    assert_eq!(ok + unreachable, 1000);
+    assert!(
+        ok > 0,
+        "requests before and after the restart succeed ({ok} ok, {unreachable} unreachable)"
+    );
+    let after = http.get(&format!("http://{proxy}/api/v1/payments")).await;
+    assert_eq!(
+        after.status,
+        StatusCode::OK,
+        "after the restart everything is served again"
+    );
+}
