@@ -304,3 +304,31 @@ async fn http2_is_used_when_the_upstream_offers_it_through_alpn() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.text(), "HTTP/2.0", "the upstream saw HTTP/2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_failure_at_the_token_endpoint_is_token_unavailable_with_the_cause_in_status() {
+    let s = setup().await;
+    let (cert, key) = s.ca.issue(&["localhost"], false);
+    let auth_front = tls_front(s.provider.addr(), &cert, &key, None).await;
+    // The token endpoint's CA is not trusted: every handshake fails.
+    let text = config(
+        &s.api.url(),
+        &format!("https://localhost:{}/oauth2/token", auth_front.port()),
+        "",
+        "",
+    );
+    let (_running, proxy, admin) = start_sidecar_env(&text, env(&[])).await;
+    let http = TestClient::new();
+    let r = http.get(&format!("http://{proxy}/api/v1/payments")).await;
+    assert_eq!(r.error_code(), Some("token_unavailable"));
+    let status = http.get(&format!("http://{admin}/status")).await.json();
+    let last = &status["clients"]["payments"]["last_refresh"];
+    assert_eq!(last["outcome"], "error");
+    let error = last["error"].as_str().unwrap_or("");
+    assert!(error.contains("certificate"), "the cause is named: {error}");
+    assert_eq!(
+        s.provider.token_requests(),
+        0,
+        "nothing was sent without a trusted handshake"
+    );
+}
