@@ -54,9 +54,10 @@ impl Admin {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        peer: PeerAddr,
     ) -> Result<Response<Body>, Infallible> {
         if req.method() == Method::POST {
-            return Ok(self.post(req).await);
+            return Ok(self.post(req, peer).await);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Ok(json_response(
@@ -83,7 +84,7 @@ impl Admin {
     /// `POST /clients/NAME/refresh-token`: the body is a new refresh token for a
     /// client (e.g. one in `needs_authorization`). Accepted from loopback peers only,
     /// since whoever sets the refresh token chooses whose account the API sees.
-    async fn post(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn post(&self, req: Request<Incoming>, peer: PeerAddr) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let Some(name) = path
             .strip_prefix("/clients/")
@@ -91,10 +92,7 @@ impl Admin {
         else {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"}));
         };
-        let loopback = req
-            .extensions()
-            .get::<PeerAddr>()
-            .is_some_and(|p| p.0.ip().is_loopback());
+        let loopback = peer.0.ip().is_loopback();
         if !loopback {
             return json_response(
                 StatusCode::FORBIDDEN,

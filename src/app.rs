@@ -156,7 +156,7 @@ pub fn start(
         listeners.admin,
         config.limits.clone(),
         admin_stop_rx,
-        move |req| Arc::clone(&admin_for_task).handle(req),
+        move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
     ));
     info!(addr = %admin_addr, "admin listening");
 
@@ -391,7 +391,7 @@ impl Running {
         )));
         let (stop, stop_rx) = watch::channel(false);
         let serving = Arc::clone(&table);
-        let handler = move |req| proxy::handle(req, serving.load_full());
+        let handler = move |req, _peer| proxy::handle(req, serving.load_full());
         let task = tokio::spawn(server::serve(
             "proxy",
             listener,

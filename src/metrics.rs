@@ -3,6 +3,8 @@
 //! Names and labels are the contract in PRODUCT.md. Children for configured
 //! clients are created at start so dashboards see zeros instead of gaps.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -192,6 +194,7 @@ impl Metrics {
             retry_not_replayable: self
                 .unauthorized_retries
                 .with_label_values(&[client, RetryOutcome::NotReplayable.as_str()]),
+            codes: (0..1000).map(|_| OnceLock::new()).collect(),
         };
         m.set_state(crate::token::State::Starting);
         for code in [
@@ -250,6 +253,9 @@ pub struct ClientMetrics {
     retry_recovered: IntCounter,
     retry_failed: IntCounter,
     retry_not_replayable: IntCounter,
+    /// `tokenproxy_requests_total{code}` children by status code, looked up once each:
+    /// the request path then does no label hashing.
+    codes: Arc<[OnceLock<IntCounter>]>,
 }
 
 impl ClientMetrics {
@@ -282,10 +288,15 @@ impl ClientMetrics {
 
     /// Records a proxied response.
     pub fn request(&self, code: http::StatusCode, seconds: f64) {
-        self.families
-            .requests
-            .with_label_values(&[&self.name, code.as_str()])
+        // StatusCode is always 100..=999, within the table.
+        if let Some(slot) = self.codes.get(usize::from(code.as_u16())) {
+            slot.get_or_init(|| {
+                self.families
+                    .requests
+                    .with_label_values(&[&self.name, code.as_str()])
+            })
             .inc();
+        }
         self.request_duration.observe(seconds);
     }
 

@@ -18,7 +18,7 @@ use tracing::{debug, warn, Instrument};
 use crate::config::Limits;
 use crate::proxy::body::Body;
 
-/// The connection's remote address, in every request's extensions.
+/// The connection's remote address, handed to the handler with each request.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
@@ -31,7 +31,7 @@ pub async fn serve<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, PeerAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -70,10 +70,7 @@ pub async fn serve<F, Fut>(
             debug!(error = %e, "set_nodelay failed");
         }
         let handler = handler.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
-            handler(req)
-        });
+        let service = service_fn(move |req: Request<Incoming>| handler(req, PeerAddr(peer)));
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
