@@ -150,15 +150,6 @@ pub fn start(
         Arc::clone(&draining),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
-    let admin_for_task = Arc::clone(&admin);
-    let admin_task = tokio::spawn(server::serve(
-        "admin",
-        listeners.admin,
-        config.limits.clone(),
-        admin_stop_rx,
-        move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
-    ));
-    info!(addr = %admin_addr, "admin listening");
 
     let mut running = Running {
         config: config.clone(),
@@ -167,7 +158,7 @@ pub fn start(
         admin,
         admin_addr,
         admin_stop,
-        admin_task: Some(admin_task),
+        admin_task: None,
         retired: Vec::new(),
         metrics,
         http,
@@ -189,6 +180,17 @@ pub fn start(
         running.add_listener(addr, listener)?;
     }
     running.publish_tables();
+    // Only now: /readyz must not answer before it knows every client (an empty
+    // client list would read as "all ready").
+    let admin_for_task = Arc::clone(&running.admin);
+    running.admin_task = Some(tokio::spawn(server::serve(
+        "admin",
+        listeners.admin,
+        config.limits.clone(),
+        admin_stop_rx,
+        move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
+    )));
+    info!(addr = %admin_addr, "admin listening");
     running.metrics.config_loaded();
     Ok(running)
 }
@@ -385,10 +387,9 @@ impl Running {
         let bound = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let table = Arc::new(ArcSwap::from_pointee(ListenerRoutes::new(
-            bound,
-            Vec::new(),
-        )));
+        // Routes first: the socket is already bound, so connections queue up and
+        // are served as soon as the loop starts; none may meet an empty table.
+        let table = Arc::new(ArcSwap::from_pointee(self.routes_for(addr, bound)));
         let (stop, stop_rx) = watch::channel(false);
         let serving = Arc::clone(&table);
         let handler = move |req, _peer| proxy::handle(req, serving.load_full());
@@ -419,20 +420,25 @@ impl Running {
         addrs
     }
 
+    /// The routing table of the listener configured as `addr` (bound at `bound`).
+    fn routes_for(&self, addr: SocketAddr, bound: SocketAddr) -> ListenerRoutes {
+        let routes: Vec<Route> = self
+            .clients
+            .values()
+            .filter(|c| c.config.listen == addr)
+            .map(|c| (c.config.path_prefix.clone(), Arc::clone(&c.runtime)))
+            .collect();
+        let names: Vec<&str> = routes.iter().map(|(_, c)| c.name.as_str()).collect();
+        info!(addr = %bound, clients = ?names, "routes");
+        ListenerRoutes::new(bound, routes)
+    }
+
     /// Rebuilds every listener's routing table and the admin's client list.
     fn publish_tables(&self) {
         for (addr, entry) in &self.listeners {
-            let routes: Vec<Route> = self
-                .clients
-                .values()
-                .filter(|c| c.config.listen == *addr)
-                .map(|c| (c.config.path_prefix.clone(), Arc::clone(&c.runtime)))
-                .collect();
-            let names: Vec<&str> = routes.iter().map(|(_, c)| c.name.as_str()).collect();
-            info!(addr = %entry.bound, clients = ?names, "routes");
             entry
                 .table
-                .store(Arc::new(ListenerRoutes::new(entry.bound, routes)));
+                .store(Arc::new(self.routes_for(*addr, entry.bound)));
         }
         let handles = self
             .clients

@@ -295,3 +295,55 @@ async fn a_configured_inject_header_and_format_carry_the_token() {
         "the app's Authorization is dropped too"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_in_the_backlog_at_start_is_routed_not_refused() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use tokenproxy::config::{self, MapEnv};
+    use tokenproxy::mock::{MockApi, MockProvider};
+
+    let provider = MockProvider::start(Default::default())
+        .await
+        .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    for round in 0..20 {
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = proxy.local_addr().expect("addr");
+        let text = support::ONE_CLIENT
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.local_addr().expect("addr").to_string())
+            .replace("{upstream}", &api.url())
+            .replace("{token_url}", &provider.token_url())
+            .replace("{client_id}", support::CLIENT_ID)
+            .replace("{client_extra}", "")
+            .replace("{token_extra}", "");
+        let env = MapEnv::new().var("CLIENT_SECRET", support::CLIENT_SECRET);
+        let config = config::from_str(&text, None, &env).expect("valid");
+        // The request is written before the sidecar starts: it waits in the backlog.
+        let queued = tokio::spawn(raw(
+            addr,
+            "GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut proxies = BTreeMap::new();
+        proxies.insert(addr, proxy);
+        let running = tokenproxy::start(
+            config,
+            tokenproxy::Listeners { admin, proxies },
+            Arc::new(tokenproxy::clock::SystemClock),
+        )
+        .expect("start");
+        let answer = queued.await.expect("join");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer:?}"
+        );
+        drop(running);
+    }
+}
