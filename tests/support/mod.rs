@@ -288,10 +288,22 @@ pub async fn wait_ready(h: &Harness) {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (for configs of child processes).
+///
+/// The listener is dropped, so the OS may offer the same port to the next bind:
+/// ports already handed out in this test binary are skipped, or two tests running
+/// side by side could configure the same port.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let mut taken = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if taken.insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
 /// Log output captured by a global subscriber installed with [`LogCapture::install`].
