@@ -24,32 +24,6 @@ impl Clock for SystemClock {
     }
 }
 
-/// A wall clock that follows tokio's (possibly paused) clock from a fixed origin.
-///
-/// Tests that pause tokio time use it so that wall-clock values advance
-/// together with `tokio::time::advance`.
-#[derive(Clone, Debug)]
-pub struct TokioClock {
-    origin_wall: SystemTime,
-    origin: tokio::time::Instant,
-}
-
-impl TokioClock {
-    /// A clock whose wall time is `origin_wall` now and advances with tokio time.
-    pub fn new(origin_wall: SystemTime) -> Self {
-        TokioClock {
-            origin_wall,
-            origin: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl Clock for TokioClock {
-    fn wall_now(&self) -> SystemTime {
-        self.origin_wall + self.origin.elapsed()
-    }
-}
-
 /// Shared clock handle.
 pub type SharedClock = Arc<dyn Clock>;
 

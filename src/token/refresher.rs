@@ -19,9 +19,9 @@ use super::dialect::{build_request, GrantKind};
 use super::response::{
     parse_error, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
 };
-use super::state::{wall, LastRefresh, State, StateCell, Status};
+use super::state::{LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
-use crate::clock::{epoch_seconds, SharedClock};
+use crate::clock::{epoch_seconds, rfc3339, SharedClock};
 use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
 use crate::metrics::ClientMetrics;
 use crate::proxy::upstream::HttpClient;
@@ -514,7 +514,12 @@ impl Refresher {
     }
 
     /// Publishes a token from a successful response.
-    fn install(&mut self, set: TokenSet, trigger: Trigger, grant: &str) -> Result<(), TokenError> {
+    fn install(
+        &mut self,
+        set: TokenSet,
+        trigger: Trigger,
+        grant: &'static str,
+    ) -> Result<(), TokenError> {
         let url = display_url(&self.config.url);
         if !set.is_bearer() && self.inject.format_is_default {
             return Err(TokenError::Unusable {
@@ -604,18 +609,18 @@ impl Refresher {
         self.publish(|s| {
             s.state = StateCell(State::Valid);
             s.generation = generation;
-            s.access_token_expires_at = expires_wall.and_then(wall);
+            s.access_token_expires_at = expires_wall.map(rfc3339);
             s.has_refresh_token = rt_held;
-            s.refresh_token_expires_at = rt_wall.and_then(wall);
-            s.next_refresh_at = next_wall.and_then(wall);
+            s.refresh_token_expires_at = rt_wall.map(rfc3339);
+            s.next_refresh_at = next_wall.map(rfc3339);
             s.last_refresh = Some(LastRefresh {
                 at: crate::clock::rfc3339(wall_now),
                 trigger: trigger.as_str(),
-                grant: static_grant(grant),
+                grant,
                 outcome: Outcome::Success.as_str(),
                 error: None,
             });
-            s.last_success_at = wall(wall_now);
+            s.last_success_at = Some(rfc3339(wall_now));
             s.refreshes_succeeded += 1;
             s.reason = None;
             s.retry_at = None;
@@ -651,14 +656,20 @@ impl Refresher {
         }
     }
 
-    fn record_failure(&mut self, trigger: Trigger, grant: &str, outcome: Outcome, e: &TokenError) {
+    fn record_failure(
+        &mut self,
+        trigger: Trigger,
+        grant: &'static str,
+        outcome: Outcome,
+        e: &TokenError,
+    ) {
         let at = crate::clock::rfc3339(self.clock.wall_now());
         let message = e.to_string();
         self.publish(|s| {
             s.last_refresh = Some(LastRefresh {
                 at,
                 trigger: trigger.as_str(),
-                grant: static_grant(grant),
+                grant,
                 outcome: outcome.as_str(),
                 error: Some(message),
             });
@@ -683,7 +694,7 @@ impl Refresher {
         let next_wall = self.clock.wall_now() + delay;
         self.publish(|s| {
             s.retry_at = retry_at;
-            s.next_refresh_at = wall(next_wall);
+            s.next_refresh_at = Some(rfc3339(next_wall));
         });
         self.set_state(if usable {
             State::Valid
@@ -714,14 +725,6 @@ impl Refresher {
 
     fn publish(&self, f: impl FnOnce(&mut Status)) {
         self.shared.status.send_modify(f);
-    }
-}
-
-fn static_grant(grant: &str) -> &'static str {
-    match grant {
-        "password" => "password",
-        "refresh_token" => "refresh_token",
-        _ => "client_credentials",
     }
 }
 

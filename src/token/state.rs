@@ -1,12 +1,11 @@
 //! Per-client token state as the outside sees it: `/status`, `/readyz`, waiters.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
 use super::Unavailable;
-use crate::clock::rfc3339;
 
 /// Where a client stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -143,8 +142,4 @@ impl Status {
             _ => self.state.0.as_str().to_owned(),
         }
     }
-}
-
-pub(crate) fn wall(t: SystemTime) -> Option<String> {
-    Some(rfc3339(t))
 }
