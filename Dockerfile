@@ -10,7 +10,7 @@
 # binary. The build stage's Rust version must be at least `rust-version` in
 # Cargo.toml (deploy/check.sh verifies this).
 
-ARG RUST_VERSION=1.85
+ARG RUST_VERSION=1.89
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src

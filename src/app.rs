@@ -26,6 +26,7 @@ use crate::proxy::route::{ListenerRoutes, Route};
 use crate::proxy::upstream::{Clients, UpstreamError};
 use crate::proxy::{self, ClientRuntime};
 use crate::server;
+use crate::store::Store;
 use crate::token::{Refresher, TokenEndpoint, TokenHandle};
 
 /// Why the sidecar could not start or reload.
@@ -49,6 +50,9 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] metrics::MetricsError),
+    /// The token store could not be opened.
+    #[error("token store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Pre-bound sockets: the admin listener and one per distinct client `listen`.
@@ -119,6 +123,7 @@ pub struct Running {
     retired: Vec<JoinHandle<()>>,
     metrics: Metrics,
     http: Clients,
+    store: Store,
     clock: SharedClock,
     draining: Arc<AtomicBool>,
 }
@@ -130,6 +135,7 @@ pub fn start(
     clock: SharedClock,
 ) -> Result<Running, StartError> {
     let metrics = Metrics::new()?;
+    let store = Store::open(&config.store)?;
     let mut http = Clients::default();
     // The default client is built up front so that a broken trust store fails the start.
     http.get(
@@ -162,6 +168,7 @@ pub fn start(
         retired: Vec::new(),
         metrics,
         http,
+        store,
         clock,
         draining,
     };
@@ -235,6 +242,9 @@ impl Running {
         }
         if new.log != self.config.log {
             summary.needs_restart.push("log");
+        }
+        if new.store != self.config.store {
+            summary.needs_restart.push("store");
         }
         let mut fresh = BTreeMap::new();
         for addr in self.wanted_listeners(&new) {
@@ -352,8 +362,13 @@ impl Running {
         let token_http = self.http.get(&client.token.tls, &client.proxy)?;
         let endpoint = TokenEndpoint::new(token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
-        let (handle, refresher) =
-            Refresher::new(client, endpoint, client_metrics.clone(), self.clock.clone());
+        let (handle, refresher) = Refresher::new(
+            client,
+            endpoint,
+            client_metrics.clone(),
+            self.clock.clone(),
+            self.store.client(client),
+        );
         let span = tracing::info_span!("refresher", client = %client.name);
         let task = tokio::spawn(refresher.run().instrument(span));
         let runtime = Arc::new(ClientRuntime::new(

@@ -46,6 +46,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod signal;
+pub mod store;
 pub mod telemetry;
 pub mod token;
 

@@ -35,6 +35,59 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     config_last_success: prometheus::Gauge,
     sidecar_errors: IntCounterVec,
+    store: StoreFamilies,
+}
+
+/// The `tokenproxy_store_*` families.
+#[derive(Clone)]
+struct StoreFamilies {
+    available: IntGaugeVec,
+    errors: IntCounterVec,
+    adopted: IntCounterVec,
+    conflicts: IntCounterVec,
+}
+
+impl StoreFamilies {
+    fn new(registry: &Registry) -> Result<StoreFamilies, MetricsError> {
+        let available = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_store_available",
+                "1 while the token store (file or redis) answers for the client, 0 while it does not (tokens are then kept in memory).",
+            ),
+            &["client"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_store_errors_total",
+                "Failed token store operations by operation (read, write, lease).",
+            ),
+            &["client", "operation"],
+        )?;
+        let adopted = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_store_tokens_adopted_total",
+                "Access tokens taken from the store (written by an earlier run or another replica) instead of asking the provider.",
+            ),
+            &["client"],
+        )?;
+        let conflicts = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_store_write_conflicts_total",
+                "Token state writes refused because the store already held a newer generation.",
+            ),
+            &["client"],
+        )?;
+        registry.register(Box::new(available.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(adopted.clone()))?;
+        registry.register(Box::new(conflicts.clone()))?;
+        Ok(StoreFamilies {
+            available,
+            errors,
+            adopted,
+            conflicts,
+        })
+    }
 }
 
 /// Why a metric family could not be registered (a programming error, surfaced at start).
@@ -129,6 +182,7 @@ impl Metrics {
             &["client", "error"],
         )?;
         registry.register(Box::new(sidecar_errors.clone()))?;
+        let store = StoreFamilies::new(&registry)?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_success.clone()))?;
         for outcome in ["success", "failure"] {
@@ -161,6 +215,7 @@ impl Metrics {
             config_reloads,
             config_last_success,
             sidecar_errors,
+            store,
         })
     }
 
@@ -325,5 +380,52 @@ impl ClientMetrics {
     /// The in-flight gauge, for a guard around each request.
     pub fn inflight(&self) -> &IntGauge {
         &self.inflight
+    }
+
+    /// Creates the client's `tokenproxy_store_*` children (file and redis stores).
+    pub fn store_init(&self) {
+        let f = &self.families.store;
+        f.available.with_label_values(&[&self.name]).set(1);
+        for op in ["read", "write", "lease"] {
+            f.errors.with_label_values(&[&self.name, op]);
+        }
+        f.adopted.with_label_values(&[&self.name]);
+        f.conflicts.with_label_values(&[&self.name]);
+    }
+
+    /// Sets whether the store answers.
+    pub fn store_available(&self, available: bool) {
+        self.families
+            .store
+            .available
+            .with_label_values(&[&self.name])
+            .set(i64::from(available));
+    }
+
+    /// Counts a failed store operation: read, write or lease.
+    pub fn store_error(&self, operation: &str) {
+        self.families
+            .store
+            .errors
+            .with_label_values(&[&self.name, operation])
+            .inc();
+    }
+
+    /// Counts an access token taken from the store.
+    pub fn store_adopted(&self) {
+        self.families
+            .store
+            .adopted
+            .with_label_values(&[&self.name])
+            .inc();
+    }
+
+    /// Counts a write refused because the store held a newer generation.
+    pub fn store_conflict(&self) {
+        self.families
+            .store
+            .conflicts
+            .with_label_values(&[&self.name])
+            .inc();
     }
 }

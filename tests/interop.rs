@@ -543,7 +543,7 @@ async fn one_request(
     seq: u64,
     stats: &Stats,
 ) {
-    let post = (seq + worker as u64) % 2 == 0;
+    let post = (seq + worker as u64).is_multiple_of(2);
     let sent_json =
         json!({"amount": seq, "currency": "EUR", "reference": format!("w{worker}-{seq}")});
     let (method, body, want) = if post {

@@ -132,7 +132,7 @@ async fn soak() {
             let mut n = 0u64;
             while running.load(Ordering::Relaxed) {
                 n += 1;
-                let method = if (n + w as u64) % 4 == 0 {
+                let method = if (n + w as u64).is_multiple_of(4) {
                     Method::POST
                 } else {
                     Method::GET

@@ -174,6 +174,11 @@ impl<'a> Expander<'a> {
         Ok((path, content))
     }
 
+    /// `text` as a path, relative ones resolved against the config file's directory.
+    pub(super) fn resolve_path(&self, text: &str) -> PathBuf {
+        self.path(text)
+    }
+
     fn path(&self, text: &str) -> PathBuf {
         let path = Path::new(text);
         match self.base_dir {

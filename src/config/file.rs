@@ -61,6 +61,10 @@ pub(super) struct RawStore {
     pub(super) key_prefix: Option<String>,
     pub(super) key: Option<String>,
     pub(super) key_file: Option<String>,
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) password_file: Option<String>,
+    pub(super) ca_file: Option<String>,
 }
 
 /// `[clients.NAME]`.

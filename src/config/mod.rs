@@ -11,11 +11,13 @@ mod egress;
 mod env;
 mod error;
 mod file;
+mod store;
 mod tls;
 
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
+pub use store::{FileStoreConfig, RedisStoreConfig, StoreConfig, StoreKey};
 pub use tls::{TlsConfig, TlsVersion};
 
 use std::collections::BTreeMap;
@@ -32,7 +34,8 @@ use http::{HeaderName, HeaderValue, StatusCode, Uri};
 use crate::secret::Secret;
 use egress::build_proxy;
 use env::Expander;
-use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawStore, RawToken, Scalar};
+use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawToken, Scalar};
+use store::build_store;
 use tls::build_tls;
 
 const KIB: usize = 1024;
@@ -166,13 +169,6 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(25),
         }
     }
-}
-
-/// `[store]`: this version keeps token state in memory only.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    /// Per-process token state (the default).
-    Memory,
 }
 
 /// `[clients.NAME]`: one OAuth client, one route.
@@ -373,7 +369,28 @@ impl Config {
         row(out, "max_connections", l.max_connections)?;
         row(out, "shutdown_grace", dur(l.shutdown_grace))?;
         writeln!(out, "store")?;
-        row(out, "kind", "memory")?;
+        row(out, "kind", self.store.kind())?;
+        match &self.store {
+            StoreConfig::Memory => {}
+            StoreConfig::File(f) => {
+                row(out, "path", f.path.display())?;
+                row(out, "key", "[redacted]")?;
+            }
+            StoreConfig::Redis(r) => {
+                row(out, "url", &r.display_url)?;
+                row(out, "key_prefix", &r.key_prefix)?;
+                row(out, "key", "[redacted]")?;
+                if let Some(u) = &r.username {
+                    row(out, "username", u)?;
+                }
+                if r.password.is_some() {
+                    row(out, "password", "[redacted]")?;
+                }
+                if r.ca_pem.is_some() {
+                    row(out, "ca_file", "set")?;
+                }
+            }
+        }
         for c in &self.clients {
             c.write_summary(out)?;
         }
@@ -558,46 +575,6 @@ fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, ConfigError> {
             .opt_duration("shutdown_grace", raw.shutdown_grace, true)?
             .unwrap_or(d.shutdown_grace),
     })
-}
-
-fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, ConfigError> {
-    let kinds = [
-        ("memory", Some(StoreConfig::Memory)),
-        ("file", None),
-        ("redis", None),
-    ];
-    let kind = t.choice(
-        "kind",
-        raw.kind.clone(),
-        Some(Some(StoreConfig::Memory)),
-        &kinds,
-    )?;
-    let Some(store) = kind else {
-        let name = raw.kind.unwrap_or_default();
-        let problem = format!("{name:?} is not supported by this version of tokenproxy");
-        let hint = "use kind = \"memory\"; token state is then kept per process";
-        return Err(t.err("kind", problem).with_hint(hint));
-    };
-    // Read the key even though memory does not use it: a broken secret mount is reported as such.
-    let key_name = if raw.key_file.is_some() {
-        "key_file"
-    } else {
-        "key"
-    };
-    let key = t.secret("key", raw.key, raw.key_file)?;
-    let unused = [
-        ("path", raw.path.is_some()),
-        ("url", raw.url.is_some()),
-        ("key_prefix", raw.key_prefix.is_some()),
-        (key_name, key.is_some()),
-    ];
-    if let Some((name, _)) = unused.iter().find(|(_, set)| *set) {
-        let hint = format!("remove {name} from [store]");
-        return Err(t
-            .err(name, "is not used by kind = \"memory\"")
-            .with_hint(hint));
-    }
-    Ok(store)
 }
 
 fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientConfig, ConfigError> {
@@ -1773,17 +1750,81 @@ client_auth = "none"
         );
     }
 
+    const STORE_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
     #[test]
-    fn store_kind_redis_is_not_supported_yet() {
-        let err = fail(&format!(
-            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\n{MIN}"
+    fn file_store_needs_a_path_and_a_32_byte_key() {
+        let c = parse(&format!(
+            "[store]\nkind = \"file\"\npath = \"state/tokens.json\"\nkey = \"{STORE_KEY}\"\n{MIN}"
         ));
-        assert_error(
-            &err,
-            "store.kind",
-            "is not supported by this version of tokenproxy",
+        match &c.store {
+            StoreConfig::File(f) => {
+                assert_eq!(f.path, Path::new("state/tokens.json"));
+                assert_eq!(f.key.expose()[31], 31);
+            }
+            other => panic!("expected a file store, got {other:?}"),
+        }
+        let summary = c.summary();
+        assert!(
+            summary.contains("path") && !summary.contains(STORE_KEY),
+            "{summary}"
         );
-        assert!(err.hint().unwrap_or("").contains("\"memory\""), "{err}");
+
+        let err = fail(&format!(
+            "[store]\nkind = \"file\"\nkey = \"{STORE_KEY}\"\n{MIN}"
+        ));
+        assert_error(&err, "store.path", "is required");
+        let err = fail(&format!(
+            "[store]\nkind = \"file\"\npath = \"t.json\"\n{MIN}"
+        ));
+        assert_error(&err, "store.key", "is required");
+        assert!(
+            err.hint().unwrap_or("").contains("openssl rand -base64 32"),
+            "{err}"
+        );
+        let err = fail(&format!(
+            "[store]\nkind = \"file\"\npath = \"t.json\"\nkey = \"c2hvcnQ=\"\n{MIN}"
+        ));
+        assert_error(&err, "store.key", "decodes to 5 bytes, not 32");
+        let err = fail(&format!(
+            "[store]\nkind = \"file\"\npath = \"t.json\"\nkey = \"{STORE_KEY}\"\nurl = \"redis://h\"\n{MIN}"
+        ));
+        assert_error(&err, "store.url", "is not used by kind = \"file\"");
+    }
+
+    #[test]
+    fn redis_store_checks_its_url_and_hides_credentials() {
+        let c = parse(&format!(
+            "[store]\nkind = \"redis\"\nurl = \"redis://:s3cret-pw@127.0.0.1:6379/2\"\nkey = \"{STORE_KEY}\"\n{MIN}"
+        ));
+        match &c.store {
+            StoreConfig::Redis(r) => {
+                assert_eq!(r.display_url, "redis://127.0.0.1:6379/2");
+                assert_eq!(r.key_prefix, "tokenproxy");
+            }
+            other => panic!("expected a redis store, got {other:?}"),
+        }
+        let summary = c.summary();
+        assert!(!summary.contains("s3cret-pw"), "{summary}");
+        assert!(summary.contains("redis://127.0.0.1:6379/2"), "{summary}");
+
+        let err = fail(&format!(
+            "[store]\nkind = \"redis\"\nurl = \"http://:s3cret-pw@h:1\"\nkey = \"{STORE_KEY}\"\n{MIN}"
+        ));
+        assert_error(&err, "store.url", "only redis:// and rediss://");
+        assert!(!err.to_string().contains("s3cret-pw"), "{err}");
+        let err = fail(&format!(
+            "[store]\nkind = \"redis\"\nkey = \"{STORE_KEY}\"\n{MIN}"
+        ));
+        assert_error(&err, "store.url", "is required");
+        let err = fail(&format!(
+            "[store]\nkind = \"redis\"\nurl = \"redis://:a@h\"\npassword = \"b\"\nkey = \"{STORE_KEY}\"\n{MIN}"
+        ));
+        assert_error(&err, "store.url", "credentials");
+        let err = fail(&format!(
+            "[store]\nkind = \"redis\"\nurl = \"redis://h\"\npath = \"t.json\"\nkey = \"{STORE_KEY}\"\n{MIN}"
+        ));
+        assert_error(&err, "store.path", "is not used by kind = \"redis\"");
         let err = fail(&format!("[store]\nkind = \"disk\"\n{MIN}"));
         assert_error(&err, "store.kind", "\"disk\" is not an accepted value");
     }

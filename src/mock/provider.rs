@@ -271,6 +271,16 @@ impl MockProvider {
         }
     }
 
+    /// Issues a live refresh token without a token request, as if a person had
+    /// authorized once (a bootstrap `refresh_token` for tests and the demo).
+    pub fn issue_refresh_token(&self) -> String {
+        let fresh = random_token();
+        self.state()
+            .refresh_tokens
+            .insert(fresh.clone(), RefreshState::Live);
+        fresh
+    }
+
     /// Invalidates every access token issued so far (the API answers 401 to them).
     pub fn revoke_all(&self) {
         lock(&self.shared.table).tokens.clear();

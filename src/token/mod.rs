@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 pub(crate) use refresher::error_chain;
 pub use refresher::{Refresher, TokenEndpoint, TokenError};
-pub use state::{LastRefresh, State, Status};
+pub use state::{LastRefresh, State, Status, StoreStatus};
 
 /// What started a token request (a label of `tokenproxy_token_refreshes_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,6 +26,9 @@ use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
 use crate::metrics::ClientMetrics;
 use crate::proxy::upstream::HttpClient;
 use crate::secret::Secret;
+use crate::store::{ClientStore, Lease};
+
+mod stored;
 
 /// Largest token endpoint response read; anything longer is an error.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -261,6 +264,36 @@ struct HeldRefreshToken {
     expires_wall: Option<SystemTime>,
 }
 
+/// The raw access token behind the current header, kept to be persisted.
+struct HeldAccessToken {
+    value: Secret,
+    expires_wall: Option<SystemTime>,
+    lifetime: Option<Duration>,
+}
+
+/// Where a published token came from.
+enum Origin {
+    /// A token endpoint call.
+    Provider {
+        trigger: Trigger,
+        grant: &'static str,
+        source: &'static str,
+    },
+    /// The store: written by an earlier run or another replica.
+    Store { generation: u64 },
+}
+
+/// Why the refresher wakes up on its own.
+#[derive(Clone, Copy, Debug)]
+enum Wake {
+    /// Time to obtain a token.
+    Refresh(Trigger),
+    /// State the store has not taken yet is to be written again.
+    WriteBack,
+    /// In `needs_authorization`: look for a refresh token stored by another process.
+    CheckStore,
+}
+
 /// The background task that obtains and renews one client's token.
 pub struct Refresher {
     client: String,
@@ -272,12 +305,14 @@ pub struct Refresher {
     metrics: ClientMetrics,
     clock: SharedClock,
     refresh_token: Option<HeldRefreshToken>,
+    access: Option<HeldAccessToken>,
     current: Option<Arc<Token>>,
     refresh_at: Option<Instant>,
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
     needs_authorization: bool,
+    store: stored::StoreLink,
 }
 
 impl Refresher {
@@ -287,6 +322,7 @@ impl Refresher {
         endpoint: TokenEndpoint,
         metrics: ClientMetrics,
         clock: SharedClock,
+        store: ClientStore,
     ) -> (super::TokenHandle, Refresher) {
         let (handle, shared, commands) = super::channel(client.token_wait_timeout);
         let refresh_token = client
@@ -308,12 +344,14 @@ impl Refresher {
             metrics,
             clock,
             refresh_token,
+            access: None,
             current: None,
             refresh_at: None,
             generation: 0,
             failures: 0,
             retry_at: None,
             needs_authorization: false,
+            store: stored::StoreLink::new(store),
         };
         refresher.publish(|s| s.has_refresh_token = refresher.refresh_token.is_some());
         (handle, refresher)
@@ -322,6 +360,10 @@ impl Refresher {
     /// Runs until aborted: obtains the first token, then renews ahead of expiry,
     /// on demand and after a 401.
     pub async fn run(mut self) {
+        if self.store.client.is_persistent() {
+            self.metrics.store_init();
+            self.publish_store();
+        }
         let mut trigger = Some(Trigger::Startup);
         loop {
             if let Some(t) = trigger.take() {
@@ -329,9 +371,12 @@ impl Refresher {
             }
             let wake = self.next_wake();
             tokio::select! {
-                () = sleep_until_opt(wake.map(|w| w.0)) => {
-                    trigger = wake.map(|w| w.1);
-                }
+                () = sleep_until_opt(wake.map(|w| w.0)) => match wake.map(|w| w.1) {
+                    Some(Wake::Refresh(t)) => trigger = Some(t),
+                    Some(Wake::WriteBack) => self.write_back().await,
+                    Some(Wake::CheckStore) => trigger = self.check_store_for_authorization().await,
+                    None => {}
+                },
                 command = self.commands.recv() => match command {
                     None => return,
                     Some(Command::Need) => trigger = self.on_need(),
@@ -350,28 +395,41 @@ impl Refresher {
         self.current.as_ref().is_some_and(|t| t.is_usable(now))
     }
 
-    fn next_wake(&self) -> Option<(Instant, Trigger)> {
-        if self.needs_authorization && !self.token_usable(Instant::now()) {
-            return None;
-        }
+    fn next_wake(&self) -> Option<(Instant, Wake)> {
+        let write_back = self.store.write_back_at.map(|at| (at, Wake::WriteBack));
+        [self.next_refresh(), write_back]
+            .into_iter()
+            .flatten()
+            .min_by_key(|w| w.0)
+    }
+
+    fn next_refresh(&self) -> Option<(Instant, Wake)> {
         let now = Instant::now();
-        if let Some(at) = self.retry_at {
-            let trigger = if self.token_usable(now) {
-                Trigger::Proactive
-            } else {
-                Trigger::Expired
-            };
-            return Some((at, trigger));
-        }
         if self.needs_authorization {
-            // Keep serving the last token; wake when it dies to update the state.
-            return self
+            // Keep serving the last token; wake when it dies to update the state,
+            // and look in the store for a refresh token another process put there.
+            let expiry = self
                 .current
                 .as_ref()
+                .filter(|t| t.is_usable(now))
                 .and_then(|t| t.usable_until)
-                .map(|at| (at, Trigger::Expired));
+                .map(|at| (at, Wake::Refresh(Trigger::Expired)));
+            let check = self.store.check_at.map(|at| (at, Wake::CheckStore));
+            return [expiry, check].into_iter().flatten().min_by_key(|w| w.0);
         }
-        self.refresh_at.map(|at| (at, Trigger::Proactive))
+        let trigger = if self.token_usable(now) {
+            Trigger::Proactive
+        } else {
+            Trigger::Expired
+        };
+        if let Some(at) = self.store.recheck_at {
+            return Some((at, Wake::Refresh(trigger)));
+        }
+        if let Some(at) = self.retry_at {
+            return Some((at, Wake::Refresh(trigger)));
+        }
+        self.refresh_at
+            .map(|at| (at, Wake::Refresh(Trigger::Proactive)))
     }
 
     fn on_need(&mut self) -> Option<Trigger> {
@@ -383,6 +441,10 @@ impl Refresher {
         }
         if self.needs_authorization {
             self.set_state(State::NeedsAuthorization);
+            return None;
+        }
+        if self.store.following() {
+            // Another replica is refreshing; the next look at the store is planned.
             return None;
         }
         if self.retry_at.is_some_and(|at| at > now) {
@@ -403,6 +465,7 @@ impl Refresher {
         }
         info!(client = %self.client, generation, "upstream rejected the token; refreshing");
         self.current = None;
+        self.access = None;
         self.refresh_at = None;
         self.metrics.set_expiry(0.0);
         self.publish(|s| s.access_token_expires_at = None);
@@ -424,7 +487,9 @@ impl Refresher {
             usable_until: None,
             expires_wall: None,
         });
+        self.store.operator_refresh_token = true;
         self.needs_authorization = false;
+        self.store.check_at = None;
         self.failures = 0;
         self.retry_at = None;
         self.publish(|s| {
@@ -441,10 +506,52 @@ impl Refresher {
             return;
         }
         let starting = self.generation == 0 && self.failures == 0;
-        if !starting {
+        if !starting && !self.store.following() {
             self.set_state(State::Refreshing);
         }
+        let mut lease = None;
+        if self.store.client.is_persistent() {
+            match self.coordinate().await {
+                stored::Coordination::Adopted => return,
+                stored::Coordination::Follow => {
+                    self.follow();
+                    return;
+                }
+                stored::Coordination::Lead(l) => lease = Some(l),
+                stored::Coordination::Unreachable => {
+                    if self.wait_for_store() {
+                        return;
+                    }
+                }
+            }
+        }
+        let outcome = self.request_token(trigger, lease.as_ref()).await;
+        if let Some(lease) = lease {
+            self.finish_lease(lease, outcome).await;
+        }
+    }
+
+    /// Calls the token endpoint until a token is installed or a failure backs
+    /// off; `Err` carries the backoff delay.
+    async fn request_token(
+        &mut self,
+        trigger: Trigger,
+        lease: Option<&Lease>,
+    ) -> Result<(), Duration> {
+        self.store
+            .set_role(if lease.is_some() && self.store.client.is_shared() {
+                Some("leader")
+            } else if self.store.client.is_shared() {
+                Some("local")
+            } else {
+                None
+            });
+        let mut first = true;
         loop {
+            if !first {
+                self.keep_lease(lease).await;
+            }
+            first = false;
             let now = Instant::now();
             let refresh = self
                 .refresh_token
@@ -462,19 +569,22 @@ impl Refresher {
                     self.enter_needs_authorization(
                         "no usable refresh token and no other credential configured".into(),
                     );
-                    return;
+                    return Ok(());
                 }
             };
             let grant = kind.label(&self.config);
             let started = Instant::now();
             let result = self.endpoint.call(&self.config, kind).await;
-            let result = result.and_then(|set| self.install(set, trigger, grant));
+            let result = match result {
+                Ok(set) => self.install(set, trigger, grant).await,
+                Err(e) => Err(e),
+            };
             let elapsed = started.elapsed().as_secs_f64();
             match result {
                 Ok(()) => {
                     self.metrics
                         .token_request(trigger, grant, Outcome::Success, elapsed);
-                    return;
+                    return Ok(());
                 }
                 Err(e) => {
                     let outcome = e.outcome();
@@ -483,16 +593,14 @@ impl Refresher {
                     let was_refresh = matches!(kind, GrantKind::Refresh(_));
                     if was_refresh && e.is_rejection() {
                         warn!(client = %self.client, error = %e, "refresh token rejected; dropping it");
-                        self.refresh_token = None;
-                        self.publish(|s| {
-                            s.has_refresh_token = false;
-                            s.refresh_token_expires_at = None;
-                        });
+                        self.drop_refresh_token();
                         if self.has_primary_grant() {
                             continue;
                         }
                         self.enter_needs_authorization(format!("refresh token rejected: {e}"));
-                        return;
+                        // Tell the store, so that replicas and restarts do not send it again.
+                        self.persist().await;
+                        return Ok(());
                     }
                     if was_refresh && e.is_ambiguous() && self.has_primary_grant() {
                         // The provider may have rotated the refresh token without our
@@ -500,21 +608,27 @@ impl Refresher {
                         // revoke the whole grant. The primary grant is safe to repeat.
                         warn!(client = %self.client, error = %e,
                             "refresh outcome unknown; not reusing the refresh token, the next attempt uses the full grant");
-                        self.refresh_token = None;
-                        self.publish(|s| {
-                            s.has_refresh_token = false;
-                            s.refresh_token_expires_at = None;
-                        });
+                        self.drop_refresh_token();
+                        self.persist().await;
                     }
-                    self.back_off(&e);
-                    return;
+                    return Err(self.back_off(&e));
                 }
             }
         }
     }
 
-    /// Publishes a token from a successful response.
-    fn install(
+    fn drop_refresh_token(&mut self) {
+        self.refresh_token = None;
+        self.publish(|s| {
+            s.has_refresh_token = false;
+            s.refresh_token_expires_at = None;
+        });
+    }
+
+    /// Installs a token from a successful response: the new state is persisted
+    /// first (a rotated refresh token must outlive a crash right after), then
+    /// the token is published.
+    async fn install(
         &mut self,
         set: TokenSet,
         trigger: Trigger,
@@ -544,21 +658,16 @@ impl Refresher {
                 });
             }
         }
-        let mut header = http::HeaderValue::from_str(&format!(
-            "{}{}{}",
-            self.inject.prefix,
-            set.access_token.expose(),
-            self.inject.suffix
-        ))
-        .map_err(|_| TokenError::Unusable {
-            url: url.clone(),
-            reason: "the access token has characters not allowed in an HTTP header".into(),
-        })?;
-        header.set_sensitive(true);
+        let header = self
+            .header_for(&set.access_token)
+            .ok_or_else(|| TokenError::Unusable {
+                url: url.clone(),
+                reason: "the access token has characters not allowed in an HTTP header".into(),
+            })?;
 
         let now = Instant::now();
         let wall_now = self.clock.wall_now();
-        // Rotation: store the new refresh token before anything else can run.
+        // Rotation: hold the new refresh token before anything else can run.
         if let Some(rt) = set.refresh_token {
             let rt_lifetime = match set.refresh_token_lifetime {
                 // An expiry already past on our clock is skew, not a dead token just issued.
@@ -575,33 +684,110 @@ impl Refresher {
                 expires_wall: rt_lifetime.map(|l| wall_now + l),
             });
         }
+        self.access = Some(HeldAccessToken {
+            value: set.access_token,
+            expires_wall: lifetime.map(|l| wall_now + l),
+            lifetime,
+        });
+        if self.persist().await {
+            // Another replica stored a newer token meanwhile, and it was taken instead.
+            return Ok(());
+        }
+        self.store.operator_refresh_token = false;
+        let origin = Origin::Provider {
+            trigger,
+            grant,
+            source: set.lifetime_source.as_str(),
+        };
+        self.publish_token(header, lifetime, lifetime, origin);
+        Ok(())
+    }
+
+    /// The header value to inject for `access_token`, marked sensitive.
+    fn header_for(&self, access_token: &Secret) -> Option<http::HeaderValue> {
+        let mut header = http::HeaderValue::from_str(&format!(
+            "{}{}{}",
+            self.inject.prefix,
+            access_token.expose(),
+            self.inject.suffix
+        ))
+        .ok()?;
+        header.set_sensitive(true);
+        Some(header)
+    }
+
+    /// Makes `header` the current token: usable for `remaining`, refreshed ahead
+    /// of that by the margin for a token of `lifetime`.
+    fn publish_token(
+        &mut self,
+        header: http::HeaderValue,
+        remaining: Option<Duration>,
+        lifetime: Option<Duration>,
+        origin: Origin,
+    ) {
+        let now = Instant::now();
+        let wall_now = self.clock.wall_now();
         self.generation += 1;
         let token = Arc::new(Token {
             generation: self.generation,
             header,
-            usable_until: lifetime.map(|l| now + l),
+            usable_until: remaining.map(|l| now + l),
         });
         self.shared.current.store(Some(Arc::clone(&token)));
         self.current = Some(token);
-        self.refresh_at = lifetime.map(|l| now + l - refresh_margin(l, self.config.refresh_before));
+        self.refresh_at = remaining.map(|r| {
+            let margin = refresh_margin(lifetime.unwrap_or(r), self.config.refresh_before);
+            now + r.saturating_sub(margin)
+        });
         self.failures = 0;
         self.retry_at = None;
-        let expires_wall = lifetime.map(|l| wall_now + l);
+        self.store.recheck_at = None;
+        self.store.set_role(None);
+        let expires_wall = remaining.map(|l| wall_now + l);
         self.metrics
             .set_expiry(expires_wall.map(epoch_seconds).unwrap_or(f64::INFINITY));
         let next_wall = self
             .refresh_at
             .map(|at| wall_now + at.saturating_duration_since(now));
-        info!(
-            client = %self.client,
-            trigger = trigger.as_str(),
-            grant,
-            generation = self.generation,
-            expires_in_s = lifetime.map(|l| l.as_secs()),
-            lifetime_source = set.lifetime_source.as_str(),
-            "token obtained"
-        );
         let generation = self.generation;
+        let last_refresh = match origin {
+            Origin::Provider {
+                trigger,
+                grant,
+                source,
+            } => {
+                info!(
+                    client = %self.client,
+                    trigger = trigger.as_str(),
+                    grant,
+                    generation,
+                    expires_in_s = remaining.map(|l| l.as_secs()),
+                    lifetime_source = source,
+                    "token obtained"
+                );
+                Some(LastRefresh {
+                    at: crate::clock::rfc3339(wall_now),
+                    trigger: trigger.as_str(),
+                    grant,
+                    outcome: Outcome::Success.as_str(),
+                    error: None,
+                })
+            }
+            Origin::Store {
+                generation: stored_generation,
+            } => {
+                info!(
+                    client = %self.client,
+                    generation,
+                    stored_generation,
+                    store = self.store.client.kind(),
+                    expires_in_s = remaining.map(|l| l.as_secs()),
+                    "token taken from the store"
+                );
+                self.metrics.store_adopted();
+                None
+            }
+        };
         let (rt_held, rt_wall) = match &self.refresh_token {
             Some(rt) => (true, rt.expires_wall),
             None => (false, None),
@@ -613,20 +799,16 @@ impl Refresher {
             s.has_refresh_token = rt_held;
             s.refresh_token_expires_at = rt_wall.map(rfc3339);
             s.next_refresh_at = next_wall.map(rfc3339);
-            s.last_refresh = Some(LastRefresh {
-                at: crate::clock::rfc3339(wall_now),
-                trigger: trigger.as_str(),
-                grant,
-                outcome: Outcome::Success.as_str(),
-                error: None,
-            });
-            s.last_success_at = Some(rfc3339(wall_now));
-            s.refreshes_succeeded += 1;
+            if let Some(lr) = last_refresh {
+                s.last_refresh = Some(lr);
+                s.last_success_at = Some(rfc3339(wall_now));
+                s.refreshes_succeeded += 1;
+            }
             s.reason = None;
             s.retry_at = None;
         });
         self.metrics.set_state(State::Valid);
-        Ok(())
+        self.publish_store();
     }
 
     /// The access token lifetime to schedule by, measured from now (the moment
@@ -677,7 +859,7 @@ impl Refresher {
         });
     }
 
-    fn back_off(&mut self, e: &TokenError) {
+    fn back_off(&mut self, e: &TokenError) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let delay = backoff_delay(self.failures, e.retry_after());
         let now = Instant::now();
@@ -701,6 +883,7 @@ impl Refresher {
         } else {
             State::Unavailable
         });
+        delay
     }
 
     fn enter_needs_authorization(&mut self, reason: String) {
@@ -709,6 +892,9 @@ impl Refresher {
             self.client
         );
         self.needs_authorization = true;
+        if self.store.client.is_persistent() {
+            self.store.check_at = Some(Instant::now() + stored::AUTHORIZATION_POLL);
+        }
         error!(client = %self.client, reason = %reason,
             "client needs authorization: a new refresh token must be provided");
         self.publish(|s| {

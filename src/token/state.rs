@@ -92,8 +92,31 @@ pub struct Status {
     /// Why the client is not ready, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The token store, when state is kept beyond this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
     #[serde(skip)]
     pub(crate) retry_at: Option<Instant>,
+}
+
+/// Where a client's token state is persisted or shared, and whether that works.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreStatus {
+    /// file | redis.
+    pub kind: &'static str,
+    /// Whether the last store operation succeeded.
+    pub available: bool,
+    /// The last store error, while it is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the newest token state still has to be written back.
+    pub write_pending: bool,
+    /// The generation of the stored record this process's state matches.
+    pub generation: u64,
+    /// What this process does for the client: `leader` while it refreshes,
+    /// `follower` while another replica does, `local` while the store is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
 }
 
 /// [`State`] with a default, so `Status` can derive `Default`.

@@ -1,0 +1,307 @@
+//! `[store]`: where token state lives (memory, an encrypted file, or Redis).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::file::RawStore;
+use super::{ConfigError, Table};
+use crate::secret::Secret;
+
+const KEY_HINT: &str =
+    "use 32 random bytes in base64, e.g. the output of `openssl rand -base64 32`";
+const REDIS_URL_HINT: &str =
+    "write it like \"redis://127.0.0.1:6379/0\" or \"rediss://redis.internal:6380/0\"";
+
+/// `[store]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Per-process token state (the default); lost on restart.
+    Memory,
+    /// One encrypted file for every client, for one process.
+    File(FileStoreConfig),
+    /// A shared Redis, for replicas of one app sharing one OAuth client.
+    Redis(RedisStoreConfig),
+}
+
+impl StoreConfig {
+    /// The `kind` spelling.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Memory => "memory",
+            StoreConfig::File(_) => "file",
+            StoreConfig::Redis(_) => "redis",
+        }
+    }
+}
+
+/// `kind = "file"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStoreConfig {
+    /// The state file (resolved against the config file's directory).
+    pub path: PathBuf,
+    /// Encrypts the state.
+    pub key: StoreKey,
+}
+
+/// `kind = "redis"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStoreConfig {
+    /// The full URL, which may hold a password.
+    pub url: Secret,
+    /// The URL without credentials, for messages.
+    pub display_url: String,
+    /// Prepended to every key (`PREFIX:CLIENT:token`).
+    pub key_prefix: String,
+    /// Encrypts the values.
+    pub key: StoreKey,
+    /// AUTH user name, when not in the URL.
+    pub username: Option<String>,
+    /// AUTH password, when not in the URL.
+    pub password: Option<Secret>,
+    /// Extra CA certificates (PEM) to trust for `rediss://`.
+    pub ca_pem: Option<String>,
+}
+
+/// The 32-byte key that encrypts stored token state. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreKey([u8; 32]);
+
+impl StoreKey {
+    /// Decodes a base64 key of exactly 32 bytes.
+    pub fn from_base64(text: &str) -> Result<StoreKey, String> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| "is not valid base64".to_owned())?;
+        let key: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("decodes to {} bytes, not 32", bytes.len()))?;
+        Ok(StoreKey(key))
+    }
+
+    /// The key bytes; call only where they are handed to the cipher.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoreKey([redacted])")
+    }
+}
+
+pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, ConfigError> {
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Memory,
+        File,
+        Redis,
+    }
+    let kinds = [
+        ("memory", Kind::Memory),
+        ("file", Kind::File),
+        ("redis", Kind::Redis),
+    ];
+    let kind = t.choice("kind", raw.kind.clone(), Some(Kind::Memory), &kinds)?;
+    let key_name = if raw.key_file.is_some() {
+        "key_file"
+    } else {
+        "key"
+    };
+    // Read the key even where it is not used: a broken secret mount is reported as such.
+    let key = t.secret("key", raw.key, raw.key_file)?;
+    let password_name = if raw.password_file.is_some() {
+        "password_file"
+    } else {
+        "password"
+    };
+    let password = t.secret("password", raw.password, raw.password_file)?;
+    let kind_name = match kind {
+        Kind::Memory => "memory",
+        Kind::File => "file",
+        Kind::Redis => "redis",
+    };
+    let unused = |name: &str| {
+        t.err(name, format!("is not used by kind = \"{kind_name}\""))
+            .with_hint(format!("remove {name} from [store]"))
+    };
+    let redis_only = [
+        ("url", raw.url.is_some()),
+        ("key_prefix", raw.key_prefix.is_some()),
+        ("username", raw.username.is_some()),
+        (password_name, password.is_some()),
+        ("ca_file", raw.ca_file.is_some()),
+    ];
+    let parse_key = |key: Option<Secret>| -> Result<StoreKey, ConfigError> {
+        let key = t.required(
+            "key",
+            key,
+            "set key_file (or key = \"${TOKENPROXY_STORE_KEY}\") to 32 random bytes in base64 (openssl rand -base64 32)",
+        )?;
+        StoreKey::from_base64(key.expose())
+            .map_err(|problem| t.err(key_name, problem).with_hint(KEY_HINT))
+    };
+    match kind {
+        Kind::Memory => {
+            let file_only = [("path", raw.path.is_some()), (key_name, key.is_some())];
+            if let Some((name, _)) = redis_only.iter().chain(&file_only).find(|(_, set)| *set) {
+                return Err(unused(name));
+            }
+            Ok(StoreConfig::Memory)
+        }
+        Kind::File => {
+            if let Some((name, _)) = redis_only.iter().find(|(_, set)| *set) {
+                return Err(unused(name));
+            }
+            let path = t.required(
+                "path",
+                t.non_empty("path", raw.path)?,
+                "set path to a file on a persistent volume, e.g. \"/var/lib/tokenproxy/tokens.json\"",
+            )?;
+            let key = parse_key(key)?;
+            Ok(StoreConfig::File(FileStoreConfig {
+                path: t.x.resolve_path(&path),
+                key,
+            }))
+        }
+        Kind::Redis => {
+            if raw.path.is_some() {
+                return Err(unused("path"));
+            }
+            let url = t.required(
+                "url",
+                t.non_empty("url", raw.url)?,
+                "set url to your Redis, e.g. \"redis://127.0.0.1:6379/0\"",
+            )?;
+            let (display_url, has_credentials) = check_redis_url(&url)
+                .map_err(|problem| t.err("url", problem).with_hint(REDIS_URL_HINT))?;
+            let username = t.non_empty("username", raw.username)?;
+            if has_credentials && (username.is_some() || password.is_some()) {
+                return Err(t
+                    .err("url", "holds credentials and username/password are set too")
+                    .with_hint("give the credentials in one place"));
+            }
+            if username.is_some() && password.is_none() {
+                return Err(t
+                    .err("username", "is set without a password")
+                    .with_hint("set password or password_file"));
+            }
+            let key_prefix = match t.opt("key_prefix", raw.key_prefix)? {
+                Some(p) if p.is_empty() || p.contains(char::is_whitespace) => {
+                    return Err(t
+                        .err("key_prefix", format!("{p:?} is empty or has whitespace"))
+                        .with_hint("write it like \"tokenproxy\" or \"payments:tokenproxy\""))
+                }
+                Some(p) => p,
+                None => "tokenproxy".to_owned(),
+            };
+            let ca_pem = match raw.ca_file {
+                Some(path) => {
+                    let (path, pem) = t.x.read(&t.key("ca_file"), &path)?;
+                    if !CertificateDer::pem_slice_iter(pem.as_bytes()).any(|c| c.is_ok()) {
+                        return Err(t
+                            .err(
+                                "ca_file",
+                                format!("{} holds no PEM certificate", path.display()),
+                            )
+                            .with_hint(
+                                "use a PEM bundle with -----BEGIN CERTIFICATE----- blocks",
+                            ));
+                    }
+                    if !display_url.starts_with("rediss://") {
+                        return Err(t
+                            .err("ca_file", "is set but url is not rediss://")
+                            .with_hint("use a rediss:// URL for TLS, or remove ca_file"));
+                    }
+                    Some(pem)
+                }
+                None => None,
+            };
+            let key = parse_key(key)?;
+            Ok(StoreConfig::Redis(RedisStoreConfig {
+                url: Secret::new(url),
+                display_url,
+                key_prefix,
+                key,
+                username,
+                password,
+                ca_pem,
+            }))
+        }
+    }
+}
+
+/// Checks a `redis://` or `rediss://` URL; returns it without credentials, and
+/// whether it had any. Problems never quote the URL (it may hold a password).
+fn check_redis_url(url: &str) -> Result<(String, bool), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("is not a redis:// or rediss:// URL".into());
+    };
+    if !matches!(scheme, "redis" | "rediss") {
+        return Err(format!(
+            "has scheme {scheme:?}; only redis:// and rediss:// are supported"
+        ));
+    }
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (credentials, host) = match authority.rsplit_once('@') {
+        Some((_, h)) => (true, h),
+        None => (false, authority),
+    };
+    if host.is_empty() || host.starts_with(':') {
+        return Err("has no host".into());
+    }
+    let db = path.trim_start_matches('/').split('?').next().unwrap_or("");
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err(format!("has database {db:?}, which is not a number"));
+    }
+    redis::Client::open(url).map_err(|_| "is not a valid Redis URL".to_owned())?;
+    Ok((format!("{scheme}://{host}{path}"), credentials))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_must_be_32_bytes_of_base64() {
+        let ok = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        assert_eq!(StoreKey::from_base64(&ok).map(|k| k.0[0]), Ok(7));
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 16]);
+        assert_eq!(
+            StoreKey::from_base64(&short).err().as_deref(),
+            Some("decodes to 16 bytes, not 32")
+        );
+        assert_eq!(
+            StoreKey::from_base64("not base64!").err().as_deref(),
+            Some("is not valid base64")
+        );
+        assert_eq!(format!("{:?}", StoreKey([1; 32])), "StoreKey([redacted])");
+    }
+
+    #[test]
+    fn redis_urls_are_checked_and_shown_without_credentials() {
+        assert_eq!(
+            check_redis_url("redis://:pw@127.0.0.1:6379/2"),
+            Ok(("redis://127.0.0.1:6379/2".into(), true))
+        );
+        assert_eq!(
+            check_redis_url("rediss://cache.internal:6380"),
+            Ok(("rediss://cache.internal:6380".into(), false))
+        );
+        let err = check_redis_url("http://:hunter2@x:1").unwrap_err();
+        assert!(
+            err.contains("\"http\"") && !err.contains("hunter2"),
+            "{err}"
+        );
+        assert_eq!(check_redis_url("redis://:pw@/0"), Err("has no host".into()));
+        assert!(check_redis_url("redis://h:1/abc").is_err());
+    }
+}

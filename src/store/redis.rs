@@ -1,0 +1,243 @@
+//! `kind = "redis"`: one hash per client, a lease per client, fenced writes.
+//!
+//! Keys (PREFIX is `key_prefix`, CLIENT the client's name):
+//! - `PREFIX:CLIENT:token`, a hash with `generation`, `binding` and `data` (the
+//!   sealed state). Written only by a script that refuses a generation not above
+//!   the stored one.
+//! - `PREFIX:CLIENT:lease`, a string `SET NX PX`: the replica holding it is the
+//!   only one that calls the provider for this client. It is released (or
+//!   extended while its holder backs off) by scripts that check the holder.
+//!
+//! The connection is made lazily and remade after failures, so tokenproxy starts
+//! and serves while Redis is down. Every command is bounded by [`OP_TIMEOUT`].
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, IntoConnectionInfo, Script};
+
+use super::{Envelope, Saved, StoreError};
+use crate::config::RedisStoreConfig;
+
+/// Longest time one Redis command may take, connecting included.
+const OP_TIMEOUT: Duration = Duration::from_secs(1);
+
+const SAVE: &str = r"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+if cur >= tonumber(ARGV[1]) then return cur end
+redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'data', ARGV[3])
+return -1
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+pub(crate) struct RedisBackend {
+    manager: ConnectionManager,
+    prefix: String,
+    display_url: String,
+    /// Identifies this process in the lease value: `pid:random`.
+    instance: String,
+    save: Script,
+    release: Script,
+    extend: Script,
+}
+
+impl RedisBackend {
+    pub(crate) fn open(config: &RedisStoreConfig) -> Result<RedisBackend, StoreError> {
+        let bad = |what: &str, e: redis::RedisError| {
+            StoreError::Unavailable(format!(
+                "store.url {}: {what}: {}",
+                config.display_url,
+                describe(&e)
+            ))
+        };
+        let mut info = config
+            .url
+            .expose()
+            .into_connection_info()
+            .map_err(|e| bad("invalid URL", e))?;
+        if let Some(password) = &config.password {
+            let mut settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            if let Some(user) = &config.username {
+                settings = settings.set_username(user);
+            }
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &config.ca_pem {
+            Some(pem) => Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.as_bytes().to_vec()),
+                },
+            ),
+            None => Client::open(info),
+        }
+        .map_err(|e| bad("cannot set up the client", e))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(200));
+        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| bad("cannot set up the connection", e))?;
+        Ok(RedisBackend {
+            manager,
+            prefix: config.key_prefix.clone(),
+            display_url: config.display_url.clone(),
+            instance: format!("{}:{:016x}", std::process::id(), fastrand::u64(..)),
+            save: Script::new(SAVE),
+            release: Script::new(RELEASE),
+            extend: Script::new(EXTEND),
+        })
+    }
+
+    fn key(&self, client: &str, what: &str) -> String {
+        format!("{}:{client}:{what}", self.prefix)
+    }
+
+    async fn run<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(OP_TIMEOUT * 2, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "redis {} {what}: {}",
+                self.display_url,
+                describe(&e)
+            ))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis {} {what}: no answer within {} s",
+                self.display_url,
+                (OP_TIMEOUT * 2).as_secs()
+            ))),
+        }
+    }
+
+    pub(crate) async fn load(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
+        let mut conn = self.manager.clone();
+        let key = self.key(client, "token");
+        let (generation, binding, data): (Option<u64>, Option<String>, Option<String>) = self
+            .run(
+                "read",
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("generation")
+                    .arg("binding")
+                    .arg("data")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(match (generation, binding, data) {
+            (Some(generation), Some(binding), Some(data)) => Some(Envelope {
+                generation,
+                binding,
+                data,
+            }),
+            (Some(generation), _, _) => Some(Envelope {
+                generation,
+                binding: String::new(),
+                data: String::new(),
+            }),
+            _ => None,
+        })
+    }
+
+    pub(crate) async fn save(
+        &self,
+        client: &str,
+        envelope: &Envelope,
+    ) -> Result<Saved, StoreError> {
+        let mut conn = self.manager.clone();
+        let key = self.key(client, "token");
+        let mut invocation = self.save.key(&key);
+        invocation
+            .arg(envelope.generation)
+            .arg(&envelope.binding)
+            .arg(&envelope.data);
+        let answer: i64 = self
+            .run("write", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(if answer < 0 {
+            Saved::Written
+        } else {
+            Saved::Stale {
+                generation: answer as u64,
+            }
+        })
+    }
+
+    pub(crate) async fn try_lease(
+        &self,
+        client: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let mut conn = self.manager.clone();
+        let key = self.key(client, "lease");
+        let value = format!("{}:{:08x}", self.instance, fastrand::u32(..));
+        let answer: Option<String> = self
+            .run(
+                "lease",
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(answer.map(|_| value))
+    }
+
+    pub(crate) async fn extend_lease(
+        &self,
+        client: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.manager.clone();
+        let key = self.key(client, "lease");
+        let mut invocation = self.extend.key(&key);
+        invocation.arg(value).arg(ttl.as_millis().max(1) as u64);
+        let extended: i64 = self
+            .run("lease extension", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(extended == 1)
+    }
+
+    pub(crate) async fn release(&self, client: &str, value: &str) -> Result<(), StoreError> {
+        let mut conn = self.manager.clone();
+        let key = self.key(client, "lease");
+        let mut invocation = self.release.key(&key);
+        invocation.arg(value);
+        let _released: i64 = self
+            .run("lease release", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+}
+
+/// A Redis error on one line, without the URL (which may hold a password).
+fn describe(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    if text.contains('@') {
+        format!("{:?}", e.kind())
+    } else {
+        text
+    }
+}

@@ -1,0 +1,455 @@
+//! The refresher's side of the token store (file or Redis).
+//!
+//! Before a token request the refresher reads the stored record: a newer one
+//! (from an earlier run, another replica, or `tokenproxy token`) is taken
+//! instead of calling the provider when its access token is fresh, and its
+//! refresh token is taken in any case, since it is the newest of a rotating
+//! chain. With Redis, only the replica holding the client's lease calls the
+//! provider; the others follow, looking at the record every [`FOLLOW_POLL`]
+//! until the new token appears or the lease is free.
+//!
+//! Every new state is written before its token is used. When the store cannot
+//! be reached, the token in memory keeps serving and the refresher looks again
+//! every [`STORE_RETRY`]; only when the token is about to die does it refresh
+//! on its own, and the state is written back once the store answers (newest
+//! generation wins).
+
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, Trigger};
+use crate::store::{ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState};
+use crate::token::state::StoreStatus;
+
+/// How often a follower looks at the record while another replica refreshes.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+/// How often an unreachable store is tried again while the token is still good.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to write back state the store has not taken.
+const WRITE_BACK_MAX: Duration = Duration::from_secs(10);
+/// How often a client in `needs_authorization` looks for a new refresh token.
+pub(super) const AUTHORIZATION_POLL: Duration = Duration::from_secs(2);
+/// How much longer than `token.timeout` a lease lasts: the leader's request is
+/// over (answered or timed out) well before another replica may take over.
+const LEASE_SLACK: Duration = Duration::from_secs(2);
+
+/// What the store says before a token request.
+pub(super) enum Coordination {
+    /// A fresh token came from the store; no request is needed.
+    Adopted,
+    /// This process calls the provider (holding the lease, with Redis).
+    Lead(Lease),
+    /// Another replica holds the lease: look again shortly.
+    Follow,
+    /// The store cannot be used now (already recorded).
+    Unreachable,
+}
+
+/// The refresher's store state.
+pub(super) struct StoreLink {
+    pub(super) client: ClientStore,
+    /// The generation of the stored record this process's state matches.
+    generation: u64,
+    /// The highest generation seen in the store, including ignored records.
+    seen: u64,
+    /// A lease kept through a backoff, so the retry needs no new one.
+    lease: Option<Lease>,
+    /// The store has not taken the newest state yet.
+    write_pending: bool,
+    pub(super) write_back_at: Option<Instant>,
+    write_back_failures: u32,
+    /// When to look at the store again (following, or waiting for it to answer).
+    pub(super) recheck_at: Option<Instant>,
+    following: bool,
+    /// In `needs_authorization`: when to look for a new refresh token.
+    pub(super) check_at: Option<Instant>,
+    available: bool,
+    error: Option<String>,
+    role: Option<&'static str>,
+    /// The refresh token came from an operator: use it, do not take the stored one.
+    pub(super) operator_refresh_token: bool,
+}
+
+impl StoreLink {
+    pub(super) fn new(client: ClientStore) -> StoreLink {
+        StoreLink {
+            client,
+            generation: 0,
+            seen: 0,
+            lease: None,
+            write_pending: false,
+            write_back_at: None,
+            write_back_failures: 0,
+            recheck_at: None,
+            following: false,
+            check_at: None,
+            available: true,
+            error: None,
+            role: None,
+            operator_refresh_token: false,
+        }
+    }
+
+    /// Whether another replica is refreshing and a look at the store is planned.
+    pub(super) fn following(&self) -> bool {
+        self.following && self.recheck_at.is_some()
+    }
+
+    pub(super) fn set_role(&mut self, role: Option<&'static str>) {
+        self.role = role;
+        if role.is_none() {
+            self.following = false;
+        }
+    }
+
+    fn lease_ttl(config: &crate::config::TokenConfig) -> Duration {
+        config.timeout + LEASE_SLACK
+    }
+}
+
+impl Refresher {
+    /// Reads the store and decides who calls the provider.
+    pub(super) async fn coordinate(&mut self) -> Coordination {
+        let ttl = StoreLink::lease_ttl(&self.config);
+        let loaded = match self.store.client.load().await {
+            Ok(l) => l,
+            Err(e) => {
+                self.store_failed("read", &e);
+                return Coordination::Unreachable;
+            }
+        };
+        self.store_ok();
+        if self.take_loaded(loaded) {
+            if let Some(lease) = self.store.lease.take() {
+                self.release(lease).await;
+            }
+            return Coordination::Adopted;
+        }
+        if let Some(lease) = self.store.lease.take() {
+            match self.store.client.extend_lease(&lease, ttl).await {
+                Ok(true) => return Coordination::Lead(lease),
+                Ok(false) => {}
+                Err(e) => {
+                    self.store_failed("lease", &e);
+                    return Coordination::Unreachable;
+                }
+            }
+        }
+        let lease = match self.store.client.try_lease(ttl).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Coordination::Follow,
+            Err(e) => {
+                self.store_failed("lease", &e);
+                return Coordination::Unreachable;
+            }
+        };
+        if self.store.client.is_shared() {
+            // The previous leader may have written between our read and our lease.
+            match self.store.client.load().await {
+                Ok(l) => {
+                    if self.take_loaded(l) {
+                        self.release(lease).await;
+                        return Coordination::Adopted;
+                    }
+                }
+                Err(e) => {
+                    self.store_failed("read", &e);
+                    self.release(lease).await;
+                    return Coordination::Unreachable;
+                }
+            }
+        }
+        Coordination::Lead(lease)
+    }
+
+    /// Another replica refreshes: look at the store again shortly.
+    pub(super) fn follow(&mut self) {
+        if !self.store.following {
+            debug!(client = %self.client, "another replica is refreshing the token; waiting for it");
+        }
+        self.store.following = true;
+        self.store.role = Some("follower");
+        self.store.recheck_at = Some(Instant::now() + FOLLOW_POLL);
+        self.publish_store();
+    }
+
+    /// The store is unreachable. Returns true when the token is still good for a
+    /// while, so the refresh waits for the store; false when it is about to die
+    /// and must be refreshed here and now.
+    pub(super) fn wait_for_store(&mut self) -> bool {
+        self.store.following = false;
+        let now = Instant::now();
+        let Some(deadline) = self.local_refresh_deadline() else {
+            self.store.recheck_at = None;
+            return false;
+        };
+        if now >= deadline {
+            self.store.recheck_at = None;
+            return false;
+        }
+        self.store.recheck_at = Some((now + STORE_RETRY).min(deadline));
+        self.store.role = Some("local");
+        self.publish_store();
+        true
+    }
+
+    /// When a token that cannot be refreshed through the store must be refreshed
+    /// here: a quarter of the refresh margin (at least 0.5 s) before it dies.
+    fn local_refresh_deadline(&self) -> Option<Instant> {
+        let token = self.current.as_ref()?;
+        let until = token.usable_until?;
+        let remaining = until.saturating_duration_since(Instant::now());
+        let lifetime = self
+            .access
+            .as_ref()
+            .and_then(|a| a.lifetime)
+            .unwrap_or(remaining);
+        let margin = super::refresh_margin(lifetime, self.config.refresh_before);
+        let local = (margin / 4).max(Duration::from_millis(500)).min(margin);
+        until.checked_sub(local)
+    }
+
+    /// After a token request: give the lease back, or keep it through the
+    /// backoff so the other replicas wait instead of trying themselves.
+    pub(super) async fn finish_lease(&mut self, lease: Lease, outcome: Result<(), Duration>) {
+        match outcome {
+            Ok(()) => self.release(lease).await,
+            Err(delay) => match self.store.client.extend_lease(&lease, delay).await {
+                Ok(true) => self.store.lease = Some(lease),
+                Ok(false) => {}
+                Err(e) => self.store_failed("lease", &e),
+            },
+        }
+    }
+
+    /// Extends the lease before another token request in the same attempt.
+    pub(super) async fn keep_lease(&mut self, lease: Option<&Lease>) {
+        let Some(lease) = lease else { return };
+        let ttl = StoreLink::lease_ttl(&self.config);
+        if let Err(e) = self.store.client.extend_lease(lease, ttl).await {
+            self.store_failed("lease", &e);
+        }
+    }
+
+    async fn release(&mut self, lease: Lease) {
+        if let Err(e) = self.store.client.release(lease).await {
+            self.store_failed("lease", &e);
+        }
+    }
+
+    /// Writes the current state. Returns true when the store held a newer state
+    /// from another replica with a fresh token, which was taken instead.
+    pub(super) async fn persist(&mut self) -> bool {
+        if !self.store.client.is_persistent() {
+            return false;
+        }
+        for _attempt in 0..2 {
+            let generation = self.store.generation.max(self.store.seen) + 1;
+            let record = Record {
+                generation,
+                state: self.current_state(),
+            };
+            match self.store.client.save(&record).await {
+                Ok(Saved::Written) => {
+                    self.store.generation = generation;
+                    self.store.seen = generation;
+                    if self.store.write_pending {
+                        info!(client = %self.client, generation, "token state written back to the store");
+                    }
+                    self.store.write_pending = false;
+                    self.store.write_back_at = None;
+                    self.store.write_back_failures = 0;
+                    self.store_ok();
+                    return false;
+                }
+                Ok(Saved::Stale { generation: theirs }) => {
+                    self.metrics.store_conflict();
+                    self.store.seen = self.store.seen.max(theirs);
+                    warn!(client = %self.client, ours = generation, theirs,
+                        "the store holds a newer token state than the one just obtained (another replica refreshed too)");
+                    match self.store.client.load().await {
+                        Ok(loaded) => {
+                            self.store_ok();
+                            if self.take_loaded(loaded) {
+                                self.store.write_pending = false;
+                                self.store.write_back_at = None;
+                                return true;
+                            }
+                        }
+                        Err(e) => {
+                            self.store_failed("read", &e);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.store_failed("write", &e);
+                    break;
+                }
+            }
+        }
+        self.store.write_pending = true;
+        self.store.write_back_failures = self.store.write_back_failures.saturating_add(1);
+        let delay = (STORE_RETRY * self.store.write_back_failures).min(WRITE_BACK_MAX);
+        self.store.write_back_at = Some(Instant::now() + delay);
+        self.publish_store();
+        false
+    }
+
+    /// Tries again to write state the store has not taken.
+    pub(super) async fn write_back(&mut self) {
+        self.store.write_back_at = None;
+        if self.store.write_pending && self.persist().await {
+            debug!(client = %self.client, "a newer stored state was taken instead of writing back");
+        }
+    }
+
+    /// In `needs_authorization`: a newer record with a refresh token (from
+    /// `tokenproxy token`, `authorize` or another replica) ends it.
+    pub(super) async fn check_store_for_authorization(&mut self) -> Option<Trigger> {
+        self.store.check_at = Some(Instant::now() + AUTHORIZATION_POLL);
+        let loaded = match self.store.client.load().await {
+            Ok(l) => l,
+            Err(e) => {
+                self.store_failed("read", &e);
+                return None;
+            }
+        };
+        self.store_ok();
+        let usable = loaded.record.as_ref().is_some_and(|r| {
+            r.generation > self.store.generation
+                && (r.state.refresh_token.is_some() || r.state.access_token.is_some())
+        });
+        if !usable {
+            self.store.seen = self.store.seen.max(loaded.generation);
+            return None;
+        }
+        info!(client = %self.client, "the store holds new token state; leaving needs_authorization");
+        self.needs_authorization = false;
+        self.store.check_at = None;
+        self.failures = 0;
+        self.retry_at = None;
+        self.publish(|s| {
+            s.reason = None;
+            s.retry_at = None;
+        });
+        if self.take_loaded(loaded) {
+            return None;
+        }
+        Some(Trigger::Startup)
+    }
+
+    /// Takes a loaded record when it is newer than ours; true when its access
+    /// token is fresh enough that no token request is needed.
+    fn take_loaded(&mut self, loaded: Loaded) -> bool {
+        self.store.seen = self.store.seen.max(loaded.generation);
+        if self.store.operator_refresh_token {
+            return false;
+        }
+        match loaded.record {
+            Some(record) if record.generation > self.store.generation => self.adopt(record),
+            _ => false,
+        }
+    }
+
+    fn adopt(&mut self, record: Record) -> bool {
+        self.store.generation = record.generation;
+        let state = record.state;
+        let now = Instant::now();
+        let wall_now = self.clock.wall_now();
+        let until = |t: SystemTime| now + t.duration_since(wall_now).unwrap_or(Duration::ZERO);
+        // The stored refresh token is the newest of its chain: take it, or its absence.
+        self.refresh_token = state.refresh_token.map(|value| HeldRefreshToken {
+            value,
+            usable_until: state.refresh_expires_at.map(until),
+            expires_wall: state.refresh_expires_at,
+        });
+        let rt_held = self.refresh_token.is_some();
+        let rt_wall = state.refresh_expires_at;
+        self.publish(|s| {
+            s.has_refresh_token = rt_held;
+            s.refresh_token_expires_at = rt_wall.map(crate::clock::rfc3339);
+        });
+        let Some(access_token) = state.access_token else {
+            return false;
+        };
+        let remaining = match state.access_expires_at {
+            Some(at) => match at.duration_since(wall_now) {
+                Ok(d) if d >= super::MIN_LIFETIME => Some(d),
+                _ => return false,
+            },
+            None => None,
+        };
+        let Some(header) = self.header_for(&access_token) else {
+            return false;
+        };
+        let lifetime = state.lifetime.or(remaining);
+        self.access = Some(HeldAccessToken {
+            value: access_token,
+            expires_wall: state.access_expires_at,
+            lifetime,
+        });
+        self.publish_token(
+            header,
+            remaining,
+            lifetime,
+            Origin::Store {
+                generation: record.generation,
+            },
+        );
+        self.refresh_at.is_none_or(|at| at > now)
+    }
+
+    fn current_state(&self) -> TokenState {
+        TokenState {
+            access_token: self.access.as_ref().map(|a| a.value.clone()),
+            access_expires_at: self.access.as_ref().and_then(|a| a.expires_wall),
+            lifetime: self.access.as_ref().and_then(|a| a.lifetime),
+            refresh_token: self.refresh_token.as_ref().map(|r| r.value.clone()),
+            refresh_expires_at: self.refresh_token.as_ref().and_then(|r| r.expires_wall),
+            obtained_at: self.clock.wall_now(),
+        }
+    }
+
+    fn store_ok(&mut self) {
+        if !self.store.available {
+            info!(client = %self.client, store = self.store.client.kind(), "token store answers again");
+            self.store.available = true;
+            self.store.error = None;
+            self.metrics.store_available(true);
+            self.publish_store();
+        }
+    }
+
+    fn store_failed(&mut self, operation: &str, e: &StoreError) {
+        self.metrics.store_error(operation);
+        if self.store.available {
+            warn!(client = %self.client, store = self.store.client.kind(), operation, error = %e,
+                "token store unavailable; the token is kept in memory and refreshed here only when it is about to expire");
+        } else {
+            debug!(client = %self.client, operation, error = %e, "token store still unavailable");
+        }
+        self.store.available = false;
+        self.store.error = Some(e.to_string());
+        self.metrics.store_available(false);
+        self.publish_store();
+    }
+
+    /// Puts the store's state into `/status`.
+    pub(super) fn publish_store(&self) {
+        if !self.store.client.is_persistent() {
+            return;
+        }
+        let status = StoreStatus {
+            kind: self.store.client.kind(),
+            available: self.store.available,
+            error: self.store.error.clone(),
+            write_pending: self.store.write_pending,
+            generation: self.store.generation,
+            role: self.store.role,
+        };
+        self.publish(|s| s.store = Some(status));
+    }
+}

@@ -1,0 +1,254 @@
+//! `[store] kind = "file"`: token state survives a restart, encrypted at rest;
+//! state from another key, another client or damaged on disk is ignored with a
+//! warning and never sent to the provider.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{eventually, start_sidecar, LogCapture, TestClient, CLIENT_SECRET};
+use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy::Running;
+
+const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEY_B: &str = "HxwdHhscGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE=";
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tokenproxy-test-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+struct Setup {
+    provider: MockProvider,
+    api: MockApi,
+    path: PathBuf,
+}
+
+impl Setup {
+    async fn new(name: &str, provider: ProviderConfig) -> Setup {
+        let provider = MockProvider::start(provider).await.expect("provider");
+        let api = MockApi::start(provider.validator()).await.expect("api");
+        Setup {
+            provider,
+            api,
+            path: temp_dir(name).join("tokens.json"),
+        }
+    }
+
+    fn config(&self, key: &str, client_id: &str, token_extra: &str) -> String {
+        format!(
+            r#"
+[admin]
+listen = "{{admin}}"
+
+[store]
+kind = "file"
+path = "{path}"
+key = "{key}"
+
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{upstream}"
+token_wait_timeout = "5s"
+
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "${{CLIENT_SECRET}}"
+{token_extra}
+"#,
+            path = self.path.display(),
+            upstream = self.api.url(),
+            token_url = self.provider.token_url(),
+        )
+    }
+
+    async fn start(&self, config: &str) -> (Running, String) {
+        let (running, proxy, _admin) = start_sidecar(config).await;
+        (running, format!("http://{proxy}/api/v1/payments"))
+    }
+}
+
+async fn get_ok(http: &TestClient, url: &str) {
+    let r = http.get(url).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+fn file_text(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).expect("state file exists")).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_uses_the_stored_token_without_a_token_request() {
+    let s = Setup::new(
+        "restart",
+        ProviderConfig {
+            lifetime: Duration::from_secs(300),
+            ..ProviderConfig::default()
+        },
+    )
+    .await;
+    let config = s.config(KEY_A, support::CLIENT_ID, "");
+    let http = TestClient::new();
+
+    let (first, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    assert_eq!(s.provider.token_requests(), 1);
+    first.shutdown().await;
+
+    // At rest: mode 0600, and neither the access token nor the secret in clear.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&s.path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "state file mode");
+    }
+    let seen = s.api.recorded();
+    let header = seen[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let access_token = header.trim_start_matches("Bearer ");
+    let text = file_text(&s.path);
+    assert!(!text.contains(access_token), "access token stored in clear");
+    assert!(!text.contains(CLIENT_SECRET));
+
+    let (second, url) = s.start(&config).await;
+    for _ in 0..5 {
+        get_ok(&http, &url).await;
+    }
+    assert_eq!(
+        s.provider.token_requests(),
+        1,
+        "the restarted sidecar asked the provider although the stored token was valid"
+    );
+    let serials: Vec<_> = s.api.recorded().iter().map(|r| r.token_serial).collect();
+    assert!(
+        serials.iter().all(|s| *s == serials[0]),
+        "both runs sent the same token: {serials:?}"
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_rotation_continues_with_the_rotated_refresh_token() {
+    let s = Setup::new(
+        "rotation",
+        ProviderConfig {
+            lifetime: Duration::from_secs(2),
+            refresh_tokens: true,
+            rotate_refresh_tokens: true,
+            ..ProviderConfig::default()
+        },
+    )
+    .await;
+    // The bootstrap refresh token a person obtained once.
+    let bootstrap = s.provider.issue_refresh_token();
+    let config = s.config(
+        KEY_A,
+        support::CLIENT_ID,
+        &format!("grant = \"refresh_token\"\nrefresh_token = \"{bootstrap}\""),
+    );
+    let http = TestClient::new();
+
+    let (first, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    // Let at least one proactive refresh rotate the refresh token.
+    let rotated = eventually(Duration::from_secs(6), || {
+        s.provider.grant_requests("refresh_token") >= 2
+    })
+    .await;
+    assert!(rotated, "no rotation happened");
+    get_ok(&http, &url).await;
+    first.shutdown().await;
+    let before = s.provider.grant_requests("refresh_token");
+
+    // Same config, still naming the bootstrap token, which is dead by now.
+    let (second, url) = s.start(&config).await;
+    let refreshed = eventually(Duration::from_secs(6), || {
+        s.provider.grant_requests("refresh_token") >= before + 2
+    })
+    .await;
+    assert!(refreshed, "the restarted sidecar did not keep refreshing");
+    get_ok(&http, &url).await;
+    assert_eq!(
+        s.provider.refresh_token_reuse(),
+        0,
+        "a spent refresh token was sent again (the bootstrap one, or a rotated one lost on restart)"
+    );
+    let status = second.token("payments").unwrap().status();
+    assert_eq!(status.state().as_str(), "valid", "{}", status.describe());
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a_warning() {
+    // The only test here that installs the global subscriber.
+    let logs = LogCapture::install(tracing::Level::INFO);
+    let s = Setup::new(
+        "foreign",
+        ProviderConfig {
+            lifetime: Duration::from_secs(300),
+            ..ProviderConfig::default()
+        },
+    )
+    .await;
+    let http = TestClient::new();
+    let (first, url) = s.start(&s.config(KEY_A, support::CLIENT_ID, "")).await;
+    get_ok(&http, &url).await;
+    first.shutdown().await;
+    assert_eq!(s.provider.token_requests(), 1);
+
+    // Another key: the record does not open; a new token is requested.
+    let (second, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
+    get_ok(&http, &url).await;
+    second.shutdown().await;
+    assert_eq!(s.provider.token_requests(), 2);
+    assert!(
+        logs.text()
+            .contains("does not decrypt with the configured key"),
+        "{}",
+        logs.text()
+    );
+
+    // Another client id, same key: the record is bound to the first client.
+    let (third, url) = s.start(&s.config(KEY_B, "another-client", "")).await;
+    let r = http.get(&url).await;
+    // The mock provider knows only one client; what matters is the warning and
+    // that the stored token was not used for the other client.
+    let _ = r;
+    third.shutdown().await;
+    assert!(
+        logs.text().contains("written for another client id"),
+        "{}",
+        logs.text()
+    );
+
+    // Damaged ciphertext.
+    let (fourth, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
+    get_ok(&http, &url).await;
+    fourth.shutdown().await;
+    let requests = s.provider.token_requests();
+    let mut doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    let data = doc["clients"]["payments"]["data"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut bytes: Vec<u8> = data.into_bytes();
+    let mid = bytes.len() / 2;
+    bytes[mid] = if bytes[mid] == b'A' { b'B' } else { b'A' };
+    doc["clients"]["payments"]["data"] =
+        serde_json::Value::String(String::from_utf8(bytes).unwrap());
+    std::fs::write(&s.path, doc.to_string()).unwrap();
+    let (fifth, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
+    get_ok(&http, &url).await;
+    fifth.shutdown().await;
+    assert_eq!(s.provider.token_requests(), requests + 1);
+}
