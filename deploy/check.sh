@@ -145,6 +145,7 @@ fi
 PY="$WORK/checks.py"
 cat >"$PY" <<'PYEOF'
 """Structural checks for deploy/, called by deploy/check.sh as: checks.py COMMAND ARGS."""
+import base64
 import json
 import os
 import re
@@ -464,9 +465,9 @@ def cmd_toml_prepare(src, outdir):
         else:
             env[n] = "deploy-check-dummy-" + n.lower()
     data = parse_toml(text)
-    file_values = [v for _, v in secret_file_keys(data)] if data is not None else re.findall(
-        r"^\s*[A-Za-z0-9_]+_file\s*=\s*\"([^\"]*)\"", text, re.M)
-    for v in file_values:
+    file_keys = secret_file_keys(data) if data is not None else [("", v) for v in re.findall(
+        r"^\s*[A-Za-z0-9_]+_file\s*=\s*\"([^\"]*)\"", text, re.M)]
+    for key, v in file_keys:
         for n, val in env.items():
             v = v.replace("${" + n + "}", val)
         p = Path(v)
@@ -478,7 +479,12 @@ def cmd_toml_prepare(src, outdir):
             sys.exit(1)
         p.parent.mkdir(parents=True, exist_ok=True)
         if not p.exists():
-            p.write_text("deploy-check-dummy-secret\n", encoding="utf-8")
+            if key == "store.key_file":
+                # The store key must be 32 bytes in base64; a dummy of that shape.
+                p.write_text(base64.b64encode(b"deploy-check-dummy-store-key-32b").decode() + "\n",
+                             encoding="utf-8")
+            else:
+                p.write_text("deploy-check-dummy-secret\n", encoding="utf-8")
     print(dst)
     for n, val in env.items():
         print(f"{n}={val}")
@@ -745,9 +751,11 @@ def cmd_compose_structure(cdir):
     text = host_cfg.read_text(encoding="utf-8")
     data = parse_toml(text)
     if data is not None:
-        kind = (data.get("store") or {}).get("kind", "memory")
-        if kind != "memory":
-            bad(f"{host_cfg}: store.kind must stay \"memory\" in this version")
+        store = data.get("store") or {}
+        if store.get("kind") == "redis":
+            host = str(store.get("url", "")).split("://", 1)[-1].split("@")[-1].split(":")[0].split("/")[0]
+            if host not in services:
+                bad(f"{host_cfg}: store.url names {host!r}, which is not a compose service")
         # Secret targets must be where the config's *_file keys look.
         targets = {s.get("target") for s in tp.get("secrets") or [] if isinstance(s, dict)}
         for key, value in secret_file_keys(data):

@@ -198,6 +198,19 @@ impl TestClient {
         }
     }
 
+    /// The status, or the error when the request could not be completed (load tests).
+    #[allow(dead_code)]
+    pub async fn try_send(&self, req: Request<Full<Bytes>>) -> Result<StatusCode, String> {
+        let response = self.inner.request(req).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(status)
+    }
+
     pub async fn get(&self, url: &str) -> Reply {
         self.send(
             Request::get(url)

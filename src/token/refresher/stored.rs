@@ -28,7 +28,7 @@ const FOLLOW_POLL: Duration = Duration::from_millis(100);
 /// How often an unreachable store is tried again while the token is still good.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between attempts to write back state the store has not taken.
-const WRITE_BACK_MAX: Duration = Duration::from_secs(10);
+const WRITE_BACK_MAX: Duration = Duration::from_secs(5);
 /// How often a client in `needs_authorization` looks for a new refresh token.
 pub(super) const AUTHORIZATION_POLL: Duration = Duration::from_secs(2);
 /// How much longer than `token.timeout` a lease lasts: the leader's request is

@@ -1,0 +1,457 @@
+//! `[store] kind = "redis"`: replicas of one app share one token through a real
+//! `redis-server` (started here on a free port, stopped by PID): one token
+//! request per refresh for all of them, no refresh token sent twice, a killed
+//! leader replaced within the lease time, and a Redis outage ridden out with
+//! the token in memory and reconciled afterwards.
+//!
+//! Needs `redis-server` on the PATH (`apt-get install redis-server`; `.ci/run`
+//! installs it).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{eventually, free_addr, TestClient, CLIENT_ID, CLIENT_SECRET};
+use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokio::time::Instant;
+
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tokenproxy-redis-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A `redis-server` child on a free loopback port, without persistence.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start(dir: PathBuf) -> Redis {
+        let port = free_addr().port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir,
+        };
+        redis.start_again();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port, empty.
+    fn start_again(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &self.dir.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        // Up to 10 s (500 x 20 ms) for the server to accept connections.
+        let up = (0..500).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        });
+        assert!(up, "redis-server did not come up");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis answers")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One sidecar process; killed when dropped.
+struct Replica {
+    child: Option<Child>,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/api/v1/payments", self.proxy)
+    }
+
+    async fn status(&self, http: &TestClient) -> serde_json::Value {
+        http.get(&format!("http://{}/status", self.admin))
+            .await
+            .json()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Fleet {
+    provider: MockProvider,
+    _api: MockApi,
+    redis: Redis,
+    replicas: Vec<Replica>,
+    http: TestClient,
+}
+
+impl Fleet {
+    async fn start(name: &str, n: usize, provider: ProviderConfig, token_extra: &str) -> Fleet {
+        let dir = temp_dir(name);
+        let provider = MockProvider::start(provider).await.expect("provider");
+        let api = MockApi::start(provider.validator()).await.expect("api");
+        let redis = Redis::start(dir.clone());
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            let (proxy, admin) = (free_addr(), free_addr());
+            let config = dir.join(format!("replica{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"
+[admin]
+listen = "{admin}"
+
+[log]
+level = "info,tokenproxy::access=off"
+
+[store]
+kind = "redis"
+url = "{redis}"
+key_prefix = "test"
+key = "{KEY}"
+
+[clients.payments]
+listen = "{proxy}"
+upstream = "{upstream}"
+token_wait_timeout = "8s"
+
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+timeout = "2s"
+{token_extra}
+"#,
+                    redis = redis.url(),
+                    upstream = api.url(),
+                    token_url = provider.token_url(),
+                ),
+            )
+            .expect("config");
+            let log = dir.join(format!("replica{i}.log"));
+            let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+                .arg("--config")
+                .arg(&config)
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("start tokenproxy");
+            replicas.push(Replica {
+                child: Some(child),
+                proxy,
+                admin,
+                log,
+            });
+        }
+        let fleet = Fleet {
+            provider,
+            _api: api,
+            redis,
+            replicas,
+            http: TestClient::new(),
+        };
+        for r in &fleet.replicas {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if std::net::TcpStream::connect(r.admin).is_ok()
+                    && fleet
+                        .http
+                        .get(&format!("http://{}/readyz", r.admin))
+                        .await
+                        .status
+                        == StatusCode::OK
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica never ready: {}",
+                    std::fs::read_to_string(&r.log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        fleet
+    }
+
+    /// `workers` concurrent request loops per live replica until `until`;
+    /// returns (ok, failed) per replica.
+    fn load(&self, workers: usize, until: Instant) -> Vec<tokio::task::JoinHandle<(usize, usize)>> {
+        let mut handles = Vec::new();
+        for r in &self.replicas {
+            let ok = Arc::new(AtomicUsize::new(0));
+            let failed = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..workers {
+                let url = r.url();
+                let http = self.http.clone();
+                let (ok, failed) = (Arc::clone(&ok), Arc::clone(&failed));
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < until {
+                        let req = http::Request::get(&url)
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .expect("request");
+                        match tokio::time::timeout(Duration::from_secs(10), http.try_send(req))
+                            .await
+                        {
+                            Ok(Ok(StatusCode::OK)) => ok.fetch_add(1, Ordering::Relaxed),
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                }));
+            }
+            handles.push(tokio::spawn(async move {
+                for t in tasks {
+                    let _ = t.await;
+                }
+                (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+            }));
+        }
+        handles
+    }
+}
+
+fn rotating(lifetime: Duration) -> ProviderConfig {
+    ProviderConfig {
+        lifetime,
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    }
+}
+
+const PASSWORD_GRANT: &str =
+    "grant = \"password\"\nusername = \"alice\"\npassword = \"alice-password\"";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_replicas_make_one_token_request_per_refresh_and_never_reuse_a_refresh_token() {
+    let fleet = Fleet::start("four", 4, rotating(Duration::from_secs(3)), PASSWORD_GRANT).await;
+    let start_requests = fleet.provider.token_requests();
+    assert_eq!(
+        start_requests, 1,
+        "four replicas starting together: one token request"
+    );
+    let started = Instant::now();
+    let handles = fleet.load(200, started + Duration::from_secs(15));
+    let mut total_ok = 0;
+    for h in handles {
+        let (ok, failed) = h.await.expect("load task");
+        assert_eq!(failed, 0, "requests failed on a replica");
+        assert!(ok > 0);
+        total_ok += ok;
+    }
+    let elapsed = started.elapsed();
+    let requests = fleet.provider.token_requests();
+    // 3 s tokens are refreshed 1 s before expiry: one refresh every 2 s for the
+    // whole fleet, so 15 s allow 7 or 8; four independent replicas would make 4x.
+    let allowed = 1 + (elapsed.as_secs_f64() / 2.0).ceil() as usize;
+    assert!(
+        requests <= allowed,
+        "{requests} token requests in {elapsed:?} for 4 replicas (at most {allowed})"
+    );
+    assert!(requests >= 6, "tokens were not refreshed: {requests}");
+    assert_eq!(
+        fleet.provider.refresh_token_reuse(),
+        0,
+        "a refresh token was sent twice"
+    );
+    assert_eq!(
+        fleet.provider.grant_requests("password"),
+        1,
+        "only the first token needed the password; every later one came from the shared refresh token"
+    );
+    eprintln!("{total_ok} requests, {requests} token requests in {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_within_the_lease_time() {
+    let mut fleet = Fleet::start(
+        "leader",
+        3,
+        rotating(Duration::from_secs(6)),
+        PASSWORD_GRANT,
+    )
+    .await;
+    let mut redis = fleet.redis.connection().await;
+    let lease_key = "test:payments:lease";
+    let before = fleet.provider.token_requests();
+    // The next refresh (about 5 s after start) hangs at the provider.
+    fleet.provider.set_fault(Fault::Hang);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader_pid = loop {
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(lease_key)
+            .query_async(&mut redis)
+            .await
+            .expect("GET");
+        if let Some(holder) = holder {
+            if fleet.provider.token_requests() > before {
+                break holder
+                    .split(':')
+                    .next()
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .expect("lease value starts with the pid");
+            }
+        }
+        assert!(Instant::now() < deadline, "no replica started a refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let index = fleet
+        .replicas
+        .iter()
+        .position(|r| r.pid() == Some(leader_pid))
+        .expect("the lease holder is one of the replicas");
+    fleet.replicas[index].kill();
+    let killed_at = Instant::now();
+    fleet.provider.set_fault(Fault::None);
+    let survivors: Vec<Replica> = fleet
+        .replicas
+        .drain(..)
+        .enumerate()
+        .filter_map(|(i, r)| (i != index).then_some(r))
+        .collect();
+    fleet.replicas = survivors;
+    let handles = fleet.load(20, killed_at + Duration::from_secs(8));
+    let hung = fleet.provider.token_requests();
+    // The lease is token.timeout (2 s) + 2 s from when the leader took it.
+    let replaced = eventually(Duration::from_secs(6), || {
+        fleet.provider.token_requests() > hung
+    })
+    .await;
+    assert!(replaced, "no other replica took over");
+    let takeover = killed_at.elapsed();
+    assert!(takeover <= Duration::from_secs(5), "took {takeover:?}");
+    for h in handles {
+        let (ok, failed) = h.await.expect("load task");
+        assert_eq!(failed, 0, "a request failed during the takeover");
+        assert!(ok > 0);
+    }
+    assert_eq!(fleet.provider.refresh_token_reuse(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_ridden_out_in_memory_and_reconciled() {
+    let mut fleet = Fleet::start(
+        "outage",
+        2,
+        rotating(Duration::from_secs(4)),
+        PASSWORD_GRANT,
+    )
+    .await;
+    let started = Instant::now();
+    let handles = fleet.load(20, started + Duration::from_secs(16));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.redis.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let status = fleet.replicas[0].status(&fleet.http).await;
+    assert_eq!(
+        status["clients"]["payments"]["store"]["available"], false,
+        "{status}"
+    );
+    fleet.redis.start_again();
+    for h in handles {
+        let (ok, failed) = h.await.expect("load task");
+        assert_eq!(failed, 0, "requests failed during the Redis outage");
+        assert!(ok > 0);
+    }
+    // After Redis returns (empty), the state is written back and both replicas agree.
+    let mut agreed = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let a = fleet.replicas[0].status(&fleet.http).await;
+        let b = fleet.replicas[1].status(&fleet.http).await;
+        let sa = &a["clients"]["payments"]["store"];
+        let sb = &b["clients"]["payments"]["store"];
+        if sa["available"] == true
+            && sb["available"] == true
+            && sa["write_pending"] == false
+            && sb["write_pending"] == false
+            && sa["generation"] == sb["generation"]
+            && sa["generation"].as_u64().unwrap_or(0) > 0
+        {
+            agreed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agreed, "replicas did not reconcile through Redis");
+    let mut redis = fleet.redis.connection().await;
+    let generation: Option<u64> = redis::cmd("HGET")
+        .arg("test:payments:token")
+        .arg("generation")
+        .query_async(&mut redis)
+        .await
+        .expect("HGET");
+    assert!(generation.is_some(), "the state was written back to Redis");
+}
