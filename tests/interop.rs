@@ -60,6 +60,7 @@ fn dot_client_credentials() {
         token: Token::new("client_credentials", "sidecar-cc", "sidecar-cc-secret"),
         bootstrap_refresh_token: false,
         expect_refresh_grant: false,
+        mode: Mode::Single,
     });
 }
 
@@ -73,6 +74,7 @@ fn dot_password_rotating_refresh_token() {
         token: Token::new("password", "sidecar-pw", "sidecar-pw-secret").user(),
         bootstrap_refresh_token: false,
         expect_refresh_grant: true,
+        mode: Mode::Single,
     });
 }
 
@@ -86,6 +88,7 @@ fn dot_password_refresh_token_not_rotated() {
         token: Token::new("password", "sidecar-pw", "sidecar-pw-secret").user(),
         bootstrap_refresh_token: false,
         expect_refresh_grant: true,
+        mode: Mode::Single,
     });
 }
 
@@ -99,6 +102,7 @@ fn dot_password_special_secret_basic_auth() {
         token: Token::new("password", "sidecar-pw-special", "Sp3c+al:secret/&=%").user(),
         bootstrap_refresh_token: false,
         expect_refresh_grant: true,
+        mode: Mode::Single,
     });
 }
 
@@ -112,6 +116,7 @@ fn oidc_client_credentials_opaque() {
         token: Token::new("client_credentials", "sidecar-cc", "sidecar-cc-secret"),
         bootstrap_refresh_token: false,
         expect_refresh_grant: false,
+        mode: Mode::Single,
     });
 }
 
@@ -125,6 +130,7 @@ fn oidc_client_credentials_jwt() {
         token: Token::new("client_credentials", "sidecar-cc", "sidecar-cc-secret"),
         bootstrap_refresh_token: false,
         expect_refresh_grant: false,
+        mode: Mode::Single,
     });
 }
 
@@ -142,6 +148,7 @@ fn oidc_client_credentials_special_secret_basic_auth() {
         ),
         bootstrap_refresh_token: false,
         expect_refresh_grant: false,
+        mode: Mode::Single,
     });
 }
 
@@ -155,6 +162,35 @@ fn oidc_refresh_token_grant_rotating() {
         token: Token::new("refresh_token", "sidecar-code", "sidecar-code-secret"),
         bootstrap_refresh_token: true,
         expect_refresh_grant: true,
+        mode: Mode::Single,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_rotating_refresh_token_survives_kill_and_restart_with_file_store() {
+    run(Case {
+        name: "oidc-rt-restart",
+        peer: Peer::Oidc,
+        peer_env: &[("ROTATE_REFRESH_TOKEN", "1")],
+        token: Token::new("refresh_token", "sidecar-code", "sidecar-code-secret"),
+        bootstrap_refresh_token: true,
+        expect_refresh_grant: true,
+        mode: Mode::RestartWithFileStore,
+    });
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers and redis-server; run tests/interop.sh"]
+fn oidc_rotating_refresh_token_shared_by_two_replicas_through_redis() {
+    run(Case {
+        name: "oidc-rt-2-redis",
+        peer: Peer::Oidc,
+        peer_env: &[("ROTATE_REFRESH_TOKEN", "1")],
+        token: Token::new("refresh_token", "sidecar-code", "sidecar-code-secret"),
+        bootstrap_refresh_token: true,
+        expect_refresh_grant: true,
+        mode: Mode::TwoReplicasWithRedis,
     });
 }
 
@@ -170,7 +206,24 @@ struct Case {
     bootstrap_refresh_token: bool,
     /// The sidecar's metrics must show successful refresh_token grants.
     expect_refresh_grant: bool,
+    mode: Mode,
 }
+
+/// How many sidecars, with which token store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One sidecar, tokens in memory.
+    Single,
+    /// One sidecar with `[store] kind = "file"`, killed with SIGKILL halfway
+    /// through the load (after at least one rotation) and started again.
+    RestartWithFileStore,
+    /// Two sidecars sharing `[store] kind = "redis"` (a redis-server started here),
+    /// the load spread over both.
+    TwoReplicasWithRedis,
+}
+
+/// The store key the interop sidecars use (32 bytes, base64).
+const STORE_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 struct Token {
     grant: &'static str,
@@ -280,34 +333,65 @@ fn run(case: Case) {
         child_env.push(("BOOTSTRAP_RT", bootstrap_refresh_token(&peers, peer_port)));
     }
 
-    // 3. the sidecar; only token calls made from here on count
+    // 3. the sidecar(s); only token calls made from here on count
     let log_offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    let admin_port = free_port();
-    let listen_port = free_port();
-    let config = sidecar_config(&case, peer_port, admin_port, listen_port);
-    let config_path = workdir.path.join("tokenproxy.toml");
-    fs::write(&config_path, config).expect("config written");
-    let stderr_path = workdir.path.join("tokenproxy.stderr");
-    let stderr_file = File::create(&stderr_path).expect("stderr file");
-    let stdout_file = stderr_file.try_clone().expect("stderr file clone");
-    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .env_remove("RUST_LOG")
-        .env_remove("TOKENPROXY_CONFIG")
-        .envs(child_env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(stdout_file)
-        .stderr(stderr_file)
-        .spawn()
-        .expect("tokenproxy starts");
-    let started = Instant::now();
-    let mut sidecar = SidecarGuard {
-        child: Some(child),
-        stderr: stderr_path,
-        name: case.name,
+    let _redis = match case.mode {
+        Mode::TwoReplicasWithRedis => Some(RedisGuard::start(&workdir.path)),
+        _ => None,
     };
+    let store = match (case.mode, &_redis) {
+        (Mode::RestartWithFileStore, _) => format!(
+            "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"{STORE_KEY}\"\n\n",
+            workdir.path.join("tokens.json").display()
+        ),
+        (Mode::TwoReplicasWithRedis, Some(redis)) => format!(
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}/0\"\nkey = \"{STORE_KEY}\"\n\n",
+            redis.port
+        ),
+        _ => String::new(),
+    };
+    let replicas = if case.mode == Mode::TwoReplicasWithRedis {
+        2
+    } else {
+        1
+    };
+    let ports: Vec<(u16, u16)> = (0..replicas).map(|_| (free_port(), free_port())).collect();
+    let configs: Vec<PathBuf> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (admin_port, listen_port))| {
+            let config =
+                store.clone() + &sidecar_config(&case, peer_port, *admin_port, *listen_port);
+            let path = workdir.path.join(format!("tokenproxy-{i}.toml"));
+            fs::write(&path, config).expect("config written");
+            path
+        })
+        .collect();
+    let spawn = |i: usize, run: usize| {
+        let stderr_path = workdir.path.join(format!("tokenproxy-{i}-run{run}.stderr"));
+        let stderr_file = File::create(&stderr_path).expect("stderr file");
+        let stdout_file = stderr_file.try_clone().expect("stderr file clone");
+        let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+            .arg("run")
+            .arg("--config")
+            .arg(&configs[i])
+            .env_remove("RUST_LOG")
+            .env_remove("TOKENPROXY_CONFIG")
+            .envs(child_env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(stdout_file)
+            .stderr(stderr_file)
+            .spawn()
+            .expect("tokenproxy starts");
+        SidecarGuard {
+            child: Some(child),
+            stderr: stderr_path,
+            name: case.name,
+        }
+    };
+    let started = Instant::now();
+    let mut sidecars: Vec<SidecarGuard> = (0..replicas).map(|i| spawn(i, 1)).collect();
+    let listen_ports: Vec<u16> = ports.iter().map(|p| p.1).collect();
 
     // 4. ready, load, counters
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -315,26 +399,59 @@ fn run(case: Case) {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (stats, metrics, health) = runtime.block_on(async {
+    let stats = Arc::new(Stats::default());
+    let (metrics, health, restart_token_calls) = runtime.block_on(async {
         let http: HttpClient = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
             .build_http();
-        wait_ready(&http, admin_port, &mut sidecar).await;
+        for (sidecar, (admin_port, _)) in sidecars.iter_mut().zip(&ports) {
+            wait_ready(&http, *admin_port, sidecar).await;
+        }
         eprintln!(
-            "[{}] sidecar ready after {:.2} s; {WORKERS} workers for {:.2} s",
+            "[{}] {replicas} sidecar(s) ready after {:.2} s; {WORKERS} workers for {:.2} s",
             case.name,
             started.elapsed().as_secs_f64(),
             LOAD.as_secs_f64()
         );
-        let stats = drive_load(&http, listen_port, case.token.client_id).await;
-        let metrics = get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
+        let mut restart_token_calls = None;
+        if case.mode == Mode::RestartWithFileStore {
+            drive_load(&http, &listen_ports, case.token.client_id, LOAD / 2, &stats).await;
+            // Abruptly, as a crash or an OOM kill would: no chance to save anything now.
+            if let Some(mut child) = sidecars[0].child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let before = count_token_calls(case.peer, &read_from(&log, log_offset)).total;
+            eprintln!(
+                "[{}] killed the sidecar (SIGKILL) after {before} token calls; starting it again",
+                case.name
+            );
+            sidecars.push(spawn(0, 2));
+            let restarted = sidecars.len() - 1;
+            wait_ready(&http, ports[0].0, &mut sidecars[restarted]).await;
+            let after = count_token_calls(case.peer, &read_from(&log, log_offset)).total;
+            restart_token_calls = Some(after - before);
+            drive_load(&http, &listen_ports, case.token.client_id, LOAD / 2, &stats).await;
+        } else {
+            drive_load(&http, &listen_ports, case.token.client_id, LOAD, &stats).await;
+        }
+        let mut metrics = String::new();
+        for (admin_port, _) in &ports {
+            metrics += &get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
+        }
         let health = get_text(&http, &format!("http://127.0.0.1:{peer_port}/healthz")).await;
-        (stats, metrics, health)
+        (metrics, health, restart_token_calls)
     });
     drop(runtime);
 
-    // 5. stop the sidecar (SIGTERM), then read what the peer saw
-    let exit = sidecar.stop();
+    // 5. stop the sidecar(s) (SIGTERM), then read what the peer saw
+    let mut exit = None;
+    for sidecar in sidecars.iter_mut() {
+        if sidecar.child.is_some() {
+            exit = sidecar.stop();
+        }
+    }
+    let sidecar = sidecars.pop().expect("a sidecar");
     let elapsed = started.elapsed();
     let seen = read_from(&log, log_offset);
     let calls = count_token_calls(case.peer, &seen);
@@ -417,6 +534,18 @@ fn run(case: Case) {
     }
     if case.expect_refresh_grant && refresh_grants < 1.0 {
         problems.push("the refresh_token grant was never used successfully".to_owned());
+    }
+    if let Some(calls_at_restart) = restart_token_calls {
+        eprintln!(
+            "[{}] token calls while the restarted sidecar became ready: {calls_at_restart}",
+            case.name
+        );
+        // The stored token is either still valid (no call) or due (one refresh).
+        if calls_at_restart > 1 {
+            problems.push(format!(
+                "the restarted sidecar made {calls_at_restart} token calls before it was ready"
+            ));
+        }
     }
     let verdict = if problems.is_empty() { "PASS" } else { "FAIL" };
     eprintln!(
@@ -514,13 +643,20 @@ impl Stats {
     }
 }
 
-async fn drive_load(http: &HttpClient, listen_port: u16, client_id: &'static str) -> Stats {
-    let stats = Arc::new(Stats::default());
-    let deadline = Instant::now() + LOAD;
-    let url = format!("http://127.0.0.1:{listen_port}{API_PATH}");
+/// `WORKERS` request loops for `duration`, spread over the sidecars at `ports`.
+async fn drive_load(
+    http: &HttpClient,
+    ports: &[u16],
+    client_id: &'static str,
+    duration: Duration,
+    stats: &Arc<Stats>,
+) {
+    let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
     for worker in 0..WORKERS {
-        let (http, stats, url) = (http.clone(), Arc::clone(&stats), url.clone());
+        let port = ports[worker % ports.len()];
+        let url = format!("http://127.0.0.1:{port}{API_PATH}");
+        let (http, stats) = (http.clone(), Arc::clone(stats));
         tasks.push(tokio::spawn(async move {
             let mut seq = 0u64;
             while Instant::now() < deadline {
@@ -532,7 +668,6 @@ async fn drive_load(http: &HttpClient, listen_port: u16, client_id: &'static str
     for task in tasks {
         task.await.expect("load worker");
     }
-    Arc::try_unwrap(stats).unwrap_or_else(|_| panic!("workers are done"))
 }
 
 async fn one_request(
@@ -802,6 +937,52 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port()
+}
+
+/// A redis-server on a free loopback port (no persistence), killed when dropped.
+struct RedisGuard {
+    child: Child,
+    port: u16,
+}
+
+impl RedisGuard {
+    fn start(dir: &Path) -> RedisGuard {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        let up = (0..500).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        });
+        assert!(up, "redis-server did not come up on {port}");
+        RedisGuard { child, port }
+    }
+}
+
+impl Drop for RedisGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Stops the peer started on `port` (only that instance) when dropped.
