@@ -15,6 +15,8 @@ use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
 
 const CLIENT_SECRET: &str = "cs-Qx7Lk2-client-secret";
 const PASSWORD: &str = "pw-Zr5Nb8-user-password";
+/// The token store key (32 bytes, base64).
+const STORE_KEY: &str = "c2VjcmV0LXN0b3JlLWtleS1Ia3A5LTMyLWJ5dGVzISE=";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
@@ -44,10 +46,18 @@ async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
         .as_str()
         .expect("a refresh token")
         .to_owned();
+    let state_dir =
+        std::env::temp_dir().join(format!("tokenproxy-secrets-state-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    let state_file = state_dir.join("tokens.json");
     let template = format!(
         r#"
 [admin]
 listen = "{{admin}}"
+[store]
+kind = "file"
+path = "{state}"
+key = "${{TP_STORE_KEY}}"
 [clients.payments]
 listen = "{{listen}}"
 upstream = "{api}"
@@ -71,13 +81,15 @@ client_auth = "body"
 refresh_token = "${{TP_BOOTSTRAP_RT}}"
 "#,
         api = api.url(),
-        token = provider.token_url()
+        token = provider.token_url(),
+        state = state_file.display()
     );
     let env = || {
         MapEnv::new()
             .var("TP_CLIENT_SECRET", CLIENT_SECRET)
             .var("TP_PASSWORD", PASSWORD)
             .var("TP_BOOTSTRAP_RT", &bootstrap_refresh_token)
+            .var("TP_STORE_KEY", STORE_KEY)
     };
     let (mut running, proxy, admin) = start_sidecar_env(&template, env()).await;
     let http = TestClient::new();
@@ -172,6 +184,7 @@ refresh_token = "${{TP_BOOTSTRAP_RT}}"
         .env("TP_CLIENT_SECRET", CLIENT_SECRET)
         .env("TP_PASSWORD", PASSWORD)
         .env("TP_BOOTSTRAP_RT", &bootstrap_refresh_token)
+        .env("TP_STORE_KEY", STORE_KEY)
         .output()
         .expect("run check");
     assert!(
@@ -190,6 +203,7 @@ refresh_token = "${{TP_BOOTSTRAP_RT}}"
         .env("TP_CLIENT_SECRET", CLIENT_SECRET)
         .env("TP_PASSWORD", PASSWORD)
         .env("TP_BOOTSTRAP_RT", &bootstrap_refresh_token)
+        .env("TP_STORE_KEY", STORE_KEY)
         .output()
         .expect("run token");
     let token_out = format!(
@@ -199,6 +213,10 @@ refresh_token = "${{TP_BOOTSTRAP_RT}}"
     );
     assert!(token_cli.status.success(), "token succeeds: {token_out}");
     let _ = std::fs::remove_dir_all(&dir);
+    let state_text =
+        String::from_utf8_lossy(&std::fs::read(&state_file).expect("state file written"))
+            .into_owned();
+    let _ = std::fs::remove_dir_all(&state_dir);
 
     let log_text = logs.text();
     assert!(
@@ -213,12 +231,14 @@ refresh_token = "${{TP_BOOTSTRAP_RT}}"
         ("error body", &failed.text()),
         ("check output", &check_out),
         ("token output", &token_out),
+        ("the encrypted state file", &state_text),
     ];
     let mut secrets = vec![
         ("client secret", CLIENT_SECRET.to_owned()),
         ("password", PASSWORD.to_owned()),
         ("refresh token", spent_refresh_token),
         ("bootstrap refresh token", bootstrap_refresh_token.clone()),
+        ("store key", STORE_KEY.to_owned()),
     ];
     for (i, t) in access_tokens.iter().enumerate() {
         secrets.push((
