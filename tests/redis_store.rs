@@ -392,6 +392,7 @@ async fn a_killed_leader_is_replaced_within_the_lease_time() {
     assert!(replaced, "no other replica took over");
     let takeover = killed_at.elapsed();
     assert!(takeover <= Duration::from_secs(5), "took {takeover:?}");
+    eprintln!("a new token request {takeover:?} after the leader was killed");
     for h in handles {
         let (ok, failed) = h.await.expect("load task");
         assert_eq!(failed, 0, "a request failed during the takeover");
@@ -420,6 +421,7 @@ async fn a_redis_outage_is_ridden_out_in_memory_and_reconciled() {
         "{status}"
     );
     fleet.redis.start_again();
+    let returned_at = Instant::now();
     for h in handles {
         let (ok, failed) = h.await.expect("load task");
         assert_eq!(failed, 0, "requests failed during the Redis outage");
@@ -446,6 +448,10 @@ async fn a_redis_outage_is_ridden_out_in_memory_and_reconciled() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(agreed, "replicas did not reconcile through Redis");
+    eprintln!(
+        "both replicas agree on one stored generation {:?} after Redis returned (checked once the load ended)",
+        returned_at.elapsed()
+    );
     let mut redis = fleet.redis.connection().await;
     let generation: Option<u64> = redis::cmd("HGET")
         .arg("test:payments:token")
