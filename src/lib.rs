@@ -12,6 +12,7 @@
 //! | [`secret`] | [`secret::Secret`]: credentials that cannot be printed |
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
 //! | [`token`] | per-client refresher task (single flight), hot-path handle, response parsing |
+//! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes |
 //! | [`proxy`] | routing, header rules, replayable bodies, the pooled upstream client, 401 replay |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
 //! | [`server`] | accept loop with limits and graceful drain |
