@@ -177,8 +177,13 @@ pub struct TestClient {
 impl TestClient {
     pub fn new() -> Self {
         TestClient {
+            // Idle connections are dropped well before the sidecar's default idle
+            // limit (10 s), so a request never races the server closing the
+            // connection it picked from the pool.
             inner: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1024)
+                .pool_idle_timeout(Duration::from_secs(5))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
                 .build_http(),
         }
     }
