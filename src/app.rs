@@ -362,13 +362,16 @@ impl Running {
         let token_http = self.http.get(&client.token.tls, &client.proxy)?;
         let endpoint = TokenEndpoint::new(token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
-        let (handle, refresher) = Refresher::new(
+        let (handle, mut refresher) = Refresher::new(
             client,
             endpoint,
             client_metrics.clone(),
             self.clock.clone(),
             self.store.client(client),
         );
+        if let Some(path) = &self.config.source {
+            refresher.set_config_path(path);
+        }
         let span = tracing::info_span!("refresher", client = %client.name);
         let task = tokio::spawn(refresher.run().instrument(span));
         let runtime = Arc::new(ClientRuntime::new(

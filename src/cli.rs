@@ -46,6 +46,22 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["show_token", "spend_refresh_token"])]
         refresh_token_from_stdin: bool,
     },
+    /// Log in once through the provider's authorization-code flow and store the
+    /// refresh token where the sidecar finds it (for `[clients.CLIENT.authorize]`).
+    Authorize {
+        /// The client name (a `[clients.NAME]` table with an `[authorize]` table).
+        client: String,
+        /// Try to open the URL in a browser (xdg-open / open).
+        #[arg(long)]
+        open: bool,
+        /// Do not listen for the redirect: paste the redirected URL on stdin instead
+        /// (for hosts where the browser cannot reach this machine's loopback).
+        #[arg(long)]
+        no_listen: bool,
+        /// Give up when no redirect came within this long.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run the sidecar in front of a built-in mock provider and API on loopback.
     Demo {
         /// Where the demo sidecar listens for the app.

@@ -21,6 +21,7 @@
 //! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
 //! | [`mock`] | in-process mock provider and API for `demo` and tests |
 //! | [`operator`] | commands that talk to a running sidecar's admin listener |
+//! | [`authorize`] | `tokenproxy authorize`: the authorization-code flow into the token store |
 //! | [`telemetry`] | log subscriber setup |
 //! | [`signal`] | SIGTERM/SIGINT → drain |
 //! | [`demo`] | `tokenproxy demo`: the sidecar in front of the mocks |
@@ -35,6 +36,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authorize;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -29,6 +29,22 @@ fn main() -> ExitCode {
                 token_command(&p, &client, show_token, spend_refresh_token)
             }
         }),
+        Command::Authorize {
+            client,
+            open,
+            no_listen,
+            timeout,
+        } => config_path(cli.config.as_deref()).and_then(|p| {
+            authorize_command(
+                &p,
+                &client,
+                tokenproxy::authorize::AuthorizeOptions {
+                    listen: !no_listen,
+                    timeout,
+                    open,
+                },
+            )
+        }),
         Command::Demo {
             listen,
             admin,
@@ -212,6 +228,41 @@ fn provide_refresh_token(path: &Path, client: &str) -> anyhow::Result<()> {
             .as_str()
             .unwrap_or("(no expiry stated)")
     );
+    Ok(())
+}
+
+fn authorize_command(
+    path: &Path,
+    client: &str,
+    options: tokenproxy::authorize::AuthorizeOptions,
+) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let done = runtime()?.block_on(async {
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        let mut say = |text: &str| eprintln!("{text}");
+        tokenproxy::authorize::authorize(&config, client, &options, &mut stdin, &mut say).await
+    })?;
+    let when = |t: Option<std::time::SystemTime>| {
+        t.map_or_else(|| "not stated".to_owned(), tokenproxy::clock::rfc3339)
+    };
+    println!("client {client}: authorized");
+    println!("  stored in:               {}", done.stored_in);
+    if done.generation > 0 {
+        println!("  generation:              {}", done.generation);
+    }
+    println!(
+        "  scope:                   {}",
+        done.scope.as_deref().unwrap_or("(not stated)")
+    );
+    println!(
+        "  access token expires:    {}",
+        when(done.access_expires_at)
+    );
+    println!(
+        "  refresh token expires:   {}",
+        when(done.refresh_expires_at)
+    );
+    println!("A running sidecar sharing this store picks it up within a few seconds.");
     Ok(())
 }
 

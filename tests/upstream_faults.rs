@@ -65,12 +65,14 @@ async fn sidecar_for(upstream: SocketAddr) -> (MockProvider, tokenproxy::Running
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_request_fails_because_the_upstream_closed_an_idle_pooled_connection() {
+async fn an_idle_pooled_connection_closed_by_the_upstream_fails_no_safe_request_and_never_doubles_a_post(
+) {
     let idle = Duration::from_millis(100);
     let (upstream, served) = closing_upstream(idle).await;
     let (_provider, _running, proxy) = sidecar_for(upstream).await;
     let http = TestClient::new();
-    let mut failures = Vec::new();
+    let mut get_failures = Vec::new();
+    let mut post_failures = Vec::new();
     let rounds = 40;
     for i in 0..rounds {
         // Gaps around the server's idle timeout: the pooled connection is often
@@ -91,22 +93,31 @@ async fn no_request_fails_because_the_upstream_closed_an_idle_pooled_connection(
             )
             .await;
         if r.status != StatusCode::OK {
-            failures.push(format!(
-                "{method} after {gap} ms: {} {}",
-                r.status,
-                r.text()
-            ));
+            let line = format!("{method} after {gap} ms: {} {}", r.status, r.text());
+            if method == Method::GET {
+                get_failures.push(line);
+            } else {
+                post_failures.push((line, r.error_code().map(str::to_owned)));
+            }
         }
     }
+    // A GET whose pooled connection was closed under it is sent again on a new one.
+    assert!(get_failures.is_empty(), "GETs failed: {get_failures:#?}");
+    // A POST written just as the upstream closed the connection cannot be proven
+    // unprocessed from the client side, so it is never resent: it is answered
+    // upstream_unreachable. Usually hyper sees the close first and no POST fails;
+    // when one does, the upstream must not have served it (the app may retry).
+    for (line, code) in &post_failures {
+        assert_eq!(code.as_deref(), Some("upstream_unreachable"), "{line}");
+    }
     assert!(
-        failures.is_empty(),
-        "{} of {rounds} failed: {failures:#?}",
-        failures.len()
+        post_failures.len() <= 2,
+        "POSTs failed more often than the race allows: {post_failures:#?}"
     );
     assert_eq!(
         served.load(Ordering::SeqCst),
-        rounds as usize,
-        "each request reached the upstream exactly once"
+        rounds as usize - post_failures.len(),
+        "each answered request reached the upstream exactly once, a failed POST never"
     );
 }
 

@@ -82,6 +82,7 @@ pub(super) struct RawClient {
     pub(super) inject: Option<RawInject>,
     pub(super) tls: Option<super::tls::RawTls>,
     pub(super) proxy: Option<String>,
+    pub(super) authorize: Option<super::authorize::RawAuthorize>,
 }
 
 /// `[clients.NAME.token]`.

@@ -7,6 +7,7 @@
 //! cross-field rules checked. [`load`] only reads the file first. Every failure
 //! is a [`ConfigError`] naming the file, the dotted key and a fix.
 
+mod authorize;
 mod egress;
 mod env;
 mod error;
@@ -14,6 +15,7 @@ mod file;
 mod store;
 mod tls;
 
+pub use authorize::AuthorizeConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
@@ -32,6 +34,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, StatusCode, Uri};
 
 use crate::secret::Secret;
+use authorize::build_authorize;
 use egress::build_proxy;
 use env::Expander;
 use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawToken, Scalar};
@@ -198,6 +201,8 @@ pub struct ClientConfig {
     pub tls: TlsConfig,
     /// `clients.NAME.proxy` (or the environment): the egress proxy for upstream and token endpoint.
     pub proxy: EgressProxy,
+    /// `[clients.NAME.authorize]`: the authorization-code flow of `tokenproxy authorize`.
+    pub authorize: Option<AuthorizeConfig>,
 }
 
 /// An upstream `scheme://host[:port][/base-path]`, without query, fragment or userinfo.
@@ -469,6 +474,17 @@ impl ClientConfig {
         row(out, "token.tls", t.tls.summary())?;
         row(out, "tls", self.tls.summary())?;
         row(out, "proxy", self.proxy.summary())?;
+        if let Some(a) = &self.authorize {
+            let url = format!(
+                "{}://{}{}",
+                a.url.scheme_str().unwrap_or("https"),
+                a.url.authority().map(|x| x.as_str()).unwrap_or(""),
+                a.url.path()
+            );
+            row(out, "authorize.url", url)?;
+            row(out, "authorize.redirect_uri", &a.redirect_uri)?;
+            row(out, "authorize.pkce", if a.pkce { "S256" } else { "off" })?;
+        }
         let i = &self.inject;
         row(
             out,
@@ -593,6 +609,10 @@ fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientCo
     };
     let token_hint = format!("add a [{}] table with url and grant", t.key("token"));
     let raw_token = t.required("token", raw.token, &token_hint)?;
+    let authorize = raw
+        .authorize
+        .map(|a| build_authorize(a, &Table::new(x, t.key("authorize"))))
+        .transpose()?;
     Ok(ClientConfig {
         name: name.to_owned(),
         listen,
@@ -611,13 +631,18 @@ fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientCo
             Duration::from_secs(2),
         )?,
         unauthorized_status: statuses(&t, raw.unauthorized_status)?,
-        token: build_token(raw_token, &Table::new(x, t.key("token")))?,
+        token: build_token(
+            raw_token,
+            &Table::new(x, t.key("token")),
+            authorize.is_some(),
+        )?,
         inject: build_inject(
             raw.inject.unwrap_or_default(),
             &Table::new(x, t.key("inject")),
         )?,
         tls: build_tls(raw.tls, &Table::new(x, t.key("tls")))?,
         proxy: build_proxy(raw.proxy, &t)?,
+        authorize,
     })
 }
 
@@ -628,7 +653,13 @@ enum GrantKind {
     RefreshToken,
 }
 
-fn build_token(raw: RawToken, t: &Table<'_>) -> Result<TokenConfig, ConfigError> {
+/// `[clients.NAME.token]`; with `authorizable` (an `[authorize]` table), `grant =
+/// "refresh_token"` may start without a bootstrap refresh token.
+fn build_token(
+    raw: RawToken,
+    t: &Table<'_>,
+    authorizable: bool,
+) -> Result<TokenConfig, ConfigError> {
     let url = t
         .url(
             "url",
@@ -714,8 +745,8 @@ fn build_token(raw: RawToken, t: &Table<'_>) -> Result<TokenConfig, ConfigError>
             let hint = "remove it, or set grant = \"password\"";
             return Err(t.err(stray, problem).with_hint(hint));
         }
-        (GrantKind::RefreshToken, None, None) if refresh_token.is_none() => {
-            let hint = "set refresh_token or refresh_token_file to a bootstrap refresh token";
+        (GrantKind::RefreshToken, None, None) if refresh_token.is_none() && !authorizable => {
+            let hint = "set refresh_token or refresh_token_file to a bootstrap refresh token, or add an [authorize] table and run tokenproxy authorize";
             return Err(needs("refresh_token", hint));
         }
         (GrantKind::RefreshToken, None, None) => Grant::RefreshToken,

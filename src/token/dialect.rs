@@ -17,6 +17,15 @@ pub(crate) enum GrantKind<'a> {
     Primary,
     /// `grant_type=refresh_token` with this refresh token.
     Refresh(&'a Secret),
+    /// `grant_type=authorization_code`: a code from the authorization endpoint.
+    AuthorizationCode {
+        /// The code from the redirect.
+        code: &'a Secret,
+        /// The redirect URI the code was issued for.
+        redirect_uri: &'a str,
+        /// The PKCE verifier, when PKCE was used.
+        verifier: Option<&'a Secret>,
+    },
 }
 
 impl GrantKind<'_> {
@@ -25,6 +34,7 @@ impl GrantKind<'_> {
         match self {
             GrantKind::Primary => config.grant.as_str(),
             GrantKind::Refresh(_) => "refresh_token",
+            GrantKind::AuthorizationCode { .. } => "authorization_code",
         }
     }
 }
@@ -55,6 +65,19 @@ pub(crate) fn build_request(
             params.push(("grant_type", "refresh_token"));
             params.push(("refresh_token", token.expose()));
             config.refresh_url.as_ref().unwrap_or(&config.url)
+        }
+        GrantKind::AuthorizationCode {
+            code,
+            redirect_uri,
+            verifier,
+        } => {
+            params.push(("grant_type", "authorization_code"));
+            params.push(("code", code.expose()));
+            params.push(("redirect_uri", redirect_uri));
+            if let Some(v) = verifier {
+                params.push(("code_verifier", v.expose()));
+            }
+            &config.url
         }
     };
 

@@ -160,6 +160,22 @@ impl TokenEndpoint {
         }
     }
 
+    /// Exchanges an authorization code (`tokenproxy authorize`).
+    pub async fn exchange_code(
+        &self,
+        config: &TokenConfig,
+        code: &Secret,
+        redirect_uri: &str,
+        verifier: Option<&Secret>,
+    ) -> Result<TokenSet, TokenError> {
+        let kind = GrantKind::AuthorizationCode {
+            code,
+            redirect_uri,
+            verifier,
+        };
+        self.call(config, kind).await
+    }
+
     /// One token request of `kind`, bounded by `config.timeout`.
     pub(crate) async fn call(
         &self,
@@ -168,7 +184,7 @@ impl TokenEndpoint {
     ) -> Result<TokenSet, TokenError> {
         let url_ref = match kind {
             GrantKind::Refresh(_) => config.refresh_url.as_ref().unwrap_or(&config.url),
-            GrantKind::Primary => &config.url,
+            GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
         };
         let url = display_url(url_ref);
         let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
@@ -313,6 +329,8 @@ pub struct Refresher {
     retry_at: Option<Instant>,
     needs_authorization: bool,
     store: stored::StoreLink,
+    /// The command a person runs to leave `needs_authorization`.
+    recovery_command: String,
 }
 
 impl Refresher {
@@ -352,9 +370,23 @@ impl Refresher {
             retry_at: None,
             needs_authorization: false,
             store: stored::StoreLink::new(store),
+            recovery_command: match &client.authorize {
+                Some(_) => format!("tokenproxy authorize {} --config <file>", client.name),
+                None => format!(
+                    "tokenproxy token {} --config <file> --refresh-token-from-stdin",
+                    client.name
+                ),
+            },
         };
         refresher.publish(|s| s.has_refresh_token = refresher.refresh_token.is_some());
         (handle, refresher)
+    }
+
+    /// Names the configuration file in the command shown to leave `needs_authorization`.
+    pub fn set_config_path(&mut self, path: &std::path::Path) {
+        self.recovery_command = self
+            .recovery_command
+            .replace("<file>", &path.display().to_string());
     }
 
     /// Runs until aborted: obtains the first token, then renews ahead of expiry,
@@ -887,10 +919,17 @@ impl Refresher {
     }
 
     fn enter_needs_authorization(&mut self, reason: String) {
-        let reason = format!(
-            "{reason}; a person must authorize again, then run `tokenproxy token {} --config <file> --refresh-token-from-stdin` with the new refresh token",
-            self.client
-        );
+        let reason = if self.recovery_command.starts_with("tokenproxy authorize") {
+            format!(
+                "{reason}; a person must log in: run `{}`",
+                self.recovery_command
+            )
+        } else {
+            format!(
+                "{reason}; a person must authorize again, then run `{}` with the new refresh token",
+                self.recovery_command
+            )
+        };
         self.needs_authorization = true;
         if self.store.client.is_persistent() {
             self.store.check_at = Some(Instant::now() + stored::AUTHORIZATION_POLL);
