@@ -20,7 +20,9 @@ mod api;
 mod provider;
 
 pub use api::{MockApi, RecordedRequest};
-pub use provider::{Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator};
+pub use provider::{
+    Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
+};
 
 use std::convert::Infallible;
 use std::future::Future;

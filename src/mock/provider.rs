@@ -1,10 +1,17 @@
-//! The mock OAuth2 provider: an RFC 6749 token endpoint with counters and injectable faults.
+//! The mock OAuth2 provider: an RFC 6749 token endpoint with counters and injectable faults,
+//! and an authorization endpoint for the authorization_code flow with PKCE.
 //!
 //! It issues opaque random access tokens recorded in a table that [`TokenValidator`] shares
 //! with the mock API, so the API accepts exactly the tokens this provider issued and still
 //! considers live. Refresh tokens optionally rotate; presenting a rotated-away one is
 //! counted, because the OAuth 2.0 Security BCP lets a real provider revoke the whole token
 //! family when that happens.
+//!
+//! The authorization endpoint (`GET`/`POST` [`AUTHORIZE_PATH`]) serves a small sign-in and
+//! consent page; approving with a configured user redirects back with a one-time code that
+//! lives 60 s and is bound to the client, the redirect URI and an optional S256 PKCE
+//! challenge (RFC 7636). Exchanging it always returns a live refresh token, so the refresh
+//! grant and rotation work on it. Injected [`Fault`]s apply to the token endpoint only.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +32,12 @@ use super::{form_decode, full, json_response, lock, Closed, MockBody, Server, Sh
 /// Path of the token endpoint.
 const TOKEN_PATH: &str = "/oauth2/token";
 
+/// Path of the authorization endpoint (`GET` shows the sign-in page, `POST` decides).
+pub const AUTHORIZE_PATH: &str = "/oauth2/authorize";
+
+/// How long an authorization code can be exchanged (RFC 6749 §4.1.2 recommends at most 10 min).
+const CODE_LIFETIME: Duration = Duration::from_secs(60);
+
 /// The largest token request body the mock reads.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -42,7 +55,7 @@ pub struct ProviderConfig {
     /// Whether each refresh returns a new refresh token and kills the old one (default true);
     /// when false, a refresh answers without a refresh token and the old one stays valid.
     pub rotate_refresh_tokens: bool,
-    /// Username/password pairs accepted by the password grant.
+    /// Username/password pairs accepted by the password grant and the sign-in page.
     pub users: Vec<(String, String)>,
 }
 
@@ -174,6 +187,39 @@ enum RefreshState {
     Rotated,
 }
 
+/// An authorization code waiting to be exchanged, and what it is bound to.
+struct AuthorizationCode {
+    client_id: String,
+    redirect_uri: String,
+    code_challenge: Option<String>,
+    scope: Option<String>,
+    issued_at: Instant,
+}
+
+impl AuthorizationCode {
+    /// Checks a token request against the code (RFC 6749 §4.1.3, RFC 7636 §4.6); the error
+    /// is the `error_description` of an `invalid_grant`.
+    fn redeem(&self, client_id: &str, request: &TokenRequest) -> Result<(), &'static str> {
+        if self.issued_at.elapsed() >= CODE_LIFETIME {
+            return Err("authorization code has expired");
+        }
+        if self.client_id != client_id {
+            return Err("authorization code was issued to another client");
+        }
+        if request.param("redirect_uri") != Some(self.redirect_uri.as_str()) {
+            return Err("redirect_uri does not match the authorization request");
+        }
+        match (&self.code_challenge, request.param("code_verifier")) {
+            (None, None) => Ok(()),
+            (Some(challenge), Some(verifier)) if pkce_s256(verifier) == *challenge => Ok(()),
+            (Some(_), Some(_)) => Err("code_verifier does not match the code_challenge"),
+            (Some(_), None) => Err("code_verifier is required"),
+            // A verifier for a code issued without a challenge is a PKCE downgrade attempt.
+            (None, Some(_)) => Err("the authorization request had no code_challenge"),
+        }
+    }
+}
+
 /// Counters and injected behaviour.
 #[derive(Default)]
 struct ProviderState {
@@ -183,6 +229,8 @@ struct ProviderState {
     refresh_token_reuse: usize,
     last_request: Option<TokenRequest>,
     refresh_tokens: HashMap<String, RefreshState>,
+    codes: HashMap<String, AuthorizationCode>,
+    codes_issued: usize,
 }
 
 struct Shared {
@@ -239,6 +287,11 @@ impl MockProvider {
         format!("http://{}{TOKEN_PATH}", self.addr())
     }
 
+    /// The authorization endpoint URL, `http://127.0.0.1:PORT/oauth2/authorize`.
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}{AUTHORIZE_PATH}", self.addr())
+    }
+
     /// Makes the token endpoint misbehave from the next request on (`Fault::None` restores it).
     pub fn set_fault(&self, fault: Fault) {
         self.state().fault = fault;
@@ -259,6 +312,11 @@ impl MockProvider {
         self.state().refresh_token_reuse
     }
 
+    /// Authorization codes issued so far by approving on the sign-in page.
+    pub fn authorization_codes_issued(&self) -> usize {
+        self.state().codes_issued
+    }
+
     /// What the last token request looked like.
     pub fn last_request(&self) -> Option<TokenRequest> {
         self.state().last_request.clone()
@@ -274,11 +332,7 @@ impl MockProvider {
     /// Issues a live refresh token without a token request, as if a person had
     /// authorized once (a bootstrap `refresh_token` for tests and the demo).
     pub fn issue_refresh_token(&self) -> String {
-        let fresh = random_token();
-        self.state()
-            .refresh_tokens
-            .insert(fresh.clone(), RefreshState::Live);
-        fresh
+        self.state().live_refresh_token()
     }
 
     /// Invalidates every access token issued so far (the API answers 401 to them).
@@ -307,6 +361,9 @@ async fn handle(
     let path = req.uri().path();
     if path == "/healthz" && (req.method() == Method::GET || req.method() == Method::HEAD) {
         return Ok(Response::new(full("ok\n")));
+    }
+    if path == AUTHORIZE_PATH {
+        return Ok(authorize(&shared, req).await);
     }
     if path != TOKEN_PATH {
         return Ok(error_response(StatusCode::NOT_FOUND, "not_found", None));
@@ -489,8 +546,8 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
         return error_response(StatusCode::BAD_REQUEST, "invalid_request", Some(problem));
     }
 
-    let refresh_token = match request.param("grant_type") {
-        Some("client_credentials") => None,
+    let grant = match request.param("grant_type") {
+        Some("client_credentials") => Grant::Direct,
         Some("password") => {
             let (Some(username), Some(password)) =
                 (request.param("username"), request.param("password"))
@@ -501,18 +558,14 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
                     Some("username and password are required"),
                 );
             };
-            let known = config
-                .users
-                .iter()
-                .any(|(u, p)| u.as_str() == username && p.as_str() == password);
-            if !known {
+            if !config.knows_user(username, password) {
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     "invalid_grant",
                     Some("Invalid credentials given."),
                 );
             }
-            None
+            Grant::Direct
         }
         Some("refresh_token") => {
             let Some(presented) = request.param("refresh_token") else {
@@ -522,7 +575,17 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
                     Some("refresh_token is required"),
                 );
             };
-            Some(presented)
+            Grant::Refresh(presented)
+        }
+        Some("authorization_code") => {
+            let Some(code) = request.param("code") else {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    Some("code is required"),
+                );
+            };
+            Grant::Code(code)
         }
         Some(_) => {
             return error_response(StatusCode::BAD_REQUEST, "unsupported_grant_type", None);
@@ -537,22 +600,19 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
     };
 
     // Decide the refresh token to return (if any) under the state lock, so two concurrent
-    // refreshes with one rotating token cannot both succeed.
-    let new_refresh = {
+    // refreshes with one rotating token, or two exchanges of one code, cannot both succeed.
+    let (new_refresh, scope) = {
         let mut state = lock(&shared.state);
-        match refresh_token {
-            Some(presented) => match state.refresh_tokens.get(presented).copied() {
+        let requested_scope = request.param("scope").map(str::to_owned);
+        match grant {
+            Grant::Refresh(presented) => match state.refresh_tokens.get(presented).copied() {
                 Some(RefreshState::Live) if config.rotate_refresh_tokens => {
                     state
                         .refresh_tokens
                         .insert(presented.to_owned(), RefreshState::Rotated);
-                    let fresh = random_token();
-                    state
-                        .refresh_tokens
-                        .insert(fresh.clone(), RefreshState::Live);
-                    Some(fresh)
+                    (Some(state.live_refresh_token()), requested_scope)
                 }
-                Some(RefreshState::Live) => None,
+                Some(RefreshState::Live) => (None, requested_scope),
                 dead => {
                     if dead == Some(RefreshState::Rotated) {
                         state.refresh_token_reuse += 1;
@@ -564,14 +624,25 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
                     );
                 }
             },
-            None if config.refresh_tokens => {
-                let fresh = random_token();
-                state
-                    .refresh_tokens
-                    .insert(fresh.clone(), RefreshState::Live);
-                Some(fresh)
+            Grant::Code(presented) => {
+                // RFC 6749 §4.1.2: a code is single-use, so presenting it spends it even
+                // when the exchange then fails.
+                let Some(code) = state.codes.remove(presented) else {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        Some("authorization code is invalid"),
+                    );
+                };
+                if let Err(problem) = code.redeem(&config.client_id, request) {
+                    return error_response(StatusCode::BAD_REQUEST, "invalid_grant", Some(problem));
+                }
+                (Some(state.live_refresh_token()), code.scope)
             }
-            None => None,
+            Grant::Direct if config.refresh_tokens => {
+                (Some(state.live_refresh_token()), requested_scope)
+            }
+            Grant::Direct => (None, requested_scope),
         }
     };
 
@@ -584,12 +655,47 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
     if let Some(refresh) = new_refresh {
         body["refresh_token"] = json!(refresh);
     }
-    if let Some(scope) = request.param("scope") {
+    if let Some(scope) = scope {
         body["scope"] = json!(scope);
     }
     let mut response = json_response(StatusCode::OK, &body);
     no_store(response.headers_mut());
     response
+}
+
+/// What a grant asks of the provider's refresh token and code state.
+enum Grant<'a> {
+    /// client_credentials or password: a refresh token only when configured.
+    Direct,
+    /// refresh_token: the presented refresh token.
+    Refresh(&'a str),
+    /// authorization_code: the presented code.
+    Code(&'a str),
+}
+
+impl ProviderConfig {
+    /// Whether `username`/`password` is one of the configured users.
+    fn knows_user(&self, username: &str, password: &str) -> bool {
+        self.users
+            .iter()
+            .any(|(u, p)| u.as_str() == username && p.as_str() == password)
+    }
+}
+
+impl ProviderState {
+    /// Issues a new live refresh token.
+    fn live_refresh_token(&mut self) -> String {
+        let fresh = random_token();
+        self.refresh_tokens
+            .insert(fresh.clone(), RefreshState::Live);
+        fresh
+    }
+}
+
+/// RFC 7636 §4.2 S256: `BASE64URL-NOPAD(SHA256(ASCII(code_verifier)))`.
+fn pkce_s256(verifier: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
 /// RFC 6749 §5.2 error response.
@@ -620,6 +726,390 @@ fn invalid_client() -> Response<MockBody> {
 fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// A validated authorization request (RFC 6749 §4.1.1, RFC 7636 §4.3).
+struct AuthorizationRequest {
+    client_id: String,
+    redirect_uri: String,
+    state: Option<String>,
+    scope: Option<String>,
+    code_challenge: Option<String>,
+}
+
+/// Why an authorization request is refused.
+enum Refusal {
+    /// The client or redirect URI cannot be trusted, so the error is shown and the browser
+    /// never redirected (RFC 6749 §4.1.2.1): the endpoint is no open redirector.
+    Page(String),
+    /// The redirect URI can be trusted: the error goes back to the client there.
+    Redirect {
+        redirect_uri: String,
+        state: Option<String>,
+        error: &'static str,
+        description: &'static str,
+    },
+}
+
+/// Parameters the sign-in form adds; they are not carried over as hidden inputs.
+const FORM_FIELDS: [&str; 3] = ["username", "password", "decision"];
+
+/// Serves the authorization endpoint: `GET` shows the sign-in page, `POST` decides.
+async fn authorize(shared: &Shared, req: Request<Incoming>) -> Response<MockBody> {
+    let outcome = match *req.method() {
+        Method::GET => {
+            let params: Vec<(String, String)> = req
+                .uri()
+                .query()
+                .map(|query| {
+                    form_urlencoded::parse(query.as_bytes())
+                        .into_owned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            show_sign_in(&shared.config, &params)
+        }
+        Method::POST => {
+            let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+                .collect()
+                .await;
+            match body {
+                Ok(body) => {
+                    let params: Vec<(String, String)> = form_urlencoded::parse(&body.to_bytes())
+                        .into_owned()
+                        .collect();
+                    decide(shared, &params)
+                }
+                Err(_) => Err(Refusal::Page("the form could not be read".to_owned())),
+            }
+        }
+        _ => {
+            let mut response = html_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                message_page("Use GET or POST."),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+            return response;
+        }
+    };
+    match outcome {
+        Ok(response) => response,
+        Err(Refusal::Page(problem)) => refusal_page(&problem),
+        Err(Refusal::Redirect {
+            redirect_uri,
+            state,
+            error,
+            description,
+        }) => redirect_response(
+            &redirect_uri,
+            state.as_deref(),
+            &[("error", error), ("error_description", description)],
+        ),
+    }
+}
+
+/// `GET`: the sign-in and consent page for a valid request.
+fn show_sign_in(
+    config: &ProviderConfig,
+    params: &[(String, String)],
+) -> Result<Response<MockBody>, Refusal> {
+    let request = authorization_request(config, params)?;
+    Ok(html_response(
+        StatusCode::OK,
+        sign_in_page(&request, params, "", None),
+    ))
+}
+
+/// `POST`: deny, or approve with a configured user and issue a code.
+fn decide(shared: &Shared, params: &[(String, String)]) -> Result<Response<MockBody>, Refusal> {
+    let request = authorization_request(&shared.config, params)?;
+    match single(params, "decision")? {
+        Some("deny") => Ok(redirect_response(
+            &request.redirect_uri,
+            request.state.as_deref(),
+            &[
+                ("error", "access_denied"),
+                ("error_description", "the user denied the request"),
+            ],
+        )),
+        Some("approve") => {
+            let username = single(params, "username")?.unwrap_or_default();
+            let password = single(params, "password")?.unwrap_or_default();
+            if !shared.config.knows_user(username, password) {
+                let page = sign_in_page(
+                    &request,
+                    params,
+                    username,
+                    Some("Wrong username or password."),
+                );
+                return Ok(html_response(StatusCode::OK, page));
+            }
+            let code = issue_code(shared, &request);
+            Ok(redirect_response(
+                &request.redirect_uri,
+                request.state.as_deref(),
+                &[("code", &code)],
+            ))
+        }
+        _ => Err(Refusal::Page("decision must be approve or deny".to_owned())),
+    }
+}
+
+/// Validates the parameters both `GET` and `POST` carry.
+fn authorization_request(
+    config: &ProviderConfig,
+    params: &[(String, String)],
+) -> Result<AuthorizationRequest, Refusal> {
+    let client_id = single(params, "client_id")?;
+    let redirect_uri = single(params, "redirect_uri")?;
+    let response_type = single(params, "response_type")?;
+    let state = single(params, "state")?;
+    let scope = single(params, "scope")?;
+    let code_challenge = single(params, "code_challenge")?;
+    let code_challenge_method = single(params, "code_challenge_method")?;
+
+    let Some(client_id) = client_id else {
+        return Err(Refusal::Page("client_id is missing".to_owned()));
+    };
+    if client_id != config.client_id {
+        return Err(Refusal::Page(format!("unknown client_id {client_id:?}")));
+    }
+    let Some(redirect_uri) = redirect_uri else {
+        return Err(Refusal::Page("redirect_uri is missing".to_owned()));
+    };
+    if !is_redirect_uri(redirect_uri) {
+        return Err(Refusal::Page(
+            "redirect_uri must be an absolute http or https URL without a fragment".to_owned(),
+        ));
+    }
+    if response_type != Some("code") {
+        return Err(Refusal::Page("response_type must be code".to_owned()));
+    }
+    let refuse_pkce = |description| Refusal::Redirect {
+        redirect_uri: redirect_uri.to_owned(),
+        state: state.map(str::to_owned),
+        error: "invalid_request",
+        description,
+    };
+    // RFC 7636 §4.3: a challenge without a method is `plain`, which this provider refuses.
+    let code_challenge = match (code_challenge, code_challenge_method) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(refuse_pkce(
+                "code_challenge_method was given without code_challenge",
+            ))
+        }
+        (Some(challenge), Some("S256")) if is_s256_challenge(challenge) => {
+            Some(challenge.to_owned())
+        }
+        (Some(_), Some("S256")) => {
+            return Err(refuse_pkce(
+                "code_challenge must be 43 base64url characters",
+            ))
+        }
+        (Some(_), _) => return Err(refuse_pkce("code_challenge_method must be S256")),
+    };
+    Ok(AuthorizationRequest {
+        client_id: client_id.to_owned(),
+        redirect_uri: redirect_uri.to_owned(),
+        state: state.map(str::to_owned),
+        scope: scope.map(str::to_owned),
+        code_challenge,
+    })
+}
+
+/// The value of parameter `name`; empty counts as absent and a repeat is refused
+/// (RFC 6749 §3.1).
+fn single<'a>(params: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, Refusal> {
+    let mut values = params
+        .iter()
+        .filter(|(key, value)| key == name && !value.is_empty())
+        .map(|(_, value)| value.as_str());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(Refusal::Page(format!("parameter {name} is repeated")));
+    }
+    Ok(first)
+}
+
+/// RFC 6749 §3.1.2: an absolute URI without a fragment; only http(s) is useful here.
+fn is_redirect_uri(raw: &str) -> bool {
+    if raw.contains('#') {
+        return false;
+    }
+    let Ok(uri) = raw.parse::<http::Uri>() else {
+        return false;
+    };
+    matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some_and(|h| !h.is_empty())
+}
+
+/// RFC 7636 §4.2: an S256 challenge is a SHA-256 digest in unpadded base64url.
+fn is_s256_challenge(challenge: &str) -> bool {
+    challenge.len() == 43
+        && challenge
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Records a new one-time code for `request` and returns it.
+fn issue_code(shared: &Shared, request: &AuthorizationRequest) -> String {
+    let mut state = lock(&shared.state);
+    // Forget expired codes so a long demo does not grow the map without bound.
+    state
+        .codes
+        .retain(|_, code| code.issued_at.elapsed() < CODE_LIFETIME);
+    let code = random_token();
+    state.codes.insert(
+        code.clone(),
+        AuthorizationCode {
+            client_id: request.client_id.clone(),
+            redirect_uri: request.redirect_uri.clone(),
+            code_challenge: request.code_challenge.clone(),
+            scope: request.scope.clone(),
+            issued_at: Instant::now(),
+        },
+    );
+    state.codes_issued += 1;
+    code
+}
+
+/// A 302 back to the client with `pairs` (and `state`, if the request had one) appended to
+/// the redirect URI's query (RFC 6749 §4.1.2).
+fn redirect_response(
+    redirect_uri: &str,
+    state: Option<&str>,
+    pairs: &[(&str, &str)],
+) -> Response<MockBody> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.extend_pairs(pairs);
+    if let Some(state) = state {
+        query.append_pair("state", state);
+    }
+    let separator = match redirect_uri.as_bytes().last() {
+        Some(b'?' | b'&') => "",
+        _ if redirect_uri.contains('?') => "&",
+        _ => "?",
+    };
+    let location = [redirect_uri, separator, &query.finish()].concat();
+    // The redirect URI was parsed as a `Uri` and the query is percent-encoded, so this only
+    // fails on a bug; answer a page rather than panic.
+    let Ok(location) = HeaderValue::from_str(&location) else {
+        return refusal_page("redirect_uri cannot be used in a Location header");
+    };
+    let mut response = Response::new(full(""));
+    *response.status_mut() = StatusCode::FOUND;
+    let headers = response.headers_mut();
+    headers.insert(header::LOCATION, location);
+    no_store(headers);
+    response
+}
+
+/// A 400 page saying what is wrong with the request.
+fn refusal_page(problem: &str) -> Response<MockBody> {
+    html_response(StatusCode::BAD_REQUEST, message_page(problem))
+}
+
+/// An HTML response that is neither cached nor framed (a consent page must not be
+/// clickjacked).
+fn html_response(status: StatusCode, html: String) -> Response<MockBody> {
+    let mut response = Response::new(full(html));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    no_store(headers);
+    response
+}
+
+/// A page with one message (`text` is escaped).
+fn message_page(text: &str) -> String {
+    [
+        PAGE_HEAD,
+        "<h1>Mock provider: authorization request refused</h1>\n<p>",
+        &html_escape(text),
+        "</p>\n</body>\n</html>\n",
+    ]
+    .concat()
+}
+
+const PAGE_HEAD: &str = "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+    <title>Mock provider</title>\n</head>\n<body>\n";
+
+/// The sign-in and consent page: one form carrying `params` (minus the form's own fields)
+/// as hidden inputs, every value escaped.
+fn sign_in_page(
+    request: &AuthorizationRequest,
+    params: &[(String, String)],
+    username: &str,
+    problem: Option<&str>,
+) -> String {
+    let mut page = String::from(PAGE_HEAD);
+    page.push_str("<h1>Mock provider: sign in to authorize ");
+    page.push_str(&html_escape(&request.client_id));
+    page.push_str("</h1>\n");
+    match &request.scope {
+        Some(scope) => {
+            page.push_str("<p>Requested scope: <code>");
+            page.push_str(&html_escape(scope));
+            page.push_str("</code></p>\n");
+        }
+        None => page.push_str("<p>No scope requested.</p>\n"),
+    }
+    page.push_str("<p>You will be sent back to <code>");
+    page.push_str(&html_escape(&request.redirect_uri));
+    page.push_str("</code>.</p>\n");
+    if let Some(problem) = problem {
+        page.push_str("<p role=\"alert\">");
+        page.push_str(&html_escape(problem));
+        page.push_str("</p>\n");
+    }
+    page.push_str("<form method=\"post\" action=\"");
+    page.push_str(AUTHORIZE_PATH);
+    page.push_str("\">\n");
+    for (name, value) in params {
+        if FORM_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        page.push_str("<input type=\"hidden\" name=\"");
+        page.push_str(&html_escape(name));
+        page.push_str("\" value=\"");
+        page.push_str(&html_escape(value));
+        page.push_str("\">\n");
+    }
+    page.push_str("<p><label>Username <input type=\"text\" name=\"username\" value=\"");
+    page.push_str(&html_escape(username));
+    page.push_str("\" autocomplete=\"username\"></label></p>\n");
+    page.push_str(
+        "<p><label>Password <input type=\"password\" name=\"password\" \
+         autocomplete=\"current-password\"></label></p>\n",
+    );
+    page.push_str(
+        "<p><button name=\"decision\" value=\"approve\">Approve</button>\n\
+         <button name=\"decision\" value=\"deny\">Deny</button></p>\n",
+    );
+    page.push_str("</form>\n</body>\n</html>\n");
+    page
+}
+
+/// Escapes text for HTML content and double- or single-quoted attribute values.
+fn html_escape(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1150,5 +1640,521 @@ mod tests {
             0,
             "only POSTs are token requests"
         );
+    }
+
+    /// RFC 7636 Appendix B.
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+    const REDIRECT: &str = "http://127.0.0.1:9/callback";
+
+    /// An authorization request for the demo client with an S256 challenge.
+    fn authorization_params<'a>(state: &'a str, scope: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("response_type", "code"),
+            ("client_id", CREDS.0),
+            ("redirect_uri", REDIRECT),
+            ("state", state),
+            ("scope", scope),
+            ("code_challenge", CHALLENGE),
+            ("code_challenge_method", "S256"),
+        ]
+    }
+
+    async fn get_authorize(provider: &MockProvider, pairs: &[(&str, &str)]) -> Reply {
+        let req = Request::get(format!("{}?{}", provider.authorize_url(), form(pairs)))
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        send(&client(), req).await
+    }
+
+    async fn post_authorize(provider: &MockProvider, pairs: &[(&str, &str)]) -> Reply {
+        let req = Request::post(provider.authorize_url())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form(pairs))))
+            .expect("valid request");
+        send(&client(), req).await
+    }
+
+    /// The `Location` of a redirect, split into the part before the added query and its pairs.
+    fn location(reply: &Reply) -> (String, Vec<(String, String)>) {
+        assert_eq!(reply.status, StatusCode::FOUND, "should redirect");
+        let location = reply.headers[header::LOCATION]
+            .to_str()
+            .expect("Location is ASCII");
+        let (base, query) = location
+            .split_once('?')
+            .expect("Location should carry a query");
+        let pairs = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        (base.to_owned(), pairs)
+    }
+
+    fn pair<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        pairs
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn html(reply: &Reply) -> String {
+        String::from_utf8(reply.body.to_vec()).expect("page should be UTF-8")
+    }
+
+    /// Signs alice in and approves `params`, returning the code.
+    async fn approve(provider: &MockProvider, params: &[(&str, &str)]) -> String {
+        let mut pairs = params.to_vec();
+        pairs.extend([
+            ("username", "alice"),
+            ("password", "alice-password"),
+            ("decision", "approve"),
+        ]);
+        let reply = post_authorize(provider, &pairs).await;
+        let (_, query) = location(&reply);
+        pair(&query, "code")
+            .expect("approval should return a code")
+            .to_owned()
+    }
+
+    async fn exchange(
+        provider: &MockProvider,
+        code: &str,
+        redirect_uri: &str,
+        verifier: Option<&str>,
+    ) -> Reply {
+        let mut pairs = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+        ];
+        if let Some(verifier) = verifier {
+            pairs.push(("code_verifier", verifier));
+        }
+        post_form(provider, Some(CREDS), &pairs).await
+    }
+
+    #[test]
+    fn pkce_s256_matches_rfc_7636_appendix_b() {
+        assert_eq!(pkce_s256(VERIFIER), CHALLENGE);
+    }
+
+    #[tokio::test]
+    async fn authorization_page_carries_every_parameter_as_escaped_hidden_inputs() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let hostile = "\"><script>alert('x')</script>&amp;";
+        let mut params = authorization_params(hostile, "payments:read");
+        params.push(("prompt", "login"));
+        let reply = get_authorize(&provider, &params).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "a valid request shows the page"
+        );
+        assert_eq!(
+            reply.headers[header::CONTENT_TYPE],
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(reply.headers[header::CACHE_CONTROL], "no-store");
+        let page = html(&reply);
+        assert!(page.contains("Mock provider: sign in to authorize demo-client"));
+        assert!(page.contains("payments:read"), "the scope is shown");
+        assert_eq!(page.matches("<form").count(), 1, "exactly one form: {page}");
+        assert!(page.contains("<form method=\"post\" action=\"/oauth2/authorize\">"));
+        assert!(
+            page.contains(
+                "<input type=\"hidden\" name=\"state\" value=\"&quot;&gt;&lt;script&gt;\
+                 alert(&#39;x&#39;)&lt;/script&gt;&amp;amp;\">"
+            ),
+            "the state should be escaped: {page}"
+        );
+        assert!(!page.contains("<script>"), "nothing unescaped: {page}");
+        for (name, value) in [
+            ("response_type", "code"),
+            ("client_id", "demo-client"),
+            ("redirect_uri", REDIRECT),
+            ("scope", "payments:read"),
+            ("code_challenge", CHALLENGE),
+            ("code_challenge_method", "S256"),
+            ("prompt", "login"),
+        ] {
+            let input = format!("<input type=\"hidden\" name=\"{name}\" value=\"{value}\">");
+            assert!(page.contains(&input), "missing {input}: {page}");
+        }
+        assert!(page.contains("name=\"username\""));
+        assert!(page.contains("name=\"password\""));
+        assert!(page.contains("<button name=\"decision\" value=\"approve\">Approve</button>"));
+        assert!(page.contains("<button name=\"decision\" value=\"deny\">Deny</button>"));
+        assert_eq!(provider.token_requests(), 0, "the page is no token request");
+    }
+
+    #[tokio::test]
+    async fn approving_with_the_right_password_redirects_with_a_code_and_the_state() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let mut pairs = authorization_params("xyz 1&2", "payments");
+        pairs.extend([
+            ("username", "alice"),
+            ("password", "alice-password"),
+            ("decision", "approve"),
+        ]);
+        let reply = post_authorize(&provider, &pairs).await;
+        assert_eq!(reply.headers[header::CACHE_CONTROL], "no-store");
+        let (base, query) = location(&reply);
+        assert_eq!(base, REDIRECT);
+        let code = pair(&query, "code").expect("a code should come back");
+        assert_eq!(code.len(), 32);
+        assert_eq!(
+            pair(&query, "state"),
+            Some("xyz 1&2"),
+            "the state round-trips"
+        );
+        assert_eq!(query.len(), 2, "only code and state: {query:?}");
+        assert_eq!(provider.authorization_codes_issued(), 1);
+
+        // A redirect URI with a query keeps it and gets the code appended.
+        let with_query = "http://127.0.0.1:9/cb?app=1";
+        let reply = post_authorize(
+            &provider,
+            &[
+                ("response_type", "code"),
+                ("client_id", CREDS.0),
+                ("redirect_uri", with_query),
+                ("username", "alice"),
+                ("password", "alice-password"),
+                ("decision", "approve"),
+            ],
+        )
+        .await;
+        let (base, query) = location(&reply);
+        assert_eq!(base, "http://127.0.0.1:9/cb");
+        assert_eq!(pair(&query, "app"), Some("1"));
+        assert!(pair(&query, "code").is_some());
+        assert_eq!(pair(&query, "state"), None, "no state was given");
+        assert_eq!(provider.authorization_codes_issued(), 2);
+    }
+
+    #[tokio::test]
+    async fn denying_redirects_with_access_denied_and_the_state() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let mut pairs = authorization_params("s-42", "payments");
+        pairs.extend([("username", ""), ("password", ""), ("decision", "deny")]);
+        let reply = post_authorize(&provider, &pairs).await;
+        let (base, query) = location(&reply);
+        assert_eq!(base, REDIRECT);
+        assert_eq!(pair(&query, "error"), Some("access_denied"));
+        assert!(pair(&query, "error_description").is_some());
+        assert_eq!(pair(&query, "state"), Some("s-42"));
+        assert_eq!(pair(&query, "code"), None);
+        assert_eq!(provider.authorization_codes_issued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_shows_the_sign_in_page_again() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let mut pairs = authorization_params("s", "payments");
+        pairs.extend([
+            ("username", "alice"),
+            ("password", "guess"),
+            ("decision", "approve"),
+        ]);
+        let reply = post_authorize(&provider, &pairs).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "no redirect on a wrong password"
+        );
+        assert!(reply.headers.get(header::LOCATION).is_none());
+        let page = html(&reply);
+        assert!(page.contains("Wrong username or password."), "{page}");
+        assert!(page.contains("<input type=\"hidden\" name=\"state\" value=\"s\">"));
+        assert!(!page.contains("guess"), "the password is not echoed");
+        assert_eq!(provider.authorization_codes_issued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_code_with_the_right_verifier_yields_tokens_that_refresh() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let code = approve(&provider, &authorization_params("s", "payments")).await;
+        let reply = exchange(&provider, &code, REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(reply.status, StatusCode::OK, "the exchange should succeed");
+        assert_eq!(reply.headers[header::CACHE_CONTROL], "no-store");
+        let body = reply.json();
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(
+            body["scope"], "payments",
+            "the authorized scope is returned"
+        );
+        assert_eq!(
+            provider.validator().check(&access_token(&reply)),
+            Some(1),
+            "the API accepts the access token"
+        );
+        let refresh = body["refresh_token"]
+            .as_str()
+            .expect("the exchange always returns a refresh token")
+            .to_owned();
+        assert_eq!(provider.grant_requests("authorization_code"), 1);
+
+        // Body client credentials, like the other grants accept.
+        let refreshed = post_form(
+            &provider,
+            None,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", &refresh),
+                ("client_id", CREDS.0),
+                ("client_secret", CREDS.1),
+            ],
+        )
+        .await;
+        assert_eq!(
+            refreshed.status,
+            StatusCode::OK,
+            "the refresh token is live"
+        );
+        assert!(
+            refreshed.json()["refresh_token"].as_str().is_some(),
+            "it rotates"
+        );
+        assert_eq!(
+            provider.validator().check(&access_token(&refreshed)),
+            Some(2)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_code_without_pkce_needs_no_verifier_and_refuses_one() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let params = [
+            ("response_type", "code"),
+            ("client_id", CREDS.0),
+            ("redirect_uri", REDIRECT),
+        ];
+        let code = approve(&provider, &params).await;
+        let reply = exchange(&provider, &code, REDIRECT, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "no challenge, no verifier");
+        assert!(
+            reply.json().get("scope").is_none(),
+            "no scope was requested"
+        );
+
+        let code = approve(&provider, &params).await;
+        let reply = exchange(&provider, &code, REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "a PKCE downgrade is refused"
+        );
+        assert_eq!(reply.json()["error"], "invalid_grant");
+    }
+
+    #[tokio::test]
+    async fn wrong_verifier_redirect_uri_or_a_reused_code_is_invalid_grant() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let params = authorization_params("s", "payments");
+
+        let code = approve(&provider, &params).await;
+        let wrong = exchange(
+            &provider,
+            &code,
+            REDIRECT,
+            Some(&VERIFIER.replace('d', "e")),
+        )
+        .await;
+        assert_eq!(wrong.status, StatusCode::BAD_REQUEST);
+        assert_eq!(wrong.json()["error"], "invalid_grant", "wrong verifier");
+
+        let code = approve(&provider, &params).await;
+        let missing = exchange(&provider, &code, REDIRECT, None).await;
+        assert_eq!(missing.json()["error"], "invalid_grant", "missing verifier");
+
+        let code = approve(&provider, &params).await;
+        let elsewhere =
+            exchange(&provider, &code, "http://127.0.0.1:9/other", Some(VERIFIER)).await;
+        assert_eq!(elsewhere.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            elsewhere.json()["error"],
+            "invalid_grant",
+            "wrong redirect_uri"
+        );
+
+        let code = approve(&provider, &params).await;
+        let bad_client = post_form(
+            &provider,
+            Some((CREDS.0, "nope")),
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", VERIFIER),
+            ],
+        )
+        .await;
+        assert_eq!(bad_client.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(bad_client.json()["error"], "invalid_client");
+        let first = exchange(&provider, &code, REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(
+            first.status,
+            StatusCode::OK,
+            "a failed client authentication does not spend the code"
+        );
+        let again = exchange(&provider, &code, REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(again.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            again.json()["error"],
+            "invalid_grant",
+            "a code is single-use"
+        );
+
+        let unknown = exchange(&provider, "never-issued", REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(unknown.json()["error"], "invalid_grant");
+        assert_eq!(provider.grant_requests("authorization_code"), 7);
+        assert_eq!(provider.validator().check(&access_token(&first)), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_code_expires_after_60_seconds() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let params = authorization_params("s", "payments");
+        let code = approve(&provider, &params).await;
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let young = exchange(&provider, &code, REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(young.status, StatusCode::OK, "still valid at 59 s");
+
+        let code = approve(&provider, &params).await;
+        tokio::time::advance(CODE_LIFETIME).await;
+        let old = exchange(&provider, &code, REDIRECT, Some(VERIFIER)).await;
+        assert_eq!(old.status, StatusCode::BAD_REQUEST);
+        assert_eq!(old.json()["error"], "invalid_grant", "expired at 60 s");
+    }
+
+    #[tokio::test]
+    async fn a_bad_client_redirect_uri_or_response_type_gets_a_400_page_and_no_redirect() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let good = authorization_params("s", "payments");
+        let with = |name: &str, value: &'static str| -> Vec<(&'static str, &'static str)> {
+            good.iter()
+                .map(|&(k, v)| (k, if k == name { value } else { v }))
+                .filter(|(_, v)| !v.is_empty())
+                .collect()
+        };
+        let cases = [
+            ("unknown client", with("client_id", "evil-client")),
+            ("missing client", with("client_id", "")),
+            ("missing redirect_uri", with("redirect_uri", "")),
+            ("relative redirect_uri", with("redirect_uri", "/callback")),
+            (
+                "non-http redirect_uri",
+                with("redirect_uri", "javascript:alert(1)"),
+            ),
+            (
+                "redirect_uri with fragment",
+                with("redirect_uri", "http://127.0.0.1:9/cb#x"),
+            ),
+            ("implicit response_type", with("response_type", "token")),
+            ("missing response_type", with("response_type", "")),
+        ];
+        for (case, pairs) in cases {
+            let reply = get_authorize(&provider, &pairs).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{case} is a 400");
+            assert!(
+                reply.headers.get(header::LOCATION).is_none(),
+                "{case} must not redirect"
+            );
+            assert_eq!(
+                reply.headers[header::CONTENT_TYPE],
+                "text/html; charset=utf-8"
+            );
+            assert!(!html(&reply).contains("<form"), "{case} shows no form");
+
+            let mut posted = pairs.clone();
+            posted.extend([
+                ("username", "alice"),
+                ("password", "alice-password"),
+                ("decision", "approve"),
+            ]);
+            let reply = post_authorize(&provider, &posted).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{case} is a 400 on POST"
+            );
+            assert!(reply.headers.get(header::LOCATION).is_none());
+        }
+        let page = html(&get_authorize(&provider, &with("client_id", "evil-client")).await);
+        assert!(
+            page.contains("client_id"),
+            "the page says what is wrong: {page}"
+        );
+        assert_eq!(provider.authorization_codes_issued(), 0);
+    }
+
+    #[tokio::test]
+    async fn plain_or_malformed_pkce_is_sent_back_as_invalid_request() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let base = [
+            ("response_type", "code"),
+            ("client_id", CREDS.0),
+            ("redirect_uri", REDIRECT),
+            ("state", "s"),
+        ];
+        for pkce in [
+            vec![
+                ("code_challenge", CHALLENGE),
+                ("code_challenge_method", "plain"),
+            ],
+            vec![("code_challenge", CHALLENGE)],
+            vec![
+                ("code_challenge", "short"),
+                ("code_challenge_method", "S256"),
+            ],
+            vec![("code_challenge_method", "S256")],
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.extend(pkce.iter().copied());
+            let reply = get_authorize(&provider, &pairs).await;
+            let (location_base, query) = location(&reply);
+            assert_eq!(location_base, REDIRECT);
+            assert_eq!(pair(&query, "error"), Some("invalid_request"), "{pkce:?}");
+            assert_eq!(pair(&query, "state"), Some("s"));
+        }
+    }
+
+    #[tokio::test]
+    async fn repeated_parameters_and_other_methods_are_refused() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("the mock provider should start");
+        let mut pairs = authorization_params("s", "payments");
+        pairs.push(("redirect_uri", "http://127.0.0.1:9/evil"));
+        let reply = get_authorize(&provider, &pairs).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "RFC 6749 §3.1");
+        assert!(reply.headers.get(header::LOCATION).is_none());
+
+        let req = Request::delete(provider.authorize_url())
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        let reply = send(&client(), req).await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(reply.headers[header::ALLOW], "GET, POST");
     }
 }
