@@ -79,5 +79,11 @@ pub enum Command {
         /// Stop after this long (default: run until Ctrl-C).
         #[arg(long, value_parser = humantime::parse_duration)]
         exit_after: Option<std::time::Duration>,
+        /// Where the demo's wallet client (which needs a person to log in once) listens.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        wallet_listen: SocketAddr,
+        /// The loopback port `tokenproxy authorize wallet` receives the redirect on.
+        #[arg(long, default_value = "8765")]
+        redirect_port: u16,
     },
 }

@@ -31,6 +31,10 @@ pub struct DemoOptions {
     pub interval: Duration,
     /// Stop after this long.
     pub exit_after: Option<Duration>,
+    /// Where the wallet client (which needs a person to log in once) listens.
+    pub wallet_listen: SocketAddr,
+    /// The loopback port `tokenproxy authorize` receives the redirect on.
+    pub redirect_port: u16,
 }
 
 /// Why the demo could not run.
@@ -63,12 +67,45 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
 
     let proxy_listener = bind_or_any(options.listen).await?;
     let admin_listener = bind_or_any(options.admin).await?;
+    let wallet_listener = bind_or_any(options.wallet_listen).await?;
     let listen = proxy_listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
+    let wallet = wallet_listener.local_addr()?;
+    let redirect_port = {
+        // Probe the port `authorize` will listen on; the mock accepts any redirect URI.
+        let probe = bind_or_any(SocketAddr::from(([127, 0, 0, 1], options.redirect_port))).await?;
+        probe.local_addr()?.port()
+    };
+    let dir = std::env::temp_dir().join(format!("tokenproxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config_path = dir.join("demo.toml");
+    let store_key =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, demo_store_key());
     let text = format!(
         r#"
+# Written by `tokenproxy demo` for `tokenproxy authorize wallet --config THIS_FILE`.
 [admin]
 listen = "{admin}"
+
+[store]
+kind = "file"
+path = "{state}"
+key = "{store_key}"
+
+[clients.wallet]
+listen = "{wallet}"
+upstream = "{upstream}"
+
+[clients.wallet.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "{DEMO_CLIENT_ID}"
+client_secret = "{DEMO_CLIENT_SECRET}"
+
+[clients.wallet.authorize]
+url = "{authorize_url}"
+redirect_port = {redirect_port}
+scope = "wallet"
 
 [clients.payments]
 listen = "{listen}"
@@ -79,16 +116,20 @@ timeout = "10s"
 url = "{token_url}"
 grant = "client_credentials"
 client_id = "{DEMO_CLIENT_ID}"
-client_secret = "${{DEMO_CLIENT_SECRET}}"
+client_secret = "{DEMO_CLIENT_SECRET}"
 scope = "payments"
 "#,
         upstream = api.url(),
         token_url = provider.token_url(),
+        authorize_url = provider.authorize_url(),
+        state = dir.join("tokens.json").display(),
     );
+    std::fs::write(&config_path, &text)?;
     let env = MapEnv::new().var("DEMO_CLIENT_SECRET", DEMO_CLIENT_SECRET);
-    let config = config::from_str(&text, None, &env)?;
+    let config = config::from_str(&text, Some(&config_path), &env)?;
     let mut proxies = std::collections::BTreeMap::new();
     proxies.insert(listen, proxy_listener);
+    proxies.insert(wallet, wallet_listener);
     let running = start(
         config,
         Listeners {
@@ -111,11 +152,19 @@ scope = "payments"
          \n  curl -s http://{admin}/status\
          \n  curl -s http://{admin}/metrics | grep ^tokenproxy_token\
          \n\nEvery {every} the demo sends GET /api/v1/payments through tokenproxy; watch the token number\
-         \nchange when the token is refreshed ahead of its expiry. Ctrl-C stops.\n",
+         \nchange when the token is refreshed ahead of its expiry. Ctrl-C stops.\
+         \n\nA second client, wallet (http://{wallet}), is like a provider that needs a person to log in\
+         \nonce: it waits in needs_authorization until someone does.\
+         \n  curl -s http://{admin}/readyz\
+         \n  tokenproxy authorize wallet --config {config}\
+         \nOpen the printed URL, sign in as alice / alice-password and approve; the wallet client\
+         \nbecomes ready within 2 s, without a restart:\
+         \n  curl -i http://{wallet}/api/v1/wallet\n",
         token_url = provider.token_url(),
         life = humantime::format_duration(options.token_lifetime),
         api = api.url(),
         every = humantime::format_duration(options.interval),
+        config = config_path.display(),
     );
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -143,12 +192,19 @@ scope = "payments"
         () = until => {}
     }
     running.shutdown().await;
+    let _best_effort = std::fs::remove_dir_all(&dir);
     println!(
         "demo stopped: the mock provider saw {} token request(s), the API {} request(s)",
         provider.token_requests(),
         api.requests()
     );
     Ok(())
+}
+
+/// A store key for the demo's throw-away state file (fixed: the demo's tokens
+/// are the mock's and live only as long as the demo).
+fn demo_store_key() -> [u8; 32] {
+    *b"tokenproxy-demo-store-key-32-b!!"
 }
 
 async fn demo_request(

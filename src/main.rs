@@ -51,12 +51,16 @@ fn main() -> ExitCode {
             token_lifetime,
             interval,
             exit_after,
+            wallet_listen,
+            redirect_port,
         } => run_demo(demo::DemoOptions {
             listen,
             admin,
             token_lifetime,
             interval,
             exit_after,
+            wallet_listen,
+            redirect_port,
         }),
     };
     match result {

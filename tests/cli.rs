@@ -235,6 +235,10 @@ fn demo_shows_a_proxied_request_and_a_refresh() {
             "250ms",
             "--exit-after",
             "3s",
+            "--wallet-listen",
+            "127.0.0.1:0",
+            "--redirect-port",
+            "0",
         ],
         &[],
     );
@@ -253,6 +257,10 @@ fn demo_shows_a_proxied_request_and_a_refresh() {
         "a proxied request succeeded: {stdout}"
     );
     assert!(stdout.contains("token #1"), "{stdout}");
+    assert!(
+        stdout.contains("tokenproxy authorize wallet --config "),
+        "it shows how to authorize the wallet client: {stdout}"
+    );
     assert!(
         stdout.contains("token #2"),
         "the token was refreshed within the run: {stdout}"
