@@ -194,6 +194,301 @@ fn oidc_rotating_refresh_token_shared_by_two_replicas_through_redis() {
     });
 }
 
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_authorize_gets_the_first_refresh_token_for_a_waiting_sidecar() {
+    let name = "oidc-authorize";
+    let mut summary = SummaryGuard {
+        name,
+        printed: false,
+    };
+    let workdir = WorkDir::new(name);
+    let (peer, peer_port, log) = start_peer(name, Peer::Oidc, &[("ROTATE_REFRESH_TOKEN", "1")]);
+    let issuer = format!("http://127.0.0.1:{peer_port}");
+    let (admin_port, listen_port) = (free_port(), free_port());
+    let config = format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[store]
+kind = "file"
+path = "{state}"
+key = "{STORE_KEY}"
+
+[clients.peer]
+listen = "127.0.0.1:{listen_port}"
+upstream = "{issuer}"
+
+[clients.peer.token]
+url = "{issuer}/token"
+grant = "refresh_token"
+client_id = "sidecar-code"
+client_secret = "${{PEER_SECRET}}"
+
+[clients.peer.authorize]
+url = "{issuer}/auth"
+redirect_uri = "{issuer}/cb"
+scope = "openid offline_access payments"
+params = {{ prompt = "consent" }}
+"#,
+        state = workdir.path.join("tokens.json").display(),
+    );
+    let config_path = workdir.path.join("tokenproxy.toml");
+    fs::write(&config_path, config).expect("config written");
+    let log_offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let stderr_path = workdir.path.join("tokenproxy.stderr");
+    let stderr_file = File::create(&stderr_path).expect("stderr file");
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .env("PEER_SECRET", "sidecar-code-secret")
+        .stdin(Stdio::null())
+        .stdout(stderr_file.try_clone().expect("clone"))
+        .stderr(stderr_file)
+        .spawn()
+        .expect("tokenproxy starts");
+    let started = Instant::now();
+    let mut sidecar = SidecarGuard {
+        child: Some(child),
+        stderr: stderr_path,
+        name,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let stats = Arc::new(Stats::default());
+    let (waiting, metrics, ready_after) = runtime.block_on(async {
+        let http: HttpClient = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .build_http();
+        let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
+        // 1. no refresh token anywhere: the sidecar waits and names the command.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let waiting = loop {
+            let text = get_text(&http, &readyz).await;
+            if text.contains("needs_authorization") {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "[{name}] never in needs_authorization: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // 2. the person runs authorize and logs in through oidc-provider's pages.
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+            .args([
+                "authorize",
+                "peer",
+                "--no-listen",
+                "--timeout",
+                "60s",
+                "--config",
+            ])
+            .arg(&config_path)
+            .env("PEER_SECRET", "sidecar-code-secret")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tokenproxy authorize starts");
+        let mut err = std::io::BufReader::new(cmd.stderr.take().expect("stderr"));
+        let url = loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut err, &mut line).expect("stderr");
+            assert!(n > 0, "[{name}] authorize printed no URL");
+            if let Some(rest) = line.trim().strip_prefix("http") {
+                break format!("http{rest}");
+            }
+        };
+        let redirected = log_in_like_a_browser(&http, &url, &format!("{issuer}/cb")).await;
+        {
+            use std::io::Write as _;
+            let stdin = cmd.stdin.as_mut().expect("stdin");
+            writeln!(stdin, "{redirected}").expect("paste the redirected URL");
+        }
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        let out = cmd.wait_with_output().expect("authorize exits");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "[{name}] authorize failed: {rest}{stdout}"
+        );
+        eprintln!("[{name}] authorize: {}", stdout.trim().replace('\n', " | "));
+        // 3. the waiting sidecar picks the tokens up from the store, no restart.
+        let authorized_at = Instant::now();
+        loop {
+            let request = Request::get(&readyz)
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            if let Ok(r) = http.request(request).await {
+                if r.status() == StatusCode::OK {
+                    break;
+                }
+            }
+            assert!(
+                authorized_at.elapsed() < Duration::from_secs(10),
+                "[{name}] the sidecar did not become ready after authorize"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ready_after = authorized_at.elapsed();
+        drive_load(&http, &[listen_port], "sidecar-code", LOAD, &stats).await;
+        let metrics = get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
+        (waiting, metrics, ready_after)
+    });
+    drop(runtime);
+    let exit = sidecar.stop();
+    let elapsed = started.elapsed();
+    let calls = count_token_calls(Peer::Oidc, &read_from(&log, log_offset));
+    let requests = stats.sent.load(Ordering::Relaxed);
+    let failures = stats.failed.load(Ordering::Relaxed);
+    let refresh_grants = metric_sum(
+        &metrics,
+        "tokenproxy_token_refreshes_total",
+        &[("grant", "refresh_token"), ("outcome", "success")],
+    );
+    eprintln!(
+        "[{name}] ready {:.2} s after authorize; requests {requests}, failures {failures}; token calls {} ({} answered 200); exit {exit:?}",
+        ready_after.as_secs_f64(),
+        calls.total,
+        calls.ok
+    );
+    let mut problems = Vec::new();
+    if !waiting.contains("tokenproxy authorize peer --config") {
+        problems.push(format!("/readyz did not name the command: {waiting}"));
+    }
+    if requests == 0 || failures > 0 {
+        problems.push(format!("{failures} of {requests} app requests failed"));
+    }
+    if !calls.bad.is_empty() {
+        problems.push(format!(
+            "token endpoint answers other than 200: {:?}",
+            calls.bad
+        ));
+    }
+    if refresh_grants < 1.0 {
+        problems.push("the stored refresh token was never used to refresh".to_owned());
+    }
+    let verdict = if problems.is_empty() { "PASS" } else { "FAIL" };
+    eprintln!(
+        "INTEROP | {:<16} | {:>8} | {:>8} | {:>6} / {:<5} | {:>8} | {:>9} | {:>6.1} s | {verdict}",
+        name,
+        requests,
+        failures,
+        calls.total,
+        "-",
+        refresh_grants as u64,
+        0,
+        elapsed.as_secs_f64(),
+    );
+    summary.printed = true;
+    if !problems.is_empty() {
+        sidecar.print_tail();
+        panic!("[{name}] {}", problems.join("; "));
+    }
+    drop(sidecar);
+    drop(peer);
+    workdir.remove();
+}
+
+/// What a browser does with oidc-provider's development pages: follow the
+/// redirects, sign in as alice, consent, until the provider sends the browser to
+/// `redirect_uri`; returns that address (not fetched).
+async fn log_in_like_a_browser(http: &HttpClient, url: &str, redirect_uri: &str) -> String {
+    let mut jar: Vec<(String, String)> = Vec::new();
+    let mut next = (Method::GET, url.to_owned(), String::new());
+    for _ in 0..20 {
+        let (method, target, form) = next.clone();
+        let cookie = jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut builder = Request::builder().method(method.clone()).uri(&target);
+        if !cookie.is_empty() {
+            builder = builder.header("cookie", cookie);
+        }
+        if method == Method::POST {
+            builder = builder.header("content-type", "application/x-www-form-urlencoded");
+        }
+        let request = builder.body(Full::new(Bytes::from(form))).expect("request");
+        let response = http.request(request).await.expect("the provider answers");
+        for value in response.headers().get_all("set-cookie") {
+            let Ok(text) = value.to_str() else { continue };
+            let pair = text.split(';').next().unwrap_or("");
+            if let Some((k, v)) = pair.split_once('=') {
+                let (k, v) = (k.trim().to_owned(), v.trim().to_owned());
+                jar.retain(|(name, _)| *name != k);
+                if !v.is_empty() && !text.contains("expires=Thu, 01 Jan 1970") {
+                    jar.push((k, v));
+                }
+            }
+        }
+        let status = response.status();
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_owned);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let html = String::from_utf8_lossy(&body).into_owned();
+        if status.is_redirection() {
+            let location = location.expect("a redirect has a location");
+            let absolute = if location.starts_with("http") {
+                location
+            } else {
+                let origin = redirect_uri
+                    .split('/')
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("/");
+                format!("{origin}{location}")
+            };
+            if absolute.starts_with(redirect_uri) {
+                return absolute;
+            }
+            next = (Method::GET, absolute, String::new());
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "unexpected page: {html}");
+        let uid = html
+            .split("action=\"/interaction/")
+            .nth(1)
+            .and_then(|r| r.split(['"', '/', '?']).next())
+            .or_else(|| target.split("/interaction/").nth(1))
+            .expect("an interaction page")
+            .to_owned();
+        let prompt = html
+            .split("name=\"prompt\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("consent");
+        let form = if prompt == "login" {
+            "prompt=login&login=alice&password=any".to_owned()
+        } else {
+            "prompt=consent".to_owned()
+        };
+        let origin = redirect_uri
+            .split('/')
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("/");
+        next = (Method::POST, format!("{origin}/interaction/{uid}"), form);
+    }
+    panic!("did not reach {redirect_uri} within 20 steps");
+}
+
 // ------------------------------------------------------------------ case model
 
 struct Case {
@@ -289,40 +584,7 @@ fn run(case: Case) {
     let workdir = WorkDir::new(case.name);
 
     // 1. the peer
-    let peer_port = free_port();
-    let mut peer = PeerGuard {
-        peers: peers.clone(),
-        peer: case.peer,
-        port: peer_port,
-        log: None,
-    };
-    eprintln!(
-        "[{}] starting {} on 127.0.0.1:{peer_port} (access tokens live {LIFETIME_SECS} s)",
-        case.name,
-        case.peer.name()
-    );
-    let out = Command::new(peers.join(format!("start-{}.sh", case.peer.name())))
-        .arg(peer_port.to_string())
-        .env("ACCESS_TOKEN_EXPIRE_SECONDS", LIFETIME_SECS.to_string())
-        .envs(case.peer_env.iter().copied())
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("the peer's start script runs");
-    let info = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "[{}] start-{}.sh {peer_port} failed ({}):\n{info}",
-        case.name,
-        case.peer.name(),
-        out.status
-    );
-    let log = info
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{}=", case.peer.log_key())))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("start script printed no {}=:\n{info}", case.peer.log_key()));
-    peer.log = Some(log.clone());
+    let (peer, peer_port, log) = start_peer(case.name, case.peer, case.peer_env);
 
     // 2. a bootstrap refresh token (oidc authorization_code flow), kept out of every file
     let mut child_env: Vec<(&str, String)> = vec![
@@ -567,6 +829,44 @@ fn run(case: Case) {
     drop(sidecar);
     drop(peer);
     workdir.remove();
+}
+
+/// Starts `peer` on a free port with `env`; its guard, port and log file.
+fn start_peer(name: &str, peer: Peer, env: &[(&str, &str)]) -> (PeerGuard, u16, PathBuf) {
+    let peers = peers_dir();
+    let peer_port = free_port();
+    let mut guard = PeerGuard {
+        peers: peers.clone(),
+        peer,
+        port: peer_port,
+        log: None,
+    };
+    eprintln!(
+        "[{name}] starting {} on 127.0.0.1:{peer_port} (access tokens live {LIFETIME_SECS} s)",
+        peer.name()
+    );
+    let out = Command::new(peers.join(format!("start-{}.sh", peer.name())))
+        .arg(peer_port.to_string())
+        .env("ACCESS_TOKEN_EXPIRE_SECONDS", LIFETIME_SECS.to_string())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("the peer's start script runs");
+    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "[{name}] start-{}.sh {peer_port} failed ({}):\n{info}",
+        peer.name(),
+        out.status
+    );
+    let log = info
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{}=", peer.log_key())))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("start script printed no {}=:\n{info}", peer.log_key()));
+    guard.log = Some(log.clone());
+    (guard, peer_port, log)
 }
 
 fn sidecar_config(case: &Case, peer_port: u16, admin_port: u16, listen_port: u16) -> String {
