@@ -255,16 +255,10 @@ params = {{ prompt = "consent" }}
         stderr: stderr_path,
         name,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = test_runtime();
     let stats = Arc::new(Stats::default());
     let (waiting, metrics, ready_after) = runtime.block_on(async {
-        let http: HttpClient = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(64)
-            .build_http();
+        let http = app_client();
         let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
         // 1. no refresh token anywhere: the sidecar waits and names the command.
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -656,16 +650,10 @@ fn run(case: Case) {
     let listen_ports: Vec<u16> = ports.iter().map(|p| p.1).collect();
 
     // 4. ready, load, counters
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = test_runtime();
     let stats = Arc::new(Stats::default());
     let (metrics, health, restart_token_calls) = runtime.block_on(async {
-        let http: HttpClient = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(64)
-            .build_http();
+        let http = app_client();
         for (sidecar, (admin_port, _)) in sidecars.iter_mut().zip(&ports) {
             wait_ready(&http, *admin_port, sidecar).await;
         }
@@ -1237,6 +1225,22 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port()
+}
+
+/// The runtime the app side of a case runs on.
+fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The app's HTTP client (keep-alive, like a real app's).
+fn app_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http()
 }
 
 /// A redis-server on a free loopback port (no persistence), killed when dropped.
