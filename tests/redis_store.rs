@@ -38,15 +38,24 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Extra arguments (TLS, requirepass); with TLS the port is the TLS port.
+    extra: Vec<String>,
+    tls: bool,
 }
 
 impl Redis {
     fn start(dir: PathBuf) -> Redis {
+        Redis::start_with(dir, Vec::new(), false)
+    }
+
+    fn start_with(dir: PathBuf, extra: Vec<String>, tls: bool) -> Redis {
         let port = free_addr().port();
         let mut redis = Redis {
             child: None,
             port,
             dir,
+            extra,
+            tls,
         };
         redis.start_again();
         redis
@@ -58,10 +67,16 @@ impl Redis {
 
     /// Starts (again) on the same port, empty.
     fn start_again(&mut self) {
+        let port = self.port.to_string();
+        let ports: Vec<&str> = if self.tls {
+            vec!["--port", "0", "--tls-port", &port]
+        } else {
+            vec!["--port", &port]
+        };
         let child = Command::new("redis-server")
+            .args(ports)
+            .args(&self.extra)
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -460,4 +475,186 @@ async fn a_redis_outage_is_ridden_out_in_memory_and_reconciled() {
         .await
         .expect("HGET");
     assert!(generation.is_some(), "the state was written back to Redis");
+}
+
+mod tls {
+    //! Certificates for the rediss:// test, generated here.
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+
+    pub struct Ca {
+        cert: rcgen::Certificate,
+        key: KeyPair,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().expect("key");
+            let cert = params.self_signed(&key).expect("self-signed");
+            Ca { cert, key }
+        }
+
+        pub fn pem(&self) -> String {
+            self.cert.pem()
+        }
+
+        /// A server certificate for `names`: (cert PEM, key PEM).
+        pub fn issue(&self, names: &[&str]) -> (String, String) {
+            let mut params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .expect("params");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let key = KeyPair::generate().expect("key");
+            let cert = params
+                .signed_by(&key, &self.cert, &self.key)
+                .expect("signed");
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_file_shares_the_token_and_never_shows_the_password(
+) {
+    const PASSWORD: &str = "redis-pw-Qm83-not-for-logs";
+    let logs = support::LogCapture::install(tracing::Level::DEBUG);
+    let dir = temp_dir("tls");
+    let ca = tls::Ca::new("tokenproxy test redis CA");
+    let (cert, key) = ca.issue(&["127.0.0.1"]);
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let (cert_file, key_file, ca_file) = (
+        write("redis.crt", &cert),
+        write("redis.key", &key),
+        write("ca.pem", &ca.pem()),
+    );
+    let password_file = write("redis-password", &format!("{PASSWORD}\n"));
+    let other_ca_file = write("other-ca.pem", &tls::Ca::new("someone else").pem());
+    let redis = Redis::start_with(
+        dir.clone(),
+        [
+            "--tls-cert-file",
+            &cert_file,
+            "--tls-key-file",
+            &key_file,
+            "--tls-ca-cert-file",
+            &ca_file,
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            PASSWORD,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        true,
+    );
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let template = |ca: &str| {
+        format!(
+            r#"
+[admin]
+listen = "{{admin}}"
+[store]
+kind = "redis"
+url = "rediss://127.0.0.1:{port}/0"
+password_file = "{password_file}"
+ca_file = "{ca}"
+key = "{KEY}"
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{upstream}"
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{CLIENT_ID}"
+client_secret = "${{CLIENT_SECRET}}"
+"#,
+            port = redis.port,
+            upstream = api.url(),
+            token_url = provider.token_url(),
+        )
+    };
+    // Config files are read through the injected lookup, like secrets.
+    let env = || {
+        let mut env = tokenproxy::config::MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET);
+        for path in [&password_file, &ca_file, &other_ca_file] {
+            env = env.file(path.as_str(), std::fs::read_to_string(path).expect("read"));
+        }
+        env
+    };
+    let start = |ca: &str| {
+        let text = template(ca);
+        let env = env();
+        async move { support::start_sidecar_env(&text, env).await }
+    };
+    let http = TestClient::new();
+    let ready =
+        |running: &tokenproxy::Running| running.token("payments").is_some_and(|t| t.is_ready());
+
+    let (first, _proxy, admin) = start(&ca_file).await;
+    assert!(eventually(Duration::from_secs(5), || ready(&first)).await);
+    let status = http.get(&format!("http://{admin}/status")).await.json();
+    let store = &status["clients"]["payments"]["store"];
+    assert_eq!(store["available"], true, "{status}");
+    assert_eq!(store["generation"], 1, "{status}");
+
+    // A second replica reads the token over TLS with AUTH instead of asking the provider.
+    let (second, proxy2, admin2) = start(&ca_file).await;
+    assert!(eventually(Duration::from_secs(5), || ready(&second)).await);
+    assert_eq!(
+        provider.token_requests(),
+        1,
+        "the second replica took the stored token"
+    );
+    assert_eq!(
+        http.get(&format!("http://{proxy2}/api/v1/payments"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // A CA that did not sign Redis's certificate: the store is unavailable, said
+    // so, and the sidecar still serves with a token of its own.
+    let (third, proxy3, admin3) = start(&other_ca_file).await;
+    assert!(eventually(Duration::from_secs(8), || ready(&third)).await);
+    assert_eq!(
+        http.get(&format!("http://{proxy3}/api/v1/payments"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let status3 = http.get(&format!("http://{admin3}/status")).await.json();
+    assert_eq!(
+        status3["clients"]["payments"]["store"]["available"], false,
+        "{status3}"
+    );
+
+    let mut places = vec![logs.text()];
+    for a in [admin, admin2, admin3] {
+        places.push(http.get(&format!("http://{a}/status")).await.text());
+        places.push(http.get(&format!("http://{a}/metrics")).await.text());
+    }
+    for text in &places {
+        assert!(
+            !text.contains(PASSWORD),
+            "the Redis password leaked: {text}"
+        );
+    }
+    first.shutdown().await;
+    second.shutdown().await;
+    third.shutdown().await;
+    drop(redis);
 }
