@@ -21,21 +21,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Split the raw bytes: a value with one obs-text byte (>= 0x80) is not valid
-    // UTF-8 for `to_str`, and must not hide the names listed beside it.
-    let named: Vec<HeaderName> = headers
+    // One pass over the (few) names first: most messages carry no hop-by-hop header
+    // but `Connection`, and each removal would hash its name even when it is absent.
+    let has_connection = headers.contains_key(header::CONNECTION);
+    let mut gone: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_hop_by_hop(name) || (has_connection && is_named_in_connection(headers, name)) {
+            gone.push(name.clone());
+        }
+    }
+    for name in gone {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
+/// Whether a `Connection` value lists `name`. The raw bytes are split: a value with
+/// one obs-text byte (>= 0x80) is not valid UTF-8 for `to_str`, and must not hide the
+/// names listed beside it. Names are compared without case, as `HeaderName` parses them.
+fn is_named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+        .any(|listed| listed.trim_ascii().eq_ignore_ascii_case(name))
 }
 
 /// Prepares the app's request headers for the upstream.
@@ -50,17 +63,24 @@ pub fn prepare_request(
 ) {
     strip_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
-    headers.remove(inject);
-    headers.insert(header::HOST, upstream_host.clone());
-    if !headers.contains_key(&REQUEST_ID) {
-        headers.insert(REQUEST_ID.clone(), request_id.clone());
+    if inject != header::AUTHORIZATION {
+        headers.remove(inject);
     }
+    headers.insert(header::HOST, upstream_host.clone());
+    headers
+        .entry(&REQUEST_ID)
+        .or_insert_with(|| request_id.clone());
 }
 
 /// A new request id: 16 random hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}", fastrand::u64(..));
-    HeaderValue::from_str(&id).expect("hex digits are a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u64(..);
+    let mut id = [0u8; 16];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]
@@ -120,6 +140,30 @@ mod tests {
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert_eq!(h.get(header::HOST), Some(&host));
         assert_eq!(h.get(&REQUEST_ID), Some(&id));
+    }
+
+    #[test]
+    fn new_request_ids_are_16_lower_case_hex_digits() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 16, "{id:?}");
+        assert!(
+            id.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)),
+            "{id:?}"
+        );
+    }
+
+    #[test]
+    fn connection_names_are_matched_without_case() {
+        let mut h = map(&[
+            ("connection", "X-Hop ,  Keep-Alive"),
+            ("x-hop", "1"),
+            ("x-hop-not", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-hop-not"], "only the listed names may go");
     }
 
     #[test]

@@ -113,9 +113,10 @@ pub async fn handle(
         .get(&headers::REQUEST_ID)
         .cloned()
         .unwrap_or_else(headers::new_request_id);
-    let method = req.method().clone();
-    // Only the path: query strings can carry secrets and are never logged.
-    let path = req.uri().path().to_owned();
+    // Only the path: query strings can carry secrets and are never logged. Copied only
+    // when the access log is on (the benchmarks, and some deployments, turn it off).
+    let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let mut exchange = Exchange::default();
     let forwarded = forward(
         &client,
@@ -140,6 +141,9 @@ pub async fn handle(
     client
         .metrics
         .request(response.status(), elapsed.as_secs_f64());
+    let (method, path) = logged
+        .as_ref()
+        .map_or(("", ""), |(m, p)| (m.as_str(), p.as_str()));
     info!(
         target: ACCESS_LOG,
         client = %client.name,
@@ -205,11 +209,11 @@ async fn forward(
     exchange: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
-    let uri = Uri::builder()
-        .scheme(client.scheme.clone())
-        .authority(client.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(client.scheme.clone());
+    uri.authority = Some(client.authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    let uri = Uri::from_parts(uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
     headers::prepare_request(
         &mut parts.headers,
