@@ -10,7 +10,8 @@ the counters and divides the instructions (Ir) by the requests tokenproxy counte
 `tokenproxy_requests_total` over that window. Startup and warm-up are therefore excluded.
 
 Environment: REQUESTS (20000), CONNS (50), WARMUP (2000), METHOD (GET or POST16K),
-CALLGRIND_OUT (directory for the dump; default a temporary one, removed), KEEP=1 (keep it).
+CALLGRIND_OUT (directory for the dump; default a temporary one, removed), KEEP=1 (keep it),
+TOKENPROXY (another binary).
 Prints one line `Ir/request N` and, with KEEP=1, where the dump is for callgrind_annotate.
 """
 import glob
@@ -86,7 +87,7 @@ def main():
         out_file = os.path.join(out_dir, "callgrind.out.%p")
         proc = bench.start(["valgrind", "--tool=callgrind", "--vgdb=yes",
                             f"--callgrind-out-file={out_file}",
-                            bench.TOKENPROXY, "run", "--config", cfg],
+                            os.environ.get("TOKENPROXY", bench.TOKENPROXY), "run", "--config", cfg],
                            os.path.join(tmp, "tokenproxy.log"), env=env)
         phase("started")
         bench.wait_http(f"http://127.0.0.1:{admin_port}/readyz", timeout=120)

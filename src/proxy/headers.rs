@@ -3,49 +3,52 @@
 //! the upstream's, the app's credentials are replaced, and every request carries
 //! an `x-request-id`.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, GetAll, HeaderMap, HeaderName, HeaderValue};
 
 /// The request id header.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 /// Removes hop-by-hop headers, including every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names first: most messages carry no hop-by-hop header
-    // but `Connection`, and each removal would hash its name even when it is absent.
-    let has_connection = headers.contains_key(header::CONNECTION);
-    let mut gone: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if is_hop_by_hop(name) || (has_connection && is_named_in_connection(headers, name)) {
-            gone.push(name.clone());
-        }
+    // Look at the (few) names present first: most messages carry no hop-by-hop header
+    // but `Connection`, and each removal hashes its name even when it is absent.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
+    let connection = headers.get_all(header::CONNECTION);
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || is_listed(&connection, name))
+        .cloned()
+        .collect();
     for name in gone {
         headers.remove(name);
     }
 }
 
+/// RFC 9110 §7.6.1 (and the legacy `keep-alive`, `proxy-connection`), by spelling:
+/// cheaper than comparing with nine `HeaderName`s.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Whether a `Connection` value lists `name`. The raw bytes are split: a value with
 /// one obs-text byte (>= 0x80) is not valid UTF-8 for `to_str`, and must not hide the
 /// names listed beside it. Names are compared without case, as `HeaderName` parses them.
-fn is_named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+fn is_listed(connection: &GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
-    headers
-        .get_all(header::CONNECTION)
+    connection
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .any(|listed| listed.trim_ascii().eq_ignore_ascii_case(name))
@@ -62,6 +65,8 @@ pub fn prepare_request(
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
+    // Room for `host`, `x-request-id` and the token: one growth at most, not one per insert.
+    headers.reserve(3);
     headers.remove(header::AUTHORIZATION);
     if inject != header::AUTHORIZATION {
         headers.remove(inject);

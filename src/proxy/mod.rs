@@ -221,7 +221,7 @@ async fn forward(
         &client.inject_header,
         request_id,
     );
-    let outgoing = Outgoing {
+    let mut outgoing = Outgoing {
         method: parts.method,
         uri,
         headers: parts.headers,
@@ -232,6 +232,11 @@ async fn forward(
         .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?;
 
     let token = take_token(client, exchange).await?;
+    // In the template too, so that each copy only replaces the value (a copy has no
+    // spare capacity, and adding a header to it would grow it).
+    outgoing
+        .headers
+        .insert(client.inject_header.clone(), token.header.clone());
     match body {
         RequestBody::Buffered(bytes) => {
             let first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
