@@ -3,7 +3,7 @@
 //! the upstream's, the app's credentials are replaced, and every request carries
 //! an `x-request-id`.
 
-use http::header::{self, GetAll, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The request id header.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -15,10 +15,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let connection = headers.get_all(header::CONNECTION);
+    // The names `Connection` lists, split once. The raw bytes are split: a value with
+    // one obs-text byte (>= 0x80) is not valid UTF-8 for `to_str`, and must not hide
+    // the names listed beside it. The usual `keep-alive` is hop-by-hop anyway and left
+    // out, so that list is mostly empty (no allocation).
+    let listed: Vec<&[u8]> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case(b"keep-alive"))
+        .collect();
+    // Names are compared without case, as `HeaderName` parses them.
     let gone: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_hop_by_hop(name) || is_listed(&connection, name))
+        .filter(|name| {
+            is_hop_by_hop(name)
+                || listed
+                    .iter()
+                    .any(|l| l.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        })
         .cloned()
         .collect();
     for name in gone {
@@ -41,17 +57,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
     )
-}
-
-/// Whether a `Connection` value lists `name`. The raw bytes are split: a value with
-/// one obs-text byte (>= 0x80) is not valid UTF-8 for `to_str`, and must not hide the
-/// names listed beside it. Names are compared without case, as `HeaderName` parses them.
-fn is_listed(connection: &GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
-    let name = name.as_str().as_bytes();
-    connection
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|listed| listed.trim_ascii().eq_ignore_ascii_case(name))
 }
 
 /// Prepares the app's request headers for the upstream.
@@ -157,6 +162,14 @@ mod tests {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)),
             "{id:?}"
         );
+    }
+
+    #[test]
+    fn a_header_named_close_goes_when_connection_lists_it() {
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"], "a listed name goes, whatever it is");
     }
 
     #[test]
