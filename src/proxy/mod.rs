@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod pool;
 pub mod route;
 pub mod upstream;
 
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use self::body::{Body, RequestBody};
+use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use self::upstream::HttpClient;
 use crate::config::ClientConfig;
@@ -48,6 +50,8 @@ pub struct ClientRuntime {
     pub token: TokenHandle,
     metrics: ClientMetrics,
     http: HttpClient,
+    /// For `http://` upstreams: our own HTTP/1.1 pool instead of `http`.
+    pool: Option<Http1Pool>,
 }
 
 impl ClientRuntime {
@@ -61,6 +65,14 @@ impl ClientRuntime {
         let authority = config.upstream.authority.clone();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("a parsed URI authority is a valid header value");
+        let pool = (config.upstream.scheme == Scheme::HTTP).then(|| {
+            let mut target = http::uri::Parts::default();
+            target.scheme = Some(Scheme::HTTP);
+            target.authority = Some(authority.clone());
+            target.path_and_query = Some(PathAndQuery::from_static("/"));
+            let target = Uri::from_parts(target).expect("scheme, authority and / make a valid URI");
+            Http1Pool::new(upstream::egress(&config.proxy), target)
+        });
         ClientRuntime {
             name: config.name.clone(),
             scheme: config.upstream.scheme.clone(),
@@ -75,6 +87,7 @@ impl ClientRuntime {
             token,
             metrics,
             http,
+            pool,
         }
     }
 
@@ -210,8 +223,12 @@ async fn forward(
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(client.scheme.clone());
-    uri.authority = Some(client.authority.clone());
+    if client.pool.is_none() {
+        // The shared client wants the absolute form (it picks the pool by it); our own
+        // pool sends the origin form as it is.
+        uri.scheme = Some(client.scheme.clone());
+        uri.authority = Some(client.authority.clone());
+    }
     uri.path_and_query = Some(path_and_query);
     let uri = Uri::from_parts(uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
@@ -384,14 +401,22 @@ async fn send_once(
     http: &HttpClient,
     req: Request<Body>,
 ) -> Result<Response<Body>, Failure> {
-    let response = match tokio::time::timeout(client.timeout, http.request(req)).await {
+    let sent = match &client.pool {
+        Some(pool) => tokio::time::timeout(client.timeout, pool.send(req))
+            .await
+            .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
+        None => tokio::time::timeout(client.timeout, http.request(req))
+            .await
+            .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
+    };
+    let response = match sent {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
+        Ok(Err((is_connect, detail))) => {
             let error = ProxyError::UpstreamUnreachable {
                 upstream: client.upstream_display.clone(),
-                detail: crate::token::error_chain(&e),
+                detail,
             };
-            return Err(if e.is_connect() {
+            return Err(if is_connect {
                 Failure::Other(error)
             } else {
                 Failure::Broken(error)

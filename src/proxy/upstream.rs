@@ -128,7 +128,7 @@ impl tower_service::Service<Uri> for Egress {
 
 /// Pooled connections idle for longer than this are closed. hyper retries a
 /// request whose pooled connection was found closed before it was written.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a client could not be built.
@@ -185,12 +185,6 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
         _ => builder.with_no_client_auth(),
     };
 
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-
     let schemes = HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_or_http();
@@ -202,6 +196,24 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
         }
         None => schemes,
     };
+    let egress = egress(proxy);
+    let connector = schemes.enable_all_versions().wrap_connector(egress);
+
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector))
+}
+
+/// The TCP connector every client uses: direct, or through the egress proxy.
+pub fn egress(proxy: &EgressProxy) -> Egress {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+
     let matcher = (!proxy.is_direct()).then(|| {
         let url = |s: &Option<crate::secret::Secret>| {
             s.as_ref()
@@ -216,17 +228,10 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
                 .build(),
         )
     });
-    let egress = Egress {
+    Egress {
         direct: http,
         proxy: matcher,
-    };
-    let connector = schemes.enable_all_versions().wrap_connector(egress);
-
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+    }
 }
 
 /// Builds each distinct (TLS, proxy) setting's client once.
