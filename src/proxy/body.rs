@@ -57,15 +57,29 @@ impl RequestBody {
             return Ok(RequestBody::Streaming(incoming(body)));
         }
         let mut body = body;
+        // A body that arrives in one frame (most bodies of a few KiB) is kept as hyper
+        // handed it over, without a copy; otherwise the frames are joined into one
+        // buffer sized once from `Content-Length` when there is one.
+        let mut single: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         let mut trailers: Option<HeaderMap> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             match frame.into_data() {
                 Ok(data) => {
-                    buf.extend_from_slice(&data);
-                    if buf.len() > limit {
-                        let prefix = buf.freeze();
+                    if single.is_none() && buf.is_empty() {
+                        single = Some(data);
+                    } else {
+                        if let Some(first) = single.take() {
+                            let expected = usize::try_from(hint.lower()).unwrap_or(0);
+                            buf.reserve(expected.max(first.len() + data.len()));
+                            buf.extend_from_slice(&first);
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                    let read = single.as_ref().map_or(buf.len(), Bytes::len);
+                    if read > limit {
+                        let prefix = single.take().unwrap_or_else(|| buf.split().freeze());
                         return Ok(RequestBody::Streaming(
                             Prefixed {
                                 prefix: Some(prefix),
@@ -82,15 +96,15 @@ impl RequestBody {
                 }
             }
         }
+        let data = single.unwrap_or_else(|| buf.freeze());
         // Trailers on a request to a payment API are vanishingly rare; such a body is
         // sent once with them rather than buffered without them.
         if let Some(t) = trailers {
-            let data = buf.freeze();
             let frames = vec![Ok::<_, BoxError>(Frame::data(data)), Ok(Frame::trailers(t))];
             let stream = http_body_util::StreamBody::new(futures_iter(frames));
             return Ok(RequestBody::Streaming(stream.boxed()));
         }
-        Ok(RequestBody::Buffered(buf.freeze()))
+        Ok(RequestBody::Buffered(data))
     }
 }
 

@@ -8,34 +8,55 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// The request id header.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 /// Removes hop-by-hop headers, including every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Split the raw bytes: a value with one obs-text byte (>= 0x80) is not valid
-    // UTF-8 for `to_str`, and must not hide the names listed beside it.
-    let named: Vec<HeaderName> = headers
+    // Look at the (few) names present first: most messages carry no hop-by-hop header
+    // but `Connection`, and each removal hashes its name even when it is absent.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // The names `Connection` lists, split once. The raw bytes are split: a value with
+    // one obs-text byte (>= 0x80) is not valid UTF-8 for `to_str`, and must not hide
+    // the names listed beside it. The usual `keep-alive` is hop-by-hop anyway and left
+    // out, so that list is mostly empty (no allocation).
+    let listed: Vec<&[u8]> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .map(<[u8]>::trim_ascii)
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case(b"keep-alive"))
         .collect();
-    for name in named {
+    // Names are compared without case, as `HeaderName` parses them.
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            is_hop_by_hop(name)
+                || listed
+                    .iter()
+                    .any(|l| l.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        })
+        .cloned()
+        .collect();
+    for name in gone {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+}
+
+/// RFC 9110 §7.6.1 (and the legacy `keep-alive`, `proxy-connection`), by spelling:
+/// cheaper than comparing with nine `HeaderName`s.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Prepares the app's request headers for the upstream.
@@ -49,18 +70,27 @@ pub fn prepare_request(
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
+    // Room for `host`, `x-request-id` and the token: one growth at most, not one per insert.
+    headers.reserve(3);
     headers.remove(header::AUTHORIZATION);
-    headers.remove(inject);
-    headers.insert(header::HOST, upstream_host.clone());
-    if !headers.contains_key(&REQUEST_ID) {
-        headers.insert(REQUEST_ID.clone(), request_id.clone());
+    if inject != header::AUTHORIZATION {
+        headers.remove(inject);
     }
+    headers.insert(header::HOST, upstream_host.clone());
+    headers
+        .entry(&REQUEST_ID)
+        .or_insert_with(|| request_id.clone());
 }
 
 /// A new request id: 16 random hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}", fastrand::u64(..));
-    HeaderValue::from_str(&id).expect("hex digits are a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u64(..);
+    let mut id = [0u8; 16];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]
@@ -120,6 +150,38 @@ mod tests {
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert_eq!(h.get(header::HOST), Some(&host));
         assert_eq!(h.get(&REQUEST_ID), Some(&id));
+    }
+
+    #[test]
+    fn new_request_ids_are_16_lower_case_hex_digits() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 16, "{id:?}");
+        assert!(
+            id.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)),
+            "{id:?}"
+        );
+    }
+
+    #[test]
+    fn a_header_named_close_goes_when_connection_lists_it() {
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"], "a listed name goes, whatever it is");
+    }
+
+    #[test]
+    fn connection_names_are_matched_without_case() {
+        let mut h = map(&[
+            ("connection", "X-Hop ,  Keep-Alive"),
+            ("x-hop", "1"),
+            ("x-hop-not", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-hop-not"], "only the listed names may go");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod pool;
 pub mod route;
 pub mod upstream;
 
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use self::body::{Body, RequestBody};
+use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use self::upstream::HttpClient;
 use crate::config::ClientConfig;
@@ -48,6 +50,8 @@ pub struct ClientRuntime {
     pub token: TokenHandle,
     metrics: ClientMetrics,
     http: HttpClient,
+    /// For `http://` upstreams: our own HTTP/1.1 pool instead of `http`.
+    pool: Option<Http1Pool>,
 }
 
 impl ClientRuntime {
@@ -61,6 +65,14 @@ impl ClientRuntime {
         let authority = config.upstream.authority.clone();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("a parsed URI authority is a valid header value");
+        let pool = (config.upstream.scheme == Scheme::HTTP).then(|| {
+            let mut target = http::uri::Parts::default();
+            target.scheme = Some(Scheme::HTTP);
+            target.authority = Some(authority.clone());
+            target.path_and_query = Some(PathAndQuery::from_static("/"));
+            let target = Uri::from_parts(target).expect("scheme, authority and / make a valid URI");
+            Http1Pool::new(upstream::egress(&config.proxy), target)
+        });
         ClientRuntime {
             name: config.name.clone(),
             scheme: config.upstream.scheme.clone(),
@@ -75,6 +87,7 @@ impl ClientRuntime {
             token,
             metrics,
             http,
+            pool,
         }
     }
 
@@ -113,9 +126,10 @@ pub async fn handle(
         .get(&headers::REQUEST_ID)
         .cloned()
         .unwrap_or_else(headers::new_request_id);
-    let method = req.method().clone();
-    // Only the path: query strings can carry secrets and are never logged.
-    let path = req.uri().path().to_owned();
+    // Only the path: query strings can carry secrets and are never logged. Copied only
+    // when the access log is on (the benchmarks, and some deployments, turn it off).
+    let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let mut exchange = Exchange::default();
     let forwarded = forward(
         &client,
@@ -140,6 +154,9 @@ pub async fn handle(
     client
         .metrics
         .request(response.status(), elapsed.as_secs_f64());
+    let (method, path) = logged
+        .as_ref()
+        .map_or(("", ""), |(m, p)| (m.as_str(), p.as_str()));
     info!(
         target: ACCESS_LOG,
         client = %client.name,
@@ -205,11 +222,15 @@ async fn forward(
     exchange: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
-    let uri = Uri::builder()
-        .scheme(client.scheme.clone())
-        .authority(client.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    let mut uri = http::uri::Parts::default();
+    if client.pool.is_none() {
+        // The shared client wants the absolute form (it picks the pool by it); our own
+        // pool sends the origin form as it is.
+        uri.scheme = Some(client.scheme.clone());
+        uri.authority = Some(client.authority.clone());
+    }
+    uri.path_and_query = Some(path_and_query);
+    let uri = Uri::from_parts(uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
     headers::prepare_request(
         &mut parts.headers,
@@ -217,7 +238,7 @@ async fn forward(
         &client.inject_header,
         request_id,
     );
-    let outgoing = Outgoing {
+    let mut outgoing = Outgoing {
         method: parts.method,
         uri,
         headers: parts.headers,
@@ -228,6 +249,11 @@ async fn forward(
         .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?;
 
     let token = take_token(client, exchange).await?;
+    // In the template too, so that each copy only replaces the value (a copy has no
+    // spare capacity, and adding a header to it would grow it).
+    outgoing
+        .headers
+        .insert(client.inject_header.clone(), token.header.clone());
     match body {
         RequestBody::Buffered(bytes) => {
             let first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
@@ -375,14 +401,22 @@ async fn send_once(
     http: &HttpClient,
     req: Request<Body>,
 ) -> Result<Response<Body>, Failure> {
-    let response = match tokio::time::timeout(client.timeout, http.request(req)).await {
+    let sent = match &client.pool {
+        Some(pool) => tokio::time::timeout(client.timeout, pool.send(req))
+            .await
+            .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
+        None => tokio::time::timeout(client.timeout, http.request(req))
+            .await
+            .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
+    };
+    let response = match sent {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
+        Ok(Err((is_connect, detail))) => {
             let error = ProxyError::UpstreamUnreachable {
                 upstream: client.upstream_display.clone(),
-                detail: crate::token::error_chain(&e),
+                detail,
             };
-            return Err(if e.is_connect() {
+            return Err(if is_connect {
                 Failure::Other(error)
             } else {
                 Failure::Broken(error)

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request};
 
@@ -65,8 +66,19 @@ impl ListenerRoutes {
                     .filter(|rest| rest.is_empty() || rest.starts_with('/')),
             };
             if let Some(rest) = rest {
+                // The common case, no prefix and no base path: the app's request target
+                // as it is (a reference count, no copy).
+                if let Some(pq) = uri.path_and_query() {
+                    let joined_len = path.len() + uri.query().map_or(0, |q| q.len() + 1);
+                    if client.base_path.is_empty()
+                        && rest.len() == path.len()
+                        && pq.as_str().len() == joined_len
+                    {
+                        return Ok((client, pq.clone()));
+                    }
+                }
                 let joined = join(&client.base_path, rest, uri.query());
-                let pq = PathAndQuery::try_from(joined.as_str()).map_err(|_| {
+                let pq = PathAndQuery::from_maybe_shared(Bytes::from(joined)).map_err(|_| {
                     ProxyError::BadRequest("request target is not a valid path".into())
                 })?;
                 return Ok((client, pq));

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
@@ -37,8 +37,61 @@ pub struct Egress {
     proxy: Option<Arc<Matcher>>,
 }
 
+/// A TCP connection to the upstream, or to the egress proxy with a tunnel through it.
+///
+/// hyper-util's own `TcpStream` connection describes itself with an `HttpInfo`
+/// (both addresses), which the pooled client then copies into the extensions of
+/// every response: a map allocated per response that nothing here reads.
+pub struct Plain(TokioIo<TcpStream>);
+
+impl Connection for Plain {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Plain {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Plain {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl tower_service::Service<Uri> for Egress {
-    type Response = TokioIo<TcpStream>;
+    type Response = Plain;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -59,12 +112,14 @@ impl tower_service::Service<Uri> for Egress {
                 Box::pin(async move {
                     tower_service::Service::call(&mut tunnel, dst)
                         .await
+                        .map(Plain)
                         .map_err(|e| BoxError::from(format!("through the egress proxy: {e}")))
                 })
             }
             None => Box::pin(async move {
                 tower_service::Service::call(&mut direct, dst)
                     .await
+                    .map(Plain)
                     .map_err(BoxError::from)
             }),
         }
@@ -73,7 +128,7 @@ impl tower_service::Service<Uri> for Egress {
 
 /// Pooled connections idle for longer than this are closed. hyper retries a
 /// request whose pooled connection was found closed before it was written.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a client could not be built.
@@ -130,12 +185,6 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
         _ => builder.with_no_client_auth(),
     };
 
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-
     let schemes = HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_or_http();
@@ -147,6 +196,24 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
         }
         None => schemes,
     };
+    let egress = egress(proxy);
+    let connector = schemes.enable_all_versions().wrap_connector(egress);
+
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector))
+}
+
+/// The TCP connector every client uses: direct, or through the egress proxy.
+pub fn egress(proxy: &EgressProxy) -> Egress {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+
     let matcher = (!proxy.is_direct()).then(|| {
         let url = |s: &Option<crate::secret::Secret>| {
             s.as_ref()
@@ -161,17 +228,10 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
                 .build(),
         )
     });
-    let egress = Egress {
+    Egress {
         direct: http,
         proxy: matcher,
-    };
-    let connector = schemes.enable_all_versions().wrap_connector(egress);
-
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+    }
 }
 
 /// Builds each distinct (TLS, proxy) setting's client once.
