@@ -152,6 +152,21 @@ def wait_port(port, proc=None, timeout=30.0):
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def start_backends(tmp, up_port, tok_port):
+    """Starts the nginx upstream and the mock token endpoint under TMP; waits for both."""
+    up_prefix = os.path.join(tmp, "upstream")
+    os.makedirs(up_prefix, exist_ok=True)
+    with open(os.path.join(up_prefix, "nginx.conf"), "w") as f:
+        f.write(upstream_nginx_conf(up_prefix, up_port))
+    upstream = start(["nginx", "-p", up_prefix, "-c", os.path.join(up_prefix, "nginx.conf"),
+                      "-g", "daemon off;"], os.path.join(tmp, "upstream.log"))
+    tokep = start([sys.executable, os.path.join(HERE, "token_endpoint.py"), str(tok_port)],
+                  os.path.join(tmp, "token_endpoint.log"))
+    wait_port(up_port, upstream)
+    wait_port(tok_port, tokep)
+    return upstream, tokep
+
+
 def http(url, data=None, timeout=5.0):
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     try:
@@ -574,16 +589,7 @@ def main():
     up_port, tok_port = ports.pop(), ports.pop()
 
     # upstream and token endpoint
-    up_prefix = os.path.join(tmp, "upstream")
-    os.makedirs(up_prefix)
-    with open(os.path.join(up_prefix, "nginx.conf"), "w") as f:
-        f.write(upstream_nginx_conf(up_prefix, up_port))
-    upstream = start(["nginx", "-p", up_prefix, "-c", os.path.join(up_prefix, "nginx.conf"),
-                      "-g", "daemon off;"], os.path.join(tmp, "upstream.log"))
-    tokep = start([sys.executable, os.path.join(HERE, "token_endpoint.py"), str(tok_port)],
-                  os.path.join(tmp, "token_endpoint.log"))
-    wait_port(up_port, upstream)
-    wait_port(tok_port, tokep)
+    upstream, tokep = start_backends(tmp, up_port, tok_port)
     st, body = http(f"http://127.0.0.1:{up_port}{PATH}", data=b"x" * 16384)
     assert st == 200 and len(body) == 1024, (st, len(body))
 
@@ -786,16 +792,7 @@ def profile():
     os.makedirs(RESULTS, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="tokenproxy-profile-")
     up_port, tok_port, p_tp, p_admin = free_ports(4)
-    up_prefix = os.path.join(tmp, "upstream")
-    os.makedirs(up_prefix)
-    with open(os.path.join(up_prefix, "nginx.conf"), "w") as f:
-        f.write(upstream_nginx_conf(up_prefix, up_port))
-    upstream = start(["nginx", "-p", up_prefix, "-c", os.path.join(up_prefix, "nginx.conf"),
-                      "-g", "daemon off;"], os.path.join(tmp, "upstream.log"))
-    tokep = start([sys.executable, os.path.join(HERE, "token_endpoint.py"), str(tok_port)],
-                  os.path.join(tmp, "token_endpoint.log"))
-    wait_port(up_port, upstream)
-    wait_port(tok_port, tokep)
+    upstream, tokep = start_backends(tmp, up_port, tok_port)
     tcfg = os.path.join(tmp, "tokenproxy.toml")
     with open(tcfg, "w") as f:
         f.write(tokenproxy_conf(p_admin, [("bench", p_tp, up_port)], tok_port, MAIN_LIFETIME))

@@ -67,17 +67,7 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     up_port, tok_port, admin_port, proxy_port = bench.free_ports(4)
     try:
-        up_prefix = os.path.join(tmp, "upstream")
-        os.makedirs(up_prefix, exist_ok=True)
-        with open(os.path.join(up_prefix, "nginx.conf"), "w") as f:
-            f.write(bench.upstream_nginx_conf(up_prefix, up_port))
-        upstream = bench.start(["nginx", "-p", up_prefix, "-c",
-                                os.path.join(up_prefix, "nginx.conf"), "-g", "daemon off;"],
-                               os.path.join(tmp, "upstream.log"))
-        tok = bench.start([sys.executable, os.path.join(bench.HERE, "token_endpoint.py"),
-                           str(tok_port)], os.path.join(tmp, "token.log"))
-        bench.wait_port(up_port, upstream)
-        bench.wait_port(tok_port, tok)
+        upstream, tok = bench.start_backends(tmp, up_port, tok_port)
         cfg = os.path.join(tmp, "tokenproxy.toml")
         with open(cfg, "w") as f:
             f.write(bench.tokenproxy_conf(admin_port, [("bench", proxy_port, up_port)],

@@ -51,25 +51,12 @@ async fn closing_upstream(idle: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, served)
 }
 
-async fn sidecar_for(upstream: SocketAddr) -> (MockProvider, tokenproxy::Running, SocketAddr) {
-    let provider = MockProvider::start(ProviderConfig::default())
-        .await
-        .expect("provider");
-    let text = format!(
-        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
-         [clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
-        provider.token_url()
-    );
-    let (running, proxy, _) = start_sidecar(&text).await;
-    (provider, running, proxy)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pooled_connection_closed_by_the_upstream_fails_no_safe_request_and_never_doubles_a_post(
 ) {
     let idle = Duration::from_millis(100);
     let (upstream, served) = closing_upstream(idle).await;
-    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
     let http = TestClient::new();
     let mut get_failures = Vec::new();
     let mut post_failures = Vec::new();
@@ -177,7 +164,7 @@ async fn closes_on_second_request() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_on_a_connection_closed_under_it_is_retried_but_a_post_is_never_sent_twice() {
     let (upstream, seen) = closes_on_second_request().await;
-    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
     let http = TestClient::new();
     let url = format!("http://{proxy}/x");
 
@@ -294,7 +281,7 @@ async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> (String, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_before_the_response_is_a_502_and_the_sidecar_keeps_serving() {
     let upstream = scripted_upstream("reset").await;
-    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
     let http = TestClient::new();
     for method in [Method::GET, Method::POST] {
         let r = http
@@ -308,7 +295,7 @@ async fn a_reset_before_the_response_is_a_502_and_the_sidecar_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_in_the_middle_of_the_body_ends_the_app_connection_instead_of_hanging() {
     let upstream = scripted_upstream("reset-mid-body").await;
-    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
     let (text, ended) = raw_exchange(proxy, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(
         text.starts_with("HTTP/1.1 200"),

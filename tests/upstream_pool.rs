@@ -14,8 +14,7 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use support::{start_sidecar, TestClient};
-use tokenproxy::mock::{MockProvider, ProviderConfig};
+use support::TestClient;
 use tokio::net::TcpListener;
 
 /// An upstream answering 200 with `body_len` bytes; counts the connections it accepts.
@@ -46,22 +45,9 @@ async fn counting_upstream(body_len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
-async fn sidecar_for(upstream: SocketAddr) -> (MockProvider, tokenproxy::Running, SocketAddr) {
-    let provider = MockProvider::start(ProviderConfig::default())
-        .await
-        .expect("provider");
-    let text = format!(
-        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
-         [clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
-        provider.token_url()
-    );
-    let (running, proxy, _) = start_sidecar(&text).await;
-    (provider, running, proxy)
-}
-
 async fn sequential_requests_use_one_connection(body_len: usize) {
     let (upstream, accepted) = counting_upstream(body_len).await;
-    let (_provider, _running, proxy) = sidecar_for(upstream).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
     let http = TestClient::new();
     for i in 0..20 {
         let r = http.get(&format!("http://{proxy}/pay/{i}")).await;

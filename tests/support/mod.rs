@@ -142,6 +142,21 @@ pub async fn start_sidecar_env(template: &str, env: MapEnv) -> (Running, SocketA
     (running, p, a)
 }
 
+/// A sidecar with one client in front of `upstream` (plain http) and a default
+/// mock provider: (provider, running, proxy address).
+pub async fn sidecar_for_upstream(upstream: SocketAddr) -> (MockProvider, Running, SocketAddr) {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let text = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
+         [clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
+        provider.token_url()
+    );
+    let (running, proxy, _) = start_sidecar(&text).await;
+    (provider, running, proxy)
+}
+
 /// A response read whole.
 #[derive(Debug)]
 pub struct Reply {
