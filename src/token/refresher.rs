@@ -329,8 +329,8 @@ pub struct Refresher {
     retry_at: Option<Instant>,
     needs_authorization: bool,
     store: stored::StoreLink,
-    /// The command a person runs to leave `needs_authorization`.
-    recovery_command: String,
+    /// What a person does to leave `needs_authorization`, naming the command.
+    recovery: String,
 }
 
 impl Refresher {
@@ -370,10 +370,13 @@ impl Refresher {
             retry_at: None,
             needs_authorization: false,
             store: stored::StoreLink::new(store),
-            recovery_command: match &client.authorize {
-                Some(_) => format!("tokenproxy authorize {} --config <file>", client.name),
+            recovery: match &client.authorize {
+                Some(_) => format!(
+                    "a person must log in: run `tokenproxy authorize {} --config <file>`",
+                    client.name
+                ),
                 None => format!(
-                    "tokenproxy token {} --config <file> --refresh-token-from-stdin",
+                    "a person must authorize again, then run `tokenproxy token {} --config <file> --refresh-token-from-stdin` with the new refresh token",
                     client.name
                 ),
             },
@@ -384,9 +387,7 @@ impl Refresher {
 
     /// Names the configuration file in the command shown to leave `needs_authorization`.
     pub fn set_config_path(&mut self, path: &std::path::Path) {
-        self.recovery_command = self
-            .recovery_command
-            .replace("<file>", &path.display().to_string());
+        self.recovery = self.recovery.replace("<file>", &path.display().to_string());
     }
 
     /// Runs until aborted: obtains the first token, then renews ahead of expiry,
@@ -919,17 +920,7 @@ impl Refresher {
     }
 
     fn enter_needs_authorization(&mut self, reason: String) {
-        let reason = if self.recovery_command.starts_with("tokenproxy authorize") {
-            format!(
-                "{reason}; a person must log in: run `{}`",
-                self.recovery_command
-            )
-        } else {
-            format!(
-                "{reason}; a person must authorize again, then run `{}` with the new refresh token",
-                self.recovery_command
-            )
-        };
+        let reason = format!("{reason}; {}", self.recovery);
         self.needs_authorization = true;
         if self.store.client.is_persistent() {
             self.store.check_at = Some(Instant::now() + stored::AUTHORIZATION_POLL);
