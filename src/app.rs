@@ -28,6 +28,7 @@ use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
 use crate::token::{Refresher, TokenEndpoint, TokenHandle};
+use crate::workers::Workers;
 
 /// Why the sidecar could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,15 @@ pub enum StartError {
     /// The token store could not be opened.
     #[error("token store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A bound listener could not be handed to the worker threads.
+    #[error("cannot share the listener on {addr} with the worker threads: {source}")]
+    Share {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Pre-bound sockets: the admin listener and one per distinct client `listen`.
@@ -93,7 +103,8 @@ struct ListenerEntry {
     bound: SocketAddr,
     table: Arc<ArcSwap<ListenerRoutes>>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// One accept loop, or one per worker thread.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// What a reload changed.
@@ -126,13 +137,36 @@ pub struct Running {
     store: Store,
     clock: SharedClock,
     draining: Arc<AtomicBool>,
+    /// Where proxy listeners are served: these threads, else the caller's runtime.
+    workers: Option<Workers>,
 }
 
-/// Starts the refreshers and serves every listener.
+/// Starts the refreshers and serves every listener on the caller's runtime.
 pub fn start(
+    config: Config,
+    listeners: Listeners,
+    clock: SharedClock,
+) -> Result<Running, StartError> {
+    start_on(config, listeners, clock, None)
+}
+
+/// Starts the refreshers and the admin listener on the caller's runtime, and
+/// serves the proxy listeners on `workers` (each worker accepts from every
+/// proxy listener). The workers stop when the returned [`Running`] is dropped.
+pub fn start_with_workers(
+    config: Config,
+    listeners: Listeners,
+    clock: SharedClock,
+    workers: Workers,
+) -> Result<Running, StartError> {
+    start_on(config, listeners, clock, Some(workers))
+}
+
+fn start_on(
     config: Config,
     mut listeners: Listeners,
     clock: SharedClock,
+    workers: Option<Workers>,
 ) -> Result<Running, StartError> {
     let metrics = Metrics::new()?;
     let store = Store::open(&config.store)?;
@@ -171,6 +205,7 @@ pub fn start(
         store,
         clock,
         draining,
+        workers,
     };
     for client in &config.clients {
         running.add_client(client)?;
@@ -194,6 +229,7 @@ pub fn start(
         "admin",
         listeners.admin,
         config.limits.clone(),
+        server::connection_slots(&config.limits),
         admin_stop_rx,
         move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
     )));
@@ -245,6 +281,9 @@ impl Running {
         }
         if new.store != self.config.store {
             summary.needs_restart.push("store");
+        }
+        if new.runtime != self.config.runtime {
+            summary.needs_restart.push("runtime");
         }
         let mut fresh = BTreeMap::new();
         for addr in self.wanted_listeners(&new) {
@@ -300,19 +339,21 @@ impl Running {
             if let Some(entry) = self.listeners.remove(&addr) {
                 info!(addr = %entry.bound, "proxy listener removed; draining it");
                 let _receivers_gone = entry.stop.send(true);
-                self.retired.push(entry.task);
+                self.retired.extend(entry.tasks);
             }
         }
-        // Keep admin, limits and log as they are: they need a restart.
+        // Keep admin, limits, log and runtime as they are: they need a restart.
         let kept = (
             self.config.admin.clone(),
             self.config.limits.clone(),
             self.config.log.clone(),
+            self.config.runtime,
         );
         self.config = Config {
             admin: kept.0,
             limits: kept.1,
             log: kept.2,
+            runtime: kept.3,
             ..new
         };
         self.publish_tables();
@@ -330,7 +371,7 @@ impl Running {
         let mut tasks: Vec<JoinHandle<()>> = std::mem::take(&mut self.retired);
         for (_, entry) in std::mem::take(&mut self.listeners) {
             let _receivers_gone = entry.stop.send(true);
-            tasks.push(entry.task);
+            tasks.extend(entry.tasks);
         }
         for task in tasks {
             match tokio::time::timeout_at(deadline, task).await {
@@ -411,21 +452,52 @@ impl Running {
         let (stop, stop_rx) = watch::channel(false);
         let serving = Arc::clone(&table);
         let handler = move |req, _peer| proxy::handle(req, serving.load_full());
-        let task = tokio::spawn(server::serve(
-            "proxy",
-            listener,
-            limits.clone(),
-            stop_rx,
-            handler,
-        ));
-        info!(addr = %bound, "proxy listening");
+        let slots = server::connection_slots(limits);
+        let tasks = match &self.workers {
+            None => vec![tokio::spawn(server::serve(
+                "proxy",
+                listener,
+                limits.clone(),
+                slots,
+                stop_rx,
+                handler,
+            ))],
+            Some(workers) => {
+                // Each worker registers its own copy of the socket with its own
+                // runtime; the kernel hands each connection to one of them.
+                let shared = listener
+                    .into_std()
+                    .map_err(|source| StartError::Share { addr, source })?;
+                let copies = (0..workers.len())
+                    .map(|_| shared.try_clone())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| StartError::Share { addr, source })?;
+                let mut copies = copies.into_iter();
+                workers.spawn_on_each(|_| {
+                    let copy = copies.next();
+                    let (limits, slots, stop_rx) = (limits.clone(), slots.clone(), stop_rx.clone());
+                    let handler = handler.clone();
+                    async move {
+                        let Some(copy) = copy else { return };
+                        match TcpListener::from_std(copy) {
+                            Ok(listener) => {
+                                server::serve("proxy", listener, limits, slots, stop_rx, handler)
+                                    .await
+                            }
+                            Err(e) => warn!(addr = %bound, error = %e, "a worker cannot accept on this listener"),
+                        }
+                    }
+                })
+            }
+        };
+        info!(addr = %bound, workers = tasks.len(), "proxy listening");
         self.listeners.insert(
             addr,
             ListenerEntry {
                 bound,
                 table,
                 stop,
-                task,
+                tasks,
             },
         );
         Ok(())
@@ -473,7 +545,7 @@ impl Drop for Running {
             .clients
             .values()
             .map(|c| &c.refresher)
-            .chain(self.listeners.values().map(|l| &l.task))
+            .chain(self.listeners.values().flat_map(|l| &l.tasks))
             .chain(&self.retired)
             .chain(self.admin_task.as_ref());
         for task in tasks {

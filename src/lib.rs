@@ -52,5 +52,6 @@ pub mod signal;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+pub mod workers;
 
-pub use app::{start, Listeners, ReloadSummary, Running, StartError};
+pub use app::{start, start_with_workers, Listeners, ReloadSummary, Running, StartError};

@@ -10,6 +10,7 @@ use clap::Parser;
 use tokenproxy::cli::{Cli, Command};
 use tokenproxy::clock::SystemClock;
 use tokenproxy::config::{self, Config, SystemEnv};
+use tokenproxy::workers::Workers;
 use tokenproxy::{demo, signal, telemetry, token, Listeners};
 
 fn main() -> ExitCode {
@@ -98,10 +99,22 @@ fn run(path: &Path) -> anyhow::Result<()> {
         std::env::var("RUST_LOG").ok(),
     )
     .map_err(|e| anyhow!(e))?;
-    runtime()?.block_on(async move {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let env_workers = std::env::var("TOKIO_WORKER_THREADS").ok();
+    let n_workers = config.runtime.resolve_workers(env_workers.as_deref(), cpus);
+    // The proxy listeners are served by their own worker threads; this thread
+    // runs the refreshers, the admin listener, reloads and signals.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    control.block_on(async move {
         let mut signals = signal::Signals::new().context("cannot listen for signals")?;
         let listeners = Listeners::bind(&config).await?;
-        let mut running = tokenproxy::start(config, listeners, Arc::new(SystemClock))?;
+        let workers = Workers::start(n_workers).context("cannot start the worker threads")?;
+        tracing::info!(workers = n_workers, "proxy worker threads started");
+        let mut running =
+            tokenproxy::start_with_workers(config, listeners, Arc::new(SystemClock), workers)?;
         while signals.next().await == signal::Event::Reload {
             reload(path, &mut running).await;
         }

@@ -22,19 +22,26 @@ use crate::proxy::body::Body;
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// One connection cap for a listener: `limits.max_connections` slots, shared by
+/// every loop that accepts from it.
+pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limits.max_connections))
+}
+
 /// Serves `listener` until `stop` turns true, then waits for its open
 /// connections to finish their in-flight requests (the caller bounds the wait).
+/// Each connection holds one of `slots` while open.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
+    slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(Request<Incoming>, PeerAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

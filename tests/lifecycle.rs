@@ -50,6 +50,8 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
 listen = "127.0.0.1:{admin}"
 [log]
 format = "json"
+[runtime]
+workers = 2
 [clients.payments]
 listen = "127.0.0.1:{listen}"
 upstream = "{upstream}"
@@ -92,6 +94,18 @@ client_secret = "${{SECRET}}"
     {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // runtime.workers = 2: two proxy worker threads besides the main thread.
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("task list")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("tokenproxy-w"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["tokenproxy-w0", "tokenproxy-w1"]);
     }
 
     let slow = {

@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<RawAdmin>,
     pub(super) log: Option<RawLog>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) runtime: Option<RawRuntime>,
     pub(super) store: Option<RawStore>,
     // A BTreeMap keeps clients sorted by name, which is the order of `Config::clients`.
     pub(super) clients: Option<BTreeMap<String, RawClient>>,
@@ -49,6 +50,13 @@ pub(super) struct RawLimits {
     pub(super) idle_timeout: Option<Scalar>,
     pub(super) max_connections: Option<Scalar>,
     pub(super) shutdown_grace: Option<Scalar>,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuntime {
+    pub(super) workers: Option<Scalar>,
 }
 
 /// `[store]`: every key of every kind is accepted here; the validator decides.

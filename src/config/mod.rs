@@ -37,7 +37,7 @@ use crate::secret::Secret;
 use authorize::build_authorize;
 use egress::build_proxy;
 use env::Expander;
-use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawToken, Scalar};
+use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawRuntime, RawToken, Scalar};
 use store::build_store;
 use tls::build_tls;
 
@@ -86,6 +86,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[limits]`: apply to every listener.
     pub limits: Limits,
+    /// `[runtime]`: threads.
+    pub runtime: RuntimeConfig,
     /// `[store]`: where token state lives.
     pub store: StoreConfig,
     /// `[clients.NAME]`, sorted by name; never empty.
@@ -171,6 +173,33 @@ impl Default for Limits {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(25),
         }
+    }
+}
+
+/// `[runtime]`: how many threads serve the proxy listeners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Proxy worker threads, 1..=256; `None` (`"auto"`, the default) means
+    /// `TOKIO_WORKER_THREADS` when set, else the CPUs this process may use.
+    pub workers: Option<usize>,
+}
+
+/// Most proxy worker threads accepted in `runtime.workers`.
+pub const MAX_WORKERS: usize = 256;
+
+impl RuntimeConfig {
+    /// The worker count to start: `workers`, else `env_override` (the value of
+    /// `TOKIO_WORKER_THREADS`, used when it is a whole number in range), else
+    /// `cpus`, at least 1.
+    pub fn resolve_workers(&self, env_override: Option<&str>, cpus: usize) -> usize {
+        if let Some(n) = self.workers {
+            return n;
+        }
+        env_override
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| (1..=MAX_WORKERS).contains(n))
+            .unwrap_or(cpus)
+            .clamp(1, MAX_WORKERS)
     }
 }
 
@@ -373,6 +402,11 @@ impl Config {
         row(out, "idle_timeout", dur(l.idle_timeout))?;
         row(out, "max_connections", l.max_connections)?;
         row(out, "shutdown_grace", dur(l.shutdown_grace))?;
+        writeln!(out, "runtime")?;
+        match self.runtime.workers {
+            Some(n) => row(out, "workers", n)?,
+            None => row(out, "workers", "auto")?,
+        }
         writeln!(out, "store")?;
         row(out, "kind", self.store.kind())?;
         match &self.store {
@@ -526,6 +560,7 @@ fn build(raw: RawConfig, source: Option<&Path>, x: &Expander<'_>) -> Result<Conf
     };
     let log = build_log(raw.log.unwrap_or_default(), &Table::new(x, "log"))?;
     let limits = build_limits(raw.limits.unwrap_or_default(), &Table::new(x, "limits"))?;
+    let runtime = build_runtime(raw.runtime.unwrap_or_default(), &Table::new(x, "runtime"))?;
     let store = build_store(raw.store.unwrap_or_default(), &Table::new(x, "store"))?;
     let raw_clients = raw.clients.unwrap_or_default();
     if raw_clients.is_empty() {
@@ -545,6 +580,7 @@ fn build(raw: RawConfig, source: Option<&Path>, x: &Expander<'_>) -> Result<Conf
         admin,
         log,
         limits,
+        runtime,
         store,
         clients,
     })
@@ -562,6 +598,28 @@ fn build_log(raw: RawLog, t: &Table<'_>) -> Result<LogConfig, ConfigError> {
     let formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
     let format = t.choice("format", raw.format, Some(LogFormat::Text), &formats)?;
     Ok(LogConfig { level, format })
+}
+
+fn build_runtime(raw: RawRuntime, t: &Table<'_>) -> Result<RuntimeConfig, ConfigError> {
+    let n = match raw.workers {
+        None => return Ok(RuntimeConfig::default()),
+        Some(Scalar::Int(n)) => n,
+        Some(Scalar::Text(raw)) => {
+            let text = t.string("workers", &raw)?;
+            match text.trim() {
+                "auto" => return Ok(RuntimeConfig::default()),
+                n => n.parse::<i64>().map_err(|_| {
+                    t.err(
+                        "workers",
+                        format!("{text:?} is not a whole number or \"auto\""),
+                    )
+                    .with_hint("write a thread count like 2, or \"auto\" for one per CPU")
+                })?,
+            }
+        }
+    };
+    let workers = Some(t.count("workers", Some(Scalar::Int(n)), 1, 1..=MAX_WORKERS)?);
+    Ok(RuntimeConfig { workers })
 }
 
 fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, ConfigError> {
@@ -1510,6 +1568,40 @@ client_auth = "none"
         ));
         assert!(err.problem().starts_with("invalid TOML"), "{err}");
         assert_eq!(err.location().map(|l| l.0), Some(8));
+    }
+
+    #[test]
+    fn runtime_workers_is_auto_by_default_or_a_count_in_range() {
+        assert_eq!(parse(MIN).runtime.workers, None);
+        let auto = parse(&format!("[runtime]\nworkers = \"auto\"\n{MIN}"));
+        assert_eq!(auto.runtime.workers, None);
+        let four = parse(&format!("[runtime]\nworkers = 4\n{MIN}"));
+        assert_eq!(four.runtime.workers, Some(4));
+        assert!(four.summary().contains("workers"), "{}", four.summary());
+        let err = fail(&format!("[runtime]\nworkers = 0\n{MIN}"));
+        assert_error(&err, "runtime.workers", "must be at least 1");
+        let err = fail(&format!("[runtime]\nworkers = 257\n{MIN}"));
+        assert_error(&err, "runtime.workers", "256");
+        let err = fail(&format!("[runtime]\nworkers = \"many\"\n{MIN}"));
+        assert_error(&err, "runtime.workers", "not a whole number or \"auto\"");
+        let err = fail(&format!("[runtime]\nthreads = 2\n{MIN}"));
+        assert!(err.to_string().contains("threads"), "{err}");
+    }
+
+    #[test]
+    fn auto_workers_follow_tokio_worker_threads_then_the_cpu_count() {
+        let auto = RuntimeConfig::default();
+        assert_eq!(auto.resolve_workers(None, 6), 6);
+        assert_eq!(auto.resolve_workers(Some("3"), 6), 3);
+        assert_eq!(
+            auto.resolve_workers(Some("zero"), 6),
+            6,
+            "unusable: ignored"
+        );
+        assert_eq!(auto.resolve_workers(Some("0"), 6), 6, "unusable: ignored");
+        assert_eq!(auto.resolve_workers(None, 0), 1);
+        let fixed = RuntimeConfig { workers: Some(2) };
+        assert_eq!(fixed.resolve_workers(Some("3"), 6), 2, "the config wins");
     }
 
     #[test]

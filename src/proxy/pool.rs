@@ -7,6 +7,10 @@
 //! key hashed byte by byte with SipHash on checkout and on return, large futures
 //! moved around); here a checkout is a pop and a return a push. HTTPS upstreams
 //! keep the shared client, because they may negotiate HTTP/2 through ALPN.
+//!
+//! Idle connections are kept per thread ([`crate::workers::slot`]): a connection is
+//! driven by a task on the worker that opened it, so a worker only reuses its own
+//! and a request stays on one thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -29,10 +33,22 @@ struct Shared {
     connector: Egress,
     /// `http://authority/`: where to connect.
     target: Uri,
-    /// Idle connections, most recently used last. The lock is held for one pop or
-    /// push (hyper-util's pool takes the same kind of lock).
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections per thread slot, most recently used last. A lock is held
+    /// for one pop or push, and only its own worker takes it on the hot path.
+    idle: Box<[IdleList]>,
     reaping: AtomicBool,
+}
+
+/// One slot's idle connections, on its own cache line so that workers do not
+/// share one.
+#[repr(align(128))]
+#[derive(Default)]
+struct IdleList(Mutex<Vec<Idle>>);
+
+impl IdleList {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 struct Idle {
@@ -65,7 +81,9 @@ impl Http1Pool {
             shared: Arc::new(Shared {
                 connector,
                 target,
-                idle: Mutex::new(Vec::new()),
+                idle: (0..crate::workers::slots())
+                    .map(|_| IdleList::default())
+                    .collect(),
                 reaping: AtomicBool::new(false),
             }),
         }
@@ -120,8 +138,13 @@ impl Http1Pool {
 }
 
 impl Shared {
+    /// This thread's idle list.
+    fn local(&self) -> &IdleList {
+        &self.idle[crate::workers::slot() % self.idle.len()]
+    }
+
     fn checkout(&self) -> Option<http1::SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.local().lock();
         while let Some(c) = idle.pop() {
             if c.sender.is_ready() && c.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(c.sender);
@@ -131,13 +154,10 @@ impl Shared {
     }
 
     fn put(self: &Arc<Self>, sender: http1::SendRequest<Body>) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        self.local().lock().push(Idle {
+            sender,
+            since: Instant::now(),
+        });
         if !self.reaping.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap(Arc::downgrade(self)));
         }
@@ -164,7 +184,9 @@ async fn reap(pool: Weak<Shared>) {
     loop {
         tokio::time::sleep(POOL_IDLE_TIMEOUT / 2).await;
         let Some(pool) = pool.upgrade() else { return };
-        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < POOL_IDLE_TIMEOUT);
+        for list in pool.idle.iter() {
+            list.lock()
+                .retain(|c| !c.sender.is_closed() && c.since.elapsed() < POOL_IDLE_TIMEOUT);
+        }
     }
 }
