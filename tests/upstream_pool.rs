@@ -1,5 +1,6 @@
 //! Connection reuse to an `http://` upstream: sequential requests share one pooled
-//! connection, also when each response body is too large to arrive with its head.
+//! connection, also when each response body is too large to arrive with its head,
+//! when there is no body at all, and never after an app left mid-body.
 
 mod support;
 
@@ -17,7 +18,8 @@ use hyper_util::rt::TokioIo;
 use support::TestClient;
 use tokio::net::TcpListener;
 
-/// An upstream answering 200 with `body_len` bytes; counts the connections it accepts.
+/// An upstream answering 200 with `body_len` bytes (`/empty`: 200 with none,
+/// `/no-content`: 204); counts the connections it accepts.
 async fn counting_upstream(body_len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -29,9 +31,16 @@ async fn counting_upstream(body_len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
             count.fetch_add(1, Ordering::SeqCst);
             let body = body.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |_req| {
-                    let body = body.clone();
-                    async move { Ok::<_, Infallible>(http::Response::new(Full::new(body))) }
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let response = match req.uri().path() {
+                        "/empty" => http::Response::new(Full::new(Bytes::new())),
+                        "/no-content" => http::Response::builder()
+                            .status(StatusCode::NO_CONTENT)
+                            .body(Full::new(Bytes::new()))
+                            .expect("response"),
+                        _ => http::Response::new(Full::new(body.clone())),
+                    };
+                    async move { Ok::<_, Infallible>(response) }
                 });
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -71,4 +80,67 @@ async fn a_connection_is_reused_once_a_large_response_body_was_read() {
     // 1 MiB: far more than arrives with the head, so the connection is busy when
     // the head is handed back and returns to the pool only after the body.
     sequential_requests_use_one_connection(1 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_without_a_body_and_head_requests_reuse_one_upstream_connection() {
+    let (upstream, accepted) = counting_upstream(64).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let http = TestClient::new();
+    for i in 0..10 {
+        let r = http.get(&format!("http://{proxy}/empty")).await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0), "request {i}");
+        let r = http.get(&format!("http://{proxy}/no-content")).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "request {i}");
+        let r = http
+            .request(http::Method::HEAD, &format!("http://{proxy}/x"), &[], b"")
+            .await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0), "request {i}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "30 sequential requests without a response body should reuse one upstream connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_leaving_mid_body_closes_that_upstream_connection_and_the_next_request_is_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body_len = 4 << 20;
+    let (upstream, accepted) = counting_upstream(body_len).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let http = TestClient::new();
+    let r = http.get(&format!("http://{proxy}/first")).await;
+    assert_eq!(r.body.len(), body_len);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // An app reads a little of a 4 MiB body and goes away.
+    let mut app = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    app.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = app.read(&mut buf).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "a response started");
+    drop(app);
+
+    // The rest of that body must never be read as the next response: the next
+    // request is answered whole, on a new upstream connection.
+    for i in 0..3 {
+        let r = http.get(&format!("http://{proxy}/after/{i}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(
+            r.body.len(),
+            body_len,
+            "request {i} got exactly its own body"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the half-read connection was closed, one new connection served the rest"
+    );
 }

@@ -407,7 +407,10 @@ async fn send_once(
             .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
         None => tokio::time::timeout(client.timeout, http.request(req))
             .await
-            .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
+            .map(|r| {
+                r.map(|response| response.map(body::incoming))
+                    .map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))
+            }),
     };
     let response = match sent {
         Ok(Ok(response)) => response,
@@ -429,9 +432,9 @@ async fn send_once(
             }))
         }
     };
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body::incoming(incoming)))
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Runs `f` when dropped.

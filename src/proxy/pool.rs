@@ -8,21 +8,30 @@
 //! moved around); here a checkout is a pop and a return a push. HTTPS upstreams
 //! keep the shared client, because they may negotiate HTTP/2 through ALPN.
 //!
-//! Idle connections are kept per thread ([`crate::workers::slot`]): a connection is
-//! driven by a task on the worker that opened it, so a worker only reuses its own
-//! and a request stays on one thread.
+//! A connection has no task of its own: the request that uses it drives it, first
+//! while waiting for the response head, then from the response body as the app's
+//! connection reads it (see [`DrivenBody`]). The request is not handed to another
+//! task and back, and it is written upstream as soon as it has been read, so fewer
+//! requests are in flight (and fewer connections open) under load. Idle
+//! connections are kept per thread ([`crate::workers::slot`]), so a worker only
+//! reuses connections registered with its own event loop.
 
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::{Request, Response, Uri};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{Body, BoxError};
-use super::upstream::{Egress, POOL_IDLE_TIMEOUT};
+use super::upstream::{Egress, Plain, POOL_IDLE_TIMEOUT};
 
 /// Pooled HTTP/1.1 connections to one `http://` upstream.
 pub struct Http1Pool {
@@ -52,8 +61,40 @@ impl IdleList {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    conn: Conn,
     since: Instant,
+}
+
+/// One upstream connection: the handle requests are sent through, and the state
+/// machine that does the I/O, polled by whichever request uses the connection.
+struct Conn {
+    sender: http1::SendRequest<Body>,
+    /// None once the connection has ended. It is dropped then, which fails (or
+    /// hands back unsent) whatever request was still waiting on it.
+    driver: Option<Pin<Box<http1::Connection<Plain, Body>>>>,
+}
+
+impl Conn {
+    /// Lets the connection do what I/O it can: write a queued request, read a
+    /// response, notice a close. False once it has ended (closed or failed).
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(driver) = &mut self.driver else {
+            return false;
+        };
+        let ended = match driver.as_mut().poll(cx) {
+            Poll::Pending => return true,
+            Poll::Ready(ended) => ended,
+        };
+        if let Err(e) = ended {
+            debug!(error = %e, "upstream connection ended with an error");
+        }
+        self.driver = None;
+        false
+    }
+
+    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
+        matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
+    }
 }
 
 /// Why a request got no response.
@@ -89,21 +130,36 @@ impl Http1Pool {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) and returns the response head.
+    /// Sends `req` (origin-form URI, `Host` set) and returns the response, whose
+    /// body drives the connection until it has been read.
     ///
     /// A request that a pooled connection could not even start (the upstream had
     /// closed it while idle) goes out again on another connection, as hyper-util's
     /// client does; nothing of it was written.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
         loop {
-            let (mut sender, reused) = match self.shared.checkout() {
-                Some(sender) => (sender, true),
+            let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
+            let (mut conn, reused) = match checked_out {
+                Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            match sender.try_send_request(req).await {
+            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+            let result = poll_fn(|cx| {
+                // The connection first: it writes the request and reads the answer
+                // that completes `response` (or ends, which fails it).
+                conn.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match result {
                 Ok(response) => {
-                    self.release(sender);
-                    return Ok(response);
+                    let (parts, incoming) = response.into_parts();
+                    let body = DrivenBody {
+                        incoming,
+                        conn: conn.driver.is_some().then_some(conn),
+                        pool: Arc::downgrade(&self.shared),
+                    };
+                    return Ok(Response::from_parts(parts, Body::new(body)));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
@@ -113,27 +169,19 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<Body>, SendError> {
+    async fn connect(&self) -> Result<Conn, SendError> {
         let mut connector = self.shared.connector.clone();
         let io = tower_service::Service::call(&mut connector, self.shared.target.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (sender, conn) = http1::Builder::new()
+        let (sender, driver) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        tokio::spawn(drive(conn));
-        Ok(sender)
-    }
-
-    /// Back to the pool now if the connection is ready for another request (the
-    /// response arrived whole), else once its response body has been read.
-    fn release(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_ready() {
-            self.shared.put(sender);
-        } else if !sender.is_closed() {
-            tokio::spawn(return_when_ready(Arc::downgrade(&self.shared), sender));
-        }
+        Ok(Conn {
+            sender,
+            driver: Some(Box::pin(driver)),
+        })
     }
 }
 
@@ -143,19 +191,23 @@ impl Shared {
         &self.idle[crate::workers::slot() % self.idle.len()]
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<Body>> {
+    /// The most recently used idle connection that is open and ready for a
+    /// request. Each candidate is polled first: that notices a close by the
+    /// upstream while it sat idle before a request is written to it, and lets a
+    /// connection whose last response body ended finish that exchange.
+    fn checkout(&self, cx: &mut Context<'_>) -> Option<Conn> {
         let mut idle = self.local().lock();
-        while let Some(c) = idle.pop() {
-            if c.sender.is_ready() && c.since.elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(c.sender);
+        while let Some(Idle { mut conn, since }) = idle.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.drive(cx) && conn.ready(cx) {
+                return Some(conn);
             }
         }
         None
     }
 
-    fn put(self: &Arc<Self>, sender: http1::SendRequest<Body>) {
+    fn put(self: &Arc<Self>, conn: Conn) {
         self.local().lock().push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
         if !self.reaping.swap(true, Ordering::Relaxed) {
@@ -164,17 +216,77 @@ impl Shared {
     }
 }
 
-/// Runs one upstream connection until it closes.
-async fn drive(conn: http1::Connection<super::upstream::Plain, Body>) {
-    if let Err(e) = conn.await {
-        debug!(error = %e, "upstream connection ended with an error");
+/// A response body that drives its connection while it is read, and gives the
+/// connection back to the pool once the body has been read to its end. Dropped
+/// before that (the app went away mid-response), it closes the connection, whose
+/// unread rest could not be told apart from the next response.
+struct DrivenBody {
+    incoming: Incoming,
+    conn: Option<Conn>,
+    pool: Weak<Shared>,
+}
+
+impl DrivenBody {
+    fn release(&mut self) {
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
+            pool.put(conn);
+        }
+    }
+
+    fn poll_incoming(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.incoming).poll_frame(cx);
+        if let Poll::Ready(frame) = &polled {
+            if frame.is_none() || self.incoming.is_end_stream() {
+                self.release();
+            }
+        }
+        polled.map(|frame| frame.map(|f| f.map_err(BoxError::from)))
     }
 }
 
-async fn return_when_ready(pool: Weak<Shared>, mut sender: http1::SendRequest<Body>) {
-    if sender.ready().await.is_ok() {
-        if let Some(pool) = pool.upgrade() {
-            pool.put(sender);
+impl http_body::Body for DrivenBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        // What the connection already read is handed out without polling it; only
+        // when the body waits is the connection driven to read more.
+        if let Poll::Ready(frame) = this.poll_incoming(cx) {
+            return Poll::Ready(frame);
+        }
+        match &mut this.conn {
+            Some(conn) => {
+                if !conn.drive(cx) {
+                    this.conn = None;
+                }
+                this.poll_incoming(cx)
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+impl Drop for DrivenBody {
+    fn drop(&mut self) {
+        // A body with nothing left (none at all, or read to its end without the
+        // final poll) leaves a reusable connection; the next checkout polls it.
+        if self.incoming.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -186,7 +298,7 @@ async fn reap(pool: Weak<Shared>) {
         let Some(pool) = pool.upgrade() else { return };
         for list in pool.idle.iter() {
             list.lock()
-                .retain(|c| !c.sender.is_closed() && c.since.elapsed() < POOL_IDLE_TIMEOUT);
+                .retain(|c| c.since.elapsed() < POOL_IDLE_TIMEOUT);
         }
     }
 }
