@@ -16,6 +16,7 @@
 //! | [`proxy`] | routing, header rules, replayable bodies, the pooled upstream client, 401 replay |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
 //! | [`server`] | accept loop with limits and graceful drain |
+//! | [`workers`] | proxy worker threads, one single-threaded runtime each |
 //! | [`admin`] | `/healthz`, `/readyz`, `/status`, `/metrics` |
 //! | [`metrics`] | every metric family, on an owned registry |
 //! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
@@ -27,8 +28,10 @@
 //! | [`demo`] | `tokenproxy demo`: the sidecar in front of the mocks |
 //!
 //! The lifecycle has three phases: [`config::load`] (no sockets), [`Listeners::bind`]
-//! (sockets only), and [`start`] (tasks), which returns a [`Running`] handle that
-//! reloads on [`Running::reload`] and drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
+//! (sockets only), and [`start`] (tasks on the caller's runtime) or
+//! [`start_with_workers`] (proxy listeners on worker threads, as `tokenproxy run`
+//! does), which return a [`Running`] handle that reloads on [`Running::reload`] and
+//! drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
 //! listeners in.
 
 #![forbid(unsafe_code)]

@@ -220,7 +220,7 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Longest a request waits for a token before `token_unavailable`; default 2s.
     pub token_wait_timeout: Duration,
-    /// Upstream statuses that mean "token rejected", each 4xx/5xx; default [401].
+    /// Upstream statuses that mean "token rejected", each 4xx/5xx; default `[401]`.
     pub unauthorized_status: Vec<StatusCode>,
     /// `[clients.NAME.token]`.
     pub token: TokenConfig,

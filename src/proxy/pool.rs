@@ -1,6 +1,6 @@
 //! A lean connection pool for plain `http://` upstreams: HTTP/1.1 connections made
 //! through the same egress connector as the shared client, reused most recent
-//! first, closed after [`POOL_IDLE_TIMEOUT`] idle.
+//! first, closed after `POOL_IDLE_TIMEOUT` idle.
 //!
 //! hyper-util's pooled client costs about 7,000 instructions per request around the
 //! exchange itself (a client clone and a lazy connect future per request, the pool
@@ -10,7 +10,7 @@
 //!
 //! A connection has no task of its own: the request that uses it drives it, first
 //! while waiting for the response head, then from the response body as the app's
-//! connection reads it (see [`DrivenBody`]). The request is not handed to another
+//! connection reads it (see `DrivenBody`). The request is not handed to another
 //! task and back, and it is written upstream as soon as it has been read, so fewer
 //! requests are in flight (and fewer connections open) under load. Idle
 //! connections are kept per thread ([`crate::workers::slot`]), so a worker only
