@@ -126,6 +126,28 @@ mod tests {
     }
 
     #[test]
+    fn every_fixed_hop_by_hop_name_goes_when_connection_lists_none_other() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive"),
+            ("connection", " keep-alive ,"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authorization", "Basic abc"),
+            ("content-type", "application/json"),
+            ("x-request-id", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["content-type", "x-request-id"]);
+    }
+
+    #[test]
     fn names_beside_obs_text_in_connection_are_still_stripped() {
         // Found by the `headers` fuzz target (fuzz/regressions/headers).
         let mut h = HeaderMap::new();
