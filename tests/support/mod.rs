@@ -118,7 +118,30 @@ pub async fn start_sidecar(template: &str) -> (Running, SocketAddr, SocketAddr) 
 }
 
 /// As [`start_sidecar`], resolving `${VAR}`s from `env`.
+///
+/// TOKENPROXY_TEST_WORKERS=N serves the proxy listeners on N worker threads, as
+/// `tokenproxy run` does, instead of on the test's runtime.
 pub async fn start_sidecar_env(template: &str, env: MapEnv) -> (Running, SocketAddr, SocketAddr) {
+    let workers = std::env::var("TOKENPROXY_TEST_WORKERS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok());
+    start_sidecar_with(template, env, workers).await
+}
+
+/// As [`start_sidecar`], with the proxy listeners served by `n` worker threads.
+pub async fn start_sidecar_on_workers(
+    template: &str,
+    n: usize,
+) -> (Running, SocketAddr, SocketAddr) {
+    let env = MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET);
+    start_sidecar_with(template, env, Some(n)).await
+}
+
+async fn start_sidecar_with(
+    template: &str,
+    env: MapEnv,
+    workers: Option<usize>,
+) -> (Running, SocketAddr, SocketAddr) {
     let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let proxy2 = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy2");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
@@ -139,11 +162,6 @@ pub async fn start_sidecar_env(template: &str, env: MapEnv) -> (Running, SocketA
         proxies.insert(p2, proxy2);
     }
     let listeners = Listeners { admin, proxies };
-    // TOKENPROXY_TEST_WORKERS=N serves the proxy listeners on N worker threads, as
-    // `tokenproxy run` does, instead of on the test's runtime.
-    let workers = std::env::var("TOKENPROXY_TEST_WORKERS")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok());
     let running = match workers {
         Some(n) => tokenproxy::start_with_workers(
             config,
@@ -153,34 +171,6 @@ pub async fn start_sidecar_env(template: &str, env: MapEnv) -> (Running, SocketA
         ),
         None => tokenproxy::start(config, listeners, Arc::new(SystemClock)),
     }
-    .expect("sidecar starts");
-    (running, p, a)
-}
-
-/// As [`start_sidecar`], with the proxy listeners served by `n` worker threads.
-pub async fn start_sidecar_on_workers(
-    template: &str,
-    n: usize,
-) -> (Running, SocketAddr, SocketAddr) {
-    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-    let (p, a) = (
-        proxy.local_addr().expect("addr"),
-        admin.local_addr().expect("addr"),
-    );
-    let text = template
-        .replace("{listen}", &p.to_string())
-        .replace("{admin}", &a.to_string());
-    let env = MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET);
-    let config = config::from_str(&text, None, &env).expect("test config is valid");
-    let proxies = BTreeMap::from([(p, proxy)]);
-    let workers = Workers::start(n).expect("worker threads start");
-    let running = tokenproxy::start_with_workers(
-        config,
-        Listeners { admin, proxies },
-        Arc::new(SystemClock),
-        workers,
-    )
     .expect("sidecar starts");
     (running, p, a)
 }
