@@ -23,9 +23,12 @@ use crate::proxy::body::Body;
 pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// One connection cap for a listener: `limits.max_connections` slots, shared by
-/// every loop that accepts from it.
+/// every loop that accepts from it. (tokio's semaphore holds at most
+/// `Semaphore::MAX_PERMITS`, about 2^61, which no socket count reaches.)
 pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(limits.max_connections))
+    Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ))
 }
 
 /// Serves `listener` until `stop` turns true, then waits for its open
@@ -94,4 +97,26 @@ pub async fn serve<F, Fut>(
     drop(listener);
     debug!(listener = name, addr = ?local, open = graceful.count(), "listener closed; draining");
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_configured_connection_cap_makes_a_semaphore() {
+        let limits = Limits {
+            max_connections: usize::MAX,
+            ..Limits::default()
+        };
+        assert_eq!(
+            connection_slots(&limits).available_permits(),
+            Semaphore::MAX_PERMITS
+        );
+        let limits = Limits {
+            max_connections: 3,
+            ..Limits::default()
+        };
+        assert_eq!(connection_slots(&limits).available_permits(), 3);
+    }
 }
