@@ -41,32 +41,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="tokenproxy-ab-")
     up_port, tok_port = bench.free_ports(2)
     upstream, _tokep = bench.start_backends(tmp, up_port, tok_port)
-    seq = [0]
 
     def launch(name, path):
-        seq[0] += 1
-        port, admin = bench.free_ports(2)
-        tag = os.path.join(tmp, f"{name}-{seq[0]}")
         if path is None:
-            os.makedirs(tag)
-            conf = os.path.join(tag, "nginx.conf")
-            with open(conf, "w") as f:
-                f.write(bench.proxy_nginx_conf(tag, port, up_port, W))
-            proc = bench.start(["nginx", "-p", tag, "-c", conf, "-g", "daemon off;"],
-                               tag + ".log")
-        else:
-            with open(tag + ".toml", "w") as f:
-                f.write(bench.tokenproxy_conf(admin, [("bench", port, up_port)], tok_port, 60))
-            env = dict(os.environ, TOKIO_WORKER_THREADS=str(W))
-            env.pop("RUST_LOG", None)
-            proc = bench.start([path, "run", "--config", tag + ".toml"], tag + ".log", env=env)
-            bench.wait_http(f"http://127.0.0.1:{admin}/readyz")
-        bench.wait_port(port, proc)
-        url = f"http://127.0.0.1:{port}{bench.PATH}"
-        for data in (None, b"x" * 16384):
-            st, body = bench.http(url, data=data)
-            assert st == 200 and len(body) == 1024, (name, st, len(body))
-        return proc, url
+            return bench.launch_proxy("nginx", W, tmp, up_port, tok_port)[:2]
+        return bench.launch_proxy("tokenproxy", W, tmp, up_port, tok_port, binary=path,
+                                  label=name)[:2]
 
     targets = [("nginx", None)] + builds
     results = {}

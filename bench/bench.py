@@ -500,6 +500,47 @@ def measure(target_pid, scenario, url, duration, tmp, upstream_pid):
 
 # ---------------------------------------------------------------- metrics
 
+_launched = [0]
+
+
+def launch_proxy(name, w, tmp, up_port, tok_port, binary=TOKENPROXY, label=None):
+    """Start a fresh proxy in front of the upstream: `name` is nginx, haproxy or
+    tokenproxy (`binary`, `label` naming its files), with w workers. Checks that it
+    injects a bearer token and answers GET and a 16 KiB POST with the 1 KiB body.
+    Returns (proc, url, admin_port or None)."""
+    _launched[0] += 1
+    port, admin = free_ports(2)
+    tag = os.path.join(tmp, f"{label or name}-w{w}-{_launched[0]}")
+    if name == "nginx":
+        os.makedirs(tag)
+        conf = os.path.join(tag, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(proxy_nginx_conf(tag, port, up_port, w))
+        proc = start(["nginx", "-p", tag, "-c", conf, "-g", "daemon off;"], tag + ".log")
+        admin = None
+    elif name == "haproxy":
+        with open(tag + ".cfg", "w") as f:
+            f.write(haproxy_conf(port, up_port, w))
+        proc = start(["haproxy", "-db", "-f", tag + ".cfg"], tag + ".log")
+        admin = None
+    else:
+        with open(tag + ".toml", "w") as f:
+            f.write(tokenproxy_conf(admin, [("bench", port, up_port)], tok_port, MAIN_LIFETIME))
+        env = dict(os.environ, TOKIO_WORKER_THREADS=str(w))
+        env.pop("RUST_LOG", None)
+        proc = start([binary, "run", "--config", tag + ".toml"], tag + ".log", env=env)
+    wait_port(port, proc)
+    if admin:
+        wait_http(f"http://127.0.0.1:{admin}/readyz")
+    url = f"http://127.0.0.1:{port}{PATH}"
+    st, body = http(f"http://127.0.0.1:{port}/echo-authorization")
+    assert st == 200 and body.startswith(b"Bearer ") and len(body) > 20, (name, st, body)
+    for data in (None, b"x" * 16384):
+        st, body = http(url, data=data)
+        assert st == 200 and len(body) == 1024, (name, st, len(body))
+    return proc, url, admin
+
+
 def scrape(admin_port):
     status, body = http(f"http://127.0.0.1:{admin_port}/metrics")
     vals = {}
@@ -596,48 +637,13 @@ def main():
     # Every measurement gets freshly started proxies, so the peak RSS belongs to that
     # scenario alone (allocators keep memory after a 1,000-connection run) and the rounds are
     # independent samples. The upstream and the token endpoint live for the whole run.
-    env_base = dict(os.environ)
-    env_base.pop("RUST_LOG", None)
     direct_url = f"http://127.0.0.1:{up_port}{PATH}"
-    seq = [0]
 
     def launch(name, w):
         """Start a fresh `name` proxy with w workers; returns (proc, url, admin_port)."""
         if name == "direct":
             return upstream, direct_url, None
-        seq[0] += 1
-        port, admin = free_ports(2)
-        tag = os.path.join(tmp, f"{name}-w{w}")
-        if name == "nginx":
-            pre = f"{tag}-{seq[0]}"
-            os.makedirs(pre)
-            with open(os.path.join(pre, "nginx.conf"), "w") as f:
-                f.write(proxy_nginx_conf(pre, port, up_port, w))
-            proc = start(["nginx", "-p", pre, "-c", os.path.join(pre, "nginx.conf"),
-                          "-g", "daemon off;"], tag + ".log")
-            admin = None
-        elif name == "haproxy":
-            with open(tag + ".cfg", "w") as f:
-                f.write(haproxy_conf(port, up_port, w))
-            proc = start(["haproxy", "-db", "-f", tag + ".cfg"], tag + ".log")
-            admin = None
-        else:
-            with open(tag + ".toml", "w") as f:
-                f.write(tokenproxy_conf(admin, [("bench", port, up_port)], tok_port,
-                                        MAIN_LIFETIME))
-            proc = start([TOKENPROXY, "run", "--config", tag + ".toml"], tag + ".log",
-                         env=dict(env_base, TOKIO_WORKER_THREADS=str(w)))
-        wait_port(port, proc)
-        if admin:
-            wait_http(f"http://127.0.0.1:{admin}/readyz")
-        url = f"http://127.0.0.1:{port}{PATH}"
-        # sanity: the proxy injects a bearer token; GET and POST 16 KiB answer 200 + 1 KiB
-        st, body = http(f"http://127.0.0.1:{port}/echo-authorization")
-        assert st == 200 and body.startswith(b"Bearer ") and len(body) > 20, (name, st, body)
-        for data in (None, b"x" * 16384):
-            st, body = http(url, data=data)
-            assert st == 200 and len(body) == 1024, (name, st, len(body))
-        return proc, url, admin
+        return launch_proxy(name, w, tmp, up_port, tok_port)
 
     quiet_spent = [0.0]
     waits = {str(w): {"requests": 0.0, "waited": 0.0, "wait_sum_s": 0.0} for w in WORKERS}
@@ -704,7 +710,7 @@ def main():
     with open(tcfg, "w") as f:
         f.write(tokenproxy_conf(p_admin, [("alpha", p_a, up_port), ("beta", p_b, up_port)],
                                 tok_port, MAIN_LIFETIME))
-    env = dict(env_base)
+    env = dict(os.environ)
     env.pop("TOKIO_WORKER_THREADS", None)
     env.pop("RUST_LOG", None)
     tp = start([TOKENPROXY, "run", "--config", tcfg], os.path.join(tmp, "tokenproxy-2clients.log"),
