@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// The request is not one the sidecar forwards.
     #[error("{0}")]
     BadRequest(String),
+    /// A method the sidecar never forwards (TRACE would echo the credential).
+    #[error("method {0} is not forwarded")]
+    MethodNotAllowed(http::Method),
 }
 
 impl ProxyError {
@@ -61,6 +64,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 
@@ -72,6 +76,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -127,6 +132,11 @@ mod tests {
             ),
             (ProxyError::NoRoute { path: "/".into() }, 404, "no_route"),
             (ProxyError::BadRequest("b".into()), 400, "bad_request"),
+            (
+                ProxyError::MethodNotAllowed(http::Method::TRACE),
+                405,
+                "method_not_allowed",
+            ),
         ];
         for (err, status, code) in cases {
             let r = err.into_response(Some("payments"));

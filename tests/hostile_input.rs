@@ -10,6 +10,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -302,4 +303,163 @@ async fn connections_beyond_max_connections_are_refused() {
     })
     .await;
     assert!(freed, "slots free up again when connections close");
+}
+
+/// An upstream that resolves paths as a normalizing API gateway does (decodes
+/// `%XX` once, reads `\` as `/`, collapses `//`, removes dot segments) and
+/// records every path it resolved, with the credential it came with.
+async fn normalizing_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, bool)>>>) {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = Arc::clone(&record);
+                    async move {
+                        let decoded: Vec<u8> = percent_decode_once(req.uri().path().as_bytes());
+                        let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+                        let mut out: Vec<&str> = Vec::new();
+                        for segment in text.split('/').filter(|s| !s.is_empty()) {
+                            match segment.split(';').next().unwrap_or_default() {
+                                "." => {}
+                                ".." => {
+                                    out.pop();
+                                }
+                                s => out.push(s),
+                            }
+                        }
+                        let resolved = format!("/{}", out.join("/"));
+                        let token = req.headers().contains_key("authorization");
+                        record
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((resolved, token));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn percent_decode_once(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' && i + 2 < input.len() {
+            if let (Some(h), Some(l)) = (hex(input[i + 1]), hex(input[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Security review finding 1: a path that a normalizing hop resolves outside
+/// the client's base path (or into another client's prefix) is refused with
+/// 400 `bad_request` and never reaches the upstream with the token; ordinary
+/// paths still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_escapes_the_base_path_never_reaches_the_upstream() {
+    let (upstream, seen) = normalizing_upstream().await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let text = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n\
+         [clients.pay]\nlisten = \"{{listen}}\"\npath_prefix = \"/pay\"\nupstream = \"http://{upstream}/v2/payments\"\n\
+         [clients.pay.token]\nurl = \"{url}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n\
+         [clients.wallet]\nlisten = \"{{listen}}\"\npath_prefix = \"/wallet\"\nupstream = \"http://{upstream}/v2/wallet\"\n\
+         [clients.wallet.token]\nurl = \"{url}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
+        url = provider.token_url()
+    );
+    let (_running, proxy, _) = start_sidecar(&text).await;
+    let attacks: &[&str] = &[
+        "/pay/../wallet/x",
+        "/pay/../../internal/keys",
+        "/pay/%2e%2e/%2e%2e/internal/keys",
+        "/pay/%2E%2E/wallet/x",
+        "/pay/.%2e/wallet/x",
+        "/pay/..%2Fwallet%2Fx",
+        "/pay/..%2f..%2finternal%2fkeys",
+        "/pay/%252e%252e/wallet/x",
+        "/pay/..;/wallet/x",
+        "/pay//internal/keys",
+        "/pay/./x",
+        "/pay/..%5cwallet%5cx",
+        "/pay/..\\wallet\\x",
+    ];
+    for attack in attacks {
+        let request =
+            format!("GET {attack} HTTP/1.1\r\nHost: {proxy}\r\nConnection: close\r\n\r\n");
+        let reply = raw(proxy, request.as_bytes(), Duration::from_secs(2)).await;
+        assert!(
+            reply.text.starts_with("HTTP/1.1 400"),
+            "{attack} must be refused with 400, got: {}",
+            reply.text.lines().next().unwrap_or("")
+        );
+        if reply.text.contains("x-tokenproxy-error") {
+            assert!(
+                reply.text.contains("bad_request"),
+                "{attack}: {}",
+                reply.text
+            );
+        }
+    }
+    let ok = TestClient::new()
+        .get(&format!("http://{proxy}/pay/charges/ch_1"))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "an ordinary path is forwarded");
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(
+        seen,
+        vec![("/v2/payments/charges/ch_1".to_owned(), true)],
+        "only the ordinary request reached the upstream"
+    );
+}
+
+/// Security review finding 5: TRACE would make an echoing upstream send the
+/// injected credential back to the app; it is answered 405 by the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_is_answered_405_and_never_forwarded() {
+    let s = setup("").await;
+    let before = s.api.requests();
+    let reply = raw(
+        s.proxy,
+        b"TRACE /api/v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        reply.text.starts_with("HTTP/1.1 405"),
+        "TRACE gets 405: {}",
+        reply.text
+    );
+    assert!(reply
+        .text
+        .contains("x-tokenproxy-error: method_not_allowed"));
+    assert!(!reply.text.to_ascii_lowercase().contains("bearer"));
+    assert_eq!(s.api.requests(), before, "TRACE never reaches the upstream");
+    still_serves(&s, "TRACE").await;
 }

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod headers;
 pub mod json;
+pub mod path;
 pub mod token;
 
 #[cfg(test)]
