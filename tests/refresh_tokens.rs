@@ -48,11 +48,15 @@ async fn racing_proactive_refreshes_and_401s_never_reuse_a_rotated_refresh_token
             let mut failed = 0;
             let mut sent = 0;
             while started.elapsed() < Duration::from_secs(5) {
+                let key = format!("pay-{sent}");
                 let r = http
                     .request(
                         Method::POST,
                         &url,
-                        &[("content-type", "application/json")],
+                        &[
+                            ("content-type", "application/json"),
+                            ("idempotency-key", key.as_str()),
+                        ],
                         b"{\"amount\":1}",
                     )
                     .await;
@@ -64,9 +68,13 @@ async fn racing_proactive_refreshes_and_401s_never_reuse_a_rotated_refresh_token
             (sent, failed)
         }));
     }
-    // Revoke the live token now and then, so 401-triggered refreshes race the proactive ones.
+    // Revoke the live token now and then, so 401-triggered refreshes race the
+    // proactive ones (no faster than 401-triggered refreshes are allowed).
     while started.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(
+            tokenproxy::token::UNAUTHORIZED_REFRESH_INTERVAL + Duration::from_millis(200),
+        )
+        .await;
         h.provider.revoke_all();
     }
     let (mut sent, mut failed) = (0, 0);
@@ -114,8 +122,12 @@ async fn a_refresh_that_times_out_is_never_retried_with_the_same_refresh_token()
         .await;
     assert_eq!(r.error_code(), Some("token_unavailable"));
     h.provider.set_fault(Fault::None);
+    // The refused token keeps its place until a new one is installed, so recovery
+    // is a newer generation, not readiness.
     let recovered = eventually(Duration::from_secs(5), || {
-        h.running.token("payments").is_some_and(|t| t.is_ready())
+        h.running
+            .token("payments")
+            .is_some_and(|t| t.status().generation > 1)
     })
     .await;
     assert!(recovered, "the client recovers with the full grant");

@@ -86,6 +86,8 @@ pub(super) struct RawClient {
     pub(super) timeout: Option<Scalar>,
     pub(super) token_wait_timeout: Option<Scalar>,
     pub(super) unauthorized_status: Option<Vec<Scalar>>,
+    pub(super) idempotency_headers: Option<Vec<String>>,
+    pub(super) replay_non_idempotent: Option<bool>,
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,
     pub(super) tls: Option<super::tls::RawTls>,

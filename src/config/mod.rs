@@ -222,6 +222,12 @@ pub struct ClientConfig {
     pub token_wait_timeout: Duration,
     /// Upstream statuses that mean "token rejected", each 4xx/5xx; default `[401]`.
     pub unauthorized_status: Vec<StatusCode>,
+    /// Request headers whose presence makes a non-idempotent request (POST,
+    /// PATCH) safe to replay after a 401; default `["Idempotency-Key"]`.
+    pub idempotency_headers: Vec<HeaderName>,
+    /// Replay every buffered request after a 401, POST without an idempotency
+    /// key included; default false.
+    pub replay_non_idempotent: bool,
     /// `[clients.NAME.token]`.
     pub token: TokenConfig,
     /// `[clients.NAME.inject]`.
@@ -457,6 +463,17 @@ impl ClientConfig {
             "unauthorized_status",
             format!("[{}]", codes.join(", ")),
         )?;
+        let keys: Vec<&str> = self
+            .idempotency_headers
+            .iter()
+            .map(|h| h.as_str())
+            .collect();
+        row(out, "idempotency_headers", format!("[{}]", keys.join(", ")))?;
+        row(
+            out,
+            "replay_non_idempotent",
+            self.replay_non_idempotent.to_string(),
+        )?;
         row(out, "token.url", &t.url)?;
         row(out, "token.grant", t.grant.as_str())?;
         if let Grant::Password { username, password } = &t.grant {
@@ -689,6 +706,8 @@ fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientCo
             Duration::from_secs(2),
         )?,
         unauthorized_status: statuses(&t, raw.unauthorized_status)?,
+        idempotency_headers: header_names(&t, "idempotency_headers", raw.idempotency_headers)?,
+        replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
         token: build_token(
             raw_token,
             &Table::new(x, t.key("token")),
@@ -994,6 +1013,29 @@ fn path_prefix(t: &Table<'_>, raw: &str) -> Result<String, ConfigError> {
             .with_hint("write it like \"/payments\""));
     }
     Ok(format!("/{trimmed}"))
+}
+
+/// A list of header names; by default `Idempotency-Key` alone.
+fn header_names(
+    t: &Table<'_>,
+    k: &str,
+    raw: Option<Vec<String>>,
+) -> Result<Vec<HeaderName>, ConfigError> {
+    let Some(list) = raw else {
+        return Ok(vec![HeaderName::from_static("idempotency-key")]);
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        let text = t.string(k, &item)?;
+        let name = HeaderName::from_bytes(text.trim().as_bytes()).map_err(|_| {
+            t.err(k, format!("{text:?} is not a header name"))
+                .with_hint("write it like [\"Idempotency-Key\", \"X-Request-Nonce\"]")
+        })?;
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    Ok(out)
 }
 
 fn statuses(t: &Table<'_>, raw: Option<Vec<Scalar>>) -> Result<Vec<StatusCode>, ConfigError> {

@@ -4,6 +4,12 @@
 //! Request bodies up to `retry_body_limit` are buffered so that a 401 can be
 //! answered by one refresh and one replay; larger bodies stream once, and a 401
 //! to them goes back to the app (`not_replayable`). Responses always stream.
+//!
+//! A replay sends the request twice, so it is made only when repeating it is
+//! safe: an idempotent method (RFC 9110 §9.2.2), an idempotency key header, or a
+//! client that opted in. A payment POST without a key gets the API's 401 back
+//! rather than a second charge. A replayed response carries
+//! `x-tokenproxy-replayed: 1`.
 
 pub mod body;
 pub mod headers;
@@ -31,7 +37,7 @@ use self::upstream::HttpClient;
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
 use crate::metrics::{ClientMetrics, RetryOutcome};
-use crate::token::{Token, TokenHandle, Unavailable};
+use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
 
 /// One configured client as the request path sees it.
 pub struct ClientRuntime {
@@ -46,6 +52,8 @@ pub struct ClientRuntime {
     retry_body_limit: usize,
     timeout: Duration,
     unauthorized: Vec<StatusCode>,
+    idempotency_headers: Vec<HeaderName>,
+    replay_non_idempotent: bool,
     /// The client's token.
     pub token: TokenHandle,
     metrics: ClientMetrics,
@@ -84,6 +92,8 @@ impl ClientRuntime {
             retry_body_limit: config.retry_body_limit,
             timeout: config.timeout,
             unauthorized: config.unauthorized_status.clone(),
+            idempotency_headers: config.idempotency_headers.clone(),
+            replay_non_idempotent: config.replay_non_idempotent,
             token,
             metrics,
             http,
@@ -94,6 +104,36 @@ impl ClientRuntime {
     fn is_unauthorized(&self, status: StatusCode) -> bool {
         self.unauthorized.contains(&status)
     }
+
+    /// Whether sending `outgoing` a second time is safe.
+    fn may_replay(&self, outgoing: &Outgoing) -> bool {
+        self.replay_non_idempotent
+            || is_idempotent(&outgoing.method)
+            || self
+                .idempotency_headers
+                .iter()
+                .any(|h| outgoing.headers.contains_key(h))
+    }
+}
+
+/// Header on a response to a request that was sent twice (after a 401).
+pub static REPLAYED_HEADER: HeaderName = HeaderName::from_static("x-tokenproxy-replayed");
+
+/// RFC 9110 §9.2.2 idempotent methods.
+fn is_idempotent(method: &Method) -> bool {
+    is_safe(method) || matches!(*method, Method::PUT | Method::DELETE)
+}
+
+/// Whether the API said the token itself is the problem (RFC 6750 §3.1).
+fn says_invalid_token(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            let v = v.to_ascii_lowercase();
+            v.contains("error=\"invalid_token\"") || v.contains("error=invalid_token")
+        })
 }
 
 /// Handles one request on a proxy listener; every failure becomes a response.
@@ -261,13 +301,42 @@ async fn forward(
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
             }
-            drop(first);
-            exchange.replayed = true;
-            let second = replay(client, http, &outgoing, bytes, &token).await;
-            if let Ok(r) = &second {
-                exchange.upstream_status = Some(r.status().as_u16());
+            let decision = client
+                .token
+                .on_unauthorized(&token, says_invalid_token(first.headers()));
+            if !client.may_replay(&outgoing) {
+                client
+                    .metrics
+                    .unauthorized_retry(RetryOutcome::NotReplayable);
+                return Ok(first);
             }
+            let newer = match decision {
+                Unauthorized::Kept(why) => {
+                    debug!(client = %client.name, reason = why, "upstream 401 passed on without a refresh");
+                    return Ok(first);
+                }
+                Unauthorized::Newer(newer) => newer,
+                Unauthorized::Refreshing => {
+                    drop(first);
+                    let started = Instant::now();
+                    let newer = client.token.get_newer(token.generation).await;
+                    client.metrics.token_wait(started.elapsed().as_secs_f64());
+                    match newer {
+                        Ok(t) => t,
+                        Err(e) => {
+                            client.metrics.unauthorized_retry(RetryOutcome::Failed);
+                            return Err(unavailable(e));
+                        }
+                    }
+                }
+            };
+            exchange.replayed = true;
+            let mut second = replay(client, http, &outgoing, bytes, &newer).await?;
+            exchange.upstream_status = Some(second.status().as_u16());
             second
+                .headers_mut()
+                .insert(REPLAYED_HEADER.clone(), HeaderValue::from_static("1"));
+            Ok(second)
         }
         RequestBody::Streaming(stream) => {
             let response = send(
@@ -278,7 +347,10 @@ async fn forward(
             .await?;
             exchange.upstream_status = Some(response.status().as_u16());
             if client.is_unauthorized(response.status()) {
-                client.token.reject(token.generation);
+                // Not sent again, but the next requests should not meet the same 401.
+                let _decision = client
+                    .token
+                    .on_unauthorized(&token, says_invalid_token(response.headers()));
                 client
                     .metrics
                     .unauthorized_retry(RetryOutcome::NotReplayable);
@@ -288,30 +360,24 @@ async fn forward(
     }
 }
 
-/// After a 401: retire the token (if still current), wait for a newer one and
-/// send the request once more. A second 401 goes back to the app as it came.
+/// Sends the request once more with `newer`, a token newer than the one the API
+/// refused. A 401 to the replay goes back to the app as it came, and tells the
+/// token handle that the 401 is not about the token.
 async fn replay(
     client: &ClientRuntime,
     http: &HttpClient,
     outgoing: &Outgoing,
     bytes: Bytes,
-    rejected: &Token,
+    newer: &Token,
 ) -> Result<Response<Body>, ProxyError> {
-    client.token.reject(rejected.generation);
-    let started = Instant::now();
-    let newer = client.token.get_newer(rejected.generation).await;
-    client.metrics.token_wait(started.elapsed().as_secs_f64());
-    let newer = match newer {
-        Ok(t) => t,
-        Err(e) => {
-            client.metrics.unauthorized_retry(RetryOutcome::Failed);
-            return Err(unavailable(e));
-        }
-    };
-    let result = send_buffered(client, http, outgoing, &bytes, &newer).await;
+    let result = send_buffered(client, http, outgoing, &bytes, newer).await;
     let outcome = match &result {
-        Ok(r) if !client.is_unauthorized(r.status()) => RetryOutcome::Recovered,
-        _ => RetryOutcome::Failed,
+        Ok(r) if client.is_unauthorized(r.status()) => {
+            client.token.refused_again(newer.generation);
+            RetryOutcome::Failed
+        }
+        Ok(_) => RetryOutcome::Recovered,
+        Err(_) => RetryOutcome::Failed,
     };
     client.metrics.unauthorized_retry(outcome);
     result

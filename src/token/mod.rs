@@ -2,16 +2,19 @@
 //! requests read the current token through a [`TokenHandle`].
 //!
 //! The hot path is one atomic load of an `ArcSwapOption<Token>`: no lock is shared
-//! by all requests. Only the refresher publishes tokens; a request that saw a 401
-//! may retire the token it used, but only while that exact token is still current
-//! (compare-and-swap on the pointer), so a burst of 401s causes one refresh.
+//! by all requests. Only the refresher publishes tokens. A request that saw a 401
+//! asks for a new token through [`TokenHandle::on_unauthorized`], which decides
+//! whether the token is plausibly the cause (see [`Unauthorized`]); a burst of
+//! 401s causes at most one refresh, 401-triggered refreshes are rate-limited, and
+//! the old token keeps serving until a new one is installed.
 
 mod dialect;
 mod refresher;
 pub mod response;
 mod state;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -78,6 +81,8 @@ pub struct Token {
     pub header: HeaderValue,
     /// After this instant the token is not used any more.
     pub usable_until: Option<Instant>,
+    /// When it was installed (published by the refresher).
+    pub installed_at: Instant,
 }
 
 impl Token {
@@ -93,6 +98,7 @@ impl std::fmt::Debug for Token {
             .field("generation", &self.generation)
             .field("header", &"[redacted]")
             .field("usable_until", &self.usable_until)
+            .field("installed_at", &self.installed_at)
             .finish()
     }
 }
@@ -118,10 +124,38 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
+/// A 401 retires a token without `invalid_token` only once it is this old (or
+/// past half its lifetime): a 401 to a token just issued is about the request
+/// (permissions, a wrong account), not the token.
+pub const UNAUTHORIZED_MIN_AGE: Duration = Duration::from_secs(30);
+/// At most one 401-triggered token request per client in this interval, so an
+/// API that answers 401 for reasons of its own cannot drive the token endpoint
+/// into its rate limit.
+pub const UNAUTHORIZED_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What to do after the API answered 401 to a token.
+#[derive(Debug)]
+pub enum Unauthorized {
+    /// A newer token is already current: replay with it.
+    Newer(Arc<Token>),
+    /// A new token is on its way ([`TokenHandle::get_newer`] waits for it).
+    Refreshing,
+    /// The 401 is not plausibly about the token, or the client just refreshed
+    /// after a 401: the token stays, and the 401 goes back to the app.
+    Kept(&'static str),
+}
+
 pub(crate) struct Shared {
     current: ArcSwapOption<Token>,
     status: watch::Sender<Status>,
     commands: mpsc::Sender<Command>,
+    /// The newest generation a 401 asked to replace (asks once per generation).
+    rejected: AtomicU64,
+    /// The newest generation whose replay also got a 401: 401s up to it are not
+    /// about the token (unless the API says `invalid_token`).
+    not_the_token: AtomicU64,
+    /// Earliest time of the next 401-triggered refresh.
+    next_unauthorized_refresh: Mutex<Option<Instant>>,
 }
 
 /// The request path's view of one client's token.
@@ -159,26 +193,78 @@ impl TokenHandle {
         self.wait_for(generation).await
     }
 
-    /// Retires the token of `generation` if it is still current, and asks for a new one.
+    /// After the API answered 401 to `token`: decides whether the token is
+    /// plausibly the cause and, when it is, asks the refresher for a new one.
     ///
-    /// Returns whether this call retired it (false: someone already did, or a newer
-    /// token is already in place).
-    pub fn reject(&self, generation: u64) -> bool {
-        let current = self.shared.current.load_full();
-        let Some(cur) = current.as_ref() else {
-            return false;
-        };
-        if cur.generation != generation {
-            return false;
+    /// `invalid_token` is whether the API said so (`WWW-Authenticate: Bearer
+    /// error="invalid_token"`, RFC 6750 §3.1). Without it, a token younger than
+    /// [`UNAUTHORIZED_MIN_AGE`] (or half its lifetime) is kept; so is a young one
+    /// of a generation whose replay with a fresh token was answered 401 as well,
+    /// even with it. At most one refresh per [`UNAUTHORIZED_REFRESH_INTERVAL`]
+    /// is asked for. The token is never taken out of service here: it serves
+    /// until the refresher installs the next one.
+    pub fn on_unauthorized(&self, token: &Token, invalid_token: bool) -> Unauthorized {
+        let now = Instant::now();
+        if let Some(current) = self.current() {
+            if current.generation > token.generation {
+                return Unauthorized::Newer(current);
+            }
         }
-        let prev = self.shared.current.compare_and_swap(&current, None);
-        let retired = matches!(&*prev, Some(p) if Arc::ptr_eq(p, cur));
-        if retired {
+        if self.shared.rejected.load(Ordering::Acquire) >= token.generation {
+            return Unauthorized::Refreshing;
+        }
+        if self.shared.status.borrow().state() == State::Refreshing {
+            // A refresh is under way (a provider that revokes the old token when it
+            // issues the new one answers 401 in this window): its token is newer.
+            return Unauthorized::Refreshing;
+        }
+        // A token of a generation whose replay was refused as well is retired only
+        // once it is old, whatever the API says: an API that answers invalid_token
+        // to every token (a wrong audience) must not drive a refresh per request.
+        let age = now.saturating_duration_since(token.installed_at);
+        let half_life = token
+            .usable_until
+            .map(|u| u.saturating_duration_since(token.installed_at) / 2);
+        let old = age >= half_life.map_or(UNAUTHORIZED_MIN_AGE, |h| h.min(UNAUTHORIZED_MIN_AGE));
+        if self.shared.not_the_token.load(Ordering::Acquire) >= token.generation && !old {
+            return Unauthorized::Kept("a fresh token was refused as well");
+        }
+        if !invalid_token && !old {
+            return Unauthorized::Kept("the token is too new to be the cause");
+        }
+        {
+            let mut next = self
+                .shared
+                .next_unauthorized_refresh
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if next.is_some_and(|at| now < at) {
+                return Unauthorized::Kept("a token was refreshed after a 401 moments ago");
+            }
+            *next = Some(now + UNAUTHORIZED_REFRESH_INTERVAL);
+        }
+        let previous = self
+            .shared
+            .rejected
+            .fetch_max(token.generation, Ordering::AcqRel);
+        if previous < token.generation {
             // A full queue means the refresher already has work pending, which will
             // publish a new token: nothing is lost by dropping this message.
-            let _ignored = self.shared.commands.try_send(Command::Rejected(generation));
+            let _ignored = self
+                .shared
+                .commands
+                .try_send(Command::Rejected(token.generation));
         }
-        retired
+        Unauthorized::Refreshing
+    }
+
+    /// The replay of a request with the token of `generation` (newer than the one
+    /// first refused) was answered 401 too: the 401 is about the request, so
+    /// further 401s to tokens up to this generation retire nothing.
+    pub fn refused_again(&self, generation: u64) {
+        self.shared
+            .not_the_token
+            .fetch_max(generation, Ordering::AcqRel);
     }
 
     /// Hands the refresher a new refresh token from an operator; it is used at once.
@@ -194,7 +280,13 @@ impl TokenHandle {
 
     /// A snapshot of the client's state for `/status` and `/readyz`.
     pub fn status(&self) -> Status {
-        self.shared.status.borrow().clone()
+        let mut status = self.shared.status.borrow().clone();
+        if status.state() == State::Valid && self.current().is_none() {
+            // The token ran out while the refresher waits out a backoff: it wakes
+            // only when it may ask again, so the state is brought up to date here.
+            status.state = state::StateCell(State::Unavailable);
+        }
+        status
     }
 
     /// Whether a usable token is held right now.
@@ -212,7 +304,14 @@ impl TokenHandle {
             // the token first and publishes the status second, so a token stored after
             // this point also wakes `changed()` below. The other order can miss it and
             // sleep out the whole timeout with a valid token in the cell.
-            let fail = rx.borrow_and_update().fail_fast();
+            let fail = {
+                let status = rx.borrow_and_update();
+                status.fail_fast().or_else(|| {
+                    // Waiting for a token to replace one the API refused: while the
+                    // refresher backs off, none is coming soon.
+                    (newer_than > 0).then(|| status.backing_off()).flatten()
+                })
+            };
             if let Some(t) = self.current() {
                 if t.generation > newer_than {
                     return Ok(t);
@@ -255,6 +354,9 @@ pub(crate) fn channel(
         current: ArcSwapOption::empty(),
         status,
         commands,
+        rejected: AtomicU64::new(0),
+        not_the_token: AtomicU64::new(0),
+        next_unauthorized_refresh: Mutex::new(None),
     });
     (
         TokenHandle {

@@ -496,20 +496,19 @@ impl Refresher {
             self.publish(|_| {});
             return None;
         }
-        info!(client = %self.client, generation, "upstream rejected the token; refreshing");
-        self.current = None;
-        self.access = None;
-        self.refresh_at = None;
-        self.metrics.set_expiry(0.0);
-        self.publish(|s| s.access_token_expires_at = None);
         if self.needs_authorization {
             self.set_state(State::NeedsAuthorization);
             return None;
         }
         if self.retry_at.is_some_and(|at| at > Instant::now()) {
-            self.set_state(State::Unavailable);
+            // Backing off (a provider's Retry-After among others): the token keeps
+            // serving, and waiters for a newer one are answered at once.
+            self.publish(|_| {});
             return None;
         }
+        // The token keeps serving until the next one is installed: a 401 may be
+        // about one resource only, and a failed refresh must not blank the client.
+        info!(client = %self.client, generation, "upstream rejected the token; refreshing");
         Some(Trigger::Unauthorized)
     }
 
@@ -765,6 +764,7 @@ impl Refresher {
             generation: self.generation,
             header,
             usable_until: remaining.map(|l| now + l),
+            installed_at: now,
         });
         self.shared.current.store(Some(Arc::clone(&token)));
         self.current = Some(token);

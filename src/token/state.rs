@@ -155,6 +155,18 @@ impl Status {
         }
     }
 
+    /// While the refresher waits out a backoff: the error to answer at once.
+    pub(crate) fn backing_off(&self) -> Option<Unavailable> {
+        let wait = self
+            .retry_at?
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())?;
+        Some(Unavailable {
+            reason: self.describe(),
+            retry_after: wait.max(Duration::from_secs(1)),
+        })
+    }
+
     /// One line saying where the client stands and why.
     pub fn describe(&self) -> String {
         match (&self.reason, &self.last_refresh) {
