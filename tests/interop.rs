@@ -978,7 +978,10 @@ async fn one_request(
     };
     let mut builder = Request::builder().method(method.clone()).uri(url);
     if post {
-        builder = builder.header("content-type", "application/json");
+        // As a payment app sends it: a key that makes the POST safe to replay after a 401.
+        builder = builder
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("w{worker}-{seq}"));
     }
     let request = builder
         .body(Full::new(Bytes::from(body)))

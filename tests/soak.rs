@@ -137,11 +137,16 @@ async fn soak() {
                 } else {
                     Method::GET
                 };
+                // As a payment app sends it: a key that makes a POST safe to replay.
+                let key = format!("w{w}-{n}");
                 let r = http
                     .request(
                         method,
                         &url,
-                        &[("content-type", "application/json")],
+                        &[
+                            ("content-type", "application/json"),
+                            ("idempotency-key", key.as_str()),
+                        ],
                         b"{\"amount\":1}",
                     )
                     .await;
