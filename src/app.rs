@@ -22,6 +22,7 @@ use crate::admin::Admin;
 use crate::clock::SharedClock;
 use crate::config::{ClientConfig, Config};
 use crate::metrics::{self, Metrics};
+use crate::proxy::body::BufferBudget;
 use crate::proxy::route::{ListenerRoutes, Route};
 use crate::proxy::upstream::{Clients, UpstreamError};
 use crate::proxy::{self, ClientRuntime};
@@ -139,6 +140,8 @@ pub struct Running {
     draining: Arc<AtomicBool>,
     /// Where proxy listeners are served: these threads, else the caller's runtime.
     workers: Option<Workers>,
+    /// Replay buffers of every client together (`limits.max_buffered_bytes`).
+    buffer_budget: Arc<BufferBudget>,
 }
 
 /// Starts the refreshers and serves every listener on the caller's runtime.
@@ -206,6 +209,7 @@ fn start_on(
         clock,
         draining,
         workers,
+        buffer_budget: BufferBudget::new(config.limits.max_buffered_bytes),
     };
     for client in &config.clients {
         running.add_client(client)?;
@@ -417,6 +421,8 @@ impl Running {
         let task = tokio::spawn(refresher.run().instrument(span));
         let runtime = Arc::new(ClientRuntime::new(
             client,
+            &self.config.limits,
+            Arc::clone(&self.buffer_budget),
             handle,
             client_metrics,
             upstream_http,

@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// The request is not one the sidecar forwards.
     #[error("{0}")]
     BadRequest(String),
+    /// The app's request body stopped arriving (`limits.body_timeout`, `body_min_rate`).
+    #[error("{0}")]
+    BodyTimeout(String),
     /// A method the sidecar never forwards (TRACE would echo the credential).
     #[error("method {0} is not forwarded")]
     MethodNotAllowed(http::Method),
@@ -65,6 +68,7 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::BodyTimeout(_) => "body_timeout",
         }
     }
 
@@ -77,6 +81,7 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -137,6 +142,7 @@ mod tests {
                 405,
                 "method_not_allowed",
             ),
+            (ProxyError::BodyTimeout("slow".into()), 408, "body_timeout"),
         ];
         for (err, status, code) in cases {
             let r = err.into_response(Some("payments"));

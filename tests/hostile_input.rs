@@ -463,3 +463,118 @@ async fn trace_is_answered_405_and_never_forwarded() {
     assert_eq!(s.api.requests(), before, "TRACE never reaches the upstream");
     still_serves(&s, "TRACE").await;
 }
+
+/// Sends `head` and then `body` one byte every `every`, while reading the
+/// answer; returns the status line (or "" when none came within `within`) and
+/// how long it took.
+async fn trickle(
+    addr: SocketAddr,
+    head: String,
+    body_len: usize,
+    every: Duration,
+    within: Duration,
+) -> (String, Duration) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let started = tokio::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for _ in 0..body_len {
+            tokio::time::sleep(every).await;
+            if write.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+        // Keep the write half open: a half-closed connection is closed by the server.
+        std::future::pending::<()>().await;
+        drop(write);
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let _ = tokio::time::timeout(within, async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    (text, started.elapsed())
+}
+
+/// Security review finding 8: a request body trickling in (one byte per
+/// 200 ms, far under `body_min_rate`) used to hold its connection forever. It
+/// is cut off after about `body_timeout` with 408 `body_timeout`, whether it
+/// was being buffered for a replay or streamed to the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_is_cut_off_with_408() {
+    let s = setup("body_timeout = \"1s\"").await;
+    let head = |len: usize| {
+        format!(
+            "POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nContent-Type: application/json\r\n\r\n"
+        )
+    };
+    let before = s.api.requests();
+    // Buffered (under retry_body_limit): nothing reaches the upstream.
+    let (text, took) = trickle(
+        s.proxy,
+        head(100),
+        100,
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "a trickling body gets 408 (after {took:?}): {text:?}"
+    );
+    assert!(text.contains("x-tokenproxy-error: body_timeout"), "{text}");
+    assert!(
+        took < Duration::from_secs(3),
+        "cut off after about body_timeout, not later ({took:?})"
+    );
+    assert_eq!(
+        s.api.requests(),
+        before,
+        "the incomplete body was never forwarded"
+    );
+    // Streamed (over retry_body_limit, default 1MiB): the upstream's read fails too.
+    let (text, took) = trickle(
+        s.proxy,
+        head(2 * 1024 * 1024),
+        2 * 1024 * 1024,
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "a trickling streamed body gets 408 (after {took:?}): {text:?}"
+    );
+    still_serves(&s, "trickling bodies").await;
+}
+
+/// Security review finding 8: a body that arrives steadily, if slowly, above
+/// `body_min_rate`, is not cut off although it takes longer than `body_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_body_is_not_cut_off() {
+    let s = setup("body_timeout = \"1s\"\nbody_min_rate = \"10\"").await;
+    // 30 bytes, one per 60 ms (16 B/s > 10 B/s): 1.8 s in all.
+    let (text, took) = trickle(
+        s.proxy,
+        "POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n".into(),
+        30,
+        Duration::from_millis(60),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 201"),
+        "a steady body is forwarded (after {took:?}): {text:?}"
+    );
+}

@@ -386,3 +386,44 @@ async fn replays_follow_the_method_the_idempotency_headers_and_the_opt_in() {
     );
     assert_eq!(opted_in.api.requests(), 2);
 }
+
+/// Security review finding 8: replay buffers are bounded process-wide
+/// (`limits.max_buffered_bytes`); a body that finds no room streams once and
+/// is not replayable, instead of growing memory without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_beyond_the_process_buffer_budget_streams_and_is_not_replayed() {
+    let template = support::ONE_CLIENT.replace(
+        "[clients.payments]\n",
+        "[limits]\nmax_buffered_bytes = \"100\"\n[clients.payments]\n",
+    );
+    let template: &'static str = Box::leak(template.into_boxed_str());
+    let h = harness(Options {
+        template,
+        ..Options::default()
+    })
+    .await;
+    wait_ready(&h).await;
+    let url = format!("http://{}/api/v1/payments", h.proxy);
+    let key = [("idempotency-key", "k-1")];
+    h.api.reject_next(1);
+    let small = h.http.request(Method::POST, &url, &key, &[b'x'; 50]).await;
+    assert_eq!(
+        small.status,
+        StatusCode::CREATED,
+        "a body within the budget is replayed"
+    );
+    h.api.reject_next(1);
+    let before = h.api.requests();
+    let large = h.http.request(Method::POST, &url, &key, &[b'x'; 500]).await;
+    assert_eq!(
+        large.status,
+        StatusCode::UNAUTHORIZED,
+        "beyond the budget: not replayed"
+    );
+    assert_eq!(h.api.requests() - before, 1, "sent once");
+    assert_eq!(
+        h.api.recorded()[before].body.len(),
+        500,
+        "the streamed body arrived whole"
+    );
+}

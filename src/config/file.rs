@@ -50,6 +50,9 @@ pub(super) struct RawLimits {
     pub(super) idle_timeout: Option<Scalar>,
     pub(super) max_connections: Option<Scalar>,
     pub(super) shutdown_grace: Option<Scalar>,
+    pub(super) body_timeout: Option<Scalar>,
+    pub(super) body_min_rate: Option<Scalar>,
+    pub(super) max_buffered_bytes: Option<Scalar>,
 }
 
 /// `[runtime]`.

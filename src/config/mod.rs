@@ -157,10 +157,18 @@ pub struct Limits {
     pub max_headers: usize,
     /// Keep-alive connections idle longer than this are closed; default 60s.
     pub idle_timeout: Duration,
-    /// Open connections per listener, at least 1; default 10000.
+    /// Open connections per listener, at least 1; default 1024.
     pub max_connections: usize,
     /// How long SIGTERM waits for in-flight requests; default 25s.
     pub shutdown_grace: Duration,
+    /// Longest a request body may keep the sidecar waiting for its next bytes
+    /// (and the most waiting credit it can build up); default 10s.
+    pub body_timeout: Duration,
+    /// Bytes per second that earn a slow request body more waiting; default 1KiB.
+    pub body_min_rate: usize,
+    /// Replay buffers of all requests together, process-wide; beyond it a body
+    /// streams once and is not replayable; default 64MiB.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Limits {
@@ -170,8 +178,11 @@ impl Default for Limits {
             max_header_bytes: 32 * KIB,
             max_headers: 100,
             idle_timeout: Duration::from_secs(60),
-            max_connections: 10_000,
+            max_connections: 1024,
             shutdown_grace: Duration::from_secs(25),
+            body_timeout: Duration::from_secs(10),
+            body_min_rate: KIB,
+            max_buffered_bytes: 64 * MIB,
         }
     }
 }
@@ -408,6 +419,13 @@ impl Config {
         row(out, "idle_timeout", dur(l.idle_timeout))?;
         row(out, "max_connections", l.max_connections)?;
         row(out, "shutdown_grace", dur(l.shutdown_grace))?;
+        row(out, "body_timeout", dur(l.body_timeout))?;
+        row(
+            out,
+            "body_min_rate",
+            format!("{}/s", size_text(l.body_min_rate)),
+        )?;
+        row(out, "max_buffered_bytes", size_text(l.max_buffered_bytes))?;
         writeln!(out, "runtime")?;
         match self.runtime.workers {
             Some(n) => row(out, "workers", n)?,
@@ -665,6 +683,19 @@ fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, ConfigError> {
         shutdown_grace: t
             .opt_duration("shutdown_grace", raw.shutdown_grace, true)?
             .unwrap_or(d.shutdown_grace),
+        body_timeout: t.duration("body_timeout", raw.body_timeout, d.body_timeout)?,
+        body_min_rate: t.size(
+            "body_min_rate",
+            raw.body_min_rate,
+            d.body_min_rate,
+            1..=usize::MAX,
+        )?,
+        max_buffered_bytes: t.size(
+            "max_buffered_bytes",
+            raw.max_buffered_bytes,
+            d.max_buffered_bytes,
+            0..=usize::MAX,
+        )?,
     })
 }
 

@@ -30,11 +30,11 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use self::body::{Body, RequestBody};
+use self::body::{Body, BufferBudget, Pace, Paced, RequestBody};
 use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use self::upstream::HttpClient;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Limits};
 use crate::error::ProxyError;
 use crate::metrics::{ClientMetrics, RetryOutcome};
 use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
@@ -54,6 +54,8 @@ pub struct ClientRuntime {
     unauthorized: Vec<StatusCode>,
     idempotency_headers: Vec<HeaderName>,
     replay_non_idempotent: bool,
+    pace: Pace,
+    budget: Arc<BufferBudget>,
     /// The client's token.
     pub token: TokenHandle,
     metrics: ClientMetrics,
@@ -63,9 +65,12 @@ pub struct ClientRuntime {
 }
 
 impl ClientRuntime {
-    /// The runtime view of `config`, using `token` and `metrics`.
+    /// The runtime view of `config`, using `token` and `metrics`; request bodies
+    /// are paced by `limits` and buffered for replay within `budget`.
     pub fn new(
         config: &ClientConfig,
+        limits: &Limits,
+        budget: Arc<BufferBudget>,
         token: TokenHandle,
         metrics: ClientMetrics,
         http: HttpClient,
@@ -94,6 +99,11 @@ impl ClientRuntime {
             unauthorized: config.unauthorized_status.clone(),
             idempotency_headers: config.idempotency_headers.clone(),
             replay_non_idempotent: config.replay_non_idempotent,
+            pace: Pace {
+                idle: limits.body_timeout,
+                min_rate: u64::try_from(limits.body_min_rate).unwrap_or(u64::MAX),
+            },
+            budget,
             token,
             metrics,
             http,
@@ -284,9 +294,19 @@ async fn forward(
         headers: parts.headers,
     };
 
-    let body = RequestBody::read(incoming, client.retry_body_limit)
-        .await
-        .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?;
+    let body = RequestBody::read(
+        Paced::new(incoming, client.pace),
+        client.retry_body_limit,
+        &client.budget,
+    )
+    .await
+    .map_err(|e| {
+        if body::is_body_timeout(e.as_ref()) {
+            ProxyError::BodyTimeout(e.to_string())
+        } else {
+            ProxyError::BadRequest(format!("cannot read the request body: {e}"))
+        }
+    })?;
 
     let token = take_token(client, exchange).await?;
     // In the template too, so that each copy only replaces the value (a copy has no
@@ -295,7 +315,7 @@ async fn forward(
         .headers
         .insert(client.inject_header.clone(), token.header.clone());
     match body {
-        RequestBody::Buffered(bytes) => {
+        RequestBody::Buffered(bytes, _reservation) => {
             let first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
             exchange.upstream_status = Some(first.status().as_u16());
             if !client.is_unauthorized(first.status()) {
@@ -470,17 +490,28 @@ async fn send_once(
     let sent = match &client.pool {
         Some(pool) => tokio::time::timeout(client.timeout, pool.send(req))
             .await
-            .map(|r| r.map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))),
+            .map(|r| {
+                r.map_err(|e| {
+                    let slow_body = body::is_body_timeout(&e);
+                    (e.is_connect(), slow_body, crate::token::error_chain(&e))
+                })
+            }),
         None => tokio::time::timeout(client.timeout, http.request(req))
             .await
             .map(|r| {
-                r.map(|response| response.map(body::incoming))
-                    .map_err(|e| (e.is_connect(), crate::token::error_chain(&e)))
+                r.map(|response| response.map(body::incoming)).map_err(|e| {
+                    let slow_body = body::is_body_timeout(&e);
+                    (e.is_connect(), slow_body, crate::token::error_chain(&e))
+                })
             }),
     };
     let response = match sent {
         Ok(Ok(response)) => response,
-        Ok(Err((is_connect, detail))) => {
+        Ok(Err((_, true, detail))) => {
+            // The app's body stalled while it streamed upstream: the app's fault.
+            return Err(Failure::Other(ProxyError::BodyTimeout(detail)));
+        }
+        Ok(Err((is_connect, false, detail))) => {
             let error = ProxyError::UpstreamUnreachable {
                 upstream: client.upstream_display.clone(),
                 detail,
