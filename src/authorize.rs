@@ -301,7 +301,9 @@ pub async fn authorize(
                 StoreConfig::File(f) => format!("the file store {}", f.path.display()),
                 StoreConfig::Redis(r) => format!(
                     "the redis store {} ({}:{}:token)",
-                    r.display_url, r.key_prefix, client_name
+                    r.display_url,
+                    r.key_prefix,
+                    client_store.record_name()
                 ),
                 StoreConfig::Memory => String::new(),
             };

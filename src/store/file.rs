@@ -1,4 +1,5 @@
-//! `kind = "file"`: one JSON file holding every client's sealed record.
+//! `kind = "file"`: one JSON file holding every client's sealed record, each
+//! under `CLIENT:IDENTITY` (earlier versions: under `CLIENT`).
 //!
 //! A write reads the file, replaces one client's entry and writes the whole file
 //! to a temporary file in the same directory (mode 0600), fsyncs it, renames it
@@ -61,15 +62,62 @@ impl FileBackend {
         })
     }
 
-    pub(crate) async fn load(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
+    pub(crate) async fn load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
         let path = Arc::clone(&self.path);
-        let client = client.to_owned();
-        blocking(move || Ok(read_document(&path)?.clients.remove(&client))).await
+        let key = key.to_owned();
+        blocking(move || Ok(read_document(&path)?.clients.remove(&key))).await
     }
 
-    pub(crate) async fn save(&self, client: &str, envelope: Envelope) -> Result<Saved, StoreError> {
+    /// The record names and account hashes of every record of client `name`.
+    pub(crate) async fn accounts(&self, name: &str) -> Result<Vec<(String, String)>, StoreError> {
         let path = Arc::clone(&self.path);
-        let client = client.to_owned();
+        let prefix = format!("{name}:");
+        blocking(move || {
+            Ok(read_document(&path)?
+                .clients
+                .into_iter()
+                .filter(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, envelope)| (key, envelope.account))
+                .collect())
+        })
+        .await
+    }
+
+    /// Moves `legacy` (as read under `legacy_key`) to `key` as `envelope`, in
+    /// one write, unless `key` holds a record or `legacy_key` changed since.
+    pub(crate) async fn take_over(
+        &self,
+        legacy_key: &str,
+        legacy: &Envelope,
+        key: &str,
+        envelope: Envelope,
+    ) -> Result<bool, StoreError> {
+        let path = Arc::clone(&self.path);
+        let (legacy_key, key) = (legacy_key.to_owned(), key.to_owned());
+        let (generation, data) = (legacy.generation, legacy.data.clone());
+        blocking(move || {
+            let _lock = lock(&path)?;
+            let mut doc = read_document(&path)?;
+            let unchanged = doc
+                .clients
+                .get(&legacy_key)
+                .is_some_and(|cur| cur.generation == generation && cur.data == data);
+            if !unchanged || doc.clients.contains_key(&key) {
+                return Ok(false);
+            }
+            doc.clients.remove(&legacy_key);
+            doc.clients.insert(key, envelope);
+            doc.format = FORMAT.to_owned();
+            doc.version = 1;
+            write_atomically(&path, &doc)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub(crate) async fn save(&self, key: &str, envelope: Envelope) -> Result<Saved, StoreError> {
+        let path = Arc::clone(&self.path);
+        let client = key.to_owned();
         blocking(move || {
             let _lock = lock(&path)?;
             let mut doc = read_document(&path)?;
@@ -184,6 +232,7 @@ mod tests {
         Envelope {
             generation,
             binding: "b".into(),
+            account: String::new(),
             data: format!("sealed-{generation}"),
         }
     }
