@@ -268,3 +268,56 @@ async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a
     fifth.shutdown().await;
     assert_eq!(s.provider.token_requests(), requests + 1);
 }
+
+/// Security review (low): a record with generation 2^64-1 (edited, so it no
+/// longer opens) used to wrap the generation counter and stop all
+/// persistence. Its generation is not trusted: the next state replaces it,
+/// and a restart adopts that state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_the_largest_generation_does_not_stop_persistence() {
+    let s = Setup::new(
+        "max-generation",
+        ProviderConfig {
+            lifetime: Duration::from_secs(300),
+            ..ProviderConfig::default()
+        },
+    )
+    .await;
+    let config = s.config(KEY_A, support::CLIENT_ID, "");
+    let http = TestClient::new();
+    let (first, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    first.shutdown().await;
+
+    let mut doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    let name = doc["clients"]
+        .as_object()
+        .and_then(|c| c.keys().next().cloned())
+        .expect("one record");
+    doc["clients"][&name]["generation"] = serde_json::json!(u64::MAX);
+    std::fs::write(&s.path, doc.to_string()).unwrap();
+
+    let (second, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    second.shutdown().await;
+    assert_eq!(
+        s.provider.token_requests(),
+        2,
+        "the edited record is not used"
+    );
+    let doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    assert_ne!(
+        doc["clients"][&name]["generation"].as_u64(),
+        Some(u64::MAX),
+        "the new state should have replaced the record that did not open"
+    );
+
+    let (third, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    third.shutdown().await;
+    assert_eq!(
+        s.provider.token_requests(),
+        2,
+        "a restart should adopt the state written after the edited record"
+    );
+}

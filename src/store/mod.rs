@@ -34,7 +34,7 @@ mod redis;
 mod seal;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -84,8 +84,9 @@ pub struct Record {
 /// The result of a read.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// The highest generation seen under the client's key, including a record
-    /// that was ignored; a new write must be above it.
+    /// The generation of the client's record when it opened, else 0: the
+    /// generation of a record that does not open (another key, damaged,
+    /// forged) is not trusted, and the next write replaces that record.
     pub generation: u64,
     /// The record, when there is one this client can use.
     pub record: Option<Record>,
@@ -101,6 +102,25 @@ pub enum Saved {
         /// The generation the store holds.
         generation: u64,
     },
+}
+
+/// The generation after `generation`; an error at the end of the range (only
+/// a record sealed with the store key can carry it).
+pub fn next_generation(generation: u64) -> Result<u64, StoreError> {
+    generation.checked_add(1).ok_or_else(|| {
+        StoreError::Io(
+            "the stored generation is at its maximum (2^64-1); delete the client's record to start again"
+                .to_owned(),
+        )
+    })
+}
+
+/// A record under the client's name that did not open, as read: a write may
+/// replace it whatever its generation, while it is still there unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Unopened {
+    pub(crate) generation: u64,
+    pub(crate) data: String,
 }
 
 /// A held right to refresh one client's token (Redis); local stores always grant one.
@@ -153,6 +173,7 @@ impl Store {
             identity: Arc::new(identity),
             last_warned: Arc::new(AtomicU64::new(u64::MAX)),
             looked_for_other_chains: Arc::new(AtomicBool::new(false)),
+            unopened: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -178,6 +199,8 @@ pub struct ClientStore {
     last_warned: Arc<AtomicU64>,
     /// Whether other chains of this account were looked for (once per process).
     looked_for_other_chains: Arc<AtomicBool>,
+    /// The record last read under the client's name, when it did not open.
+    unopened: Arc<Mutex<Option<Unopened>>>,
 }
 
 impl ClientStore {
@@ -213,9 +236,15 @@ impl ClientStore {
                 }
             },
         };
-        let generation = envelope.generation;
         let record = self.open(envelope);
+        let generation = record.as_ref().map_or(0, |r| r.generation);
         Ok(Loaded { generation, record })
+    }
+
+    fn set_unopened(&self, value: Option<Unopened>) {
+        if let Ok(mut u) = self.unopened.lock() {
+            *u = value;
+        }
     }
 
     async fn backend_load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
@@ -326,11 +355,16 @@ impl ClientStore {
             account: self.identity.account.clone(),
             data,
         };
-        match &*self.store.backend {
+        let replace = self.unopened.lock().ok().and_then(|u| u.clone());
+        let saved = match &*self.store.backend {
             Backend::Memory => Ok(Saved::Written),
-            Backend::File(f) => f.save(&self.key, envelope).await,
-            Backend::Redis(r) => r.save(&self.key, &envelope).await,
+            Backend::File(f) => f.save(&self.key, envelope, replace).await,
+            Backend::Redis(r) => r.save(&self.key, &envelope, replace.as_ref()).await,
+        };
+        if matches!(saved, Ok(Saved::Written)) {
+            self.set_unopened(None);
         }
+        saved
     }
 
     /// Tries to become the one process that refreshes this client, for `ttl`.
@@ -365,6 +399,10 @@ impl ClientStore {
     fn open(&self, envelope: Envelope) -> Option<Record> {
         let sealer = self.store.sealer.as_ref()?;
         let generation = envelope.generation;
+        let unopened = Unopened {
+            generation,
+            data: envelope.data.clone(),
+        };
         let problem = if envelope.binding != self.identity.binding {
             "it was written for another credential identity"
         } else {
@@ -372,10 +410,11 @@ impl ClientStore {
                 None => "it does not decrypt with the configured key (another key, or corrupted)",
                 Some(text) => match serde_json::from_slice::<Plain>(&text) {
                     Ok(plain) => {
+                        self.set_unopened(None);
                         return Some(Record {
                             generation,
                             state: plain.into_state(),
-                        })
+                        });
                     }
                     Err(_) => "its content is not a token state",
                 },
@@ -385,6 +424,7 @@ impl ClientStore {
             warn!(client = %self.name, store = self.kind(), generation,
                 "ignoring the stored token state: {problem}; it will be replaced by the next token");
         }
+        self.set_unopened(Some(unopened));
         None
     }
 }
@@ -716,7 +756,7 @@ client_secret = "s3cret"
             data: sealer.seal(&binding, generation, &text),
         };
         assert_eq!(
-            f.save(&client.name, envelope).await.unwrap(),
+            f.save(&client.name, envelope, None).await.unwrap(),
             Saved::Written
         );
     }

@@ -19,15 +19,21 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
 
-use super::{Envelope, Saved, StoreError};
+use super::{Envelope, Saved, StoreError, Unopened};
 use crate::config::RedisStoreConfig;
 
 /// Longest time one Redis command may take, connecting included.
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// ARGV[5] and ARGV[6], when set, name a record that did not open (generation
+/// and data as read): it is replaced whatever its generation. Generations
+/// are compared as text where they must be equal, since Lua numbers are
+/// doubles.
 const SAVE: &str = r"
-local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
-if cur >= tonumber(ARGV[1]) then return cur end
+local raw = redis.call('HGET', KEYS[1], 'generation')
+local replace = ARGV[5] ~= '' and raw == ARGV[5] and redis.call('HGET', KEYS[1], 'data') == ARGV[6]
+local cur = tonumber(raw or '0')
+if cur >= tonumber(ARGV[1]) and not replace then return cur end
 redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'account', ARGV[3], 'data', ARGV[4])
 return -1
 ";
@@ -257,6 +263,7 @@ impl RedisBackend {
         &self,
         client: &str,
         envelope: &Envelope,
+        replace: Option<&Unopened>,
     ) -> Result<Saved, StoreError> {
         let mut conn = self.manager.clone();
         let key = self.key(client, "token");
@@ -265,7 +272,13 @@ impl RedisBackend {
             .arg(envelope.generation)
             .arg(&envelope.binding)
             .arg(&envelope.account)
-            .arg(&envelope.data);
+            .arg(&envelope.data)
+            .arg(
+                replace
+                    .map(|r| r.generation.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(replace.map(|r| r.data.as_str()).unwrap_or_default());
         let answer: i64 = self
             .run("write", invocation.invoke_async(&mut conn))
             .await?;
