@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::clock::SystemClock;
 use crate::config::{ClientConfig, Config, StoreConfig};
 use crate::secret::Secret;
-use crate::store::{Record, Saved, Store, StoreError, TokenState};
+use crate::store::{next_generation, Record, Saved, Store, StoreError, TokenState};
 use crate::token::{TokenEndpoint, TokenError};
 
 /// How the command runs.
@@ -277,7 +277,7 @@ pub async fn authorize(
         other => {
             let store = Store::open(other)?;
             let client_store = store.client(client);
-            let mut generation = client_store.load().await?.generation + 1;
+            let mut generation = next_generation(client_store.load().await?.generation)?;
             let mut attempts = 0;
             loop {
                 let record = Record {
@@ -288,7 +288,7 @@ pub async fn authorize(
                     Saved::Written => break,
                     Saved::Stale { generation: theirs } if attempts < 3 => {
                         attempts += 1;
-                        generation = theirs + 1;
+                        generation = next_generation(theirs)?;
                     }
                     Saved::Stale { .. } => {
                         return Err(AuthorizeError::Store(StoreError::Io(
@@ -301,7 +301,9 @@ pub async fn authorize(
                 StoreConfig::File(f) => format!("the file store {}", f.path.display()),
                 StoreConfig::Redis(r) => format!(
                     "the redis store {} ({}:{}:token)",
-                    r.display_url, r.key_prefix, client_name
+                    r.display_url,
+                    r.key_prefix,
+                    client_store.record_name()
                 ),
                 StoreConfig::Memory => String::new(),
             };

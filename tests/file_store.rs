@@ -1,6 +1,6 @@
 //! `[store] kind = "file"`: token state survives a restart, encrypted at rest;
-//! state from another key, another client or damaged on disk is ignored with a
-//! warning and never sent to the provider.
+//! state from another key or damaged on disk is ignored with a warning, state
+//! of another client id is never seen, and neither is sent to the provider.
 
 mod support;
 
@@ -224,17 +224,27 @@ async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a
         logs.text()
     );
 
-    // Another client id, same key: the record is bound to the first client.
+    // Another client id, same key: the record is stored under the first
+    // client's identity, so the other one neither sees nor replaces it.
+    let before: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    let stored = before["clients"].as_object().expect("clients").clone();
+    assert_eq!(stored.len(), 1, "one record: {stored:?}");
+    let (record_name, record) = stored.iter().next().unwrap();
+    assert!(record_name.starts_with("payments:"), "{record_name}");
     let (third, url) = s.start(&s.config(KEY_B, "another-client", "")).await;
+    // The mock provider knows only one client; what matters is that the
+    // stored token was not used for the other client.
     let r = http.get(&url).await;
-    // The mock provider knows only one client; what matters is the warning and
-    // that the stored token was not used for the other client.
-    let _ = r;
+    assert_ne!(
+        r.status,
+        StatusCode::OK,
+        "the other client was served a token"
+    );
     third.shutdown().await;
-    assert!(
-        logs.text().contains("written for another client id"),
-        "{}",
-        logs.text()
+    let after: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    assert_eq!(
+        &after["clients"][record_name], record,
+        "the first client's record should be left as it was"
     );
 
     // Damaged ciphertext.
@@ -243,18 +253,71 @@ async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a
     fourth.shutdown().await;
     let requests = s.provider.token_requests();
     let mut doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
-    let data = doc["clients"]["payments"]["data"]
+    let data = doc["clients"][record_name]["data"]
         .as_str()
         .unwrap()
         .to_owned();
     let mut bytes: Vec<u8> = data.into_bytes();
     let mid = bytes.len() / 2;
     bytes[mid] = if bytes[mid] == b'A' { b'B' } else { b'A' };
-    doc["clients"]["payments"]["data"] =
+    doc["clients"][record_name]["data"] =
         serde_json::Value::String(String::from_utf8(bytes).unwrap());
     std::fs::write(&s.path, doc.to_string()).unwrap();
     let (fifth, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
     get_ok(&http, &url).await;
     fifth.shutdown().await;
     assert_eq!(s.provider.token_requests(), requests + 1);
+}
+
+/// Security review (low): a record with generation 2^64-1 (edited, so it no
+/// longer opens) used to wrap the generation counter and stop all
+/// persistence. Its generation is not trusted: the next state replaces it,
+/// and a restart adopts that state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_the_largest_generation_does_not_stop_persistence() {
+    let s = Setup::new(
+        "max-generation",
+        ProviderConfig {
+            lifetime: Duration::from_secs(300),
+            ..ProviderConfig::default()
+        },
+    )
+    .await;
+    let config = s.config(KEY_A, support::CLIENT_ID, "");
+    let http = TestClient::new();
+    let (first, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    first.shutdown().await;
+
+    let mut doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    let name = doc["clients"]
+        .as_object()
+        .and_then(|c| c.keys().next().cloned())
+        .expect("one record");
+    doc["clients"][&name]["generation"] = serde_json::json!(u64::MAX);
+    std::fs::write(&s.path, doc.to_string()).unwrap();
+
+    let (second, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    second.shutdown().await;
+    assert_eq!(
+        s.provider.token_requests(),
+        2,
+        "the edited record is not used"
+    );
+    let doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    assert_ne!(
+        doc["clients"][&name]["generation"].as_u64(),
+        Some(u64::MAX),
+        "the new state should have replaced the record that did not open"
+    );
+
+    let (third, url) = s.start(&config).await;
+    get_ok(&http, &url).await;
+    third.shutdown().await;
+    assert_eq!(
+        s.provider.token_requests(),
+        2,
+        "a restart should adopt the state written after the edited record"
+    );
 }

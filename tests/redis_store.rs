@@ -297,6 +297,17 @@ timeout = "2s"
     }
 }
 
+/// The Redis key `test:payments:IDENTITY:WHAT` of the one configured identity.
+async fn record_key(redis: &mut redis::aio::MultiplexedConnection, what: &str) -> Option<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("test:payments:*:{what}"))
+        .query_async(redis)
+        .await
+        .expect("KEYS");
+    assert!(keys.len() <= 1, "one identity, one {what}: {keys:?}");
+    keys.into_iter().next()
+}
+
 fn rotating(lifetime: Duration) -> ProviderConfig {
     ProviderConfig {
         lifetime,
@@ -359,17 +370,19 @@ async fn a_killed_leader_is_replaced_within_the_lease_time() {
     )
     .await;
     let mut redis = fleet.redis.connection().await;
-    let lease_key = "test:payments:lease";
     let before = fleet.provider.token_requests();
     // The next refresh (about 5 s after start) hangs at the provider.
     fleet.provider.set_fault(Fault::Hang);
     let deadline = Instant::now() + Duration::from_secs(10);
     let leader_pid = loop {
-        let holder: Option<String> = redis::cmd("GET")
-            .arg(lease_key)
-            .query_async(&mut redis)
-            .await
-            .expect("GET");
+        let holder: Option<String> = match record_key(&mut redis, "lease").await {
+            Some(lease_key) => redis::cmd("GET")
+                .arg(lease_key)
+                .query_async(&mut redis)
+                .await
+                .expect("GET"),
+            None => None,
+        };
         if let Some(holder) = holder {
             if fleet.provider.token_requests() > before {
                 break holder
@@ -468,8 +481,11 @@ async fn a_redis_outage_is_ridden_out_in_memory_and_reconciled() {
         returned_at.elapsed()
     );
     let mut redis = fleet.redis.connection().await;
+    let token_key = record_key(&mut redis, "token")
+        .await
+        .expect("a token record under the client's identity");
     let generation: Option<u64> = redis::cmd("HGET")
-        .arg("test:payments:token")
+        .arg(token_key)
         .arg("generation")
         .query_async(&mut redis)
         .await
@@ -657,4 +673,89 @@ client_secret = "${{CLIENT_SECRET}}"
     second.shutdown().await;
     third.shutdown().await;
     drop(redis);
+}
+
+/// Security review finding 10: two deployments of client `payments` that
+/// differ only in `params.audience` share one Redis (same key prefix, same
+/// store key): each gets its own token, neither serves the other's, and a
+/// restart of each adopts its own stored token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_differing_in_audience_sharing_redis_never_serve_each_others_token() {
+    let dir = temp_dir("binding");
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let redis = Redis::start(dir);
+    let config = |audience: &str| {
+        format!(
+            r#"
+[admin]
+listen = "{{admin}}"
+
+[store]
+kind = "redis"
+url = "{redis}"
+key_prefix = "test"
+key = "{KEY}"
+
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{upstream}"
+token_wait_timeout = "5s"
+
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+params = {{ audience = "{audience}" }}
+"#,
+            redis = redis.url(),
+            upstream = api.url(),
+            token_url = provider.token_url(),
+        )
+    };
+    let http = TestClient::new();
+    let serial = |proxy: SocketAddr| {
+        let http = http.clone();
+        let api = &api;
+        async move {
+            let r = http.get(&format!("http://{proxy}/api/v1/payments")).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            api.recorded()
+                .last()
+                .and_then(|r| r.token_serial)
+                .expect("a token the provider issued")
+        }
+    };
+    let (staging, staging_proxy, _) = support::start_sidecar(&config("payments-staging")).await;
+    let staging_serial = serial(staging_proxy).await;
+    assert_eq!(provider.token_requests(), 1);
+
+    let (prod, prod_proxy, _) = support::start_sidecar(&config("payments-prod")).await;
+    let prod_serial = serial(prod_proxy).await;
+    assert_eq!(
+        provider.token_requests(),
+        2,
+        "the prod deployment should have asked for its own token, not taken the staging one from Redis"
+    );
+    assert_ne!(prod_serial, staging_serial, "prod served staging's token");
+    assert_eq!(serial(staging_proxy).await, staging_serial);
+    staging.shutdown().await;
+    prod.shutdown().await;
+
+    let (staging, staging_proxy, _) = support::start_sidecar(&config("payments-staging")).await;
+    let (prod, prod_proxy, _) = support::start_sidecar(&config("payments-prod")).await;
+    assert_eq!(serial(staging_proxy).await, staging_serial);
+    assert_eq!(serial(prod_proxy).await, prod_serial);
+    assert_eq!(
+        provider.token_requests(),
+        2,
+        "each restarted deployment should have adopted its own stored token"
+    );
+    staging.shutdown().await;
+    prod.shutdown().await;
 }

@@ -1,4 +1,5 @@
-//! `kind = "file"`: one JSON file holding every client's sealed record.
+//! `kind = "file"`: one JSON file holding every client's sealed record, each
+//! under `CLIENT:IDENTITY` (earlier versions: under `CLIENT`).
 //!
 //! A write reads the file, replaces one client's entry and writes the whole file
 //! to a temporary file in the same directory (mode 0600), fsyncs it, renames it
@@ -6,6 +7,14 @@
 //! new one, never a mix. An exclusive lock on `PATH.lock` serializes writers
 //! across processes (the sidecar and a `tokenproxy` command writing the same
 //! file); entries of clients not in the current configuration are kept.
+//!
+//! The directory must not be writable by other users (unless sticky), the
+//! temporary file gets a random name and is created exclusively, and neither it
+//! nor the lock file is opened through a symbolic link: nobody else can make a
+//! write land elsewhere. A file that is not a state file (damaged, or another
+//! program's) is moved aside to `PATH.corrupt-SECONDS-RANDOM`, never
+//! overwritten, and an error is logged; a state file of a newer format version
+//! is left alone and writes to it are refused.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -14,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{error, warn};
 
-use super::{Envelope, Saved, StoreError};
+use super::{Envelope, Saved, StoreError, Unopened};
 
 const FORMAT: &str = "tokenproxy-token-state";
+const VERSION: u32 = 1;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Document {
@@ -27,16 +37,26 @@ struct Document {
     clients: BTreeMap<String, Envelope>,
 }
 
+/// What is in the file.
+enum Content {
+    Document(Document),
+    /// Not a state file at all: moved aside under the lock.
+    Unusable(String),
+    /// A state file of another format version: neither used nor overwritten.
+    OtherVersion(u32),
+}
+
 pub(crate) struct FileBackend {
     path: Arc<PathBuf>,
 }
 
 impl FileBackend {
-    /// Checks that the file's directory exists; the file itself may not yet.
+    /// Checks the file's directory (it exists and only this user or group can
+    /// write it) and moves an unusable file aside; the file itself may not exist yet.
     pub(crate) fn open(path: &Path) -> Result<FileBackend, StoreError> {
         let dir = parent(path);
         match fs::metadata(dir) {
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => check_directory(dir, &m)?,
             Ok(_) => {
                 return Err(StoreError::Io(format!(
                     "store.path: {} is not a directory",
@@ -56,32 +76,91 @@ impl FileBackend {
                 path.display()
             )));
         }
+        // Say so at the start when the file is damaged, not at the first write.
+        read_document(path)?;
         Ok(FileBackend {
             path: Arc::new(path.to_path_buf()),
         })
     }
 
-    pub(crate) async fn load(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
+    pub(crate) async fn load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
         let path = Arc::clone(&self.path);
-        let client = client.to_owned();
-        blocking(move || Ok(read_document(&path)?.clients.remove(&client))).await
+        let key = key.to_owned();
+        blocking(move || Ok(read_document(&path)?.clients.remove(&key))).await
+    }
+    /// The record names and account hashes of every record of client `name`.
+    pub(crate) async fn accounts(&self, name: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let path = Arc::clone(&self.path);
+        let prefix = format!("{name}:");
+        blocking(move || {
+            Ok(read_document(&path)?
+                .clients
+                .into_iter()
+                .filter(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, envelope)| (key, envelope.account))
+                .collect())
+        })
+        .await
     }
 
-    pub(crate) async fn save(&self, client: &str, envelope: Envelope) -> Result<Saved, StoreError> {
+    /// Moves `legacy` (as read under `legacy_key`) to `key` as `envelope`, in
+    /// one write, unless `key` holds a record or `legacy_key` changed since.
+    pub(crate) async fn take_over(
+        &self,
+        legacy_key: &str,
+        legacy: &Envelope,
+        key: &str,
+        envelope: Envelope,
+    ) -> Result<bool, StoreError> {
         let path = Arc::clone(&self.path);
-        let client = client.to_owned();
+        let (legacy_key, key) = (legacy_key.to_owned(), key.to_owned());
+        let (generation, data) = (legacy.generation, legacy.data.clone());
         blocking(move || {
             let _lock = lock(&path)?;
-            let mut doc = read_document(&path)?;
+            let mut doc = read_document_locked(&path)?;
+            let unchanged = doc
+                .clients
+                .get(&legacy_key)
+                .is_some_and(|cur| cur.generation == generation && cur.data == data);
+            if !unchanged || doc.clients.contains_key(&key) {
+                return Ok(false);
+            }
+            doc.clients.remove(&legacy_key);
+            doc.clients.insert(key, envelope);
+            doc.format = FORMAT.to_owned();
+            doc.version = VERSION;
+            write_atomically(&path, &doc)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Writes `envelope` unless the file holds its generation or a newer one;
+    /// `replace` names a record that did not open, which is overwritten whatever
+    /// its generation while it is still there unchanged.
+    pub(crate) async fn save(
+        &self,
+        key: &str,
+        envelope: Envelope,
+        replace: Option<Unopened>,
+    ) -> Result<Saved, StoreError> {
+        let path = Arc::clone(&self.path);
+        let client = key.to_owned();
+        blocking(move || {
+            let _lock = lock(&path)?;
+            let mut doc = read_document_locked(&path)?;
             if let Some(cur) = doc.clients.get(&client) {
-                if cur.generation >= envelope.generation {
+                let replaceable = replace
+                    .as_ref()
+                    .is_some_and(|r| r.generation == cur.generation && r.data == cur.data);
+                if cur.generation >= envelope.generation && !replaceable {
                     return Ok(Saved::Stale {
                         generation: cur.generation,
                     });
                 }
             }
             doc.format = FORMAT.to_owned();
-            doc.version = 1;
+            doc.version = VERSION;
             doc.clients.insert(client, envelope);
             write_atomically(&path, &doc)?;
             Ok(Saved::Written)
@@ -109,62 +188,153 @@ fn io_error(what: &str, path: &Path, e: &io::Error) -> StoreError {
     StoreError::Io(format!("{what} {}: {e}", path.display()))
 }
 
-/// The document; a missing file is empty, an unreadable one is reported and
-/// treated as empty (its records cannot be used; the next write replaces it).
-fn read_document(path: &Path) -> Result<Document, StoreError> {
+/// Refuses a directory other users can write to (without the sticky bit):
+/// they could plant or replace the state, temporary or lock file. A directory
+/// writable by the process's own group is accepted (Kubernetes `fsGroup`).
+#[cfg(unix)]
+fn check_directory(dir: &Path, meta: &fs::Metadata) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let mode = meta.permissions().mode();
+    if mode & 0o1000 != 0 {
+        return Ok(());
+    }
+    let world = mode & 0o002 != 0;
+    let foreign_group = mode & 0o020 != 0 && meta.gid() != rustix::process::getegid().as_raw();
+    if world || foreign_group {
+        let who = if world { "every user" } else { "another group" };
+        return Err(StoreError::Io(format!(
+            "store.path: directory {} is writable by {who} (mode {:o}) without the sticky bit; another user could plant files there: make it writable only by tokenproxy's user (chmod 700)",
+            dir.display(),
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_directory(_dir: &Path, _meta: &fs::Metadata) -> Result<(), StoreError> {
+    Ok(())
+}
+
+fn read_content(path: &Path) -> Result<Content, StoreError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Document::default()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Content::Document(Document::default()))
+        }
         Err(e) => return Err(io_error("cannot read", path, &e)),
     };
-    match serde_json::from_slice::<Document>(&bytes) {
-        Ok(doc) if doc.format == FORMAT && doc.version == 1 => Ok(doc),
-        Ok(doc) => {
-            warn!(path = %path.display(), format = %doc.format, version = doc.version,
-                "ignoring the token state file: not a tokenproxy state file of version 1");
+    Ok(match serde_json::from_slice::<Document>(&bytes) {
+        Ok(doc) if doc.format == FORMAT && doc.version == VERSION => Content::Document(doc),
+        Ok(doc) if doc.format == FORMAT => Content::OtherVersion(doc.version),
+        Ok(doc) => Content::Unusable(format!("its format is {:?}", doc.format)),
+        Err(e) => Content::Unusable(format!("it is not a state file: {e}")),
+    })
+}
+
+/// The document for reading; a missing file is empty. An unusable one is
+/// moved aside (under the lock); one of another version reads as empty.
+fn read_document(path: &Path) -> Result<Document, StoreError> {
+    match read_content(path)? {
+        Content::Document(doc) => Ok(doc),
+        Content::OtherVersion(version) => {
+            warn!(path = %path.display(), version,
+                "ignoring the token state file: it was written by another version of tokenproxy (format version {version}, this one reads {VERSION}); it is left as it is");
             Ok(Document::default())
         }
-        Err(e) => {
-            warn!(path = %path.display(), error = %e,
-                "ignoring the token state file: it is not valid JSON; the next write replaces it");
+        Content::Unusable(_) => {
+            let _lock = lock(path)?;
+            read_document_locked(path)
+        }
+    }
+}
+
+/// The document for a write, with the lock held: an unusable file is moved
+/// aside first; one of another version is not overwritten.
+fn read_document_locked(path: &Path) -> Result<Document, StoreError> {
+    match read_content(path)? {
+        Content::Document(doc) => Ok(doc),
+        Content::OtherVersion(version) => Err(StoreError::Io(format!(
+            "store.path: {} was written by another version of tokenproxy (format version {version}, this one writes {VERSION}); refusing to overwrite it",
+            path.display()
+        ))),
+        Content::Unusable(problem) => {
+            let aside = set_aside(path)?;
+            error!(path = %path.display(), moved_to = %aside.display(), problem = %problem,
+                "the token state file is damaged or not a tokenproxy state file; it was moved aside unchanged and every client starts without stored state (restore the records from the moved file if they matter)");
             Ok(Document::default())
         }
     }
+}
+
+/// Renames the file to `PATH.corrupt-SECONDS-RANDOM`.
+fn set_aside(path: &Path) -> Result<PathBuf, StoreError> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{secs}-{:08x}", fastrand::u32(..)));
+    let aside = PathBuf::from(aside);
+    fs::rename(path, &aside).map_err(|e| io_error("cannot move aside", path, &e))?;
+    Ok(aside)
 }
 
 fn lock(path: &Path) -> Result<File, StoreError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
-    let file =
-        open_private(&lock_path, false).map_err(|e| io_error("cannot open", &lock_path, &e))?;
+    let mut options = private_options();
+    options.write(true).create(true);
+    let file = options
+        .open(&lock_path)
+        .map_err(|e| open_error(&lock_path, &e))?;
     file.lock()
         .map_err(|e| io_error("cannot lock", &lock_path, &e))?;
     Ok(file)
 }
 
-fn open_private(path: &Path, truncate: bool) -> io::Result<File> {
+/// Mode 0600, and a symbolic link at the name is an error, never followed.
+fn private_options() -> OpenOptions {
     let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(truncate);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
+        options
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
-    options.open(path)
+    options
+}
+
+fn open_error(path: &Path, e: &io::Error) -> StoreError {
+    #[cfg(unix)]
+    if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+        return StoreError::Io(format!(
+            "cannot open {}: it is a symbolic link, which is not followed",
+            path.display()
+        ));
+    }
+    io_error("cannot open", path, e)
 }
 
 fn write_atomically(path: &Path, doc: &Document) -> Result<(), StoreError> {
     let text = serde_json::to_vec_pretty(doc)
         .map_err(|e| StoreError::Io(format!("cannot encode the state file: {e}")))?;
+    // A name nobody can guess, created only if nothing (not even a link) is there.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
+    tmp.push(format!(
+        ".tmp.{}.{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
     let tmp = PathBuf::from(tmp);
+    let mut options = private_options();
+    options.write(true).create_new(true);
+    let mut file = options.open(&tmp).map_err(|e| open_error(&tmp, &e))?;
     let result = (|| {
-        let mut file = open_private(&tmp, true)?;
         file.write_all(&text)?;
         file.sync_all()?;
-        drop(file);
         fs::rename(&tmp, path)?;
         #[cfg(unix)]
         File::open(parent(path))?.sync_all()?;
@@ -184,6 +354,7 @@ mod tests {
         Envelope {
             generation,
             binding: "b".into(),
+            account: String::new(),
             data: format!("sealed-{generation}"),
         }
     }
@@ -204,13 +375,22 @@ mod tests {
         let path = dir.join("tokens.json");
         let store = FileBackend::open(&path).unwrap();
         assert!(store.load("a").await.unwrap().is_none());
-        assert_eq!(store.save("a", envelope(1)).await.unwrap(), Saved::Written);
-        assert_eq!(store.save("b", envelope(5)).await.unwrap(), Saved::Written);
         assert_eq!(
-            store.save("a", envelope(1)).await.unwrap(),
+            store.save("a", envelope(1), None).await.unwrap(),
+            Saved::Written
+        );
+        assert_eq!(
+            store.save("b", envelope(5), None).await.unwrap(),
+            Saved::Written
+        );
+        assert_eq!(
+            store.save("a", envelope(1), None).await.unwrap(),
             Saved::Stale { generation: 1 }
         );
-        assert_eq!(store.save("a", envelope(2)).await.unwrap(), Saved::Written);
+        assert_eq!(
+            store.save("a", envelope(2), None).await.unwrap(),
+            Saved::Written
+        );
         assert_eq!(store.load("a").await.unwrap().unwrap().data, "sealed-2");
         assert_eq!(store.load("b").await.unwrap().unwrap().generation, 5);
         #[cfg(unix)]
@@ -228,14 +408,155 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn corrupt_files(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains(".corrupt-"))
+            .collect()
+    }
+
+    /// Security review (low): a damaged state file was silently replaced,
+    /// dropping every other client's refresh token. It is moved aside with its
+    /// bytes intact, and the next write goes to a new file.
     #[tokio::test]
-    async fn a_garbage_file_reads_as_empty_and_is_replaced_by_the_next_write() {
+    async fn a_damaged_state_file_is_moved_aside_unchanged_never_overwritten() {
         let dir = temp_dir("garbage");
         let path = dir.join("tokens.json");
-        fs::write(&path, b"\x00not json").unwrap();
+        let original = b"{\"format\": \"tokenproxy-token-state\", \"version\": 1, \"clients\": {\"other:1\": TRUNCATED";
+        fs::write(&path, original).unwrap();
+        let store = FileBackend::open(&path).unwrap();
+        let aside = corrupt_files(&dir);
+        assert_eq!(
+            aside.len(),
+            1,
+            "the damaged file should be moved aside at open"
+        );
+        assert!(store.load("a").await.unwrap().is_none());
+        assert_eq!(
+            store.save("a", envelope(1), None).await.unwrap(),
+            Saved::Written
+        );
+        assert_eq!(store.load("a").await.unwrap().unwrap().generation, 1);
+        assert_eq!(
+            fs::read(&aside[0]).unwrap(),
+            original,
+            "the moved-aside file should hold the original bytes"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A state file of another format version is neither used nor overwritten.
+    #[tokio::test]
+    async fn a_state_file_of_another_version_is_not_overwritten() {
+        let dir = temp_dir("version");
+        let path = dir.join("tokens.json");
+        let newer = br#"{"format": "tokenproxy-token-state", "version": 2, "clients": {}}"#;
+        fs::write(&path, newer).unwrap();
         let store = FileBackend::open(&path).unwrap();
         assert!(store.load("a").await.unwrap().is_none());
-        assert_eq!(store.save("a", envelope(1)).await.unwrap(), Saved::Written);
+        let err = store.save("a", envelope(1), None).await.unwrap_err();
+        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), newer);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Security review (low): the temporary file had a predictable name and
+    /// was opened through a symbolic link, so a write landed in the link's
+    /// target; the lock file likewise.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_symlink_at_the_temporary_or_lock_name_is_not_followed() {
+        let dir = temp_dir("symlink");
+        let path = dir.join("tokens.json");
+        let victim = dir.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let old_tmp = dir.join(format!("tokens.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &old_tmp).unwrap();
+        let store = FileBackend::open(&path).unwrap();
+        assert_eq!(
+            store.save("a", envelope(1), None).await.unwrap(),
+            Saved::Written
+        );
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"precious",
+            "the write followed the link"
+        );
+        assert!(
+            !fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the state file should be a regular file, not the planted link"
+        );
+
+        fs::remove_file(dir.join("tokens.json.lock")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("tokens.json.lock")).unwrap();
+        let err = store.save("a", envelope(2), None).await.unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Security review (low): a directory other users can write to lets them
+    /// plant files; it is refused at open unless sticky.
+    #[cfg(unix)]
+    #[test]
+    fn a_directory_writable_by_every_user_is_refused_unless_sticky() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = temp_dir("mode");
+        let path = dir.join("tokens.json");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = FileBackend::open(&path)
+            .err()
+            .expect("a 0777 directory is refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("store.path") && text.contains("writable by every user"),
+            "{text}"
+        );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(
+            FileBackend::open(&path).is_ok(),
+            "a sticky directory is accepted"
+        );
+        // Writable by the process's own group (Kubernetes fsGroup) is accepted.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(FileBackend::open(&path).is_ok(), "own group");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Security review (low): a record that does not open may carry any
+    /// generation, 2^64-1 included; a write naming it replaces it, while it is
+    /// still there unchanged.
+    #[tokio::test]
+    async fn a_record_that_does_not_open_is_replaced_whatever_its_generation() {
+        let dir = temp_dir("unopened");
+        let path = dir.join("tokens.json");
+        let store = FileBackend::open(&path).unwrap();
+        let forged = envelope(u64::MAX);
+        store.save("a", forged.clone(), None).await.unwrap();
+        let other = Unopened {
+            generation: u64::MAX,
+            data: "something else".into(),
+        };
+        assert_eq!(
+            store.save("a", envelope(1), Some(other)).await.unwrap(),
+            Saved::Stale {
+                generation: u64::MAX
+            },
+            "only the record as read may be replaced"
+        );
+        let seen = Unopened {
+            generation: forged.generation,
+            data: forged.data.clone(),
+        };
+        assert_eq!(
+            store.save("a", envelope(1), Some(seen)).await.unwrap(),
+            Saved::Written
+        );
         assert_eq!(store.load("a").await.unwrap().unwrap().generation, 1);
         fs::remove_dir_all(&dir).unwrap();
     }

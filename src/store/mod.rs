@@ -1,29 +1,44 @@
 //! Where token state lives beyond one process: an encrypted file, or Redis.
 //!
 //! A [`Store`] is opened once from `[store]`; each client gets a [`ClientStore`]
-//! bound to its identity (client id, token URL, user name, scope). A record is a
-//! [`TokenState`] sealed with ChaCha20-Poly1305 under the store key, with the
-//! client's binding and the record's generation as associated data, so a record
-//! written for another client, under another key or with its generation edited
-//! does not open. Such records are ignored with a warning and never sent to a
-//! provider.
+//! bound to its credential identity: a hash of the client id, the token and
+//! refresh URLs, the grant, the user name, the scope, the extra `params` (such
+//! as `audience`) and the bootstrap refresh token the chain started from. The
+//! identity is part of the record's name (`CLIENT:IDENTITY`), so two
+//! deployments that share a store under one client name (tenants, staging and
+//! prod) never read, adopt or overwrite each other's records. Secrets that may
+//! be rotated (client secret, password) are left out, so rotating one keeps the
+//! chain; the bootstrap refresh token enters only as a hash of a hash.
+//!
+//! A record is a [`TokenState`] sealed with ChaCha20-Poly1305 under the store
+//! key, with the identity and the record's generation as associated data, so a
+//! record written under another key or with its generation edited does not
+//! open. Such records are ignored with a warning and never sent to a provider.
 //!
 //! Every record carries a generation that only grows. A write names the
 //! generation it creates and is refused when the store already holds that one or
 //! a newer one (fencing): a replica that stalled while it refreshed cannot
 //! overwrite the token a newer leader stored. With Redis, a lease decides which
 //! replica talks to the provider; see `redis.rs`.
+//!
+//! Records written by earlier versions live under the bare client name and are
+//! bound only to client id, token URL, user and scope. When a client has no
+//! record under its identity, such a record is taken over once, if that older
+//! binding matches: it is re-sealed under the identity and the old record is
+//! removed in the same step, so a second deployment cannot take it over too.
+//! Its `params`, grant and bootstrap origin cannot be checked (the old format
+//! did not record them); this is logged.
 
 mod file;
 mod redis;
 mod seal;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 use crate::config::{ClientConfig, Grant, StoreConfig};
 use crate::secret::Secret;
@@ -69,8 +84,9 @@ pub struct Record {
 /// The result of a read.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// The highest generation seen under the client's key, including a record
-    /// that was ignored; a new write must be above it.
+    /// The generation of the client's record when it opened, else 0: the
+    /// generation of a record that does not open (another key, damaged,
+    /// forged) is not trusted, and the next write replaces that record.
     pub generation: u64,
     /// The record, when there is one this client can use.
     pub record: Option<Record>,
@@ -86,6 +102,25 @@ pub enum Saved {
         /// The generation the store holds.
         generation: u64,
     },
+}
+
+/// The generation after `generation`; an error at the end of the range (only
+/// a record sealed with the store key can carry it).
+pub fn next_generation(generation: u64) -> Result<u64, StoreError> {
+    generation.checked_add(1).ok_or_else(|| {
+        StoreError::Io(
+            "the stored generation is at its maximum (2^64-1); delete the client's record to start again"
+                .to_owned(),
+        )
+    })
+}
+
+/// A record under the client's name that did not open, as read: a write may
+/// replace it whatever its generation, while it is still there unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Unopened {
+    pub(crate) generation: u64,
+    pub(crate) data: String,
 }
 
 /// A held right to refresh one client's token (Redis); local stores always grant one.
@@ -130,11 +165,15 @@ impl Store {
 
     /// The store as seen by one client.
     pub fn client(&self, client: &ClientConfig) -> ClientStore {
+        let identity = Identity::of(client);
         ClientStore {
             store: self.clone(),
             name: client.name.clone(),
-            binding: binding(client),
+            key: format!("{}:{}", client.name, identity.binding),
+            identity: Arc::new(identity),
             last_warned: Arc::new(AtomicU64::new(u64::MAX)),
+            looked_for_other_chains: Arc::new(AtomicBool::new(false)),
+            unopened: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -153,9 +192,15 @@ impl Store {
 pub struct ClientStore {
     store: Store,
     name: String,
-    binding: String,
+    /// The record's name in the store: `CLIENT:IDENTITY`.
+    key: String,
+    identity: Arc<Identity>,
     /// The generation of the last record warned about, so a poll does not repeat it.
     last_warned: Arc<AtomicU64>,
+    /// Whether other chains of this account were looked for (once per process).
+    looked_for_other_chains: Arc<AtomicBool>,
+    /// The record last read under the client's name, when it did not open.
+    unopened: Arc<Mutex<Option<Unopened>>>,
 }
 
 impl ClientStore {
@@ -174,19 +219,125 @@ impl ClientStore {
         matches!(&*self.store.backend, Backend::Redis(_))
     }
 
+    /// The record's name in the store (`CLIENT:IDENTITY`), for messages.
+    pub fn record_name(&self) -> &str {
+        &self.key
+    }
+
     /// Reads the client's record; an unusable one is reported and ignored.
     pub async fn load(&self) -> Result<Loaded, StoreError> {
-        let envelope = match &*self.store.backend {
-            Backend::Memory => return Ok(Loaded::default()),
-            Backend::File(f) => f.load(&self.name).await?,
-            Backend::Redis(r) => r.load(&self.name).await?,
+        let envelope = match self.backend_load(&self.key).await? {
+            Some(envelope) => envelope,
+            None => match self.take_over_legacy().await? {
+                Some(envelope) => envelope,
+                None => {
+                    self.look_for_other_chains().await;
+                    return Ok(Loaded::default());
+                }
+            },
         };
-        let Some(envelope) = envelope else {
-            return Ok(Loaded::default());
-        };
-        let generation = envelope.generation;
         let record = self.open(envelope);
+        let generation = record.as_ref().map_or(0, |r| r.generation);
         Ok(Loaded { generation, record })
+    }
+
+    fn set_unopened(&self, value: Option<Unopened>) {
+        if let Ok(mut u) = self.unopened.lock() {
+            *u = value;
+        }
+    }
+
+    async fn backend_load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
+        match &*self.store.backend {
+            Backend::Memory => Ok(None),
+            Backend::File(f) => f.load(key).await,
+            Backend::Redis(r) => r.load(key).await,
+        }
+    }
+
+    /// Takes over the record an earlier version wrote under the bare client
+    /// name, when its (older, narrower) binding matches this client: re-sealed
+    /// under the identity and moved in one step. Returns the record now stored
+    /// under the identity, if any.
+    async fn take_over_legacy(&self) -> Result<Option<Envelope>, StoreError> {
+        let Some(sealer) = &self.store.sealer else {
+            return Ok(None);
+        };
+        let Some(legacy) = self.backend_load(&self.name).await? else {
+            return Ok(None);
+        };
+        let generation = legacy.generation;
+        let problem = if legacy.binding != self.identity.legacy {
+            "it was written for another client id, token URL, user or scope"
+        } else {
+            match sealer.open(&self.identity.legacy, generation, &legacy.data) {
+                None => "it does not decrypt with the configured key (another key, or corrupted)",
+                Some(text) => {
+                    let envelope = Envelope {
+                        generation,
+                        binding: self.identity.binding.clone(),
+                        account: self.identity.account.clone(),
+                        data: sealer.seal(&self.identity.binding, generation, &text),
+                    };
+                    let moved = match &*self.store.backend {
+                        Backend::Memory => false,
+                        Backend::File(f) => {
+                            f.take_over(&self.name, &legacy, &self.key, envelope)
+                                .await?
+                        }
+                        Backend::Redis(r) => {
+                            r.take_over(&self.name, &legacy, &self.key, &envelope)
+                                .await?
+                        }
+                    };
+                    if moved {
+                        info!(client = %self.name, store = self.kind(), generation,
+                            "took over the token state an earlier version stored under the client name; its params, grant and bootstrap refresh token could not be checked");
+                    }
+                    // Moved by us or by another process meanwhile: read it back.
+                    return self.backend_load(&self.key).await;
+                }
+            }
+        };
+        if self.last_warned.swap(generation, Ordering::Relaxed) != generation {
+            warn!(client = %self.name, store = self.kind(), generation,
+                "not taking over the token state an earlier version stored under the client name: {problem}; it is left as it is");
+        }
+        Ok(None)
+    }
+
+    /// Once per process, when this client has no record: warns when the store
+    /// holds a chain of the same account (client id, URLs, user, grant, scope,
+    /// params) that started from another bootstrap refresh token, since the
+    /// configured one starts a new chain instead of continuing that one.
+    async fn look_for_other_chains(&self) {
+        if self.looked_for_other_chains.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let found = match &*self.store.backend {
+            Backend::Memory => return,
+            Backend::File(f) => f.accounts(&self.name).await,
+            Backend::Redis(r) => r.accounts(&self.name).await,
+        };
+        let others = match found {
+            Ok(others) => others,
+            Err(e) => {
+                debug!(client = %self.name, error = %e, "could not look for other token chains of this client");
+                return;
+            }
+        };
+        let other_origin = others
+            .iter()
+            .any(|(key, account)| key != &self.key && account == &self.identity.account);
+        if other_origin {
+            let configured = if self.identity.bootstrap {
+                "the configured one"
+            } else {
+                "none (no bootstrap refresh token is configured)"
+            };
+            warn!(client = %self.name, store = self.kind(), using = configured,
+                "the configured bootstrap refresh token is not the origin of the stored chain for this client id and token URL; the stored chain is not used");
+        }
     }
 
     /// Writes `record` unless the store already holds its generation or a newer one.
@@ -197,17 +348,23 @@ impl ClientStore {
         let plain = Plain::from_state(&record.state);
         let text = serde_json::to_vec(&plain)
             .map_err(|e| StoreError::Io(format!("cannot encode the state: {e}")))?;
-        let data = sealer.seal(&self.binding, record.generation, &text);
+        let data = sealer.seal(&self.identity.binding, record.generation, &text);
         let envelope = Envelope {
             generation: record.generation,
-            binding: self.binding.clone(),
+            binding: self.identity.binding.clone(),
+            account: self.identity.account.clone(),
             data,
         };
-        match &*self.store.backend {
+        let replace = self.unopened.lock().ok().and_then(|u| u.clone());
+        let saved = match &*self.store.backend {
             Backend::Memory => Ok(Saved::Written),
-            Backend::File(f) => f.save(&self.name, envelope).await,
-            Backend::Redis(r) => r.save(&self.name, &envelope).await,
+            Backend::File(f) => f.save(&self.key, envelope, replace).await,
+            Backend::Redis(r) => r.save(&self.key, &envelope, replace.as_ref()).await,
+        };
+        if matches!(saved, Ok(Saved::Written)) {
+            self.set_unopened(None);
         }
+        saved
     }
 
     /// Tries to become the one process that refreshes this client, for `ttl`.
@@ -215,7 +372,7 @@ impl ClientStore {
     pub async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         match &*self.store.backend {
             Backend::Redis(r) => Ok(r
-                .try_lease(&self.name, ttl)
+                .try_lease(&self.key, ttl)
                 .await?
                 .map(|value| Lease { value: Some(value) })),
             _ => Ok(Some(Lease { value: None })),
@@ -226,7 +383,7 @@ impl ClientStore {
     /// waiting); false when it was lost (expired, and perhaps taken by another).
     pub async fn extend_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
         match (&*self.store.backend, &lease.value) {
-            (Backend::Redis(r), Some(v)) => r.extend_lease(&self.name, v, ttl).await,
+            (Backend::Redis(r), Some(v)) => r.extend_lease(&self.key, v, ttl).await,
             _ => Ok(true),
         }
     }
@@ -234,7 +391,7 @@ impl ClientStore {
     /// Gives the lease back.
     pub async fn release(&self, lease: Lease) -> Result<(), StoreError> {
         match (&*self.store.backend, &lease.value) {
-            (Backend::Redis(r), Some(v)) => r.release(&self.name, v).await,
+            (Backend::Redis(r), Some(v)) => r.release(&self.key, v).await,
             _ => Ok(()),
         }
     }
@@ -242,17 +399,22 @@ impl ClientStore {
     fn open(&self, envelope: Envelope) -> Option<Record> {
         let sealer = self.store.sealer.as_ref()?;
         let generation = envelope.generation;
-        let problem = if envelope.binding != self.binding {
-            "it was written for another client id, token URL, user or scope"
+        let unopened = Unopened {
+            generation,
+            data: envelope.data.clone(),
+        };
+        let problem = if envelope.binding != self.identity.binding {
+            "it was written for another credential identity"
         } else {
-            match sealer.open(&self.binding, generation, &envelope.data) {
+            match sealer.open(&self.identity.binding, generation, &envelope.data) {
                 None => "it does not decrypt with the configured key (another key, or corrupted)",
                 Some(text) => match serde_json::from_slice::<Plain>(&text) {
                     Ok(plain) => {
+                        self.set_unopened(None);
                         return Some(Record {
                             generation,
                             state: plain.into_state(),
-                        })
+                        });
                     }
                     Err(_) => "its content is not a token state",
                 },
@@ -262,16 +424,22 @@ impl ClientStore {
             warn!(client = %self.name, store = self.kind(), generation,
                 "ignoring the stored token state: {problem}; it will be replaced by the next token");
         }
+        self.set_unopened(Some(unopened));
         None
     }
 }
 
-/// The stored form of one client's record: the generation and binding in clear
-/// (the store compares generations), the state sealed.
+/// The stored form of one client's record: the generation, identity and
+/// account hashes in clear (the store compares generations; the account finds
+/// chains of one account started from different bootstrap tokens), the state
+/// sealed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Envelope {
     pub(crate) generation: u64,
     pub(crate) binding: String,
+    /// Absent in records written by earlier versions.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) account: String,
     pub(crate) data: String,
 }
 
@@ -325,9 +493,111 @@ impl Plain {
     }
 }
 
-/// What a record is bound to: the client id, the token URL, the user and the
-/// scope. A hash, so the store does not show them.
-fn binding(client: &ClientConfig) -> String {
+/// What a client's records are bound to, as hex hashes.
+struct Identity {
+    /// Account plus bootstrap origin: the record's name and associated data.
+    binding: String,
+    /// Client id, token and refresh URLs, grant, user, scope and params.
+    account: String,
+    /// The binding of earlier versions (client id, token URL, user, scope),
+    /// checked before a record under the bare client name is taken over.
+    legacy: String,
+    /// Whether a bootstrap refresh token is configured.
+    bootstrap: bool,
+}
+
+impl Identity {
+    fn of(client: &ClientConfig) -> Identity {
+        let t = &client.token;
+        let username = match &t.grant {
+            Grant::Password { username, .. } => Some(username.as_str()),
+            _ => None,
+        };
+        let mut account = Fields::new("tokenproxy-account-v2");
+        account.opt(t.client_id.as_deref());
+        account.text(&t.url.to_string());
+        account.opt(t.refresh_url.as_ref().map(ToString::to_string).as_deref());
+        account.text(t.grant.as_str());
+        account.opt(username);
+        account.opt(t.scope.as_deref());
+        account.count(t.params.len());
+        for (name, value) in &t.params {
+            account.text(name);
+            account.text(value);
+        }
+        let account = account.finish();
+        // The bootstrap token enters as a hash, hashed again with the rest: the
+        // stored identity shows nothing of it, and a refresh token has far too
+        // much entropy for a guess to be checked against it.
+        let origin = t.refresh_token.as_ref().map(|rt| {
+            let mut f = Fields::new("tokenproxy-bootstrap-refresh-token-v2");
+            f.text(rt.expose());
+            f.finish()
+        });
+        let mut binding = Fields::new("tokenproxy-identity-v2");
+        binding.bytes(&account);
+        match &origin {
+            Some(o) => {
+                binding.count(1);
+                binding.bytes(o);
+            }
+            None => binding.count(0),
+        }
+        Identity {
+            binding: hex(&binding.finish()),
+            account: hex(&account),
+            legacy: legacy_binding(client),
+            bootstrap: t.refresh_token.is_some(),
+        }
+    }
+}
+
+/// SHA-256 over length-prefixed fields, so no two field lists encode alike.
+struct Fields(ring::digest::Context);
+
+impl Fields {
+    fn new(domain: &str) -> Fields {
+        let mut f = Fields(ring::digest::Context::new(&ring::digest::SHA256));
+        f.text(domain);
+        f
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.update(&(b.len() as u64).to_be_bytes());
+        self.0.update(b);
+    }
+
+    fn text(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    fn count(&mut self, n: usize) {
+        self.0.update(&(n as u64).to_be_bytes());
+    }
+
+    fn opt(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.count(1);
+                self.text(s);
+            }
+            None => self.count(0),
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.0.finish().as_ref().to_vec()
+    }
+}
+
+/// The first 16 bytes, in hex: names stay short, and 128 bits do not collide.
+fn hex(digest: &[u8]) -> String {
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What earlier versions bound a record to: the client id, the token URL, the
+/// user and the scope.
+fn legacy_binding(client: &ClientConfig) -> String {
     let t = &client.token;
     let username = match &t.grant {
         Grant::Password { username, .. } => username.as_str(),
@@ -344,8 +614,201 @@ fn binding(client: &ClientConfig) -> String {
         ctx.update(part.as_bytes());
         ctx.update(&[0]);
     }
-    ctx.finish().as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(ctx.finish().as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{from_str, MapEnv};
+
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    /// A config with a file store at `path` and client `payments`; `token`
+    /// holds the `[clients.payments.token]` lines.
+    fn config(path: &std::path::Path, token: &str) -> crate::config::Config {
+        let text = format!(
+            r#"
+[store]
+kind = "file"
+path = "{}"
+key = "{KEY}"
+
+[clients.payments]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:1"
+
+[clients.payments.token]
+url = "https://auth.example/token"
+client_secret = "s3cret"
+{token}
+"#,
+            path.display()
+        );
+        match from_str(&text, None, &MapEnv::new()) {
+            Ok(c) => c,
+            Err(e) => panic!("config should be valid, got: {e}"),
+        }
+    }
+
+    fn identity(token: &str) -> Identity {
+        Identity::of(&config(std::path::Path::new("/tmp/t.json"), token).clients[0])
+    }
+
+    /// Security review finding 10: the identity covers everything that makes a
+    /// token another account's, and nothing that is rotated in place.
+    #[test]
+    fn the_identity_changes_with_the_account_and_origin_but_not_with_secrets() {
+        let base = "client_id = \"a\"\nparams = { audience = \"x\" }";
+        let b = identity(base);
+        for (what, other) in [
+            ("client id", "client_id = \"b\"\nparams = { audience = \"x\" }"),
+            ("audience", "client_id = \"a\"\nparams = { audience = \"y\" }"),
+            ("scope", "client_id = \"a\"\nparams = { audience = \"x\" }\nscope = \"s\""),
+            (
+                "refresh URL",
+                "client_id = \"a\"\nparams = { audience = \"x\" }\nrefresh_url = \"https://auth.example/r\"",
+            ),
+            (
+                "grant",
+                "client_id = \"a\"\nparams = { audience = \"x\" }\ngrant = \"password\"\nusername = \"u\"\npassword = \"p\"",
+            ),
+        ] {
+            let o = identity(other);
+            assert_ne!(o.account, b.account, "{what} should change the account");
+            assert_ne!(o.binding, b.binding, "{what} should change the binding");
+        }
+        let user_a = identity(
+            "client_id = \"a\"\ngrant = \"password\"\nusername = \"u1\"\npassword = \"p\"",
+        );
+        let user_b = identity(
+            "client_id = \"a\"\ngrant = \"password\"\nusername = \"u2\"\npassword = \"p\"",
+        );
+        assert_ne!(user_a.binding, user_b.binding, "user name");
+        let rotated = identity(
+            "client_id = \"a\"\ngrant = \"password\"\nusername = \"u1\"\npassword = \"other\"",
+        );
+        assert_eq!(
+            rotated.binding, user_a.binding,
+            "a rotated password keeps the chain"
+        );
+        let secret = config(std::path::Path::new("/tmp/t.json"), base);
+        let mut rotated_secret = secret.clients[0].clone();
+        rotated_secret.token.client_secret = Some(Secret::new("rotated"));
+        assert_eq!(
+            Identity::of(&rotated_secret).binding,
+            b.binding,
+            "a rotated client secret keeps the chain"
+        );
+        // Unambiguous encoding: moving a character from one field to the next differs.
+        let p1 = identity("client_id = \"a\"\nparams = { a = \"bc\" }");
+        let p2 = identity("client_id = \"a\"\nparams = { ab = \"c\" }");
+        assert_ne!(p1.binding, p2.binding, "params must be length-prefixed");
+
+        let rt1 = identity(
+            "client_id = \"a\"\ngrant = \"refresh_token\"\nrefresh_token = \"rt-one-8c1f\"",
+        );
+        let rt2 = identity(
+            "client_id = \"a\"\ngrant = \"refresh_token\"\nrefresh_token = \"rt-two-77aa\"",
+        );
+        assert_eq!(rt1.account, rt2.account, "same account");
+        assert_ne!(
+            rt1.binding, rt2.binding,
+            "another bootstrap is another chain"
+        );
+        assert!(rt1.bootstrap && !b.bootstrap);
+    }
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "tokenproxy-store-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("tokens.json")
+    }
+
+    fn state(access: &str) -> TokenState {
+        TokenState {
+            access_token: Some(Secret::new(access)),
+            access_expires_at: None,
+            lifetime: None,
+            refresh_token: Some(Secret::new(format!("{access}-rt"))),
+            refresh_expires_at: None,
+            obtained_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Writes `state` the way earlier versions did: under the bare client
+    /// name, sealed with the older binding.
+    async fn write_legacy(store: &Store, client: &ClientConfig, generation: u64, s: &TokenState) {
+        let Backend::File(f) = &*store.backend else {
+            panic!("file store")
+        };
+        let sealer = store.sealer.as_ref().unwrap();
+        let binding = legacy_binding(client);
+        let text = serde_json::to_vec(&Plain::from_state(s)).unwrap();
+        let envelope = Envelope {
+            generation,
+            binding: binding.clone(),
+            account: String::new(),
+            data: sealer.seal(&binding, generation, &text),
+        };
+        assert_eq!(
+            f.save(&client.name, envelope, None).await.unwrap(),
+            Saved::Written
+        );
+    }
+
+    /// Security review finding 10: a record of an earlier version is taken
+    /// over once, by a client whose older binding matches, and moved so that a
+    /// second deployment cannot take it over too.
+    #[tokio::test]
+    async fn a_record_of_an_earlier_version_is_taken_over_once() {
+        let path = temp_path("legacy");
+        let staging = config(
+            &path,
+            "client_id = \"a\"\nparams = { audience = \"staging\" }",
+        );
+        let prod = config(&path, "client_id = \"a\"\nparams = { audience = \"prod\" }");
+        let other = config(&path, "client_id = \"b\"");
+        let store = Store::open(&staging.store).unwrap();
+        write_legacy(&store, &staging.clients[0], 7, &state("old-access")).await;
+
+        // Another client id: not taken over, left as it is.
+        let loaded = store.client(&other.clients[0]).load().await.unwrap();
+        assert!(
+            loaded.record.is_none(),
+            "another client id took the record over"
+        );
+
+        let first = store.client(&staging.clients[0]);
+        let loaded = first.load().await.unwrap();
+        let record = loaded
+            .record
+            .expect("the earlier version's record is taken over");
+        assert_eq!(record.generation, 7, "the generation is kept");
+        assert_eq!(record.state, state("old-access"));
+
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(
+            doc["clients"].get("payments").is_none(),
+            "the old record should be moved, not copied: {doc}"
+        );
+        assert!(doc["clients"].get(first.record_name()).is_some(), "{doc}");
+        assert!(!doc.to_string().contains("old-access"));
+
+        // A second deployment whose old binding matched too finds nothing.
+        let loaded = store.client(&prod.clients[0]).load().await.unwrap();
+        assert!(
+            loaded.record.is_none(),
+            "a second deployment took over the same record"
+        );
+        // And the first keeps reading its own.
+        let again = first.load().await.unwrap();
+        assert_eq!(again.record.map(|r| r.generation), Some(7));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
 }

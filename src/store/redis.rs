@@ -1,12 +1,15 @@
 //! `kind = "redis"`: one hash per client, a lease per client, fenced writes.
 //!
-//! Keys (PREFIX is `key_prefix`, CLIENT the client's name):
-//! - `PREFIX:CLIENT:token`, a hash with `generation`, `binding` and `data` (the
-//!   sealed state). Written only by a script that refuses a generation not above
-//!   the stored one.
-//! - `PREFIX:CLIENT:lease`, a string `SET NX PX`: the replica holding it is the
-//!   only one that calls the provider for this client. It is released (or
-//!   extended while its holder backs off) by scripts that check the holder.
+//! Keys (PREFIX is `key_prefix`, CLIENT the client's name, IDENTITY the hash of
+//! its credential identity, see `store/mod.rs`):
+//! - `PREFIX:CLIENT:IDENTITY:token`, a hash with `generation`, `binding`,
+//!   `account` and `data` (the sealed state). Written only by a script that
+//!   refuses a generation not above the stored one.
+//! - `PREFIX:CLIENT:IDENTITY:lease`, a string `SET NX PX`: the replica holding
+//!   it is the only one that calls the provider for this client. It is released
+//!   (or extended while its holder backs off) by scripts that check the holder.
+//! - `PREFIX:CLIENT:token`, written by earlier versions: taken over once by a
+//!   script that moves it to the identity's key.
 //!
 //! The connection is made lazily and remade after failures, so tokenproxy starts
 //! and serves while Redis is down. Every command is bounded by [`OP_TIMEOUT`].
@@ -16,18 +19,38 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
 
-use super::{Envelope, Saved, StoreError};
+use super::{Envelope, Saved, StoreError, Unopened};
 use crate::config::RedisStoreConfig;
 
 /// Longest time one Redis command may take, connecting included.
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// ARGV[5] and ARGV[6], when set, name a record that did not open (generation
+/// and data as read): it is replaced whatever its generation. Generations
+/// are compared as text where they must be equal, since Lua numbers are
+/// doubles.
 const SAVE: &str = r"
-local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
-if cur >= tonumber(ARGV[1]) then return cur end
-redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'data', ARGV[3])
+local raw = redis.call('HGET', KEYS[1], 'generation')
+local replace = ARGV[5] ~= '' and raw == ARGV[5] and redis.call('HGET', KEYS[1], 'data') == ARGV[6]
+local cur = tonumber(raw or '0')
+if cur >= tonumber(ARGV[1]) and not replace then return cur end
+redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'account', ARGV[3], 'data', ARGV[4])
 return -1
 ";
+
+/// Moves a record of an earlier version (KEYS[1], as read: generation ARGV[1],
+/// data ARGV[2]) to the identity's key (KEYS[2]) unless that holds one.
+const TAKE_OVER: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'data') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], 'generation', ARGV[1], 'binding', ARGV[3], 'account', ARGV[4], 'data', ARGV[5])
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// Longest number of records of one client looked at for other chains.
+const MAX_CHAINS: usize = 1000;
 
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -46,6 +69,7 @@ pub(crate) struct RedisBackend {
     /// Identifies this process in the lease value: `pid:random`.
     instance: String,
     save: Script,
+    take_over: Script,
     release: Script,
     extend: Script,
 }
@@ -99,6 +123,7 @@ impl RedisBackend {
             display_url: config.display_url.clone(),
             instance: format!("{}:{:016x}", std::process::id(), fastrand::u64(..)),
             save: Script::new(SAVE),
+            take_over: Script::new(TAKE_OVER),
             release: Script::new(RELEASE),
             extend: Script::new(EXTEND),
         })
@@ -131,36 +156,114 @@ impl RedisBackend {
     pub(crate) async fn load(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
         let mut conn = self.manager.clone();
         let key = self.key(client, "token");
-        let (generation, binding, data): (Option<u64>, Option<String>, Option<String>) = self
+        type Fields = (Option<u64>, Option<String>, Option<String>, Option<String>);
+        let (generation, binding, account, data): Fields = self
             .run(
                 "read",
                 redis::cmd("HMGET")
                     .arg(&key)
                     .arg("generation")
                     .arg("binding")
+                    .arg("account")
                     .arg("data")
                     .query_async(&mut conn),
             )
             .await?;
+        let account = account.unwrap_or_default();
         Ok(match (generation, binding, data) {
             (Some(generation), Some(binding), Some(data)) => Some(Envelope {
                 generation,
                 binding,
+                account,
                 data,
             }),
             (Some(generation), _, _) => Some(Envelope {
                 generation,
                 binding: String::new(),
+                account,
                 data: String::new(),
             }),
             _ => None,
         })
     }
 
+    /// The record names (`CLIENT:IDENTITY`) and account hashes of the records
+    /// of client `name`, at most [`MAX_CHAINS`].
+    pub(crate) async fn accounts(&self, name: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut conn = self.manager.clone();
+        let head = format!("{}:", self.prefix);
+        let pattern = format!("{}{}:*:token", glob_escape(&head), glob_escape(name));
+        let mut cursor: u64 = 0;
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .run(
+                    "scan",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 || keys.len() >= MAX_CHAINS {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys.into_iter().take(MAX_CHAINS) {
+            let account: Option<String> = self
+                .run(
+                    "read",
+                    redis::cmd("HGET")
+                        .arg(&key)
+                        .arg("account")
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let name = key
+                .strip_prefix(&head)
+                .and_then(|k| k.strip_suffix(":token"))
+                .unwrap_or_default()
+                .to_owned();
+            out.push((name, account.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// Moves the record `legacy` read under `legacy_client` to `client` as
+    /// `envelope`, unless `client` holds one or the old record changed.
+    pub(crate) async fn take_over(
+        &self,
+        legacy_client: &str,
+        legacy: &Envelope,
+        client: &str,
+        envelope: &Envelope,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.manager.clone();
+        let mut invocation = self.take_over.key(self.key(legacy_client, "token"));
+        invocation
+            .key(self.key(client, "token"))
+            .arg(legacy.generation.to_string())
+            .arg(&legacy.data)
+            .arg(&envelope.binding)
+            .arg(&envelope.account)
+            .arg(&envelope.data);
+        let moved: i64 = self
+            .run("take-over", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(moved == 1)
+    }
+
     pub(crate) async fn save(
         &self,
         client: &str,
         envelope: &Envelope,
+        replace: Option<&Unopened>,
     ) -> Result<Saved, StoreError> {
         let mut conn = self.manager.clone();
         let key = self.key(client, "token");
@@ -168,7 +271,14 @@ impl RedisBackend {
         invocation
             .arg(envelope.generation)
             .arg(&envelope.binding)
-            .arg(&envelope.data);
+            .arg(&envelope.account)
+            .arg(&envelope.data)
+            .arg(
+                replace
+                    .map(|r| r.generation.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(replace.map(|r| r.data.as_str()).unwrap_or_default());
         let answer: i64 = self
             .run("write", invocation.invoke_async(&mut conn))
             .await?;
@@ -230,6 +340,18 @@ impl RedisBackend {
             .await?;
         Ok(())
     }
+}
+
+/// `s` with the characters `SCAN MATCH` treats specially escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A Redis error on one line, without the URL (which may hold a password).

@@ -20,7 +20,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, Trigger};
-use crate::store::{ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState};
+use crate::store::{
+    next_generation, ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState,
+};
 use crate::token::state::StoreStatus;
 
 /// How often a follower looks at the record while another replica refreshes.
@@ -246,7 +248,13 @@ impl Refresher {
             return false;
         }
         for _attempt in 0..2 {
-            let generation = self.store.generation.max(self.store.seen) + 1;
+            let generation = match next_generation(self.store.generation.max(self.store.seen)) {
+                Ok(g) => g,
+                Err(e) => {
+                    self.store_failed("write", &e);
+                    break;
+                }
+            };
             let record = Record {
                 generation,
                 state: self.current_state(),
@@ -266,7 +274,8 @@ impl Refresher {
                 }
                 Ok(Saved::Stale { generation: theirs }) => {
                     self.metrics.store_conflict();
-                    self.store.seen = self.store.seen.max(theirs);
+                    // `theirs` may belong to a record that does not open; only
+                    // the reload below says which generation can be trusted.
                     warn!(client = %self.client, ours = generation, theirs,
                         "the store holds a newer token state than the one just obtained (another replica refreshed too)");
                     match self.store.client.load().await {
