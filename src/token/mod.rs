@@ -7,6 +7,7 @@
 //! (compare-and-swap on the pointer), so a burst of 401s causes one refresh.
 
 mod dialect;
+mod redact;
 mod refresher;
 pub mod response;
 mod state;
@@ -235,7 +236,7 @@ impl TokenHandle {
                         reason: format!(
                             "no token within {}: {}",
                             humantime::format_duration(self.wait_timeout),
-                            status.describe()
+                            status.describe_for_app()
                         ),
                         retry_after: Duration::from_secs(1),
                     });

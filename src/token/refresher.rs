@@ -15,9 +15,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::dialect::{build_request, GrantKind};
+use super::dialect::{build_request, redactor, GrantKind};
 use super::response::{
-    parse_error, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
+    parse_error_redacted, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
 };
 use super::state::{LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
@@ -122,6 +122,17 @@ impl TokenError {
         )
     }
 
+    /// The error as the app may see it (`token_unavailable` detail): the provider's
+    /// refusal as its RFC 6749 code and a fixed description, never its own text.
+    pub fn app_message(&self) -> String {
+        match self {
+            TokenError::Provider { url, error, .. } => {
+                format!("token endpoint {url} answered {}", error.app_summary())
+            }
+            other => other.to_string(),
+        }
+    }
+
     fn outcome(&self) -> Outcome {
         if self.is_rejection() {
             Outcome::Rejected
@@ -187,6 +198,8 @@ impl TokenEndpoint {
             GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
         };
         let url = display_url(url_ref);
+        // Provider text that repeats a credential of this request is scrubbed once, here.
+        let redactor = redactor(config, kind);
         let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
             url: url.clone(),
             reason: format!("cannot build request: {e}"),
@@ -234,7 +247,7 @@ impl TokenEndpoint {
             } else {
                 Err(TokenError::Provider {
                     url: url.clone(),
-                    error: parse_error(status, &body),
+                    error: parse_error_redacted(status, &body, &redactor),
                     retry_after,
                 })
             }
@@ -257,6 +270,22 @@ fn display_url(uri: &http::Uri) -> String {
         uri.authority().map(|a| a.as_str()).unwrap_or(""),
         uri.path()
     )
+}
+
+/// A provider's `token_type` for messages: quoted when it looks like a scheme name,
+/// else not shown (it is provider text and could carry anything).
+fn shown_token_type(token_type: Option<&str>) -> String {
+    match token_type {
+        Some(t)
+            if t.len() <= 32
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            format!("{t:?}")
+        }
+        Some(_) => "not a scheme name (not shown)".to_owned(),
+        None => "missing".to_owned(),
+    }
 }
 
 /// An error and its sources on one line.
@@ -672,8 +701,8 @@ impl Refresher {
             return Err(TokenError::Unusable {
                 url,
                 reason: format!(
-                    "token_type is {:?}, not Bearer; set clients.{}.inject.format to say how to send it",
-                    set.token_type.as_deref().unwrap_or(""),
+                    "token_type is {}, not Bearer; set clients.{}.inject.format to say how to send it",
+                    shown_token_type(set.token_type.as_deref()),
                     self.client
                 ),
             });
@@ -804,6 +833,7 @@ impl Refresher {
                     grant,
                     outcome: Outcome::Success.as_str(),
                     error: None,
+                    app_error: None,
                 })
             }
             Origin::Store {
@@ -880,6 +910,7 @@ impl Refresher {
     ) {
         let at = crate::clock::rfc3339(self.clock.wall_now());
         let message = e.to_string();
+        let app_message = e.app_message();
         self.publish(|s| {
             s.last_refresh = Some(LastRefresh {
                 at,
@@ -887,6 +918,7 @@ impl Refresher {
                 grant,
                 outcome: outcome.as_str(),
                 error: Some(message),
+                app_error: Some(app_message),
             });
             s.refreshes_failed += 1;
         });
