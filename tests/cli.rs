@@ -160,6 +160,37 @@ fn every_config_error_class_names_its_key_and_exits_non_zero() {
     }
 }
 
+/// Security review (low): `default_lifetime = "10000y"` passed `check` and then
+/// panicked the refresher; an absurd duration is refused, naming its key.
+#[test]
+fn check_refuses_durations_longer_than_ten_years() {
+    for (key, line) in [
+        (
+            "clients.payments.token.default_lifetime",
+            "default_lifetime = \"10000y\"",
+        ),
+        (
+            "clients.payments.token.refresh_token_lifetime",
+            "refresh_token_lifetime = \"11y\"",
+        ),
+    ] {
+        let path = temp_config(
+            "lifetime.toml",
+            &VALID.replace("client_id = \"id\"", &format!("client_id = \"id\"\n{line}")),
+        );
+        let out = tokenproxy(
+            &["check", "--config", path.to_str().expect("utf8")],
+            &[("PAY_SECRET", "s3cret-do-not-print")],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{line}: check must fail");
+        assert!(
+            stderr.contains(key) && stderr.contains("10 years"),
+            "{line}: the error names {key} and the limit: {stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_prints_metadata_and_the_token_only_when_asked() {
     let provider = MockProvider::start(ProviderConfig::default())

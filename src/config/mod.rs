@@ -43,6 +43,8 @@ use tls::build_tls;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
+/// Longest duration any key accepts (10 × 365 days, as the longest token lifetime kept).
+const MAX_DURATION: Duration = crate::token::response::MAX_LIFETIME;
 const DURATION_HINT: &str = "write it like \"30s\", \"15m\" or \"1h 30m\"";
 const SIZE_HINT: &str = "write it like \"1MiB\", \"32KiB\" or \"512\"";
 const LISTEN_HINT: &str = "write it like \"127.0.0.1:8080\"; hostnames are not resolved";
@@ -1196,6 +1198,15 @@ impl<'a> Table<'a> {
         if d.is_zero() && !allow_zero {
             return Err(self
                 .err(k, "must be greater than zero")
+                .with_hint(DURATION_HINT));
+        }
+        if d > MAX_DURATION {
+            // Deadlines and /status times are computed from these; nothing needs longer.
+            return Err(self
+                .err(
+                    k,
+                    format!("{} is longer than 10 years", humantime::format_duration(d)),
+                )
                 .with_hint(DURATION_HINT));
         }
         Ok(Some(d))

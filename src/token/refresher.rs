@@ -18,10 +18,11 @@ use tracing::{debug, error, info, warn};
 use super::dialect::{build_request, redactor, GrantKind};
 use super::response::{
     parse_error_redacted, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
+    MAX_LIFETIME,
 };
 use super::state::{LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
-use crate::clock::{epoch_seconds, rfc3339, SharedClock};
+use crate::clock::{epoch_seconds, rfc3339, wall_after, SharedClock};
 use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
 use crate::metrics::ClientMetrics;
 use crate::proxy::upstream::HttpClient;
@@ -739,16 +740,17 @@ impl Refresher {
                 }
                 Some(l) => Some(l),
                 None => self.config.refresh_token_lifetime,
-            };
+            }
+            .map(|l| l.min(MAX_LIFETIME));
             self.refresh_token = Some(HeldRefreshToken {
                 value: rt,
-                usable_until: rt_lifetime.map(|l| now + l),
-                expires_wall: rt_lifetime.map(|l| wall_now + l),
+                usable_until: rt_lifetime.and_then(|l| now.checked_add(l)),
+                expires_wall: rt_lifetime.map(|l| wall_after(wall_now, l)),
             });
         }
         self.access = Some(HeldAccessToken {
             value: set.access_token,
-            expires_wall: lifetime.map(|l| wall_now + l),
+            expires_wall: lifetime.map(|l| wall_after(wall_now, l)),
             lifetime,
         });
         if self.persist().await {
@@ -793,24 +795,24 @@ impl Refresher {
         let token = Arc::new(Token {
             generation: self.generation,
             header,
-            usable_until: remaining.map(|l| now + l),
+            usable_until: remaining.and_then(|l| now.checked_add(l)),
         });
         self.shared.current.store(Some(Arc::clone(&token)));
         self.current = Some(token);
-        self.refresh_at = remaining.map(|r| {
+        self.refresh_at = remaining.and_then(|r| {
             let margin = refresh_margin(lifetime.unwrap_or(r), self.config.refresh_before);
-            now + r.saturating_sub(margin)
+            now.checked_add(r.saturating_sub(margin))
         });
         self.failures = 0;
         self.retry_at = None;
         self.store.recheck_at = None;
         self.store.set_role(None);
-        let expires_wall = remaining.map(|l| wall_now + l);
+        let expires_wall = remaining.map(|l| wall_after(wall_now, l));
         self.metrics
             .set_expiry(expires_wall.map(epoch_seconds).unwrap_or(f64::INFINITY));
         let next_wall = self
             .refresh_at
-            .map(|at| wall_now + at.saturating_duration_since(now));
+            .map(|at| wall_after(wall_now, at.saturating_duration_since(now)));
         let generation = self.generation;
         let last_refresh = match origin {
             Origin::Provider {
@@ -888,7 +890,7 @@ impl Refresher {
                 warn!(client = %self.client, source = set.lifetime_source.as_str(),
                     fallback_s = fallback.as_secs(),
                     "token expiry is already past by our clock (clock skew?); assuming a fallback lifetime");
-                Some(fallback)
+                Some(fallback.min(MAX_LIFETIME))
             }
             Some(l) => {
                 if set.clamped() {
@@ -897,7 +899,9 @@ impl Refresher {
                 }
                 Some(l)
             }
-            None => self.config.default_lifetime,
+            // Config validation bounds it too; clamping here keeps deadline and
+            // formatting arithmetic safe whatever the config holds.
+            None => self.config.default_lifetime.map(|l| l.min(MAX_LIFETIME)),
         }
     }
 

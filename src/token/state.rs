@@ -100,6 +100,9 @@ pub struct Status {
     pub store: Option<StoreStatus>,
     #[serde(skip)]
     pub(crate) retry_at: Option<Instant>,
+    /// The refresher task died: no token will come until a restart.
+    #[serde(skip)]
+    pub(crate) refresher_stopped: bool,
 }
 
 /// Where a client's token state is persisted or shared, and whether that works.
@@ -166,6 +169,9 @@ impl Status {
             .last_refresh
             .as_ref()
             .and_then(|l| l.app_error.as_deref());
+        if self.refresher_stopped {
+            return format!("{state}: the token refresher stopped");
+        }
         match (self.state.0, error) {
             (State::NeedsAuthorization, Some(e)) => {
                 format!("{state}: a new refresh token is needed; last token request failed: {e}")
