@@ -191,6 +191,62 @@ fn check_refuses_durations_longer_than_ten_years() {
     }
 }
 
+/// Security review (low): `check` and `token` printed the token URL with its query,
+/// which can carry a credential (`?api_key=…`); they print scheme://host/path only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_token_never_print_a_token_url_query() {
+    const IN_QUERY: &str = "q-s3cret-in-the-query";
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let token_url = provider.token_url();
+    let text = format!(
+        r#"
+[clients.payments]
+listen = "127.0.0.1:18080"
+upstream = "http://127.0.0.1:1"
+[clients.payments.token]
+url = "{token_url}?api_key={IN_QUERY}"
+refresh_url = "{token_url}?api_key={IN_QUERY}&x=1"
+client_id = "demo-client"
+client_secret = "${{SECRET}}"
+[clients.payments.authorize]
+url = "{authorize}?tenant={IN_QUERY}"
+redirect_port = 18765
+"#,
+        authorize = provider.authorize_url(),
+    );
+    let path = temp_config("query.toml", &text);
+    for args in [
+        vec!["check", "--config"],
+        vec!["token", "payments", "--config"],
+    ] {
+        let p = path.to_str().expect("utf8").to_owned();
+        let command = args.join(" ");
+        let out = tokio::task::spawn_blocking(move || {
+            let mut args = args;
+            args.push(&p);
+            tokenproxy(&args, &[("SECRET", "demo-secret")])
+        })
+        .await
+        .expect("join");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{command} succeeds: {printed}");
+        assert!(
+            printed.contains(&token_url),
+            "{command} names the token endpoint: {printed}"
+        );
+        assert!(
+            !printed.contains(IN_QUERY),
+            "{command} must not print a URL's query: {printed}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_prints_metadata_and_the_token_only_when_asked() {
     let provider = MockProvider::start(ProviderConfig::default())

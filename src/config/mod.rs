@@ -459,7 +459,7 @@ impl ClientConfig {
             "unauthorized_status",
             format!("[{}]", codes.join(", ")),
         )?;
-        row(out, "token.url", &t.url)?;
+        row(out, "token.url", crate::secret::display_url(&t.url))?;
         row(out, "token.grant", t.grant.as_str())?;
         if let Grant::Password { username, password } = &t.grant {
             row(out, "token.username", username)?;
@@ -486,7 +486,7 @@ impl ClientConfig {
         let refresh_url = t
             .refresh_url
             .as_ref()
-            .map_or_else(|| "(token.url)".to_owned(), Uri::to_string);
+            .map_or_else(|| "(token.url)".to_owned(), crate::secret::display_url);
         row(out, "token.refresh_url", refresh_url)?;
         let before = t
             .refresh_before
