@@ -357,3 +357,66 @@ fn demo_shows_a_proxied_request_and_a_refresh() {
         "no request failed: {stdout}"
     );
 }
+
+/// Security review (low): `demo` wrote its config (client secret, store key) into a
+/// world-readable file in a world-readable directory; both are private to the user.
+#[cfg(unix)]
+#[test]
+fn demo_writes_its_config_readable_by_the_user_only() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--wallet-listen",
+            "127.0.0.1:0",
+            "--redirect-port",
+            "0",
+            "--exit-after",
+            "5s",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("demo starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut printed = String::new();
+    let mut config = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read stdout");
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(path) = line
+            .trim()
+            .strip_prefix("tokenproxy authorize wallet --config ")
+        {
+            config = Some(PathBuf::from(path));
+            break;
+        }
+    }
+    let config = config.unwrap_or_else(|| panic!("demo printed no config path:\n{printed}"));
+    let file_mode = std::fs::metadata(&config)
+        .expect("the demo config exists while the demo runs")
+        .permissions()
+        .mode();
+    let dir = config.parent().expect("a directory");
+    let dir_mode = std::fs::metadata(dir).expect("dir").permissions().mode();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        file_mode & 0o077,
+        0,
+        "the demo config holds secrets and must be readable by its user only (mode {file_mode:o})"
+    );
+    assert_eq!(
+        dir_mode & 0o077,
+        0,
+        "the demo directory must be private to its user (mode {dir_mode:o})"
+    );
+}
