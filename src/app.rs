@@ -28,7 +28,7 @@ use crate::proxy::upstream::{Clients, UpstreamError};
 use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
-use crate::token::{Refresher, TokenEndpoint, TokenHandle};
+use crate::token::{self, Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
 
 /// Why the sidecar could not start or reload.
@@ -418,7 +418,14 @@ impl Running {
             refresher.set_config_path(path);
         }
         let span = tracing::info_span!("refresher", client = %client.name);
-        let task = tokio::spawn(refresher.run().instrument(span));
+        let refresher_task = tokio::spawn(refresher.run().instrument(span));
+        // Aborting the supervisor (reload, shutdown) aborts the refresher with it.
+        let task = tokio::spawn(token::supervise(
+            client.name.clone(),
+            handle.clone(),
+            client_metrics.clone(),
+            refresher_task,
+        ));
         let runtime = Arc::new(ClientRuntime::new(
             client,
             &self.config.limits,

@@ -207,9 +207,13 @@ pub async fn authorize(
                 "Waiting up to {timeout_text} for the browser to come back to {redirect_uri} ..."
             ));
             let path = a.redirect_uri.path().to_owned();
-            tokio::time::timeout(options.timeout, receive_redirect(listener, path))
-                .await
-                .map_err(|_| AuthorizeError::Timeout(timeout_text.clone()))??
+            let waiting_for = request.state.clone();
+            tokio::time::timeout(
+                options.timeout,
+                receive_redirect(listener, path, waiting_for),
+            )
+            .await
+            .map_err(|_| AuthorizeError::Timeout(timeout_text.clone()))??
         }
         None => {
             say(&format!(
@@ -319,11 +323,17 @@ pub async fn authorize(
     })
 }
 
-/// Serves the loopback listener until a request to `path` arrives; answers it
-/// with a short page and returns its query.
-async fn receive_redirect(listener: TcpListener, path: String) -> Result<String, AuthorizeError> {
+/// Serves the loopback listener until the redirect of this login arrives (a request
+/// to `path` with this `state`, carrying a code or the provider's error); answers
+/// it with a short page and returns its query. Any other request gets 400 and the
+/// wait goes on: a forged callback must not end the login.
+async fn receive_redirect(
+    listener: TcpListener,
+    path: String,
+    state: String,
+) -> Result<String, AuthorizeError> {
     let (tx, mut rx) = mpsc::channel::<String>(1);
-    let path = Arc::new(path);
+    let path = Arc::new((path, state));
     let server = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -333,7 +343,7 @@ async fn receive_redirect(listener: TcpListener, path: String) -> Result<String,
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (tx, path) = (tx.clone(), Arc::clone(&path));
-                    async move { Ok::<_, Infallible>(redirect_page(req, &path, &tx)) }
+                    async move { Ok::<_, Infallible>(redirect_page(req, &path.0, &path.1, &tx)) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -351,6 +361,7 @@ async fn receive_redirect(listener: TcpListener, path: String) -> Result<String,
 fn redirect_page(
     req: Request<Incoming>,
     path: &str,
+    state: &str,
     tx: &mpsc::Sender<String>,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != path {
@@ -359,7 +370,17 @@ fn redirect_page(
         return r;
     }
     let query = req.uri().query().unwrap_or("").to_owned();
-    let failed = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "error");
+    let failed = match check_redirect(&query, state) {
+        Ok(_) => false,
+        Err(AuthorizeError::Denied { .. }) => true,
+        Err(_) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(
+                b"tokenproxy: this is not the redirect this login is waiting for\n",
+            )));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return r;
+        }
+    };
     let _ = tx.try_send(query);
     let text = if failed {
         "tokenproxy: the provider did not authorize; see the terminal. You can close this window."

@@ -76,8 +76,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         let probe = bind_or_any(SocketAddr::from(([127, 0, 0, 1], options.redirect_port))).await?;
         probe.local_addr()?.port()
     };
-    let dir = std::env::temp_dir().join(format!("tokenproxy-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = private_dir()?;
     let config_path = dir.join("demo.toml");
     let store_key =
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, demo_store_key());
@@ -124,7 +123,8 @@ scope = "payments"
         authorize_url = provider.authorize_url(),
         state = dir.join("tokens.json").display(),
     );
-    std::fs::write(&config_path, &text)?;
+    // It holds the client secret and the store key: readable by this user only.
+    write_private(&config_path, &text)?;
     let env = MapEnv::new().var("DEMO_CLIENT_SECRET", DEMO_CLIENT_SECRET);
     let config = config::from_str(&text, Some(&config_path), &env)?;
     let mut proxies = std::collections::BTreeMap::new();
@@ -199,6 +199,45 @@ scope = "payments"
         api.requests()
     );
     Ok(())
+}
+
+/// A new directory under the temp dir that only this user can enter (0700), with
+/// an unpredictable name, so nobody can read the demo's files or plant their own.
+fn private_dir() -> std::io::Result<std::path::PathBuf> {
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    let mut attempt = 0;
+    loop {
+        let dir = std::env::temp_dir().join(format!(
+            "tokenproxy-demo-{}-{:016x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Creates `path` (it must not exist) readable and writable by this user only (0600).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(text.as_bytes())
 }
 
 /// A store key for the demo's throw-away state file (fixed: the demo's tokens

@@ -184,7 +184,10 @@ fn token_command(path: &Path, client: &str, show: bool, spend: bool) -> anyhow::
         anyhow::Ok(endpoint.obtain_once(&client_config.token).await?)
     })?;
     println!("client:         {client}");
-    println!("token endpoint: {}", client_config.token.url);
+    println!(
+        "token endpoint: {}",
+        tokenproxy::secret::display_url(&client_config.token.url)
+    );
     println!("grant:          {}", client_config.token.grant.as_str());
     println!(
         "token_type:     {}",

@@ -8,6 +8,17 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// A URL for output (`check`, `token`, messages): scheme, host and path, never the
+/// query, which may carry a credential (`?api_key=…`).
+pub fn display_url(uri: &http::Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("https"),
+        uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        uri.path()
+    )
+}
+
 /// A credential whose `Debug`/`Display` print `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);

@@ -365,3 +365,52 @@ async fn no_redirect_within_the_timeout_fails_cleanly_and_stores_nothing() {
     // The listener is gone with the command.
     assert!(std::net::TcpStream::connect(("127.0.0.1", s.redirect_port)).is_err());
 }
+
+/// Security review (low): a forged request to the redirect listener (another state,
+/// no state, or no code) used to end the login with an error; it gets 400 and the
+/// command keeps waiting for the real redirect, which then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_callbacks_get_400_and_the_real_redirect_still_completes_the_login() {
+    let s = Setup::new("forged").await;
+    let config = s.config_file();
+    let http = TestClient::new();
+    let cmd = Authorize::start(&config, &["--timeout", "30s"]);
+    let state = form_urlencoded::parse(cmd.url.split_once('?').expect("query").1.as_bytes())
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("the authorization URL carries a state");
+    let callback = format!("http://127.0.0.1:{}/callback", s.redirect_port);
+    let state_param: String = form_urlencoded::byte_serialize(state.as_bytes()).collect();
+    for forged in [
+        format!("{callback}?code=attacker-code&state=forged"),
+        format!("{callback}?code=attacker-code"),
+        format!("{callback}?error=access_denied&state=forged"),
+        format!("{callback}?state={state_param}"),
+        callback.clone(),
+    ] {
+        let reply = http.get(&forged).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{forged} is not the redirect the login waits for: {}",
+            reply.text()
+        );
+    }
+    let location = browser(&http, &cmd.url, "approve").await;
+    let landing = http.get(&location).await;
+    assert_eq!(landing.status, StatusCode::OK, "{}", landing.text());
+    let (ok, stdout, stderr) = cmd.finish();
+    assert!(
+        ok,
+        "the real redirect should complete the login:\n{stderr}\n{stdout}"
+    );
+    assert_eq!(
+        s.provider.grant_requests("authorization_code"),
+        1,
+        "only the real code is exchanged"
+    );
+    assert!(
+        state_bytes(&s.state_file()).is_some(),
+        "the tokens are stored"
+    );
+}

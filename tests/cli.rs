@@ -160,6 +160,93 @@ fn every_config_error_class_names_its_key_and_exits_non_zero() {
     }
 }
 
+/// Security review (low): `default_lifetime = "10000y"` passed `check` and then
+/// panicked the refresher; an absurd duration is refused, naming its key.
+#[test]
+fn check_refuses_durations_longer_than_ten_years() {
+    for (key, line) in [
+        (
+            "clients.payments.token.default_lifetime",
+            "default_lifetime = \"10000y\"",
+        ),
+        (
+            "clients.payments.token.refresh_token_lifetime",
+            "refresh_token_lifetime = \"11y\"",
+        ),
+    ] {
+        let path = temp_config(
+            "lifetime.toml",
+            &VALID.replace("client_id = \"id\"", &format!("client_id = \"id\"\n{line}")),
+        );
+        let out = tokenproxy(
+            &["check", "--config", path.to_str().expect("utf8")],
+            &[("PAY_SECRET", "s3cret-do-not-print")],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{line}: check must fail");
+        assert!(
+            stderr.contains(key) && stderr.contains("10 years"),
+            "{line}: the error names {key} and the limit: {stderr}"
+        );
+    }
+}
+
+/// Security review (low): `check` and `token` printed the token URL with its query,
+/// which can carry a credential (`?api_key=…`); they print scheme://host/path only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_token_never_print_a_token_url_query() {
+    const IN_QUERY: &str = "q-s3cret-in-the-query";
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let token_url = provider.token_url();
+    let text = format!(
+        r#"
+[clients.payments]
+listen = "127.0.0.1:18080"
+upstream = "http://127.0.0.1:1"
+[clients.payments.token]
+url = "{token_url}?api_key={IN_QUERY}"
+refresh_url = "{token_url}?api_key={IN_QUERY}&x=1"
+client_id = "demo-client"
+client_secret = "${{SECRET}}"
+[clients.payments.authorize]
+url = "{authorize}?tenant={IN_QUERY}"
+redirect_port = 18765
+"#,
+        authorize = provider.authorize_url(),
+    );
+    let path = temp_config("query.toml", &text);
+    for args in [
+        vec!["check", "--config"],
+        vec!["token", "payments", "--config"],
+    ] {
+        let p = path.to_str().expect("utf8").to_owned();
+        let command = args.join(" ");
+        let out = tokio::task::spawn_blocking(move || {
+            let mut args = args;
+            args.push(&p);
+            tokenproxy(&args, &[("SECRET", "demo-secret")])
+        })
+        .await
+        .expect("join");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{command} succeeds: {printed}");
+        assert!(
+            printed.contains(&token_url),
+            "{command} names the token endpoint: {printed}"
+        );
+        assert!(
+            !printed.contains(IN_QUERY),
+            "{command} must not print a URL's query: {printed}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_prints_metadata_and_the_token_only_when_asked() {
     let provider = MockProvider::start(ProviderConfig::default())
@@ -268,5 +355,68 @@ fn demo_shows_a_proxied_request_and_a_refresh() {
     assert!(
         !stdout.contains("-> 401") && !stdout.contains("-> 503"),
         "no request failed: {stdout}"
+    );
+}
+
+/// Security review (low): `demo` wrote its config (client secret, store key) into a
+/// world-readable file in a world-readable directory; both are private to the user.
+#[cfg(unix)]
+#[test]
+fn demo_writes_its_config_readable_by_the_user_only() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--wallet-listen",
+            "127.0.0.1:0",
+            "--redirect-port",
+            "0",
+            "--exit-after",
+            "5s",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("demo starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut printed = String::new();
+    let mut config = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read stdout");
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(path) = line
+            .trim()
+            .strip_prefix("tokenproxy authorize wallet --config ")
+        {
+            config = Some(PathBuf::from(path));
+            break;
+        }
+    }
+    let config = config.unwrap_or_else(|| panic!("demo printed no config path:\n{printed}"));
+    let file_mode = std::fs::metadata(&config)
+        .expect("the demo config exists while the demo runs")
+        .permissions()
+        .mode();
+    let dir = config.parent().expect("a directory");
+    let dir_mode = std::fs::metadata(dir).expect("dir").permissions().mode();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        file_mode & 0o077,
+        0,
+        "the demo config holds secrets and must be readable by its user only (mode {file_mode:o})"
+    );
+    assert_eq!(
+        dir_mode & 0o077,
+        0,
+        "the demo directory must be private to its user (mode {dir_mode:o})"
     );
 }

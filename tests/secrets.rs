@@ -6,21 +6,29 @@
 
 mod support;
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use base64::Engine as _;
 use http::StatusCode;
-use support::{start_sidecar_env, TestClient};
+use support::{start_sidecar_env, LogCapture, TestClient};
 use tokenproxy::config::MapEnv;
-use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy::mock::{Echo, Fault, MockApi, MockProvider, ProviderConfig};
 
 const CLIENT_SECRET: &str = "cs-Qx7Lk2-client-secret";
 const PASSWORD: &str = "pw-Zr5Nb8-user-password";
 /// The token store key (32 bytes, base64).
 const STORE_KEY: &str = "c2VjcmV0LXN0b3JlLWtleS1Ia3A5LTMyLWJ5dGVzISE=";
 
+/// The TRACE capture every test of this binary shares (one global subscriber).
+fn logs() -> &'static LogCapture {
+    static LOGS: OnceLock<LogCapture> = OnceLock::new();
+    LOGS.get_or_init(|| LogCapture::install(tracing::Level::TRACE))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
-    let logs = support::LogCapture::install(tracing::Level::TRACE);
+    let logs = logs();
 
     let provider = MockProvider::start(ProviderConfig {
         client_id: "secret-test".into(),
@@ -257,6 +265,176 @@ refresh_token = "${{TP_BOOTSTRAP_RT}}"
                 !text.contains(value.as_str()),
                 "the {what} leaked into {place}"
             );
+        }
+    }
+}
+
+/// A client secret with characters that every encoding changes.
+const ECHO_CLIENT_SECRET: &str = r#"cs-Echo 7/k+q&z=%"x\\y"#;
+/// A password with characters that every encoding changes.
+const ECHO_PASSWORD: &str = "pw-Echo 9:p+w/d é";
+
+/// Every way `value` may be written by a provider or by us: raw, form-urlencoded
+/// (`+` and `%20` for spaces) and JSON-escaped (as `/status` would show it).
+fn written_forms(value: &str) -> Vec<String> {
+    let form: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+    let percent = form.replace('+', "%20");
+    let mut forms = vec![value.to_owned(), form, percent];
+    let json: Vec<String> = forms
+        .iter()
+        .map(|f| {
+            let quoted = serde_json::to_string(f).expect("a string serializes");
+            quoted[1..quoted.len() - 1].to_owned()
+        })
+        .collect();
+    forms.extend(json);
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// Security review finding 4: a provider that repeats every credential it received in
+/// its `error_description` (raw, form-urlencoded, percent-encoded, or the HTTP Basic
+/// header and the urlencoded `id:secret` inside it) must not put any of them into the
+/// app's error body, `/readyz`, `/status`, the metrics or the logs; and the app's error
+/// body carries the RFC 6749 code with a fixed description, never the provider's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_a_provider_echoes_in_its_error_text_never_leave_the_sidecar() {
+    let logs = logs();
+    let http = TestClient::new();
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    let mut places: Vec<(String, String)> = Vec::new();
+    for form in [
+        Echo::Raw,
+        Echo::FormEncoded,
+        Echo::PercentEncoded,
+        Echo::Basic,
+    ] {
+        let provider = MockProvider::start(ProviderConfig {
+            client_id: "echo-test".into(),
+            client_secret: ECHO_CLIENT_SECRET.into(),
+            lifetime: Duration::from_secs(60),
+            refresh_tokens: true,
+            rotate_refresh_tokens: true,
+            users: vec![("alice".into(), ECHO_PASSWORD.into())],
+        })
+        .await
+        .expect("provider");
+        let refresh_token = provider.issue_refresh_token();
+        provider.set_fault(Fault::EchoCredentials(form));
+        let api = MockApi::start(provider.validator()).await.expect("api");
+        let template = format!(
+            r#"
+[admin]
+listen = "{{admin}}"
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{api}"
+token_wait_timeout = "300ms"
+[clients.payments.token]
+url = "{token}"
+grant = "password"
+client_id = "echo-test"
+client_secret = "${{TP_CLIENT_SECRET}}"
+client_auth = "basic"
+username = "alice"
+password = "${{TP_PASSWORD}}"
+[clients.wallet]
+listen = "{{listen2}}"
+upstream = "{api}"
+token_wait_timeout = "300ms"
+[clients.wallet.token]
+url = "{token}"
+grant = "refresh_token"
+client_id = "echo-test"
+client_secret = "${{TP_CLIENT_SECRET}}"
+client_auth = "body"
+body = "json"
+refresh_token = "${{TP_REFRESH_TOKEN}}"
+"#,
+            api = api.url(),
+            token = provider.token_url(),
+        );
+        let env = MapEnv::new()
+            .var("TP_CLIENT_SECRET", ECHO_CLIENT_SECRET)
+            .var("TP_PASSWORD", ECHO_PASSWORD)
+            .var("TP_REFRESH_TOKEN", &refresh_token);
+        let (running, proxy, admin) = start_sidecar_env(&template, env).await;
+        let failed_once = |c: &str| {
+            running
+                .token(c)
+                .is_some_and(|t| t.status().refreshes_failed >= 1)
+        };
+        assert!(
+            support::eventually(Duration::from_secs(5), || failed_once("payments")
+                && failed_once("wallet"))
+            .await,
+            "both clients should have had their token request refused ({form:?})"
+        );
+        let wallet_addr = running.client_addr("wallet").expect("wallet listener");
+        let payments_reply = http.get(&format!("http://{proxy}/v1/payments")).await;
+        let wallet_reply = http.get(&format!("http://{wallet_addr}/v1/wallet")).await;
+        for (name, reply) in [("payments", &payments_reply), ("wallet", &wallet_reply)] {
+            assert_eq!(
+                reply.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{name} has no token, so the app gets 503 ({form:?})"
+            );
+            assert_eq!(reply.error_code(), Some("token_unavailable"));
+            let body = reply.text();
+            assert!(
+                body.contains("invalid_grant"),
+                "the app's error names the RFC 6749 code ({form:?}): {body}"
+            );
+            assert!(
+                !body.contains("Invalid credentials"),
+                "the app's error carries a fixed description, not the provider's text ({form:?}): {body}"
+            );
+        }
+        let status = http.get(&format!("http://{admin}/status")).await.text();
+        assert!(
+            status.contains("Invalid credentials") && status.contains("[redacted]"),
+            "/status keeps the provider's description with the credentials redacted ({form:?}): {status}"
+        );
+        places.push((format!("{form:?} /status"), status));
+        places.push((
+            format!("{form:?} /readyz"),
+            http.get(&format!("http://{admin}/readyz")).await.text(),
+        ));
+        places.push((
+            format!("{form:?} /metrics"),
+            http.get(&format!("http://{admin}/metrics")).await.text(),
+        ));
+        places.push((
+            format!("{form:?} payments error body"),
+            payments_reply.text(),
+        ));
+        places.push((format!("{form:?} wallet error body"), wallet_reply.text()));
+        secrets.push(("refresh token".into(), refresh_token));
+        drop(running);
+    }
+
+    let urlencoded_id_secret = format!(
+        "echo-test:{}",
+        form_urlencoded::byte_serialize(ECHO_CLIENT_SECRET.as_bytes()).collect::<String>()
+    );
+    let basic = base64::engine::general_purpose::STANDARD.encode(&urlencoded_id_secret);
+    secrets.push(("client secret".into(), ECHO_CLIENT_SECRET.into()));
+    secrets.push(("password".into(), ECHO_PASSWORD.into()));
+    secrets.push(("urlencoded id:secret".into(), urlencoded_id_secret));
+    secrets.push((
+        "Basic credentials".into(),
+        basic.trim_end_matches('=').to_owned(),
+    ));
+    places.push(("logs".into(), logs.text()));
+    for (what, value) in &secrets {
+        for written in written_forms(value) {
+            for (place, text) in &places {
+                assert!(
+                    !text.contains(&written),
+                    "the {what} (as {written:?}) leaked into {place}"
+                );
+            }
         }
     }
 }

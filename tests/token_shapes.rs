@@ -138,3 +138,62 @@ async fn an_expires_at_already_past_on_our_clock_uses_a_fallback_lifetime_instea
     );
     assert_eq!(status["clients"]["payments"]["state"], "valid");
 }
+
+/// Security review (low): a lifetime too far away to format (here `default_lifetime`
+/// of 10,000 years, set past config validation) used to panic the refresher while
+/// `/status` said valid; it is clamped, `/status` shows a time, and the refresher
+/// keeps working (a rejected token is replaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_lifetime_neither_kills_the_refresher_nor_breaks_status() {
+    let (token_url, calls) =
+        fixed_token_endpoint(r#"{"access_token":"at-forever","token_type":"Bearer"}"#).await;
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin_addr = admin.local_addr().expect("addr");
+    let text = template(&token_url, "http://127.0.0.1:1", "")
+        .replace("{listen}", &proxy.local_addr().expect("addr").to_string())
+        .replace("{admin}", &admin_addr.to_string());
+    let env = tokenproxy::config::MapEnv::new().var("CLIENT_SECRET", "s");
+    let mut config = tokenproxy::config::from_str(&text, None, &env).expect("valid config");
+    config.clients[0].token.default_lifetime =
+        Some(Duration::from_secs(10_000 * 365 * 24 * 60 * 60));
+    let listeners = tokenproxy::Listeners {
+        admin,
+        proxies: [(proxy.local_addr().expect("addr"), proxy)].into(),
+    };
+    let running = tokenproxy::start(config, listeners, Arc::new(tokenproxy::clock::SystemClock))
+        .expect("sidecar starts");
+    let handle = running.token("payments").expect("client").clone();
+    assert!(
+        eventually(Duration::from_secs(5), || handle.is_ready()).await,
+        "the first token should be installed"
+    );
+    let status = TestClient::new()
+        .get(&format!("http://{admin_addr}/status"))
+        .await
+        .json();
+    let client = &status["clients"]["payments"];
+    assert_eq!(client["state"], "valid", "{status}");
+    assert!(
+        client["access_token_expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "/status shows the (clamped) expiry: {status}"
+    );
+    let token = handle.current().expect("a token");
+    assert!(
+        matches!(
+            handle.on_unauthorized(&token, true),
+            tokenproxy::token::Unauthorized::Refreshing
+        ),
+        "an invalid_token 401 asks for a new token"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || calls.load(Ordering::SeqCst) == 2
+            && handle.is_ready())
+        .await,
+        "the refresher should still be alive and fetch a new token ({} calls, state {})",
+        calls.load(Ordering::SeqCst),
+        handle.status().describe()
+    );
+}

@@ -43,6 +43,8 @@ use tls::build_tls;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
+/// Longest duration any key accepts (10 × 365 days, as the longest token lifetime kept).
+const MAX_DURATION: Duration = crate::token::response::MAX_LIFETIME;
 const DURATION_HINT: &str = "write it like \"30s\", \"15m\" or \"1h 30m\"";
 const SIZE_HINT: &str = "write it like \"1MiB\", \"32KiB\" or \"512\"";
 const LISTEN_HINT: &str = "write it like \"127.0.0.1:8080\"; hostnames are not resolved";
@@ -492,7 +494,7 @@ impl ClientConfig {
             "replay_non_idempotent",
             self.replay_non_idempotent.to_string(),
         )?;
-        row(out, "token.url", &t.url)?;
+        row(out, "token.url", crate::secret::display_url(&t.url))?;
         row(out, "token.grant", t.grant.as_str())?;
         if let Grant::Password { username, password } = &t.grant {
             row(out, "token.username", username)?;
@@ -519,7 +521,7 @@ impl ClientConfig {
         let refresh_url = t
             .refresh_url
             .as_ref()
-            .map_or_else(|| "(token.url)".to_owned(), Uri::to_string);
+            .map_or_else(|| "(token.url)".to_owned(), crate::secret::display_url);
         row(out, "token.refresh_url", refresh_url)?;
         let before = t
             .refresh_before
@@ -1269,6 +1271,15 @@ impl<'a> Table<'a> {
         if d.is_zero() && !allow_zero {
             return Err(self
                 .err(k, "must be greater than zero")
+                .with_hint(DURATION_HINT));
+        }
+        if d > MAX_DURATION {
+            // Deadlines and /status times are computed from these; nothing needs longer.
+            return Err(self
+                .err(
+                    k,
+                    format!("{} is longer than 10 years", humantime::format_duration(d)),
+                )
                 .with_hint(DURATION_HINT));
         }
         Ok(Some(d))

@@ -21,7 +21,7 @@ mod provider;
 
 pub use api::{MockApi, RecordedRequest};
 pub use provider::{
-    Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
+    Echo, Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
 };
 
 use std::convert::Infallible;

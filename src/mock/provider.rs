@@ -99,7 +99,34 @@ pub enum Fault {
     Hang,
     /// Answer 200 `application/json` with a truncated JSON body; nothing is issued.
     Garbage,
+    /// Answer 400 `invalid_grant` with an `error_description` that repeats every credential
+    /// the request carried, in the given form, as some providers do ("Invalid refresh token:
+    /// …"); nothing is issued.
+    EchoCredentials(Echo),
 }
+
+/// How [`Fault::EchoCredentials`] writes the credentials it received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// As the provider decoded them.
+    Raw,
+    /// Form-urlencoded, spaces as `+`.
+    FormEncoded,
+    /// Percent-encoded, spaces as `%20`.
+    PercentEncoded,
+    /// The `Authorization` header as received, and the urlencoded `id:secret` inside it.
+    Basic,
+}
+
+/// Body parameters a provider would consider credentials.
+const CREDENTIAL_PARAMS: &[&str] = &[
+    "client_secret",
+    "password",
+    "refresh_token",
+    "code",
+    "code_verifier",
+    "client_assertion",
+];
 
 /// What one token request looked like, as the provider received it.
 #[derive(Clone, Debug)]
@@ -429,6 +456,11 @@ async fn handle(
             shutdown.wait().await;
             Err(Closed)
         }
+        Fault::EchoCredentials(form) => Ok(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            Some(&echo_credentials(&parsed.request, form)),
+        )),
         Fault::Garbage => {
             let mut response = Response::new(full(r#"{"access_token":"tr"#));
             response.headers_mut().insert(
@@ -438,6 +470,45 @@ async fn handle(
             Ok(response)
         }
     }
+}
+
+/// "Invalid credentials: name=value …" for every credential `request` carried, in `form`.
+fn echo_credentials(request: &TokenRequest, form: Echo) -> String {
+    let encode = |value: &str| -> String {
+        match form {
+            Echo::Raw | Echo::Basic => value.to_owned(),
+            Echo::FormEncoded => form_urlencoded::byte_serialize(value.as_bytes()).collect(),
+            Echo::PercentEncoded => form_urlencoded::byte_serialize(value.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20"),
+        }
+    };
+    let mut echoed: Vec<String> = Vec::new();
+    if form == Echo::Basic {
+        if let Some(value) = request.headers.get(header::AUTHORIZATION) {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            let inside = value
+                .split_once(' ')
+                .and_then(|(_, b64)| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64.trim())
+                        .ok()
+                })
+                .map(|raw| String::from_utf8_lossy(&raw).into_owned());
+            echoed.push(format!("authorization={value}"));
+            if let Some(inside) = inside {
+                echoed.push(format!("client={inside}"));
+            }
+        }
+    } else if let Some((_, secret)) = &request.basic_auth {
+        echoed.push(format!("client_secret={}", encode(secret)));
+    }
+    for (name, value) in &request.params {
+        if CREDENTIAL_PARAMS.contains(&name.as_str()) {
+            echoed.push(format!("{name}={}", encode(value)));
+        }
+    }
+    format!("Invalid credentials: {}", echoed.join(" "))
 }
 
 /// A token request after parsing, or the reason it could not be parsed.

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request};
 
+use super::redact::Redactor;
 use crate::config::{BodyFormat, ClientAuth, Grant, TokenConfig};
 use crate::proxy::body::{full, Body};
 use crate::secret::Secret;
@@ -135,6 +136,43 @@ pub(crate) fn build_request(
         builder = builder.header(AUTHORIZATION, value);
     }
     builder.body(full(Bytes::from(body)))
+}
+
+/// Every credential the request for `kind` may carry, to scrub from the provider's answer:
+/// the client secret (also as Basic credentials), the password, the refresh token (the
+/// one sent and the configured one), the authorization code and PKCE verifier, and
+/// extra grant parameters whose name says they are credentials (`client_assertion`, ...).
+pub(crate) fn redactor(config: &TokenConfig, kind: GrantKind<'_>) -> Redactor {
+    let mut r = Redactor::default();
+    if let Some(secret) = &config.client_secret {
+        r.basic(config.client_id.as_deref().unwrap_or(""), secret.expose());
+    }
+    if let Grant::Password { password, .. } = &config.grant {
+        r.secret(password.expose());
+    }
+    if let Some(rt) = &config.refresh_token {
+        r.secret(rt.expose());
+    }
+    match kind {
+        GrantKind::Primary => {}
+        GrantKind::Refresh(token) => r.secret(token.expose()),
+        GrantKind::AuthorizationCode { code, verifier, .. } => {
+            r.secret(code.expose());
+            if let Some(v) = verifier {
+                r.secret(v.expose());
+            }
+        }
+    }
+    for (name, value) in &config.params {
+        let name = name.to_ascii_lowercase();
+        if ["assertion", "secret", "password", "token", "key"]
+            .iter()
+            .any(|word| name.contains(word))
+        {
+            r.secret(value);
+        }
+    }
+    r
 }
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 §2.3.1 requires.

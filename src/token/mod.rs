@@ -9,6 +9,7 @@
 //! the old token keeps serving until a new one is installed.
 
 mod dialect;
+mod redact;
 mod refresher;
 pub mod response;
 mod state;
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 
 pub(crate) use refresher::error_chain;
 pub use refresher::{Refresher, TokenEndpoint, TokenError};
+use state::StateCell;
 pub use state::{LastRefresh, State, Status, StoreStatus};
 
 /// What started a token request (a label of `tokenproxy_token_refreshes_total`).
@@ -334,7 +336,7 @@ impl TokenHandle {
                         reason: format!(
                             "no token within {}: {}",
                             humantime::format_duration(self.wait_timeout),
-                            status.describe()
+                            status.describe_for_app()
                         ),
                         retry_after: Duration::from_secs(1),
                     });
@@ -342,6 +344,57 @@ impl TokenHandle {
             }
         }
     }
+}
+
+/// Watches one client's refresher task until it ends.
+///
+/// A refresher that dies (a panic) must not leave the client looking healthy: the
+/// token is withdrawn, the state becomes `unavailable` with the reason (so `/readyz`
+/// answers 503 and requests get `token_unavailable` at once), and it is logged at
+/// error level. Dropping (aborting) the supervisor aborts the refresher too.
+pub(crate) async fn supervise(
+    client: String,
+    handle: TokenHandle,
+    metrics: crate::metrics::ClientMetrics,
+    task: tokio::task::JoinHandle<()>,
+) {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _abort = AbortOnDrop(task.abort_handle());
+    let Err(e) = task.await else {
+        return;
+    };
+    if e.is_cancelled() {
+        return;
+    }
+    let cause = match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .map(|s| s.chars().take(200).collect::<String>())
+            .unwrap_or_else(|| "a panic".to_owned()),
+        Err(_) => "an unknown failure".to_owned(),
+    };
+    tracing::error!(client = %client, cause = %cause,
+        "token refresher stopped unexpectedly; the client has no token until the sidecar restarts");
+    handle.shared.current.store(None);
+    handle.shared.status.send_modify(|s| {
+        s.state = StateCell(State::Unavailable);
+        s.refresher_stopped = true;
+        s.reason = Some(format!(
+            "the token refresher stopped unexpectedly ({cause}); restart the sidecar"
+        ));
+        s.access_token_expires_at = None;
+        s.next_refresh_at = None;
+        s.retry_at = None;
+    });
+    metrics.set_state(State::Unavailable);
+    metrics.set_expiry(0.0);
 }
 
 /// Creates the handle and the refresher for one client.
@@ -366,4 +419,111 @@ pub(crate) fn channel(
         shared,
         rx,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Logs written while the returned guard lives, at every level.
+    fn capture_logs() -> (
+        Arc<std::sync::Mutex<Vec<u8>>>,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buffer);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Writer(Arc::clone(&sink)))
+            .finish();
+        (buffer, tracing::subscriber::set_default(subscriber))
+    }
+
+    struct Writer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Security review (low): a refresher task that dies (a panic) used to leave the
+    /// client "valid" with nobody renewing its token; it must show in the state, in
+    /// readiness and in the logs, and requests must fail fast.
+    #[tokio::test]
+    async fn a_refresher_that_panics_shows_in_state_readiness_and_logs() {
+        let (logs, _guard) = capture_logs();
+        let (handle, shared, _commands) = channel(Duration::from_secs(30));
+        shared.current.store(Some(Arc::new(Token {
+            generation: 1,
+            header: HeaderValue::from_static("Bearer t"),
+            usable_until: None,
+            installed_at: Instant::now(),
+        })));
+        shared
+            .status
+            .send_modify(|s| s.state = StateCell(State::Valid));
+        let metrics = crate::metrics::Metrics::new()
+            .expect("metrics")
+            .client("payments");
+        let task = tokio::spawn(async { panic!("deadline arithmetic overflowed") });
+
+        supervise("payments".into(), handle.clone(), metrics, task).await;
+
+        assert!(!handle.is_ready(), "a dead refresher's client is not ready");
+        let status = handle.status();
+        assert_eq!(status.state(), State::Unavailable, "{}", status.describe());
+        assert!(
+            status.describe().contains("refresher stopped"),
+            "/readyz says why: {}",
+            status.describe()
+        );
+        let started = Instant::now();
+        let err = handle
+            .get()
+            .await
+            .expect_err("no token from a dead refresher");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "requests fail fast instead of waiting out token_wait_timeout"
+        );
+        assert!(err.reason.contains("refresher stopped"), "{}", err.reason);
+        let text = String::from_utf8_lossy(&logs.lock().expect("logs")).into_owned();
+        assert!(
+            text.contains("ERROR")
+                && text.contains("token refresher stopped unexpectedly")
+                && text.contains("payments"),
+            "the death is logged at error level: {text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn aborting_the_supervisor_aborts_the_refresher() {
+        let (handle, _shared, _commands) = channel(Duration::from_secs(1));
+        let metrics = crate::metrics::Metrics::new()
+            .expect("metrics")
+            .client("payments");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let refresher = tokio::spawn(async move {
+            let _held = tx;
+            std::future::pending::<()>().await;
+        });
+        let supervisor = tokio::spawn(supervise("payments".into(), handle, metrics, refresher));
+        tokio::task::yield_now().await;
+        supervisor.abort();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .is_ok(),
+            "the refresher should have been aborted (its sender dropped)"
+        );
+    }
 }

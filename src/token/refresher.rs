@@ -15,13 +15,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::dialect::{build_request, GrantKind};
+use super::dialect::{build_request, redactor, GrantKind};
 use super::response::{
-    parse_error, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
+    parse_error_redacted, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
+    MAX_LIFETIME,
 };
 use super::state::{LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
-use crate::clock::{epoch_seconds, rfc3339, SharedClock};
+use crate::clock::{epoch_seconds, rfc3339, wall_after, SharedClock};
 use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
 use crate::metrics::ClientMetrics;
 use crate::proxy::upstream::HttpClient;
@@ -122,6 +123,17 @@ impl TokenError {
         )
     }
 
+    /// The error as the app may see it (`token_unavailable` detail): the provider's
+    /// refusal as its RFC 6749 code and a fixed description, never its own text.
+    pub fn app_message(&self) -> String {
+        match self {
+            TokenError::Provider { url, error, .. } => {
+                format!("token endpoint {url} answered {}", error.app_summary())
+            }
+            other => other.to_string(),
+        }
+    }
+
     fn outcome(&self) -> Outcome {
         if self.is_rejection() {
             Outcome::Rejected
@@ -187,6 +199,8 @@ impl TokenEndpoint {
             GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
         };
         let url = display_url(url_ref);
+        // Provider text that repeats a credential of this request is scrubbed once, here.
+        let redactor = redactor(config, kind);
         let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
             url: url.clone(),
             reason: format!("cannot build request: {e}"),
@@ -234,7 +248,7 @@ impl TokenEndpoint {
             } else {
                 Err(TokenError::Provider {
                     url: url.clone(),
-                    error: parse_error(status, &body),
+                    error: parse_error_redacted(status, &body, &redactor),
                     retry_after,
                 })
             }
@@ -257,6 +271,22 @@ fn display_url(uri: &http::Uri) -> String {
         uri.authority().map(|a| a.as_str()).unwrap_or(""),
         uri.path()
     )
+}
+
+/// A provider's `token_type` for messages: quoted when it looks like a scheme name,
+/// else not shown (it is provider text and could carry anything).
+fn shown_token_type(token_type: Option<&str>) -> String {
+    match token_type {
+        Some(t)
+            if t.len() <= 32
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            format!("{t:?}")
+        }
+        Some(_) => "not a scheme name (not shown)".to_owned(),
+        None => "missing".to_owned(),
+    }
 }
 
 /// An error and its sources on one line.
@@ -671,8 +701,8 @@ impl Refresher {
             return Err(TokenError::Unusable {
                 url,
                 reason: format!(
-                    "token_type is {:?}, not Bearer; set clients.{}.inject.format to say how to send it",
-                    set.token_type.as_deref().unwrap_or(""),
+                    "token_type is {}, not Bearer; set clients.{}.inject.format to say how to send it",
+                    shown_token_type(set.token_type.as_deref()),
                     self.client
                 ),
             });
@@ -709,16 +739,17 @@ impl Refresher {
                 }
                 Some(l) => Some(l),
                 None => self.config.refresh_token_lifetime,
-            };
+            }
+            .map(|l| l.min(MAX_LIFETIME));
             self.refresh_token = Some(HeldRefreshToken {
                 value: rt,
-                usable_until: rt_lifetime.map(|l| now + l),
-                expires_wall: rt_lifetime.map(|l| wall_now + l),
+                usable_until: rt_lifetime.and_then(|l| now.checked_add(l)),
+                expires_wall: rt_lifetime.map(|l| wall_after(wall_now, l)),
             });
         }
         self.access = Some(HeldAccessToken {
             value: set.access_token,
-            expires_wall: lifetime.map(|l| wall_now + l),
+            expires_wall: lifetime.map(|l| wall_after(wall_now, l)),
             lifetime,
         });
         if self.persist().await {
@@ -763,25 +794,25 @@ impl Refresher {
         let token = Arc::new(Token {
             generation: self.generation,
             header,
-            usable_until: remaining.map(|l| now + l),
+            usable_until: remaining.and_then(|l| now.checked_add(l)),
             installed_at: now,
         });
         self.shared.current.store(Some(Arc::clone(&token)));
         self.current = Some(token);
-        self.refresh_at = remaining.map(|r| {
+        self.refresh_at = remaining.and_then(|r| {
             let margin = refresh_margin(lifetime.unwrap_or(r), self.config.refresh_before);
-            now + r.saturating_sub(margin)
+            now.checked_add(r.saturating_sub(margin))
         });
         self.failures = 0;
         self.retry_at = None;
         self.store.recheck_at = None;
         self.store.set_role(None);
-        let expires_wall = remaining.map(|l| wall_now + l);
+        let expires_wall = remaining.map(|l| wall_after(wall_now, l));
         self.metrics
             .set_expiry(expires_wall.map(epoch_seconds).unwrap_or(f64::INFINITY));
         let next_wall = self
             .refresh_at
-            .map(|at| wall_now + at.saturating_duration_since(now));
+            .map(|at| wall_after(wall_now, at.saturating_duration_since(now)));
         let generation = self.generation;
         let last_refresh = match origin {
             Origin::Provider {
@@ -804,6 +835,7 @@ impl Refresher {
                     grant,
                     outcome: Outcome::Success.as_str(),
                     error: None,
+                    app_error: None,
                 })
             }
             Origin::Store {
@@ -858,7 +890,7 @@ impl Refresher {
                 warn!(client = %self.client, source = set.lifetime_source.as_str(),
                     fallback_s = fallback.as_secs(),
                     "token expiry is already past by our clock (clock skew?); assuming a fallback lifetime");
-                Some(fallback)
+                Some(fallback.min(MAX_LIFETIME))
             }
             Some(l) => {
                 if set.clamped() {
@@ -867,7 +899,9 @@ impl Refresher {
                 }
                 Some(l)
             }
-            None => self.config.default_lifetime,
+            // Config validation bounds it too; clamping here keeps deadline and
+            // formatting arithmetic safe whatever the config holds.
+            None => self.config.default_lifetime.map(|l| l.min(MAX_LIFETIME)),
         }
     }
 
@@ -880,6 +914,7 @@ impl Refresher {
     ) {
         let at = crate::clock::rfc3339(self.clock.wall_now());
         let message = e.to_string();
+        let app_message = e.app_message();
         self.publish(|s| {
             s.last_refresh = Some(LastRefresh {
                 at,
@@ -887,6 +922,7 @@ impl Refresher {
                 grant,
                 outcome: outcome.as_str(),
                 error: Some(message),
+                app_error: Some(app_message),
             });
             s.refreshes_failed += 1;
         });

@@ -21,6 +21,7 @@ use base64::Engine as _;
 use http::StatusCode;
 use serde_json::{Map, Value};
 
+use super::redact::Redactor;
 use crate::secret::Secret;
 
 /// Longest lifetime kept (10 × 365 days); longer stated lifetimes are clamped to it.
@@ -638,6 +639,44 @@ impl ProviderError {
     }
 }
 
+/// What the app may be told about an RFC 6749 §5.2 code: fixed text, never the provider's.
+fn fixed_description(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "invalid_request" => "the provider found the token request malformed",
+        "invalid_client" => "the provider did not accept the client credentials",
+        "invalid_grant" => {
+            "the provider refused the grant (credentials, refresh token or code invalid, expired or revoked)"
+        }
+        "unauthorized_client" => "the client may not use this grant",
+        "unsupported_grant_type" => "the provider does not support this grant",
+        "invalid_scope" => "the provider refused the requested scope",
+        "access_denied" => "the provider denied access",
+        "invalid_token" => "the provider rejected the token",
+        "temporarily_unavailable" => "the provider is temporarily unavailable",
+        "server_error" => "the provider failed",
+        _ => return None,
+    })
+}
+
+impl ProviderError {
+    /// The refusal as the app may see it: the status, the RFC 6749 code when it is a
+    /// registered one, and a fixed description; never the provider's own text.
+    pub fn app_summary(&self) -> String {
+        let code = self
+            .error
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .and_then(|c| fixed_description(&c).map(|d| (c, d)));
+        match code {
+            Some((code, description)) => format!("{}: {code} ({description})", self.status),
+            None if self.is_rejection() => {
+                format!("{}: the provider refused the request", self.status)
+            }
+            None => format!("{}: the provider failed", self.status),
+        }
+    }
+}
+
 impl fmt::Display for ProviderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.status)?;
@@ -654,10 +693,19 @@ impl std::error::Error for ProviderError {}
 
 /// Parses a non-2xx body into what the provider said; never fails.
 pub fn parse_error(status: StatusCode, body: &[u8]) -> ProviderError {
+    parse_error_redacted(status, body, &Redactor::default())
+}
+
+/// [`parse_error`], with every credential in `redactor` scrubbed from the kept text.
+pub(crate) fn parse_error_redacted(
+    status: StatusCode,
+    body: &[u8],
+    redactor: &Redactor,
+) -> ProviderError {
     let (error, description) = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(obj)) => error_fields(&obj),
+        Ok(Value::Object(obj)) => error_fields(&obj, redactor),
         Ok(Value::Array(items)) => match items.first() {
-            Some(Value::Object(first)) => error_fields(first),
+            Some(Value::Object(first)) => error_fields(first, redactor),
             _ => (
                 None,
                 Some("unexpected JSON body (not an object)".to_owned()),
@@ -677,7 +725,7 @@ pub fn parse_error(status: StatusCode, body: &[u8]) -> ProviderError {
 }
 
 /// `error` and description from an error object, most specific source first.
-fn error_fields(obj: &Map<String, Value>) -> (Option<String>, Option<String>) {
+fn error_fields(obj: &Map<String, Value>, r: &Redactor) -> (Option<String>, Option<String>) {
     // {"error": {"code": .., "message": ..}} is common outside RFC 6749.
     let nested = obj.get("error").and_then(Value::as_object);
     // Point-of-sale style: {"errors": [{"category": .., "code": .., "detail": ..}]}.
@@ -687,25 +735,43 @@ fn error_fields(obj: &Map<String, Value>) -> (Option<String>, Option<String>) {
         .and_then(|errors| errors.first());
     let first_object = first_error.and_then(Value::as_object);
 
-    let error = text(obj, &["error"])
-        .or_else(|| nested.and_then(|o| text(o, &["code", "error", "type", "status"])))
-        .or_else(|| first_object.and_then(|o| text(o, &["code", "category"])))
-        .or_else(|| text(obj, &["code", "error_code", "errorCode"]));
-    let description = text(obj, &["error_description", "errorDescription"])
-        .or_else(|| nested.and_then(|o| text(o, &["message", "description", "detail"])))
-        .or_else(|| first_object.and_then(|o| text(o, &["detail", "message", "description"])))
-        .or_else(|| first_error.and_then(Value::as_str).and_then(sanitize))
-        .or_else(|| text(obj, &["message", "detail", "error_message", "errorMessage"]));
+    let error = text(obj, &["error"], r)
+        .or_else(|| nested.and_then(|o| text(o, &["code", "error", "type", "status"], r)))
+        .or_else(|| first_object.and_then(|o| text(o, &["code", "category"], r)))
+        .or_else(|| text(obj, &["code", "error_code", "errorCode"], r));
+    let description = text(obj, &["error_description", "errorDescription"], r)
+        .or_else(|| nested.and_then(|o| text(o, &["message", "description", "detail"], r)))
+        .or_else(|| first_object.and_then(|o| text(o, &["detail", "message", "description"], r)))
+        .or_else(|| {
+            first_error
+                .and_then(Value::as_str)
+                .and_then(|s| kept_text(s, r))
+        })
+        .or_else(|| {
+            text(
+                obj,
+                &["message", "detail", "error_message", "errorMessage"],
+                r,
+            )
+        });
     (error, description)
 }
 
 /// The first of `names` holding a string (or number) that is non-empty once sanitized.
-fn text(obj: &Map<String, Value>, names: &[&str]) -> Option<String> {
+fn text(obj: &Map<String, Value>, names: &[&str], r: &Redactor) -> Option<String> {
     names.iter().find_map(|name| match obj.get(*name)? {
-        Value::String(s) => sanitize(s),
-        Value::Number(n) => sanitize(&n.to_string()),
+        Value::String(s) => kept_text(s, r),
+        Value::Number(n) => kept_text(&n.to_string(), r),
         _ => None,
     })
+}
+
+/// Provider text as it may be kept: credentials scrubbed (before and after removing
+/// characters, which could otherwise join the pieces of a split credential), then
+/// sanitized and bounded.
+fn kept_text(s: &str, r: &Redactor) -> Option<String> {
+    let normalized = sanitize(&r.scrub(s), usize::MAX)?;
+    sanitize(&r.scrub(&normalized), MAX_TEXT_CHARS)
 }
 
 /// A note on a body that is not JSON; never any of its content.
@@ -719,8 +785,8 @@ fn non_json_description(body: &[u8]) -> &'static str {
 }
 
 /// Provider text made safe to log: control and invisible formatting characters removed,
-/// whitespace runs collapsed to one space, at most [`MAX_TEXT_CHARS`] characters.
-fn sanitize(s: &str) -> Option<String> {
+/// whitespace runs collapsed to one space, at most `max_chars` characters.
+fn sanitize(s: &str, max_chars: usize) -> Option<String> {
     let mut chars: Vec<char> = Vec::new();
     let mut space = false;
     for c in s.chars() {
@@ -732,7 +798,7 @@ fn sanitize(s: &str) -> Option<String> {
                 space = false;
             }
             chars.push(c);
-            if chars.len() > MAX_TEXT_CHARS {
+            if chars.len() > max_chars {
                 break;
             }
         }
@@ -740,8 +806,8 @@ fn sanitize(s: &str) -> Option<String> {
     if chars.is_empty() {
         return None;
     }
-    if chars.len() > MAX_TEXT_CHARS {
-        chars.truncate(MAX_TEXT_CHARS - 1);
+    if chars.len() > max_chars {
+        chars.truncate(max_chars.saturating_sub(1));
         while chars.last() == Some(&' ') {
             chars.pop();
         }
@@ -1596,6 +1662,64 @@ mod tests {
             br#"{"error":"","error_description":" \n "}"#,
         );
         assert_eq!((e.error, e.description), (None, None));
+    }
+
+    /// Security review finding 4: credentials the provider repeats are scrubbed from the
+    /// code, the description and a point-of-sale `errors` array, before truncation and
+    /// across characters that sanitizing removes.
+    #[test]
+    fn echoed_credentials_are_scrubbed_from_every_kept_field() {
+        let mut r = Redactor::default();
+        r.secret("rt-echo-1234");
+        let cases: [&[u8]; 5] = [
+            br#"{"error":"invalid_grant","error_description":"Invalid refresh token: rt-echo-1234"}"#,
+            br#"{"errors":[{"category":"AUTHENTICATION_ERROR","code":"rt-echo-1234","detail":"Invalid refresh token: rt-echo-1234"}]}"#,
+            br#"{"errors":["Invalid refresh token: rt-echo-1234"]}"#,
+            br#"{"error":{"code":"invalid_grant","message":"Invalid refresh token: rt-echo\u200b-1234"}}"#,
+            br#"{"error":"invalid_grant","error_description":"Invalid refresh token: rt-echo\u0000-1234"}"#,
+        ];
+        for body in cases {
+            let e = parse_error_redacted(StatusCode::BAD_REQUEST, body, &r);
+            let kept = format!("{e} {e:?}");
+            assert!(
+                !kept.contains("rt-echo") && kept.contains("[redacted]"),
+                "the refresh token should have been scrubbed from {}: {kept}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let long = format!(
+            r#"{{"error_description":"{}rt-echo-1234"}}"#,
+            "x ".repeat(98)
+        );
+        let e = parse_error_redacted(StatusCode::BAD_REQUEST, long.as_bytes(), &r);
+        let kept = e.description.unwrap_or_default();
+        assert!(
+            !kept.contains("rt-e"),
+            "truncation must not leave the start of a credential: {kept}"
+        );
+    }
+
+    /// Security review finding 4: the app is told the RFC 6749 code with a fixed
+    /// description, never the provider's own text or an unregistered code.
+    #[test]
+    fn the_app_summary_never_carries_provider_text() {
+        let e = parse_error(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":"INVALID_GRANT","error_description":"provider words"}"#,
+        );
+        let summary = e.app_summary();
+        assert!(
+            summary.starts_with("400 Bad Request: invalid_grant (")
+                && !summary.contains("provider words"),
+            "the app should see the code and a fixed description: {summary}"
+        );
+        let e = parse_error(StatusCode::BAD_REQUEST, br#"{"error":"secret-ish-code"}"#);
+        assert_eq!(
+            e.app_summary(),
+            "400 Bad Request: the provider refused the request"
+        );
+        let e = parse_error(StatusCode::BAD_GATEWAY, br#"{"message":"upstream words"}"#);
+        assert_eq!(e.app_summary(), "502 Bad Gateway: the provider failed");
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct LastRefresh {
     /// The error, without secrets, when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The error as the app may see it: no provider text (see `TokenError::app_message`).
+    #[serde(skip)]
+    pub(crate) app_error: Option<String>,
 }
 
 /// A snapshot of one client's token state. Holds no secret.
@@ -97,6 +100,9 @@ pub struct Status {
     pub store: Option<StoreStatus>,
     #[serde(skip)]
     pub(crate) retry_at: Option<Instant>,
+    /// The refresher task died: no token will come until a restart.
+    #[serde(skip)]
+    pub(crate) refresher_stopped: bool,
 }
 
 /// Where a client's token state is persisted or shared, and whether that works.
@@ -141,7 +147,7 @@ impl Status {
         match self.state.0 {
             State::Starting | State::Refreshing | State::Valid => None,
             State::Unavailable => Some(Unavailable {
-                reason: self.describe(),
+                reason: self.describe_for_app(),
                 retry_after: self
                     .retry_at
                     .map(|t| t.saturating_duration_since(Instant::now()))
@@ -149,7 +155,7 @@ impl Status {
                     .max(Duration::from_secs(1)),
             }),
             State::NeedsAuthorization => Some(Unavailable {
-                reason: self.describe(),
+                reason: self.describe_for_app(),
                 retry_after: Duration::from_secs(60),
             }),
         }
@@ -162,12 +168,35 @@ impl Status {
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())?;
         Some(Unavailable {
-            reason: self.describe(),
+            reason: self.describe_for_app(),
             retry_after: wait.max(Duration::from_secs(1)),
         })
     }
 
-    /// One line saying where the client stands and why.
+    /// Where the client stands and why, as the app may be told (`token_unavailable`
+    /// detail): fixed text and the RFC 6749 code, never the provider's own words.
+    pub(crate) fn describe_for_app(&self) -> String {
+        let state = self.state.0.as_str();
+        let error = self
+            .last_refresh
+            .as_ref()
+            .and_then(|l| l.app_error.as_deref());
+        if self.refresher_stopped {
+            return format!("{state}: the token refresher stopped");
+        }
+        match (self.state.0, error) {
+            (State::NeedsAuthorization, Some(e)) => {
+                format!("{state}: a new refresh token is needed; last token request failed: {e}")
+            }
+            (State::NeedsAuthorization, None) => {
+                format!("{state}: a new refresh token is needed")
+            }
+            (_, Some(e)) => format!("{state}: last token request failed: {e}"),
+            (_, None) => state.to_owned(),
+        }
+    }
+
+    /// One line saying where the client stands and why (`/readyz`, logs).
     pub fn describe(&self) -> String {
         match (&self.reason, &self.last_refresh) {
             (Some(r), _) => format!("{}: {r}", self.state.0.as_str()),

@@ -368,7 +368,10 @@ impl Refresher {
         let state = record.state;
         let now = Instant::now();
         let wall_now = self.clock.wall_now();
-        let until = |t: SystemTime| now + t.duration_since(wall_now).unwrap_or(Duration::ZERO);
+        let until = |t: SystemTime| {
+            let left = t.duration_since(wall_now).unwrap_or(Duration::ZERO);
+            now + left.min(super::MAX_LIFETIME)
+        };
         // The stored refresh token is the newest of its chain: take it, or its absence.
         self.refresh_token = state.refresh_token.map(|value| HeldRefreshToken {
             value,
