@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminClient};
 use crate::clock::SharedClock;
 use crate::config::{ClientConfig, Config};
 use crate::metrics::{self, Metrics};
@@ -188,6 +188,7 @@ fn start_on(
         Vec::new(),
         metrics.clone(),
         Arc::clone(&draining),
+        config.admin.api_key.clone(),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
 
@@ -533,7 +534,11 @@ impl Running {
         let handles = self
             .clients
             .iter()
-            .map(|(name, c)| (name.clone(), c.runtime.token.clone()))
+            .map(|(name, c)| AdminClient {
+                name: name.clone(),
+                token: c.runtime.token.clone(),
+                grant: c.config.token.grant.as_str(),
+            })
             .collect();
         self.admin.set_clients(handles);
     }
