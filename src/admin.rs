@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::error::ERROR_HEADER;
 use crate::metrics::Metrics;
+use crate::origin::HostRule;
 use crate::proxy::body::{full, Body};
 use crate::secret::Secret;
 use crate::server::PeerAddr;
@@ -42,21 +43,27 @@ pub struct Admin {
     draining: Arc<AtomicBool>,
     /// `admin.api_key`: every write needs it; `None` refuses every write.
     api_key: Option<Secret>,
+    /// Host and origin a write must come with (reads are open to any Host:
+    /// kubelet probes send the pod IP, scrapers whatever name they use).
+    hosts: HostRule,
 }
 
 impl Admin {
-    /// An admin view of `clients`; writes need `api_key`, and without one they are refused.
+    /// An admin view of `clients`; writes need `api_key` (without one they are
+    /// refused) and a Host and origin `hosts` accepts.
     pub fn new(
         clients: Vec<AdminClient>,
         metrics: Metrics,
         draining: Arc<AtomicBool>,
         api_key: Option<Secret>,
+        hosts: HostRule,
     ) -> Self {
         Admin {
             clients: ArcSwap::from_pointee(clients),
             metrics,
             draining,
             api_key,
+            hosts,
         }
     }
 
@@ -115,6 +122,16 @@ impl Admin {
                 StatusCode::FORBIDDEN,
                 &json!({"error": "forbidden", "detail": "refresh tokens are accepted from loopback only"}),
             );
+        }
+        // A page in a browser cannot set Authorization without a CORS preflight,
+        // which is never answered here; refusing foreign Host and origin also
+        // covers DNS rebinding and a key a browser might hold.
+        let browser = self
+            .hosts
+            .check_host(req.headers())
+            .and_then(|()| self.hosts.check_same_origin(req.headers()));
+        if let Err(e) = browser {
+            return e.into_response(None);
         }
         if let Some(refused) = self.write_refusal(req.headers()) {
             return refused;

@@ -50,6 +50,12 @@ pub enum ProxyError {
     /// The request is not one the sidecar forwards.
     #[error("{0}")]
     BadRequest(String),
+    /// The `Host` header names something other than this listener (DNS rebinding).
+    #[error("Host {0:?} is not this listener; tokenproxy answers to its listen address, localhost and configured allowed_hosts")]
+    MisdirectedHost(String),
+    /// A browser sent the request on behalf of a page from another site.
+    #[error("cross-site request refused ({0}); set allow_cross_site = true on the client if browsers may call it")]
+    CrossSite(String),
 }
 
 impl ProxyError {
@@ -61,6 +67,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MisdirectedHost(_) => "misdirected_request",
+            ProxyError::CrossSite(_) => "cross_site_request",
         }
     }
 
@@ -72,6 +80,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::CrossSite(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -127,6 +137,12 @@ mod tests {
             ),
             (ProxyError::NoRoute { path: "/".into() }, 404, "no_route"),
             (ProxyError::BadRequest("b".into()), 400, "bad_request"),
+            (
+                ProxyError::MisdirectedHost("h".into()),
+                421,
+                "misdirected_request",
+            ),
+            (ProxyError::CrossSite("o".into()), 403, "cross_site_request"),
         ];
         for (err, status, code) in cases {
             let r = err.into_response(Some("payments"));
