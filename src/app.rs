@@ -31,6 +31,10 @@ use crate::store::Store;
 use crate::token::{Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
 
+/// Header-read and idle timeout of admin connections: probes and scrapes send
+/// their request at once.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why the sidecar could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -230,11 +234,23 @@ fn start_on(
     // Only now: /readyz must not answer before it knows every client (an empty
     // client list would read as "all ready").
     let admin_for_task = Arc::clone(&running.admin);
+    // The admin listener has its own small caps and short timeouts, so that a
+    // neighbour holding idle connections cannot starve kubelet probes.
+    let admin_limits = crate::config::Limits {
+        max_connections: config.admin.max_connections,
+        header_read_timeout: config.limits.header_read_timeout.min(ADMIN_TIMEOUT),
+        idle_timeout: config.limits.idle_timeout.min(ADMIN_TIMEOUT),
+        ..config.limits.clone()
+    };
+    let admin_slots = Arc::new(server::ConnectionSlots::new(
+        config.admin.max_connections,
+        Some(config.admin.max_connections_per_ip),
+    ));
     running.admin_task = Some(tokio::spawn(server::serve(
         "admin",
         listeners.admin,
-        config.limits.clone(),
-        server::connection_slots(&config.limits),
+        admin_limits,
+        admin_slots,
         admin_stop_rx,
         move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
     )));
