@@ -116,7 +116,8 @@ impl Admin {
         else {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"}));
         };
-        let loopback = peer.0.ip().is_loopback();
+        // On a `[::]` listener an IPv4 peer shows as `::ffff:a.b.c.d`.
+        let loopback = peer.0.ip().to_canonical().is_loopback();
         if !loopback {
             return json_response(
                 StatusCode::FORBIDDEN,

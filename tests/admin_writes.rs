@@ -308,3 +308,60 @@ async fn a_rejected_operator_refresh_token_keeps_the_previous_one() {
     assert_eq!(s.provider.refresh_token_reuse(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Security review (low): an admin listener on `[::]` sees a loopback peer
+/// that connected to 127.0.0.1 as `::ffff:127.0.0.1`; that is loopback too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_on_all_ipv6_addresses_knows_ipv4_loopback_peers() {
+    let s = Setup::new().await;
+    let Ok(admin) = tokio::net::TcpListener::bind("[::]:0").await else {
+        eprintln!("skipped: no IPv6 on this host");
+        return;
+    };
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let proxy_addr = proxy.local_addr().expect("addr");
+    let admin_port = admin.local_addr().expect("addr").port();
+    let text = format!(
+        "[admin]\nlisten = \"[::]:{admin_port}\"\n{}\n\
+         [clients.wallet]\nlisten = \"{proxy_addr}\"\nupstream = \"{}\"\n\
+         [clients.wallet.token]\nurl = \"{}\"\ngrant = \"refresh_token\"\nclient_id = \"demo-client\"\n\
+         client_secret = \"{CLIENT_SECRET}\"\nrefresh_token = \"{}\"\n",
+        key_file_line(),
+        s.api.url(),
+        s.provider.token_url(),
+        s.provider.issue_refresh_token(),
+    );
+    let env = MapEnv::new().file(KEY_FILE, ADMIN_KEY);
+    let config = tokenproxy::config::from_str(&text, None, &env).expect("valid config");
+    let listeners = tokenproxy::Listeners {
+        admin,
+        proxies: [(proxy_addr, proxy)].into_iter().collect(),
+    };
+    let running = tokenproxy::start(
+        config,
+        listeners,
+        std::sync::Arc::new(tokenproxy::clock::SystemClock),
+    )
+    .expect("starts");
+    let sidecar = Sidecar {
+        running,
+        wallet: format!("http://{proxy_addr}/api/v1/payments"),
+        admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+    };
+    let r = s
+        .post_refresh_token(
+            &sidecar,
+            "wallet",
+            Some(&bearer()),
+            &s.provider.issue_refresh_token(),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "a peer on 127.0.0.1 is loopback on a [::] listener: {}",
+        r.text()
+    );
+}
