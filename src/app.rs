@@ -18,10 +18,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminClient};
 use crate::clock::SharedClock;
 use crate::config::{ClientConfig, Config};
 use crate::metrics::{self, Metrics};
+use crate::origin::{self, HostRule};
 use crate::proxy::body::BufferBudget;
 use crate::proxy::route::{ListenerRoutes, Route};
 use crate::proxy::upstream::{Clients, UpstreamError};
@@ -30,6 +31,10 @@ use crate::server;
 use crate::store::Store;
 use crate::token::{self, Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
+
+/// Header-read and idle timeout of admin connections: probes and scrapes send
+/// their request at once.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the sidecar could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +108,8 @@ struct ClientEntry {
 struct ListenerEntry {
     bound: SocketAddr,
     table: Arc<ArcSwap<ListenerRoutes>>,
+    /// The Host names and origins the listener accepts (from its clients).
+    hosts: Arc<ArcSwap<HostRule>>,
     stop: watch::Sender<bool>,
     /// One accept loop, or one per worker thread.
     tasks: Vec<JoinHandle<()>>,
@@ -191,6 +198,8 @@ fn start_on(
         Vec::new(),
         metrics.clone(),
         Arc::clone(&draining),
+        config.admin.api_key.clone(),
+        HostRule::new(admin_addr, config.admin.allowed_hosts.clone(), false),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
 
@@ -229,11 +238,23 @@ fn start_on(
     // Only now: /readyz must not answer before it knows every client (an empty
     // client list would read as "all ready").
     let admin_for_task = Arc::clone(&running.admin);
+    // The admin listener has its own small caps and short timeouts, so that a
+    // neighbour holding idle connections cannot starve kubelet probes.
+    let admin_limits = crate::config::Limits {
+        max_connections: config.admin.max_connections,
+        header_read_timeout: config.limits.header_read_timeout.min(ADMIN_TIMEOUT),
+        idle_timeout: config.limits.idle_timeout.min(ADMIN_TIMEOUT),
+        ..config.limits.clone()
+    };
+    let admin_slots = Arc::new(server::ConnectionSlots::new(
+        config.admin.max_connections,
+        Some(config.admin.max_connections_per_ip),
+    ));
     running.admin_task = Some(tokio::spawn(server::serve(
         "admin",
         listeners.admin,
-        config.limits.clone(),
-        server::connection_slots(&config.limits),
+        admin_limits,
+        admin_slots,
         admin_stop_rx,
         move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
     )));
@@ -462,9 +483,22 @@ impl Running {
         // Routes first: the socket is already bound, so connections queue up and
         // are served as soon as the loop starts; none may meet an empty table.
         let table = Arc::new(ArcSwap::from_pointee(self.routes_for(addr, bound)));
+        let hosts = Arc::new(ArcSwap::from_pointee(self.host_rule_for(addr, bound)));
         let (stop, stop_rx) = watch::channel(false);
         let serving = Arc::clone(&table);
-        let handler = move |req, _peer| proxy::handle(req, serving.load_full());
+        let accepting = Arc::clone(&hosts);
+        // Host and origin are checked before routing, so a refused request
+        // never reaches a client's upstream with its token.
+        let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
+            let refused = accepting.load().check(req.headers()).err();
+            let routes = serving.load_full();
+            async move {
+                match refused {
+                    Some(e) => Ok(origin::refusal_response(e, req.method(), req.uri().path())),
+                    None => proxy::handle(req, routes).await,
+                }
+            }
+        };
         let slots = server::connection_slots(limits);
         let tasks = match &self.workers {
             None => vec![tokio::spawn(server::serve(
@@ -509,6 +543,7 @@ impl Running {
             ListenerEntry {
                 bound,
                 table,
+                hosts,
                 stop,
                 tasks,
             },
@@ -536,17 +571,42 @@ impl Running {
         ListenerRoutes::new(bound, routes)
     }
 
+    /// What the listener configured as `addr` (bound at `bound`) accepts as
+    /// Host and origin: the aliases of every client on it.
+    fn host_rule_for(&self, addr: SocketAddr, bound: SocketAddr) -> HostRule {
+        let on_listener = || {
+            self.clients
+                .values()
+                .filter(move |c| c.config.listen == addr)
+        };
+        let mut aliases: Vec<String> = on_listener()
+            .flat_map(|c| c.config.allowed_hosts.iter().cloned())
+            .collect();
+        aliases.sort();
+        aliases.dedup();
+        // Clients of one listener agree on it (checked when the config is loaded).
+        let allow_cross_site = on_listener().any(|c| c.config.allow_cross_site);
+        HostRule::new(bound, aliases, allow_cross_site)
+    }
+
     /// Rebuilds every listener's routing table and the admin's client list.
     fn publish_tables(&self) {
         for (addr, entry) in &self.listeners {
             entry
                 .table
                 .store(Arc::new(self.routes_for(*addr, entry.bound)));
+            entry
+                .hosts
+                .store(Arc::new(self.host_rule_for(*addr, entry.bound)));
         }
         let handles = self
             .clients
             .iter()
-            .map(|(name, c)| (name.clone(), c.runtime.token.clone()))
+            .map(|(name, c)| AdminClient {
+                name: name.clone(),
+                token: c.runtime.token.clone(),
+                grant: c.config.token.grant.as_str(),
+            })
             .collect();
         self.admin.set_clients(handles);
     }

@@ -268,6 +268,7 @@ pub async fn authorize(
                 .unwrap_or_else(|| Secret::new(""));
             crate::operator::provide_refresh_token(
                 admin,
+                config.admin.api_key.as_ref(),
                 client_name,
                 token,
                 Duration::from_secs(15),

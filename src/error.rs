@@ -56,6 +56,12 @@ pub enum ProxyError {
     /// A method the sidecar never forwards (TRACE would echo the credential).
     #[error("method {0} is not forwarded")]
     MethodNotAllowed(http::Method),
+    /// The `Host` header names something other than this listener (DNS rebinding).
+    #[error("Host {0:?} is not this listener; tokenproxy answers to its listen address, localhost and configured allowed_hosts")]
+    MisdirectedHost(String),
+    /// A browser sent the request on behalf of a page from another site.
+    #[error("cross-site request refused ({0}); set allow_cross_site = true on the client if browsers may call it")]
+    CrossSite(String),
 }
 
 impl ProxyError {
@@ -69,6 +75,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::MisdirectedHost(_) => "misdirected_request",
+            ProxyError::CrossSite(_) => "cross_site_request",
         }
     }
 
@@ -82,6 +90,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::CrossSite(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -143,6 +153,12 @@ mod tests {
                 "method_not_allowed",
             ),
             (ProxyError::BodyTimeout("slow".into()), 408, "body_timeout"),
+            (
+                ProxyError::MisdirectedHost("h".into()),
+                421,
+                "misdirected_request",
+            ),
+            (ProxyError::CrossSite("o".into()), 403, "cross_site_request"),
         ];
         for (err, status, code) in cases {
             let r = err.into_response(Some("payments"));

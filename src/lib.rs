@@ -22,6 +22,7 @@
 //! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
 //! | [`mock`] | in-process mock provider and API for `demo` and tests |
 //! | [`operator`] | commands that talk to a running sidecar's admin listener |
+//! | [`origin`] | which `Host` and browser origin a listener accepts (DNS rebinding, cross-site requests) |
 //! | [`authorize`] | `tokenproxy authorize`: the authorization-code flow into the token store |
 //! | [`telemetry`] | log subscriber setup |
 //! | [`signal`] | SIGTERM/SIGINT → drain |
@@ -48,6 +49,7 @@ pub mod error;
 pub mod metrics;
 pub mod mock;
 pub mod operator;
+pub mod origin;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -237,6 +237,7 @@ fn provide_refresh_token(path: &Path, client: &str) -> anyhow::Result<()> {
     let admin = tokenproxy::operator::admin_target(config.admin.listen);
     let status = runtime()?.block_on(tokenproxy::operator::provide_refresh_token(
         admin,
+        config.admin.api_key.as_ref(),
         client,
         tokenproxy::secret::Secret::new(token),
         std::time::Duration::from_secs(15),

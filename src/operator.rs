@@ -32,6 +32,9 @@ pub enum OperatorError {
         /// Its JSON answer.
         body: String,
     },
+    /// The configuration names no admin key, so the sidecar refuses admin writes.
+    #[error("admin writes need a key: set admin.api_key_file (or admin.api_key) in the config, the same key the running sidecar uses")]
+    NoApiKey,
     /// The new refresh token did not produce a token in time.
     #[error("client {client} is {state} after the new refresh token: {reason}")]
     NotRecovered {
@@ -58,14 +61,23 @@ pub fn admin_target(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Sends `token` to the sidecar at `admin` for `client`, then waits up to `wait`
-/// for the client to hold a valid token. Returns the client's `/status` entry.
+/// Sends `token` to the sidecar at `admin` for `client`, authenticated with
+/// `api_key` (`admin.api_key`), then waits up to `wait` for the client to hold a
+/// valid token. Returns the client's `/status` entry.
 pub async fn provide_refresh_token(
     admin: SocketAddr,
+    api_key: Option<&Secret>,
     client: &str,
     token: Secret,
     wait: Duration,
 ) -> Result<serde_json::Value, OperatorError> {
+    let api_key = api_key.ok_or(OperatorError::NoApiKey)?;
+    let authorization = http::HeaderValue::try_from(format!("Bearer {}", api_key.expose()))
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        })
+        .map_err(|_| OperatorError::NoApiKey)?;
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let before = status_of(&http, admin, client).await?;
@@ -74,6 +86,7 @@ pub async fn provide_refresh_token(
         .method(Method::POST)
         .uri(format!("http://{admin}/clients/{client}/refresh-token"))
         .header("content-type", "text/plain")
+        .header(http::header::AUTHORIZATION, authorization)
         .body(Full::new(Bytes::copy_from_slice(token.expose().as_bytes())))
         .map_err(|e| unreachable(admin, e))?;
     let (status, body) = call(&http, admin, req).await?;

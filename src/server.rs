@@ -2,8 +2,11 @@
 //! header-read timeout (hyper's is off unless a timer is set), head size and
 //! header count limits, a connection cap, and graceful drain.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -12,7 +15,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
 use crate::config::Limits;
@@ -20,25 +24,120 @@ use crate::proxy::body::Body;
 
 /// The connection's remote address, handed to the handler with each request.
 #[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub std::net::SocketAddr);
+pub struct PeerAddr(pub SocketAddr);
 
-/// One connection cap for a listener: `limits.max_connections` slots, shared by
-/// every loop that accepts from it. (tokio's semaphore holds at most
+/// How often a listener logs that it refused connections; the lines in between
+/// are counted into the next one, so a flood cannot fill the log.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The connection slots of one listener: a total cap shared by every loop that
+/// accepts from it, optionally a cap per peer IP, and the rate-limited log of
+/// refused connections. (tokio's semaphore holds at most
 /// `Semaphore::MAX_PERMITS`, about 2^61, which no socket count reaches.)
-pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ))
+pub struct ConnectionSlots {
+    total: Arc<Semaphore>,
+    max: usize,
+    per_ip: Option<PerIp>,
+    refusals: Mutex<Refusals>,
+}
+
+struct PerIp {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+#[derive(Default)]
+struct Refusals {
+    last_logged: Option<Instant>,
+    since: u64,
+}
+
+/// `limits.max_connections` slots for a proxy listener.
+pub fn connection_slots(limits: &Limits) -> Arc<ConnectionSlots> {
+    Arc::new(ConnectionSlots::new(limits.max_connections, None))
+}
+
+impl ConnectionSlots {
+    /// `max` connections in all; with `per_ip`, at most that many from one peer IP.
+    pub fn new(max: usize, per_ip: Option<usize>) -> Self {
+        ConnectionSlots {
+            total: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            max,
+            per_ip: per_ip.map(|max| PerIp {
+                max,
+                open: Mutex::new(HashMap::new()),
+            }),
+            refusals: Mutex::new(Refusals::default()),
+        }
+    }
+
+    /// A slot for a connection from `peer`, or `None` when a cap is reached.
+    fn acquire(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+        let permit = Arc::clone(&self.total).try_acquire_owned().ok()?;
+        let peer = peer.to_canonical();
+        if let Some(per_ip) = &self.per_ip {
+            let mut open = per_ip.open.lock().unwrap_or_else(|e| e.into_inner());
+            let n = open.entry(peer).or_insert(0);
+            if *n >= per_ip.max {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Slot {
+            _permit: permit,
+            slots: Arc::clone(self),
+            peer,
+        })
+    }
+
+    /// Counts a refused connection; logs at most once per [`REFUSAL_LOG_INTERVAL`].
+    fn refused(&self, listener: &'static str, peer: SocketAddr) {
+        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        r.since += 1;
+        let now = Instant::now();
+        if r.last_logged
+            .is_some_and(|at| now < at + REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        let per_ip = self.per_ip.as_ref().map(|p| p.max);
+        warn!(listener, peer = %peer, refused = r.since, max = self.max, max_per_ip = ?per_ip,
+            interval_s = REFUSAL_LOG_INTERVAL.as_secs(),
+            "connections refused: limit reached (count since the last such line)");
+        r.since = 0;
+        r.last_logged = Some(now);
+    }
+}
+
+/// One open connection's share of [`ConnectionSlots`]; released on drop.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    slots: Arc<ConnectionSlots>,
+    peer: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(per_ip) = &self.slots.per_ip {
+            let mut open = per_ip.open.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = open.get_mut(&self.peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(&self.peer);
+                }
+            }
+        }
+    }
 }
 
 /// Serves `listener` until `stop` turns true, then waits for its open
 /// connections to finish their in-flight requests (the caller bounds the wait).
-/// Each connection holds one of `slots` while open.
+/// Each connection holds one of `slots` while open; beyond them it is closed at once.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
-    slots: Arc<Semaphore>,
+    slots: Arc<ConnectionSlots>,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
@@ -67,12 +166,12 @@ pub async fn serve<F, Fut>(
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 warn!(listener = name, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            warn!(listener = name, peer = %peer, max = limits.max_connections, "connection refused: limit reached");
+        let Some(permit) = slots.acquire(peer.ip()) else {
+            slots.refused(name, peer);
             drop(stream);
             continue;
         };
@@ -110,13 +209,35 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            connection_slots(&limits).available_permits(),
+            connection_slots(&limits).total.available_permits(),
             Semaphore::MAX_PERMITS
         );
         let limits = Limits {
             max_connections: 3,
             ..Limits::default()
         };
-        assert_eq!(connection_slots(&limits).available_permits(), 3);
+        assert_eq!(connection_slots(&limits).total.available_permits(), 3);
+    }
+
+    /// Security review finding 9: one peer cannot take every admin slot.
+    #[test]
+    fn a_peer_gets_at_most_its_share_and_gets_it_back_on_close() {
+        let slots = Arc::new(ConnectionSlots::new(4, Some(2)));
+        let flood: IpAddr = "10.0.0.9".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().expect("ip");
+        let a = slots.acquire(flood).expect("first");
+        let _b = slots.acquire(mapped).expect("second, same peer as ::ffff:");
+        assert!(
+            slots.acquire(flood).is_none(),
+            "a third from one peer is refused"
+        );
+        let _c = slots
+            .acquire("10.0.0.10".parse().expect("ip"))
+            .expect("another peer still gets one");
+        drop(a);
+        assert!(
+            slots.acquire(flood).is_some(),
+            "a closed connection frees its slot"
+        );
     }
 }

@@ -158,7 +158,7 @@ async fn connect_and_foreign_absolute_uris_are_refused() {
     wait_ready(&h).await;
     let connect = raw(
         h.proxy,
-        "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+        "CONNECT evil.example:443 HTTP/1.1\r\nHost: localhost\r\n\r\n",
     )
     .await;
     assert!(
@@ -168,7 +168,7 @@ async fn connect_and_foreign_absolute_uris_are_refused() {
     assert!(connect.contains("x-tokenproxy-error: bad_request"));
     let foreign = raw(
         h.proxy,
-        "GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        "GET http://evil.example/steal HTTP/1.1\r\nHost: localhost\r\n\r\n",
     )
     .await;
     assert!(
@@ -328,7 +328,7 @@ async fn a_request_waiting_in_the_backlog_at_start_is_routed_not_refused() {
         // The request is written before the sidecar starts: it waits in the backlog.
         let queued = tokio::spawn(raw(
             addr,
-            "GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         ));
         tokio::time::sleep(Duration::from_millis(5)).await;
         let mut proxies = BTreeMap::new();

@@ -98,27 +98,27 @@ async fn smuggling_and_malformed_requests_get_400_and_a_closed_connection() {
     let cases: &[(&str, &[u8], &str)] = &[
         (
             "conflicting Content-Length",
-            b"POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            b"POST /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
             "HTTP/1.1 400",
         ),
         (
             "obs-fold",
-            b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+            b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nX-Folded: a\r\n b\r\n\r\n",
             "HTTP/1.1 400",
         ),
         (
             "bad chunk size",
-            b"POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            b"POST /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
             "HTTP/1.1 400",
         ),
         (
             "invalid header byte",
-            b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+            b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nX-Bad: a\x01b\r\n\r\n",
             "HTTP/1.1 400",
         ),
         (
             "space before colon",
-            b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nX-Bad : a\r\n\r\n",
+            b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nX-Bad : a\r\n\r\n",
             "HTTP/1.1 400",
         ),
         (
@@ -128,12 +128,12 @@ async fn smuggling_and_malformed_requests_get_400_and_a_closed_connection() {
         ),
         (
             "absolute-form URI naming another host",
-            b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+            b"GET http://evil.example/steal HTTP/1.1\r\nHost: localhost\r\n\r\n",
             "HTTP/1.1 400",
         ),
         (
             "CONNECT",
-            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: localhost\r\n\r\n",
             "HTTP/1.1 400",
         ),
     ];
@@ -176,8 +176,8 @@ async fn content_length_with_transfer_encoding_is_framed_by_the_latter_and_the_c
     let s = setup("").await;
     let r = raw(
         s.proxy,
-        b"POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
-          5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n",
         Duration::from_secs(2),
     )
     .await;
@@ -205,7 +205,7 @@ async fn content_length_with_transfer_encoding_is_framed_by_the_latter_and_the_c
 async fn oversized_heads_get_431() {
     let s = setup("max_header_bytes = \"8KiB\"\nmax_headers = 20").await;
     let big = format!(
-        "GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
         "a".repeat(16 * 1024)
     );
     let r = raw(s.proxy, big.as_bytes(), Duration::from_secs(2)).await;
@@ -216,7 +216,7 @@ async fn oversized_heads_get_431() {
     );
     still_serves(&s, "an oversized head").await;
 
-    let mut many = String::from("GET /api/v1/payments HTTP/1.1\r\nHost: x\r\n");
+    let mut many = String::from("GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\n");
     for i in 0..40 {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
@@ -235,7 +235,7 @@ async fn a_slow_head_is_cut_off_after_header_read_timeout() {
     let s = setup("header_read_timeout = \"1s\"").await;
     let started = tokio::time::Instant::now();
     let mut conn = TcpStream::connect(s.proxy).await.expect("connect");
-    conn.write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\n")
+    conn.write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("write");
     // Never finish the head: the server must give up on its own.
@@ -269,7 +269,7 @@ async fn connections_beyond_max_connections_are_refused() {
     let refused = loop {
         let mut conn = TcpStream::connect(s.proxy).await.expect("connect");
         let _ = conn
-            .write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await;
         let mut buf = [0u8; 4096];
         match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await {
@@ -293,7 +293,7 @@ async fn connections_beyond_max_connections_are_refused() {
                 use std::io::{Read, Write};
                 c.set_read_timeout(Some(Duration::from_secs(1)))?;
                 c.write_all(
-                    b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
                 )?;
                 let mut b = [0u8; 12];
                 c.read_exact(&mut b)?;
@@ -447,7 +447,7 @@ async fn trace_is_answered_405_and_never_forwarded() {
     let before = s.api.requests();
     let reply = raw(
         s.proxy,
-        b"TRACE /api/v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"TRACE /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         Duration::from_secs(2),
     )
     .await;
@@ -516,7 +516,7 @@ async fn a_trickling_body_is_cut_off_with_408() {
     let s = setup("body_timeout = \"1s\"").await;
     let head = |len: usize| {
         format!(
-            "POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nContent-Type: application/json\r\n\r\n"
+            "POST /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len}\r\nContent-Type: application/json\r\n\r\n"
         )
     };
     let before = s.api.requests();
@@ -567,7 +567,7 @@ async fn a_slow_but_steady_body_is_not_cut_off() {
     // 30 bytes, one per 60 ms (16 B/s > 10 B/s): 1.8 s in all.
     let (text, took) = trickle(
         s.proxy,
-        "POST /api/v1/payments HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n".into(),
+        "POST /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30\r\n\r\n".into(),
         30,
         Duration::from_millis(60),
         Duration::from_secs(5),

@@ -23,6 +23,27 @@ fn rotating_password_provider(lifetime: Duration) -> ProviderConfig {
     }
 }
 
+const ADMIN_KEY: &str = "admin-key-3f9c2a7d51e84b06";
+
+/// The harness's one-client template with an admin key, so the operator can
+/// hand the running sidecar a refresh token.
+const ONE_CLIENT_WITH_ADMIN_KEY: &str = r#"
+[admin]
+listen = "{admin}"
+api_key = "admin-key-3f9c2a7d51e84b06"
+
+[clients.payments]
+listen = "{listen}"
+upstream = "{upstream}"
+{client_extra}
+
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "${CLIENT_SECRET}"
+{token_extra}
+"#;
+
 const PASSWORD_GRANT: &str = r#"grant = "password"
 username = "alice"
 password = "alice-password""#;
@@ -200,6 +221,7 @@ async fn a_dead_bootstrap_refresh_token_means_needs_authorization_until_an_opera
 
     let mut options = Options {
         provider: rotating_password_provider(Duration::from_secs(60)),
+        template: ONE_CLIENT_WITH_ADMIN_KEY,
         ..Options::default()
     };
     options.token_extra =
@@ -276,7 +298,7 @@ async fn a_dead_bootstrap_refresh_token_means_needs_authorization_until_an_opera
     std::fs::write(
         &file,
         format!(
-            "[admin]\nlisten = \"{admin}\"\n[clients.payments]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:1\"\n\
+            "[admin]\nlisten = \"{admin}\"\napi_key = \"{ADMIN_KEY}\"\n[clients.payments]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:1\"\n\
              [clients.payments.token]\nurl = \"http://127.0.0.1:1/token\"\ngrant = \"refresh_token\"\nclient_id = \"demo-client\"\n\
              refresh_token = \"unused\"\n"
         ),

@@ -296,7 +296,7 @@ async fn a_reset_before_the_response_is_a_502_and_the_sidecar_keeps_serving() {
 async fn a_reset_in_the_middle_of_the_body_ends_the_app_connection_instead_of_hanging() {
     let upstream = scripted_upstream("reset-mid-body").await;
     let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
-    let (text, ended) = raw_exchange(proxy, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (text, ended) = raw_exchange(proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(
         text.starts_with("HTTP/1.1 200"),
         "the head was already on its way: {text:?}"

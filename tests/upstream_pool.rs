@@ -143,7 +143,7 @@ async fn an_upstream_connection_left_mid_body_is_never_reused_and_the_next_reque
     let mut app = tokio::net::TcpStream::connect(proxy)
         .await
         .expect("connect");
-    app.write_all(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+    app.write_all(b"GET /stall HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .expect("write");
     let mut buf = vec![0u8; 16 * 1024];

@@ -49,7 +49,7 @@ fn template(provider: &MockProvider, api: &MockApi, max_connections: usize) -> S
 /// Sends one GET on `conn` and reads the answer's first bytes; None when the
 /// sidecar closed the connection without answering.
 async fn one_request(conn: &mut TcpStream) -> Option<Vec<u8>> {
-    conn.write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .ok()?;
     let mut buf = vec![0u8; 4096];
@@ -127,7 +127,9 @@ async fn max_connections_holds_across_all_workers() {
         let served = |addr: SocketAddr| -> std::io::Result<bool> {
             let mut c = std::net::TcpStream::connect(addr)?;
             c.set_read_timeout(Some(Duration::from_secs(1)))?;
-            c.write_all(b"GET /api/v1/payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            c.write_all(
+                b"GET /api/v1/payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )?;
             let mut b = [0u8; 12];
             c.read_exact(&mut b)?;
             Ok(&b == b"HTTP/1.1 200")

@@ -16,20 +16,13 @@ use serde::Deserialize;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
-    pub(super) admin: Option<RawAdmin>,
+    pub(super) admin: Option<super::admin::RawAdmin>,
     pub(super) log: Option<RawLog>,
     pub(super) limits: Option<RawLimits>,
     pub(super) runtime: Option<RawRuntime>,
     pub(super) store: Option<RawStore>,
     // A BTreeMap keeps clients sorted by name, which is the order of `Config::clients`.
     pub(super) clients: Option<BTreeMap<String, RawClient>>,
-}
-
-/// `[admin]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawAdmin {
-    pub(super) listen: Option<String>,
 }
 
 /// `[log]`.
@@ -85,6 +78,8 @@ pub(super) struct RawClient {
     pub(super) listen: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) path_prefix: Option<String>,
+    pub(super) allowed_hosts: Option<Vec<String>>,
+    pub(super) allow_cross_site: Option<bool>,
     pub(super) retry_body_limit: Option<Scalar>,
     pub(super) timeout: Option<Scalar>,
     pub(super) token_wait_timeout: Option<Scalar>,

@@ -7,6 +7,7 @@
 //! cross-field rules checked. [`load`] only reads the file first. Every failure
 //! is a [`ConfigError`] naming the file, the dotted key and a fix.
 
+mod admin;
 mod authorize;
 mod egress;
 mod env;
@@ -15,6 +16,7 @@ mod file;
 mod store;
 mod tls;
 
+pub use admin::AdminConfig;
 pub use authorize::AuthorizeConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
@@ -34,6 +36,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, StatusCode, Uri};
 
 use crate::secret::Secret;
+use admin::{build_admin, host_list};
 use authorize::build_authorize;
 use egress::build_proxy;
 use env::Expander;
@@ -94,21 +97,6 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[clients.NAME]`, sorted by name; never empty.
     pub clients: Vec<ClientConfig>,
-}
-
-/// `[admin]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminConfig {
-    /// Address of `/metrics`, `/healthz`, `/readyz`, `/status`; default `127.0.0.1:9090`.
-    pub listen: SocketAddr,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-        }
-    }
 }
 
 /// `[log]`.
@@ -227,6 +215,13 @@ pub struct ClientConfig {
     pub upstream: UpstreamUrl,
     /// Set when clients share `listen`: starts with '/', no trailing '/'; stripped before forwarding.
     pub path_prefix: Option<String>,
+    /// Host names besides the listen address and `localhost` the app may use for
+    /// this listener (lower case, `host` or `host:port`); a listener accepts those
+    /// of every client on it.
+    pub allowed_hosts: Vec<String>,
+    /// Whether browsers may send cross-site requests (`Origin` of another host,
+    /// `Sec-Fetch-Site: cross-site`); default false. Clients sharing a listener agree.
+    pub allow_cross_site: bool,
     /// Request bodies up to this are buffered so a 401 can be replayed; 0 = never replay; default 1MiB.
     pub retry_body_limit: usize,
     /// The whole upstream request; default 30s.
@@ -410,6 +405,13 @@ impl Config {
         writeln!(out, "config {source}: ok, {n} client{plural}")?;
         writeln!(out, "admin")?;
         row(out, "listen", self.admin.listen)?;
+        row(out, "api_key", secret_text(self.admin.api_key.as_ref()))?;
+        row(out, "max_connections", self.admin.max_connections)?;
+        row(
+            out,
+            "max_connections_per_ip",
+            self.admin.max_connections_per_ip,
+        )?;
         writeln!(out, "log")?;
         row(out, "level", &self.log.level)?;
         row(out, "format", self.log.format.as_str())?;
@@ -589,12 +591,7 @@ fn size_text(n: usize) -> String {
 
 fn build(raw: RawConfig, source: Option<&Path>, x: &Expander<'_>) -> Result<Config, ConfigError> {
     let top = Table::new(x, "");
-    let admin = match raw.admin.and_then(|a| a.listen) {
-        Some(listen) => AdminConfig {
-            listen: top.listen("admin.listen", &listen)?,
-        },
-        None => AdminConfig::default(),
-    };
+    let admin = build_admin(raw.admin.unwrap_or_default(), &Table::new(x, "admin"))?;
     let log = build_log(raw.log.unwrap_or_default(), &Table::new(x, "log"))?;
     let limits = build_limits(raw.limits.unwrap_or_default(), &Table::new(x, "limits"))?;
     let runtime = build_runtime(raw.runtime.unwrap_or_default(), &Table::new(x, "runtime"))?;
@@ -612,6 +609,7 @@ fn build(raw: RawConfig, source: Option<&Path>, x: &Expander<'_>) -> Result<Conf
         .map(|(name, c)| build_client(&name, c, x))
         .collect::<Result<Vec<_>, _>>()?;
     check_listeners(&admin, &clients)?;
+    admin::check_cross_site(&clients)?;
     Ok(Config {
         source: source.map(Path::to_path_buf),
         admin,
@@ -726,6 +724,8 @@ fn build_client(name: &str, raw: RawClient, x: &Expander<'_>) -> Result<ClientCo
         listen,
         upstream,
         path_prefix,
+        allowed_hosts: host_list(&t, "allowed_hosts", raw.allowed_hosts)?,
+        allow_cross_site: raw.allow_cross_site.unwrap_or(false),
         retry_body_limit: t.size(
             "retry_body_limit",
             raw.retry_body_limit,

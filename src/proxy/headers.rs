@@ -1,7 +1,9 @@
 //! Header rules for forwarded requests and responses: hop-by-hop headers are
 //! stripped (RFC 9110 §7.6.1, including those named in `Connection`), `Host` is
 //! the upstream's, the app's credentials are replaced, and every request carries
-//! an `x-request-id`.
+//! an `x-request-id`. A header spelled with `_` where one of those has `-`
+//! (`X_Api_Key`, `Content_Length`) is dropped: CGI and WSGI upstreams read `_` and
+//! `-` alike and would merge it with the real one.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -70,6 +72,7 @@ pub fn prepare_request(
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
+    strip_underscore_aliases(headers, inject);
     // Room for `host`, `x-request-id` and the token: one growth at most, not one per insert.
     headers.reserve(3);
     headers.remove(header::AUTHORIZATION);
@@ -80,6 +83,30 @@ pub fn prepare_request(
     headers
         .entry(&REQUEST_ID)
         .or_insert_with(|| request_id.clone());
+}
+
+/// Removes headers whose name, read with `_` as `-`, is one the sidecar owns:
+/// the credential headers, `Host`, the framing headers, hop-by-hop names.
+fn strip_underscore_aliases(headers: &mut HeaderMap, inject: &HeaderName) {
+    if !headers.keys().any(|n| n.as_str().contains('_')) {
+        return;
+    }
+    let owned = |dashed: &str| {
+        dashed == inject.as_str()
+            || matches!(
+                dashed,
+                "authorization" | "host" | "content-length" | "x-request-id"
+            )
+            || HeaderName::from_bytes(dashed.as_bytes()).is_ok_and(|n| is_hop_by_hop(&n))
+    };
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_') && owned(&n.as_str().replace('_', "-")))
+        .cloned()
+        .collect();
+    for name in gone {
+        headers.remove(name);
+    }
 }
 
 /// A new request id: 16 random hex digits.
@@ -96,6 +123,40 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Security review (low): underscore aliases of the inject, Authorization,
+    /// Host and framing headers would merge with the real ones at a CGI/WSGI
+    /// upstream; they are dropped, other underscore headers are kept.
+    #[test]
+    fn underscore_aliases_of_owned_headers_are_dropped() {
+        let mut h = map(&[
+            ("x_api_key", "app-chosen"),
+            ("authorization", "Bearer app"),
+            ("content_length", "5"),
+            ("transfer_encoding", "chunked"),
+            ("x_request_id", "forged"),
+            ("x_custom_trace", "kept"),
+            ("x_host", "kept"),
+        ]);
+        let inject = HeaderName::from_static("x-api-key");
+        prepare_request(
+            &mut h,
+            &HeaderValue::from_static("api.example"),
+            &inject,
+            &HeaderValue::from_static("id"),
+        );
+        for gone in [
+            "x_api_key",
+            "content_length",
+            "transfer_encoding",
+            "x_request_id",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must be dropped");
+        }
+        assert_eq!(h["x_custom_trace"], "kept");
+        assert_eq!(h["x_host"], "kept");
+        assert!(!h.contains_key("authorization"));
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

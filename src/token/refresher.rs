@@ -544,12 +544,11 @@ impl Refresher {
 
     fn on_new_refresh_token(&mut self, token: Secret) -> Option<Trigger> {
         info!(client = %self.client, "a new refresh token was provided; using it now");
-        self.refresh_token = Some(HeldRefreshToken {
+        self.start_operator_trial(HeldRefreshToken {
             value: token,
             usable_until: None,
             expires_wall: None,
         });
-        self.store.operator_refresh_token = true;
         self.needs_authorization = false;
         self.store.check_at = None;
         self.failures = 0;
@@ -654,6 +653,11 @@ impl Refresher {
                     self.record_failure(trigger, grant, outcome, &e);
                     let was_refresh = matches!(kind, GrantKind::Refresh(_));
                     if was_refresh && e.is_rejection() {
+                        match self.end_operator_trial(&e) {
+                            Some(true) => continue,
+                            Some(false) => return Ok(()),
+                            None => {}
+                        }
                         warn!(client = %self.client, error = %e, "refresh token rejected; dropping it");
                         self.drop_refresh_token();
                         if self.has_primary_grant() {
@@ -752,11 +756,14 @@ impl Refresher {
             expires_wall: lifetime.map(|l| wall_after(wall_now, l)),
             lifetime,
         });
+        if let Some(trial) = &mut self.store.operator_trial {
+            trial.proven = true;
+        }
         if self.persist().await {
             // Another replica stored a newer token meanwhile, and it was taken instead.
             return Ok(());
         }
-        self.store.operator_refresh_token = false;
+        self.store.operator_trial = None;
         let origin = Origin::Provider {
             trigger,
             grant,

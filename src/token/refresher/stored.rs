@@ -19,11 +19,11 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, Trigger};
+use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, TokenError, Trigger};
 use crate::store::{
     next_generation, ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState,
 };
-use crate::token::state::StoreStatus;
+use crate::token::state::{State, StoreStatus};
 
 /// How often a follower looks at the record while another replica refreshes.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -71,7 +71,19 @@ pub(super) struct StoreLink {
     error: Option<String>,
     role: Option<&'static str>,
     /// The refresh token came from an operator: use it, do not take the stored one.
-    pub(super) operator_refresh_token: bool,
+    pub(super) operator_trial: Option<OperatorTrial>,
+}
+
+/// An operator's refresh token on trial: it is used, but it neither replaces
+/// the stored chain nor the previous refresh token until the provider has
+/// accepted it, so a mistyped or hostile token cannot destroy a working grant.
+pub(super) struct OperatorTrial {
+    /// The refresh token held before, restored if the provider rejects the new one.
+    previous: Option<HeldRefreshToken>,
+    /// Whether the client was in `needs_authorization` before.
+    needs_authorization: bool,
+    /// The provider accepted it; the state it produced may be stored.
+    pub(super) proven: bool,
 }
 
 impl StoreLink {
@@ -90,7 +102,7 @@ impl StoreLink {
             available: true,
             error: None,
             role: None,
-            operator_refresh_token: false,
+            operator_trial: None,
         }
     }
 
@@ -354,7 +366,7 @@ impl Refresher {
     /// token is fresh enough that no token request is needed.
     fn take_loaded(&mut self, loaded: Loaded) -> bool {
         self.store.seen = self.store.seen.max(loaded.generation);
-        if self.store.operator_refresh_token {
+        if self.store.operator_trial.is_some() {
             return false;
         }
         match loaded.record {
@@ -419,10 +431,62 @@ impl Refresher {
             access_token: self.access.as_ref().map(|a| a.value.clone()),
             access_expires_at: self.access.as_ref().and_then(|a| a.expires_wall),
             lifetime: self.access.as_ref().and_then(|a| a.lifetime),
-            refresh_token: self.refresh_token.as_ref().map(|r| r.value.clone()),
-            refresh_expires_at: self.refresh_token.as_ref().and_then(|r| r.expires_wall),
+            refresh_token: self.stored_refresh_token().map(|r| r.value.clone()),
+            refresh_expires_at: self.stored_refresh_token().and_then(|r| r.expires_wall),
             obtained_at: self.clock.wall_now(),
         }
+    }
+
+    /// The refresh token to store: an operator's one only once it has worked.
+    fn stored_refresh_token(&self) -> Option<&HeldRefreshToken> {
+        match &self.store.operator_trial {
+            Some(trial) if !trial.proven => trial.previous.as_ref(),
+            _ => self.refresh_token.as_ref(),
+        }
+    }
+
+    /// Puts an operator's refresh token on trial in place of the current one.
+    pub(super) fn start_operator_trial(&mut self, token: HeldRefreshToken) {
+        let previous = self.refresh_token.replace(token);
+        // A second token before the first was tried replaces it; the one held
+        // before the first stays the fallback.
+        if self.store.operator_trial.is_none() {
+            self.store.operator_trial = Some(OperatorTrial {
+                previous,
+                needs_authorization: self.needs_authorization,
+                proven: false,
+            });
+        }
+    }
+
+    /// After the provider rejected a refresh token: if it was an operator's on
+    /// trial, the previous refresh token is held again and nothing is stored.
+    /// `None`: no trial was on. `Some(true)`: no usable token is held, so the
+    /// previous refresh token is to be used now. `Some(false)`: done.
+    pub(super) fn end_operator_trial(&mut self, e: &TokenError) -> Option<bool> {
+        let trial = self.store.operator_trial.take_if(|t| !t.proven)?;
+        warn!(client = %self.client, error = %e,
+            "the provided refresh token was rejected; keeping the previous one");
+        self.refresh_token = trial.previous;
+        let held = self.refresh_token.is_some();
+        let expires = self
+            .refresh_token
+            .as_ref()
+            .and_then(|r| r.expires_wall)
+            .map(crate::clock::rfc3339);
+        self.publish(|s| {
+            s.has_refresh_token = held;
+            s.refresh_token_expires_at = expires;
+        });
+        if trial.needs_authorization || !held {
+            self.enter_needs_authorization(format!("the provided refresh token was rejected: {e}"));
+            return Some(false);
+        }
+        if self.token_usable(Instant::now()) {
+            self.set_state(State::Valid);
+            return Some(false);
+        }
+        Some(true)
     }
 
     fn store_ok(&mut self) {
