@@ -36,6 +36,17 @@ use crate::workers::Workers;
 /// their request at once.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How much longer than `token.timeout` a reload waits for a refresher to stop:
+/// a token request under way is answered (or times out) first, and the store
+/// write that follows it takes a few of the store's own bounded operations.
+const STOP_SLACK: Duration = Duration::from_secs(10);
+
+/// A client's HTTP clients, built before anything of a reload changes.
+struct PreparedClient {
+    upstream_http: proxy::upstream::HttpClient,
+    token_http: proxy::upstream::HttpClient,
+}
+
 /// Why the sidecar could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -103,6 +114,28 @@ struct ClientEntry {
     config: ClientConfig,
     runtime: Arc<ClientRuntime>,
     refresher: JoinHandle<()>,
+}
+
+/// What a reloaded client continues from: `None`, nothing (a new client or
+/// another account); `Some(Some(state))`, its predecessor's state;
+/// `Some(None)`, a predecessor that did not stop in time, whose refresh
+/// token may have been spent meanwhile.
+type ContinuedState = Option<Option<token::Handover>>;
+
+/// Stops a client's refresher between token requests and takes its state:
+/// `None` when it did not stop within `token.timeout` + [`STOP_SLACK`] (it is
+/// then aborted, and its refresh token counts as possibly spent).
+async fn stop_client(entry: ClientEntry) -> Option<token::Handover> {
+    let bound = entry.config.token.timeout + STOP_SLACK;
+    match tokio::time::timeout(bound, entry.runtime.token.stop()).await {
+        Ok(state) => state,
+        Err(_elapsed) => {
+            warn!(client = %entry.config.name, waited_s = bound.as_secs(),
+                "token refresher did not stop in time; aborted, and its refresh token is treated as possibly spent");
+            entry.refresher.abort();
+            None
+        }
+    }
 }
 
 struct ListenerEntry {
@@ -317,6 +350,17 @@ impl Running {
             }
         }
 
+        // Everything that can fail is built before anything changes: a reload that
+        // fails leaves every client as it was, refresher and routes included.
+        let mut prepared = Vec::new();
+        for client in &new.clients {
+            let unchanged =
+                matches!(self.clients.get(&client.name), Some(entry) if entry.config == *client);
+            if !unchanged {
+                prepared.push((client, self.prepare_client(client)?));
+            }
+        }
+
         let new_names: Vec<&str> = new.clients.iter().map(|c| c.name.as_str()).collect();
         let gone: Vec<String> = self
             .clients
@@ -326,28 +370,36 @@ impl Running {
             .collect();
         for name in gone {
             if let Some(entry) = self.clients.remove(&name) {
-                entry.refresher.abort();
+                // Its state is in the store, if any: nobody takes it over.
+                let _state = stop_client(entry).await;
             }
             summary.removed.push(name);
         }
         for client in &new.clients {
-            match self.clients.get(&client.name) {
-                Some(entry) if entry.config == *client => {
-                    summary.unchanged.push(client.name.clone())
-                }
-                Some(_) => {
-                    if let Some(old) = self.clients.remove(&client.name) {
-                        old.refresher.abort();
-                    }
-                    self.add_client(client)?;
-                    summary.changed.push(client.name.clone());
-                }
-                None => {
-                    self.add_client(client)?;
-                    summary.added.push(client.name.clone());
-                }
+            if prepared.iter().all(|(c, _)| c.name != client.name) {
+                summary.unchanged.push(client.name.clone());
             }
         }
+        for (client, parts) in prepared {
+            let handover = match self.clients.remove(&client.name) {
+                Some(old) => {
+                    summary.changed.push(client.name.clone());
+                    let same_account = crate::store::same_account(&old.config, client);
+                    let state = stop_client(old).await;
+                    if !same_account {
+                        info!(client = %client.name,
+                            "the reloaded client is another account or origin (client id, URLs, grant, user, scope, params or bootstrap refresh token changed): it starts afresh");
+                    }
+                    Some(state).filter(|_| same_account)
+                }
+                None => {
+                    summary.added.push(client.name.clone());
+                    None
+                }
+            };
+            self.install_client(client, parts, handover);
+        }
+        self.forget_unused_http_clients();
 
         let limits_for_new = self.config.limits.clone();
         for (addr, listener) in fresh {
@@ -411,6 +463,21 @@ impl Running {
                 }
             }
         }
+        // Refreshers stop between token requests, so a refresh under way is
+        // answered and stored before the process exits (a rotated refresh token
+        // lost here would be sent again after the restart).
+        let mut stopping = tokio::task::JoinSet::new();
+        for (_, entry) in std::mem::take(&mut self.clients) {
+            stopping.spawn(stop_client(entry));
+        }
+        let stopped = tokio::time::timeout_at(
+            deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
+            async { while stopping.join_next().await.is_some() {} },
+        )
+        .await;
+        if stopped.is_err() {
+            warn!("token refreshers did not stop within the shutdown grace");
+        }
         let _receivers_gone = self.admin_stop.send(true);
         if let Some(task) = self.admin_task.take() {
             if tokio::time::timeout(Duration::from_secs(1), task)
@@ -424,9 +491,28 @@ impl Running {
     }
 
     fn add_client(&mut self, client: &ClientConfig) -> Result<(), StartError> {
-        let upstream_http = self.http.get(&client.tls, &client.proxy)?;
-        let token_http = self.http.get(&client.token.tls, &client.proxy)?;
-        let endpoint = TokenEndpoint::new(token_http, self.clock.clone());
+        let parts = self.prepare_client(client)?;
+        self.install_client(client, parts, None);
+        Ok(())
+    }
+
+    /// The fallible part of adding a client: its HTTP clients (TLS roots, keys).
+    fn prepare_client(&mut self, client: &ClientConfig) -> Result<PreparedClient, StartError> {
+        Ok(PreparedClient {
+            upstream_http: self.http.get(&client.tls, &client.proxy)?,
+            token_http: self.http.get(&client.token.tls, &client.proxy)?,
+        })
+    }
+
+    /// Starts the client's refresher (from `handover`, the state of the same
+    /// account's previous refresher, when there is one) and routes to it.
+    fn install_client(
+        &mut self,
+        client: &ClientConfig,
+        parts: PreparedClient,
+        handover: ContinuedState,
+    ) {
+        let endpoint = TokenEndpoint::new(parts.token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
         let (handle, mut refresher) = Refresher::new(
             client,
@@ -437,6 +523,11 @@ impl Running {
         );
         if let Some(path) = &self.config.source {
             refresher.set_config_path(path);
+        }
+        match handover {
+            Some(Some(state)) => refresher.take_over(state),
+            Some(None) => refresher.take_over_unknown(),
+            None => {}
         }
         let span = tracing::info_span!("refresher", client = %client.name);
         let refresher_task = tokio::spawn(refresher.run().instrument(span));
@@ -453,7 +544,7 @@ impl Running {
             Arc::clone(&self.buffer_budget),
             handle,
             client_metrics,
-            upstream_http,
+            parts.upstream_http,
         ));
         self.clients.insert(
             client.name.clone(),
@@ -463,7 +554,16 @@ impl Running {
                 refresher: task,
             },
         );
-        Ok(())
+    }
+
+    /// Drops cached HTTP clients (TLS configurations) no client uses any more.
+    fn forget_unused_http_clients(&mut self) {
+        let clients = &self.clients;
+        self.http.retain(|tls, proxy| {
+            clients.values().any(|e| {
+                &e.config.proxy == proxy && (&e.config.tls == tls || &e.config.token.tls == tls)
+            })
+        });
     }
 
     fn add_listener(&mut self, addr: SocketAddr, listener: TcpListener) -> Result<(), StartError> {

@@ -101,6 +101,11 @@ impl TlsConfig {
 }
 
 /// Reads the PEM file at key `k`, which must hold at least one certificate.
+/// Parses `cert` as a trust anchor, as the TLS client does with `ca_file`.
+fn webpki_anchor(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    rustls::RootCertStore::empty().add(cert.clone())
+}
+
 fn read_certificates(
     t: &Table<'_>,
     k: &str,
@@ -108,7 +113,28 @@ fn read_certificates(
     hint: &str,
 ) -> Result<(PathBuf, String), ConfigError> {
     let (path, pem) = t.x.read(&t.key(k), raw_path)?;
-    if !CertificateDer::pem_slice_iter(pem.as_bytes()).any(|c| c.is_ok()) {
+    let mut count = 0;
+    for (i, cert) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
+        // Parsed as the client will parse it, so that a file `check` accepts
+        // cannot fail later (at a reload, say) while the client is rebuilt.
+        let parsed = cert
+            .map_err(|e| e.to_string())
+            .and_then(|c| webpki_anchor(&c).map_err(|e| e.to_string()));
+        if let Err(e) = parsed {
+            return Err(t
+                .err(
+                    k,
+                    format!(
+                        "certificate {} in {} is not a valid X.509 certificate: {e}",
+                        i + 1,
+                        path.display()
+                    ),
+                )
+                .with_hint(hint));
+        }
+        count += 1;
+    }
+    if count == 0 {
         return Err(t
             .err(k, format!("{} holds no PEM certificate", path.display()))
             .with_hint(hint));

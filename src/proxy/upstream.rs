@@ -255,4 +255,9 @@ impl Clients {
             .push(((tls.clone(), proxy.clone()), client.clone()));
         Ok(client)
     }
+
+    /// Keeps only the clients for which `keep` holds (after a reload).
+    pub fn retain(&mut self, keep: impl Fn(&TlsConfig, &EgressProxy) -> bool) {
+        self.built.retain(|((tls, proxy), _)| keep(tls, proxy));
+    }
 }

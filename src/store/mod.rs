@@ -493,6 +493,13 @@ impl Plain {
     }
 }
 
+/// Whether `a` and `b` hold tokens of the same account from the same origin
+/// (the identity their records are bound to): only then may a reload hand the
+/// tokens of one to the other.
+pub fn same_account(a: &ClientConfig, b: &ClientConfig) -> bool {
+    Identity::of(a).binding == Identity::of(b).binding
+}
+
 /// What a client's records are bound to, as hex hashes.
 struct Identity {
     /// Account plus bootstrap origin: the record's name and associated data.

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub(crate) use refresher::error_chain;
-pub use refresher::{Refresher, TokenEndpoint, TokenError};
+pub use refresher::{Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
 pub use state::{LastRefresh, State, Status, StoreStatus};
 
@@ -114,6 +114,8 @@ pub(crate) enum Command {
     Rejected(u64),
     /// An operator supplied a new refresh token (leaves `needs_authorization`).
     NewRefreshToken(crate::secret::Secret),
+    /// Stop between token requests and hand the state to a successor (reload).
+    Stop(tokio::sync::oneshot::Sender<Handover>),
 }
 
 /// Why a request could not get a token.
@@ -278,6 +280,16 @@ impl TokenHandle {
                 reason: "the refresher is busy; try again".into(),
                 retry_after: Duration::from_secs(1),
             })
+    }
+
+    /// Stops the refresher between token requests (a request under way is
+    /// answered first, so a rotated refresh token is never lost) and returns
+    /// its state, for the refresher of the reloaded client. `None` when it has
+    /// already stopped.
+    pub async fn stop(&self) -> Option<Handover> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.shared.commands.send(Command::Stop(reply)).await.ok()?;
+        answer.await.ok()
     }
 
     /// A snapshot of the client's state for `/status` and `/readyz`.

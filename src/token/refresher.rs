@@ -340,6 +340,30 @@ enum Wake {
     CheckStore,
 }
 
+/// The token state a stopping refresher hands to the refresher of the reloaded
+/// client, so that a reload never starts again from a bootstrap refresh token
+/// the provider rotated long ago. Holds secrets; never printed.
+pub struct Handover {
+    refresh_token: Option<HeldRefreshToken>,
+    access: Option<HeldAccessToken>,
+    current: Option<Arc<Token>>,
+    refresh_at: Option<Instant>,
+    generation: u64,
+    failures: u32,
+    retry_at: Option<Instant>,
+    needs_authorization: Option<Option<String>>,
+    store: stored::StoreHandover,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("has_refresh_token", &self.refresh_token.is_some())
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The background task that obtains and renews one client's token.
 pub struct Refresher {
     client: String,
@@ -361,6 +385,8 @@ pub struct Refresher {
     store: stored::StoreLink,
     /// What a person does to leave `needs_authorization`, naming the command.
     recovery: String,
+    /// Started from a predecessor's [`Handover`].
+    taken_over: bool,
 }
 
 impl Refresher {
@@ -400,6 +426,7 @@ impl Refresher {
             retry_at: None,
             needs_authorization: false,
             store: stored::StoreLink::new(store),
+            taken_over: false,
             recovery: match &client.authorize {
                 Some(_) => format!(
                     "a person must log in: run `tokenproxy authorize {} --config <file>`",
@@ -415,6 +442,94 @@ impl Refresher {
         (handle, refresher)
     }
 
+    /// Starts from a predecessor's state (a reload of the same account): its
+    /// refresh token, which may have been rotated since the configured bootstrap
+    /// token, its access token (published at once, so no request of the reloaded
+    /// client waits), and where it stood with the store.
+    pub fn take_over(&mut self, handover: Handover) {
+        self.refresh_token = handover.refresh_token;
+        self.access = handover.access;
+        self.generation = handover.generation;
+        self.failures = handover.failures;
+        self.store.take_over(handover.store);
+        let now = Instant::now();
+        // A provider's Retry-After is honoured across the reload too.
+        self.retry_at = handover.retry_at.filter(|at| *at > now);
+        self.taken_over = self.retry_at.is_some() || handover.needs_authorization.is_some();
+        let wall_now = self.clock.wall_now();
+        let rt_held = self.refresh_token.is_some();
+        let rt_wall = self.refresh_token.as_ref().and_then(|r| r.expires_wall);
+        let access_wall = self.access.as_ref().and_then(|a| a.expires_wall);
+        if let Some(token) = handover.current.filter(|t| t.is_usable(now)) {
+            self.taken_over = true;
+            self.shared.current.store(Some(Arc::clone(&token)));
+            self.current = Some(token);
+            self.refresh_at = handover.refresh_at;
+            let next_wall = self
+                .refresh_at
+                .map(|at| wall_now + at.saturating_duration_since(now));
+            let generation = self.generation;
+            self.publish(|s| {
+                s.state = StateCell(State::Valid);
+                s.generation = generation;
+                s.access_token_expires_at = access_wall.map(rfc3339);
+                s.next_refresh_at = next_wall.map(rfc3339);
+            });
+            self.metrics.set_state(State::Valid);
+            self.metrics
+                .set_expiry(access_wall.map(epoch_seconds).unwrap_or(f64::INFINITY));
+        }
+        self.publish(|s| {
+            s.has_refresh_token = rt_held;
+            s.refresh_token_expires_at = rt_wall.map(rfc3339);
+        });
+        if self.current.is_none() {
+            if let Some(retry_at) = self.retry_at {
+                self.publish(|s| s.retry_at = Some(retry_at));
+                self.set_state(State::Unavailable);
+            }
+        }
+        if let Some(reason) = handover.needs_authorization {
+            self.needs_authorization = true;
+            if self.store.client.is_persistent() {
+                self.store.check_at = Some(now + stored::AUTHORIZATION_POLL);
+            }
+            self.publish(|s| {
+                s.reason = reason;
+                s.next_refresh_at = None;
+            });
+            self.set_state(State::NeedsAuthorization);
+        }
+        info!(client = %self.client, generation = self.generation,
+            "reloaded client took over the token state of its previous configuration");
+    }
+
+    /// Starts after a predecessor that did not stop in time: it may have sent
+    /// its refresh token without seeing the answer, so the configured bootstrap
+    /// refresh token is not sent (the store, if any, still has the newest).
+    pub fn take_over_unknown(&mut self) {
+        if self.refresh_token.take().is_some() {
+            warn!(client = %self.client,
+                "the previous refresher of this client stopped in an unknown state: its refresh token is not sent again");
+            self.publish(|s| s.has_refresh_token = false);
+        }
+    }
+
+    fn into_handover(self) -> Handover {
+        let reason = self.shared.status.borrow().reason.clone();
+        Handover {
+            refresh_token: self.refresh_token,
+            access: self.access,
+            current: self.current,
+            refresh_at: self.refresh_at,
+            generation: self.generation,
+            failures: self.failures,
+            retry_at: self.retry_at,
+            needs_authorization: self.needs_authorization.then_some(reason),
+            store: self.store.into_handover(),
+        }
+    }
+
     /// Names the configuration file in the command shown to leave `needs_authorization`.
     pub fn set_config_path(&mut self, path: &std::path::Path) {
         self.recovery = self.recovery.replace("<file>", &path.display().to_string());
@@ -427,7 +542,9 @@ impl Refresher {
             self.metrics.store_init();
             self.publish_store();
         }
-        let mut trigger = Some(Trigger::Startup);
+        // A refresher that took over from its predecessor starts with its token
+        // (or its needs_authorization) and asks for nothing until it is due.
+        let mut trigger = (!self.taken_over).then_some(Trigger::Startup);
         loop {
             if let Some(t) = trigger.take() {
                 self.obtain(t).await;
@@ -445,6 +562,13 @@ impl Refresher {
                     Some(Command::Need) => trigger = self.on_need(),
                     Some(Command::Rejected(generation)) => trigger = self.on_rejected(generation),
                     Some(Command::NewRefreshToken(token)) => trigger = self.on_new_refresh_token(token),
+                    Some(Command::Stop(reply)) => {
+                        info!(client = %self.client, "refresher stopping; its state goes to the reloaded client");
+                        // A successor that is gone (the reload failed) loses nothing the
+                        // store does not have: it is written before every use.
+                        let _successor_gone = reply.send(self.into_handover());
+                        return;
+                    }
                 }
             }
         }

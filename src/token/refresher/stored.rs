@@ -104,7 +104,36 @@ pub(super) struct OperatorTrial {
     pub(super) proven: bool,
 }
 
+/// Where a stopping refresher stood with the store, for its successor: the
+/// generation its state matches (so an older record is never adopted over the
+/// newer state in memory), and whether that state still has to be written.
+pub(super) struct StoreHandover {
+    generation: u64,
+    seen: u64,
+    write_pending: bool,
+    operator_trial: Option<OperatorTrial>,
+}
+
 impl StoreLink {
+    pub(super) fn into_handover(self) -> StoreHandover {
+        StoreHandover {
+            generation: self.generation,
+            seen: self.seen,
+            write_pending: self.write_pending,
+            operator_trial: self.operator_trial,
+        }
+    }
+
+    pub(super) fn take_over(&mut self, h: StoreHandover) {
+        self.generation = h.generation;
+        self.seen = h.seen;
+        self.operator_trial = h.operator_trial;
+        if h.write_pending && self.client.is_persistent() {
+            self.write_pending = true;
+            self.write_back_at = Some(Instant::now());
+        }
+    }
+
     pub(super) fn new(client: ClientStore) -> StoreLink {
         StoreLink {
             client,
