@@ -323,6 +323,43 @@ impl Running {
         &self.metrics
     }
 
+    /// SIGHUP: re-reads the configuration at `path` (secrets through `env`) and
+    /// applies it; counts the outcome in `tokenproxy_config_reloads_total` and
+    /// logs what changed. A bad configuration keeps the previous one serving.
+    pub async fn reload_from(
+        &mut self,
+        path: &std::path::Path,
+        env: &dyn crate::config::Env,
+    ) -> Result<ReloadSummary, String> {
+        info!(config = %path.display(), "reloading configuration");
+        let result = match crate::config::load(path, env) {
+            Ok(new) => self.reload(new).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match &result {
+            Ok(summary) => {
+                self.metrics.config_reload(true);
+                info!(
+                    added = ?summary.added,
+                    changed = ?summary.changed,
+                    removed = ?summary.removed,
+                    unchanged = ?summary.unchanged,
+                    "configuration reloaded"
+                );
+                if !summary.needs_restart.is_empty() {
+                    warn!(settings = ?summary.needs_restart,
+                        "these settings changed but take effect only after a restart");
+                }
+            }
+            Err(e) => {
+                self.metrics.config_reload(false);
+                tracing::error!(error = %e,
+                    "configuration reload failed; the previous configuration keeps serving");
+            }
+        }
+        result
+    }
+
     /// Applies a new configuration: unchanged clients keep their tokens, changed
     /// ones get a new token, listeners are added and removed. New listeners are
     /// bound first; if one cannot be bound nothing changes.

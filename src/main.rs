@@ -116,40 +116,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let mut running =
             tokenproxy::start_with_workers(config, listeners, Arc::new(SystemClock), workers)?;
         while signals.next().await == signal::Event::Reload {
-            reload(path, &mut running).await;
+            // Logged and counted by reload_from; a bad config keeps the old one serving.
+            let _outcome = running.reload_from(path, &SystemEnv).await;
         }
         signals.arm_second_shutdown();
         running.shutdown().await;
         Ok(())
     })
-}
-
-/// SIGHUP: re-read the config and secret files; a bad config keeps the old one.
-async fn reload(path: &Path, running: &mut tokenproxy::Running) {
-    tracing::info!(config = %path.display(), "reloading configuration");
-    let result = match config::load(path, &SystemEnv) {
-        Ok(new) => running.reload(new).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match result {
-        Ok(summary) => {
-            running.metrics().config_reload(true);
-            tracing::info!(
-                added = ?summary.added,
-                changed = ?summary.changed,
-                removed = ?summary.removed,
-                unchanged = ?summary.unchanged,
-                "configuration reloaded"
-            );
-            if !summary.needs_restart.is_empty() {
-                tracing::warn!(settings = ?summary.needs_restart, "these settings changed but take effect only after a restart");
-            }
-        }
-        Err(e) => {
-            running.metrics().config_reload(false);
-            tracing::error!(error = %e, "configuration reload failed; the previous configuration keeps serving");
-        }
-    }
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

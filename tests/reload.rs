@@ -356,3 +356,42 @@ async fn reloads_under_load_never_reuse_a_refresh_token_nor_fail_a_request() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A SIGHUP's whole reload (re-read, apply, count, log) is one library call:
+/// its outcome shows in `tokenproxy_config_reloads_total`, and a bad file
+/// keeps the previous configuration serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_from_a_file_counts_success_and_failure_and_keeps_serving() {
+    let w = Wallet::new(Duration::from_secs(60)).await;
+    let (mut running, proxy, admin) =
+        start_sidecar(&w.config("{admin}", "{listen}", "", "30s")).await;
+    let path = std::path::Path::new("/etc/tokenproxy/tokenproxy.toml");
+    let good = w.config(&admin.to_string(), &proxy.to_string(), "", "31s");
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(path, &good);
+    let summary = running.reload_from(path, &env).await.expect("reloaded");
+    assert_eq!(summary.changed, vec!["wallet".to_owned()]);
+    let bad = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(path, "[clients.wallet]\nlisten = 1\n");
+    assert!(running.reload_from(path, &bad).await.is_err());
+    let text = w.http.get(&format!("http://{admin}/metrics")).await.text();
+    for (outcome, n) in [("success", 1.0), ("failure", 1.0)] {
+        assert_eq!(
+            support::metric(
+                &text,
+                "tokenproxy_config_reloads_total",
+                &[("outcome", outcome)]
+            ),
+            Some(n),
+            "{outcome}"
+        );
+    }
+    let r = w.http.get(&format!("http://{proxy}/api/v1/payments")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the previous configuration keeps serving"
+    );
+}
