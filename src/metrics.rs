@@ -42,6 +42,7 @@ pub struct Metrics {
 #[derive(Clone)]
 struct StoreFamilies {
     available: IntGaugeVec,
+    unavailable_since: prometheus::GaugeVec,
     errors: IntCounterVec,
     adopted: IntCounterVec,
     conflicts: IntCounterVec,
@@ -53,6 +54,13 @@ impl StoreFamilies {
             Opts::new(
                 "tokenproxy_store_available",
                 "1 while the token store (file or redis) answers for the client, 0 while it does not (tokens are then kept in memory).",
+            ),
+            &["client"],
+        )?;
+        let unavailable_since = prometheus::GaugeVec::new(
+            Opts::new(
+                "tokenproxy_store_unavailable_since_timestamp_seconds",
+                "Since when (Unix time) the token store has not answered for the client; 0 while it answers.",
             ),
             &["client"],
         )?;
@@ -78,11 +86,13 @@ impl StoreFamilies {
             &["client"],
         )?;
         registry.register(Box::new(available.clone()))?;
+        registry.register(Box::new(unavailable_since.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(adopted.clone()))?;
         registry.register(Box::new(conflicts.clone()))?;
         Ok(StoreFamilies {
             available,
+            unavailable_since,
             errors,
             adopted,
             conflicts,
@@ -386,6 +396,9 @@ impl ClientMetrics {
     pub fn store_init(&self) {
         let f = &self.families.store;
         f.available.with_label_values(&[&self.name]).set(1);
+        f.unavailable_since
+            .with_label_values(&[&self.name])
+            .set(0.0);
         for op in ["read", "write", "lease"] {
             f.errors.with_label_values(&[&self.name, op]);
         }
@@ -393,13 +406,15 @@ impl ClientMetrics {
         f.conflicts.with_label_values(&[&self.name]);
     }
 
-    /// Sets whether the store answers.
-    pub fn store_available(&self, available: bool) {
-        self.families
-            .store
-            .available
+    /// Sets whether the store answers, and since when (Unix time) it has not.
+    pub fn store_available(&self, available: bool, unavailable_since: Option<f64>) {
+        let f = &self.families.store;
+        f.available
             .with_label_values(&[&self.name])
             .set(i64::from(available));
+        f.unavailable_since
+            .with_label_values(&[&self.name])
+            .set(unavailable_since.unwrap_or(0.0));
     }
 
     /// Counts a failed store operation: read, write or lease.

@@ -4,8 +4,9 @@
 //! keeps serving the next request.
 //!
 //! `Host` is not trusted for routing: requests are routed by listener and path
-//! prefix only and `Host` is rewritten to the upstream's, so a mismatching `Host`
-//! is forwarded like any other request.
+//! prefix only and `Host` is rewritten to the upstream's. A `Host` that is not the
+//! listener's (DNS rebinding) is refused before routing (tests/origin.rs), so the
+//! raw requests here say `Host: localhost`.
 
 mod support;
 

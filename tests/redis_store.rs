@@ -102,6 +102,26 @@ impl Redis {
         assert!(up, "redis-server did not come up");
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers,
+    /// as with a hung primary or a partition; its data is kept.
+    fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("redis-server runs").id();
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {which} {pid}");
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -171,8 +191,12 @@ struct Fleet {
 
 impl Fleet {
     async fn start(name: &str, n: usize, provider: ProviderConfig, token_extra: &str) -> Fleet {
-        let dir = temp_dir(name);
         let provider = MockProvider::start(provider).await.expect("provider");
+        Fleet::start_with(name, n, provider, token_extra).await
+    }
+
+    async fn start_with(name: &str, n: usize, provider: MockProvider, token_extra: &str) -> Fleet {
+        let dir = temp_dir(name);
         let api = MockApi::start(provider.validator()).await.expect("api");
         let redis = Redis::start(dir.clone());
         let mut replicas = Vec::new();
@@ -758,4 +782,106 @@ params = {{ audience = "{audience}" }}
     );
     staging.shutdown().await;
     prod.shutdown().await;
+}
+
+/// Issue 22, outage rule: three replicas share one rotating refresh token
+/// (`grant = "refresh_token"`, 4 s tokens) and Redis stops answering for 10 s
+/// under load. No replica spends the refresh token without the store's lease:
+/// the provider sees no reuse (which would revoke the grant for good). Held
+/// tokens serve until they expire; after that requests get `token_unavailable`
+/// and nothing else; within about a second of Redis answering again every
+/// replica serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_never_spends_a_rotating_refresh_token_outside_the_lease() {
+    let provider = MockProvider::start(rotating(Duration::from_secs(4)))
+        .await
+        .expect("provider");
+    let bootstrap = provider.issue_refresh_token();
+    let fleet = Fleet::start_with(
+        "outage-rt",
+        3,
+        provider,
+        &format!("grant = \"refresh_token\"\nrefresh_token = \"{bootstrap}\""),
+    )
+    .await;
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(17);
+    // (time since t0, status, x-tokenproxy-error) of every request.
+    let log: Arc<std::sync::Mutex<Vec<(Duration, u16, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for r in &fleet.replicas {
+        for _ in 0..3 {
+            let (url, http, log) = (r.url(), fleet.http.clone(), Arc::clone(&log));
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < end {
+                    let reply = tokio::time::timeout(Duration::from_secs(10), http.get(&url)).await;
+                    let entry = match reply {
+                        Ok(r) => (
+                            t0.elapsed(),
+                            r.status.as_u16(),
+                            r.error_code().unwrap_or("").to_owned(),
+                        ),
+                        Err(_) => (t0.elapsed(), 0, "timeout".to_owned()),
+                    };
+                    log.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let paused_at = t0.elapsed();
+    fleet.redis.pause();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let status = fleet.replicas[0].status(&fleet.http).await;
+    let store = &status["clients"]["payments"]["store"];
+    assert_eq!(store["available"], false, "{status}");
+    assert_eq!(store["role"], "waiting", "{status}");
+    assert!(store["unavailable_since"].is_string(), "{status}");
+    fleet.redis.resume();
+    let resumed_at = t0.elapsed();
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    let log = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(
+        fleet.provider.refresh_token_reuse(),
+        0,
+        "a refresh token was spent twice: the provider would revoke the grant"
+    );
+    let failures: Vec<_> = log.iter().filter(|(_, status, _)| *status != 200).collect();
+    eprintln!(
+        "{} requests, {} failed; Redis paused at {paused_at:?}, resumed at {resumed_at:?}",
+        log.len(),
+        failures.len()
+    );
+    for (at, status, code) in &failures {
+        assert!(
+            *at > paused_at,
+            "a request failed before the outage: {status} {code} at {at:?}"
+        );
+        assert_eq!(
+            (*status, code.as_str()),
+            (503, "token_unavailable"),
+            "during the outage only token_unavailable (at {at:?})"
+        );
+    }
+    let first_failure = failures.iter().map(|f| f.0).min();
+    if let Some(first) = first_failure {
+        assert!(
+            first > paused_at + Duration::from_millis(500),
+            "held tokens keep serving for a while (first failure {first:?}, paused at {paused_at:?})"
+        );
+    }
+    let back = resumed_at + Duration::from_millis(1500);
+    let late: Vec<_> = failures.iter().filter(|f| f.0 > back).collect();
+    assert!(
+        late.is_empty(),
+        "every replica serves again within about a second of Redis answering: {late:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|(at, status, _)| *at > back && *status == 200),
+        "requests succeed after the outage"
+    );
 }

@@ -506,8 +506,9 @@ impl Refresher {
             self.set_state(State::NeedsAuthorization);
             return None;
         }
-        if self.store.following() {
-            // Another replica is refreshing; the next look at the store is planned.
+        if self.store.following() || self.store.waiting() {
+            // Another replica is refreshing, or the store is down and only it may
+            // let this client refresh: the next look at the store is planned.
             return None;
         }
         if self.retry_at.is_some_and(|at| at > now) {
@@ -571,6 +572,7 @@ impl Refresher {
             self.set_state(State::Refreshing);
         }
         let mut lease = None;
+        let mut primary_only = false;
         if self.store.client.is_persistent() {
             match self.coordinate().await {
                 stored::Coordination::Adopted => return,
@@ -579,25 +581,29 @@ impl Refresher {
                     return;
                 }
                 stored::Coordination::Lead(l) => lease = Some(l),
-                stored::Coordination::Unreachable => {
-                    if self.wait_for_store() {
-                        return;
-                    }
-                }
+                stored::Coordination::Unreachable => match self.wait_for_store() {
+                    stored::StoreWait::Wait => return,
+                    stored::StoreWait::Local { spend_nothing } => primary_only = spend_nothing,
+                },
             }
         }
-        let outcome = self.request_token(trigger, lease.as_ref()).await;
+        let outcome = self
+            .request_token(trigger, lease.as_ref(), primary_only)
+            .await;
         if let Some(lease) = lease {
             self.finish_lease(lease, outcome).await;
         }
     }
 
     /// Calls the token endpoint until a token is installed or a failure backs
-    /// off; `Err` carries the backoff delay.
+    /// off; `Err` carries the backoff delay. With `primary_only` (a shared
+    /// store that cannot be reached) the held refresh token is kept, unspent,
+    /// and the primary grant is used.
     async fn request_token(
         &mut self,
         trigger: Trigger,
         lease: Option<&Lease>,
+        primary_only: bool,
     ) -> Result<(), Duration> {
         self.store
             .set_role(if lease.is_some() && self.store.client.is_shared() {
@@ -623,6 +629,7 @@ impl Refresher {
                 debug!(client = %self.client, "refresh token expired; dropping it");
                 self.refresh_token = None;
             }
+            let refresh = refresh.filter(|_| !primary_only);
             let kind = match &refresh {
                 Some(rt) => GrantKind::Refresh(rt),
                 None if self.has_primary_grant() => GrantKind::Primary,

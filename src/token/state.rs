@@ -120,9 +120,14 @@ pub struct StoreStatus {
     /// The generation of the stored record this process's state matches.
     pub generation: u64,
     /// What this process does for the client: `leader` while it refreshes,
-    /// `follower` while another replica does, `local` while the store is down.
+    /// `follower` while another replica does; while a shared store is down,
+    /// `local` when it refreshes with a grant that spends nothing, `waiting`
+    /// when only the store may let it spend a refresh token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
+    /// Since when the store has not answered (RFC 3339), while it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable_since: Option<String>,
 }
 
 /// [`State`] with a default, so `Status` can derive `Default`.

@@ -10,9 +10,16 @@
 //!
 //! Every new state is written before its token is used. When the store cannot
 //! be reached, the token in memory keeps serving and the refresher looks again
-//! every [`STORE_RETRY`]; only when the token is about to die does it refresh
-//! on its own, and the state is written back once the store answers (newest
-//! generation wins).
+//! every [`STORE_RETRY`]. With a shared store (Redis) a refresh token is spent
+//! only under the lease, so while the store is down a client that can only
+//! refresh with it waits (role `waiting`): its token serves until it expires,
+//! then requests get `token_unavailable`. Two replicas refreshing on their own
+//! with one rotating refresh token would make the provider revoke the grant,
+//! a full outage caused by a blip. A grant that spends nothing
+//! (client_credentials, password) is used on its own when the token is about
+//! to die (role `local`), and the state is written back once the store answers
+//! (newest generation wins). A store of one process (file) refreshes on its own
+//! as before.
 
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +56,15 @@ pub(super) enum Coordination {
     Unreachable,
 }
 
+/// What to do while the store cannot be reached.
+pub(super) enum StoreWait {
+    /// Keep the token and look at the store again later.
+    Wait,
+    /// Refresh here and now, without the store; `spend_nothing`: with the
+    /// primary grant only, never with the refresh token.
+    Local { spend_nothing: bool },
+}
+
 /// The refresher's store state.
 pub(super) struct StoreLink {
     pub(super) client: ClientStore,
@@ -68,6 +84,8 @@ pub(super) struct StoreLink {
     /// In `needs_authorization`: when to look for a new refresh token.
     pub(super) check_at: Option<Instant>,
     available: bool,
+    /// Since when the store has not answered.
+    unavailable_since: Option<SystemTime>,
     error: Option<String>,
     role: Option<&'static str>,
     /// The refresh token came from an operator: use it, do not take the stored one.
@@ -100,6 +118,7 @@ impl StoreLink {
             following: false,
             check_at: None,
             available: true,
+            unavailable_since: None,
             error: None,
             role: None,
             operator_trial: None,
@@ -109,6 +128,12 @@ impl StoreLink {
     /// Whether another replica is refreshing and a look at the store is planned.
     pub(super) fn following(&self) -> bool {
         self.following && self.recheck_at.is_some()
+    }
+
+    /// Whether the store is down and only it may let the client refresh; the
+    /// next look at it is planned.
+    pub(super) fn waiting(&self) -> bool {
+        self.role == Some("waiting") && self.recheck_at.is_some_and(|t| t > Instant::now())
     }
 
     pub(super) fn set_role(&mut self, role: Option<&'static str>) {
@@ -189,24 +214,58 @@ impl Refresher {
         self.publish_store();
     }
 
-    /// The store is unreachable. Returns true when the token is still good for a
-    /// while, so the refresh waits for the store; false when it is about to die
-    /// and must be refreshed here and now.
-    pub(super) fn wait_for_store(&mut self) -> bool {
+    /// The store is unreachable: wait for it while the token is still good for
+    /// a while; when it is about to die, refresh here if that spends no refresh
+    /// token another replica may hold too, else keep waiting (see the module docs).
+    pub(super) fn wait_for_store(&mut self) -> StoreWait {
         self.store.following = false;
         let now = Instant::now();
-        let Some(deadline) = self.local_refresh_deadline() else {
-            self.store.recheck_at = None;
-            return false;
-        };
-        if now >= deadline {
-            self.store.recheck_at = None;
-            return false;
+        let due = self
+            .local_refresh_deadline()
+            .is_none_or(|deadline| now >= deadline);
+        if !due {
+            let deadline = self.local_refresh_deadline().unwrap_or(now);
+            self.store.recheck_at = Some((now + STORE_RETRY).min(deadline));
+            self.store.role = Some(
+                if self.store.client.is_shared() && !self.has_primary_grant() {
+                    "waiting"
+                } else {
+                    "local"
+                },
+            );
+            self.publish_store();
+            return StoreWait::Wait;
         }
-        self.store.recheck_at = Some((now + STORE_RETRY).min(deadline));
-        self.store.role = Some("local");
+        if !self.store.client.is_shared() {
+            self.store.recheck_at = None;
+            return StoreWait::Local {
+                spend_nothing: false,
+            };
+        }
+        if self.has_primary_grant() {
+            self.store.recheck_at = None;
+            return StoreWait::Local {
+                spend_nothing: true,
+            };
+        }
+        // Only the store's lease may let this client spend its refresh token.
+        let retry_at = now + STORE_RETRY;
+        self.store.recheck_at = Some(retry_at);
+        if self.store.role != Some("waiting") || self.token_usable(now) {
+            warn!(client = %self.client,
+                "token store unreachable: the refresh token is spent only under the store's lease; serving the held token until it expires");
+        }
+        self.store.role = Some("waiting");
         self.publish_store();
-        true
+        if !self.token_usable(now) {
+            let reason = "the token store is unreachable; a refresh token is spent only under its lease, so no new token until it answers".to_owned();
+            self.publish(|s| {
+                s.reason = Some(reason);
+                s.retry_at = Some(retry_at);
+            });
+            self.set_state(State::Unavailable);
+        }
+        StoreWait::Wait
     }
 
     /// When a token that cannot be refreshed through the store must be refreshed
@@ -493,8 +552,14 @@ impl Refresher {
         if !self.store.available {
             info!(client = %self.client, store = self.store.client.kind(), "token store answers again");
             self.store.available = true;
+            self.store.unavailable_since = None;
             self.store.error = None;
-            self.metrics.store_available(true);
+            if self.store.role == Some("waiting") {
+                self.store.role = None;
+                // The reason was the store; the refresh that follows sets the state.
+                self.publish(|s| s.reason = None);
+            }
+            self.metrics.store_available(true, None);
             self.publish_store();
         }
     }
@@ -503,13 +568,18 @@ impl Refresher {
         self.metrics.store_error(operation);
         if self.store.available {
             warn!(client = %self.client, store = self.store.client.kind(), operation, error = %e,
-                "token store unavailable; the token is kept in memory and refreshed here only when it is about to expire");
+                "token store unavailable; the token is kept in memory until the store answers");
         } else {
             debug!(client = %self.client, operation, error = %e, "token store still unavailable");
         }
         self.store.available = false;
+        let since = *self
+            .store
+            .unavailable_since
+            .get_or_insert_with(|| self.clock.wall_now());
         self.store.error = Some(e.to_string());
-        self.metrics.store_available(false);
+        self.metrics
+            .store_available(false, Some(crate::clock::epoch_seconds(since)));
         self.publish_store();
     }
 
@@ -525,6 +595,7 @@ impl Refresher {
             write_pending: self.store.write_pending,
             generation: self.store.generation,
             role: self.store.role,
+            unavailable_since: self.store.unavailable_since.map(crate::clock::rfc3339),
         };
         self.publish(|s| s.store = Some(status));
     }
