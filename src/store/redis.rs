@@ -23,7 +23,8 @@
 //! A write that carries a refresh token waits for `min_replicas_acked`
 //! replicas (`WAIT`): a replica promoted after a failover has it. One not
 //! acknowledged in time is reported as not stored, so the refresher keeps it
-//! pending and writes it again.
+//! pending and writes it again. A lease waits for them too, but is kept
+//! without their acknowledgement.
 //!
 //! Every operation is bounded by twice [`OP_TIMEOUT`].
 
@@ -32,6 +33,7 @@ mod conn;
 use std::time::Duration;
 
 use redis::Script;
+use tracing::debug;
 
 use super::{Envelope, Saved, StoreError, Unopened};
 use crate::config::RedisStoreConfig;
@@ -392,9 +394,29 @@ impl RedisBackend {
             .key(self.key(name, "token"))
             .arg(&holder)
             .arg(ttl.as_millis().max(1) as u64);
-        let taken: i64 = self
-            .run("lease", async |h| invocation.invoke_async(h).await)
+        let lease_key = self.key(name, "lease");
+        let wanted = self.min_replicas_acked;
+        let (taken, acked): (i64, u32) = self
+            .run("lease", async |h| {
+                let taken: i64 = invocation.invoke_async(&mut *h).await?;
+                // Best effort: a lease that reached a replica survives a
+                // failover and keeps the others waiting for this holder's
+                // write. Without the acknowledgement the holder still leads:
+                // a replica outage must not stop every refresh.
+                let acked = if taken == 1 && wanted > 0 {
+                    h.wait(&lease_key, wanted, WAIT_TIMEOUT).await?
+                } else {
+                    wanted
+                };
+                Ok((taken, acked))
+            })
             .await?;
+        if acked < wanted {
+            debug!(
+                record = name,
+                acked, wanted, "lease taken, but not acknowledged by the replicas in time"
+            );
+        }
         Ok((taken == 1).then_some(holder))
     }
 
