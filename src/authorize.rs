@@ -305,7 +305,7 @@ pub async fn authorize(
             let place = match other {
                 StoreConfig::File(f) => format!("the file store {}", f.path.display()),
                 StoreConfig::Redis(r) => format!(
-                    "the redis store {} ({}:{}:token)",
+                    "the redis store {} ({}:{{{}}}:token)",
                     r.display_url,
                     r.key_prefix,
                     client_store.record_name()

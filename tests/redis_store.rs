@@ -321,10 +321,10 @@ timeout = "2s"
     }
 }
 
-/// The Redis key `test:payments:IDENTITY:WHAT` of the one configured identity.
+/// The Redis key `test:{payments:IDENTITY}:WHAT` of the one configured identity.
 async fn record_key(redis: &mut redis::aio::MultiplexedConnection, what: &str) -> Option<String> {
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("test:payments:*:{what}"))
+        .arg(format!("test:{{payments:*}}:{what}"))
         .query_async(redis)
         .await
         .expect("KEYS");

@@ -69,6 +69,15 @@ pub(super) struct RawStore {
     pub(super) password: Option<String>,
     pub(super) password_file: Option<String>,
     pub(super) ca_file: Option<String>,
+    pub(super) tls: Option<bool>,
+    pub(super) sentinels: Option<Vec<String>>,
+    pub(super) service_name: Option<String>,
+    pub(super) sentinel_username: Option<String>,
+    pub(super) sentinel_password: Option<String>,
+    pub(super) sentinel_password_file: Option<String>,
+    pub(super) sentinel_tls: Option<bool>,
+    pub(super) cluster: Option<Vec<String>>,
+    pub(super) min_replicas_acked: Option<Scalar>,
 }
 
 /// `[clients.NAME]`.

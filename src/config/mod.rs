@@ -21,7 +21,10 @@ pub use authorize::AuthorizeConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
-pub use store::{FileStoreConfig, RedisStoreConfig, StoreConfig, StoreKey};
+pub use store::{
+    FileStoreConfig, NodeAddr, RedisStoreConfig, RedisTopology, SentinelConfig, StoreConfig,
+    StoreKey,
+};
 pub use tls::{TlsConfig, TlsVersion};
 
 use std::collections::BTreeMap;
@@ -444,7 +447,7 @@ impl Config {
                 row(out, "key", "[redacted]")?;
             }
             StoreConfig::Redis(r) => {
-                row(out, "url", &r.display_url)?;
+                row(out, r.location_key(), &r.display_url)?;
                 row(out, "key_prefix", &r.key_prefix)?;
                 row(out, "key", "[redacted]")?;
                 if let Some(u) = &r.username {

@@ -263,7 +263,12 @@ impl ClientStore {
         let Some(sealer) = &self.store.sealer else {
             return Ok(None);
         };
-        let Some(legacy) = self.backend_load(&self.name).await? else {
+        let found = match &*self.store.backend {
+            Backend::Memory => None,
+            Backend::File(f) => f.load(&self.name).await?,
+            Backend::Redis(r) => r.load_legacy(&self.name).await?,
+        };
+        let Some(legacy) = found else {
             return Ok(None);
         };
         let generation = legacy.generation;
@@ -359,7 +364,11 @@ impl ClientStore {
         let saved = match &*self.store.backend {
             Backend::Memory => Ok(Saved::Written),
             Backend::File(f) => f.save(&self.key, envelope, replace).await,
-            Backend::Redis(r) => r.save(&self.key, &envelope, replace.as_ref()).await,
+            Backend::Redis(r) => {
+                let durable = record.state.refresh_token.is_some();
+                r.save(&self.key, &envelope, replace.as_ref(), durable)
+                    .await
+            }
         };
         if matches!(saved, Ok(Saved::Written)) {
             self.set_unopened(None);

@@ -1,40 +1,60 @@
-//! `kind = "redis"`: one hash per client, a lease per client, fenced writes.
+//! `kind = "redis"`: one hash per client, a lease per client, fenced writes,
+//! on one Redis, a primary found through Sentinel, or a Cluster (`conn.rs`).
 //!
 //! Keys (PREFIX is `key_prefix`, CLIENT the client's name, IDENTITY the hash of
-//! its credential identity, see `store/mod.rs`):
-//! - `PREFIX:CLIENT:IDENTITY:token`, a hash with `generation`, `binding`,
-//!   `account` and `data` (the sealed state). Written only by a script that
-//!   refuses a generation not above the stored one.
-//! - `PREFIX:CLIENT:IDENTITY:lease`, a string `SET NX PX`: the replica holding
-//!   it is the only one that calls the provider for this client. It is released
-//!   (or extended while its holder backs off) by scripts that check the holder.
-//! - `PREFIX:CLIENT:token`, written by earlier versions: taken over once by a
-//!   script that moves it to the identity's key.
+//! its credential identity, see `store/mod.rs`); the braces are a Cluster hash
+//! tag, so that a client's record and lease share a slot and one script may
+//! touch both:
+//! - `PREFIX:{CLIENT:IDENTITY}:token`, a hash with `generation`, `binding`,
+//!   `account`, `data` (the sealed state) and `writer` (the process that wrote
+//!   it). Written only by a script that refuses a generation not above the
+//!   stored one (the writer may write its own generation again, see [`SAVE`]).
+//! - `PREFIX:{CLIENT:IDENTITY}:lease`, a string `HOLDER GENERATION`: the
+//!   replica holding it is the only one that calls the provider for this
+//!   client, starting from the record of that generation. A lease whose holder
+//!   (or anyone) has since stored a newer generation counts as released (see
+//!   [`TRY_LEASE`]): a release lost in a failover blocks nobody.
+//! - Written by earlier versions, taken over on first read (not in a Cluster,
+//!   which earlier versions did not support): `PREFIX:CLIENT:token` (bound to
+//!   fewer fields: re-sealed by `store/mod.rs`, moved by [`TAKE_OVER`]) and
+//!   `PREFIX:CLIENT:IDENTITY:token` (the same record without the hash tag:
+//!   renamed by [`UNTAG`]).
 //!
-//! The connection is made lazily and remade after failures, so tokenproxy starts
-//! and serves while Redis is down. Every command is bounded by [`OP_TIMEOUT`].
+//! A write that carries a refresh token waits for `min_replicas_acked`
+//! replicas (`WAIT`): a replica promoted after a failover has it. One not
+//! acknowledged in time is reported as not stored, so the refresher keeps it
+//! pending and writes it again. A lease waits for them too, but is kept
+//! without their acknowledgement.
+//!
+//! Every operation is bounded by twice [`OP_TIMEOUT`].
+
+mod conn;
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, Script};
+use redis::Script;
+use tracing::debug;
 
 use super::{Envelope, Saved, StoreError, Unopened};
 use crate::config::RedisStoreConfig;
+use conn::{Conn, Handle, OP_TIMEOUT};
 
-/// Longest time one Redis command may take, connecting included.
-const OP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a write waits for replicas to acknowledge it.
+const WAIT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// ARGV[5] and ARGV[6], when set, name a record that did not open (generation
-/// and data as read): it is replaced whatever its generation. Generations
-/// are compared as text where they must be equal, since Lua numbers are
-/// doubles.
+/// and data as read): it is replaced whatever its generation. ARGV[7] is the
+/// writer: a process may write its own generation again (a write it was not
+/// sure of: no answer in time, or not acknowledged by replicas), never
+/// another's. Generations are compared as text where they must be equal,
+/// since Lua numbers are doubles.
 const SAVE: &str = r"
 local raw = redis.call('HGET', KEYS[1], 'generation')
 local replace = ARGV[5] ~= '' and raw == ARGV[5] and redis.call('HGET', KEYS[1], 'data') == ARGV[6]
+local own = raw == ARGV[1] and redis.call('HGET', KEYS[1], 'writer') == ARGV[7]
 local cur = tonumber(raw or '0')
-if cur >= tonumber(ARGV[1]) and not replace then return cur end
-redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'account', ARGV[3], 'data', ARGV[4])
+if cur >= tonumber(ARGV[1]) and not replace and not own then return cur end
+redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'account', ARGV[3], 'data', ARGV[4], 'writer', ARGV[7])
 return -1
 ";
 
@@ -49,96 +69,118 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
+/// Renames the record an earlier version stored without the hash tag
+/// (KEYS[1]) to the tagged name (KEYS[2]) unless that holds one.
+const UNTAG: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+";
+
+/// Takes the lease (KEYS[1]) for holder ARGV[1] for ARGV[2] ms when it is free:
+/// absent, or held from a record generation older than the one stored now
+/// (KEYS[2]), which means its holder finished (its release may have been lost
+/// in a failover) or was overtaken. The value records the stored generation.
+const TRY_LEASE: &str = r"
+local gen = redis.call('HGET', KEYS[2], 'generation') or '0'
+local held = redis.call('GET', KEYS[1])
+if held then
+  local base = string.match(held, ' (%d+)$')
+  if base == nil or tonumber(gen) <= tonumber(base) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. gen, 'PX', ARGV[2])
+return 1
+";
+
+/// Gives the lease back if ARGV[1] holds it.
+const RELEASE: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Keeps the lease for ARGV[2] ms if ARGV[1] holds it, from the generation
+/// stored now: its holder has taken that record (or written it) and goes on.
+const EXTEND: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  local gen = redis.call('HGET', KEYS[2], 'generation') or '0'
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. gen, 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Longest number of records of one client looked at for other chains.
 const MAX_CHAINS: usize = 1000;
 
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
-
-const EXTEND: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-";
-
 pub(crate) struct RedisBackend {
-    manager: ConnectionManager,
+    conn: Conn,
     prefix: String,
     display_url: String,
-    /// Identifies this process in the lease value: `pid:random`.
+    /// Identifies this process in leases and records: `pid:random`.
     instance: String,
+    /// Replicas a write carrying a refresh token waits for.
+    min_replicas_acked: u32,
     save: Script,
     take_over: Script,
+    untag: Script,
+    try_lease: Script,
     release: Script,
     extend: Script,
 }
 
 impl RedisBackend {
     pub(crate) fn open(config: &RedisStoreConfig) -> Result<RedisBackend, StoreError> {
-        let bad = |what: &str, e: redis::RedisError| {
+        let conn = Conn::open(config).map_err(|e| {
             StoreError::Unavailable(format!(
-                "store.url {}: {what}: {}",
+                "store.{} {}: cannot set up the client: {}",
+                config.location_key(),
                 config.display_url,
                 describe(&e)
             ))
-        };
-        let mut info = config
-            .url
-            .expose()
-            .into_connection_info()
-            .map_err(|e| bad("invalid URL", e))?;
-        if let Some(password) = &config.password {
-            let mut settings = info
-                .redis_settings()
-                .clone()
-                .set_password(password.expose());
-            if let Some(user) = &config.username {
-                settings = settings.set_username(user);
-            }
-            info = info.set_redis_settings(settings);
-        }
-        let client = match &config.ca_pem {
-            Some(pem) => Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.as_bytes().to_vec()),
-                },
-            ),
-            None => Client::open(info),
-        }
-        .map_err(|e| bad("cannot set up the client", e))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| bad("cannot set up the connection", e))?;
+        })?;
         Ok(RedisBackend {
-            manager,
+            conn,
             prefix: config.key_prefix.clone(),
             display_url: config.display_url.clone(),
             instance: format!("{}:{:016x}", std::process::id(), fastrand::u64(..)),
+            min_replicas_acked: config.min_replicas_acked,
             save: Script::new(SAVE),
             take_over: Script::new(TAKE_OVER),
+            untag: Script::new(UNTAG),
+            try_lease: Script::new(TRY_LEASE),
             release: Script::new(RELEASE),
             extend: Script::new(EXTEND),
         })
     }
 
-    fn key(&self, client: &str, what: &str) -> String {
-        format!("{}:{client}:{what}", self.prefix)
+    /// `PREFIX:{NAME}:what`, NAME being `CLIENT:IDENTITY`.
+    fn key(&self, name: &str, what: &str) -> String {
+        format!("{}:{{{name}}}:{what}", self.prefix)
     }
 
+    /// The name earlier versions used: `PREFIX:NAME:what`, without the hash tag.
+    fn untagged_key(&self, name: &str, what: &str) -> String {
+        format!("{}:{name}:{what}", self.prefix)
+    }
+
+    /// Runs `op` on a handle on the primary, bounded in time; a failure makes
+    /// the next operation look for the primary again (Sentinel).
     async fn run<T>(
         &self,
         what: &str,
-        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+        op: impl AsyncFnOnce(&mut Handle) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(OP_TIMEOUT * 2, op).await {
+        let attempt = async {
+            let mut handle = self.conn.handle().await?;
+            op(&mut handle).await
+        };
+        let result = tokio::time::timeout(OP_TIMEOUT * 2, attempt).await;
+        if !matches!(result, Ok(Ok(_))) {
+            self.conn.forget();
+        }
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!(
                 "redis {} {what}: {}",
@@ -153,21 +195,49 @@ impl RedisBackend {
         }
     }
 
-    pub(crate) async fn load(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
-        let mut conn = self.manager.clone();
-        let key = self.key(client, "token");
+    /// Reads the record `name` (`CLIENT:IDENTITY`); one an earlier version
+    /// stored without the hash tag is renamed first.
+    pub(crate) async fn load(&self, name: &str) -> Result<Option<Envelope>, StoreError> {
+        let key = self.key(name, "token");
+        let found = self.read(&key).await?;
+        if found.is_some() || self.conn.is_cluster() {
+            return Ok(found);
+        }
+        let old = self.untagged_key(name, "token");
+        let mut invocation = self.untag.key(&old);
+        invocation.key(&key);
+        let moved: i64 = self
+            .run("take-over", async |h| invocation.invoke_async(h).await)
+            .await?;
+        if moved == 1 {
+            self.read(&key).await
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Reads the record an earlier version stored under the bare client name;
+    /// none in a Cluster, which earlier versions did not support.
+    pub(crate) async fn load_legacy(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
+        if self.conn.is_cluster() {
+            return Ok(None);
+        }
+        self.read(&self.untagged_key(client, "token")).await
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
         type Fields = (Option<u64>, Option<String>, Option<String>, Option<String>);
         let (generation, binding, account, data): Fields = self
-            .run(
-                "read",
+            .run("read", async |h| {
                 redis::cmd("HMGET")
-                    .arg(&key)
+                    .arg(key)
                     .arg("generation")
                     .arg("binding")
                     .arg("account")
                     .arg("data")
-                    .query_async(&mut conn),
-            )
+                    .query_async(h)
+                    .await
+            })
             .await?;
         let account = account.unwrap_or_default();
         Ok(match (generation, binding, data) {
@@ -188,25 +258,28 @@ impl RedisBackend {
     }
 
     /// The record names (`CLIENT:IDENTITY`) and account hashes of the records
-    /// of client `name`, at most [`MAX_CHAINS`].
+    /// of client `name`, at most [`MAX_CHAINS`]. A Cluster spreads them over
+    /// its nodes and is not searched: the look is only for a warning.
     pub(crate) async fn accounts(&self, name: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let mut conn = self.manager.clone();
-        let head = format!("{}:", self.prefix);
-        let pattern = format!("{}{}:*:token", glob_escape(&head), glob_escape(name));
+        if self.conn.is_cluster() {
+            return Ok(Vec::new());
+        }
+        let head = format!("{}:{{", self.prefix);
+        let pattern = format!("{}{}:*}}:token", glob_escape(&head), glob_escape(name));
         let mut cursor: u64 = 0;
         let mut keys: Vec<String> = Vec::new();
         loop {
             let (next, batch): (u64, Vec<String>) = self
-                .run(
-                    "scan",
+                .run("scan", async |h| {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
                         .arg(&pattern)
                         .arg("COUNT")
                         .arg(500)
-                        .query_async(&mut conn),
-                )
+                        .query_async(h)
+                        .await
+                })
                 .await?;
             keys.extend(batch);
             cursor = next;
@@ -217,17 +290,17 @@ impl RedisBackend {
         let mut out = Vec::with_capacity(keys.len());
         for key in keys.into_iter().take(MAX_CHAINS) {
             let account: Option<String> = self
-                .run(
-                    "read",
+                .run("read", async |h| {
                     redis::cmd("HGET")
                         .arg(&key)
                         .arg("account")
-                        .query_async(&mut conn),
-                )
+                        .query_async(h)
+                        .await
+                })
                 .await?;
             let name = key
                 .strip_prefix(&head)
-                .and_then(|k| k.strip_suffix(":token"))
+                .and_then(|k| k.strip_suffix("}:token"))
                 .unwrap_or_default()
                 .to_owned();
             out.push((name, account.unwrap_or_default()));
@@ -235,38 +308,41 @@ impl RedisBackend {
         Ok(out)
     }
 
-    /// Moves the record `legacy` read under `legacy_client` to `client` as
-    /// `envelope`, unless `client` holds one or the old record changed.
+    /// Moves the record `legacy` read under `legacy_client` to `name` as
+    /// `envelope`, unless `name` holds one or the old record changed.
     pub(crate) async fn take_over(
         &self,
         legacy_client: &str,
         legacy: &Envelope,
-        client: &str,
+        name: &str,
         envelope: &Envelope,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.manager.clone();
-        let mut invocation = self.take_over.key(self.key(legacy_client, "token"));
+        let mut invocation = self
+            .take_over
+            .key(self.untagged_key(legacy_client, "token"));
         invocation
-            .key(self.key(client, "token"))
+            .key(self.key(name, "token"))
             .arg(legacy.generation.to_string())
             .arg(&legacy.data)
             .arg(&envelope.binding)
             .arg(&envelope.account)
             .arg(&envelope.data);
         let moved: i64 = self
-            .run("take-over", invocation.invoke_async(&mut conn))
+            .run("take-over", async |h| invocation.invoke_async(h).await)
             .await?;
         Ok(moved == 1)
     }
 
+    /// The fenced write. `durable`: the record carries a refresh token, and
+    /// counts as written only once `min_replicas_acked` replicas have it.
     pub(crate) async fn save(
         &self,
-        client: &str,
+        name: &str,
         envelope: &Envelope,
         replace: Option<&Unopened>,
+        durable: bool,
     ) -> Result<Saved, StoreError> {
-        let mut conn = self.manager.clone();
-        let key = self.key(client, "token");
+        let key = self.key(name, "token");
         let mut invocation = self.save.key(&key);
         invocation
             .arg(envelope.generation)
@@ -278,65 +354,96 @@ impl RedisBackend {
                     .map(|r| r.generation.to_string())
                     .unwrap_or_default(),
             )
-            .arg(replace.map(|r| r.data.as_str()).unwrap_or_default());
-        let answer: i64 = self
-            .run("write", invocation.invoke_async(&mut conn))
+            .arg(replace.map(|r| r.data.as_str()).unwrap_or_default())
+            .arg(&self.instance);
+        let wanted = if durable { self.min_replicas_acked } else { 0 };
+        let (answer, acked): (i64, u32) = self
+            .run("write", async |h| {
+                let answer: i64 = invocation.invoke_async(&mut *h).await?;
+                let acked = if answer < 0 && wanted > 0 {
+                    h.wait(&key, wanted, WAIT_TIMEOUT).await?
+                } else {
+                    wanted
+                };
+                Ok((answer, acked))
+            })
             .await?;
-        Ok(if answer < 0 {
-            Saved::Written
-        } else {
-            Saved::Stale {
+        if answer >= 0 {
+            return Ok(Saved::Stale {
                 generation: answer as u64,
-            }
-        })
+            });
+        }
+        if acked < wanted {
+            return Err(StoreError::Unavailable(format!(
+                "redis {} write: on the primary, but acknowledged by {acked} of {wanted} replicas within {} ms (store.min_replicas_acked); kept pending, as a failover could lose it",
+                self.display_url,
+                WAIT_TIMEOUT.as_millis()
+            )));
+        }
+        Ok(Saved::Written)
     }
 
     pub(crate) async fn try_lease(
         &self,
-        client: &str,
+        name: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let mut conn = self.manager.clone();
-        let key = self.key(client, "lease");
-        let value = format!("{}:{:08x}", self.instance, fastrand::u32(..));
-        let answer: Option<String> = self
-            .run(
-                "lease",
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&value)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64)
-                    .query_async(&mut conn),
-            )
+        let holder = format!("{}:{:08x}", self.instance, fastrand::u32(..));
+        let mut invocation = self.try_lease.key(self.key(name, "lease"));
+        invocation
+            .key(self.key(name, "token"))
+            .arg(&holder)
+            .arg(ttl.as_millis().max(1) as u64);
+        let lease_key = self.key(name, "lease");
+        let wanted = self.min_replicas_acked;
+        let (taken, acked): (i64, u32) = self
+            .run("lease", async |h| {
+                let taken: i64 = invocation.invoke_async(&mut *h).await?;
+                // Best effort: a lease that reached a replica survives a
+                // failover and keeps the others waiting for this holder's
+                // write. Without the acknowledgement the holder still leads:
+                // a replica outage must not stop every refresh.
+                let acked = if taken == 1 && wanted > 0 {
+                    h.wait(&lease_key, wanted, WAIT_TIMEOUT).await?
+                } else {
+                    wanted
+                };
+                Ok((taken, acked))
+            })
             .await?;
-        Ok(answer.map(|_| value))
+        if acked < wanted {
+            debug!(
+                record = name,
+                acked, wanted, "lease taken, but not acknowledged by the replicas in time"
+            );
+        }
+        Ok((taken == 1).then_some(holder))
     }
 
     pub(crate) async fn extend_lease(
         &self,
-        client: &str,
-        value: &str,
+        name: &str,
+        holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.manager.clone();
-        let key = self.key(client, "lease");
-        let mut invocation = self.extend.key(&key);
-        invocation.arg(value).arg(ttl.as_millis().max(1) as u64);
+        let mut invocation = self.extend.key(self.key(name, "lease"));
+        invocation
+            .key(self.key(name, "token"))
+            .arg(holder)
+            .arg(ttl.as_millis().max(1) as u64);
         let extended: i64 = self
-            .run("lease extension", invocation.invoke_async(&mut conn))
+            .run("lease extension", async |h| {
+                invocation.invoke_async(h).await
+            })
             .await?;
         Ok(extended == 1)
     }
 
-    pub(crate) async fn release(&self, client: &str, value: &str) -> Result<(), StoreError> {
-        let mut conn = self.manager.clone();
-        let key = self.key(client, "lease");
-        let mut invocation = self.release.key(&key);
-        invocation.arg(value);
+    pub(crate) async fn release(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let mut invocation = self.release.key(self.key(name, "lease"));
+        invocation.arg(holder);
         let _released: i64 = self
-            .run("lease release", invocation.invoke_async(&mut conn))
+            .run("lease release", async |h| invocation.invoke_async(h).await)
             .await?;
         Ok(())
     }
