@@ -399,10 +399,11 @@ impl RedisBackend {
         let (taken, acked): (i64, u32) = self
             .run("lease", async |h| {
                 let taken: i64 = invocation.invoke_async(&mut *h).await?;
-                // Best effort: a lease that reached a replica survives a
-                // failover and keeps the others waiting for this holder's
-                // write. Without the acknowledgement the holder still leads:
-                // a replica outage must not stop every refresh.
+                // Only a lease that reached a replica survives a failover and
+                // keeps the others waiting for this holder's write; one that
+                // did not is no lease, and no refresh token is spent under it
+                // (the outage rule applies: held tokens serve, grants that
+                // spend nothing may still refresh).
                 let acked = if taken == 1 && wanted > 0 {
                     h.wait(&lease_key, wanted, WAIT_TIMEOUT).await?
                 } else {
@@ -411,11 +412,15 @@ impl RedisBackend {
                 Ok((taken, acked))
             })
             .await?;
-        if acked < wanted {
-            debug!(
-                record = name,
-                acked, wanted, "lease taken, but not acknowledged by the replicas in time"
-            );
+        if taken == 1 && acked < wanted {
+            // Given back at once, so that it does not keep others waiting either.
+            if let Err(e) = self.release(name, &holder).await {
+                debug!(record = name, error = %e, "unacknowledged lease not released");
+            }
+            return Err(StoreError::Unavailable(format!(
+                "redis lease: acknowledged by {acked} of {wanted} replicas within {} ms (store.min_replicas_acked); not used, as a failover could lose it",
+                WAIT_TIMEOUT.as_millis()
+            )));
         }
         Ok((taken == 1).then_some(holder))
     }

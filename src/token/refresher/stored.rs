@@ -38,6 +38,15 @@ const FOLLOW_POLL: Duration = Duration::from_millis(100);
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between attempts to write back state the store has not taken.
 const WRITE_BACK_MAX: Duration = Duration::from_secs(5);
+/// How often a state holding a refresh token the store has not taken is
+/// written again: the refresh token in the store is spent, and until the new
+/// one is there another replica could send the spent one.
+const WRITE_BACK_ROTATED: Duration = Duration::from_millis(200);
+/// After the shared store answers again, how long a replica with nothing to
+/// write back leaves the lease to others: a leader whose write was lost in the
+/// outage (or a failover) writes its rotated refresh token back within this,
+/// and the others take it instead of spending the old one.
+const RETURN_GRACE: Duration = Duration::from_secs(1);
 /// How often a client in `needs_authorization` looks for a new refresh token.
 pub(super) const AUTHORIZATION_POLL: Duration = Duration::from_secs(2);
 /// How much longer than `token.timeout` a lease lasts: the leader's request is
@@ -86,6 +95,8 @@ pub(super) struct StoreLink {
     available: bool,
     /// Since when the store has not answered.
     unavailable_since: Option<SystemTime>,
+    /// When the store last answered again after an outage.
+    answered_again_at: Option<Instant>,
     error: Option<String>,
     role: Option<&'static str>,
     /// The refresh token came from an operator: use it, do not take the stored one.
@@ -148,6 +159,7 @@ impl StoreLink {
             check_at: None,
             available: true,
             unavailable_since: None,
+            answered_again_at: None,
             error: None,
             role: None,
             operator_trial: None,
@@ -194,6 +206,15 @@ impl Refresher {
                 self.release(lease).await;
             }
             return Coordination::Adopted;
+        }
+        if self.store.client.is_shared() && !self.store.write_pending && self.store.lease.is_none()
+        {
+            let grace_until = self.store.answered_again_at.map(|t| t + RETURN_GRACE);
+            if grace_until.is_some_and(|until| Instant::now() < until) {
+                // Right after an outage: a leader may still be writing back the
+                // refresh token it rotated; look at the record again shortly.
+                return Coordination::Follow;
+            }
         }
         if let Some(lease) = self.store.lease.take() {
             match self.store.client.extend_lease(&lease, ttl).await {
@@ -317,6 +338,9 @@ impl Refresher {
     /// backoff so the other replicas wait instead of trying themselves.
     pub(super) async fn finish_lease(&mut self, lease: Lease, outcome: Result<(), Duration>) {
         match outcome {
+            // The new state is not stored yet: the lease stays ours (the write
+            // back extends it) so no other replica spends the old refresh token.
+            Ok(()) if self.store.write_pending => self.store.lease = Some(lease),
             Ok(()) => self.release(lease).await,
             Err(delay) => match self.store.client.extend_lease(&lease, delay).await {
                 Ok(true) => self.store.lease = Some(lease),
@@ -401,7 +425,11 @@ impl Refresher {
         }
         self.store.write_pending = true;
         self.store.write_back_failures = self.store.write_back_failures.saturating_add(1);
-        let delay = (STORE_RETRY * self.store.write_back_failures).min(WRITE_BACK_MAX);
+        let delay = if self.store.client.is_shared() && self.refresh_token.is_some() {
+            WRITE_BACK_ROTATED
+        } else {
+            (STORE_RETRY * self.store.write_back_failures).min(WRITE_BACK_MAX)
+        };
         self.store.write_back_at = Some(Instant::now() + delay);
         self.publish_store();
         false
@@ -410,8 +438,20 @@ impl Refresher {
     /// Tries again to write state the store has not taken.
     pub(super) async fn write_back(&mut self) {
         self.store.write_back_at = None;
+        if let Some(lease) = &self.store.lease {
+            let ttl = StoreLink::lease_ttl(&self.config);
+            // Best effort: a lease that cannot be extended is written over below.
+            if let Err(e) = self.store.client.extend_lease(lease, ttl).await {
+                debug!(client = %self.client, error = %e, "lease not extended before the write back");
+            }
+        }
         if self.store.write_pending && self.persist().await {
             debug!(client = %self.client, "a newer stored state was taken instead of writing back");
+        }
+        if !self.store.write_pending {
+            if let Some(lease) = self.store.lease.take() {
+                self.release(lease).await;
+            }
         }
     }
 
@@ -581,6 +621,7 @@ impl Refresher {
         if !self.store.available {
             info!(client = %self.client, store = self.store.client.kind(), "token store answers again");
             self.store.available = true;
+            self.store.answered_again_at = Some(Instant::now());
             self.store.unavailable_since = None;
             self.store.error = None;
             if self.store.role == Some("waiting") {
