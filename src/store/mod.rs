@@ -11,9 +11,14 @@
 //! chain; the bootstrap refresh token enters only as a hash of a hash.
 //!
 //! A record is a [`TokenState`] sealed with ChaCha20-Poly1305 under the store
-//! key, with the identity and the record's generation as associated data, so a
-//! record written under another key or with its generation edited does not
-//! open. Such records are ignored with a warning and never sent to a provider.
+//! key, with the store's namespace (the Redis key prefix, or `file`), the
+//! record's own name (`CLIENT:IDENTITY`) and its generation as associated data
+//! (format 2, its data marked `v2.`), so a record written under another key,
+//! copied into another client's slot (two clients of one OAuth client have the
+//! same identity hash) or with its generation edited does not open. Records of
+//! format 1 (the identity hash and generation only) are still read, and the
+//! next write seals them in format 2. Such records are ignored with a warning
+//! and never sent to a provider.
 //!
 //! Every record carries a generation that only grows. A write names the
 //! generation it creates and is refused when the store already holds that one or
@@ -42,7 +47,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{ClientConfig, Grant, StoreConfig};
 use crate::secret::Secret;
-use seal::Sealer;
+use seal::{NotOpened, Sealer};
+
+/// Marks sealed data of format 2 (base64 never holds a dot).
+const FORMAT_2: &str = "v2.";
 
 /// Why the store could not be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -134,6 +142,8 @@ pub struct Lease {
 pub struct Store {
     backend: Arc<Backend>,
     sealer: Option<Arc<Sealer>>,
+    /// The namespace bound into every record: the Redis key prefix, or `file`.
+    scope: Arc<str>,
 }
 
 enum Backend {
@@ -146,20 +156,23 @@ impl Store {
     /// Opens the configured store. Redis is connected lazily: an unreachable
     /// Redis does not stop the start.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        let (backend, key) = match config {
-            StoreConfig::Memory => (Backend::Memory, None),
+        let (backend, key, scope) = match config {
+            StoreConfig::Memory => (Backend::Memory, None, "memory"),
             StoreConfig::File(f) => (
                 Backend::File(file::FileBackend::open(&f.path)?),
                 Some(&f.key),
+                "file",
             ),
             StoreConfig::Redis(r) => (
                 Backend::Redis(Box::new(redis::RedisBackend::open(r)?)),
                 Some(&r.key),
+                r.key_prefix.as_str(),
             ),
         };
         Ok(Store {
             backend: Arc::new(backend),
-            sealer: key.map(|k| Arc::new(Sealer::new(k))),
+            sealer: key.map(|k| Arc::new(Sealer::new(k, &[]))),
+            scope: Arc::from(scope),
         })
     }
 
@@ -270,14 +283,15 @@ impl ClientStore {
         let problem = if legacy.binding != self.identity.legacy {
             "it was written for another client id, token URL, user or scope"
         } else {
-            match sealer.open(&self.identity.legacy, generation, &legacy.data) {
-                None => "it does not decrypt with the configured key (another key, or corrupted)",
-                Some(text) => {
+            let aad = seal::associated_data_v1(&self.identity.legacy, generation);
+            match sealer.open(&aad, &legacy.data) {
+                Err(_) => "it does not decrypt with the configured key (another key, or corrupted)",
+                Ok(opened) => {
                     let envelope = Envelope {
                         generation,
                         binding: self.identity.binding.clone(),
                         account: self.identity.account.clone(),
-                        data: sealer.seal(&self.identity.binding, generation, &text),
+                        data: self.seal(sealer, generation, &opened.plain),
                     };
                     let moved = match &*self.store.backend {
                         Backend::Memory => false,
@@ -348,7 +362,7 @@ impl ClientStore {
         let plain = Plain::from_state(&record.state);
         let text = serde_json::to_vec(&plain)
             .map_err(|e| StoreError::Io(format!("cannot encode the state: {e}")))?;
-        let data = sealer.seal(&self.identity.binding, record.generation, &text);
+        let data = self.seal(sealer, record.generation, &text);
         let envelope = Envelope {
             generation: record.generation,
             binding: self.identity.binding.clone(),
@@ -396,6 +410,40 @@ impl ClientStore {
         }
     }
 
+    /// `plain` sealed in format 2 for this client's record at `generation`.
+    fn seal(&self, sealer: &Sealer, generation: u64, plain: &[u8]) -> String {
+        let aad = seal::associated_data(&self.store.scope, &self.key, generation);
+        format!("{FORMAT_2}{}", sealer.seal(&aad, plain))
+    }
+
+    /// Opens data sealed for this client's record at `generation`, in format 2
+    /// or (written by earlier versions) format 1.
+    fn unseal(
+        &self,
+        sealer: &Sealer,
+        generation: u64,
+        data: &str,
+    ) -> Result<seal::Opened, NotOpened> {
+        let opened = match data.strip_prefix(FORMAT_2) {
+            Some(sealed) => {
+                let aad = seal::associated_data(&self.store.scope, &self.key, generation);
+                sealer.open(&aad, sealed)?
+            }
+            None => {
+                let aad = seal::associated_data_v1(&self.identity.binding, generation);
+                let opened = sealer.open(&aad, data)?;
+                debug!(client = %self.name, generation,
+                    "the stored token state is in the earlier format; the next write seals it bound to its name");
+                opened
+            }
+        };
+        if opened.with_previous_key {
+            debug!(client = %self.name, generation,
+                "the stored token state opened with a previous store key; the next write seals it with the current key");
+        }
+        Ok(opened)
+    }
+
     fn open(&self, envelope: Envelope) -> Option<Record> {
         let sealer = self.store.sealer.as_ref()?;
         let generation = envelope.generation;
@@ -406,9 +454,9 @@ impl ClientStore {
         let problem = if envelope.binding != self.identity.binding {
             "it was written for another credential identity"
         } else {
-            match sealer.open(&self.identity.binding, generation, &envelope.data) {
-                None => "it does not decrypt with the configured key (another key, or corrupted)",
-                Some(text) => match serde_json::from_slice::<Plain>(&text) {
+            match self.unseal(sealer, generation, &envelope.data) {
+                Err(_) => "it does not decrypt with the configured key for this record (another key, another record's copy, or corrupted)",
+                Ok(opened) => match serde_json::from_slice::<Plain>(&opened.plain) {
                     Ok(plain) => {
                         self.set_unopened(None);
                         return Some(Record {
@@ -753,7 +801,7 @@ client_secret = "s3cret"
             generation,
             binding: binding.clone(),
             account: String::new(),
-            data: sealer.seal(&binding, generation, &text),
+            data: sealer.seal(&seal::associated_data_v1(&binding, generation), &text),
         };
         assert_eq!(
             f.save(&client.name, envelope, None).await.unwrap(),
@@ -809,6 +857,48 @@ client_secret = "s3cret"
         // And the first keeps reading its own.
         let again = first.load().await.unwrap();
         assert_eq!(again.record.map(|r| r.generation), Some(7));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// Security review finding 5 (issue 25): a record of format 1 (bound to
+    /// the identity hash only) is still read, and the next write seals it in
+    /// format 2, bound to its own name.
+    #[tokio::test]
+    async fn a_record_of_format_1_is_read_and_rewritten_in_format_2() {
+        let path = temp_path("format1");
+        let config = config(&path, "client_id = \"a\"");
+        let store = Store::open(&config.store).unwrap();
+        let client = store.client(&config.clients[0]);
+        let Backend::File(f) = &*store.backend else {
+            panic!("file store")
+        };
+        let sealer = store.sealer.as_ref().unwrap();
+        let binding = client.identity.binding.clone();
+        let text = serde_json::to_vec(&Plain::from_state(&state("v1-access"))).unwrap();
+        let envelope = Envelope {
+            generation: 3,
+            binding: binding.clone(),
+            account: client.identity.account.clone(),
+            data: sealer.seal(&seal::associated_data_v1(&binding, 3), &text),
+        };
+        f.save(client.record_name(), envelope, None).await.unwrap();
+
+        let loaded = client.load().await.unwrap();
+        let record = loaded.record.expect("a format-1 record opens");
+        assert_eq!(record.state, state("v1-access"));
+        let next = Record {
+            generation: 4,
+            state: state("v2-access"),
+        };
+        assert_eq!(client.save(&next).await.unwrap(), Saved::Written);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let data = doc["clients"][client.record_name()]["data"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(data.starts_with(FORMAT_2), "written in format 2: {data}");
+        assert_eq!(client.load().await.unwrap().record, Some(next));
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

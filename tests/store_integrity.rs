@@ -1,0 +1,269 @@
+//! Stored records that must not be used, spent over or replaced: a record
+//! copied into another client's slot does not open there (file and Redis).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{free_addr, start_sidecar, TestClient};
+use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy::Running;
+
+const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tokenproxy-integrity-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn rotating() -> ProviderConfig {
+    ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    }
+}
+
+/// A `redis-server` child on a free loopback port, without persistence;
+/// killed when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Redis {
+        let port = free_addr().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &dir.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        // Up to 10 s (500 x 20 ms) for the server to accept connections.
+        let up = (0..500).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        });
+        assert!(up, "redis-server did not come up");
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis answers")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `[store]` plus two clients, `a` and `b`, of the same OAuth client: the
+/// same client id, token URL and grant, so the same credential identity.
+fn two_clients(store: &str, provider: &MockProvider, api: &MockApi) -> String {
+    let client = |name: &str, listen: &str| {
+        format!(
+            r#"
+[clients.{name}]
+listen = "{{{listen}}}"
+upstream = "{upstream}"
+token_wait_timeout = "3s"
+
+[clients.{name}.token]
+url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "${{CLIENT_SECRET}}"
+"#,
+            upstream = api.url(),
+            token_url = provider.token_url(),
+            client_id = support::CLIENT_ID,
+        )
+    };
+    format!(
+        "[admin]\nlisten = \"{{admin}}\"\n\n{store}\n{}{}",
+        client("a", "listen"),
+        client("b", "listen2")
+    )
+}
+
+/// The proxy URLs of clients a and b.
+fn proxies(running: &Running) -> (String, String) {
+    let url = |client: &str| {
+        let addr = running.client_addr(client).expect("client listens");
+        format!("http://{addr}/api/v1/payments")
+    };
+    (url("a"), url("b"))
+}
+
+/// The serial of the token the API saw last, after a request that succeeded.
+fn last_serial(api: &MockApi) -> u64 {
+    api.recorded()
+        .last()
+        .and_then(|r| r.token_serial)
+        .expect("the API saw a token the provider issued")
+}
+
+/// Security review finding 5 (issue 25): two clients of one OAuth client
+/// share a file store; client a's record copied into client b's slot (which
+/// needs no key) does not open for b, and b never serves a's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_copied_into_another_clients_slot_does_not_open_in_the_file_store() {
+    let provider = MockProvider::start(rotating()).await.expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let path = temp_dir("copy-file").join("tokens.json");
+    let store = format!(
+        "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"{KEY_A}\"\n",
+        path.display()
+    );
+    let config = two_clients(&store, &provider, &api);
+    let http = TestClient::new();
+
+    let (running, _, _) = start_sidecar(&config).await;
+    let (url_a, url_b) = proxies(&running);
+    assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
+    let serial_a = last_serial(&api);
+    assert_eq!(http.get(&url_b).await.status, StatusCode::OK);
+    let serial_b = last_serial(&api);
+    assert_ne!(serial_a, serial_b, "each client has its own token");
+    running.shutdown().await;
+
+    // Copy a's record over b's: same identity hash, so only the name differs.
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state file")).expect("json");
+    let clients = doc["clients"].as_object().expect("clients").clone();
+    let name_a = clients
+        .keys()
+        .find(|k| k.starts_with("a:"))
+        .expect("a's record")
+        .clone();
+    let name_b = format!("b:{}", name_a.trim_start_matches("a:"));
+    assert!(
+        clients.contains_key(&name_b),
+        "b's record has a's identity hash: {clients:?}"
+    );
+    doc["clients"][&name_b] = clients[&name_a].clone();
+    std::fs::write(&path, doc.to_string()).expect("write");
+
+    let (running, _, _) = start_sidecar(&config).await;
+    let (url_a, url_b) = proxies(&running);
+    assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
+    assert_eq!(last_serial(&api), serial_a, "a adopts its own record");
+    let seen = api.recorded().len();
+    let r = http.get(&url_b).await;
+    let served_a = api.recorded()[seen..]
+        .iter()
+        .any(|r| r.token_serial == Some(serial_a));
+    assert!(
+        !served_a,
+        "client b was served client a's token from the copied record ({} {})",
+        r.status,
+        r.text()
+    );
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "a spent refresh token was sent again"
+    );
+    running.shutdown().await;
+}
+
+/// Security review finding 5 (issue 25), Redis: the same copy between the
+/// two clients' hashes in a real redis-server does not open for b, and b
+/// never serves a's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_copied_into_another_clients_slot_does_not_open_in_redis() {
+    let provider = MockProvider::start(rotating()).await.expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let dir = temp_dir("copy-redis");
+    let redis = Redis::start(&dir);
+    let store = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"test\"\nkey = \"{KEY_A}\"\n",
+        redis.url()
+    );
+    let config = two_clients(&store, &provider, &api);
+    let http = TestClient::new();
+
+    let (running, _, _) = start_sidecar(&config).await;
+    let (url_a, url_b) = proxies(&running);
+    assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
+    let serial_a = last_serial(&api);
+    assert_eq!(http.get(&url_b).await.status, StatusCode::OK);
+    running.shutdown().await;
+
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("test:a:*:token")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let key_a = keys.first().expect("a's record").clone();
+    let key_b = key_a.replacen("test:a:", "test:b:", 1);
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(&key_a)
+        .query_async(&mut conn)
+        .await
+        .expect("HGETALL");
+    let _: () = redis::cmd("DEL")
+        .arg(&key_b)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    for (field, value) in &fields {
+        let _: () = redis::cmd("HSET")
+            .arg(&key_b)
+            .arg(field)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+    }
+
+    let (running, _, _) = start_sidecar(&config).await;
+    let (url_a, url_b) = proxies(&running);
+    assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
+    assert_eq!(last_serial(&api), serial_a, "a adopts its own record");
+    let seen = api.recorded().len();
+    let r = http.get(&url_b).await;
+    let served_a = api.recorded()[seen..]
+        .iter()
+        .any(|r| r.token_serial == Some(serial_a));
+    assert!(
+        !served_a,
+        "client b was served client a's token from the copied record ({} {})",
+        r.status,
+        r.text()
+    );
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "a spent refresh token was sent again"
+    );
+    running.shutdown().await;
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
