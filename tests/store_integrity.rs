@@ -1,5 +1,9 @@
 //! Stored records that must not be used, spent over or replaced: a record
-//! copied into another client's slot does not open there (file and Redis).
+//! copied into another client's slot does not open there (file and Redis); a
+//! record sealed with a key the sidecar does not hold stops the client,
+//! clearly, without spending the bootstrap refresh token or overwriting the
+//! record, and comes back once the key is given (as the key or as a previous
+//! key).
 
 mod support;
 
@@ -13,6 +17,7 @@ use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 use tokenproxy::Running;
 
 const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEY_B: &str = "HxwdHhscGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE=";
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -169,6 +174,7 @@ async fn a_record_copied_into_another_clients_slot_does_not_open_in_the_file_sto
     doc["clients"][&name_b] = clients[&name_a].clone();
     std::fs::write(&path, doc.to_string()).expect("write");
 
+    let requests = provider.token_requests();
     let (running, _, _) = start_sidecar(&config).await;
     let (url_a, url_b) = proxies(&running);
     assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
@@ -188,6 +194,11 @@ async fn a_record_copied_into_another_clients_slot_does_not_open_in_the_file_sto
         provider.refresh_token_reuse(),
         0,
         "a spent refresh token was sent again"
+    );
+    assert_eq!(
+        provider.token_requests(),
+        requests,
+        "nothing should have been spent over the copied record"
     );
     running.shutdown().await;
 }
@@ -243,6 +254,7 @@ async fn a_record_copied_into_another_clients_slot_does_not_open_in_redis() {
             .expect("HSET");
     }
 
+    let requests = provider.token_requests();
     let (running, _, _) = start_sidecar(&config).await;
     let (url_a, url_b) = proxies(&running);
     assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
@@ -263,7 +275,162 @@ async fn a_record_copied_into_another_clients_slot_does_not_open_in_redis() {
         0,
         "a spent refresh token was sent again"
     );
+    assert_eq!(
+        provider.token_requests(),
+        requests,
+        "nothing should have been spent over the copied record"
+    );
     running.shutdown().await;
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `/status` once `done` holds for it (within 5 s; else a failure naming it).
+async fn status_until(
+    http: &TestClient,
+    url: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = http.get(url).await.json();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/status never reached the expected state: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One client `payments` with `grant = "refresh_token"` bootstrapped with
+/// `bootstrap`, over a file store at `path` with `keys` (the `key` line and
+/// any `previous_keys`).
+fn wallet(
+    path: &Path,
+    keys: &str,
+    bootstrap: &str,
+    provider: &MockProvider,
+    api: &MockApi,
+) -> String {
+    format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+
+[store]
+kind = "file"
+path = "{path}"
+{keys}
+
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{upstream}"
+token_wait_timeout = "3s"
+
+[clients.payments.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "{client_id}"
+client_secret = "${{CLIENT_SECRET}}"
+refresh_token = "{bootstrap}"
+"#,
+        path = path.display(),
+        upstream = api.url(),
+        token_url = provider.token_url(),
+        client_id = support::CLIENT_ID,
+    )
+}
+
+/// Security review finding 4 (issue 25): after the store key changes (a
+/// wrong or rotated `key_file`), the rotated chain's record does not open.
+/// The client must neither send the bootstrap refresh token (spent by the
+/// first rotation: reuse, grant revoked) nor overwrite the record; it says
+/// what is wrong in `/status` and `/readyz` and spends nothing. Given the old
+/// key as a previous key, it carries on with the stored chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_under_another_key_stops_the_client_without_spending_or_overwriting() {
+    let provider = MockProvider::start(rotating()).await.expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let path = temp_dir("other-key").join("tokens.json");
+    let bootstrap = provider.issue_refresh_token();
+    let http = TestClient::new();
+
+    let key_a = format!("key = \"{KEY_A}\"");
+    let (running, proxy, _) =
+        start_sidecar(&wallet(&path, &key_a, &bootstrap, &provider, &api)).await;
+    let url = format!("http://{proxy}/api/v1/payments");
+    assert_eq!(http.get(&url).await.status, StatusCode::OK);
+    running.shutdown().await;
+    assert_eq!(
+        provider.grant_requests("refresh_token"),
+        1,
+        "the bootstrap token was spent once"
+    );
+    let before = std::fs::read(&path).expect("state file");
+
+    // The key changed: the record does not open.
+    let key_b = format!("key = \"{KEY_B}\"");
+    let (running, proxy, admin) =
+        start_sidecar(&wallet(&path, &key_b, &bootstrap, &provider, &api)).await;
+    let url = format!("http://{proxy}/api/v1/payments");
+    let status_url = format!("http://{admin}/status");
+    let status = status_until(&http, &status_url, |s| {
+        s["clients"]["payments"]["store"]["role"] == "locked"
+    })
+    .await;
+    let client = &status["clients"]["payments"];
+    assert_eq!(client["state"], "unavailable", "{status}");
+    let problem = client["store"]["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("does not open") && problem.contains("previous_key_files"),
+        "/status should say what is wrong and what to do: {status}"
+    );
+    let ready = http.get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    let r = http.get(&url).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(r.error_code(), Some("token_unavailable"));
+    running.shutdown().await;
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "the spent bootstrap refresh token was sent over the record that does not open"
+    );
+    assert_eq!(
+        provider.grant_requests("refresh_token"),
+        1,
+        "nothing was to be spent"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("state file"),
+        before,
+        "the record that does not open must be left as it was"
+    );
+
+    // Key rotation: the old key as a previous key opens the record.
+    let rotated = format!("key = \"{KEY_B}\"\nprevious_keys = [\"{KEY_A}\"]");
+    let (running, proxy, _) =
+        start_sidecar(&wallet(&path, &rotated, &bootstrap, &provider, &api)).await;
+    let url = format!("http://{proxy}/api/v1/payments");
+    let r = http.get(&url).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    running.shutdown().await;
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "a spent refresh token was sent again"
+    );
+    assert_eq!(
+        provider.grant_requests("refresh_token"),
+        1,
+        "the stored access token was still fresh: no token request"
+    );
 }

@@ -65,6 +65,8 @@ pub(super) struct RawStore {
     pub(super) key_prefix: Option<String>,
     pub(super) key: Option<String>,
     pub(super) key_file: Option<String>,
+    pub(super) previous_keys: Option<Vec<String>>,
+    pub(super) previous_key_files: Option<Vec<String>>,
     pub(super) username: Option<String>,
     pub(super) password: Option<String>,
     pub(super) password_file: Option<String>,

@@ -45,6 +45,8 @@ pub struct FileStoreConfig {
     pub path: PathBuf,
     /// Encrypts the state.
     pub key: StoreKey,
+    /// Earlier keys: they only open records (key rotation).
+    pub previous_keys: Vec<StoreKey>,
 }
 
 /// `kind = "redis"`.
@@ -58,6 +60,8 @@ pub struct RedisStoreConfig {
     pub key_prefix: String,
     /// Encrypts the values.
     pub key: StoreKey,
+    /// Earlier keys: they only open records (key rotation).
+    pub previous_keys: Vec<StoreKey>,
     /// AUTH user name, when not in the URL.
     pub username: Option<String>,
     /// AUTH password, when not in the URL.
@@ -115,6 +119,7 @@ pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, C
     };
     // Read the key even where it is not used: a broken secret mount is reported as such.
     let key = t.secret("key", raw.key, raw.key_file)?;
+    let previous_keys = previous_keys(raw.previous_keys, raw.previous_key_files, t)?;
     let password_name = if raw.password_file.is_some() {
         "password_file"
     } else {
@@ -148,7 +153,11 @@ pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, C
     };
     match kind {
         Kind::Memory => {
-            let file_only = [("path", raw.path.is_some()), (key_name, key.is_some())];
+            let file_only = [
+                ("path", raw.path.is_some()),
+                (key_name, key.is_some()),
+                ("previous_keys", !previous_keys.is_empty()),
+            ];
             if let Some((name, _)) = redis_only.iter().chain(&file_only).find(|(_, set)| *set) {
                 return Err(unused(name));
             }
@@ -167,6 +176,7 @@ pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, C
             Ok(StoreConfig::File(FileStoreConfig {
                 path: t.x.resolve_path(&path),
                 key,
+                previous_keys,
             }))
         }
         Kind::Redis => {
@@ -228,12 +238,42 @@ pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, C
                 display_url,
                 key_prefix,
                 key,
+                previous_keys,
                 username,
                 password,
                 ca_pem,
             }))
         }
     }
+}
+
+/// `previous_keys` and the keys in `previous_key_files`: earlier store keys
+/// that still open records sealed with them (read-only, for key rotation).
+fn previous_keys(
+    inline: Option<Vec<String>>,
+    files: Option<Vec<String>>,
+    t: &Table<'_>,
+) -> Result<Vec<StoreKey>, ConfigError> {
+    let mut keys = Vec::new();
+    for (i, raw) in inline.unwrap_or_default().into_iter().enumerate() {
+        let name = format!("previous_keys[{i}]");
+        let Some(text) = t.secret(&name, Some(raw), None)? else {
+            continue;
+        };
+        let key = StoreKey::from_base64(text.expose())
+            .map_err(|problem| t.err(&name, problem).with_hint(KEY_HINT))?;
+        keys.push(key);
+    }
+    for (i, raw_path) in files.unwrap_or_default().into_iter().enumerate() {
+        let name = format!("previous_key_files[{i}]");
+        let (path, text) = t.x.read(&t.key(&name), &raw_path)?;
+        let key = StoreKey::from_base64(&text).map_err(|problem| {
+            t.err(&name, format!("{}: {problem}", path.display()))
+                .with_hint(KEY_HINT)
+        })?;
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 /// Checks a `redis://` or `rediss://` URL; returns it without credentials, and
@@ -303,5 +343,53 @@ mod tests {
         );
         assert_eq!(check_redis_url("redis://:pw@/0"), Err("has no host".into()));
         assert!(check_redis_url("redis://h:1/abc").is_err());
+    }
+
+    /// Issue 25, finding 4 (key rotation): previous keys are read from the
+    /// config and from files; a bad one is named by its dotted key, never shown.
+    #[test]
+    fn previous_keys_come_from_the_config_and_files_and_bad_ones_are_named() {
+        use crate::config::{from_str, MapEnv};
+        let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let old = base64::engine::general_purpose::STANDARD.encode([2u8; 32]);
+        let older = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
+        let text = |previous: &str| {
+            format!(
+                "[store]\nkind = \"file\"\npath = \"/tmp/t.json\"\nkey = \"{key}\"\n{previous}\n\
+                 [clients.a]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 [clients.a.token]\nurl = \"https://auth.example/token\"\nclient_id = \"a\"\nclient_secret = \"s\"\n"
+            )
+        };
+        let env = MapEnv::new().file("/run/old-key", format!("{older}\n"));
+        let config = from_str(
+            &text(&format!(
+                "previous_keys = [\"{old}\"]\nprevious_key_files = [\"/run/old-key\"]"
+            )),
+            None,
+            &env,
+        )
+        .expect("valid");
+        match &config.store {
+            StoreConfig::File(f) => {
+                let firsts: Vec<u8> = f.previous_keys.iter().map(|k| k.expose()[0]).collect();
+                assert_eq!(firsts, [2, 3]);
+            }
+            other => panic!("file store expected: {other:?}"),
+        }
+        let err = from_str(
+            &text("previous_keys = [\"c2hvcnQ=\"]"),
+            None,
+            &MapEnv::new(),
+        )
+        .expect_err("a short key");
+        assert_eq!(err.key(), "store.previous_keys[0]", "{err}");
+        let err = from_str(
+            &text("previous_key_files = [\"/run/missing\"]"),
+            None,
+            &MapEnv::new(),
+        )
+        .expect_err("a missing file");
+        assert_eq!(err.key(), "store.previous_key_files[0]", "{err}");
+        assert!(!err.to_string().contains(&old));
     }
 }

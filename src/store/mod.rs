@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{ClientConfig, Grant, StoreConfig};
 use crate::secret::Secret;
@@ -94,11 +94,33 @@ pub struct Record {
 pub struct Loaded {
     /// The generation of the client's record when it opened, else 0: the
     /// generation of a record that does not open (another key, damaged,
-    /// forged) is not trusted, and the next write replaces that record.
+    /// forged) is not trusted.
     pub generation: u64,
     /// The record, when there is one this client can use.
     pub record: Option<Record>,
+    /// The client's record, when there is one and it did not open.
+    pub not_opened: Option<NotOpenedRecord>,
 }
+
+/// A record under the client's name that did not open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotOpenedRecord {
+    /// Sealed data that none of the configured keys opens for this record: it
+    /// may hold the newest refresh token of the chain (under a key this
+    /// process does not have), so nothing is spent over it and only an
+    /// operator's action replaces it. False: the record does not parse at all
+    /// (not written by tokenproxy); the next fenced write replaces it.
+    pub locked: bool,
+    /// What is wrong, for logs and `/status`.
+    pub problem: String,
+    /// Whether this read is the first to find it (it is counted and logged once).
+    pub first_seen: bool,
+}
+
+/// The highest generation a record may carry: 2^53, the largest integer Lua
+/// (Redis scripts) compares exactly. Generations grow by one per refresh, so
+/// only a forged record comes near it; one above it does not parse.
+pub const MAX_GENERATION: u64 = 1 << 53;
 
 /// The result of a fenced write.
 #[derive(Debug, PartialEq, Eq)]
@@ -115,21 +137,37 @@ pub enum Saved {
 /// The generation after `generation`; an error at the end of the range (only
 /// a record sealed with the store key can carry it).
 pub fn next_generation(generation: u64) -> Result<u64, StoreError> {
-    generation.checked_add(1).ok_or_else(|| {
-        StoreError::Io(
-            "the stored generation is at its maximum (2^64-1); delete the client's record to start again"
-                .to_owned(),
-        )
-    })
+    generation
+        .checked_add(1)
+        .filter(|g| *g <= MAX_GENERATION)
+        .ok_or_else(|| {
+            StoreError::Io(
+                "the stored generation is at its maximum (2^53); delete the client's record to start again"
+                    .to_owned(),
+            )
+        })
 }
 
-/// A record under the client's name that did not open, as read: a write may
-/// replace it whatever its generation, while it is still there unchanged.
+/// A record under the client's name that did not open, as read (its
+/// generation and data fields, byte for byte): a write may replace it whatever
+/// its generation, while it is still there unchanged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Unopened {
-    pub(crate) generation: u64,
-    pub(crate) data: String,
+    pub(crate) generation: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
+
+/// One record as a backend read it.
+pub(crate) struct Read {
+    /// The record, or why it does not parse.
+    pub(crate) envelope: Result<Envelope, String>,
+    /// The record as read, to name it when replacing it.
+    pub(crate) seen: Unopened,
+}
+
+/// The largest sealed record a backend reads; a bigger one is refused before
+/// it is read whole (a token state is well under 8 KiB).
+pub(crate) const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// A held right to refresh one client's token (Redis); local stores always grant one.
 #[derive(Debug)]
@@ -156,22 +194,22 @@ impl Store {
     /// Opens the configured store. Redis is connected lazily: an unreachable
     /// Redis does not stop the start.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        let (backend, key, scope) = match config {
+        let (backend, keys, scope) = match config {
             StoreConfig::Memory => (Backend::Memory, None, "memory"),
             StoreConfig::File(f) => (
                 Backend::File(file::FileBackend::open(&f.path)?),
-                Some(&f.key),
+                Some((&f.key, &f.previous_keys)),
                 "file",
             ),
             StoreConfig::Redis(r) => (
                 Backend::Redis(Box::new(redis::RedisBackend::open(r)?)),
-                Some(&r.key),
+                Some((&r.key, &r.previous_keys)),
                 r.key_prefix.as_str(),
             ),
         };
         Ok(Store {
             backend: Arc::new(backend),
-            sealer: key.map(|k| Arc::new(Sealer::new(k, &[]))),
+            sealer: keys.map(|(key, previous)| Arc::new(Sealer::new(key, previous))),
             scope: Arc::from(scope),
         })
     }
@@ -212,8 +250,9 @@ pub struct ClientStore {
     last_warned: Arc<AtomicU64>,
     /// Whether other chains of this account were looked for (once per process).
     looked_for_other_chains: Arc<AtomicBool>,
-    /// The record last read under the client's name, when it did not open.
-    unopened: Arc<Mutex<Option<Unopened>>>,
+    /// The record last read under the client's name, when it did not open,
+    /// and whether it is locked (see [`NotOpenedRecord::locked`]).
+    unopened: Arc<Mutex<Option<(Unopened, bool)>>>,
 }
 
 impl ClientStore {
@@ -237,30 +276,52 @@ impl ClientStore {
         &self.key
     }
 
-    /// Reads the client's record; an unusable one is reported and ignored.
+    /// Reads the client's record; one that does not open is reported in
+    /// [`Loaded::not_opened`] and never used. `Err` only when the store could
+    /// not be read.
     pub async fn load(&self) -> Result<Loaded, StoreError> {
-        let envelope = match self.backend_load(&self.key).await? {
-            Some(envelope) => envelope,
+        let read = match self.backend_load(&self.key).await? {
+            Some(read) => read,
             None => match self.take_over_legacy().await? {
-                Some(envelope) => envelope,
+                Some(read) => read,
                 None => {
                     self.look_for_other_chains().await;
+                    self.set_unopened(None);
                     return Ok(Loaded::default());
                 }
             },
         };
-        let record = self.open(envelope);
-        let generation = record.as_ref().map_or(0, |r| r.generation);
-        Ok(Loaded { generation, record })
+        Ok(self.open(read))
     }
 
-    fn set_unopened(&self, value: Option<Unopened>) {
-        if let Ok(mut u) = self.unopened.lock() {
-            *u = value;
+    /// Remembers the record that did not open; true when it is another one
+    /// than the last time.
+    fn set_unopened(&self, value: Option<(Unopened, bool)>) -> bool {
+        match self.unopened.lock() {
+            Ok(mut u) => {
+                let changed = *u != value;
+                *u = value;
+                changed
+            }
+            Err(_) => true,
         }
     }
 
-    async fn backend_load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
+    /// What an operator does about a record that does not open.
+    pub fn locked_hint(&self) -> String {
+        let record = match &*self.store.backend {
+            Backend::Redis(_) => format!("the Redis key {}:{}:token", self.store.scope, self.key),
+            _ => format!("the entry \"{}\" of the state file", self.key),
+        };
+        format!(
+            "restore the store key that sealed it (store.key_file, or list the old key in store.previous_key_files), \
+             or hand the client a new refresh token (`tokenproxy token {name} --refresh-token-from-stdin`, or `tokenproxy authorize {name}`), \
+             or delete {record} to start again from the configured credentials",
+            name = self.name
+        )
+    }
+
+    async fn backend_load(&self, key: &str) -> Result<Option<Read>, StoreError> {
         match &*self.store.backend {
             Backend::Memory => Ok(None),
             Backend::File(f) => f.load(key).await,
@@ -272,11 +333,14 @@ impl ClientStore {
     /// name, when its (older, narrower) binding matches this client: re-sealed
     /// under the identity and moved in one step. Returns the record now stored
     /// under the identity, if any.
-    async fn take_over_legacy(&self) -> Result<Option<Envelope>, StoreError> {
+    async fn take_over_legacy(&self) -> Result<Option<Read>, StoreError> {
         let Some(sealer) = &self.store.sealer else {
             return Ok(None);
         };
-        let Some(legacy) = self.backend_load(&self.name).await? else {
+        let Some(read) = self.backend_load(&self.name).await? else {
+            return Ok(None);
+        };
+        let Ok(legacy) = read.envelope else {
             return Ok(None);
         };
         let generation = legacy.generation;
@@ -354,8 +418,22 @@ impl ClientStore {
         }
     }
 
-    /// Writes `record` unless the store already holds its generation or a newer one.
+    /// Writes `record` unless the store already holds its generation or a
+    /// newer one. A record that did not parse, as last read, is replaced
+    /// whatever its generation; a locked one (see [`NotOpenedRecord::locked`])
+    /// is not.
     pub async fn save(&self, record: &Record) -> Result<Saved, StoreError> {
+        self.write(record, false).await
+    }
+
+    /// As [`ClientStore::save`], and a locked record as last read is replaced
+    /// too: only on an operator's action (a login, a refresh token handed in
+    /// that the provider accepted).
+    pub async fn save_replacing(&self, record: &Record) -> Result<Saved, StoreError> {
+        self.write(record, true).await
+    }
+
+    async fn write(&self, record: &Record, replace_locked: bool) -> Result<Saved, StoreError> {
         let Some(sealer) = &self.store.sealer else {
             return Ok(Saved::Written);
         };
@@ -369,7 +447,13 @@ impl ClientStore {
             account: self.identity.account.clone(),
             data,
         };
-        let replace = self.unopened.lock().ok().and_then(|u| u.clone());
+        let replace = self
+            .unopened
+            .lock()
+            .ok()
+            .and_then(|u| u.clone())
+            .filter(|(_, locked)| replace_locked || !locked)
+            .map(|(seen, _)| seen);
         let saved = match &*self.store.backend {
             Backend::Memory => Ok(Saved::Written),
             Backend::File(f) => f.save(&self.key, envelope, replace).await,
@@ -444,36 +528,74 @@ impl ClientStore {
         Ok(opened)
     }
 
-    fn open(&self, envelope: Envelope) -> Option<Record> {
-        let sealer = self.store.sealer.as_ref()?;
-        let generation = envelope.generation;
-        let unopened = Unopened {
-            generation,
-            data: envelope.data.clone(),
+    fn open(&self, read: Read) -> Loaded {
+        let Some(sealer) = &self.store.sealer else {
+            return Loaded::default();
         };
-        let problem = if envelope.binding != self.identity.binding {
-            "it was written for another credential identity"
+        let envelope = match read.envelope {
+            Ok(envelope) => envelope,
+            Err(problem) => return self.not_opened(read.seen, None, false, problem),
+        };
+        let generation = envelope.generation;
+        let refused = if envelope.binding != self.identity.binding {
+            Err(NotOpened::Sealed)
         } else {
-            match self.unseal(sealer, generation, &envelope.data) {
-                Err(_) => "it does not decrypt with the configured key for this record (another key, another record's copy, or corrupted)",
-                Ok(opened) => match serde_json::from_slice::<Plain>(&opened.plain) {
-                    Ok(plain) => {
-                        self.set_unopened(None);
-                        return Some(Record {
+            self.unseal(sealer, generation, &envelope.data)
+        };
+        let (locked, problem) = match refused {
+            Ok(opened) => match serde_json::from_slice::<Plain>(&opened.plain) {
+                Ok(plain) => {
+                    self.set_unopened(None);
+                    return Loaded {
+                        generation,
+                        record: Some(Record {
                             generation,
                             state: plain.into_state(),
-                        });
-                    }
-                    Err(_) => "its content is not a token state",
-                },
-            }
+                        }),
+                        not_opened: None,
+                    };
+                }
+                // Sealed with our key for this record: perhaps a newer version's content.
+                Err(_) => (true, "it opens, but its content is not a token state this version reads"),
+            },
+            Err(NotOpened::Sealed) => (
+                true,
+                "it does not open with the configured store key or any previous key (sealed with another key, copied from another client's record, or damaged)",
+            ),
+            Err(NotOpened::Malformed) => (false, "its data is not sealed data"),
         };
-        if self.last_warned.swap(generation, Ordering::Relaxed) != generation {
-            warn!(client = %self.name, store = self.kind(), generation,
-                "ignoring the stored token state: {problem}; it will be replaced by the next token");
+        self.not_opened(read.seen, Some(generation), locked, problem.to_owned())
+    }
+
+    /// Reports a record that did not open (once per record) and remembers it.
+    fn not_opened(
+        &self,
+        seen: Unopened,
+        generation: Option<u64>,
+        locked: bool,
+        problem: String,
+    ) -> Loaded {
+        let first_seen = self.set_unopened(Some((seen, locked)));
+        if first_seen {
+            if locked {
+                error!(client = %self.name, store = self.kind(), record = %self.key, generation,
+                    problem = %problem, hint = %self.locked_hint(),
+                    "the stored token state does not open: it is kept, and no refresh token is spent over it");
+            } else {
+                warn!(client = %self.name, store = self.kind(), record = %self.key,
+                    problem = %problem,
+                    "ignoring the stored token state, which does not parse; the next token replaces it");
+            }
         }
-        self.set_unopened(Some(unopened));
-        None
+        Loaded {
+            generation: 0,
+            record: None,
+            not_opened: Some(NotOpenedRecord {
+                locked,
+                problem,
+                first_seen,
+            }),
+        }
     }
 }
 
@@ -899,6 +1021,84 @@ client_secret = "s3cret"
             .to_owned();
         assert!(data.starts_with(FORMAT_2), "written in format 2: {data}");
         assert_eq!(client.load().await.unwrap().record, Some(next));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    fn with_keys(path: &std::path::Path, key: u8, previous: &[u8]) -> Store {
+        let k = |b: u8| {
+            crate::config::StoreKey::from_base64(&base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [b; 32],
+            ))
+            .unwrap()
+        };
+        Store::open(&StoreConfig::File(crate::config::FileStoreConfig {
+            path: path.to_path_buf(),
+            key: k(key),
+            previous_keys: previous.iter().map(|b| k(*b)).collect(),
+        }))
+        .unwrap()
+    }
+
+    /// Issue 25, finding 4: a record sealed with a previous key opens, and the
+    /// next write seals it with the current key; a record no configured key
+    /// opens is locked: a plain write does not replace it, an operator's does.
+    #[tokio::test]
+    async fn previous_keys_open_records_and_a_locked_record_needs_an_operator() {
+        let path = temp_path("rotation");
+        let client = config(&path, "client_id = \"a\"").clients[0].clone();
+        let old = with_keys(&path, 1, &[]).client(&client);
+        let first = Record {
+            generation: 1,
+            state: state("first"),
+        };
+        assert_eq!(old.save(&first).await.unwrap(), Saved::Written);
+
+        let rotated = with_keys(&path, 2, &[1]).client(&client);
+        let loaded = rotated.load().await.unwrap();
+        assert_eq!(loaded.record, Some(first), "a previous key opens it");
+        let second = Record {
+            generation: 2,
+            state: state("second"),
+        };
+        assert_eq!(rotated.save(&second).await.unwrap(), Saved::Written);
+        let only_new = with_keys(&path, 2, &[]).client(&client);
+        assert_eq!(
+            only_new.load().await.unwrap().record,
+            Some(second.clone()),
+            "re-sealed with the current key"
+        );
+
+        let stranger = with_keys(&path, 3, &[]).client(&client);
+        let loaded = stranger.load().await.unwrap();
+        let not_opened = loaded.not_opened.expect("reported");
+        assert!(not_opened.locked && not_opened.first_seen, "{not_opened:?}");
+        assert!(
+            !stranger
+                .load()
+                .await
+                .unwrap()
+                .not_opened
+                .unwrap()
+                .first_seen,
+            "reported once"
+        );
+        let third = Record {
+            generation: 1,
+            state: state("third"),
+        };
+        assert_eq!(
+            stranger.save(&third).await.unwrap(),
+            Saved::Stale { generation: 2 },
+            "a locked record is not replaced by a plain write"
+        );
+        assert_eq!(only_new.load().await.unwrap().record, Some(second));
+        stranger.load().await.unwrap();
+        assert_eq!(
+            stranger.save_replacing(&third).await.unwrap(),
+            Saved::Written
+        );
+        assert_eq!(stranger.load().await.unwrap().record, Some(third));
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }
