@@ -3,7 +3,8 @@
 //! record sealed with a key the sidecar does not hold stops the client,
 //! clearly, without spending the bootstrap refresh token or overwriting the
 //! record, and comes back once the key is given (as the key or as a previous
-//! key).
+//! key); a record that does not parse is one that does not open, never the
+//! store being down.
 
 mod support;
 
@@ -433,4 +434,196 @@ async fn a_record_under_another_key_stops_the_client_without_spending_or_overwri
         1,
         "the stored access token was still fresh: no token request"
     );
+}
+
+/// Security review finding 6 (issue 25), file store: one client's entry that
+/// does not parse (a generation that is not a number) made the whole state
+/// file unusable, so it was moved aside and every client started over. Now
+/// only that client's record is ignored (and replaced by its next token);
+/// the other client adopts its own stored token without a token request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_does_not_parse_affects_only_its_client_in_the_file_store() {
+    let provider = MockProvider::start(rotating()).await.expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let dir = temp_dir("garbage-entry");
+    let path = dir.join("tokens.json");
+    let store = format!(
+        "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"{KEY_A}\"\n",
+        path.display()
+    );
+    let config = two_clients(&store, &provider, &api);
+    let http = TestClient::new();
+    let (running, _, _) = start_sidecar(&config).await;
+    let (url_a, url_b) = proxies(&running);
+    assert_eq!(http.get(&url_a).await.status, StatusCode::OK);
+    assert_eq!(http.get(&url_b).await.status, StatusCode::OK);
+    let serial_b = last_serial(&api);
+    running.shutdown().await;
+
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state file")).expect("json");
+    let name_a = doc["clients"]
+        .as_object()
+        .and_then(|c| c.keys().find(|k| k.starts_with("a:")).cloned())
+        .expect("a's record");
+    doc["clients"][&name_a]["generation"] = serde_json::json!("garbage");
+    std::fs::write(&path, doc.to_string()).expect("write");
+
+    let requests = provider.token_requests();
+    let (running, _, _) = start_sidecar(&config).await;
+    let (url_a, url_b) = proxies(&running);
+    assert_eq!(http.get(&url_b).await.status, StatusCode::OK);
+    assert_eq!(last_serial(&api), serial_b, "b adopts its own stored token");
+    let r = http.get(&url_a).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    running.shutdown().await;
+    assert_eq!(
+        provider.token_requests(),
+        requests + 1,
+        "only client a, whose entry does not parse, should have asked for a token"
+    );
+    let moved_aside = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
+    assert!(
+        !moved_aside,
+        "the state file was moved aside for one bad entry"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state file")).expect("json");
+    assert!(
+        doc["clients"][&name_a]["generation"].is_u64(),
+        "a's entry should have been replaced by its new token: {doc}"
+    );
+    assert_eq!(provider.refresh_token_reuse(), 0);
+}
+
+/// Security review finding 6 (issue 25), Redis: one write without the store
+/// key (a `generation` that is not a number, or one beyond 2^53 where Lua
+/// loses precision) made every read fail as "store unavailable". Now such a
+/// record is one that does not open: the store stays available, the refresher
+/// replaces it under the lease with the chain's newest refresh token, and a
+/// process holding only the spent bootstrap refresh token spends nothing over
+/// it. No refresh token is ever sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_record_that_does_not_parse_is_replaced_under_the_lease_not_an_outage() {
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(2),
+        ..rotating()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let dir = temp_dir("garbage-redis");
+    let redis = Redis::start(&dir);
+    let bootstrap = provider.issue_refresh_token();
+    let config = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+
+[store]
+kind = "redis"
+url = "{redis}"
+key_prefix = "test"
+key = "{KEY_A}"
+
+[clients.payments]
+listen = "{{listen}}"
+upstream = "{upstream}"
+token_wait_timeout = "3s"
+
+[clients.payments.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "{client_id}"
+client_secret = "${{CLIENT_SECRET}}"
+refresh_token = "{bootstrap}"
+"#,
+        redis = redis.url(),
+        upstream = api.url(),
+        token_url = provider.token_url(),
+        client_id = support::CLIENT_ID,
+    );
+    let http = TestClient::new();
+    let mut conn = redis.connection().await;
+    let (running, proxy, admin) = start_sidecar(&config).await;
+    let url = format!("http://{proxy}/api/v1/payments");
+    let status_url = format!("http://{admin}/status");
+    assert_eq!(http.get(&url).await.status, StatusCode::OK);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("test:payments:*:token")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let key = keys.first().expect("the record").clone();
+
+    for garbage in ["garbage", "1152921504606846976"] {
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("generation")
+            .arg(garbage)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let refreshes = provider.grant_requests("refresh_token");
+        // Tokens last 2 s: the next refresh comes within about 2 s.
+        let status = status_until(&http, &status_url, |_| {
+            provider.grant_requests("refresh_token") > refreshes
+        })
+        .await;
+        assert_eq!(
+            status["clients"]["payments"]["store"]["available"], true,
+            "a record that does not parse is not the store being down ({garbage}): {status}"
+        );
+        let r = http.get(&url).await;
+        assert_eq!(r.status, StatusCode::OK, "{garbage}: {}", r.text());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stored: String = redis::cmd("HGET")
+                .arg(&key)
+                .arg("generation")
+                .query_async(&mut conn)
+                .await
+                .expect("HGET");
+            if stored.parse::<u64>().is_ok_and(|g| g < 1 << 53) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{garbage}: the record should have been replaced, its generation is still {stored}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    running.shutdown().await;
+
+    // A new process holds only the spent bootstrap refresh token: over a
+    // record that does not parse it spends nothing, and says so.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("generation")
+        .arg("garbage")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let (running, _, admin) = start_sidecar(&config).await;
+    let status_url = format!("http://{admin}/status");
+    let status = status_until(&http, &status_url, |s| {
+        s["clients"]["payments"]["store"]["role"] == "locked"
+    })
+    .await;
+    assert_eq!(
+        status["clients"]["payments"]["store"]["available"], true,
+        "{status}"
+    );
+    running.shutdown().await;
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "a spent refresh token was sent again"
+    );
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -471,11 +471,23 @@ impl Refresher {
     /// A stored record that does not open stops the client (see the module
     /// docs) unless an operator's refresh token is on trial; true when it does.
     /// Otherwise a lock from an earlier read ends.
+    /// A record that does not parse is not tokenproxy's and is replaced under
+    /// the lease, but not with the configured bootstrap refresh token: the
+    /// chain that record stands for may have spent it long ago.
     fn lock_if_unreadable(&mut self, loaded: &Loaded) -> bool {
         match &loaded.not_opened {
-            Some(n) if n.locked && self.store.operator_trial.is_none() => {
+            Some(n) if self.store.operator_trial.is_none() && n.locked => {
                 let problem = format!(
                     "the stored token state does not open: {}; nothing is spent or overwritten until an operator acts: {}",
+                    n.problem,
+                    self.store.client.locked_hint()
+                );
+                self.store_locked(problem);
+                true
+            }
+            Some(n) if self.store.operator_trial.is_none() && self.holds_only_bootstrap() => {
+                let problem = format!(
+                    "the stored token state does not parse: {}; the only refresh token held is the configured bootstrap one, which the stored chain may have spent, so nothing is spent until an operator acts: {}",
                     n.problem,
                     self.store.client.locked_hint()
                 );
@@ -487,6 +499,14 @@ impl Refresher {
                 false
             }
         }
+    }
+
+    /// Whether the refresh token held is the configured bootstrap one, and no
+    /// other grant is configured.
+    fn holds_only_bootstrap(&self) -> bool {
+        !self.has_primary_grant()
+            && self.config.refresh_token.is_some()
+            && self.refresh_token.as_ref().map(|r| &r.value) == self.config.refresh_token.as_ref()
     }
 
     fn store_locked(&mut self, problem: String) {
