@@ -67,6 +67,7 @@ pub(super) struct RawStore {
     pub(super) key_file: Option<String>,
     pub(super) previous_keys: Option<Vec<String>>,
     pub(super) previous_key_files: Option<Vec<String>>,
+    pub(super) allow_plaintext_password: Option<bool>,
     pub(super) username: Option<String>,
     pub(super) password: Option<String>,
     pub(super) password_file: Option<String>,

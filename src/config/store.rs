@@ -141,6 +141,10 @@ pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, C
         ("username", raw.username.is_some()),
         (password_name, password.is_some()),
         ("ca_file", raw.ca_file.is_some()),
+        (
+            "allow_plaintext_password",
+            raw.allow_plaintext_password.is_some(),
+        ),
     ];
     let parse_key = |key: Option<Secret>| -> Result<StoreKey, ConfigError> {
         let key = t.required(
@@ -195,6 +199,21 @@ pub(super) fn build_store(raw: RawStore, t: &Table<'_>) -> Result<StoreConfig, C
                 return Err(t
                     .err("url", "holds credentials and username/password are set too")
                     .with_hint("give the credentials in one place"));
+            }
+            let sends_password = has_credentials || password.is_some();
+            if sends_password
+                && display_url.starts_with("redis://")
+                && !is_loopback_url(&display_url)
+                && raw.allow_plaintext_password != Some(true)
+            {
+                return Err(t
+                    .err(
+                        "url",
+                        "is redis:// to a host that is not loopback, so the Redis password would cross the network in clear text",
+                    )
+                    .with_hint(
+                        "use rediss:// (TLS), or set allow_plaintext_password = true in [store] if that network path is trusted",
+                    ));
             }
             if username.is_some() && password.is_none() {
                 return Err(t
@@ -274,6 +293,20 @@ fn previous_keys(
         keys.push(key);
     }
     Ok(keys)
+}
+
+/// Whether the host of a URL without credentials is a loopback address.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Checks a `redis://` or `rediss://` URL; returns it without credentials, and
@@ -391,5 +424,43 @@ mod tests {
         .expect_err("a missing file");
         assert_eq!(err.key(), "store.previous_key_files[0]", "{err}");
         assert!(!err.to_string().contains(&old));
+    }
+
+    /// Security review (issue 25, low): a `redis://` URL with a password sent
+    /// it in clear to any host; that needs rediss://, a loopback host, or an
+    /// explicit `allow_plaintext_password = true`.
+    #[test]
+    fn a_redis_password_in_clear_to_a_remote_host_is_refused() {
+        use crate::config::{from_str, MapEnv};
+        let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let text = |store: &str| {
+            format!(
+                "[store]\nkind = \"redis\"\nkey = \"{key}\"\n{store}\n\
+                 [clients.a]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 [clients.a.token]\nurl = \"https://auth.example/token\"\nclient_id = \"a\"\nclient_secret = \"s\"\n"
+            )
+        };
+        let env = MapEnv::new();
+        for refused in [
+            "url = \"redis://:hunter2@redis.internal:6379/0\"",
+            "url = \"redis://10.0.0.5/0\"\npassword = \"hunter2\"",
+        ] {
+            let err = from_str(&text(refused), None, &env).expect_err(refused);
+            assert_eq!(err.key(), "store.url", "{err}");
+            assert!(
+                err.to_string().contains("clear text") && !err.to_string().contains("hunter2"),
+                "{err}"
+            );
+        }
+        for accepted in [
+            "url = \"redis://:hunter2@127.0.0.1:6379/0\"",
+            "url = \"redis://localhost/0\"\npassword = \"hunter2\"",
+            "url = \"redis://[::1]:6379/0\"\npassword = \"hunter2\"",
+            "url = \"rediss://:hunter2@redis.internal:6380/0\"",
+            "url = \"redis://redis.internal:6379/0\"",
+            "url = \"redis://:hunter2@redis.internal/0\"\nallow_plaintext_password = true",
+        ] {
+            assert!(from_str(&text(accepted), None, &env).is_ok(), "{accepted}");
+        }
     }
 }
