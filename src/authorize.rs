@@ -289,7 +289,8 @@ pub async fn authorize(
                     generation,
                     state: state.clone(),
                 };
-                match client_store.save(&record).await? {
+                // A person logged in: this replaces even a record that does not open.
+                match client_store.save_replacing(&record).await? {
                     Saved::Written => break,
                     Saved::Stale { generation: theirs } if attempts < 3 => {
                         attempts += 1;

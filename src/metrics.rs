@@ -67,7 +67,7 @@ impl StoreFamilies {
         let errors = IntCounterVec::new(
             Opts::new(
                 "tokenproxy_store_errors_total",
-                "Failed token store operations by operation (read, write, lease).",
+                "Failed token store operations by operation (read, write, lease; open: a stored record that does not open, counted once).",
             ),
             &["client", "operation"],
         )?;
@@ -399,7 +399,7 @@ impl ClientMetrics {
         f.unavailable_since
             .with_label_values(&[&self.name])
             .set(0.0);
-        for op in ["read", "write", "lease"] {
+        for op in ["read", "write", "lease", "open"] {
             f.errors.with_label_values(&[&self.name, op]);
         }
         f.adopted.with_label_values(&[&self.name]);
@@ -417,7 +417,8 @@ impl ClientMetrics {
             .set(unavailable_since.unwrap_or(0.0));
     }
 
-    /// Counts a failed store operation: read, write or lease.
+    /// Counts a failed store operation: read, write, lease, or open (a stored
+    /// record that does not open).
     pub fn store_error(&self, operation: &str) {
         self.families
             .store

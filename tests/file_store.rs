@@ -1,6 +1,7 @@
 //! `[store] kind = "file"`: token state survives a restart, encrypted at rest;
-//! state from another key or damaged on disk is ignored with a warning, state
-//! of another client id is never seen, and neither is sent to the provider.
+//! state from another key or damaged on disk is never used or overwritten
+//! (the client waits for the right key, saying why), state of another client
+//! id is never seen, and neither is sent to the provider.
 
 mod support;
 
@@ -194,8 +195,12 @@ async fn a_restart_after_rotation_continues_with_the_rotated_refresh_token() {
     second.shutdown().await;
 }
 
+/// State under another key or damaged is never used, never sent to the
+/// provider and (issue 25, finding 4) never overwritten: the client spends
+/// nothing and says why until the right key is back; state of another
+/// client id is never seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a_warning() {
+async fn state_under_another_key_for_another_client_or_damaged_is_never_used_or_overwritten() {
     // The only test here that installs the global subscriber.
     let logs = LogCapture::install(tracing::Level::INFO);
     let s = Setup::new(
@@ -211,15 +216,22 @@ async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a
     get_ok(&http, &url).await;
     first.shutdown().await;
     assert_eq!(s.provider.token_requests(), 1);
+    let written = file_text(&s.path);
 
-    // Another key: the record does not open; a new token is requested.
+    // Another key: the record does not open; nothing is requested or written.
     let (second, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
-    get_ok(&http, &url).await;
+    let r = http.get(&url).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     second.shutdown().await;
-    assert_eq!(s.provider.token_requests(), 2);
+    assert_eq!(
+        s.provider.token_requests(),
+        1,
+        "a token was requested over the record"
+    );
+    assert_eq!(file_text(&s.path), written, "the record was overwritten");
     assert!(
         logs.text()
-            .contains("does not decrypt with the configured key"),
+            .contains("does not open with the configured store key"),
         "{}",
         logs.text()
     );
@@ -247,12 +259,10 @@ async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a
         "the first client's record should be left as it was"
     );
 
-    // Damaged ciphertext.
-    let (fourth, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
-    get_ok(&http, &url).await;
-    fourth.shutdown().await;
+    // Damaged ciphertext, right key: not used, not overwritten either.
     let requests = s.provider.token_requests();
-    let mut doc: serde_json::Value = serde_json::from_str(&file_text(&s.path)).unwrap();
+    let intact = file_text(&s.path);
+    let mut doc: serde_json::Value = serde_json::from_str(&intact).unwrap();
     let data = doc["clients"][record_name]["data"]
         .as_str()
         .unwrap()
@@ -263,10 +273,24 @@ async fn state_under_another_key_for_another_client_or_damaged_is_ignored_with_a
     doc["clients"][record_name]["data"] =
         serde_json::Value::String(String::from_utf8(bytes).unwrap());
     std::fs::write(&s.path, doc.to_string()).unwrap();
-    let (fifth, url) = s.start(&s.config(KEY_B, support::CLIENT_ID, "")).await;
+    let damaged = file_text(&s.path);
+    let (fourth, url) = s.start(&s.config(KEY_A, support::CLIENT_ID, "")).await;
+    let r = http.get(&url).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    fourth.shutdown().await;
+    assert_eq!(s.provider.token_requests(), requests);
+    assert_eq!(
+        file_text(&s.path),
+        damaged,
+        "the damaged record was overwritten"
+    );
+
+    // Restored: the stored token serves again, without a token request.
+    std::fs::write(&s.path, &intact).unwrap();
+    let (fifth, url) = s.start(&s.config(KEY_A, support::CLIENT_ID, "")).await;
     get_ok(&http, &url).await;
     fifth.shutdown().await;
-    assert_eq!(s.provider.token_requests(), requests + 1);
+    assert_eq!(s.provider.token_requests(), requests);
 }
 
 /// Security review (low): a record with generation 2^64-1 (edited, so it no

@@ -200,6 +200,100 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev.last().copied().unwrap_or(0)
 }
 
+/// The largest config file parsed.
+pub(super) const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+/// The deepest nesting of arrays and inline tables, and the most parts of one
+/// dotted key, a config may have: far beyond any real one. Deeper documents
+/// would take the parser and the key-path walker into deep recursion (10,000
+/// levels overflowed the stack of a running sidecar on SIGHUP).
+pub(super) const MAX_NESTING: usize = 64;
+
+/// Refuses, before parsing, a document too big or nested too deep (see
+/// [`MAX_NESTING`]); strings and comments are skipped.
+pub(super) fn check_shape(src: &str) -> Result<(), ConfigError> {
+    if src.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "the file is {} bytes, above the {MAX_CONFIG_BYTES} a configuration may have",
+                src.len()
+            ),
+        ));
+    }
+    let s = src.as_bytes();
+    let (mut i, mut depth, mut line) = (0, 0usize, 1usize);
+    // Dots outside strings in the current line's key (before its `=`), or header.
+    let (mut dots, mut in_key) = (0usize, true);
+    let too_deep = |what: &str, line: usize| {
+        let mut e = ConfigError::new("", format!("{what} more than {MAX_NESTING} levels deep"))
+            .with_hint("a configuration never needs this; check the file is the one meant");
+        e.location = Some((line, 1));
+        e
+    };
+    while i < s.len() {
+        match s[i] {
+            b'\n' => {
+                line += 1;
+                dots = 0;
+                in_key = true;
+            }
+            b'#' => {
+                while i < s.len() && s[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            q @ (b'"' | b'\'') => {
+                let multi = s[i..].starts_with(if q == b'"' { b"\"\"\"" } else { b"\'\'\'" });
+                i += if multi { 3 } else { 1 };
+                while i < s.len() {
+                    if q == b'"' && s[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if s[i] == b'\n' {
+                        line += 1;
+                    }
+                    if s[i] == q
+                        && (!multi
+                            || s[i..].starts_with(if q == b'"' { b"\"\"\"" } else { b"\'\'\'" }))
+                    {
+                        i += if multi { 3 } else { 1 };
+                        break;
+                    }
+                    i += 1;
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(too_deep("arrays or inline tables nest", line));
+                }
+                if s[i] == b'{' {
+                    in_key = true;
+                    dots = 0;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'=' => in_key = false,
+            b',' => {
+                in_key = true;
+                dots = 0;
+            }
+            b'.' if in_key => {
+                dots += 1;
+                if dots >= MAX_NESTING {
+                    return Err(too_deep("a dotted key or table header nests tables", line));
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// The dotted key path of whatever is at byte `target` of a TOML document.
 ///
 /// toml reports schema errors with a byte span but not the key path, so we
@@ -423,6 +517,41 @@ impl Walker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Security review (issue 25, low): a deeply nested config (10,000
+    /// levels) overflowed the stack of a running sidecar on SIGHUP. It is
+    /// refused before parsing, with a clear error; a shallow one is not.
+    #[test]
+    fn a_deeply_nested_or_huge_config_is_refused_before_parsing() {
+        use crate::config::{from_str, MapEnv};
+        let n = 10_000;
+        let inline = format!("a = {}1{}\n", "{b = ".repeat(n), "}".repeat(n));
+        let arrays = format!("a = {}1{}\n", "[".repeat(n), "]".repeat(n));
+        let header = format!("[{}]\nx = 1\n", vec!["t"; n].join("."));
+        let dotted = format!("{} = 1\n", vec!["t"; n].join("."));
+        for (what, text) in [
+            ("inline tables", inline),
+            ("arrays", arrays),
+            ("a table header", header),
+            ("a dotted key", dotted),
+        ] {
+            let err = from_str(&text, None, &MapEnv::new()).expect_err(what);
+            assert!(
+                err.problem().contains("more than 64 levels deep"),
+                "{what}: {err}"
+            );
+        }
+        let huge = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+        let err = from_str(&huge, None, &MapEnv::new()).expect_err("huge");
+        assert!(err.problem().contains("bytes, above"), "{err}");
+        // Strings, comments and floats do not count.
+        assert!(check_shape(&format!(
+            "# {}\nk = \"{}\"\nf = 1.5\nt = {{ a.b = 1, c = [[1], [2]] }}\n",
+            "[".repeat(100),
+            "{".repeat(100)
+        ))
+        .is_ok());
+    }
 
     #[test]
     fn key_path_is_found_in_headers_dotted_keys_inline_tables_and_arrays() {

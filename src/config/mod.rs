@@ -77,6 +77,7 @@ pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
 
 /// Parses and validates TOML `text`; `source` names the file in errors and anchors relative `*_file` paths.
 pub fn from_str(text: &str, source: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+    error::check_shape(text).map_err(|e| e.with_file(source))?;
     let raw: RawConfig =
         toml::from_str(text).map_err(|e| ConfigError::from_toml(&e, text).with_file(source))?;
     let x = Expander::new(env, source.and_then(Path::parent));

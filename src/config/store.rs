@@ -45,6 +45,8 @@ pub struct FileStoreConfig {
     pub path: PathBuf,
     /// Encrypts the state.
     pub key: StoreKey,
+    /// Earlier keys: they only open records (key rotation).
+    pub previous_keys: Vec<StoreKey>,
 }
 
 /// `kind = "redis"`.
@@ -58,6 +60,8 @@ pub struct RedisStoreConfig {
     pub key_prefix: String,
     /// Encrypts the values.
     pub key: StoreKey,
+    /// Earlier keys: they only open records (key rotation).
+    pub previous_keys: Vec<StoreKey>,
     /// AUTH user name for the data nodes, when not in the URL.
     pub username: Option<String>,
     /// AUTH password for the data nodes, when not in the URL.
@@ -176,6 +180,7 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
     };
     // Read the key even where it is not used: a broken secret mount is reported as such.
     let key = t.secret("key", raw.key.take(), raw.key_file.take())?;
+    let previous_keys = previous_keys(raw.previous_keys.take(), raw.previous_key_files.take(), t)?;
     let password_name = if raw.password_file.is_some() {
         "password_file"
     } else {
@@ -215,6 +220,10 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
         (sentinel_password_name, sentinel_password.is_some()),
         ("sentinel_tls", raw.sentinel_tls.is_some()),
         ("min_replicas_acked", raw.min_replicas_acked.is_some()),
+        (
+            "allow_plaintext_password",
+            raw.allow_plaintext_password.is_some(),
+        ),
     ];
     let parse_key = |key: Option<Secret>| -> Result<StoreKey, ConfigError> {
         let key = t.required(
@@ -227,7 +236,11 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
     };
     match kind {
         Kind::Memory => {
-            let file_only = [("path", raw.path.is_some()), (key_name, key.is_some())];
+            let file_only = [
+                ("path", raw.path.is_some()),
+                (key_name, key.is_some()),
+                ("previous_keys", !previous_keys.is_empty()),
+            ];
             if let Some((name, _)) = redis_only.iter().chain(&file_only).find(|(_, set)| *set) {
                 return Err(unused(name));
             }
@@ -246,6 +259,7 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
             Ok(StoreConfig::File(FileStoreConfig {
                 path: t.x.resolve_path(&path),
                 key,
+                previous_keys,
             }))
         }
         Kind::Redis => {
@@ -253,7 +267,8 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
                 return Err(unused("path"));
             }
             let key = parse_key(key)?;
-            build_redis(raw, t, password, sentinel_password, key).map(StoreConfig::Redis)
+            build_redis(raw, t, password, sentinel_password, key, previous_keys)
+                .map(StoreConfig::Redis)
         }
     }
 }
@@ -267,6 +282,7 @@ fn build_redis(
     password: Option<Secret>,
     sentinel_password: Option<Secret>,
     key: StoreKey,
+    previous_keys: Vec<StoreKey>,
 ) -> Result<RedisStoreConfig, ConfigError> {
     let set: Vec<&str> = [
         ("url", raw.url.is_some()),
@@ -340,6 +356,21 @@ fn build_redis(
             return Err(t
                 .err("url", "holds credentials and username/password are set too")
                 .with_hint("give the credentials in one place"));
+        }
+        let sends_password = has_credentials || password.is_some();
+        if sends_password
+            && display_url.starts_with("redis://")
+            && !is_loopback_url(&display_url)
+            && raw.allow_plaintext_password != Some(true)
+        {
+            return Err(t
+                .err(
+                    "url",
+                    "is redis:// to a host that is not loopback, so the Redis password would cross the network in clear text",
+                )
+                .with_hint(
+                    "use rediss:// (TLS), or set allow_plaintext_password = true in [store] if that network path is trusted",
+                ));
         }
         let tls = display_url.starts_with("rediss://");
         (RedisTopology::Url(Secret::new(url)), display_url, tls)
@@ -437,6 +468,7 @@ fn build_redis(
         display_url,
         key_prefix,
         key,
+        previous_keys,
         username,
         password,
         tls,
@@ -493,6 +525,49 @@ fn parse_node(text: &str) -> Option<NodeAddr> {
         host: host.to_owned(),
         port,
     })
+}
+
+/// `previous_keys` and the keys in `previous_key_files`: earlier store keys
+/// that still open records sealed with them (read-only, for key rotation).
+fn previous_keys(
+    inline: Option<Vec<String>>,
+    files: Option<Vec<String>>,
+    t: &Table<'_>,
+) -> Result<Vec<StoreKey>, ConfigError> {
+    let mut keys = Vec::new();
+    for (i, raw) in inline.unwrap_or_default().into_iter().enumerate() {
+        let name = format!("previous_keys[{i}]");
+        let Some(text) = t.secret(&name, Some(raw), None)? else {
+            continue;
+        };
+        let key = StoreKey::from_base64(text.expose())
+            .map_err(|problem| t.err(&name, problem).with_hint(KEY_HINT))?;
+        keys.push(key);
+    }
+    for (i, raw_path) in files.unwrap_or_default().into_iter().enumerate() {
+        let name = format!("previous_key_files[{i}]");
+        let (path, text) = t.x.read(&t.key(&name), &raw_path)?;
+        let key = StoreKey::from_base64(&text).map_err(|problem| {
+            t.err(&name, format!("{}: {problem}", path.display()))
+                .with_hint(KEY_HINT)
+        })?;
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Whether the host of a URL without credentials is a loopback address.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Checks a `redis://` or `rediss://` URL; returns it without credentials, and
@@ -697,5 +772,91 @@ mod tests {
             "store.min_replicas_acked",
             "",
         );
+    }
+
+    /// Issue 25, finding 4 (key rotation): previous keys are read from the
+    /// config and from files; a bad one is named by its dotted key, never shown.
+    #[test]
+    fn previous_keys_come_from_the_config_and_files_and_bad_ones_are_named() {
+        use crate::config::{from_str, MapEnv};
+        let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let old = base64::engine::general_purpose::STANDARD.encode([2u8; 32]);
+        let older = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
+        let text = |previous: &str| {
+            format!(
+                "[store]\nkind = \"file\"\npath = \"/tmp/t.json\"\nkey = \"{key}\"\n{previous}\n\
+                 [clients.a]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 [clients.a.token]\nurl = \"https://auth.example/token\"\nclient_id = \"a\"\nclient_secret = \"s\"\n"
+            )
+        };
+        let env = MapEnv::new().file("/run/old-key", format!("{older}\n"));
+        let config = from_str(
+            &text(&format!(
+                "previous_keys = [\"{old}\"]\nprevious_key_files = [\"/run/old-key\"]"
+            )),
+            None,
+            &env,
+        )
+        .expect("valid");
+        match &config.store {
+            StoreConfig::File(f) => {
+                let firsts: Vec<u8> = f.previous_keys.iter().map(|k| k.expose()[0]).collect();
+                assert_eq!(firsts, [2, 3]);
+            }
+            other => panic!("file store expected: {other:?}"),
+        }
+        let err = from_str(
+            &text("previous_keys = [\"c2hvcnQ=\"]"),
+            None,
+            &MapEnv::new(),
+        )
+        .expect_err("a short key");
+        assert_eq!(err.key(), "store.previous_keys[0]", "{err}");
+        let err = from_str(
+            &text("previous_key_files = [\"/run/missing\"]"),
+            None,
+            &MapEnv::new(),
+        )
+        .expect_err("a missing file");
+        assert_eq!(err.key(), "store.previous_key_files[0]", "{err}");
+        assert!(!err.to_string().contains(&old));
+    }
+
+    /// Security review (issue 25, low): a `redis://` URL with a password sent
+    /// it in clear to any host; that needs rediss://, a loopback host, or an
+    /// explicit `allow_plaintext_password = true`.
+    #[test]
+    fn a_redis_password_in_clear_to_a_remote_host_is_refused() {
+        use crate::config::{from_str, MapEnv};
+        let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let text = |store: &str| {
+            format!(
+                "[store]\nkind = \"redis\"\nkey = \"{key}\"\n{store}\n\
+                 [clients.a]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 [clients.a.token]\nurl = \"https://auth.example/token\"\nclient_id = \"a\"\nclient_secret = \"s\"\n"
+            )
+        };
+        let env = MapEnv::new();
+        for refused in [
+            "url = \"redis://:hunter2@redis.internal:6379/0\"",
+            "url = \"redis://10.0.0.5/0\"\npassword = \"hunter2\"",
+        ] {
+            let err = from_str(&text(refused), None, &env).expect_err(refused);
+            assert_eq!(err.key(), "store.url", "{err}");
+            assert!(
+                err.to_string().contains("clear text") && !err.to_string().contains("hunter2"),
+                "{err}"
+            );
+        }
+        for accepted in [
+            "url = \"redis://:hunter2@127.0.0.1:6379/0\"",
+            "url = \"redis://localhost/0\"\npassword = \"hunter2\"",
+            "url = \"redis://[::1]:6379/0\"\npassword = \"hunter2\"",
+            "url = \"rediss://:hunter2@redis.internal:6380/0\"",
+            "url = \"redis://redis.internal:6379/0\"",
+            "url = \"redis://:hunter2@redis.internal/0\"\nallow_plaintext_password = true",
+        ] {
+            assert!(from_str(&text(accepted), None, &env).is_ok(), "{accepted}");
+        }
     }
 }

@@ -80,9 +80,49 @@ pub fn prepare_request(
         headers.remove(inject);
     }
     headers.insert(header::HOST, upstream_host.clone());
-    headers
-        .entry(&REQUEST_ID)
-        .or_insert_with(|| request_id.clone());
+    // The id the access log shows: the app's when it was safe (see
+    // [`request_id`]), else a new one.
+    headers.insert(&REQUEST_ID, request_id.clone());
+}
+
+/// The request's id: the app's `x-request-id` when it is 1 to 128 characters
+/// of `A-Za-z0-9._:@/+=-`, else a new one. The text access log writes it
+/// unquoted, so anything else (spaces, quotes, `=`-led fields) could forge
+/// fields in the line.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let safe = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        (1..=128).contains(&b.len())
+            && b.iter().all(|c| {
+                c.is_ascii_alphanumeric()
+                    || matches!(c, b'.' | b'_' | b':' | b'@' | b'/' | b'+' | b'=' | b'-')
+            })
+    };
+    let mut values = headers.get_all(&REQUEST_ID).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if safe(v) => v.clone(),
+        _ => new_request_id(),
+    }
+}
+
+/// Removes the headers only the sidecar may set (`x-tokenproxy-*`) from an
+/// upstream's response: an upstream's own `x-tokenproxy-error` would make the
+/// app (and the access log) take the upstream's answer for the sidecar's.
+pub fn strip_sidecar_headers(headers: &mut HeaderMap) {
+    if !headers
+        .keys()
+        .any(|n| n.as_str().starts_with("x-tokenproxy-"))
+    {
+        return;
+    }
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-tokenproxy-"))
+        .cloned()
+        .collect();
+    for name in gone {
+        headers.remove(name);
+    }
 }
 
 /// Removes headers whose name, read with `_` as `-`, is one the sidecar owns:
@@ -123,6 +163,67 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Security review (issue 25, low): the app's `x-request-id` went into
+    /// the text access log unquoted, so it could forge fields; only a safe id
+    /// is kept, and the upstream sees the same id as the log.
+    #[test]
+    fn only_a_safe_request_id_is_kept_and_sent_upstream() {
+        let with = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(&REQUEST_ID, HeaderValue::from_bytes(v).unwrap());
+            h
+        };
+        for ok in [&b"abc-123"[..], b"req:7@svc/a+b=_.x", &[b'a'; 128]] {
+            assert_eq!(request_id(&with(ok)).as_bytes(), ok, "{ok:?} is safe");
+        }
+        for bad in [
+            &b"x status=200 client=other"[..],
+            b"\"quoted\"",
+            b"a\tb",
+            &[b'a'; 129],
+            "caf\u{e9}".as_bytes(),
+        ] {
+            let id = request_id(&with(bad));
+            assert_ne!(id.as_bytes(), bad, "{bad:?} should be replaced");
+            assert_eq!(id.len(), 16, "a new id instead of {bad:?}");
+        }
+        let mut two = with(b"one");
+        two.append(&REQUEST_ID, HeaderValue::from_static("two"));
+        assert_eq!(request_id(&two).len(), 16, "two ids: a new one");
+
+        let mut forwarded = with(b"x status=200");
+        let id = request_id(&forwarded);
+        prepare_request(
+            &mut forwarded,
+            &HeaderValue::from_static("api.example"),
+            &header::AUTHORIZATION,
+            &id,
+        );
+        assert_eq!(forwarded.get_all(&REQUEST_ID).iter().count(), 1);
+        assert_eq!(
+            forwarded[&REQUEST_ID], id,
+            "the upstream sees the logged id"
+        );
+    }
+
+    /// Security review (issue 25, low): an upstream's own `x-tokenproxy-*`
+    /// headers reached the app.
+    #[test]
+    fn sidecar_headers_are_stripped_from_upstream_responses() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-tokenproxy-error",
+            HeaderValue::from_static("token_unavailable"),
+        );
+        h.insert("x-tokenproxy-replayed", HeaderValue::from_static("1"));
+        h.insert("x-request-id", HeaderValue::from_static("r"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        strip_sidecar_headers(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["content-type", "x-request-id"]);
+    }
 
     /// Security review (low): underscore aliases of the inject, Authorization,
     /// Host and framing headers would merge with the real ones at a CGI/WSGI
@@ -270,11 +371,12 @@ mod tests {
     #[test]
     fn an_existing_request_id_is_kept() {
         let mut h = map(&[("x-request-id", "from-app")]);
+        let id = request_id(&h);
         prepare_request(
             &mut h,
             &HeaderValue::from_static("h"),
             &header::AUTHORIZATION,
-            &HeaderValue::from_static("new"),
+            &id,
         );
         assert_eq!(
             h.get(&REQUEST_ID).map(|v| v.as_bytes()),

@@ -171,11 +171,7 @@ pub async fn handle(
     gauge.inc();
     let _inflight = scopeguard(move || gauge.dec());
 
-    let request_id = req
-        .headers()
-        .get(&headers::REQUEST_ID)
-        .cloned()
-        .unwrap_or_else(headers::new_request_id);
+    let request_id = headers::request_id(req.headers());
     // Only the path: query strings can carry secrets and are never logged. Copied only
     // when the access log is on (the benchmarks, and some deployments, turn it off).
     let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
@@ -190,6 +186,8 @@ pub async fn handle(
         &mut exchange,
     )
     .await;
+    // The access log's code comes from the error, never from a response header.
+    let error_code = forwarded.as_ref().err().map_or("", |e| e.code());
     let response = match forwarded {
         Ok(response) => response,
         Err(e) => {
@@ -218,7 +216,7 @@ pub async fn handle(
         duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
         token_waited = exchange.token_waited,
         replayed = exchange.replayed,
-        error = e_code(&response),
+        error = error_code,
         "request"
     );
     Ok(response)
@@ -531,6 +529,7 @@ async fn send_once(
     };
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    headers::strip_sidecar_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body))
 }
 

@@ -15,6 +15,11 @@
 //! program's) is moved aside to `PATH.corrupt-SECONDS-RANDOM`, never
 //! overwritten, and an error is logged; a state file of a newer format version
 //! is left alone and writes to it are refused.
+//!
+//! Each client's entry is parsed on its own: an entry that does not parse
+//! (edited, or bigger than [`MAX_RECORD_BYTES`]) is that client's record not
+//! opening, never the whole file being unusable. A file bigger than
+//! [`MAX_FILE_BYTES`] is refused before it is read.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -25,16 +30,53 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use super::{Envelope, Saved, StoreError, Unopened};
+use super::{Envelope, Read, Saved, StoreError, Unopened, MAX_GENERATION, MAX_RECORD_BYTES};
 
 const FORMAT: &str = "tokenproxy-token-state";
 const VERSION: u32 = 1;
+/// The largest state file read: far above what thousands of clients need.
+const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Document {
     format: String,
     version: u32,
-    clients: BTreeMap<String, Envelope>,
+    /// Entries as JSON, each parsed on its own (see [`read_entry`]).
+    clients: BTreeMap<String, serde_json::Value>,
+}
+
+/// One entry as read: parsed when it is a record, with its fields as read.
+fn read_entry(entry: &serde_json::Value) -> Read {
+    let field = |name: &str| match entry.get(name) {
+        Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+        None => Vec::new(),
+    };
+    let seen = Unopened {
+        generation: field("generation"),
+        data: field("data"),
+    };
+    let size = entry.to_string().len();
+    let envelope = if size > MAX_RECORD_BYTES {
+        Err(format!(
+            "it is {size} bytes, above the {MAX_RECORD_BYTES} a record may have"
+        ))
+    } else {
+        match serde_json::from_value::<Envelope>(entry.clone()) {
+            Ok(e) if e.generation <= MAX_GENERATION => Ok(e),
+            Ok(e) => Err(format!(
+                "its generation {} is above 2^53, which tokenproxy never writes",
+                e.generation
+            )),
+            Err(e) => Err(format!("it is not a record: {e}")),
+        }
+    };
+    Read { envelope, seen }
+}
+
+fn to_entry(envelope: &Envelope) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(envelope)
+        .map_err(|e| StoreError::Io(format!("cannot encode the record: {e}")))
 }
 
 /// What is in the file.
@@ -83,10 +125,10 @@ impl FileBackend {
         })
     }
 
-    pub(crate) async fn load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
+    pub(crate) async fn load(&self, key: &str) -> Result<Option<Read>, StoreError> {
         let path = Arc::clone(&self.path);
         let key = key.to_owned();
-        blocking(move || Ok(read_document(&path)?.clients.remove(&key))).await
+        blocking(move || Ok(read_document(&path)?.clients.get(&key).map(read_entry))).await
     }
     /// The record names and account hashes of every record of client `name`.
     pub(crate) async fn accounts(&self, name: &str) -> Result<Vec<(String, String)>, StoreError> {
@@ -97,7 +139,7 @@ impl FileBackend {
                 .clients
                 .into_iter()
                 .filter(|(key, _)| key.starts_with(&prefix))
-                .map(|(key, envelope)| (key, envelope.account))
+                .filter_map(|(key, entry)| Some((key, read_entry(&entry).envelope.ok()?.account)))
                 .collect())
         })
         .await
@@ -121,12 +163,13 @@ impl FileBackend {
             let unchanged = doc
                 .clients
                 .get(&legacy_key)
+                .and_then(|cur| read_entry(cur).envelope.ok())
                 .is_some_and(|cur| cur.generation == generation && cur.data == data);
             if !unchanged || doc.clients.contains_key(&key) {
                 return Ok(false);
             }
             doc.clients.remove(&legacy_key);
-            doc.clients.insert(key, envelope);
+            doc.clients.insert(key, to_entry(&envelope)?);
             doc.format = FORMAT.to_owned();
             doc.version = VERSION;
             write_atomically(&path, &doc)?;
@@ -150,18 +193,21 @@ impl FileBackend {
             let _lock = lock(&path)?;
             let mut doc = read_document_locked(&path)?;
             if let Some(cur) = doc.clients.get(&client) {
-                let replaceable = replace
-                    .as_ref()
-                    .is_some_and(|r| r.generation == cur.generation && r.data == cur.data);
-                if cur.generation >= envelope.generation && !replaceable {
-                    return Ok(Saved::Stale {
-                        generation: cur.generation,
-                    });
+                let cur = read_entry(cur);
+                let replaceable = replace.as_ref() == Some(&cur.seen);
+                // An entry that does not parse fences nothing, but only the one
+                // as read is replaced: it may have been fixed meanwhile.
+                let generation = match &cur.envelope {
+                    Ok(e) => e.generation,
+                    Err(_) => MAX_GENERATION,
+                };
+                if generation >= envelope.generation && !replaceable {
+                    return Ok(Saved::Stale { generation });
                 }
             }
             doc.format = FORMAT.to_owned();
             doc.version = VERSION;
-            doc.clients.insert(client, envelope);
+            doc.clients.insert(client, to_entry(&envelope)?);
             write_atomically(&path, &doc)?;
             Ok(Saved::Written)
         })
@@ -217,6 +263,16 @@ fn check_directory(_dir: &Path, _meta: &fs::Metadata) -> Result<(), StoreError> 
 }
 
 fn read_content(path: &Path) -> Result<Content, StoreError> {
+    match fs::metadata(path) {
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            return Err(StoreError::Io(format!(
+                "store.path: {} is {} bytes, above the {MAX_FILE_BYTES} a state file may have; not read",
+                path.display(),
+                m.len()
+            )))
+        }
+        _ => {}
+    }
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -359,6 +415,15 @@ mod tests {
         }
     }
 
+    async fn loaded(store: &FileBackend, key: &str) -> Envelope {
+        match store.load(key).await {
+            Ok(Some(Read {
+                envelope: Ok(e), ..
+            })) => e,
+            _ => panic!("a record that parses under {key}"),
+        }
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "tokenproxy-file-store-{name}-{}-{}",
@@ -391,8 +456,8 @@ mod tests {
             store.save("a", envelope(2), None).await.unwrap(),
             Saved::Written
         );
-        assert_eq!(store.load("a").await.unwrap().unwrap().data, "sealed-2");
-        assert_eq!(store.load("b").await.unwrap().unwrap().generation, 5);
+        assert_eq!(loaded(&store, "a").await.data, "sealed-2");
+        assert_eq!(loaded(&store, "b").await.generation, 5);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
@@ -438,7 +503,7 @@ mod tests {
             store.save("a", envelope(1), None).await.unwrap(),
             Saved::Written
         );
-        assert_eq!(store.load("a").await.unwrap().unwrap().generation, 1);
+        assert_eq!(loaded(&store, "a").await.generation, 1);
         assert_eq!(
             fs::read(&aside[0]).unwrap(),
             original,
@@ -530,7 +595,8 @@ mod tests {
 
     /// Security review (low): a record that does not open may carry any
     /// generation, 2^64-1 included; a write naming it replaces it, while it is
-    /// still there unchanged.
+    /// still there unchanged. (Issue 25, finding 6: one beyond 2^53 does not
+    /// parse, and fences nothing but the write that names it.)
     #[tokio::test]
     async fn a_record_that_does_not_open_is_replaced_whatever_its_generation() {
         let dir = temp_dir("unopened");
@@ -539,25 +605,22 @@ mod tests {
         let forged = envelope(u64::MAX);
         store.save("a", forged.clone(), None).await.unwrap();
         let other = Unopened {
-            generation: u64::MAX,
-            data: "something else".into(),
+            generation: u64::MAX.to_string().into_bytes(),
+            data: b"something else".to_vec(),
         };
         assert_eq!(
             store.save("a", envelope(1), Some(other)).await.unwrap(),
             Saved::Stale {
-                generation: u64::MAX
+                generation: MAX_GENERATION
             },
             "only the record as read may be replaced"
         );
-        let seen = Unopened {
-            generation: forged.generation,
-            data: forged.data.clone(),
-        };
+        let seen = store.load("a").await.unwrap().unwrap().seen;
         assert_eq!(
             store.save("a", envelope(1), Some(seen)).await.unwrap(),
             Saved::Written
         );
-        assert_eq!(store.load("a").await.unwrap().unwrap().generation, 1);
+        assert_eq!(loaded(&store, "a").await.generation, 1);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -11,9 +11,14 @@
 //! chain; the bootstrap refresh token enters only as a hash of a hash.
 //!
 //! A record is a [`TokenState`] sealed with ChaCha20-Poly1305 under the store
-//! key, with the identity and the record's generation as associated data, so a
-//! record written under another key or with its generation edited does not
-//! open. Such records are ignored with a warning and never sent to a provider.
+//! key, with the store's namespace (the Redis key prefix, or `file`), the
+//! record's own name (`CLIENT:IDENTITY`) and its generation as associated data
+//! (format 2, its data marked `v2.`), so a record written under another key,
+//! copied into another client's slot (two clients of one OAuth client have the
+//! same identity hash) or with its generation edited does not open. Records of
+//! format 1 (the identity hash and generation only) are still read, and the
+//! next write seals them in format 2. Such records are ignored with a warning
+//! and never sent to a provider.
 //!
 //! Every record carries a generation that only grows. A write names the
 //! generation it creates and is refused when the store already holds that one or
@@ -38,11 +43,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{ClientConfig, Grant, StoreConfig};
 use crate::secret::Secret;
-use seal::Sealer;
+use seal::{NotOpened, Sealer};
+
+/// Marks sealed data of format 2 (base64 never holds a dot).
+const FORMAT_2: &str = "v2.";
 
 /// Why the store could not be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -86,11 +94,33 @@ pub struct Record {
 pub struct Loaded {
     /// The generation of the client's record when it opened, else 0: the
     /// generation of a record that does not open (another key, damaged,
-    /// forged) is not trusted, and the next write replaces that record.
+    /// forged) is not trusted.
     pub generation: u64,
     /// The record, when there is one this client can use.
     pub record: Option<Record>,
+    /// The client's record, when there is one and it did not open.
+    pub not_opened: Option<NotOpenedRecord>,
 }
+
+/// A record under the client's name that did not open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotOpenedRecord {
+    /// Sealed data that none of the configured keys opens for this record: it
+    /// may hold the newest refresh token of the chain (under a key this
+    /// process does not have), so nothing is spent over it and only an
+    /// operator's action replaces it. False: the record does not parse at all
+    /// (not written by tokenproxy); the next fenced write replaces it.
+    pub locked: bool,
+    /// What is wrong, for logs and `/status`.
+    pub problem: String,
+    /// Whether this read is the first to find it (it is counted and logged once).
+    pub first_seen: bool,
+}
+
+/// The highest generation a record may carry: 2^53, the largest integer Lua
+/// (Redis scripts) compares exactly. Generations grow by one per refresh, so
+/// only a forged record comes near it; one above it does not parse.
+pub const MAX_GENERATION: u64 = 1 << 53;
 
 /// The result of a fenced write.
 #[derive(Debug, PartialEq, Eq)]
@@ -107,21 +137,37 @@ pub enum Saved {
 /// The generation after `generation`; an error at the end of the range (only
 /// a record sealed with the store key can carry it).
 pub fn next_generation(generation: u64) -> Result<u64, StoreError> {
-    generation.checked_add(1).ok_or_else(|| {
-        StoreError::Io(
-            "the stored generation is at its maximum (2^64-1); delete the client's record to start again"
-                .to_owned(),
-        )
-    })
+    generation
+        .checked_add(1)
+        .filter(|g| *g <= MAX_GENERATION)
+        .ok_or_else(|| {
+            StoreError::Io(
+                "the stored generation is at its maximum (2^53); delete the client's record to start again"
+                    .to_owned(),
+            )
+        })
 }
 
-/// A record under the client's name that did not open, as read: a write may
-/// replace it whatever its generation, while it is still there unchanged.
+/// A record under the client's name that did not open, as read (its
+/// generation and data fields, byte for byte): a write may replace it whatever
+/// its generation, while it is still there unchanged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Unopened {
-    pub(crate) generation: u64,
-    pub(crate) data: String,
+    pub(crate) generation: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
+
+/// One record as a backend read it.
+pub(crate) struct Read {
+    /// The record, or why it does not parse.
+    pub(crate) envelope: Result<Envelope, String>,
+    /// The record as read, to name it when replacing it.
+    pub(crate) seen: Unopened,
+}
+
+/// The largest sealed record a backend reads; a bigger one is refused before
+/// it is read whole (a token state is well under 8 KiB).
+pub(crate) const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// A held right to refresh one client's token (Redis); local stores always grant one.
 #[derive(Debug)]
@@ -134,6 +180,8 @@ pub struct Lease {
 pub struct Store {
     backend: Arc<Backend>,
     sealer: Option<Arc<Sealer>>,
+    /// The namespace bound into every record: the Redis key prefix, or `file`.
+    scope: Arc<str>,
 }
 
 enum Backend {
@@ -146,20 +194,23 @@ impl Store {
     /// Opens the configured store. Redis is connected lazily: an unreachable
     /// Redis does not stop the start.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        let (backend, key) = match config {
-            StoreConfig::Memory => (Backend::Memory, None),
+        let (backend, keys, scope) = match config {
+            StoreConfig::Memory => (Backend::Memory, None, "memory"),
             StoreConfig::File(f) => (
                 Backend::File(file::FileBackend::open(&f.path)?),
-                Some(&f.key),
+                Some((&f.key, &f.previous_keys)),
+                "file",
             ),
             StoreConfig::Redis(r) => (
                 Backend::Redis(Box::new(redis::RedisBackend::open(r)?)),
-                Some(&r.key),
+                Some((&r.key, &r.previous_keys)),
+                r.key_prefix.as_str(),
             ),
         };
         Ok(Store {
             backend: Arc::new(backend),
-            sealer: key.map(|k| Arc::new(Sealer::new(k))),
+            sealer: keys.map(|(key, previous)| Arc::new(Sealer::new(key, previous))),
+            scope: Arc::from(scope),
         })
     }
 
@@ -199,8 +250,9 @@ pub struct ClientStore {
     last_warned: Arc<AtomicU64>,
     /// Whether other chains of this account were looked for (once per process).
     looked_for_other_chains: Arc<AtomicBool>,
-    /// The record last read under the client's name, when it did not open.
-    unopened: Arc<Mutex<Option<Unopened>>>,
+    /// The record last read under the client's name, when it did not open,
+    /// and whether it is locked (see [`NotOpenedRecord::locked`]).
+    unopened: Arc<Mutex<Option<(Unopened, bool)>>>,
 }
 
 impl ClientStore {
@@ -224,30 +276,52 @@ impl ClientStore {
         &self.key
     }
 
-    /// Reads the client's record; an unusable one is reported and ignored.
+    /// Reads the client's record; one that does not open is reported in
+    /// [`Loaded::not_opened`] and never used. `Err` only when the store could
+    /// not be read.
     pub async fn load(&self) -> Result<Loaded, StoreError> {
-        let envelope = match self.backend_load(&self.key).await? {
-            Some(envelope) => envelope,
+        let read = match self.backend_load(&self.key).await? {
+            Some(read) => read,
             None => match self.take_over_legacy().await? {
-                Some(envelope) => envelope,
+                Some(read) => read,
                 None => {
                     self.look_for_other_chains().await;
+                    self.set_unopened(None);
                     return Ok(Loaded::default());
                 }
             },
         };
-        let record = self.open(envelope);
-        let generation = record.as_ref().map_or(0, |r| r.generation);
-        Ok(Loaded { generation, record })
+        Ok(self.open(read))
     }
 
-    fn set_unopened(&self, value: Option<Unopened>) {
-        if let Ok(mut u) = self.unopened.lock() {
-            *u = value;
+    /// Remembers the record that did not open; true when it is another one
+    /// than the last time.
+    fn set_unopened(&self, value: Option<(Unopened, bool)>) -> bool {
+        match self.unopened.lock() {
+            Ok(mut u) => {
+                let changed = *u != value;
+                *u = value;
+                changed
+            }
+            Err(_) => true,
         }
     }
 
-    async fn backend_load(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
+    /// What an operator does about a record that does not open.
+    pub fn locked_hint(&self) -> String {
+        let record = match &*self.store.backend {
+            Backend::Redis(_) => format!("the Redis key {}:{}:token", self.store.scope, self.key),
+            _ => format!("the entry \"{}\" of the state file", self.key),
+        };
+        format!(
+            "restore the store key that sealed it (store.key_file, or list the old key in store.previous_key_files), \
+             or hand the client a new refresh token (`tokenproxy token {name} --refresh-token-from-stdin`, or `tokenproxy authorize {name}`), \
+             or delete {record} to start again from the configured credentials",
+            name = self.name
+        )
+    }
+
+    async fn backend_load(&self, key: &str) -> Result<Option<Read>, StoreError> {
         match &*self.store.backend {
             Backend::Memory => Ok(None),
             Backend::File(f) => f.load(key).await,
@@ -259,7 +333,7 @@ impl ClientStore {
     /// name, when its (older, narrower) binding matches this client: re-sealed
     /// under the identity and moved in one step. Returns the record now stored
     /// under the identity, if any.
-    async fn take_over_legacy(&self) -> Result<Option<Envelope>, StoreError> {
+    async fn take_over_legacy(&self) -> Result<Option<Read>, StoreError> {
         let Some(sealer) = &self.store.sealer else {
             return Ok(None);
         };
@@ -268,21 +342,25 @@ impl ClientStore {
             Backend::File(f) => f.load(&self.name).await?,
             Backend::Redis(r) => r.load_legacy(&self.name).await?,
         };
-        let Some(legacy) = found else {
+        let Some(read) = found else {
+            return Ok(None);
+        };
+        let Ok(legacy) = read.envelope else {
             return Ok(None);
         };
         let generation = legacy.generation;
         let problem = if legacy.binding != self.identity.legacy {
             "it was written for another client id, token URL, user or scope"
         } else {
-            match sealer.open(&self.identity.legacy, generation, &legacy.data) {
-                None => "it does not decrypt with the configured key (another key, or corrupted)",
-                Some(text) => {
+            let aad = seal::associated_data_v1(&self.identity.legacy, generation);
+            match sealer.open(&aad, &legacy.data) {
+                Err(_) => "it does not decrypt with the configured key (another key, or corrupted)",
+                Ok(opened) => {
                     let envelope = Envelope {
                         generation,
                         binding: self.identity.binding.clone(),
                         account: self.identity.account.clone(),
-                        data: sealer.seal(&self.identity.binding, generation, &text),
+                        data: self.seal(sealer, generation, &opened.plain),
                     };
                     let moved = match &*self.store.backend {
                         Backend::Memory => false,
@@ -345,22 +423,42 @@ impl ClientStore {
         }
     }
 
-    /// Writes `record` unless the store already holds its generation or a newer one.
+    /// Writes `record` unless the store already holds its generation or a
+    /// newer one. A record that did not parse, as last read, is replaced
+    /// whatever its generation; a locked one (see [`NotOpenedRecord::locked`])
+    /// is not.
     pub async fn save(&self, record: &Record) -> Result<Saved, StoreError> {
+        self.write(record, false).await
+    }
+
+    /// As [`ClientStore::save`], and a locked record as last read is replaced
+    /// too: only on an operator's action (a login, a refresh token handed in
+    /// that the provider accepted).
+    pub async fn save_replacing(&self, record: &Record) -> Result<Saved, StoreError> {
+        self.write(record, true).await
+    }
+
+    async fn write(&self, record: &Record, replace_locked: bool) -> Result<Saved, StoreError> {
         let Some(sealer) = &self.store.sealer else {
             return Ok(Saved::Written);
         };
         let plain = Plain::from_state(&record.state);
         let text = serde_json::to_vec(&plain)
             .map_err(|e| StoreError::Io(format!("cannot encode the state: {e}")))?;
-        let data = sealer.seal(&self.identity.binding, record.generation, &text);
+        let data = self.seal(sealer, record.generation, &text);
         let envelope = Envelope {
             generation: record.generation,
             binding: self.identity.binding.clone(),
             account: self.identity.account.clone(),
             data,
         };
-        let replace = self.unopened.lock().ok().and_then(|u| u.clone());
+        let replace = self
+            .unopened
+            .lock()
+            .ok()
+            .and_then(|u| u.clone())
+            .filter(|(_, locked)| replace_locked || !locked)
+            .map(|(seen, _)| seen);
         let saved = match &*self.store.backend {
             Backend::Memory => Ok(Saved::Written),
             Backend::File(f) => f.save(&self.key, envelope, replace).await,
@@ -405,36 +503,108 @@ impl ClientStore {
         }
     }
 
-    fn open(&self, envelope: Envelope) -> Option<Record> {
-        let sealer = self.store.sealer.as_ref()?;
-        let generation = envelope.generation;
-        let unopened = Unopened {
-            generation,
-            data: envelope.data.clone(),
-        };
-        let problem = if envelope.binding != self.identity.binding {
-            "it was written for another credential identity"
-        } else {
-            match sealer.open(&self.identity.binding, generation, &envelope.data) {
-                None => "it does not decrypt with the configured key (another key, or corrupted)",
-                Some(text) => match serde_json::from_slice::<Plain>(&text) {
-                    Ok(plain) => {
-                        self.set_unopened(None);
-                        return Some(Record {
-                            generation,
-                            state: plain.into_state(),
-                        });
-                    }
-                    Err(_) => "its content is not a token state",
-                },
+    /// `plain` sealed in format 2 for this client's record at `generation`.
+    fn seal(&self, sealer: &Sealer, generation: u64, plain: &[u8]) -> String {
+        let aad = seal::associated_data(&self.store.scope, &self.key, generation);
+        format!("{FORMAT_2}{}", sealer.seal(&aad, plain))
+    }
+
+    /// Opens data sealed for this client's record at `generation`, in format 2
+    /// or (written by earlier versions) format 1.
+    fn unseal(
+        &self,
+        sealer: &Sealer,
+        generation: u64,
+        data: &str,
+    ) -> Result<seal::Opened, NotOpened> {
+        let opened = match data.strip_prefix(FORMAT_2) {
+            Some(sealed) => {
+                let aad = seal::associated_data(&self.store.scope, &self.key, generation);
+                sealer.open(&aad, sealed)?
+            }
+            None => {
+                let aad = seal::associated_data_v1(&self.identity.binding, generation);
+                let opened = sealer.open(&aad, data)?;
+                debug!(client = %self.name, generation,
+                    "the stored token state is in the earlier format; the next write seals it bound to its name");
+                opened
             }
         };
-        if self.last_warned.swap(generation, Ordering::Relaxed) != generation {
-            warn!(client = %self.name, store = self.kind(), generation,
-                "ignoring the stored token state: {problem}; it will be replaced by the next token");
+        if opened.with_previous_key {
+            debug!(client = %self.name, generation,
+                "the stored token state opened with a previous store key; the next write seals it with the current key");
         }
-        self.set_unopened(Some(unopened));
-        None
+        Ok(opened)
+    }
+
+    fn open(&self, read: Read) -> Loaded {
+        let Some(sealer) = &self.store.sealer else {
+            return Loaded::default();
+        };
+        let envelope = match read.envelope {
+            Ok(envelope) => envelope,
+            Err(problem) => return self.not_opened(read.seen, None, false, problem),
+        };
+        let generation = envelope.generation;
+        let refused = if envelope.binding != self.identity.binding {
+            Err(NotOpened::Sealed)
+        } else {
+            self.unseal(sealer, generation, &envelope.data)
+        };
+        let (locked, problem) = match refused {
+            Ok(opened) => match serde_json::from_slice::<Plain>(&opened.plain) {
+                Ok(plain) => {
+                    self.set_unopened(None);
+                    return Loaded {
+                        generation,
+                        record: Some(Record {
+                            generation,
+                            state: plain.into_state(),
+                        }),
+                        not_opened: None,
+                    };
+                }
+                // Sealed with our key for this record: perhaps a newer version's content.
+                Err(_) => (true, "it opens, but its content is not a token state this version reads"),
+            },
+            Err(NotOpened::Sealed) => (
+                true,
+                "it does not open with the configured store key or any previous key (sealed with another key, copied from another client's record, or damaged)",
+            ),
+            Err(NotOpened::Malformed) => (false, "its data is not sealed data"),
+        };
+        self.not_opened(read.seen, Some(generation), locked, problem.to_owned())
+    }
+
+    /// Reports a record that did not open (once per record) and remembers it.
+    fn not_opened(
+        &self,
+        seen: Unopened,
+        generation: Option<u64>,
+        locked: bool,
+        problem: String,
+    ) -> Loaded {
+        let first_seen = self.set_unopened(Some((seen, locked)));
+        if first_seen {
+            if locked {
+                error!(client = %self.name, store = self.kind(), record = %self.key, generation,
+                    problem = %problem, hint = %self.locked_hint(),
+                    "the stored token state does not open: it is kept, and no refresh token is spent over it");
+            } else {
+                warn!(client = %self.name, store = self.kind(), record = %self.key,
+                    problem = %problem,
+                    "ignoring the stored token state, which does not parse; the next token replaces it");
+            }
+        }
+        Loaded {
+            generation: 0,
+            record: None,
+            not_opened: Some(NotOpenedRecord {
+                locked,
+                problem,
+                first_seen,
+            }),
+        }
     }
 }
 
@@ -769,7 +939,7 @@ client_secret = "s3cret"
             generation,
             binding: binding.clone(),
             account: String::new(),
-            data: sealer.seal(&binding, generation, &text),
+            data: sealer.seal(&seal::associated_data_v1(&binding, generation), &text),
         };
         assert_eq!(
             f.save(&client.name, envelope, None).await.unwrap(),
@@ -825,6 +995,126 @@ client_secret = "s3cret"
         // And the first keeps reading its own.
         let again = first.load().await.unwrap();
         assert_eq!(again.record.map(|r| r.generation), Some(7));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// Security review finding 5 (issue 25): a record of format 1 (bound to
+    /// the identity hash only) is still read, and the next write seals it in
+    /// format 2, bound to its own name.
+    #[tokio::test]
+    async fn a_record_of_format_1_is_read_and_rewritten_in_format_2() {
+        let path = temp_path("format1");
+        let config = config(&path, "client_id = \"a\"");
+        let store = Store::open(&config.store).unwrap();
+        let client = store.client(&config.clients[0]);
+        let Backend::File(f) = &*store.backend else {
+            panic!("file store")
+        };
+        let sealer = store.sealer.as_ref().unwrap();
+        let binding = client.identity.binding.clone();
+        let text = serde_json::to_vec(&Plain::from_state(&state("v1-access"))).unwrap();
+        let envelope = Envelope {
+            generation: 3,
+            binding: binding.clone(),
+            account: client.identity.account.clone(),
+            data: sealer.seal(&seal::associated_data_v1(&binding, 3), &text),
+        };
+        f.save(client.record_name(), envelope, None).await.unwrap();
+
+        let loaded = client.load().await.unwrap();
+        let record = loaded.record.expect("a format-1 record opens");
+        assert_eq!(record.state, state("v1-access"));
+        let next = Record {
+            generation: 4,
+            state: state("v2-access"),
+        };
+        assert_eq!(client.save(&next).await.unwrap(), Saved::Written);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let data = doc["clients"][client.record_name()]["data"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(data.starts_with(FORMAT_2), "written in format 2: {data}");
+        assert_eq!(client.load().await.unwrap().record, Some(next));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    fn with_keys(path: &std::path::Path, key: u8, previous: &[u8]) -> Store {
+        let k = |b: u8| {
+            crate::config::StoreKey::from_base64(&base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [b; 32],
+            ))
+            .unwrap()
+        };
+        Store::open(&StoreConfig::File(crate::config::FileStoreConfig {
+            path: path.to_path_buf(),
+            key: k(key),
+            previous_keys: previous.iter().map(|b| k(*b)).collect(),
+        }))
+        .unwrap()
+    }
+
+    /// Issue 25, finding 4: a record sealed with a previous key opens, and the
+    /// next write seals it with the current key; a record no configured key
+    /// opens is locked: a plain write does not replace it, an operator's does.
+    #[tokio::test]
+    async fn previous_keys_open_records_and_a_locked_record_needs_an_operator() {
+        let path = temp_path("rotation");
+        let client = config(&path, "client_id = \"a\"").clients[0].clone();
+        let old = with_keys(&path, 1, &[]).client(&client);
+        let first = Record {
+            generation: 1,
+            state: state("first"),
+        };
+        assert_eq!(old.save(&first).await.unwrap(), Saved::Written);
+
+        let rotated = with_keys(&path, 2, &[1]).client(&client);
+        let loaded = rotated.load().await.unwrap();
+        assert_eq!(loaded.record, Some(first), "a previous key opens it");
+        let second = Record {
+            generation: 2,
+            state: state("second"),
+        };
+        assert_eq!(rotated.save(&second).await.unwrap(), Saved::Written);
+        let only_new = with_keys(&path, 2, &[]).client(&client);
+        assert_eq!(
+            only_new.load().await.unwrap().record,
+            Some(second.clone()),
+            "re-sealed with the current key"
+        );
+
+        let stranger = with_keys(&path, 3, &[]).client(&client);
+        let loaded = stranger.load().await.unwrap();
+        let not_opened = loaded.not_opened.expect("reported");
+        assert!(not_opened.locked && not_opened.first_seen, "{not_opened:?}");
+        assert!(
+            !stranger
+                .load()
+                .await
+                .unwrap()
+                .not_opened
+                .unwrap()
+                .first_seen,
+            "reported once"
+        );
+        let third = Record {
+            generation: 1,
+            state: state("third"),
+        };
+        assert_eq!(
+            stranger.save(&third).await.unwrap(),
+            Saved::Stale { generation: 2 },
+            "a locked record is not replaced by a plain write"
+        );
+        assert_eq!(only_new.load().await.unwrap().record, Some(second));
+        stranger.load().await.unwrap();
+        assert_eq!(
+            stranger.save_replacing(&third).await.unwrap(),
+            Saved::Written
+        );
+        assert_eq!(stranger.load().await.unwrap().record, Some(third));
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

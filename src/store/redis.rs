@@ -35,7 +35,7 @@ use std::time::Duration;
 use redis::Script;
 use tracing::debug;
 
-use super::{Envelope, Saved, StoreError, Unopened};
+use super::{Envelope, Read, Saved, StoreError, Unopened, MAX_GENERATION};
 use crate::config::RedisStoreConfig;
 use conn::{Conn, Handle, OP_TIMEOUT};
 
@@ -47,12 +47,15 @@ const WAIT_TIMEOUT: Duration = Duration::from_millis(500);
 /// writer: a process may write its own generation again (a write it was not
 /// sure of: no answer in time, or not acknowledged by replicas), never
 /// another's. Generations are compared as text where they must be equal,
-/// since Lua numbers are doubles.
+/// since Lua numbers are doubles; one that is not a whole number up to 2^53
+/// (which tokenproxy never writes) counts as 2^53, so only a write naming it
+/// replaces it.
 const SAVE: &str = r"
 local raw = redis.call('HGET', KEYS[1], 'generation')
-local replace = ARGV[5] ~= '' and raw == ARGV[5] and redis.call('HGET', KEYS[1], 'data') == ARGV[6]
+local replace = ARGV[5] ~= '' and raw == ARGV[5] and (redis.call('HGET', KEYS[1], 'data') or '') == ARGV[6]
 local own = raw == ARGV[1] and redis.call('HGET', KEYS[1], 'writer') == ARGV[7]
 local cur = tonumber(raw or '0')
+if cur == nil or cur ~= math.floor(cur) or cur < 0 or cur > 9007199254740992 then cur = 9007199254740992 end
 if cur >= tonumber(ARGV[1]) and not replace and not own then return cur end
 redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'account', ARGV[3], 'data', ARGV[4], 'writer', ARGV[7])
 return -1
@@ -197,7 +200,7 @@ impl RedisBackend {
 
     /// Reads the record `name` (`CLIENT:IDENTITY`); one an earlier version
     /// stored without the hash tag is renamed first.
-    pub(crate) async fn load(&self, name: &str) -> Result<Option<Envelope>, StoreError> {
+    pub(crate) async fn load(&self, name: &str) -> Result<Option<Read>, StoreError> {
         let key = self.key(name, "token");
         let found = self.read(&key).await?;
         if found.is_some() || self.conn.is_cluster() {
@@ -218,15 +221,18 @@ impl RedisBackend {
 
     /// Reads the record an earlier version stored under the bare client name;
     /// none in a Cluster, which earlier versions did not support.
-    pub(crate) async fn load_legacy(&self, client: &str) -> Result<Option<Envelope>, StoreError> {
+    pub(crate) async fn load_legacy(&self, client: &str) -> Result<Option<Read>, StoreError> {
         if self.conn.is_cluster() {
             return Ok(None);
         }
         self.read(&self.untagged_key(client, "token")).await
     }
 
-    async fn read(&self, key: &str) -> Result<Option<Envelope>, StoreError> {
-        type Fields = (Option<u64>, Option<String>, Option<String>, Option<String>);
+    /// The record at `key`; one whose fields do not parse is read as such
+    /// (see [`parse_record`]), never as the store failing.
+    async fn read(&self, key: &str) -> Result<Option<Read>, StoreError> {
+        type Field = Option<Vec<u8>>;
+        type Fields = (Field, Field, Field, Field);
         let (generation, binding, account, data): Fields = self
             .run("read", async |h| {
                 redis::cmd("HMGET")
@@ -239,22 +245,7 @@ impl RedisBackend {
                     .await
             })
             .await?;
-        let account = account.unwrap_or_default();
-        Ok(match (generation, binding, data) {
-            (Some(generation), Some(binding), Some(data)) => Some(Envelope {
-                generation,
-                binding,
-                account,
-                data,
-            }),
-            (Some(generation), _, _) => Some(Envelope {
-                generation,
-                binding: String::new(),
-                account,
-                data: String::new(),
-            }),
-            _ => None,
-        })
+        Ok(generation.map(|generation| parse_record(generation, binding, account, data)))
     }
 
     /// The record names (`CLIENT:IDENTITY`) and account hashes of the records
@@ -349,12 +340,8 @@ impl RedisBackend {
             .arg(&envelope.binding)
             .arg(&envelope.account)
             .arg(&envelope.data)
-            .arg(
-                replace
-                    .map(|r| r.generation.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(replace.map(|r| r.data.as_str()).unwrap_or_default())
+            .arg(replace.map(|r| r.generation.as_slice()).unwrap_or_default())
+            .arg(replace.map(|r| r.data.as_slice()).unwrap_or_default())
             .arg(&self.instance);
         let wanted = if durable { self.min_replicas_acked } else { 0 };
         let (answer, acked): (i64, u32) = self
@@ -452,6 +439,38 @@ impl RedisBackend {
             .await?;
         Ok(())
     }
+}
+
+/// A record's fields as read: a generation that is not a whole number up to
+/// 2^53, or a missing or non-UTF-8 field, makes a record that does not parse.
+fn parse_record(
+    generation: Vec<u8>,
+    binding: Option<Vec<u8>>,
+    account: Option<Vec<u8>>,
+    data: Option<Vec<u8>>,
+) -> Read {
+    let seen = Unopened {
+        generation: generation.clone(),
+        data: data.clone().unwrap_or_default(),
+    };
+    let text = |field: Option<Vec<u8>>| field.and_then(|b| String::from_utf8(b).ok());
+    let number = std::str::from_utf8(&generation)
+        .ok()
+        .and_then(|g| g.parse::<u64>().ok());
+    let envelope = match (number, text(binding), text(data)) {
+        (None, _, _) => Err("its generation is not a whole number".to_owned()),
+        (Some(g), _, _) if g > MAX_GENERATION => Err(format!(
+            "its generation {g} is above 2^53, which tokenproxy never writes"
+        )),
+        (Some(generation), Some(binding), Some(data)) => Ok(Envelope {
+            generation,
+            binding,
+            account: text(account).unwrap_or_default(),
+            data,
+        }),
+        _ => Err("its binding or data field is missing or not text".to_owned()),
+    };
+    Read { envelope, seen }
 }
 
 /// `s` with the characters `SCAN MATCH` treats specially escaped.

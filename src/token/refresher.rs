@@ -699,7 +699,7 @@ impl Refresher {
         let mut primary_only = false;
         if self.store.client.is_persistent() {
             match self.coordinate().await {
-                stored::Coordination::Adopted => return,
+                stored::Coordination::Adopted | stored::Coordination::Locked => return,
                 stored::Coordination::Follow => {
                     self.follow();
                     return;

@@ -816,18 +816,62 @@ fn sanitize(s: &str, max_chars: usize) -> Option<String> {
     Some(chars.into_iter().collect())
 }
 
-/// Zero-width and bidirectional-override characters, which can disguise log lines.
+/// Every format character (Unicode general category Cf, as of Unicode 15.1):
+/// zero-width, bidirectional marks and overrides (U+061C among them), tags and
+/// the like, which can disguise log lines; plus zero-width space (U+200B).
 fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
-        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Security review (issue 25, low): bidi marks and other format
+    /// characters (Unicode Cf) passed the provider-text sanitizer.
+    #[test]
+    fn every_format_character_is_removed_from_provider_text() {
+        for c in [
+            '\u{061C}',
+            '\u{00AD}',
+            '\u{180E}',
+            '\u{206A}',
+            '\u{FFF9}',
+            '\u{E0041}',
+            '\u{200E}',
+        ] {
+            let text = format!("invalid{c}_grant");
+            assert_eq!(
+                sanitize(&text, 100).as_deref(),
+                Some("invalid_grant"),
+                "U+{:04X} should have been removed",
+                c as u32
+            );
+        }
+    }
 
     /// 2023-11-14T22:13:20Z.
     const NOW_SECS: u64 = 1_700_000_000;

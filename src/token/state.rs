@@ -122,12 +122,17 @@ pub struct StoreStatus {
     /// What this process does for the client: `leader` while it refreshes,
     /// `follower` while another replica does; while a shared store is down,
     /// `local` when it refreshes with a grant that spends nothing, `waiting`
-    /// when only the store may let it spend a refresh token.
+    /// when only the store may let it spend a refresh token; `locked` while
+    /// its stored record does not open (see `problem`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     /// Since when the store has not answered (RFC 3339), while it does not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unavailable_since: Option<String>,
+    /// While the client's stored record does not open (role `locked`): what is
+    /// wrong and what an operator does about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// [`State`] with a default, so `Status` can derive `Default`.

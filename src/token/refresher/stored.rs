@@ -20,6 +20,16 @@
 //! to die (role `local`), and the state is written back once the store answers
 //! (newest generation wins). A store of one process (file) refreshes on its own
 //! as before.
+//!
+//! A stored record that does not open with any configured key (another key, a
+//! copy of another client's record, damaged) may hold the newest refresh token
+//! of the chain: the client is then `locked`. It spends nothing (not the
+//! bootstrap refresh token, which that chain spent long ago) and overwrites
+//! nothing; the held token serves until it expires, `/status` and the log say
+//! what is wrong and what to do, and the record is looked at every
+//! [`LOCKED_POLL`]. An operator's refresh token (or login) that the provider
+//! accepts replaces the record. A record that does not parse at all is not
+//! tokenproxy's; the next fenced write replaces it.
 
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +59,8 @@ const WRITE_BACK_ROTATED: Duration = Duration::from_millis(200);
 const RETURN_GRACE: Duration = Duration::from_secs(1);
 /// How often a client in `needs_authorization` looks for a new refresh token.
 pub(super) const AUTHORIZATION_POLL: Duration = Duration::from_secs(2);
+/// How often a client whose stored record does not open looks at it again.
+const LOCKED_POLL: Duration = Duration::from_secs(2);
 /// How much longer than `token.timeout` a lease lasts: the leader's request is
 /// over (answered or timed out) well before another replica may take over.
 const LEASE_SLACK: Duration = Duration::from_secs(2);
@@ -63,6 +75,8 @@ pub(super) enum Coordination {
     Follow,
     /// The store cannot be used now (already recorded).
     Unreachable,
+    /// The stored record does not open: nothing may be spent (already recorded).
+    Locked,
 }
 
 /// What to do while the store cannot be reached.
@@ -99,6 +113,8 @@ pub(super) struct StoreLink {
     answered_again_at: Option<Instant>,
     error: Option<String>,
     role: Option<&'static str>,
+    /// While the stored record does not open: what is wrong and what to do.
+    locked: Option<String>,
     /// The refresh token came from an operator: use it, do not take the stored one.
     pub(super) operator_trial: Option<OperatorTrial>,
 }
@@ -162,6 +178,7 @@ impl StoreLink {
             answered_again_at: None,
             error: None,
             role: None,
+            locked: None,
             operator_trial: None,
         }
     }
@@ -174,7 +191,8 @@ impl StoreLink {
     /// Whether the store is down and only it may let the client refresh; the
     /// next look at it is planned.
     pub(super) fn waiting(&self) -> bool {
-        self.role == Some("waiting") && self.recheck_at.is_some_and(|t| t > Instant::now())
+        matches!(self.role, Some("waiting" | "locked"))
+            && self.recheck_at.is_some_and(|t| t > Instant::now())
     }
 
     pub(super) fn set_role(&mut self, role: Option<&'static str>) {
@@ -193,7 +211,7 @@ impl Refresher {
     /// Reads the store and decides who calls the provider.
     pub(super) async fn coordinate(&mut self) -> Coordination {
         let ttl = StoreLink::lease_ttl(&self.config);
-        let loaded = match self.store.client.load().await {
+        let loaded = match self.load_store().await {
             Ok(l) => l,
             Err(e) => {
                 self.store_failed("read", &e);
@@ -201,6 +219,12 @@ impl Refresher {
             }
         };
         self.store_ok();
+        if self.lock_if_unreadable(&loaded) {
+            if let Some(lease) = self.store.lease.take() {
+                self.release(lease).await;
+            }
+            return Coordination::Locked;
+        }
         if self.take_loaded(loaded) {
             if let Some(lease) = self.store.lease.take() {
                 self.release(lease).await;
@@ -236,8 +260,12 @@ impl Refresher {
         };
         if self.store.client.is_shared() {
             // The previous leader may have written between our read and our lease.
-            match self.store.client.load().await {
+            match self.load_store().await {
                 Ok(l) => {
+                    if self.lock_if_unreadable(&l) {
+                        self.release(lease).await;
+                        return Coordination::Locked;
+                    }
                     if self.take_loaded(l) {
                         self.release(lease).await;
                         return Coordination::Adopted;
@@ -383,7 +411,14 @@ impl Refresher {
                 generation,
                 state: self.current_state(),
             };
-            match self.store.client.save(&record).await {
+            // An operator's refresh token the provider accepted may replace a
+            // record that does not open; nothing else may.
+            let saved = if self.store.operator_trial.as_ref().is_some_and(|t| t.proven) {
+                self.store.client.save_replacing(&record).await
+            } else {
+                self.store.client.save(&record).await
+            };
+            match saved {
                 Ok(Saved::Written) => {
                     self.store.generation = generation;
                     self.store.seen = generation;
@@ -402,9 +437,12 @@ impl Refresher {
                     // the reload below says which generation can be trusted.
                     warn!(client = %self.client, ours = generation, theirs,
                         "the store holds a newer token state than the one just obtained (another replica refreshed too)");
-                    match self.store.client.load().await {
+                    match self.load_store().await {
                         Ok(loaded) => {
                             self.store_ok();
+                            if self.lock_if_unreadable(&loaded) {
+                                break;
+                            }
                             if self.take_loaded(loaded) {
                                 self.store.write_pending = false;
                                 self.store.write_back_at = None;
@@ -459,7 +497,7 @@ impl Refresher {
     /// `tokenproxy token`, `authorize` or another replica) ends it.
     pub(super) async fn check_store_for_authorization(&mut self) -> Option<Trigger> {
         self.store.check_at = Some(Instant::now() + AUTHORIZATION_POLL);
-        let loaded = match self.store.client.load().await {
+        let loaded = match self.load_store().await {
             Ok(l) => l,
             Err(e) => {
                 self.store_failed("read", &e);
@@ -488,6 +526,85 @@ impl Refresher {
             return None;
         }
         Some(Trigger::Startup)
+    }
+
+    /// Reads the client's record, counting one that does not open (once).
+    async fn load_store(&mut self) -> Result<Loaded, StoreError> {
+        let loaded = self.store.client.load().await?;
+        if loaded.not_opened.as_ref().is_some_and(|n| n.first_seen) {
+            self.metrics.store_error("open");
+        }
+        Ok(loaded)
+    }
+
+    /// A stored record that does not open stops the client (see the module
+    /// docs) unless an operator's refresh token is on trial; true when it does.
+    /// Otherwise a lock from an earlier read ends.
+    /// A record that does not parse is not tokenproxy's and is replaced under
+    /// the lease, but not with the configured bootstrap refresh token: the
+    /// chain that record stands for may have spent it long ago.
+    fn lock_if_unreadable(&mut self, loaded: &Loaded) -> bool {
+        match &loaded.not_opened {
+            Some(n) if self.store.operator_trial.is_none() && n.locked => {
+                let problem = format!(
+                    "the stored token state does not open: {}; nothing is spent or overwritten until an operator acts: {}",
+                    n.problem,
+                    self.store.client.locked_hint()
+                );
+                self.store_locked(problem);
+                true
+            }
+            Some(n) if self.store.operator_trial.is_none() && self.holds_only_bootstrap() => {
+                let problem = format!(
+                    "the stored token state does not parse: {}; the only refresh token held is the configured bootstrap one, which the stored chain may have spent, so nothing is spent until an operator acts: {}",
+                    n.problem,
+                    self.store.client.locked_hint()
+                );
+                self.store_locked(problem);
+                true
+            }
+            _ => {
+                self.store_unlocked();
+                false
+            }
+        }
+    }
+
+    /// Whether the refresh token held is the configured bootstrap one, and no
+    /// other grant is configured.
+    fn holds_only_bootstrap(&self) -> bool {
+        !self.has_primary_grant()
+            && self.config.refresh_token.is_some()
+            && self.refresh_token.as_ref().map(|r| &r.value) == self.config.refresh_token.as_ref()
+    }
+
+    fn store_locked(&mut self, problem: String) {
+        let now = Instant::now();
+        self.store.following = false;
+        self.store.role = Some("locked");
+        self.store.recheck_at = Some(now + LOCKED_POLL);
+        self.store.locked = Some(problem.clone());
+        self.publish_store();
+        if self.token_usable(now) {
+            self.set_state(State::Valid);
+        } else {
+            self.publish(|s| {
+                s.reason = Some(problem);
+                s.retry_at = None;
+            });
+            self.set_state(State::Unavailable);
+        }
+    }
+
+    fn store_unlocked(&mut self) {
+        if self.store.locked.take().is_none() {
+            return;
+        }
+        info!(client = %self.client, "the stored token state no longer blocks the client; carrying on");
+        self.store.role = None;
+        self.store.recheck_at = None;
+        self.publish(|s| s.reason = None);
+        self.publish_store();
     }
 
     /// Takes a loaded record when it is newer than ours; true when its access
@@ -666,6 +783,7 @@ impl Refresher {
             generation: self.store.generation,
             role: self.store.role,
             unavailable_since: self.store.unavailable_since.map(crate::clock::rfc3339),
+            problem: self.store.locked.clone(),
         };
         self.publish(|s| s.store = Some(status));
     }
