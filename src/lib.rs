@@ -37,6 +37,9 @@
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+// The refresher's future (run -> obtain -> coordinate -> the store's async calls, each
+// through an instrumented span) nests deeper than rustc's default layout query limit.
+#![recursion_limit = "256"]
 
 pub mod admin;
 pub mod app;

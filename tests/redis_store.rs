@@ -885,3 +885,47 @@ async fn a_redis_outage_never_spends_a_rotating_refresh_token_outside_the_lease(
         "requests succeed after the outage"
     );
 }
+
+/// Issue 25 finding 7: a lease key with no expiry (written by anything but
+/// tokenproxy) used to stop every refresh for good: every replica followed,
+/// tokens expired, and every request got 503 with no error anywhere. Such a
+/// lease is cleared (and logged), and refreshes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_expiry_is_cleared_and_refreshes_go_on() {
+    let fleet = Fleet::start(
+        "poisoned",
+        1,
+        rotating(Duration::from_secs(3)),
+        PASSWORD_GRANT,
+    )
+    .await;
+    let mut redis = fleet.redis.connection().await;
+    let token_key = record_key(&mut redis, "token")
+        .await
+        .expect("the client's record");
+    let lease_key = token_key.replace(":token", ":lease");
+    let _: () = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("intruder")
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+    let before = fleet.provider.token_requests();
+    let started = Instant::now();
+    let handles = fleet.load(4, started + Duration::from_secs(7));
+    for h in handles {
+        let (ok, failed) = h.await.expect("load task");
+        assert!(ok > 0);
+        assert_eq!(failed, 0, "requests failed behind a lease without expiry");
+    }
+    assert!(
+        fleet.provider.token_requests() > before,
+        "the token was refreshed despite the poisoned lease"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&lease_key)
+        .query_async(&mut redis)
+        .await
+        .expect("PTTL");
+    assert_ne!(ttl, -1, "the lease without expiry is gone");
+}

@@ -86,14 +86,31 @@ return 1
 /// in a failover) or was overtaken. The value records the stored generation.
 const TRY_LEASE: &str = r"
 local gen = redis.call('HGET', KEYS[2], 'generation') or '0'
+local g = tonumber(gen)
+if g == nil or g ~= math.floor(g) or g < 0 or g > 9007199254740992 then
+  g = 9007199254740992
+  gen = '9007199254740992'
+end
 local held = redis.call('GET', KEYS[1])
+local cleared = 0
 if held then
-  local base = string.match(held, ' (%d+)$')
-  if base == nil or tonumber(gen) <= tonumber(base) then return 0 end
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl < 0 or pttl > tonumber(ARGV[3]) then
+    redis.call('DEL', KEYS[1])
+    cleared = 1
+  else
+    local base = string.match(held, ' (%d+)$')
+    if base == nil or g <= tonumber(base) then return 0 end
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. gen, 'PX', ARGV[2])
-return 1
+return 1 + cleared
 ";
+
+/// Longer than any lease tokenproxy sets (`token.timeout` + 2 s, or a backoff
+/// of at most 5 minutes): a lease key without expiry, or with a longer one,
+/// was put there by someone else and would stop every refresh; it is cleared.
+const LEASE_TTL_MAX: Duration = Duration::from_secs(310);
 
 /// Gives the lease back if ARGV[1] holds it.
 const RELEASE: &str = r"
@@ -380,7 +397,8 @@ impl RedisBackend {
         invocation
             .key(self.key(name, "token"))
             .arg(&holder)
-            .arg(ttl.as_millis().max(1) as u64);
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(ttl.max(LEASE_TTL_MAX).as_millis() as u64);
         let lease_key = self.key(name, "lease");
         let wanted = self.min_replicas_acked;
         let (taken, acked): (i64, u32) = self
@@ -391,7 +409,7 @@ impl RedisBackend {
                 // did not is no lease, and no refresh token is spent under it
                 // (the outage rule applies: held tokens serve, grants that
                 // spend nothing may still refresh).
-                let acked = if taken == 1 && wanted > 0 {
+                let acked = if taken >= 1 && wanted > 0 {
                     h.wait(&lease_key, wanted, WAIT_TIMEOUT).await?
                 } else {
                     wanted
@@ -399,7 +417,12 @@ impl RedisBackend {
                 Ok((taken, acked))
             })
             .await?;
-        if taken == 1 && acked < wanted {
+        if taken == 2 {
+            tracing::warn!(record = name,
+                "a lease without expiry, or with one longer than tokenproxy sets, was cleared: something else wrote it, and it would have stopped every refresh (only tokenproxy may write its keys)");
+        }
+        let taken = taken >= 1;
+        if taken && acked < wanted {
             // Given back at once, so that it does not keep others waiting either.
             if let Err(e) = self.release(name, &holder).await {
                 debug!(record = name, error = %e, "unacknowledged lease not released");
@@ -409,7 +432,7 @@ impl RedisBackend {
                 WAIT_TIMEOUT.as_millis()
             )));
         }
-        Ok((taken == 1).then_some(holder))
+        Ok(taken.then_some(holder))
     }
 
     pub(crate) async fn extend_lease(
