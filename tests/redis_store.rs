@@ -929,3 +929,81 @@ async fn a_lease_without_expiry_is_cleared_and_refreshes_go_on() {
         .expect("PTTL");
     assert_ne!(ttl, -1, "the lease without expiry is gone");
 }
+
+/// Issue 25, reloads under load on the Redis store: a reload every 200 ms
+/// (each one changes the client, so its refresher hands over) while 2 s
+/// tokens rotate: no refresh token is sent twice and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_on_redis_never_reuse_a_refresh_token_nor_fail_a_request() {
+    let redis = Redis::start(temp_dir("reload"));
+    let provider = MockProvider::start(rotating(Duration::from_secs(2)))
+        .await
+        .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let bootstrap = provider.issue_refresh_token();
+    let config = |admin: &str, listen: &str, timeout: &str| {
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[store]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"test\"\nkey = \"{KEY}\"\n\
+             [clients.wallet]\nlisten = \"{listen}\"\nupstream = \"{}\"\ntimeout = \"{timeout}\"\n\
+             [clients.wallet.token]\nurl = \"{}\"\ngrant = \"refresh_token\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"${{CLIENT_SECRET}}\"\nrefresh_token = \"{bootstrap}\"\ntimeout = \"3s\"\n",
+            redis.url(),
+            api.url(),
+            provider.token_url()
+        )
+    };
+    let (mut running, proxy, admin) =
+        support::start_sidecar(&config("{admin}", "{listen}", "30s")).await;
+    let http = TestClient::new();
+    let url = format!("http://{proxy}/api/v1/payments");
+    let end = Instant::now() + Duration::from_secs(6);
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (http, url) = (http.clone(), url.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while Instant::now() < end {
+                let r = http.get(&url).await;
+                if r.status == StatusCode::OK {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{} {}", r.status, r.text()));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let env = tokenproxy::config::MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET);
+    let mut reloads = 0;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let timeout = if reloads % 2 == 0 { "31s" } else { "30s" };
+        let text = config(&admin.to_string(), &proxy.to_string(), timeout);
+        let next = tokenproxy::config::from_str(&text, None, &env).expect("valid");
+        running.reload(next).await.expect("reload");
+        reloads += 1;
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    for task in load {
+        let (o, f) = task.await.expect("load");
+        ok += o;
+        failed.extend(f);
+    }
+    eprintln!(
+        "redis store: {reloads} reloads, {ok} requests ok, {} failed, {} token requests",
+        failed.len(),
+        provider.token_requests()
+    );
+    assert!(reloads >= 10 && ok > 100, "load and reloads ran");
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "a refresh token was sent twice"
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert!(provider.token_requests() >= 3, "tokens kept rotating");
+}

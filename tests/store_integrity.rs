@@ -229,12 +229,12 @@ async fn a_record_copied_into_another_clients_slot_does_not_open_in_redis() {
 
     let mut conn = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("test:a:*:token")
+        .arg("test:{a:*}:token")
         .query_async(&mut conn)
         .await
         .expect("KEYS");
     let key_a = keys.first().expect("a's record").clone();
-    let key_b = key_a.replacen("test:a:", "test:b:", 1);
+    let key_b = key_a.replacen("test:{a:", "test:{b:", 1);
     let fields: Vec<(String, String)> = redis::cmd("HGETALL")
         .arg(&key_a)
         .query_async(&mut conn)
@@ -553,7 +553,7 @@ refresh_token = "{bootstrap}"
     let status_url = format!("http://{admin}/status");
     assert_eq!(http.get(&url).await.status, StatusCode::OK);
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("test:payments:*:token")
+        .arg("test:{payments:*}:token")
         .query_async(&mut conn)
         .await
         .expect("KEYS");
