@@ -16,9 +16,9 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::error::ERROR_HEADER;
+use crate::http::body::{full, Body};
 use crate::metrics::Metrics;
 use crate::origin::HostRule;
-use crate::proxy::body::{full, Body};
 use crate::secret::Secret;
 use crate::server::PeerAddr;
 use crate::token::TokenHandle;

@@ -21,11 +21,11 @@ use tracing::{info, warn, Instrument};
 use crate::admin::{Admin, AdminClient};
 use crate::clock::SharedClock;
 use crate::config::{ClientConfig, Config};
+use crate::http::client::{Clients, UpstreamError};
 use crate::metrics::{self, Metrics};
 use crate::origin::{self, HostRule};
 use crate::proxy::body::BufferBudget;
 use crate::proxy::route::{ListenerRoutes, Route};
-use crate::proxy::upstream::{Clients, UpstreamError};
 use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
@@ -43,8 +43,8 @@ const STOP_SLACK: Duration = Duration::from_secs(10);
 
 /// A client's HTTP clients, built before anything of a reload changes.
 struct PreparedClient {
-    upstream_http: proxy::upstream::HttpClient,
-    token_http: proxy::upstream::HttpClient,
+    upstream_http: crate::http::client::HttpClient,
+    token_http: crate::http::client::HttpClient,
 }
 
 /// Why the sidecar could not start or reload.

@@ -230,7 +230,7 @@ pub async fn authorize(
     let code = check_redirect(&redirected, &request.state)?;
     say("Authorization received; exchanging the code for tokens ...");
 
-    let http = crate::proxy::upstream::build_client(&client.token.tls, &client.proxy)
+    let http = crate::http::client::build_client(&client.token.tls, &client.proxy)
         .map_err(|e| AuthorizeError::Client(e.to_string()))?;
     let endpoint = TokenEndpoint::new(http, Arc::new(SystemClock));
     let set = endpoint

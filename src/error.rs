@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::proxy::body::{full, Body};
+use crate::http::body::{full, Body};
 
 /// Header naming the error code on every response the sidecar makes itself.
 pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-tokenproxy-error");

@@ -13,12 +13,13 @@
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
 //! | [`token`] | per-client refresher task (single flight), hot-path handle, response parsing |
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes |
-//! | [`proxy`] | routing, header rules, replayable bodies, the pooled upstream client, 401 replay |
+//! | [`http`] | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
+//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
 //! | [`server`] | accept loop with limits and graceful drain |
 //! | [`workers`] | proxy worker threads, one single-threaded runtime each |
 //! | [`admin`] | `/healthz`, `/readyz`, `/status`, `/metrics` |
-//! | [`metrics`] | every metric family, on an owned registry |
+//! | [`metrics`] | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
 //! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
 //! | [`mock`] | in-process mock provider and API for `demo` and tests |
 //! | [`operator`] | commands that talk to a running sidecar's admin listener |
@@ -34,6 +35,10 @@
 //! does), which return a [`Running`] handle that reloads on [`Running::reload`] and
 //! drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
 //! listeners in.
+//!
+//! Imports run one way: `app` and `admin` use `proxy`, `proxy` uses `token` and
+//! `http`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
+//! imports anything high (no module imports one that imports it back).
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -49,6 +54,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod mock;
 pub mod operator;

@@ -149,10 +149,8 @@ fn token_command(path: &Path, client: &str, show: bool, spend: bool) -> anyhow::
         );
     }
     let set = runtime()?.block_on(async {
-        let http = tokenproxy::proxy::upstream::build_client(
-            &client_config.token.tls,
-            &client_config.proxy,
-        )?;
+        let http =
+            tokenproxy::http::client::build_client(&client_config.token.tls, &client_config.proxy)?;
         let endpoint = token::TokenEndpoint::new(http, Arc::new(SystemClock));
         anyhow::Ok(endpoint.obtain_once(&client_config.token).await?)
     })?;

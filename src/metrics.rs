@@ -9,8 +9,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-
-use crate::token::{Outcome, Trigger};
+use serde::Serialize;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -261,7 +260,7 @@ impl Metrics {
                 .with_label_values(&[client, RetryOutcome::NotReplayable.as_str()]),
             codes: (0..1000).map(|_| OnceLock::new()).collect(),
         };
-        m.set_state(crate::token::State::Starting);
+        m.set_state(State::Starting);
         for code in [
             "token_unavailable",
             "upstream_unreachable",
@@ -281,6 +280,94 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         out
+    }
+}
+
+// The label sets below belong to the families above; the token engine uses
+// them, so they live here, beneath it.
+
+/// What started a token request (a label of `tokenproxy_token_refreshes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The first token after start.
+    Startup,
+    /// Ahead of expiry, in the background.
+    Proactive,
+    /// A request found no usable token.
+    Expired,
+    /// The API answered 401 to the current token.
+    Unauthorized,
+}
+
+impl Trigger {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Proactive => "proactive",
+            Trigger::Expired => "expired",
+            Trigger::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// How a token endpoint call ended (a label of `tokenproxy_token_refreshes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A usable token came back.
+    Success,
+    /// The provider refused (invalid_grant, invalid_client, ...).
+    Rejected,
+    /// Network failure, timeout, 5xx, 429 or an unusable response.
+    Error,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Where a client stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// No token yet; the first request to the token endpoint is under way.
+    Starting,
+    /// A usable token is held.
+    Valid,
+    /// A token request is under way.
+    Refreshing,
+    /// The last token request failed and no usable token is held; retrying after a backoff.
+    Unavailable,
+    /// The refresh token is dead and no other credential is configured: a person must authorize.
+    NeedsAuthorization,
+}
+
+impl State {
+    /// Every state, for metric children.
+    pub const ALL: [State; 5] = [
+        State::Starting,
+        State::Valid,
+        State::Refreshing,
+        State::Unavailable,
+        State::NeedsAuthorization,
+    ];
+
+    /// The label / JSON value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Unavailable => "unavailable",
+            State::NeedsAuthorization => "needs_authorization",
+        }
     }
 }
 
@@ -342,8 +429,8 @@ impl ClientMetrics {
     }
 
     /// Marks `state` as the client's current state.
-    pub fn set_state(&self, state: crate::token::State) {
-        for s in crate::token::State::ALL {
+    pub fn set_state(&self, state: State) {
+        for s in State::ALL {
             self.families
                 .client_state
                 .with_label_values(&[&self.name, s.as_str()])

@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderName, Response};
 use tracing::info;
 
 use crate::error::ProxyError;
-use crate::proxy::body::Body;
+use crate::http::body::Body;
 
 /// `Sec-Fetch-Site` (Fetch Metadata): what a browser says about the request's initiator.
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");

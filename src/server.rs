@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
 use crate::config::Limits;
-use crate::proxy::body::Body;
+use crate::http::body::Body;
 
 /// The connection's remote address, handed to the handler with each request.
 #[derive(Clone, Copy, Debug)]

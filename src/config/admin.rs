@@ -8,9 +8,6 @@
 
 use std::net::SocketAddr;
 
-use serde::Deserialize;
-
-use super::file::Scalar;
 use super::{ConfigError, Table};
 use crate::secret::Secret;
 
@@ -18,18 +15,6 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 const MAX_ADMIN_CONNECTIONS_PER_IP: usize = 8;
 const HOST_HINT: &str =
     "write a host name or host:port the app uses to reach this listener, like \"payments.internal\"";
-
-/// The raw table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawAdmin {
-    pub(super) listen: Option<String>,
-    pub(super) api_key: Option<String>,
-    pub(super) api_key_file: Option<String>,
-    pub(super) max_connections: Option<Scalar>,
-    pub(super) max_connections_per_ip: Option<Scalar>,
-    pub(super) allowed_hosts: Option<Vec<String>>,
-}
 
 /// `[admin]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +44,10 @@ impl Default for AdminConfig {
     }
 }
 
-pub(super) fn build_admin(raw: RawAdmin, t: &Table<'_>) -> Result<AdminConfig, ConfigError> {
+pub(super) fn build_admin(
+    raw: super::file::RawAdmin,
+    t: &Table<'_>,
+) -> Result<AdminConfig, ConfigError> {
     let d = AdminConfig::default();
     let listen = match raw.listen {
         Some(listen) => t.listen("listen", &listen)?,

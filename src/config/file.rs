@@ -16,13 +16,25 @@ use serde::Deserialize;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
-    pub(super) admin: Option<super::admin::RawAdmin>,
+    pub(super) admin: Option<RawAdmin>,
     pub(super) log: Option<RawLog>,
     pub(super) limits: Option<RawLimits>,
     pub(super) runtime: Option<RawRuntime>,
     pub(super) store: Option<RawStore>,
     // A BTreeMap keeps clients sorted by name, which is the order of `Config::clients`.
     pub(super) clients: Option<BTreeMap<String, RawClient>>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<String>,
+    pub(super) api_key: Option<String>,
+    pub(super) api_key_file: Option<String>,
+    pub(super) max_connections: Option<Scalar>,
+    pub(super) max_connections_per_ip: Option<Scalar>,
+    pub(super) allowed_hosts: Option<Vec<String>>,
 }
 
 /// `[log]`.

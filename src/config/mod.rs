@@ -55,8 +55,9 @@ use tls::build_tls;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
-/// Longest duration any key accepts (10 × 365 days, as the longest token lifetime kept).
-const MAX_DURATION: Duration = crate::token::response::MAX_LIFETIME;
+/// Longest duration any key accepts, and the longest token lifetime kept
+/// (`token::response::MAX_LIFETIME`): 10 × 365 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const DURATION_HINT: &str = "write it like \"30s\", \"15m\" or \"1h 30m\"";
 const SIZE_HINT: &str = "write it like \"1MiB\", \"32KiB\" or \"512\"";
 const LISTEN_HINT: &str = "write it like \"127.0.0.1:8080\"; hostnames are not resolved";

@@ -15,7 +15,6 @@ pub mod body;
 pub mod headers;
 pub mod pool;
 pub mod route;
-pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,9 +32,9 @@ use tracing::{debug, info};
 use self::body::{Body, BufferBudget, Pace, Paced, RequestBody};
 use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
-use self::upstream::HttpClient;
 use crate::config::{ClientConfig, Limits};
 use crate::error::ProxyError;
+use crate::http::client::{self as upstream, HttpClient};
 use crate::metrics::{ClientMetrics, RetryOutcome};
 use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
 

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{Body, BoxError};
-use super::upstream::{Egress, Plain, POOL_IDLE_TIMEOUT};
+use crate::http::client::{Egress, Plain, POOL_IDLE_TIMEOUT};
 
 /// Pooled HTTP/1.1 connections to one `http://` upstream.
 pub struct Http1Pool {

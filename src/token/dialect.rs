@@ -8,7 +8,7 @@ use http::{HeaderValue, Method, Request};
 
 use super::redact::Redactor;
 use crate::config::{BodyFormat, ClientAuth, Grant, TokenConfig};
-use crate::proxy::body::{full, Body};
+use crate::http::body::{full, Body};
 use crate::secret::Secret;
 
 /// Which request to make.

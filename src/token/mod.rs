@@ -23,57 +23,11 @@ use http::HeaderValue;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+pub use crate::metrics::{Outcome, State, Trigger};
 pub(crate) use refresher::error_chain;
 pub use refresher::{Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
-pub use state::{LastRefresh, State, Status, StoreStatus};
-
-/// What started a token request (a label of `tokenproxy_token_refreshes_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Trigger {
-    /// The first token after start.
-    Startup,
-    /// Ahead of expiry, in the background.
-    Proactive,
-    /// A request found no usable token.
-    Expired,
-    /// The API answered 401 to the current token.
-    Unauthorized,
-}
-
-impl Trigger {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Startup => "startup",
-            Trigger::Proactive => "proactive",
-            Trigger::Expired => "expired",
-            Trigger::Unauthorized => "unauthorized",
-        }
-    }
-}
-
-/// How a token endpoint call ended (a label of `tokenproxy_token_refreshes_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A usable token came back.
-    Success,
-    /// The provider refused (invalid_grant, invalid_client, ...).
-    Rejected,
-    /// Network failure, timeout, 5xx, 429 or an unusable response.
-    Error,
-}
-
-impl Outcome {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Rejected => "rejected",
-            Outcome::Error => "error",
-        }
-    }
-}
+pub use state::{LastRefresh, Status, StoreStatus};
 
 /// An access token ready to inject.
 pub struct Token {

@@ -24,8 +24,8 @@ use super::state::{LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
 use crate::clock::{epoch_seconds, rfc3339, wall_after, SharedClock};
 use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
+use crate::http::client::HttpClient;
 use crate::metrics::ClientMetrics;
-use crate::proxy::upstream::HttpClient;
 use crate::secret::Secret;
 use crate::store::{ClientStore, Lease};
 

@@ -30,7 +30,7 @@ use crate::secret::Secret;
 /// "does not expire"; clamping keeps deadline arithmetic far from overflow. A clamped
 /// value equals this constant exactly, so the caller can detect and log it
 /// (see [`TokenSet::clamped`]).
-pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+pub const MAX_LIFETIME: Duration = crate::config::MAX_DURATION;
 
 /// Longest provider error text kept, in characters (including a trailing ellipsis).
 const MAX_TEXT_CHARS: usize = 200;

@@ -6,44 +6,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::Unavailable;
-
-/// Where a client stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    /// No token yet; the first request to the token endpoint is under way.
-    Starting,
-    /// A usable token is held.
-    Valid,
-    /// A token request is under way.
-    Refreshing,
-    /// The last token request failed and no usable token is held; retrying after a backoff.
-    Unavailable,
-    /// The refresh token is dead and no other credential is configured: a person must authorize.
-    NeedsAuthorization,
-}
-
-impl State {
-    /// Every state, for metric children.
-    pub const ALL: [State; 5] = [
-        State::Starting,
-        State::Valid,
-        State::Refreshing,
-        State::Unavailable,
-        State::NeedsAuthorization,
-    ];
-
-    /// The label / JSON value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Valid => "valid",
-            State::Refreshing => "refreshing",
-            State::Unavailable => "unavailable",
-            State::NeedsAuthorization => "needs_authorization",
-        }
-    }
-}
+pub(crate) use crate::metrics::State;
 
 /// The last token endpoint call.
 #[derive(Clone, Debug, Serialize)]

@@ -22,8 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::body::Body;
-use super::body::BoxError;
+use super::body::{Body, BoxError};
 use crate::config::{EgressProxy, TlsConfig, TlsVersion};
 
 /// The shared, pooled client type.
