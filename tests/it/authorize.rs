@@ -3,7 +3,7 @@
 //! sidecar in `needs_authorization` becomes ready without a restart. A state
 //! mismatch, a denial and a timeout each fail cleanly and store nothing.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The token is fetched once for many concurrent callers and renewed in the
 //! background before it expires, so requests never wait on the token endpoint.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

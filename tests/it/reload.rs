@@ -1,7 +1,7 @@
 //! Reloading the configuration in place: unchanged clients keep their token and
 //! connections, changed ones get a new token, clients and listeners come and go.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! connection, also when each response body is too large to arrive with its head,
 //! when there is no body at all, and never after an app left mid-body.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

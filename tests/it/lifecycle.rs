@@ -2,7 +2,7 @@
 //! connections, in-flight requests finish, exit 0); logs are JSON when asked,
 //! with one access line per request that never carries the query string.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

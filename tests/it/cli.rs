@@ -2,8 +2,6 @@
 //! config error; `token` prints metadata but not the token; `demo` shows a
 //! proxied request and a refresh.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -3,7 +3,7 @@
 //! says how to send it), an absolute expiry already past on our clock (clock
 //! skew: a fallback lifetime, not a refresh loop), camelCase fields.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

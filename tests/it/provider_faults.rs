@@ -2,7 +2,7 @@
 //! get a clear `token_unavailable` within `token_wait_timeout`, the failure is
 //! counted with the right outcome, and other clients keep serving.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

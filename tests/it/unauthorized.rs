@@ -4,7 +4,7 @@
 //! token without `invalid_token`, or one a fresh token got too) goes back to the
 //! app and costs no token request; the old token serves until a new one is in.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! client without secrets, `/metrics` has every family with children for
 //! configured clients from the start.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

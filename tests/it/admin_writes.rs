@@ -3,7 +3,7 @@
 //! clients take a refresh token from an operator, and a new refresh token
 //! replaces the previous one only once the provider has accepted it.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

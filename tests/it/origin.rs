@@ -4,7 +4,7 @@
 //! reads stay open to any Host (kubelet probes use the pod IP); admin writes
 //! do not.
 
-mod support;
+use crate::support;
 
 use http::{Method, StatusCode};
 use support::{harness, wait_ready, Options};

@@ -6,7 +6,7 @@
 //! key); a record that does not parse is one that does not open, never the
 //! store being down.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! run` does: every worker accepts from every listener, and a listener's limits
 //! hold across all of them.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -5,10 +5,10 @@
 //!
 //! `Host` is not trusted for routing: requests are routed by listener and path
 //! prefix only and `Host` is rewritten to the upstream's. A `Host` that is not the
-//! listener's (DNS rebinding) is refused before routing (tests/origin.rs), so the
+//! listener's (DNS rebinding) is refused before routing (tests/it/origin.rs), so the
 //! raw requests here say `Host: localhost`.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,5 @@
 //! Guards for rules that a review can miss: library code (everything before a
-//! file's `#[cfg(test)]`) has no `unwrap()`, no `#[instrument]` without
+//! file's `#[cfg(test)]`; a `tests.rs` file is unit tests whole) has no `unwrap()`, no `#[instrument]` without
 //! `skip_all` (it would log every argument, secrets included), never formats a
 //! token-endpoint body or a `Secret`'s exposed value into a log or error, and never
 //! mutates the process environment.
@@ -12,7 +12,9 @@ fn library_sources() -> Vec<(PathBuf, String)> {
             let path = entry.path();
             if path.is_dir() {
                 walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && path.file_name().is_some_and(|n| n != "tests.rs")
+            {
                 out.push(path);
             }
         }

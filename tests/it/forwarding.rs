@@ -3,7 +3,7 @@
 //! paths and queries are kept, bodies stream, and failures are the sidecar's own
 //! JSON errors.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

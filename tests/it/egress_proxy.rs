@@ -3,7 +3,7 @@
 //! sends the upstream and token endpoint connections through a CONNECT tunnel;
 //! `proxy = "none"` connects directly.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

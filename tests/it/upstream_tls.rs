@@ -3,7 +3,7 @@
 //! refused with a clear error, mutual TLS presents the configured client
 //! certificate, and `server_name` overrides the name that is verified.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

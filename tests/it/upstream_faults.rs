@@ -2,7 +2,7 @@
 //! gunicorn does after 2 s), connections reset mid-response, and the rule that a
 //! POST is never sent twice unless it provably never reached the upstream.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,0 +1,27 @@
+//! The integration tests, one module per user-visible behaviour, in one binary
+//! (one link instead of one per file). Tests that install a global log capture,
+//! the Redis fleets, and the interop and soak harnesses stay binaries of their own.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod admin_writes;
+mod authorize;
+mod cli;
+mod egress_proxy;
+mod forwarding;
+mod hostile_input;
+mod lifecycle;
+mod origin;
+mod provider_faults;
+mod reload;
+mod source_rules;
+mod store_integrity;
+mod token_cache;
+mod token_shapes;
+mod unauthorized;
+mod upstream_faults;
+mod upstream_pool;
+mod upstream_tls;
+mod workers;
