@@ -368,9 +368,15 @@ async fn a_thousand_concurrent_requests_while_the_upstream_restarts_end_cleanly(
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(api);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let listener = TcpListener::bind(api_addr)
-        .await
-        .expect("rebind the same port");
+    // The old server's task closes its socket on its own schedule: rebinding
+    // may take a few attempts.
+    let mut rebound = TcpListener::bind(api_addr).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while rebound.is_err() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        rebound = TcpListener::bind(api_addr).await;
+    }
+    let listener = rebound.expect("rebind the same port");
     let _api = MockApi::start_on(listener, provider.validator())
         .await
         .expect("api again");
