@@ -11,7 +11,7 @@ use tokenproxy::cli::{Cli, Command};
 use tokenproxy::clock::SystemClock;
 use tokenproxy::config::{self, Config, SystemEnv};
 use tokenproxy::workers::Workers;
-use tokenproxy::{demo, signal, telemetry, token, Listeners};
+use tokenproxy::{demo, signal, telemetry, Listeners};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -133,63 +133,10 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn token_command(path: &Path, client: &str, show: bool, spend: bool) -> anyhow::Result<()> {
     let config = load(path)?;
-    let Some(client_config) = config.clients.iter().find(|c| c.name == client) else {
-        let names: Vec<_> = config.clients.iter().map(|c| c.name.as_str()).collect();
-        bail!(
-            "no client {client:?} in {}; configured: {}",
-            path.display(),
-            names.join(", ")
-        );
-    };
-    if matches!(client_config.token.grant, config::Grant::RefreshToken) && !spend {
-        bail!(
-            "client {client:?} uses grant = \"refresh_token\": obtaining a token spends the configured \
-             refresh token, and a rotating provider kills it; pass --spend-refresh-token --show-token \
-             to do it anyway and see the new one"
-        );
-    }
-    let set = runtime()?.block_on(async {
-        let http =
-            tokenproxy::http::client::build_client(&client_config.token.tls, &client_config.proxy)?;
-        let endpoint = token::TokenEndpoint::new(http, Arc::new(SystemClock));
-        anyhow::Ok(endpoint.obtain_once(&client_config.token).await?)
-    })?;
-    println!("client:         {client}");
-    println!(
-        "token endpoint: {}",
-        tokenproxy::secret::display_url(&client_config.token.url)
-    );
-    println!("grant:          {}", client_config.token.grant.as_str());
-    println!(
-        "token_type:     {}",
-        set.token_type.as_deref().unwrap_or("(none)")
-    );
-    match set.lifetime {
-        Some(l) => println!(
-            "expires_in:     {} (from {})",
-            humantime::format_duration(l),
-            set.lifetime_source.as_str()
-        ),
-        None => println!("expires_in:     (not stated; valid until the API rejects it)"),
-    }
-    println!(
-        "refresh_token:  {}",
-        match (&set.refresh_token, set.refresh_token_lifetime) {
-            (None, _) => "none".to_owned(),
-            (Some(_), Some(l)) => format!("issued, expires in {}", humantime::format_duration(l)),
-            (Some(_), None) => "issued".to_owned(),
-        }
-    );
-    println!(
-        "scope:          {}",
-        set.scope.as_deref().unwrap_or("(none)")
-    );
-    if show {
-        println!("access_token:   {}", set.access_token.expose());
-        if let Some(rt) = &set.refresh_token {
-            println!("refresh_token:  {}", rt.expose());
-        }
-    }
+    let mut out = std::io::stdout().lock();
+    runtime()?.block_on(tokenproxy::operator::token(
+        &config, client, show, spend, &mut out,
+    ))?;
     Ok(())
 }
 

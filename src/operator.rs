@@ -172,3 +172,95 @@ fn unreachable(addr: SocketAddr, e: impl std::fmt::Display) -> OperatorError {
         detail: e.to_string(),
     }
 }
+
+/// Why `tokenproxy token` could not show a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenCommandError {
+    /// No client of that name.
+    #[error("no client {client:?} in the configuration; configured: {configured}")]
+    NoClient {
+        /// The name asked for.
+        client: String,
+        /// The configured names.
+        configured: String,
+    },
+    /// Obtaining a token would spend a rotating refresh token.
+    #[error("client {0:?} uses grant = \"refresh_token\": obtaining a token spends the configured refresh token, and a rotating provider kills it; pass --spend-refresh-token --show-token to do it anyway and see the new one")]
+    WouldSpend(String),
+    /// The HTTP client could not be built (TLS settings).
+    #[error(transparent)]
+    Http(#[from] crate::http::client::UpstreamError),
+    /// The token endpoint failed or refused.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
+    /// Writing the answer failed.
+    #[error("cannot write the answer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `tokenproxy token CLIENT`: one token request as a fresh start would make it,
+/// and its metadata written to `out`; the tokens themselves only with `show`.
+pub async fn token(
+    config: &crate::config::Config,
+    client: &str,
+    show: bool,
+    spend: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<(), TokenCommandError> {
+    let Some(c) = config.clients.iter().find(|c| c.name == client) else {
+        let names: Vec<_> = config.clients.iter().map(|c| c.name.as_str()).collect();
+        return Err(TokenCommandError::NoClient {
+            client: client.to_owned(),
+            configured: names.join(", "),
+        });
+    };
+    if matches!(c.token.grant, crate::config::Grant::RefreshToken) && !spend {
+        return Err(TokenCommandError::WouldSpend(client.to_owned()));
+    }
+    let http = crate::http::client::build_client(&c.token.tls, &c.proxy)?;
+    let endpoint =
+        crate::token::TokenEndpoint::new(http, std::sync::Arc::new(crate::clock::SystemClock));
+    let set = endpoint.obtain_once(&c.token).await?;
+    writeln!(out, "client:         {client}")?;
+    writeln!(
+        out,
+        "token endpoint: {}",
+        crate::secret::display_url(&c.token.url)
+    )?;
+    writeln!(out, "grant:          {}", c.token.grant.as_str())?;
+    writeln!(
+        out,
+        "token_type:     {}",
+        set.token_type.as_deref().unwrap_or("(none)")
+    )?;
+    match set.lifetime {
+        Some(l) => writeln!(
+            out,
+            "expires_in:     {} (from {})",
+            humantime::format_duration(l),
+            set.lifetime_source.as_str()
+        )?,
+        None => writeln!(
+            out,
+            "expires_in:     (not stated; valid until the API rejects it)"
+        )?,
+    }
+    let refresh = match (&set.refresh_token, set.refresh_token_lifetime) {
+        (None, _) => "none".to_owned(),
+        (Some(_), Some(l)) => format!("issued, expires in {}", humantime::format_duration(l)),
+        (Some(_), None) => "issued".to_owned(),
+    };
+    writeln!(out, "refresh_token:  {refresh}")?;
+    writeln!(
+        out,
+        "scope:          {}",
+        set.scope.as_deref().unwrap_or("(none)")
+    )?;
+    if show {
+        writeln!(out, "access_token:   {}", set.access_token.expose())?;
+        if let Some(rt) = &set.refresh_token {
+            writeln!(out, "refresh_token:  {}", rt.expose())?;
+        }
+    }
+    Ok(())
+}

@@ -418,3 +418,36 @@ fn demo_writes_its_config_readable_by_the_user_only() {
         "the demo directory must be private to its user (mode {dir_mode:o})"
     );
 }
+
+/// `tokenproxy token` is a library call writing to any `Write`: metadata only,
+/// the token itself only when asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_writes_metadata_and_shows_the_token_only_when_asked() {
+    let provider =
+        tokenproxy::mock::MockProvider::start(tokenproxy::mock::ProviderConfig::default())
+            .await
+            .expect("provider");
+    let text = format!(
+        "[clients.payments]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:2\"\n\
+         [clients.payments.token]\nurl = \"{}?tenant=t\"\nclient_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n",
+        provider.token_url()
+    );
+    let config = tokenproxy::config::from_str(&text, None, &tokenproxy::config::MapEnv::new())
+        .expect("valid");
+    for show in [false, true] {
+        let mut out = Vec::new();
+        tokenproxy::operator::token(&config, "payments", show, false, &mut out)
+            .await
+            .expect("a token");
+        let out = String::from_utf8(out).expect("text");
+        assert!(out.contains("client:         payments"), "{out}");
+        assert!(out.contains("grant:          client_credentials"), "{out}");
+        assert!(!out.contains("tenant=t"), "no query string: {out}");
+        assert_eq!(out.contains("access_token:"), show, "{out}");
+    }
+    let mut out = Vec::new();
+    let err = tokenproxy::operator::token(&config, "nope", false, false, &mut out)
+        .await
+        .expect_err("no such client");
+    assert!(err.to_string().contains("configured: payments"), "{err}");
+}
