@@ -109,92 +109,73 @@ impl Admin {
     /// container of a pod shares loopback), a loopback peer, and a client whose
     /// grant uses refresh tokens.
     async fn post(&self, req: Request<Incoming>, peer: PeerAddr) -> Response<Body> {
+        match self.refresh_token_write(req, peer).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn refresh_token_write(
+        &self,
+        req: Request<Incoming>,
+        peer: PeerAddr,
+    ) -> Result<Response<Body>, AdminError> {
         let path = req.uri().path().to_owned();
-        let Some(name) = path
+        let name = path
             .strip_prefix("/clients/")
             .and_then(|rest| rest.strip_suffix("/refresh-token"))
-        else {
-            return json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"}));
-        };
+            .ok_or(AdminError::NotFound)?;
         // On a `[::]` listener an IPv4 peer shows as `::ffff:a.b.c.d`.
-        let loopback = peer.0.ip().to_canonical().is_loopback();
-        if !loopback {
-            return json_response(
-                StatusCode::FORBIDDEN,
-                &json!({"error": "forbidden", "detail": "refresh tokens are accepted from loopback only"}),
-            );
+        if !peer.0.ip().to_canonical().is_loopback() {
+            return Err(AdminError::Forbidden(
+                "refresh tokens are accepted from loopback only",
+            ));
         }
         // A page in a browser cannot set Authorization without a CORS preflight,
         // which is never answered here; refusing foreign Host and origin also
         // covers DNS rebinding and a key a browser might hold.
-        let browser = self
-            .hosts
+        self.hosts
             .check_host(req.headers())
-            .and_then(|()| self.hosts.check_same_origin(req.headers()));
-        if let Err(e) = browser {
-            return e.into_response(None);
-        }
-        if let Some(refused) = self.write_refusal(req.headers()) {
-            return refused;
-        }
+            .and_then(|()| self.hosts.check_same_origin(req.headers()))
+            .map_err(AdminError::Browser)?;
+        self.check_key(req.headers())?;
         let clients = self.clients.load();
-        let Some(client) = clients.iter().find(|c| c.name == name) else {
-            return json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"error": "no_such_client", "client": name}),
-            );
-        };
+        let client = clients
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| AdminError::NoSuchClient(name.to_owned()))?;
         if client.grant != "refresh_token" {
-            let detail = format!(
-                "client {name} uses grant = \"{}\"; only grant = \"refresh_token\" clients take a refresh token from an operator",
-                client.grant
-            );
-            return error_response(StatusCode::CONFLICT, "grant_mismatch", Some(name), &detail);
+            return Err(AdminError::GrantMismatch {
+                client: name.to_owned(),
+                grant: client.grant.to_owned(),
+            });
         }
-        let handle = &client.token;
-        let body = match Limited::new(req.into_body(), MAX_REFRESH_TOKEN_BYTES)
+        let body = Limited::new(req.into_body(), MAX_REFRESH_TOKEN_BYTES)
             .collect()
             .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"error": "bad_request", "detail": "body unreadable or over 16 KiB"}),
-                )
-            }
-        };
+            .map_err(|_| AdminError::BadRequest("body unreadable or over 16 KiB"))?
+            .to_bytes();
         let token = match std::str::from_utf8(&body).map(str::trim) {
             Ok(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()) => Secret::new(t),
             _ => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"error": "bad_request", "detail": "the body must be the refresh token (printable ASCII)"}),
-                )
+                return Err(AdminError::BadRequest(
+                    "the body must be the refresh token (printable ASCII)",
+                ))
             }
         };
-        match handle.provide_refresh_token(token) {
-            Ok(()) => json_response(
-                StatusCode::ACCEPTED,
-                &json!({"client": name, "accepted": true}),
-            ),
-            Err(e) => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"error": "busy", "detail": e.reason}),
-            ),
-        }
+        client
+            .token
+            .provide_refresh_token(token)
+            .map_err(|e| AdminError::Busy(e.reason))?;
+        Ok(json_response(
+            StatusCode::ACCEPTED,
+            &json!({"client": name, "accepted": true}),
+        ))
     }
 
-    /// The refusal of a write, unless `headers` carry `Authorization: Bearer <admin.api_key>`.
-    fn write_refusal(&self, headers: &HeaderMap) -> Option<Response<Body>> {
-        let Some(key) = &self.api_key else {
-            return Some(error_response(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                None,
-                "admin writes are disabled: set admin.api_key_file (or admin.api_key) to enable them",
-            ));
-        };
+    /// A write goes on only with `Authorization: Bearer <admin.api_key>`.
+    fn check_key(&self, headers: &HeaderMap) -> Result<(), AdminError> {
+        let key = self.api_key.as_ref().ok_or(AdminError::WritesDisabled)?;
         let presented = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -202,20 +183,8 @@ impl Admin {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
         match presented {
-            Some(token) if keys_match(token.as_bytes(), key.expose().as_bytes()) => None,
-            _ => {
-                let mut refused = error_response(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    None,
-                    "admin writes need Authorization: Bearer <admin.api_key>",
-                );
-                refused.headers_mut().insert(
-                    WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"tokenproxy-admin\""),
-                );
-                Some(refused)
-            }
+            Some(token) if keys_match(token.as_bytes(), key.expose().as_bytes()) => Ok(()),
+            _ => Err(AdminError::Unauthorized),
         }
     }
 
@@ -259,6 +228,65 @@ impl Admin {
             StatusCode::OK,
             &json!({"draining": self.draining.load(Ordering::Relaxed), "clients": clients}),
         )
+    }
+}
+
+/// Why an admin write was refused, mapped once to status, code and body.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("no such admin endpoint")]
+    NotFound,
+    #[error("no client {0} is configured")]
+    NoSuchClient(String),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("admin writes are disabled: set admin.api_key_file (or admin.api_key) to enable them")]
+    WritesDisabled,
+    #[error("admin writes need Authorization: Bearer <admin.api_key>")]
+    Unauthorized,
+    #[error("client {client} uses grant = \"{grant}\"; only grant = \"refresh_token\" clients take a refresh token from an operator")]
+    GrantMismatch { client: String, grant: String },
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("{0}")]
+    Busy(String),
+    #[error(transparent)]
+    Browser(crate::error::ProxyError),
+}
+
+impl AdminError {
+    fn into_response(self) -> Response<Body> {
+        let this = match self {
+            // Host and origin refusals keep the request path's codes.
+            AdminError::Browser(e) => return e.into_response(None),
+            other => other,
+        };
+        let (status, code, client) = match &this {
+            AdminError::Browser(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
+            AdminError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
+            AdminError::NoSuchClient(name) => {
+                (StatusCode::NOT_FOUND, "no_such_client", Some(name.as_str()))
+            }
+            AdminError::Forbidden(_) | AdminError::WritesDisabled => {
+                (StatusCode::FORBIDDEN, "forbidden", None)
+            }
+            AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            AdminError::GrantMismatch { client, .. } => (
+                StatusCode::CONFLICT,
+                "grant_mismatch",
+                Some(client.as_str()),
+            ),
+            AdminError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
+            AdminError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", None),
+        };
+        let mut r = error_response(status, code, client, &this.to_string());
+        if matches!(this, AdminError::Unauthorized) {
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tokenproxy-admin\""),
+            );
+        }
+        r
     }
 }
 
