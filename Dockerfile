@@ -22,19 +22,22 @@ ENV CARGO_PROFILE_RELEASE_STRIP=symbols \
 # crate so every dependency is compiled into a cached layer. This layer is
 # rebuilt only when Cargo.toml or Cargo.lock change, not on every source edit.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY mock/Cargo.toml mock/Cargo.toml
+RUN mkdir -p src mock/src \
  && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
- && cargo build --release --locked \
- && rm -rf src
+ && touch src/lib.rs mock/src/lib.rs \
+ && cargo build --release --locked -p tokenproxy \
+ && rm -rf src mock/src
 
-# The real sources: src/ is all the package builds from (copy build.rs or other
-# target directories too if Cargo.toml ever names them). `touch` makes them
-# newer than the stub's build artefacts: COPY keeps the build context's mtimes,
-# which can be older, and cargo would then keep the stub binary.
+# The real sources: src/ and the mock crate (behind `tokenproxy demo`) are all
+# the package builds from (copy build.rs or other target directories too if
+# Cargo.toml ever names them). `touch` makes them newer than the stub's build
+# artefacts: COPY keeps the build context's mtimes, which can be older, and
+# cargo would then keep the stub binary.
 COPY src ./src
-RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked \
+COPY mock/src ./mock/src
+RUN touch src/main.rs src/lib.rs mock/src/lib.rs \
+ && cargo build --release --locked -p tokenproxy \
  && install -D -m 0755 target/release/tokenproxy /out/tokenproxy
 
 # Stage 2: distroless "cc" = glibc + libgcc + ca-certificates, no shell, no

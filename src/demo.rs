@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 
 use crate::clock::SystemClock;
 use crate::config::{self, MapEnv};
-use crate::mock::{MockApi, MockProvider, ProviderConfig};
 use crate::{start, Listeners, StartError};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 /// Options of `tokenproxy demo`.
 #[derive(Clone, Debug)]

@@ -21,13 +21,12 @@
 //! | [`admin`] | `/healthz`, `/readyz`, `/status`, `/metrics` |
 //! | [`metrics`] | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
 //! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
-//! | [`mock`] | in-process mock provider and API for `demo` and tests |
 //! | [`operator`] | commands that talk to a running sidecar's admin listener |
 //! | [`origin`] | which `Host` and browser origin a listener accepts (DNS rebinding, cross-site requests) |
 //! | [`authorize`] | `tokenproxy authorize`: the authorization-code flow into the token store |
 //! | [`telemetry`] | log subscriber setup |
 //! | [`signal`] | SIGTERM/SIGINT → drain |
-//! | [`demo`] | `tokenproxy demo`: the sidecar in front of the mocks |
+//! | `demo` | `tokenproxy demo`: the sidecar in front of the mocks (the `tokenproxy-mock` crate, default feature `demo`) |
 //!
 //! The lifecycle has three phases: [`config::load`] (no sockets), [`Listeners::bind`]
 //! (sockets only), and [`start`] (tasks on the caller's runtime) or
@@ -52,11 +51,11 @@ pub mod authorize;
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod http;
 pub mod metrics;
-pub mod mock;
 pub mod operator;
 pub mod origin;
 pub mod proxy;

@@ -10,8 +10,10 @@ use clap::Parser;
 use tokenproxy::cli::{Cli, Command};
 use tokenproxy::clock::SystemClock;
 use tokenproxy::config::{self, Config, SystemEnv};
+#[cfg(feature = "demo")]
+use tokenproxy::demo;
 use tokenproxy::workers::Workers;
-use tokenproxy::{demo, signal, telemetry, Listeners};
+use tokenproxy::{signal, telemetry, Listeners};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
                 },
             )
         }),
+        #[cfg(feature = "demo")]
         Command::Demo {
             listen,
             admin,
@@ -63,6 +66,10 @@ fn main() -> ExitCode {
             wallet_listen,
             redirect_port,
         }),
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => Err(anyhow!(
+            "this build has no demo: build with the default feature `demo`"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -205,6 +212,7 @@ fn authorize_command(
     Ok(())
 }
 
+#[cfg(feature = "demo")]
 fn run_demo(options: demo::DemoOptions) -> anyhow::Result<()> {
     telemetry::init(
         "info",

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{eventually, start_sidecar, LogCapture, TestClient, CLIENT_SECRET};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 use tokenproxy::Running;
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_B: &str = "HxwdHhscGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE=";

@@ -20,10 +20,10 @@ use std::time::{Duration, SystemTime};
 use http::StatusCode;
 use support::{eventually, free_addr, TestClient, CLIENT_ID, CLIENT_SECRET};
 use tokenproxy::config::{self, MapEnv};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 use tokenproxy::secret::Secret;
 use tokenproxy::store::{Record, Saved, Store, StoreError, TokenState};
 use tokenproxy::{Listeners, Running};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 use tokio::time::Instant;
 
 /// The tests here run one at a time: each starts several servers, and a

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{eventually, free_addr, TestClient, CLIENT_ID, CLIENT_SECRET};
-use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
 use tokio::time::Instant;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::{eventually, harness, metric, wait_ready, Options, TestClient};
-use tokenproxy::mock::{Fault, ProviderConfig};
+use tokenproxy_mock::{Fault, ProviderConfig};
 
 fn rotating_password_provider(lifetime: Duration) -> ProviderConfig {
     ProviderConfig {

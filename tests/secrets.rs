@@ -13,7 +13,7 @@ use base64::Engine as _;
 use http::StatusCode;
 use support::{start_sidecar_env, LogCapture, TestClient};
 use tokenproxy::config::MapEnv;
-use tokenproxy::mock::{Echo, Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{Echo, Fault, MockApi, MockProvider, ProviderConfig};
 
 const CLIENT_SECRET: &str = "cs-Qx7Lk2-client-secret";
 const PASSWORD: &str = "pw-Zr5Nb8-user-password";

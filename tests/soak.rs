@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::{free_addr, TestClient};
-use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{start_sidecar, LogCapture, TestClient};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 use tokenproxy::Running;
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{harness, wait_ready, Options};
-use tokenproxy::mock::Fault;
+use tokenproxy_mock::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_describes_the_client_and_readyz_follows_the_token() {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use support::{eventually, start_sidecar_env, TestClient, CLIENT_SECRET};
 use tokenproxy::config::MapEnv;
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 use tokenproxy::Running;
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const ADMIN_KEY: &str = "admin-key-3f9c2a7d51e84b06";
 const KEY_FILE: &str = "/run/secrets/tokenproxy-admin";

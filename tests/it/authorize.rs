@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::{free_addr, start_sidecar, TestClient};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 

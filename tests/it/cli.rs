@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use tokenproxy::mock::{MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockProvider, ProviderConfig};
 
 fn tokenproxy(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
@@ -423,10 +423,9 @@ fn demo_writes_its_config_readable_by_the_user_only() {
 /// the token itself only when asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_command_writes_metadata_and_shows_the_token_only_when_asked() {
-    let provider =
-        tokenproxy::mock::MockProvider::start(tokenproxy::mock::ProviderConfig::default())
-            .await
-            .expect("provider");
+    let provider = tokenproxy_mock::MockProvider::start(tokenproxy_mock::ProviderConfig::default())
+        .await
+        .expect("provider");
     let text = format!(
         "[clients.payments]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:2\"\n\
          [clients.payments.token]\nurl = \"{}?tenant=t\"\nclient_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n",

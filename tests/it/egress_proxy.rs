@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use http::StatusCode;
 use support::{start_sidecar_env, TestClient, CLIENT_SECRET};
 use tokenproxy::config::MapEnv;
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

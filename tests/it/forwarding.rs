@@ -104,7 +104,7 @@ async fn upstream_down_is_502_upstream_unreachable() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let provider = tokenproxy::mock::MockProvider::start(Default::default())
+    let provider = tokenproxy_mock::MockProvider::start(Default::default())
         .await
         .expect("provider");
     let template = support::ONE_CLIENT
@@ -200,10 +200,10 @@ async fn connect_and_foreign_absolute_uris_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_prefixes_route_clients_sharing_a_listener_and_are_stripped() {
-    let provider = tokenproxy::mock::MockProvider::start(Default::default())
+    let provider = tokenproxy_mock::MockProvider::start(Default::default())
         .await
         .expect("provider");
-    let api = tokenproxy::mock::MockApi::start(provider.validator())
+    let api = tokenproxy_mock::MockApi::start(provider.validator())
         .await
         .expect("api");
     let template = format!(
@@ -301,7 +301,7 @@ async fn a_request_waiting_in_the_backlog_at_start_is_routed_not_refused() {
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use tokenproxy::config::{self, MapEnv};
-    use tokenproxy::mock::{MockApi, MockProvider};
+    use tokenproxy_mock::{MockApi, MockProvider};
 
     let provider = MockProvider::start(Default::default())
         .await

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{start_sidecar, TestClient};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

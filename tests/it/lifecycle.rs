@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::TestClient;
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 fn free_port() -> u16 {
     support::free_addr().port()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{harness, metric, start_sidecar, Options, TestClient};
-use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
 
 const TWO_CLIENTS: &str = r#"
 [admin]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use support::{eventually, free_addr, start_sidecar, TestClient, CLIENT_SECRET};
 use tokenproxy::config::{self, MapEnv};
-use tokenproxy::mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
 
 fn client_toml(name: &str, listen: &str, upstream: &str, token_url: &str, scope: &str) -> String {
     format!(

@@ -17,7 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::{eventually, start_sidecar, TestClient};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 use tokio::net::TcpListener;
 
 /// A token endpoint that always answers `body`; returns its URL and a request counter.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::{eventually, harness, metric, wait_ready, Options};
-use tokenproxy::mock::Fault;
+use tokenproxy_mock::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_on_a_post_with_an_idempotency_key_is_replayed_once_with_the_same_body_and_a_new_token(

@@ -17,7 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use support::{start_sidecar, TestClient};
-use tokenproxy::mock::{MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockProvider, ProviderConfig};
 use tokio::net::TcpListener;
 
 /// An upstream that answers 200 and closes keep-alive connections idle for `idle`.
@@ -335,7 +335,7 @@ async fn a_slow_body_streams_through_past_the_head_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_while_the_upstream_restarts_end_cleanly() {
-    use tokenproxy::mock::MockApi;
+    use tokenproxy_mock::MockApi;
     let provider = MockProvider::start(ProviderConfig::default())
         .await
         .expect("provider");

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::{TestClient, CLIENT_ID};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const TEMPLATE: &str = r#"
 [admin]

@@ -17,9 +17,9 @@ use tokio::net::TcpListener;
 
 use tokenproxy::clock::SystemClock;
 use tokenproxy::config::{self, MapEnv};
-use tokenproxy::mock::{MockApi, MockProvider, ProviderConfig};
 use tokenproxy::workers::Workers;
 use tokenproxy::{Listeners, Running};
+use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 pub const CLIENT_ID: &str = "demo-client";
 pub const CLIENT_SECRET: &str = "demo-secret";

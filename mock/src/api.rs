@@ -335,8 +335,8 @@ impl Body for BigBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock::test_support::{client, send, Reply};
-    use crate::mock::{MockProvider, ProviderConfig};
+    use crate::test_support::{client, send, Reply};
+    use crate::{MockProvider, ProviderConfig};
     use http_body_util::Full;
 
     /// A provider, an API in front of its validator, and one fresh token.

@@ -1186,7 +1186,7 @@ fn html_escape(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock::test_support::{client, send, Reply};
+    use crate::test_support::{client, send, Reply};
     use http_body_util::Full;
 
     const CREDS: (&str, &str) = ("demo-client", "demo-secret");
