@@ -17,15 +17,7 @@ use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tokenproxy-test-binding-{name}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
+use support::temp_dir;
 
 struct Setup {
     provider: MockProvider,

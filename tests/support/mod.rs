@@ -353,6 +353,18 @@ pub async fn wait_ready(h: &Harness) {
     }
 }
 
+/// A new directory under the system's temporary directory, named after the
+/// test (`name`), this process and a random number.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tokenproxy-test-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (for configs of child processes).
 ///
 /// The listener is dropped, so the OS may offer the same port to the next bind:
