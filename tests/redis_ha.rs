@@ -803,7 +803,6 @@ async fn a_cluster_shares_tokens_with_each_clients_record_and_lease_in_one_slot(
 /// client's slot is SIGKILLed right after a refresh; no refresh token is sent
 /// twice and every sidecar serves every client afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a refresh token reuse in about 1 of 4 runs on 2 cores (Sentinel: none): a lease that expires during the failover; run with --ignored"]
 async fn cluster_failover_of_a_clients_primary_reuses_no_refresh_token() {
     let _one_at_a_time = HEAVY.lock().await;
     let dir = temp_dir("cluster");

@@ -1007,3 +1007,303 @@ async fn reloads_under_load_on_redis_never_reuse_a_refresh_token_nor_fail_a_requ
     );
     assert!(provider.token_requests() >= 3, "tokens kept rotating");
 }
+
+/// The client `payments` of a [`Fleet`] replica as this test process sees it
+/// in the store: same token settings (`token_extra`), so the same record.
+fn store_client(fleet: &Fleet, token_extra: &str) -> tokenproxy::store::ClientStore {
+    let text = format!(
+        r#"
+[store]
+kind = "redis"
+url = "{redis}"
+key_prefix = "test"
+key = "{KEY}"
+
+[clients.payments]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:1"
+
+[clients.payments.token]
+url = "{token_url}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+timeout = "2s"
+{token_extra}
+"#,
+        redis = fleet.redis.url(),
+        token_url = fleet.provider.token_url(),
+    );
+    let config = tokenproxy::config::from_str(&text, None, &tokenproxy::config::MapEnv::new())
+        .expect("test config is valid");
+    tokenproxy::store::Store::open(&config.store)
+        .expect("store")
+        .client(&config.clients[0])
+}
+
+/// What another replica did before its answer was lost: it took the lease
+/// (its spending mark at the stored generation, set here in one step) and,
+/// with `send`, sent the stored refresh token, which the provider rotated.
+/// Returns the marked generation and the rotated refresh token (the lost
+/// answer), if sent.
+async fn spend_elsewhere(
+    fleet: &Fleet,
+    store: &tokenproxy::store::ClientStore,
+    send: bool,
+) -> (u64, Option<String>) {
+    let mut redis = fleet.redis.connection().await;
+    let key = record_key(&mut redis, "token")
+        .await
+        .expect("the client's record");
+    let generation: String = redis::Script::new(
+        r"
+local g = redis.call('HGET', KEYS[1], 'generation')
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'spending', 'other-replica:1:1 ' .. g .. ' ' .. t[1] .. '000')
+return g
+",
+    )
+    .key(&key)
+    .invoke_async(&mut redis)
+    .await
+    .expect("mark planted");
+    let generation: u64 = generation.parse().expect("a generation");
+    let record = store
+        .load()
+        .await
+        .expect("redis answers")
+        .record
+        .expect("the record opens");
+    assert_eq!(
+        record.generation, generation,
+        "the replica refreshed meanwhile"
+    );
+    let stored = record.state.refresh_token.expect("a stored refresh token");
+    if !send {
+        return (generation, None);
+    }
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{CLIENT_ID}:{CLIENT_SECRET}"),
+    );
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("grant_type", "refresh_token")
+        .append_pair("refresh_token", stored.expose())
+        .finish();
+    let reply = fleet
+        .http
+        .request(
+            http::Method::POST,
+            &fleet.provider.token_url(),
+            &[
+                ("authorization", &format!("Basic {basic}")),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body.as_bytes(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let rotated = reply.json()["refresh_token"]
+        .as_str()
+        .expect("a rotated refresh token")
+        .to_owned();
+    (generation, Some(rotated))
+}
+
+/// The status of client `payments` on `replica`.
+async fn client_status(fleet: &Fleet, replica: usize) -> serde_json::Value {
+    fleet.replicas[replica].status(&fleet.http).await["clients"]["payments"].clone()
+}
+
+/// Issue 22 (a lost write across a failover): a leader that finds another
+/// replica's spending mark on the stored refresh token (that replica sent it
+/// and its answer never reached the store) must not send it again: it
+/// follows, and takes the answer when it is written back; when none comes, it
+/// ends in `needs_authorization` after about twice the lease (2 x 4 s here)
+/// instead of making the provider see a reuse; the mark removed (its holder
+/// had not sent it after all), it carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_another_replica_may_have_spent_is_never_sent_again() {
+    let provider = MockProvider::start(rotating(Duration::from_secs(4)))
+        .await
+        .expect("provider");
+    let bootstrap = provider.issue_refresh_token();
+    let token_extra = format!("grant = \"refresh_token\"\nrefresh_token = \"{bootstrap}\"");
+    let fleet = Fleet::start_with("spent-elsewhere", 1, provider, &token_extra).await;
+    let store = store_client(&fleet, &token_extra);
+
+    // The lost answer is written back while the replica follows.
+    let (generation, rotated) = spend_elsewhere(&fleet, &store, true).await;
+    let refreshes = fleet.provider.grant_requests("refresh_token");
+    let following = async {
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            if client_status(&fleet, 0).await["store"]["role"] == "follower" {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(
+        following.await,
+        "at its next refresh the replica should wait for the replica that spent the stored refresh token, not send it: {}",
+        client_status(&fleet, 0).await
+    );
+    assert_eq!(
+        fleet.provider.grant_requests("refresh_token"),
+        refreshes,
+        "no refresh token may be sent while another replica's answer is missing"
+    );
+    let answer = tokenproxy::store::Record {
+        generation: generation + 1,
+        state: tokenproxy::store::TokenState {
+            access_token: None,
+            access_expires_at: None,
+            lifetime: None,
+            refresh_token: rotated.map(tokenproxy::secret::Secret::new),
+            refresh_expires_at: None,
+            obtained_at: std::time::SystemTime::now(),
+        },
+    };
+    assert_eq!(
+        store.save(&answer).await.expect("redis answers"),
+        tokenproxy::store::Saved::Written
+    );
+    let served = async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if fleet.http.get(&fleet.replicas[0].url()).await.status == StatusCode::OK
+                && fleet.provider.grant_requests("refresh_token") > refreshes
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(
+        served.await,
+        "the replica should refresh with the refresh token written back"
+    );
+    assert_eq!(
+        fleet.provider.refresh_token_reuse(),
+        0,
+        "a refresh token was sent twice"
+    );
+
+    // No answer ever comes: needs_authorization, and nothing is sent.
+    spend_elsewhere(&fleet, &store, false).await;
+    let refreshes = fleet.provider.grant_requests("refresh_token");
+    let stopped = async {
+        let deadline = Instant::now() + Duration::from_secs(16);
+        while Instant::now() < deadline {
+            let status = client_status(&fleet, 0).await;
+            if status["state"] == "needs_authorization" {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    };
+    let status = stopped
+        .await
+        .expect("with no answer written back, the client should need authorization");
+    assert!(
+        status["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("spent by another replica")),
+        "the reason should say why: {status}"
+    );
+    assert_eq!(
+        fleet.provider.grant_requests("refresh_token"),
+        refreshes,
+        "the refresh token another replica may have spent must never be sent"
+    );
+
+    // The mark goes (its holder had not sent the refresh token after all).
+    let mut redis = fleet.redis.connection().await;
+    let key = record_key(&mut redis, "token")
+        .await
+        .expect("the client's record");
+    let _: i64 = redis::cmd("HDEL")
+        .arg(&key)
+        .arg("spending")
+        .query_async(&mut redis)
+        .await
+        .expect("HDEL");
+    let served = async {
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            if fleet.http.get(&fleet.replicas[0].url()).await.status == StatusCode::OK {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(
+        served.await,
+        "with the mark gone the client should refresh again: {}",
+        client_status(&fleet, 0).await
+    );
+    assert_eq!(
+        fleet.provider.refresh_token_reuse(),
+        0,
+        "a refresh token was sent twice"
+    );
+}
+
+/// Issue 22 (a lost write across a failover), with a primary grant: a leader
+/// that finds another replica's spending mark on the stored refresh token
+/// refreshes with the password grant instead of sending it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_another_replica_may_have_spent_is_replaced_by_the_primary_grant() {
+    let fleet = Fleet::start(
+        "spent-elsewhere-password",
+        1,
+        rotating(Duration::from_secs(4)),
+        PASSWORD_GRANT,
+    )
+    .await;
+    let store = store_client(&fleet, PASSWORD_GRANT);
+    assert_eq!(fleet.provider.grant_requests("password"), 1);
+    spend_elsewhere(&fleet, &store, true).await;
+    let refreshes = fleet.provider.grant_requests("refresh_token");
+    assert!(
+        eventually(Duration::from_secs(6), || fleet
+            .provider
+            .grant_requests("password")
+            == 2)
+        .await,
+        "the next refresh should use the password grant"
+    );
+    assert_eq!(
+        fleet.provider.grant_requests("refresh_token"),
+        refreshes,
+        "the refresh token another replica may have spent must not be sent"
+    );
+    assert_eq!(
+        fleet.provider.refresh_token_reuse(),
+        0,
+        "a refresh token was sent twice"
+    );
+    assert_eq!(
+        fleet.http.get(&fleet.replicas[0].url()).await.status,
+        StatusCode::OK,
+        "the replica serves the token of the password grant"
+    );
+    let mut redis = fleet.redis.connection().await;
+    let key = record_key(&mut redis, "token")
+        .await
+        .expect("the client's record");
+    let mark: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("spending")
+        .query_async(&mut redis)
+        .await
+        .expect("HGET");
+    assert!(
+        mark.is_none_or(|m| !m.starts_with("other-replica")),
+        "writing the new record removes the mark"
+    );
+}

@@ -71,7 +71,11 @@ fn read_entry(entry: &serde_json::Value) -> Read {
             Err(e) => Err(format!("it is not a record: {e}")),
         }
     };
-    Read { envelope, seen }
+    Read {
+        envelope,
+        seen,
+        spent_elsewhere: None,
+    }
 }
 
 fn to_entry(envelope: &Envelope) -> Result<serde_json::Value, StoreError> {

@@ -24,7 +24,8 @@
 //! generation it creates and is refused when the store already holds that one or
 //! a newer one (fencing): a replica that stalled while it refreshed cannot
 //! overwrite the token a newer leader stored. With Redis, a lease decides which
-//! replica talks to the provider; see `redis.rs`.
+//! replica talks to the provider, and a record read reports another process's
+//! spending mark on it ([`Loaded::spent_elsewhere`]); see `redis.rs`.
 //!
 //! Records written by earlier versions live under the bare client name and are
 //! bound only to client id, token URL, user and scope. When a client has no
@@ -100,6 +101,11 @@ pub struct Loaded {
     pub record: Option<Record>,
     /// The client's record, when there is one and it did not open.
     pub not_opened: Option<NotOpenedRecord>,
+    /// When the record carries another process's spending mark at its
+    /// generation (Redis): since when, by the store's clock. That process took
+    /// the lease to send the record's refresh token, and has neither written
+    /// the answer nor said it did not send it: the refresh token may be spent.
+    pub spent_elsewhere: Option<SystemTime>,
 }
 
 /// A record under the client's name that did not open.
@@ -163,6 +169,8 @@ pub(crate) struct Read {
     pub(crate) envelope: Result<Envelope, String>,
     /// The record as read, to name it when replacing it.
     pub(crate) seen: Unopened,
+    /// See [`Loaded::spent_elsewhere`].
+    pub(crate) spent_elsewhere: Option<SystemTime>,
 }
 
 /// The largest sealed record a backend reads; a bigger one is refused before
@@ -495,10 +503,21 @@ impl ClientStore {
         }
     }
 
-    /// Gives the lease back.
+    /// Gives the lease back, with this process's spending mark: it did not
+    /// send the stored refresh token, or its answer is stored.
     pub async fn release(&self, lease: Lease) -> Result<(), StoreError> {
         match (&*self.store.backend, &lease.value) {
-            (Backend::Redis(r), Some(v)) => r.release(&self.key, v).await,
+            (Backend::Redis(r), Some(v)) => r.release(&self.key, v, Some(&r.own_marks())).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives the lease back and keeps the spending mark: the stored refresh
+    /// token may have been spent (no answer came back, or it is not stored
+    /// yet), and no other replica may send it again.
+    pub async fn release_keeping_mark(&self, lease: Lease) -> Result<(), StoreError> {
+        match (&*self.store.backend, &lease.value) {
+            (Backend::Redis(r), Some(v)) => r.release(&self.key, v, None).await,
             _ => Ok(()),
         }
     }
@@ -562,6 +581,7 @@ impl ClientStore {
                             state: plain.into_state(),
                         }),
                         not_opened: None,
+                        spent_elsewhere: read.spent_elsewhere,
                     };
                 }
                 // Sealed with our key for this record: perhaps a newer version's content.
@@ -604,6 +624,7 @@ impl ClientStore {
                 problem,
                 first_seen,
             }),
+            spent_elsewhere: None,
         }
     }
 }

@@ -9,6 +9,15 @@
 //!   `account`, `data` (the sealed state) and `writer` (the process that wrote
 //!   it). Written only by a script that refuses a generation not above the
 //!   stored one (the writer may write its own generation again, see [`SAVE`]).
+//!   Its field `spending`, `HOLDER GENERATION MILLIS`, is the spending mark:
+//!   set with the lease (see [`TRY_LEASE`]), it says that this holder may
+//!   send the refresh token of that generation, from when (the store's clock,
+//!   in ms). Every write of a new record removes it; a holder that gives the
+//!   lease back without having sent the refresh token removes its own (see
+//!   [`RELEASE`]). It is acknowledged by replicas with the lease, so it
+//!   survives a failover that loses the holder's write, and a later leader
+//!   that finds another process's mark at the stored generation knows that
+//!   refresh token may be spent (see `token/refresher/stored.rs`).
 //! - `PREFIX:{CLIENT:IDENTITY}:lease`, a string `HOLDER GENERATION`: the
 //!   replica holding it is the only one that calls the provider for this
 //!   client, starting from the record of that generation. A lease whose holder
@@ -23,14 +32,16 @@
 //! A write that carries a refresh token waits for `min_replicas_acked`
 //! replicas (`WAIT`): a replica promoted after a failover has it. One not
 //! acknowledged in time is reported as not stored, so the refresher keeps it
-//! pending and writes it again. A lease waits for them too, but is kept
-//! without their acknowledgement.
+//! pending and writes it again. A lease (and its spending mark) waits for
+//! them too; one they did not acknowledge is given back and not used. Neither
+//! waits when the node has fewer replicas connected than that (a promoted
+//! replica whose old primary is gone): it counts as not acknowledged at once.
 //!
 //! Every operation is bounded by twice [`OP_TIMEOUT`].
 
 mod conn;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::Script;
 use tracing::debug;
@@ -58,6 +69,7 @@ local cur = tonumber(raw or '0')
 if cur == nil or cur ~= math.floor(cur) or cur < 0 or cur > 9007199254740992 then cur = 9007199254740992 end
 if cur >= tonumber(ARGV[1]) and not replace and not own then return cur end
 redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'binding', ARGV[2], 'account', ARGV[3], 'data', ARGV[4], 'writer', ARGV[7])
+redis.call('HDEL', KEYS[1], 'spending')
 return -1
 ";
 
@@ -80,10 +92,25 @@ redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 ";
 
+/// Sets the spending mark of holder ARGV[1] on the record KEYS[2] at its
+/// generation `gen`, when the record exists and carries no mark at that
+/// generation: a mark of another holder at the stored generation stays, since
+/// that holder may have spent the refresh token without writing its answer.
+const MARK: &str = r"
+if redis.call('HEXISTS', KEYS[2], 'generation') == 1 then
+  local mark = redis.call('HGET', KEYS[2], 'spending')
+  if not mark or string.match(mark, '^%S+ (%S+)') ~= gen then
+    local t = redis.call('TIME')
+    redis.call('HSET', KEYS[2], 'spending', ARGV[1] .. ' ' .. gen .. ' ' .. t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)))
+  end
+end
+";
+
 /// Takes the lease (KEYS[1]) for holder ARGV[1] for ARGV[2] ms when it is free:
 /// absent, or held from a record generation older than the one stored now
 /// (KEYS[2]), which means its holder finished (its release may have been lost
-/// in a failover) or was overtaken. The value records the stored generation.
+/// in a failover) or was overtaken. The value records the stored generation;
+/// the record gets the holder's spending mark (see [`MARK`]).
 const TRY_LEASE: &str = r"
 local gen = redis.call('HGET', KEYS[2], 'generation') or '0'
 local g = tonumber(gen)
@@ -104,6 +131,7 @@ if held then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. gen, 'PX', ARGV[2])
+-- MARK
 return 1 + cleared
 ";
 
@@ -112,20 +140,30 @@ return 1 + cleared
 /// was put there by someone else and would stop every refresh; it is cleared.
 const LEASE_TTL_MAX: Duration = Duration::from_secs(310);
 
-/// Gives the lease back if ARGV[1] holds it.
+/// Gives the lease back if ARGV[1] holds it, and removes the spending mark
+/// on the record (KEYS[2]) when it begins with ARGV[2] (not empty): the
+/// holder's own (`HOLDER `), or any of its process (`INSTANCE:`), whether or
+/// not the lease is still held.
 const RELEASE: &str = r"
+if ARGV[2] ~= '' then
+  local mark = redis.call('HGET', KEYS[2], 'spending')
+  if mark and string.sub(mark, 1, #ARGV[2]) == ARGV[2] then redis.call('HDEL', KEYS[2], 'spending') end
+end
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then return redis.call('DEL', KEYS[1]) end
 return 0
 ";
 
 /// Keeps the lease for ARGV[2] ms if ARGV[1] holds it, from the generation
-/// stored now: its holder has taken that record (or written it) and goes on.
+/// stored now: its holder has taken that record (or written it) and goes on,
+/// and may send its refresh token: the record gets the holder's spending mark
+/// (see [`MARK`]).
 const EXTEND: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
   local gen = redis.call('HGET', KEYS[2], 'generation') or '0'
   redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. gen, 'PX', ARGV[2])
+  -- MARK
   return 1
 end
 return 0
@@ -169,9 +207,9 @@ impl RedisBackend {
             save: Script::new(SAVE),
             take_over: Script::new(TAKE_OVER),
             untag: Script::new(UNTAG),
-            try_lease: Script::new(TRY_LEASE),
+            try_lease: Script::new(&TRY_LEASE.replace("-- MARK", MARK)),
             release: Script::new(RELEASE),
-            extend: Script::new(EXTEND),
+            extend: Script::new(&EXTEND.replace("-- MARK", MARK)),
         })
     }
 
@@ -249,8 +287,8 @@ impl RedisBackend {
     /// (see [`parse_record`]), never as the store failing.
     async fn read(&self, key: &str) -> Result<Option<Read>, StoreError> {
         type Field = Option<Vec<u8>>;
-        type Fields = (Field, Field, Field, Field);
-        let (generation, binding, account, data): Fields = self
+        type Fields = (Field, Field, Field, Field, Field);
+        let (generation, binding, account, data, spending): Fields = self
             .run("read", async |h| {
                 redis::cmd("HMGET")
                     .arg(key)
@@ -258,11 +296,35 @@ impl RedisBackend {
                     .arg("binding")
                     .arg("account")
                     .arg("data")
+                    .arg("spending")
                     .query_async(h)
                     .await
             })
             .await?;
-        Ok(generation.map(|generation| parse_record(generation, binding, account, data)))
+        Ok(generation.map(|generation| {
+            let spent_elsewhere = spending
+                .as_deref()
+                .and_then(|mark| self.foreign_mark(mark, &generation));
+            let mut read = parse_record(generation, binding, account, data);
+            read.spent_elsewhere = spent_elsewhere;
+            read
+        }))
+    }
+
+    /// When the spending mark `mark` is another process's at the record's
+    /// generation `generation` (as read): since when (the store's clock).
+    fn foreign_mark(&self, mark: &[u8], generation: &[u8]) -> Option<SystemTime> {
+        let mark = std::str::from_utf8(mark).ok()?;
+        let mut fields = mark.split(' ');
+        let (holder, marked, millis) = (fields.next()?, fields.next()?, fields.next());
+        let own = holder
+            .strip_prefix(self.instance.as_str())
+            .is_some_and(|rest| rest.starts_with(':'));
+        if own || marked.as_bytes() != generation {
+            return None;
+        }
+        let millis = millis.and_then(|m| m.parse::<u64>().ok()).unwrap_or(0);
+        Some(SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
     }
 
     /// The record names (`CLIENT:IDENTITY`) and account hashes of the records
@@ -365,7 +427,7 @@ impl RedisBackend {
             .run("write", async |h| {
                 let answer: i64 = invocation.invoke_async(&mut *h).await?;
                 let acked = if answer < 0 && wanted > 0 {
-                    h.wait(&key, wanted, WAIT_TIMEOUT).await?
+                    wait_for_replicas(h, &key, wanted).await?
                 } else {
                     wanted
                 };
@@ -385,6 +447,11 @@ impl RedisBackend {
             )));
         }
         Ok(Saved::Written)
+    }
+
+    /// The start of the spending marks of this process's leases (`INSTANCE:`).
+    pub(crate) fn own_marks(&self) -> String {
+        format!("{}:", self.instance)
     }
 
     pub(crate) async fn try_lease(
@@ -410,7 +477,7 @@ impl RedisBackend {
                 // (the outage rule applies: held tokens serve, grants that
                 // spend nothing may still refresh).
                 let acked = if taken >= 1 && wanted > 0 {
-                    h.wait(&lease_key, wanted, WAIT_TIMEOUT).await?
+                    wait_for_replicas(h, &lease_key, wanted).await?
                 } else {
                     wanted
                 };
@@ -423,8 +490,12 @@ impl RedisBackend {
         }
         let taken = taken >= 1;
         if taken && acked < wanted {
-            // Given back at once, so that it does not keep others waiting either.
-            if let Err(e) = self.release(name, &holder).await {
+            // Given back at once, so that it does not keep others waiting
+            // either; its mark goes with it (nothing was sent under it).
+            if let Err(e) = self
+                .release(name, &holder, Some(&format!("{holder} ")))
+                .await
+            {
                 debug!(record = name, error = %e, "unacknowledged lease not released");
             }
             return Err(StoreError::Unavailable(format!(
@@ -454,14 +525,38 @@ impl RedisBackend {
         Ok(extended == 1)
     }
 
-    pub(crate) async fn release(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+    /// Gives the lease of `holder` back; with `clear`, the spending mark too
+    /// when it begins with `clear` (see [`RELEASE`]).
+    pub(crate) async fn release(
+        &self,
+        name: &str,
+        holder: &str,
+        clear: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut invocation = self.release.key(self.key(name, "lease"));
-        invocation.arg(holder);
+        invocation
+            .key(self.key(name, "token"))
+            .arg(holder)
+            .arg(clear.unwrap_or_default());
         let _released: i64 = self
             .run("lease release", async |h| invocation.invoke_async(h).await)
             .await?;
         Ok(())
     }
+}
+
+/// `WAIT` for `wanted` replicas on the node holding `key`, up to
+/// [`WAIT_TIMEOUT`]; at once 0 when fewer are connected (after a failover
+/// that left the new primary without a replica, every write would otherwise
+/// hold up the shared connection for the whole timeout). A user not allowed
+/// `INFO` waits.
+async fn wait_for_replicas(h: &mut Handle, key: &str, wanted: u32) -> redis::RedisResult<u32> {
+    match h.connected_replicas(key).await {
+        Ok(connected) if connected < wanted => return Ok(0),
+        Ok(_) => {}
+        Err(e) => debug!(error = %describe(&e), "replicas not counted; waiting for them"),
+    }
+    h.wait(key, wanted, WAIT_TIMEOUT).await
 }
 
 /// A record's fields as read: a generation that is not a whole number up to
@@ -493,7 +588,11 @@ fn parse_record(
         }),
         _ => Err("its binding or data field is missing or not text".to_owned()),
     };
-    Read { envelope, seen }
+    Read {
+        envelope,
+        seen,
+        spent_elsewhere: None,
+    }
 }
 
 /// `s` with the characters `SCAN MATCH` treats specially escaped.

@@ -699,12 +699,20 @@ impl Refresher {
         let mut primary_only = false;
         if self.store.client.is_persistent() {
             match self.coordinate().await {
-                stored::Coordination::Adopted | stored::Coordination::Locked => return,
+                stored::Coordination::Adopted
+                | stored::Coordination::Locked
+                | stored::Coordination::SpentElsewhere => return,
                 stored::Coordination::Follow => {
                     self.follow();
                     return;
                 }
-                stored::Coordination::Lead(l) => lease = Some(l),
+                stored::Coordination::Lead {
+                    lease: l,
+                    primary_only: p,
+                } => {
+                    lease = Some(l);
+                    primary_only = p;
+                }
                 stored::Coordination::Unreachable => match self.wait_for_store() {
                     stored::StoreWait::Wait => return,
                     stored::StoreWait::Local { spend_nothing } => primary_only = spend_nothing,
@@ -771,6 +779,15 @@ impl Refresher {
                 Ok(set) => self.install(set, trigger, grant).await,
                 Err(e) => Err(e),
             };
+            // A refresh token sent without an answer to use stays marked as
+            // spending in the store (see `store/redis.rs`).
+            self.store.settle(match &result {
+                Ok(()) | Err(TokenError::Provider { .. } | TokenError::Redirect { .. }) => {
+                    Some(true)
+                }
+                Err(TokenError::Unreachable { .. }) => None,
+                Err(_) => matches!(kind, GrantKind::Refresh(_)).then_some(false),
+            });
             let elapsed = started.elapsed().as_secs_f64();
             match result {
                 Ok(()) => {
@@ -900,7 +917,11 @@ impl Refresher {
             grant,
             source: set.lifetime_source.as_str(),
         };
-        self.publish_token(header, lifetime, lifetime, origin);
+        // The lifetime runs from the answer, not from the end of the write
+        // (up to a replica acknowledgement timeout later): the token is never
+        // sent after the provider's expiry.
+        let remaining = lifetime.map(|l| l.saturating_sub(now.elapsed()));
+        self.publish_token(header, remaining, lifetime, origin);
         Ok(())
     }
 

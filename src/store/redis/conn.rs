@@ -219,6 +219,30 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// The replicas connected to the node that holds `key` (`connected_slaves`
+    /// of `INFO replication`): `WAIT` for more cannot succeed, and would hold
+    /// up every other command on this shared connection until it times out.
+    pub(super) async fn connected_replicas(&mut self, key: &str) -> RedisResult<u32> {
+        let mut cmd = ::redis::cmd("INFO");
+        cmd.arg("replication");
+        let info: String = match self {
+            Handle::Cluster(c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let value = c.route_command(cmd, routing).await?;
+                ::redis::from_redis_value(value)?
+            }
+            _ => cmd.query_async(self).await?,
+        };
+        Ok(info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+}
+
 impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -21,6 +21,17 @@
 //! (newest generation wins). A store of one process (file) refreshes on its own
 //! as before.
 //!
+//! A leader whose answer never reached the store (the primary died with it)
+//! may lose its lease before it writes the answer back. The next leader then
+//! finds its spending mark on the record (see `store/redis.rs`) and never
+//! sends that record's refresh token, which the provider may have rotated
+//! already: it refreshes with the primary grant when there is one, else it
+//! follows, waiting for the write-back, for up to twice the lease, and then
+//! the client needs authorization, which ends when the answer (or another
+//! refresh token) is stored or the mark is removed. A process's own mark
+//! changes nothing for it (it knows what it sent); it removes the mark when
+//! it gives the lease back without a refresh token in flight or unstored.
+//!
 //! A stored record that does not open with any configured key (another key, a
 //! copy of another client's record, damaged) may hold the newest refresh token
 //! of the chain: the client is then `locked`. It spends nothing (not the
@@ -37,6 +48,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, TokenError, Trigger};
+use crate::secret::Secret;
 use crate::store::{
     next_generation, ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState,
 };
@@ -69,14 +81,19 @@ const LEASE_SLACK: Duration = Duration::from_secs(2);
 pub(super) enum Coordination {
     /// A fresh token came from the store; no request is needed.
     Adopted,
-    /// This process calls the provider (holding the lease, with Redis).
-    Lead(Lease),
+    /// This process calls the provider (holding the lease, with Redis);
+    /// `primary_only`: with the primary grant, never with the refresh token
+    /// held, which another replica may have spent (see [`Loaded::spent_elsewhere`]).
+    Lead { lease: Lease, primary_only: bool },
     /// Another replica holds the lease: look again shortly.
     Follow,
     /// The store cannot be used now (already recorded).
     Unreachable,
     /// The stored record does not open: nothing may be spent (already recorded).
     Locked,
+    /// The refresh token held may have been spent by another replica, and it
+    /// is the only grant: the client needs authorization (already recorded).
+    SpentElsewhere,
 }
 
 /// What to do while the store cannot be reached.
@@ -117,6 +134,16 @@ pub(super) struct StoreLink {
     locked: Option<String>,
     /// The refresh token came from an operator: use it, do not take the stored one.
     pub(super) operator_trial: Option<OperatorTrial>,
+    /// A refresh token this process sent got no answer it could use: the
+    /// provider may have spent it, so this process's spending mark stays
+    /// when it gives the lease back.
+    unsettled: bool,
+    /// Since when the refresh token held is the stored one under another
+    /// process's spending mark (following, waiting for that one's answer).
+    spent_elsewhere_since: Option<Instant>,
+    /// In `needs_authorization` because of such a mark: it ends when the mark
+    /// is removed, too.
+    blocked_by_mark: bool,
 }
 
 /// An operator's refresh token on trial: it is used, but it neither replaces
@@ -139,6 +166,7 @@ pub(super) struct StoreHandover {
     seen: u64,
     write_pending: bool,
     operator_trial: Option<OperatorTrial>,
+    unsettled: bool,
 }
 
 impl StoreLink {
@@ -148,6 +176,7 @@ impl StoreLink {
             seen: self.seen,
             write_pending: self.write_pending,
             operator_trial: self.operator_trial,
+            unsettled: self.unsettled,
         }
     }
 
@@ -155,6 +184,7 @@ impl StoreLink {
         self.generation = h.generation;
         self.seen = h.seen;
         self.operator_trial = h.operator_trial;
+        self.unsettled = h.unsettled;
         if h.write_pending && self.client.is_persistent() {
             self.write_pending = true;
             self.write_back_at = Some(Instant::now());
@@ -180,6 +210,17 @@ impl StoreLink {
             role: None,
             locked: None,
             operator_trial: None,
+            unsettled: false,
+            spent_elsewhere_since: None,
+            blocked_by_mark: false,
+        }
+    }
+
+    /// After a token request: whether the answer to it is known. `None`: no
+    /// refresh token was sent (not connected), nothing changes.
+    pub(super) fn settle(&mut self, settled: Option<bool>) {
+        if let Some(settled) = settled {
+            self.unsettled = !settled;
         }
     }
 
@@ -225,11 +266,21 @@ impl Refresher {
             }
             return Coordination::Locked;
         }
+        let marked = marked_refresh_token(&loaded);
         if self.take_loaded(loaded) {
             if let Some(lease) = self.store.lease.take() {
                 self.release(lease).await;
             }
             return Coordination::Adopted;
+        }
+        let mut spent_elsewhere = self.spent_elsewhere(marked);
+        // Without the lease, the lease decides: its holder (perhaps the one
+        // that set the mark, backing off) refreshes, and this one follows.
+        if let Some(marked_at) = spent_elsewhere.filter(|_| !self.has_primary_grant()) {
+            if let Some(lease) = self.store.lease.take() {
+                self.release(lease).await;
+                return self.wait_for_the_spender(marked_at);
+            }
         }
         if self.store.client.is_shared() && !self.store.write_pending && self.store.lease.is_none()
         {
@@ -242,7 +293,12 @@ impl Refresher {
         }
         if let Some(lease) = self.store.lease.take() {
             match self.store.client.extend_lease(&lease, ttl).await {
-                Ok(true) => return Coordination::Lead(lease),
+                Ok(true) => {
+                    return Coordination::Lead {
+                        lease,
+                        primary_only: spent_elsewhere.is_some(),
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => {
                     self.store_failed("lease", &e);
@@ -266,9 +322,15 @@ impl Refresher {
                         self.release(lease).await;
                         return Coordination::Locked;
                     }
+                    let marked = marked_refresh_token(&l);
                     if self.take_loaded(l) {
                         self.release(lease).await;
                         return Coordination::Adopted;
+                    }
+                    spent_elsewhere = self.spent_elsewhere(marked);
+                    if let Some(marked_at) = spent_elsewhere.filter(|_| !self.has_primary_grant()) {
+                        self.release(lease).await;
+                        return self.wait_for_the_spender(marked_at);
                     }
                 }
                 Err(e) => {
@@ -278,7 +340,62 @@ impl Refresher {
                 }
             }
         }
-        Coordination::Lead(lease)
+        if spent_elsewhere.is_some() {
+            warn!(client = %self.client,
+                "the stored refresh token may have been spent by another replica whose answer was lost; refreshing with the configured grant instead");
+        }
+        Coordination::Lead {
+            lease,
+            primary_only: spent_elsewhere.is_some(),
+        }
+    }
+
+    /// When the refresh token held is the stored one and another process's
+    /// spending mark is on it: since when (the store's clock). Anything else
+    /// (no mark, this process's own, or a refresh token of ours the store has
+    /// not taken yet) ends a wait for the spender.
+    fn spent_elsewhere(&mut self, marked: Option<(SystemTime, Secret)>) -> Option<SystemTime> {
+        let held = self.refresh_token.as_ref().map(|rt| &rt.value);
+        let found = marked.and_then(|(at, stored)| (held == Some(&stored)).then_some(at));
+        if found.is_none() {
+            self.store.spent_elsewhere_since = None;
+        }
+        found
+    }
+
+    /// The refresh token held may have been spent by another replica whose
+    /// answer is not stored, and it is the only grant: follow (that replica
+    /// writes its answer back within a second or so once the store answers),
+    /// for at most twice the lease; then the client needs authorization, which
+    /// ends when the answer or another refresh token is stored, or the mark
+    /// is removed.
+    fn wait_for_the_spender(&mut self, marked_at: SystemTime) -> Coordination {
+        let now = Instant::now();
+        let bound = StoreLink::lease_ttl(&self.config) * 2;
+        let first = *self.store.spent_elsewhere_since.get_or_insert(now);
+        let age = self
+            .clock
+            .wall_now()
+            .duration_since(marked_at)
+            .unwrap_or(Duration::ZERO);
+        if now.duration_since(first) < bound && age < bound {
+            if first == now {
+                warn!(client = %self.client,
+                    "the stored refresh token may have been spent by another replica that has not stored its answer; waiting for it instead of sending it again");
+            }
+            return Coordination::Follow;
+        }
+        self.store.spent_elsewhere_since = None;
+        self.store.following = false;
+        self.store.role = None;
+        self.store.recheck_at = None;
+        self.publish_store();
+        self.enter_needs_authorization(
+            "the refresh token may have been spent by another replica whose answer was lost; sending it again could make the provider revoke the grant, so it is not sent"
+                .to_owned(),
+        );
+        self.store.blocked_by_mark = true;
+        Coordination::SpentElsewhere
     }
 
     /// Another replica refreshes: look at the store again shortly.
@@ -387,8 +504,15 @@ impl Refresher {
         }
     }
 
+    /// Gives the lease back, with this process's spending mark unless a
+    /// refresh token it sent may be spent without its answer stored.
     async fn release(&mut self, lease: Lease) {
-        if let Err(e) = self.store.client.release(lease).await {
+        let released = if self.store.unsettled || self.store.write_pending {
+            self.store.client.release_keeping_mark(lease).await
+        } else {
+            self.store.client.release(lease).await
+        };
+        if let Err(e) = released {
             self.store_failed("lease", &e);
         }
     }
@@ -509,12 +633,21 @@ impl Refresher {
             r.generation > self.store.generation
                 && (r.state.refresh_token.is_some() || r.state.access_token.is_some())
         });
-        if !usable {
+        // Waiting for another replica's answer: its mark is gone, so the
+        // refresh token held was not spent after all.
+        let unmarked = self.store.blocked_by_mark
+            && loaded.spent_elsewhere.is_none()
+            && loaded
+                .record
+                .as_ref()
+                .is_some_and(|r| r.state.refresh_token.is_some());
+        if !usable && !unmarked {
             self.store.seen = self.store.seen.max(loaded.generation);
             return None;
         }
         info!(client = %self.client, "the store holds new token state; leaving needs_authorization");
         self.needs_authorization = false;
+        self.store.blocked_by_mark = false;
         self.store.check_at = None;
         self.failures = 0;
         self.retry_at = None;
@@ -622,6 +755,8 @@ impl Refresher {
 
     fn adopt(&mut self, record: Record) -> bool {
         self.store.generation = record.generation;
+        self.store.unsettled = false;
+        self.store.blocked_by_mark = false;
         let state = record.state;
         let now = Instant::now();
         let wall_now = self.clock.wall_now();
@@ -693,6 +828,7 @@ impl Refresher {
     /// Puts an operator's refresh token on trial in place of the current one.
     pub(super) fn start_operator_trial(&mut self, token: HeldRefreshToken) {
         let previous = self.refresh_token.replace(token);
+        self.store.blocked_by_mark = false;
         // A second token before the first was tried replaces it; the one held
         // before the first stays the fallback.
         if self.store.operator_trial.is_none() {
@@ -787,4 +923,12 @@ impl Refresher {
         };
         self.publish(|s| s.store = Some(status));
     }
+}
+
+/// The stored refresh token, with since when, when the record carries another
+/// process's spending mark at its generation.
+fn marked_refresh_token(loaded: &Loaded) -> Option<(SystemTime, Secret)> {
+    let at = loaded.spent_elsewhere?;
+    let stored = loaded.record.as_ref()?.state.refresh_token.clone()?;
+    Some((at, stored))
 }
