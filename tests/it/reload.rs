@@ -395,3 +395,34 @@ async fn reload_from_a_file_counts_success_and_failure_and_keeps_serving() {
         "the previous configuration keeps serving"
     );
 }
+
+/// Issue 25 (low): a new bootstrap refresh token put in the configuration
+/// (`refresh_token_file` + SIGHUP) recovers a client in `needs_authorization`,
+/// also when the store holds a record of the dead chain: the new token starts
+/// a chain of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_bootstrap_refresh_token_and_a_reload_recover_a_client_that_needs_authorization() {
+    let mut w = Wallet::new(Duration::from_secs(60)).await;
+    let dir = support::temp_dir("new-bootstrap");
+    let store = format!(
+        "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"{STORE_KEY}\"\n",
+        dir.join("tokens.json").display()
+    );
+    let live = std::mem::replace(&mut w.bootstrap, "rt-the-provider-never-issued".into());
+    let (mut running, proxy, admin) =
+        start_sidecar(&w.config("{admin}", "{listen}", &store, "30s")).await;
+    let stuck = eventually(Duration::from_secs(5), || {
+        running
+            .token("wallet")
+            .is_some_and(|t| t.status().state().as_str() == "needs_authorization")
+    })
+    .await;
+    assert!(stuck, "a dead bootstrap refresh token needs authorization");
+    w.bootstrap = live;
+    let reloaded = parse(&w.config(&admin.to_string(), &proxy.to_string(), &store, "30s"));
+    running.reload(reloaded).await.expect("reload");
+    let r = w.http.get(&format!("http://{proxy}/api/v1/payments")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(w.provider.refresh_token_reuse(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
