@@ -45,7 +45,7 @@
 // through an instrumented span) nests deeper than rustc's default layout query limit.
 #![recursion_limit = "256"]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod authorize;
 pub mod cli;
@@ -53,14 +53,14 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod error;
-pub mod http;
-pub mod metrics;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod metrics;
 pub mod operator;
-pub mod origin;
+pub(crate) mod origin;
 pub mod proxy;
 pub mod secret;
-pub mod server;
+pub(crate) mod server;
 pub mod signal;
 pub mod store;
 pub mod telemetry;
