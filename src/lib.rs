@@ -13,16 +13,16 @@
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
 //! | [`token`] | per-client refresher task (single flight), hot-path handle, response parsing |
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes |
-//! | [`http`] | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
+//! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
 //! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
-//! | [`server`] | accept loop with limits and graceful drain |
+//! | `server` | accept loop with limits and graceful drain |
 //! | [`workers`] | proxy worker threads, one single-threaded runtime each |
-//! | [`admin`] | `/healthz`, `/readyz`, `/status`, `/metrics` |
-//! | [`metrics`] | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
-//! | [`error`] | errors the sidecar answers itself, mapped once to status + code |
+//! | `admin` | `/healthz`, `/readyz`, `/status`, `/metrics` |
+//! | `metrics` | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
+//! | `error` | errors the sidecar answers itself, mapped once to status + code |
 //! | [`operator`] | commands that talk to a running sidecar's admin listener |
-//! | [`origin`] | which `Host` and browser origin a listener accepts (DNS rebinding, cross-site requests) |
+//! | `origin` | which `Host` and browser origin a listener accepts (DNS rebinding, cross-site requests) |
 //! | [`authorize`] | `tokenproxy authorize`: the authorization-code flow into the token store |
 //! | [`telemetry`] | log subscriber setup |
 //! | [`signal`] | SIGTERM/SIGINT → drain |
