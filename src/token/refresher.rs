@@ -563,7 +563,7 @@ impl Refresher {
                     Some(Command::Rejected(generation)) => trigger = self.on_rejected(generation),
                     Some(Command::NewRefreshToken(token)) => trigger = self.on_new_refresh_token(token),
                     Some(Command::Stop(reply)) => {
-                        info!(client = %self.client, "refresher stopping; its state goes to the reloaded client");
+                        info!(client = %self.client, "refresher stopped between token requests (reload, removal or shutdown)");
                         // A successor that is gone (the reload failed) loses nothing the
                         // store does not have: it is written before every use.
                         let _successor_gone = reply.send(self.into_handover());
