@@ -391,6 +391,112 @@ pub(crate) fn channel(
 mod tests {
     use super::*;
 
+    /// A handle whose cell holds a token of `generation`, installed now and
+    /// usable for `lifetime`; the receiver sees what the handle asks for.
+    fn holding(
+        generation: u64,
+        lifetime: Duration,
+    ) -> (
+        TokenHandle,
+        Arc<Shared>,
+        mpsc::Receiver<Command>,
+        Arc<Token>,
+    ) {
+        let (handle, shared, commands) = channel(Duration::from_secs(2));
+        let now = Instant::now();
+        let token = Arc::new(Token {
+            generation,
+            header: HeaderValue::from_static("Bearer t"),
+            usable_until: Some(now + lifetime),
+            installed_at: now,
+        });
+        shared.current.store(Some(Arc::clone(&token)));
+        (handle, shared, commands, token)
+    }
+
+    /// A 401 to a young token without `invalid_token` is about the request: the
+    /// token stays and nothing is asked of the refresher.
+    #[tokio::test(start_paused = true)]
+    async fn a_401_to_a_young_token_without_invalid_token_keeps_it() {
+        let (handle, _shared, mut commands, token) = holding(1, Duration::from_secs(3600));
+        assert!(matches!(
+            handle.on_unauthorized(&token, false),
+            Unauthorized::Kept(_)
+        ));
+        assert!(commands.try_recv().is_err(), "no refresh asked for");
+        assert!(handle.current().is_some(), "the token keeps serving");
+        // Old enough (30 s), the same 401 is plausibly about the token.
+        tokio::time::advance(UNAUTHORIZED_MIN_AGE).await;
+        assert!(matches!(
+            handle.on_unauthorized(&token, false),
+            Unauthorized::Refreshing
+        ));
+        assert!(matches!(commands.try_recv(), Ok(Command::Rejected(1))));
+    }
+
+    /// However many requests see the 401 of one token, one refresh is asked
+    /// for; and 401-triggered refreshes come at most once per interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_401s_asks_once_and_the_next_ask_waits_for_the_interval() {
+        let (handle, shared, mut commands, token) = holding(1, Duration::from_secs(3600));
+        for _ in 0..50 {
+            assert!(matches!(
+                handle.on_unauthorized(&token, true),
+                Unauthorized::Refreshing
+            ));
+        }
+        assert!(matches!(commands.try_recv(), Ok(Command::Rejected(1))));
+        assert!(commands.try_recv().is_err(), "one ask for fifty 401s");
+        // A new token arrives and is refused at once: rate-limited.
+        let now = Instant::now();
+        let second = Arc::new(Token {
+            generation: 2,
+            header: HeaderValue::from_static("Bearer u"),
+            usable_until: Some(now + Duration::from_secs(3600)),
+            installed_at: now,
+        });
+        shared.current.store(Some(Arc::clone(&second)));
+        assert!(matches!(
+            handle.on_unauthorized(&second, true),
+            Unauthorized::Kept(_)
+        ));
+        tokio::time::advance(UNAUTHORIZED_REFRESH_INTERVAL).await;
+        assert!(matches!(
+            handle.on_unauthorized(&second, true),
+            Unauthorized::Refreshing
+        ));
+        assert!(matches!(commands.try_recv(), Ok(Command::Rejected(2))));
+    }
+
+    /// A 401 to an older token while a newer one is current replays with the
+    /// newer one; once a fresh token was refused as well, young tokens are kept
+    /// even when the API says `invalid_token`.
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_token_is_used_and_a_refused_fresh_token_stops_retiring() {
+        let (handle, shared, mut commands, first) = holding(1, Duration::from_secs(3600));
+        let now = Instant::now();
+        let second = Arc::new(Token {
+            generation: 2,
+            header: HeaderValue::from_static("Bearer u"),
+            usable_until: Some(now + Duration::from_secs(3600)),
+            installed_at: now,
+        });
+        shared.current.store(Some(Arc::clone(&second)));
+        assert!(matches!(
+            handle.on_unauthorized(&first, true),
+            Unauthorized::Newer(t) if t.generation == 2
+        ));
+        handle.refused_again(2);
+        assert!(matches!(
+            handle.on_unauthorized(&second, true),
+            Unauthorized::Kept(_)
+        ));
+        assert!(
+            commands.try_recv().is_err(),
+            "nothing asked of the refresher"
+        );
+    }
+
     /// Logs written while the returned guard lives, at every level.
     fn capture_logs() -> (
         Arc<std::sync::Mutex<Vec<u8>>>,
