@@ -391,11 +391,21 @@ pub(crate) fn channel(
 mod tests {
     use super::*;
 
-    /// A handle whose cell holds a token of `generation`, installed now and
-    /// usable for `lifetime`; the receiver sees what the handle asks for.
+    /// A token of `generation`, installed now and usable for an hour.
+    fn token_now(generation: u64) -> Arc<Token> {
+        let now = Instant::now();
+        Arc::new(Token {
+            generation,
+            header: HeaderValue::from_static("Bearer t"),
+            usable_until: Some(now + Duration::from_secs(3600)),
+            installed_at: now,
+        })
+    }
+
+    /// A handle whose cell holds a fresh token of `generation`; the receiver
+    /// sees what the handle asks of the refresher.
     fn holding(
         generation: u64,
-        lifetime: Duration,
     ) -> (
         TokenHandle,
         Arc<Shared>,
@@ -403,13 +413,7 @@ mod tests {
         Arc<Token>,
     ) {
         let (handle, shared, commands) = channel(Duration::from_secs(2));
-        let now = Instant::now();
-        let token = Arc::new(Token {
-            generation,
-            header: HeaderValue::from_static("Bearer t"),
-            usable_until: Some(now + lifetime),
-            installed_at: now,
-        });
+        let token = token_now(generation);
         shared.current.store(Some(Arc::clone(&token)));
         (handle, shared, commands, token)
     }
@@ -418,7 +422,7 @@ mod tests {
     /// token stays and nothing is asked of the refresher.
     #[tokio::test(start_paused = true)]
     async fn a_401_to_a_young_token_without_invalid_token_keeps_it() {
-        let (handle, _shared, mut commands, token) = holding(1, Duration::from_secs(3600));
+        let (handle, _shared, mut commands, token) = holding(1);
         assert!(matches!(
             handle.on_unauthorized(&token, false),
             Unauthorized::Kept(_)
@@ -438,7 +442,7 @@ mod tests {
     /// for; and 401-triggered refreshes come at most once per interval.
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_401s_asks_once_and_the_next_ask_waits_for_the_interval() {
-        let (handle, shared, mut commands, token) = holding(1, Duration::from_secs(3600));
+        let (handle, shared, mut commands, token) = holding(1);
         for _ in 0..50 {
             assert!(matches!(
                 handle.on_unauthorized(&token, true),
@@ -448,13 +452,7 @@ mod tests {
         assert!(matches!(commands.try_recv(), Ok(Command::Rejected(1))));
         assert!(commands.try_recv().is_err(), "one ask for fifty 401s");
         // A new token arrives and is refused at once: rate-limited.
-        let now = Instant::now();
-        let second = Arc::new(Token {
-            generation: 2,
-            header: HeaderValue::from_static("Bearer u"),
-            usable_until: Some(now + Duration::from_secs(3600)),
-            installed_at: now,
-        });
+        let second = token_now(2);
         shared.current.store(Some(Arc::clone(&second)));
         assert!(matches!(
             handle.on_unauthorized(&second, true),
@@ -473,14 +471,8 @@ mod tests {
     /// even when the API says `invalid_token`.
     #[tokio::test(start_paused = true)]
     async fn a_newer_token_is_used_and_a_refused_fresh_token_stops_retiring() {
-        let (handle, shared, mut commands, first) = holding(1, Duration::from_secs(3600));
-        let now = Instant::now();
-        let second = Arc::new(Token {
-            generation: 2,
-            header: HeaderValue::from_static("Bearer u"),
-            usable_until: Some(now + Duration::from_secs(3600)),
-            installed_at: now,
-        });
+        let (handle, shared, mut commands, first) = holding(1);
+        let second = token_now(2);
         shared.current.store(Some(Arc::clone(&second)));
         assert!(matches!(
             handle.on_unauthorized(&first, true),
