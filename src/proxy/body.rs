@@ -62,7 +62,9 @@ pub struct Paced {
     pace: Pace,
     credit: Duration,
     waiting_since: Option<Instant>,
-    sleep: Pin<Box<Sleep>>,
+    /// Armed on the first wait only: most bodies (and every empty one) never
+    /// wait, and need no timer.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Paced {
@@ -73,7 +75,7 @@ impl Paced {
             pace,
             credit: pace.idle,
             waiting_since: None,
-            sleep: Box::pin(tokio::time::sleep(pace.idle)),
+            sleep: None,
         }
     }
 
@@ -109,9 +111,16 @@ impl http_body::Body for Paced {
                 let now = Instant::now();
                 if this.waiting_since.is_none() {
                     this.waiting_since = Some(now);
-                    this.sleep.as_mut().reset(now + this.credit);
+                    let deadline = now + this.credit;
+                    match &mut this.sleep {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                 }
-                match this.sleep.as_mut().poll(cx) {
+                let Some(sleep) = this.sleep.as_mut() else {
+                    return Poll::Pending;
+                };
+                match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         let waited = this
                             .waiting_since
@@ -165,6 +174,14 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A reservation tied to no budget, for a body with nothing to hold.
+    pub fn nothing() -> Self {
+        Reservation {
+            budget: None,
+            held: 0,
+        }
+    }
+
     /// A reservation of nothing against `budget`.
     pub fn empty(budget: &Arc<BufferBudget>) -> Self {
         Reservation {
@@ -228,11 +245,12 @@ impl RequestBody {
         limit: usize,
         budget: &Arc<BufferBudget>,
     ) -> Result<RequestBody, BoxError> {
-        let mut reservation = Reservation::empty(budget);
         let hint = body.size_hint();
         if hint.upper() == Some(0) || body.is_end_stream() {
-            return Ok(RequestBody::Buffered(Bytes::new(), reservation));
+            // Nothing to hold: no share of the budget, no reference to it.
+            return Ok(RequestBody::Buffered(Bytes::new(), Reservation::nothing()));
         }
+        let mut reservation = Reservation::empty(budget);
         if hint.lower() > limit as u64
             || !reservation.grow_to(usize::try_from(hint.lower()).unwrap_or(usize::MAX))
         {
