@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use support::{eventually, free_addr, TestClient, CLIENT_ID, CLIENT_SECRET};
+use support::{eventually, free_addr, temp_dir, TestClient, CLIENT_ID, CLIENT_SECRET};
 use tokenproxy::config::{self, MapEnv};
 use tokenproxy::secret::Secret;
 use tokenproxy::store::{Record, Saved, Store, StoreError, TokenState};
@@ -31,16 +31,6 @@ use tokio::time::Instant;
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tokenproxy-redis-ha-{name}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// A `redis-server` (or sentinel) child on a free loopback port, without
 /// persistence; SIGKILLed when dropped.

@@ -17,21 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{eventually, free_addr, TestClient, CLIENT_ID, CLIENT_SECRET};
+use support::{eventually, free_addr, temp_dir, TestClient, CLIENT_ID, CLIENT_SECRET};
 use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
 use tokio::time::Instant;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tokenproxy-redis-{name}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// A `redis-server` child on a free loopback port, without persistence.
 struct Redis {
