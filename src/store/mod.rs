@@ -36,8 +36,13 @@
 //! did not record them); this is logged.
 
 mod file;
+mod file_subjects;
 mod redis;
+mod redis_subjects;
 mod seal;
+mod subjects;
+
+pub use subjects::{SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, SubjectStore};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -190,6 +195,8 @@ pub struct Store {
     sealer: Option<Arc<Sealer>>,
     /// The namespace bound into every record: the Redis key prefix, or `file`.
     scope: Arc<str>,
+    /// The memory store's subjects.
+    memory: Arc<subjects::MemorySubjects>,
 }
 
 enum Backend {
@@ -219,6 +226,7 @@ impl Store {
             backend: Arc::new(backend),
             sealer: keys.map(|(key, previous)| Arc::new(Sealer::new(key, previous))),
             scope: Arc::from(scope),
+            memory: Arc::default(),
         })
     }
 

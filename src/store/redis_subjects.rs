@@ -1,0 +1,90 @@
+use super::redis::RedisBackend;
+use super::StoreError;
+
+// Subjects: not yet kept by this backend.
+#[allow(unused_variables, clippy::unused_async)]
+impl RedisBackend {
+    fn no_subjects() -> StoreError {
+        StoreError::Unavailable("this store does not keep subjects yet".to_owned())
+    }
+    pub(crate) async fn subject_get(
+        &self,
+        key: &str,
+        subject: &str,
+    ) -> Result<Option<super::subjects::SubjectEnvelope>, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_put(
+        &self,
+        key: &str,
+        subject: &str,
+        envelope: super::subjects::SubjectEnvelope,
+    ) -> Result<super::Saved, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_delete(
+        &self,
+        key: &str,
+        subject: &str,
+    ) -> Result<bool, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_list(
+        &self,
+        key: &str,
+        status: Option<super::SubjectStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, super::SubjectMeta)>, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_due(
+        &self,
+        key: &str,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_count(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::BTreeMap<super::SubjectStatus, u64>, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn once_take(
+        &self,
+        key: &str,
+        id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Err(Self::no_subjects())
+    }
+}
+#[allow(unused_variables, clippy::unused_async)]
+impl RedisBackend {
+    pub(crate) async fn once_put(
+        &self,
+        key: &str,
+        id: &str,
+        data: String,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_lease(
+        &self,
+        key: &str,
+        subject: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<super::Lease>, StoreError> {
+        Err(Self::no_subjects())
+    }
+    pub(crate) async fn subject_release(
+        &self,
+        key: &str,
+        subject: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        Err(Self::no_subjects())
+    }
+}
