@@ -29,6 +29,7 @@ use crate::proxy::route::{ListenerRoutes, Route};
 use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
+use crate::subjects::Subjects;
 use crate::token::{self, Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
 
@@ -113,7 +114,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 struct ClientEntry {
     config: ClientConfig,
     runtime: Arc<ClientRuntime>,
-    refresher: JoinHandle<()>,
+    /// The refresher's supervisor; `None` for a client whose every request
+    /// names a subject (it has no token of its own).
+    refresher: Option<JoinHandle<()>>,
+    /// The subjects' background work (renewal, sweeper), when it has subjects.
+    maintenance: Option<JoinHandle<()>>,
 }
 
 /// What a reloaded client continues from: `None`, nothing (a new client or
@@ -126,13 +131,18 @@ type ContinuedState = Option<Option<token::Handover>>;
 /// `None` when it did not stop within `token.timeout` + [`STOP_SLACK`] (it is
 /// then aborted, and its refresh token counts as possibly spent).
 async fn stop_client(entry: ClientEntry) -> Option<token::Handover> {
+    if let Some(task) = &entry.maintenance {
+        // Token requests under way finish in their own tasks and store their answer.
+        task.abort();
+    }
+    let refresher = entry.refresher.as_ref()?;
     let bound = entry.config.token.timeout + STOP_SLACK;
     match tokio::time::timeout(bound, entry.runtime.token.stop()).await {
         Ok(state) => state,
         Err(_elapsed) => {
             warn!(client = %entry.config.name, waited_s = bound.as_secs(),
                 "token refresher did not stop in time; aborted, and its refresh token is treated as possibly spent");
-            entry.refresher.abort();
+            refresher.abort();
             None
         }
     }
@@ -421,7 +431,9 @@ impl Running {
             let handover = match self.clients.remove(&client.name) {
                 Some(old) => {
                     summary.changed.push(client.name.clone());
-                    let same_account = crate::store::same_account(&old.config, client);
+                    // A client without a token of its own hands nothing over.
+                    let same_account =
+                        crate::store::same_account(&old.config, client) && old.refresher.is_some();
                     let state = stop_client(old).await;
                     if !same_account {
                         info!(client = %client.name,
@@ -553,7 +565,7 @@ impl Running {
         let client_metrics = self.metrics.client(&client.name);
         let (handle, mut refresher) = Refresher::new(
             client,
-            endpoint,
+            endpoint.clone(),
             client_metrics.clone(),
             self.clock.clone(),
             self.store.client(client),
@@ -566,20 +578,38 @@ impl Running {
             Some(None) => refresher.take_over_unknown(),
             None => {}
         }
-        let span = tracing::info_span!("refresher", client = %client.name);
-        let refresher_task = tokio::spawn(refresher.run().instrument(span));
-        // Aborting the supervisor (reload, shutdown) aborts the refresher with it.
-        let task = tokio::spawn(token::supervise(
-            client.name.clone(),
-            handle.clone(),
-            client_metrics.clone(),
-            refresher_task,
-        ));
+        let subjects = client.subjects.clone().map(|config| {
+            Subjects::new(
+                client,
+                config,
+                self.store.subjects(client),
+                endpoint.clone(),
+                client_metrics.clone(),
+                self.clock.clone(),
+            )
+        });
+        let own_token = subjects.as_ref().is_none_or(Subjects::falls_back_to_client);
+        let task = own_token.then(|| {
+            let span = tracing::info_span!("refresher", client = %client.name);
+            let refresher_task = tokio::spawn(refresher.run().instrument(span));
+            // Aborting the supervisor (reload, shutdown) aborts the refresher with it.
+            tokio::spawn(token::supervise(
+                client.name.clone(),
+                handle.clone(),
+                client_metrics.clone(),
+                refresher_task,
+            ))
+        });
+        let maintenance = subjects.clone().map(|s| {
+            let span = tracing::info_span!("subjects", client = %client.name);
+            tokio::spawn(crate::subjects::maintain(s).instrument(span))
+        });
         let runtime = Arc::new(ClientRuntime::new(
             client,
             &self.config.limits,
             Arc::clone(&self.buffer_budget),
             handle,
+            subjects,
             client_metrics,
             parts.upstream_http,
         ));
@@ -589,6 +619,7 @@ impl Running {
                 config: client.clone(),
                 runtime,
                 refresher: task,
+                maintenance,
             },
         );
     }
@@ -743,6 +774,8 @@ impl Running {
                 name: name.clone(),
                 token: c.runtime.token.clone(),
                 grant: c.config.token.grant.as_str(),
+                subjects: c.runtime.subjects.clone(),
+                own_token: c.refresher.is_some(),
             })
             .collect();
         self.admin.set_clients(handles);
@@ -754,7 +787,7 @@ impl Drop for Running {
         let tasks = self
             .clients
             .values()
-            .map(|c| &c.refresher)
+            .flat_map(|c| c.refresher.iter().chain(&c.maintenance))
             .chain(self.listeners.values().flat_map(|l| &l.tasks))
             .chain(&self.retired)
             .chain(self.admin_task.as_ref());

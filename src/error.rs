@@ -59,6 +59,26 @@ pub enum ProxyError {
     /// The `Host` header names something other than this listener (DNS rebinding).
     #[error("Host {0:?} is not this listener; tokenproxy answers to its listen address, localhost and configured allowed_hosts")]
     MisdirectedHost(String),
+    /// The client holds one token per subject and the request names none.
+    #[error("this client holds a token per subject: name one in the {header} header")]
+    SubjectRequired {
+        /// The header.
+        header: String,
+    },
+    /// The subject header is not one valid subject id.
+    #[error("{0}")]
+    BadSubject(String),
+    /// The store has no such subject.
+    #[error("subject {0:?} is not connected: connect it (POST /clients/CLIENT/subjects/SUBJECT/connect on the admin listener) or import its tokens")]
+    SubjectUnknown(String),
+    /// The subject's refresh token died: a person must connect again.
+    #[error("subject {subject:?} needs authorization ({reason}): connect it again (POST /clients/CLIENT/subjects/SUBJECT/connect on the admin listener, or tokenproxy subjects connect)")]
+    NeedsAuthorization {
+        /// The subject.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
     /// A browser sent the request on behalf of a page from another site.
     #[error("cross-site request refused ({0}); set allow_cross_site = true on the client if browsers may call it")]
     CrossSite(String),
@@ -77,6 +97,10 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::MisdirectedHost(_) => "misdirected_request",
             ProxyError::CrossSite(_) => "cross_site_request",
+            ProxyError::SubjectRequired { .. } => "subject_required",
+            ProxyError::BadSubject(_) => "bad_subject",
+            ProxyError::SubjectUnknown(_) => "subject_unknown",
+            ProxyError::NeedsAuthorization { .. } => "needs_authorization",
         }
     }
 
@@ -92,6 +116,11 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::CrossSite(_) => StatusCode::FORBIDDEN,
+            ProxyError::SubjectRequired { .. } | ProxyError::BadSubject(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::SubjectUnknown(_) => StatusCode::NOT_FOUND,
+            ProxyError::NeedsAuthorization { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -159,6 +188,27 @@ mod tests {
                 "misdirected_request",
             ),
             (ProxyError::CrossSite("o".into()), 403, "cross_site_request"),
+            (
+                ProxyError::SubjectRequired {
+                    header: "x-tokenproxy-subject".into(),
+                },
+                400,
+                "subject_required",
+            ),
+            (ProxyError::BadSubject("b".into()), 400, "bad_subject"),
+            (
+                ProxyError::SubjectUnknown("m1".into()),
+                404,
+                "subject_unknown",
+            ),
+            (
+                ProxyError::NeedsAuthorization {
+                    subject: "m1".into(),
+                    reason: "r".into(),
+                },
+                403,
+                "needs_authorization",
+            ),
         ];
         for (err, status, code) in cases {
             let r = err.into_response(Some("payments"));

@@ -12,7 +12,8 @@
 //! | [`secret`] | [`secret::Secret`]: credentials that cannot be printed |
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
 //! | [`token`] | per-client refresher task (single flight), hot-path handle, response parsing |
-//! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes |
+//! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes; subject records |
+//! | [`subjects`] | one token per merchant or customer: bounded cache, single flight per subject, budget, sweeper |
 //! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
 //! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
@@ -35,8 +36,8 @@
 //! drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
 //! listeners in.
 //!
-//! Imports run one way: `app` and `admin` use `proxy`, `proxy` uses `token` and
-//! `http`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
+//! Imports run one way: `app` and `admin` use `proxy`, `proxy` uses `subjects`, `token` and
+//! `http`, `subjects` uses `token` and `store`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
 //! imports anything high (no module imports one that imports it back).
 
 #![forbid(unsafe_code)]
@@ -63,6 +64,7 @@ pub mod secret;
 pub(crate) mod server;
 pub mod signal;
 pub mod store;
+pub mod subjects;
 pub mod telemetry;
 pub mod token;
 pub mod workers;

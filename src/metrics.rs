@@ -35,6 +35,56 @@ pub struct Metrics {
     config_last_success: prometheus::Gauge,
     sidecar_errors: IntCounterVec,
     store: StoreFamilies,
+    subjects: SubjectFamilies,
+}
+
+/// The families of clients with subjects (never a subject label).
+#[derive(Clone)]
+struct SubjectFamilies {
+    subjects: IntGaugeVec,
+    cache: IntCounterVec,
+    connects: IntCounterVec,
+    budget_waiting: IntGaugeVec,
+}
+
+impl SubjectFamilies {
+    fn new(registry: &Registry) -> Result<SubjectFamilies, prometheus::Error> {
+        let subjects = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_subjects",
+                "Subjects by state: valid (a usable access token in memory), idle (stored, none in memory), refreshing, needs_authorization.",
+            ),
+            &["client", "state"],
+        )?;
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_subject_cache_total",
+                "Subject token lookups: hit (memory), store (read from the store), miss (a token request was needed).",
+            ),
+            &["client", "result"],
+        )?;
+        let connects = IntCounterVec::new(
+            Opts::new("tokenproxy_connects_total", "Connect sessions by outcome."),
+            &["client", "outcome"],
+        )?;
+        let budget_waiting = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_token_budget_waiting",
+                "Subject token requests waiting for the client's token-endpoint budget.",
+            ),
+            &["client"],
+        )?;
+        registry.register(Box::new(subjects.clone()))?;
+        registry.register(Box::new(cache.clone()))?;
+        registry.register(Box::new(connects.clone()))?;
+        registry.register(Box::new(budget_waiting.clone()))?;
+        Ok(SubjectFamilies {
+            subjects,
+            cache,
+            connects,
+            budget_waiting,
+        })
+    }
 }
 
 /// The `tokenproxy_store_*` families.
@@ -192,6 +242,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(sidecar_errors.clone()))?;
         let store = StoreFamilies::new(&registry)?;
+        let subjects = SubjectFamilies::new(&registry)?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_success.clone()))?;
         for outcome in ["success", "failure"] {
@@ -225,6 +276,7 @@ impl Metrics {
             config_last_success,
             sidecar_errors,
             store,
+            subjects,
         })
     }
 
@@ -297,6 +349,8 @@ pub enum Trigger {
     Expired,
     /// The API answered 401 to the current token.
     Unauthorized,
+    /// The sweeper renewing an idle subject.
+    Sweep,
 }
 
 impl Trigger {
@@ -307,6 +361,7 @@ impl Trigger {
             Trigger::Proactive => "proactive",
             Trigger::Expired => "expired",
             Trigger::Unauthorized => "unauthorized",
+            Trigger::Sweep => "sweep",
         }
     }
 }
@@ -530,5 +585,48 @@ impl ClientMetrics {
             .conflicts
             .with_label_values(&[&self.name])
             .inc();
+    }
+
+    /// Counts one subject token lookup: `hit`, `store` or `miss`.
+    pub fn subject_cache(&self, result: &'static str) {
+        self.families
+            .subjects
+            .cache
+            .with_label_values(&[&self.name, result])
+            .inc();
+    }
+
+    /// The counter of subject token lookups with `result` (`hit`, `store`, `miss`).
+    pub fn subject_cache_counter(&self, result: &'static str) -> IntCounter {
+        self.families
+            .subjects
+            .cache
+            .with_label_values(&[&self.name, result])
+    }
+
+    /// Sets how many subjects are in `state`.
+    pub fn set_subjects(&self, state: &'static str, count: u64) {
+        self.families
+            .subjects
+            .subjects
+            .with_label_values(&[&self.name, state])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one connect session's end: `created`, `opened`, `connected`, `error`, `expired`.
+    pub fn connect(&self, outcome: &'static str) {
+        self.families
+            .subjects
+            .connects
+            .with_label_values(&[&self.name, outcome])
+            .inc();
+    }
+
+    /// The gauge of subject token requests waiting for the budget.
+    pub fn budget_waiting(&self) -> IntGauge {
+        self.families
+            .subjects
+            .budget_waiting
+            .with_label_values(&[&self.name])
     }
 }

@@ -25,6 +25,11 @@ use super::{full, json_response, lock, query_param, Closed, MockBody, Server, Sh
 /// Chunk size of `/big` responses.
 const CHUNK: usize = 64 * 1024;
 
+/// The merchant a `/merchants/ID/...` path names.
+fn merchant_in_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/merchants/")?.split('/').next()
+}
+
 /// One request as the mock API received it.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
@@ -40,6 +45,8 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// Serial of the presented access token, when the validator accepted it.
     pub token_serial: Option<u64>,
+    /// The account the presented token belongs to, when it was issued for one.
+    pub token_account: Option<String>,
     /// Status the API answered with.
     pub status: u16,
 }
@@ -156,6 +163,7 @@ async fn handle(
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
     let token_serial = bearer_token(&parts.headers).and_then(|t| shared.validator.check(t));
+    let token_account = bearer_token(&parts.headers).and_then(|t| shared.validator.account(t));
 
     let route = {
         let mut state = lock(&shared.state);
@@ -166,6 +174,9 @@ async fn handle(
             Route::Unauthorized
         } else if token_serial.is_none() {
             Route::Unauthorized
+        } else if merchant_in_path(&path).is_some_and(|m| token_account.as_deref() != Some(m)) {
+            // The API's own check that a merchant's token is used for that merchant.
+            Route::Echo(StatusCode::FORBIDDEN)
         } else {
             route(&parts.method, &path, query.as_deref())
         };
@@ -176,6 +187,7 @@ async fn handle(
             headers: parts.headers.clone(),
             body: body.clone(),
             token_serial,
+            token_account: token_account.clone(),
             status: route.status().as_u16(),
         });
         route

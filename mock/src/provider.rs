@@ -170,6 +170,17 @@ impl TokenValidator {
         let issued = table.tokens.get(token)?;
         (issued.issued_at.elapsed() < issued.lifetime).then_some(issued.serial)
     }
+
+    /// The account (merchant, customer) a live token was issued for, when it
+    /// came from a refresh token issued for one
+    /// ([`MockProvider::issue_refresh_token_for`]).
+    pub fn account(&self, token: &str) -> Option<String> {
+        let table = lock(&self.table);
+        let issued = table.tokens.get(token)?;
+        (issued.issued_at.elapsed() < issued.lifetime)
+            .then(|| issued.account.clone())
+            .flatten()
+    }
 }
 
 /// Issued access tokens.
@@ -183,11 +194,12 @@ struct Issued {
     serial: u64,
     issued_at: Instant,
     lifetime: Duration,
+    account: Option<String>,
 }
 
 impl TokenTable {
     /// Records a new access token and returns it.
-    fn issue(&mut self, lifetime: Duration) -> String {
+    fn issue(&mut self, lifetime: Duration, account: Option<String>) -> String {
         let now = Instant::now();
         // Forget expired tokens so a long demo does not grow the table without bound.
         self.tokens
@@ -200,6 +212,7 @@ impl TokenTable {
                 serial: self.last_serial,
                 issued_at: now,
                 lifetime,
+                account,
             },
         );
         token
@@ -256,6 +269,8 @@ struct ProviderState {
     refresh_token_reuse: usize,
     last_request: Option<TokenRequest>,
     refresh_tokens: HashMap<String, RefreshState>,
+    /// The account each refresh token issued for one belongs to.
+    accounts: HashMap<String, String>,
     codes: HashMap<String, AuthorizationCode>,
     codes_issued: usize,
 }
@@ -360,6 +375,16 @@ impl MockProvider {
     /// authorized once (a bootstrap `refresh_token` for tests and the demo).
     pub fn issue_refresh_token(&self) -> String {
         self.state().live_refresh_token()
+    }
+
+    /// Issues a live refresh token of `account` (a merchant or customer who
+    /// authorized the app): access tokens it and its successors obtain belong
+    /// to that account ([`TokenValidator::account`]).
+    pub fn issue_refresh_token_for(&self, account: &str) -> String {
+        let mut state = self.state();
+        let token = state.live_refresh_token();
+        state.accounts.insert(token.clone(), account.to_owned());
+        token
     }
 
     /// Invalidates every access token issued so far (the API answers 401 to them).
@@ -672,16 +697,24 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
 
     // Decide the refresh token to return (if any) under the state lock, so two concurrent
     // refreshes with one rotating token, or two exchanges of one code, cannot both succeed.
-    let (new_refresh, scope) = {
+    let (new_refresh, scope, account) = {
         let mut state = lock(&shared.state);
         let requested_scope = request.param("scope").map(str::to_owned);
-        match grant {
+        let account = match grant {
+            Grant::Refresh(presented) => state.accounts.get(presented).cloned(),
+            _ => None,
+        };
+        let (new_refresh, scope) = match grant {
             Grant::Refresh(presented) => match state.refresh_tokens.get(presented).copied() {
                 Some(RefreshState::Live) if config.rotate_refresh_tokens => {
                     state
                         .refresh_tokens
                         .insert(presented.to_owned(), RefreshState::Rotated);
-                    (Some(state.live_refresh_token()), requested_scope)
+                    let fresh = state.live_refresh_token();
+                    if let Some(account) = &account {
+                        state.accounts.insert(fresh.clone(), account.clone());
+                    }
+                    (Some(fresh), requested_scope)
                 }
                 Some(RefreshState::Live) => (None, requested_scope),
                 dead => {
@@ -714,10 +747,11 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
                 (Some(state.live_refresh_token()), requested_scope)
             }
             Grant::Direct => (None, requested_scope),
-        }
+        };
+        (new_refresh, scope, account)
     };
 
-    let access_token = lock(&shared.table).issue(config.lifetime);
+    let access_token = lock(&shared.table).issue(config.lifetime, account);
     let mut body = json!({
         "access_token": access_token,
         "token_type": "Bearer",

@@ -140,6 +140,16 @@ pub(super) fn build_client(
         .authorize
         .map(|a| build_authorize(a, &Table::new(x, t.key("authorize"))))
         .transpose()?;
+    let subjects = raw
+        .subjects
+        .map(|s| subjects::build_subjects(s, &Table::new(x, t.key("subjects"))))
+        .transpose()?;
+    // Subjects bring their own refresh tokens: the client needs none of its own
+    // unless requests without a subject use the client's token.
+    let own_token_optional = authorize.is_some()
+        || subjects
+            .as_ref()
+            .is_some_and(|s| s.fallback == SubjectFallback::None);
     Ok(ClientConfig {
         name: name.to_owned(),
         listen,
@@ -165,7 +175,7 @@ pub(super) fn build_client(
         token: build_token(
             raw_token,
             &Table::new(x, t.key("token")),
-            authorize.is_some(),
+            own_token_optional,
         )?,
         inject: build_inject(
             raw.inject.unwrap_or_default(),
@@ -174,6 +184,7 @@ pub(super) fn build_client(
         tls: build_tls(raw.tls, &Table::new(x, t.key("tls")))?,
         proxy: build_proxy(raw.proxy, &t)?,
         authorize,
+        subjects,
     })
 }
 

@@ -115,6 +115,7 @@ pub(super) struct RawClient {
     pub(super) tls: Option<super::tls::RawTls>,
     pub(super) proxy: Option<String>,
     pub(super) authorize: Option<super::authorize::RawAuthorize>,
+    pub(super) subjects: Option<super::subjects::RawSubjects>,
 }
 
 /// `[clients.NAME.token]`.

@@ -15,6 +15,7 @@ mod env;
 mod error;
 mod file;
 mod store;
+mod subjects;
 mod summary;
 mod table;
 mod tls;
@@ -28,6 +29,7 @@ pub use store::{
     FileStoreConfig, NodeAddr, RedisStoreConfig, RedisTopology, SentinelConfig, StoreConfig,
     StoreKey,
 };
+pub use subjects::{SubjectFallback, SubjectsConfig};
 pub use tls::{TlsConfig, TlsVersion};
 
 use std::collections::BTreeMap;
@@ -257,6 +259,8 @@ pub struct ClientConfig {
     pub proxy: EgressProxy,
     /// `[clients.NAME.authorize]`: the authorization-code flow of `tokenproxy authorize`.
     pub authorize: Option<AuthorizeConfig>,
+    /// `[clients.NAME.subjects]`: one token pair per merchant, customer or user.
+    pub subjects: Option<SubjectsConfig>,
 }
 
 /// An upstream `scheme://host[:port][/base-path]`, without query, fragment or userinfo.

@@ -36,6 +36,7 @@ use crate::config::{ClientConfig, Limits};
 use crate::error::ProxyError;
 use crate::http::client::{self as upstream, HttpClient};
 use crate::metrics::{ClientMetrics, RetryOutcome};
+use crate::subjects::{SubjectError, Subjects};
 use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
 
 /// One configured client as the request path sees it.
@@ -57,6 +58,8 @@ pub struct ClientRuntime {
     budget: Arc<BufferBudget>,
     /// The client's token.
     pub token: TokenHandle,
+    /// The client's subjects, when it holds a token per subject.
+    pub subjects: Option<Subjects>,
     metrics: ClientMetrics,
     http: HttpClient,
     /// For `http://` upstreams: our own HTTP/1.1 pool instead of `http`.
@@ -71,6 +74,7 @@ impl ClientRuntime {
         limits: &Limits,
         budget: Arc<BufferBudget>,
         token: TokenHandle,
+        subjects: Option<Subjects>,
         metrics: ClientMetrics,
         http: HttpClient,
     ) -> Self {
@@ -104,6 +108,7 @@ impl ClientRuntime {
             },
             budget,
             token,
+            subjects,
             metrics,
             http,
             pool,
@@ -207,6 +212,7 @@ pub async fn handle(
     info!(
         target: ACCESS_LOG,
         client = %client.name,
+        subject = exchange.subject.as_deref().unwrap_or(""),
         request.id = %request_id.to_str().unwrap_or("-"),
         method = %method,
         path = %path,
@@ -235,6 +241,8 @@ fn e_code<B>(response: &Response<B>) -> &str {
 /// What happened to one request on its way, for the access log.
 #[derive(Default)]
 struct Exchange {
+    /// The subject the app named (a validated id).
+    subject: Option<String>,
     upstream_status: Option<u16>,
     token_waited: bool,
     replayed: bool,
@@ -285,6 +293,9 @@ async fn forward(
         &client.inject_header,
         request_id,
     );
+    let subject = take_subject(client, &mut parts.headers)?;
+    exchange.subject.clone_from(&subject);
+    let subject = subject.as_deref();
     let mut outgoing = Outgoing {
         method: parts.method,
         uri,
@@ -305,7 +316,7 @@ async fn forward(
         }
     })?;
 
-    let token = take_token(client, exchange).await?;
+    let token = take_token(client, subject, exchange).await?;
     // In the template too, so that each copy only replaces the value (a copy has no
     // spare capacity, and adding a header to it would grow it).
     outgoing
@@ -318,9 +329,8 @@ async fn forward(
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
             }
-            let decision = client
-                .token
-                .on_unauthorized(&token, says_invalid_token(first.headers()));
+            let decision =
+                on_unauthorized(client, subject, &token, says_invalid_token(first.headers()));
             if !client.may_replay(&outgoing) {
                 client
                     .metrics
@@ -336,19 +346,19 @@ async fn forward(
                 Unauthorized::Refreshing => {
                     drop(first);
                     let started = Instant::now();
-                    let newer = client.token.get_newer(token.generation).await;
+                    let newer = get_newer(client, subject, token.generation).await;
                     client.metrics.token_wait(started.elapsed().as_secs_f64());
                     match newer {
                         Ok(t) => t,
                         Err(e) => {
                             client.metrics.unauthorized_retry(RetryOutcome::Failed);
-                            return Err(unavailable(e));
+                            return Err(e);
                         }
                     }
                 }
             };
             exchange.replayed = true;
-            let mut second = replay(client, http, &outgoing, bytes, &newer).await?;
+            let mut second = replay(client, subject, http, &outgoing, bytes, &newer).await?;
             exchange.upstream_status = Some(second.status().as_u16());
             second
                 .headers_mut()
@@ -365,9 +375,12 @@ async fn forward(
             exchange.upstream_status = Some(response.status().as_u16());
             if client.is_unauthorized(response.status()) {
                 // Not sent again, but the next requests should not meet the same 401.
-                let _decision = client
-                    .token
-                    .on_unauthorized(&token, says_invalid_token(response.headers()));
+                let _decision = on_unauthorized(
+                    client,
+                    subject,
+                    &token,
+                    says_invalid_token(response.headers()),
+                );
                 client
                     .metrics
                     .unauthorized_retry(RetryOutcome::NotReplayable);
@@ -382,6 +395,7 @@ async fn forward(
 /// token handle that the 401 is not about the token.
 async fn replay(
     client: &ClientRuntime,
+    subject: Option<&str>,
     http: &HttpClient,
     outgoing: &Outgoing,
     bytes: Bytes,
@@ -390,7 +404,12 @@ async fn replay(
     let result = send_buffered(client, http, outgoing, &bytes, newer).await;
     let outcome = match &result {
         Ok(r) if client.is_unauthorized(r.status()) => {
-            client.token.refused_again(newer.generation);
+            match (subject, &client.subjects) {
+                (Some(subject), Some(subjects)) => {
+                    subjects.refused_again(subject, newer.generation)
+                }
+                _ => client.token.refused_again(newer.generation),
+            }
             RetryOutcome::Failed
         }
         Ok(_) => RetryOutcome::Recovered,
@@ -400,10 +419,84 @@ async fn replay(
     result
 }
 
+/// The subject the request names, taken out of its headers: `None` for a
+/// client without subjects, or one that falls back to its own token.
+fn take_subject(
+    client: &ClientRuntime,
+    headers: &mut HeaderMap,
+) -> Result<Option<String>, ProxyError> {
+    let Some(subjects) = &client.subjects else {
+        return Ok(None);
+    };
+    match subjects.take_subject(headers) {
+        Ok(Some(subject)) => Ok(Some(subject)),
+        Ok(None) if subjects.falls_back_to_client() => Ok(None),
+        Ok(None) => Err(ProxyError::SubjectRequired {
+            header: subjects.header().to_string(),
+        }),
+        Err(reason) => Err(ProxyError::BadSubject(reason)),
+    }
+}
+
+fn on_unauthorized(
+    client: &ClientRuntime,
+    subject: Option<&str>,
+    token: &Arc<Token>,
+    invalid_token: bool,
+) -> Unauthorized {
+    match (subject, &client.subjects) {
+        (Some(subject), Some(subjects)) => subjects.on_unauthorized(subject, token, invalid_token),
+        _ => client.token.on_unauthorized(token, invalid_token),
+    }
+}
+
+async fn get_newer(
+    client: &ClientRuntime,
+    subject: Option<&str>,
+    generation: u64,
+) -> Result<Arc<Token>, ProxyError> {
+    match (subject, &client.subjects) {
+        (Some(subject), Some(subjects)) => subjects
+            .get_newer(subject, generation)
+            .await
+            .map_err(subject_error),
+        _ => client
+            .token
+            .get_newer(generation)
+            .await
+            .map_err(unavailable),
+    }
+}
+
+fn subject_error(e: SubjectError) -> ProxyError {
+    match e {
+        SubjectError::Unknown(subject) => ProxyError::SubjectUnknown(subject),
+        SubjectError::NeedsAuthorization { subject, reason } => {
+            ProxyError::NeedsAuthorization { subject, reason }
+        }
+        SubjectError::Unavailable {
+            reason,
+            retry_after,
+        } => ProxyError::TokenUnavailable {
+            reason,
+            retry_after,
+        },
+    }
+}
+
 async fn take_token(
     client: &ClientRuntime,
+    subject: Option<&str>,
     exchange: &mut Exchange,
 ) -> Result<Arc<Token>, ProxyError> {
+    if let (Some(subject), Some(subjects)) = (subject, &client.subjects) {
+        let started = Instant::now();
+        let result = subjects.token(subject).await;
+        let waited = started.elapsed();
+        exchange.token_waited = waited > Duration::from_millis(1);
+        client.metrics.token_wait(waited.as_secs_f64());
+        return result.map_err(subject_error);
+    }
     if let Some(token) = client.token.current() {
         client.metrics.token_wait(0.0);
         return Ok(token);

@@ -667,13 +667,15 @@ struct Plain {
     obtained_at_ms: u64,
 }
 
-fn to_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn from_ms(ms: u64) -> SystemTime {
+/// The time `ms` milliseconds after the Unix epoch.
+pub(crate) fn from_ms(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 

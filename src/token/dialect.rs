@@ -27,6 +27,13 @@ pub(crate) enum GrantKind<'a> {
         /// The PKCE verifier, when PKCE was used.
         verifier: Option<&'a Secret>,
     },
+    /// RFC 7009 revocation of a refresh token at `url` (not a grant).
+    Revoke {
+        /// The revocation endpoint.
+        url: &'a http::Uri,
+        /// The refresh token to revoke.
+        token: &'a Secret,
+    },
 }
 
 impl GrantKind<'_> {
@@ -36,6 +43,7 @@ impl GrantKind<'_> {
             GrantKind::Primary => config.grant.as_str(),
             GrantKind::Refresh(_) => "refresh_token",
             GrantKind::AuthorizationCode { .. } => "authorization_code",
+            GrantKind::Revoke { .. } => "revoke",
         }
     }
 }
@@ -79,6 +87,11 @@ pub(crate) fn build_request(
                 params.push(("code_verifier", v.expose()));
             }
             &config.url
+        }
+        GrantKind::Revoke { url, token } => {
+            params.push(("token", token.expose()));
+            params.push(("token_type_hint", "refresh_token"));
+            url
         }
     };
 
@@ -155,7 +168,7 @@ pub(crate) fn redactor(config: &TokenConfig, kind: GrantKind<'_>) -> Redactor {
     }
     match kind {
         GrantKind::Primary => {}
-        GrantKind::Refresh(token) => r.secret(token.expose()),
+        GrantKind::Refresh(token) | GrantKind::Revoke { token, .. } => r.secret(token.expose()),
         GrantKind::AuthorizationCode { code, verifier, .. } => {
             r.secret(code.expose());
             if let Some(v) = verifier {

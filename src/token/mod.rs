@@ -12,6 +12,7 @@ mod dialect;
 mod redact;
 mod refresher;
 pub mod response;
+mod revoke;
 mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use crate::metrics::{Outcome, State, Trigger};
-pub(crate) use refresher::error_chain;
+pub(crate) use dialect::GrantKind;
+pub(crate) use refresher::{backoff_delay, error_chain, refresh_margin};
 pub use refresher::{Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
 pub use state::{LastRefresh, Status, StoreStatus};

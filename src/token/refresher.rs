@@ -134,7 +134,7 @@ impl TokenError {
         }
     }
 
-    fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         if self.is_rejection() {
             Outcome::Rejected
         } else {
@@ -142,7 +142,7 @@ impl TokenError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             TokenError::Provider { retry_after, .. } => *retry_after,
             _ => None,
@@ -161,6 +161,11 @@ impl TokenEndpoint {
     /// An endpoint caller using `http` and reading wall time from `clock`.
     pub fn new(http: HttpClient, clock: SharedClock) -> Self {
         TokenEndpoint { http, clock }
+    }
+
+    /// The HTTP client requests to the provider go through.
+    pub(crate) fn http(&self) -> &HttpClient {
+        &self.http
     }
 
     /// One token request as a fresh start would make it: the refresh grant with the
@@ -197,6 +202,7 @@ impl TokenEndpoint {
         let url_ref = match kind {
             GrantKind::Refresh(_) => config.refresh_url.as_ref().unwrap_or(&config.url),
             GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
+            GrantKind::Revoke { url, .. } => url,
         };
         let url = display_url(url_ref);
         // Provider text that repeats a credential of this request is scrubbed once, here.

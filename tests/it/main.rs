@@ -18,6 +18,7 @@ mod provider_faults;
 mod reload;
 mod source_rules;
 mod store_integrity;
+mod subjects;
 mod token_cache;
 mod token_shapes;
 mod unauthorized;

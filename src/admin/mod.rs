@@ -23,6 +23,8 @@ use crate::secret::Secret;
 use crate::server::PeerAddr;
 use crate::token::TokenHandle;
 
+mod subjects;
+
 const MAX_REFRESH_TOKEN_BYTES: usize = 16 * 1024;
 
 /// One client as the admin endpoints see it.
@@ -34,6 +36,10 @@ pub struct AdminClient {
     pub token: TokenHandle,
     /// `token.grant`: only `refresh_token` clients take a refresh token from an operator.
     pub grant: &'static str,
+    /// Its subjects, when it holds a token per subject.
+    pub subjects: Option<crate::subjects::Subjects>,
+    /// Whether it has a token of its own (not when every request names a subject).
+    pub own_token: bool,
 }
 
 /// What the admin endpoints report on.
@@ -78,6 +84,9 @@ impl Admin {
         req: Request<Incoming>,
         peer: PeerAddr,
     ) -> Result<Response<Body>, Infallible> {
+        if subjects::is_subjects_path(req.uri().path()) {
+            return Ok(self.subjects_call(req, peer).await);
+        }
         if req.method() == Method::POST {
             return Ok(self.post(req, peer).await);
         }
@@ -199,7 +208,7 @@ impl Admin {
             .clients
             .load()
             .iter()
-            .filter(|c| !c.token.is_ready())
+            .filter(|c| c.own_token && !c.token.is_ready())
             .map(|c| {
                 let status = c.token.status();
                 json!({"client": c.name, "state": status.state().as_str(), "reason": status.describe()})
@@ -218,9 +227,16 @@ impl Admin {
     fn status(&self) -> Response<Body> {
         let mut clients = serde_json::Map::new();
         for c in self.clients.load().iter() {
-            let mut value = serde_json::to_value(c.token.status()).unwrap_or_default();
+            let mut value = if c.own_token {
+                serde_json::to_value(c.token.status()).unwrap_or_default()
+            } else {
+                json!({})
+            };
             if let Some(obj) = value.as_object_mut() {
-                obj.insert("ready".into(), json!(c.token.is_ready()));
+                obj.insert("ready".into(), json!(!c.own_token || c.token.is_ready()));
+                if let Some(subjects) = &c.subjects {
+                    obj.insert("subjects".into(), subjects.status());
+                }
             }
             clients.insert(c.name.clone(), value);
         }
@@ -250,6 +266,12 @@ enum AdminError {
     BadRequest(&'static str),
     #[error("{0}")]
     Busy(String),
+    #[error("method not allowed here")]
+    MethodNotAllowed,
+    #[error("a subject id is 1 to 128 characters of A-Za-z0-9._:@-")]
+    BadSubject,
+    #[error("client {0} has no [subjects] table")]
+    NoSubjects(String),
     #[error(transparent)]
     Browser(crate::error::ProxyError),
 }
@@ -278,6 +300,13 @@ impl AdminError {
             ),
             AdminError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
             AdminError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", None),
+            AdminError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+            }
+            AdminError::BadSubject => (StatusCode::BAD_REQUEST, "bad_subject", None),
+            AdminError::NoSubjects(name) => {
+                (StatusCode::NOT_FOUND, "no_subjects", Some(name.as_str()))
+            }
         };
         let mut r = error_response(status, code, client, &this.to_string());
         if matches!(this, AdminError::Unauthorized) {

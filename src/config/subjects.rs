@@ -1,0 +1,125 @@
+//! `[clients.NAME.subjects]`: one token pair per merchant, customer or user of
+//! a client, named by the app in a request header.
+
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+use serde::Deserialize;
+
+use super::file::Scalar;
+use super::{ConfigError, Table};
+
+const HEADER_HINT: &str = "write it like \"x-tokenproxy-subject\"";
+const REVOKE_URL_HINT: &str = "write it like \"https://auth.example/oauth2/revoke\"";
+
+/// Headers that cannot name the subject: credentials, routing, framing, hop-by-hop.
+const RESERVED: [&str; 11] = [
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "x-request-id",
+];
+
+/// The raw table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSubjects {
+    pub(super) header: Option<String>,
+    pub(super) fallback: Option<String>,
+    pub(super) max_cached: Option<Scalar>,
+    pub(super) active_window: Option<Scalar>,
+    pub(super) refresh_every: Option<Scalar>,
+    pub(super) max_concurrent_token_requests: Option<Scalar>,
+    pub(super) max_token_requests_per_minute: Option<Scalar>,
+    pub(super) revoke_url: Option<String>,
+}
+
+/// What a request without the subject header gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectFallback {
+    /// 400 `subject_required`.
+    None,
+    /// The client's own token (the client has a grant of its own).
+    Client,
+}
+
+/// `[clients.NAME.subjects]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectsConfig {
+    /// The request header naming the subject; stripped before forwarding.
+    pub header: HeaderName,
+    /// Requests without the header.
+    pub fallback: SubjectFallback,
+    /// Access tokens held in memory; the rest are read from the store.
+    pub max_cached: usize,
+    /// Subjects used this recently are refreshed ahead of expiry.
+    pub active_window: Duration,
+    /// Idle subjects are refreshed at least this often (the sweeper).
+    pub refresh_every: Option<Duration>,
+    /// Token requests of this client's subjects at once.
+    pub max_concurrent_token_requests: usize,
+    /// Token requests of this client's subjects per minute.
+    pub max_token_requests_per_minute: usize,
+    /// RFC 7009 revocation endpoint, called when a subject is deleted.
+    pub revoke_url: Option<Uri>,
+}
+
+pub(super) fn build_subjects(
+    raw: RawSubjects,
+    t: &Table<'_>,
+) -> Result<SubjectsConfig, ConfigError> {
+    let header = match raw.header {
+        None => HeaderName::from_static("x-tokenproxy-subject"),
+        Some(raw) => {
+            let text = t.string("header", &raw)?;
+            let name = HeaderName::from_bytes(text.trim().as_bytes()).map_err(|_| {
+                t.err("header", format!("{text:?} is not a header name"))
+                    .with_hint(HEADER_HINT)
+            })?;
+            if RESERVED.contains(&name.as_str()) {
+                let problem = format!("{name} is a header the sidecar sets or manages itself");
+                return Err(t.err("header", problem).with_hint(HEADER_HINT));
+            }
+            name
+        }
+    };
+    let fallbacks = [
+        ("none", SubjectFallback::None),
+        ("client", SubjectFallback::Client),
+    ];
+    Ok(SubjectsConfig {
+        header,
+        fallback: t.choice(
+            "fallback",
+            raw.fallback,
+            Some(SubjectFallback::None),
+            &fallbacks,
+        )?,
+        max_cached: t.count("max_cached", raw.max_cached, 10_000, 1..=10_000_000)?,
+        active_window: t.duration("active_window", raw.active_window, Duration::from_secs(600))?,
+        refresh_every: t.opt_duration("refresh_every", raw.refresh_every, false)?,
+        max_concurrent_token_requests: t.count(
+            "max_concurrent_token_requests",
+            raw.max_concurrent_token_requests,
+            4,
+            1..=1024,
+        )?,
+        max_token_requests_per_minute: t.count(
+            "max_token_requests_per_minute",
+            raw.max_token_requests_per_minute,
+            600,
+            1..=1_000_000,
+        )?,
+        revoke_url: match raw.revoke_url {
+            Some(r) => Some(t.url("revoke_url", &r, REVOKE_URL_HINT)?.0),
+            None => None,
+        },
+    })
+}

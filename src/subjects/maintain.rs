@@ -1,0 +1,170 @@
+//! The background work of one client's subjects: renew active subjects ahead
+//! of expiry, drop idle tokens from memory, write records the store did not
+//! take, publish the subject counts, and sweep idle subjects whose refresh
+//! token must be renewed (`refresh_every`, refresh-token expiry), within the
+//! client's token-endpoint budget and, with a shared store, on one replica at
+//! a time (the sweeper holds a lease).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::{Inner, Subjects};
+use crate::metrics::Trigger;
+use crate::store::SubjectStatus;
+
+/// How often active subjects are looked at.
+const TICK: Duration = Duration::from_secs(1);
+/// How often the subject counts are published.
+const COUNT_EVERY: Duration = Duration::from_secs(15);
+/// How often the sweeper looks for subjects due.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How long the sweeper's lease lasts: a replica that dies while it sweeps
+/// hands the sweep to another one after this long.
+const SWEEP_LEASE: Duration = Duration::from_secs(600);
+/// The lease name of the sweeper: not a valid subject id, so never a subject's.
+const SWEEPER: &str = "#sweeper";
+
+/// Runs until aborted (reload, shutdown).
+pub async fn maintain(subjects: Subjects) {
+    let inner = subjects.inner;
+    let mut last_count: Option<Instant> = None;
+    let mut last_sweep: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = Instant::now();
+        inner.renew_active(now);
+        if !inner.pending.is_empty() {
+            inner.write_pending().await;
+        }
+        if last_count.is_none_or(|t| now.duration_since(t) >= COUNT_EVERY) {
+            last_count = Some(now);
+            inner.publish_counts().await;
+        }
+        if last_sweep.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            last_sweep = Some(now);
+            inner.sweep().await;
+        }
+    }
+}
+
+impl Inner {
+    /// Starts a background refresh of every active subject whose token is
+    /// due, and drops tokens of subjects that are no longer used.
+    fn renew_active(self: &Arc<Self>, now: Instant) {
+        let now_ms = self.now_ms(now);
+        let window = self.config.active_window.as_millis() as u64;
+        let mut due = Vec::new();
+        let mut idle = Vec::new();
+        for entry in self.cache.iter() {
+            let cached = entry.value();
+            let active = now_ms.saturating_sub(cached.last_used.load(Ordering::Relaxed)) <= window;
+            if active && cached.refresh_at.is_some_and(|at| at <= now) {
+                due.push(entry.key().clone());
+            } else if !active && !cached.token.is_usable(now) {
+                idle.push(entry.key().clone());
+            }
+        }
+        for subject in idle {
+            self.cache
+                .remove_if(&subject, |_, c| !c.token.is_usable(now));
+        }
+        for subject in due {
+            if !self.flights.contains_key(&subject) {
+                drop(Inner::flight(self, &subject, Trigger::Proactive, None));
+            }
+        }
+    }
+
+    /// Publishes `tokenproxy_subjects{state}`.
+    async fn publish_counts(&self) {
+        let now = Instant::now();
+        let valid_in_memory = self
+            .cache
+            .iter()
+            .filter(|e| e.value().token.is_usable(now))
+            .count() as u64;
+        let refreshing = self.flights.len() as u64;
+        self.metrics.set_subjects("valid", valid_in_memory);
+        self.metrics.set_subjects("refreshing", refreshing);
+        match self.store.count().await {
+            Ok(counts) => {
+                let stored_valid = counts.get(&SubjectStatus::Valid).copied().unwrap_or(0);
+                let dead = counts
+                    .get(&SubjectStatus::NeedsAuthorization)
+                    .copied()
+                    .unwrap_or(0);
+                self.metrics
+                    .set_subjects("idle", stored_valid.saturating_sub(valid_in_memory));
+                self.metrics.set_subjects("needs_authorization", dead);
+            }
+            Err(e) => debug!(client = %self.client, error = %e, "cannot count the subjects"),
+        }
+    }
+
+    /// Renews idle subjects that are due, a batch at a time, within the budget.
+    pub(super) async fn sweep(self: &Arc<Self>) {
+        let lease = match self.store.try_lease(SWEEPER, SWEEP_LEASE).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(client = %self.client, error = %e, "the sweeper cannot reach the store");
+                return;
+            }
+        };
+        // Batches as large as the budget's concurrency: a request whose subject
+        // needs a token waits behind one batch at most.
+        let batch_size = self.config.max_concurrent_token_requests.max(1);
+        let mut swept = 0usize;
+        let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+        loop {
+            let due = match self.store.due(self.clock.wall_now(), batch_size).await {
+                Ok(due) => due,
+                Err(e) => {
+                    debug!(client = %self.client, error = %e, "the sweeper cannot read the store");
+                    break;
+                }
+            };
+            if due.is_empty() {
+                break;
+            }
+            let batch = due.len();
+            let mut flights = Vec::with_capacity(batch);
+            for subject in &due {
+                flights.push(Inner::flight(self, subject, Trigger::Sweep, None));
+            }
+            for mut flight in flights {
+                let outcome = match flight.wait_for(Option::is_some).await {
+                    Ok(result) => match result.as_ref() {
+                        Some(Ok(_)) => "renewed",
+                        Some(Err(super::SubjectError::NeedsAuthorization { .. })) => {
+                            "needs_authorization"
+                        }
+                        _ => "failed",
+                    },
+                    Err(_) => "failed",
+                };
+                *outcomes.entry(outcome).or_default() += 1;
+            }
+            swept += batch;
+            let progress = outcomes.get("renewed").copied().unwrap_or(0)
+                + outcomes.get("needs_authorization").copied().unwrap_or(0);
+            // Subjects that failed stay due; the next sweep takes them again.
+            if batch < batch_size || progress == 0 {
+                break;
+            }
+        }
+        if let Err(e) = self.store.release(SWEEPER, lease).await {
+            debug!(client = %self.client, error = %e, "releasing the sweeper's lease failed");
+        }
+        if swept > 0 {
+            info!(client = %self.client, swept, outcomes = ?outcomes, "idle subjects renewed");
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! Subjects: one token pair per merchant, chosen per request by a header.
+//!
+//! The mock provider issues refresh tokens for named accounts, and the mock
+//! API answers 403 to `/merchants/ID/...` when the token belongs to another
+//! account: these tests check that a request for one subject never carries
+//! another's token.
+
+use crate::support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::{eventually, metric, start_sidecar_env, TestClient, CLIENT_SECRET};
+use tokenproxy::config::MapEnv;
+use tokenproxy::Running;
+use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
+
+const ADMIN_KEY: &str = "subjects-admin-key-7c41d2";
+const KEY_FILE: &str = "/run/secrets/tokenproxy-admin";
+
+struct Market {
+    provider: MockProvider,
+    api: MockApi,
+    http: TestClient,
+    _running: Running,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn market(subjects_extra: &str, client_extra: &str) -> Market {
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let text = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+api_key_file = "{KEY_FILE}"
+
+[clients.pos]
+listen = "{{listen}}"
+upstream = "{upstream}"
+{client_extra}
+
+[clients.pos.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "demo-client"
+client_secret = "${{CLIENT_SECRET}}"
+
+[clients.pos.subjects]
+{subjects_extra}
+"#,
+        upstream = api.url(),
+        token_url = provider.token_url(),
+    );
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    let (running, proxy, admin) = start_sidecar_env(&text, env).await;
+    Market {
+        provider,
+        api,
+        http: TestClient::new(),
+        _running: running,
+        proxy,
+        admin,
+    }
+}
+
+impl Market {
+    /// Imports a refresh token of `merchant` through the admin API.
+    async fn connect(&self, merchant: &str) {
+        let rt = self.provider.issue_refresh_token_for(merchant);
+        let r = self
+            .admin_call(
+                Method::PUT,
+                &format!("/clients/pos/subjects/{merchant}"),
+                serde_json::json!({ "refresh_token": rt })
+                    .to_string()
+                    .as_bytes(),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "import of {merchant}: {}",
+            r.text()
+        );
+    }
+
+    async fn admin_call(&self, method: Method, path: &str, body: &[u8]) -> support::Reply {
+        let bearer = format!("Bearer {ADMIN_KEY}");
+        self.http
+            .request(
+                method,
+                &format!("http://{}{path}", self.admin),
+                &[
+                    ("authorization", bearer.as_str()),
+                    ("content-type", "application/json"),
+                ],
+                body,
+            )
+            .await
+    }
+
+    /// A payment of `merchant`, naming `subject` in the header (when given).
+    async fn pay(&self, merchant: &str, subject: Option<&str>) -> support::Reply {
+        let url = format!("http://{}/merchants/{merchant}/payments", self.proxy);
+        let headers: Vec<(&str, &str)> = subject
+            .map(|s| vec![("x-tokenproxy-subject", s)])
+            .unwrap_or_default();
+        self.http.request(Method::GET, &url, &headers, b"").await
+    }
+
+    async fn metrics(&self) -> String {
+        self.http
+            .get(&format!("http://{}/metrics", self.admin))
+            .await
+            .text()
+    }
+}
+
+/// Each request carries its own subject's token, the subject header never
+/// reaches the API, and each subject costs one token request however many
+/// requests run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_carries_its_own_subjects_token_and_the_header_is_stripped() {
+    let m = market("", "").await;
+    let merchants = ["m-1", "m-2", "m-3", "shop:4@eu"];
+    for merchant in merchants {
+        m.connect(merchant).await;
+    }
+    let mut requests = Vec::new();
+    for round in 0..10 {
+        for merchant in merchants {
+            let m = &m;
+            requests.push(async move {
+                let r = m.pay(merchant, Some(merchant)).await;
+                (round, merchant, r)
+            });
+        }
+    }
+    for (round, merchant, r) in futures_join_all(requests).await {
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "round {round} of {merchant}: {}",
+            r.text()
+        );
+    }
+    let recorded = m.api.recorded();
+    assert_eq!(recorded.len(), 40);
+    for req in &recorded {
+        let named = req.path.split('/').nth(2).expect("merchant in path");
+        assert_eq!(
+            req.token_account.as_deref(),
+            Some(named),
+            "a request for {named} carried another subject's token"
+        );
+        assert!(
+            !req.headers.contains_key("x-tokenproxy-subject"),
+            "the subject header must be stripped before forwarding"
+        );
+    }
+    assert_eq!(
+        m.provider.grant_requests("refresh_token"),
+        merchants.len(),
+        "one token request per subject, not one per request"
+    );
+    assert_eq!(m.provider.refresh_token_reuse(), 0);
+    let text = m.metrics().await;
+    let hits = metric(
+        &text,
+        "tokenproxy_subject_cache_total",
+        &[("client", "pos"), ("result", "hit")],
+    );
+    assert!(
+        hits.unwrap_or(0.0) > 0.0,
+        "cache hits are counted: {hits:?}"
+    );
+}
+
+/// A subject header that is missing, malformed, repeated or unknown gets the
+/// contract's error codes, and the process keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_malformed_and_unknown_subjects_get_their_error_codes() {
+    let m = market("", "").await;
+    m.connect("m-1").await;
+
+    let r = m.pay("m-1", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error_code(), Some("subject_required"));
+
+    let long = "x".repeat(129);
+    for bad in ["m 1", "m/1", "", long.as_str(), "m\u{e9}"] {
+        let url = format!("http://{}/merchants/m-1/payments", m.proxy);
+        let req = http::Request::get(&url)
+            .header(
+                "x-tokenproxy-subject",
+                http::HeaderValue::from_bytes(bad.as_bytes()).unwrap(),
+            )
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = m.http.send(req).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "subject {bad:?}");
+        assert_eq!(r.error_code(), Some("bad_subject"), "subject {bad:?}");
+    }
+    let url = format!("http://{}/merchants/m-1/payments", m.proxy);
+    let r = m
+        .http
+        .request(
+            Method::GET,
+            &url,
+            &[
+                ("x-tokenproxy-subject", "m-1"),
+                ("x-tokenproxy-subject", "m-2"),
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(
+        r.error_code(),
+        Some("bad_subject"),
+        "two subject headers are ambiguous"
+    );
+
+    let r = m.pay("m-9", Some("m-9")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), Some("subject_unknown"));
+
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the process keeps serving: {}",
+        r.text()
+    );
+    assert_eq!(m.api.requests(), 1, "no refused request reached the API");
+}
+
+/// A subject whose refresh token the provider refuses needs authorization
+/// (403, and so on for later requests without asking the provider again);
+/// other subjects go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_refresh_token_puts_only_its_subject_in_needs_authorization() {
+    let m = market("", "").await;
+    m.connect("m-1").await;
+    // A refresh token the provider never issued.
+    let r = m
+        .admin_call(
+            Method::PUT,
+            "/clients/pos/subjects/m-dead",
+            br#"{"refresh_token": "never-issued-refresh-token"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    let r = m.pay("m-dead", Some("m-dead")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.error_code(), Some("needs_authorization"));
+    assert!(
+        r.text().contains("connect"),
+        "the detail says how to reconnect: {}",
+        r.text()
+    );
+    let asked = m.provider.token_requests();
+    let r = m.pay("m-dead", Some("m-dead")).await;
+    assert_eq!(r.error_code(), Some("needs_authorization"));
+    assert_eq!(
+        m.provider.token_requests(),
+        asked,
+        "a dead subject does not ask the provider again"
+    );
+
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects/m-dead", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["state"], "needs_authorization");
+    assert!(
+        !r.text().contains("never-issued"),
+        "the API never shows a token: {}",
+        r.text()
+    );
+
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(r.status, StatusCode::OK, "other subjects go on");
+}
+
+/// A provider outage answers `token_unavailable` with Retry-After, and the
+/// subject backs off instead of asking once per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_outage_is_token_unavailable_with_backoff() {
+    let m = market("", "").await;
+    m.connect("m-1").await;
+    m.provider.set_fault(Fault::Status {
+        status: 503,
+        body: "down".into(),
+        content_type: "text/plain",
+        retry_after: None,
+    });
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), Some("token_unavailable"));
+    assert!(r.headers.contains_key("retry-after"));
+    let asked = m.provider.token_requests();
+    for _ in 0..5 {
+        let r = m.pay("m-1", Some("m-1")).await;
+        assert_eq!(r.error_code(), Some("token_unavailable"));
+    }
+    assert_eq!(
+        m.provider.token_requests(),
+        asked,
+        "requests during the backoff do not ask again"
+    );
+}
+
+/// A 401 with `invalid_token` refreshes the subject's token once and replays
+/// the request with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_refreshes_that_subject_once_and_replays() {
+    let m = market("", "").await;
+    m.connect("m-1").await;
+    m.connect("m-2").await;
+    assert_eq!(m.pay("m-1", Some("m-1")).await.status, StatusCode::OK);
+    assert_eq!(m.pay("m-2", Some("m-2")).await.status, StatusCode::OK);
+    m.api.reject_next(1);
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.headers.get("x-tokenproxy-replayed").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        m.provider.grant_requests("refresh_token"),
+        3,
+        "one more token request, for m-1 only"
+    );
+    let last = m.api.recorded().last().cloned().expect("recorded");
+    assert_eq!(last.token_account.as_deref(), Some("m-1"));
+    assert_eq!(m.provider.refresh_token_reuse(), 0);
+}
+
+/// With more subjects than `max_cached`, tokens are evicted from memory and
+/// read back from the store, and each request still carries its own
+/// subject's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_memory_bounded_and_never_mixes_subjects() {
+    let m = market("max_cached = 3", "").await;
+    let merchants: Vec<String> = (0..8).map(|i| format!("m-{i}")).collect();
+    for merchant in &merchants {
+        m.connect(merchant).await;
+    }
+    for _round in 0..3 {
+        for merchant in &merchants {
+            let r = m.pay(merchant, Some(merchant)).await;
+            assert_eq!(r.status, StatusCode::OK, "{merchant}: {}", r.text());
+        }
+    }
+    for req in m.api.recorded() {
+        let named = req.path.split('/').nth(2).expect("merchant in path");
+        assert_eq!(req.token_account.as_deref(), Some(named));
+    }
+    let status = m
+        .http
+        .get(&format!("http://{}/status", m.admin))
+        .await
+        .json();
+    let cached = status["clients"]["pos"]["subjects"]["cached"]
+        .as_u64()
+        .unwrap_or(99);
+    assert!(
+        cached <= 3,
+        "at most max_cached tokens in memory, found {cached}"
+    );
+    assert_eq!(
+        m.provider.grant_requests("refresh_token"),
+        merchants.len(),
+        "an evicted subject's token comes back from the store, not from the provider"
+    );
+    let text = m.metrics().await;
+    let from_store = metric(
+        &text,
+        "tokenproxy_subject_cache_total",
+        &[("client", "pos"), ("result", "store")],
+    );
+    assert!(
+        from_store.unwrap_or(0.0) > 0.0,
+        "store reads are counted: {from_store:?}"
+    );
+}
+
+/// The admin API lists, shows and deletes subjects; it needs the admin key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_lists_shows_and_deletes_subjects_with_the_key() {
+    let m = market("", "").await;
+    for merchant in ["a", "b", "c"] {
+        m.connect(merchant).await;
+    }
+    let url = format!("http://{}/clients/pos/subjects", m.admin);
+    let r = m.http.get(&url).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the key is needed once configured"
+    );
+
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects?limit=2", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let page = r.json();
+    let ids: Vec<&str> = page["subjects"]
+        .as_array()
+        .expect("subjects")
+        .iter()
+        .filter_map(|s| s["subject"].as_str())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(page["next"], "b");
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects?limit=2&after=b", b"")
+        .await;
+    assert_eq!(r.json()["subjects"][0]["subject"], "c");
+    assert!(r.json()["next"].is_null());
+
+    let r = m
+        .admin_call(Method::DELETE, "/clients/pos/subjects/b", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects/b", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), Some("subject_unknown"));
+    let r = m.pay("b", Some("b")).await;
+    assert_eq!(
+        r.error_code(),
+        Some("subject_unknown"),
+        "a deleted subject gets no token"
+    );
+
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects/a", b"")
+        .await;
+    assert_eq!(r.json()["state"], "valid");
+    assert!(r.json()["connected_at"].is_string());
+}
+
+/// With `fallback = "client"`, a request without the header uses the
+/// client's own token; one with it uses the subject's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_client_uses_the_clients_own_token_without_the_header() {
+    let provider = MockProvider::start(ProviderConfig {
+        refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let text = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+api_key_file = "{KEY_FILE}"
+
+[clients.pos]
+listen = "{{listen}}"
+upstream = "{upstream}"
+
+[clients.pos.token]
+url = "{token_url}"
+client_id = "demo-client"
+client_secret = "${{CLIENT_SECRET}}"
+
+[clients.pos.subjects]
+fallback = "client"
+"#,
+        upstream = api.url(),
+        token_url = provider.token_url(),
+    );
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    let (running, proxy, _admin) = start_sidecar_env(&text, env).await;
+    assert!(
+        eventually(Duration::from_secs(5), || running
+            .token("pos")
+            .is_some_and(|t| t.is_ready()))
+        .await,
+        "the client's own token is obtained"
+    );
+    let http = TestClient::new();
+    let r = http.get(&format!("http://{proxy}/api/v1/payments")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        api.recorded()[0].token_account,
+        None,
+        "the client's own token"
+    );
+}
+
+async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::with_capacity(futures.len());
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out = Vec::with_capacity(set.len());
+    // Polled together: each future runs while the others wait on I/O.
+    let joined = futures_util_join(set).await;
+    out.extend(joined);
+    out
+}
+
+async fn futures_util_join<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut results: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futures.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match std::pin::Pin::new(f).poll(cx) {
+                    Poll::Ready(v) => results[i] = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
