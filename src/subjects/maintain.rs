@@ -21,7 +21,8 @@ use crate::store::SubjectStatus;
 const TICK: Duration = Duration::from_secs(1);
 /// How often the subject counts are published.
 const COUNT_EVERY: Duration = Duration::from_secs(15);
-/// How often the sweeper looks for subjects due.
+/// How often the sweeper looks for subjects due, at most: with a short
+/// `refresh_every`, four times per period.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// How long the sweeper's lease lasts: a replica that dies while it sweeps
 /// hands the sweep to another one after this long.
@@ -34,6 +35,10 @@ pub async fn maintain(subjects: Subjects) {
     let inner = subjects.inner;
     let mut last_count: Option<Instant> = None;
     let mut last_sweep: Option<Instant> = None;
+    let sweep_every = inner
+        .config
+        .refresh_every
+        .map_or(SWEEP_EVERY, |every| (every / 4).clamp(TICK, SWEEP_EVERY));
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -47,7 +52,7 @@ pub async fn maintain(subjects: Subjects) {
             last_count = Some(now);
             inner.publish_counts().await;
         }
-        if last_sweep.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+        if last_sweep.is_none_or(|t| now.duration_since(t) >= sweep_every) {
             last_sweep = Some(now);
             inner.sweep().await;
         }
@@ -76,7 +81,7 @@ impl Inner {
                 .remove_if(&subject, |_, c| !c.token.is_usable(now));
         }
         for subject in due {
-            if !self.flights.contains_key(&subject) {
+            if !self.flights.contains_key(&subject) && !self.backing_off(&subject, now) {
                 drop(Inner::flight(self, &subject, Trigger::Proactive, None));
             }
         }

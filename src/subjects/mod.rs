@@ -223,7 +223,10 @@ impl Subjects {
             if cached.token.is_usable(now) {
                 cached.last_used.store(inner.now_ms(now), Ordering::Relaxed);
                 inner.hits.inc();
-                if cached.refresh_at.is_some_and(|at| at <= now) {
+                if cached.refresh_at.is_some_and(|at| at <= now)
+                    && !inner.flights.contains_key(subject)
+                    && !inner.backing_off(subject, now)
+                {
                     // Renewed in the background; this request goes on with the current one.
                     drop(Inner::flight(inner, subject, Trigger::Proactive, None));
                 }
@@ -405,6 +408,11 @@ impl Subjects {
 impl Inner {
     fn now_ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Whether the subject's last token request failed and its backoff runs.
+    fn backing_off(&self, subject: &str, now: Instant) -> bool {
+        self.backoff.get(subject).is_some_and(|b| b.0 > now)
     }
 
     fn cached(&self, subject: &str) -> Option<Arc<Cached>> {

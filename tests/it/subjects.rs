@@ -29,8 +29,16 @@ struct Market {
 }
 
 async fn market(subjects_extra: &str, client_extra: &str) -> Market {
+    market_with(Duration::from_secs(300), subjects_extra, client_extra).await
+}
+
+async fn market_with_lifetime(lifetime: Duration, subjects_extra: &str) -> Market {
+    market_with(lifetime, subjects_extra, "").await
+}
+
+async fn market_with(lifetime: Duration, subjects_extra: &str, client_extra: &str) -> Market {
     let provider = MockProvider::start(ProviderConfig {
-        lifetime: Duration::from_secs(300),
+        lifetime,
         refresh_tokens: true,
         rotate_refresh_tokens: true,
         ..ProviderConfig::default()
@@ -541,4 +549,99 @@ async fn futures_util_join<F: std::future::Future + Unpin>(mut futures: Vec<F>) 
     })
     .await;
     results.into_iter().flatten().collect()
+}
+
+/// A subject in use is renewed ahead of expiry in the background: its
+/// requests never wait for a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_subject_is_renewed_before_expiry_and_its_requests_never_wait() {
+    let m = market_with_lifetime(Duration::from_secs(2), "").await;
+    m.connect("m-1").await;
+    assert_eq!(m.pay("m-1", Some("m-1")).await.status, StatusCode::OK);
+    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    let mut served = 0;
+    while tokio::time::Instant::now() < until {
+        let r = m.pay("m-1", Some("m-1")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served > 20);
+    let text = m.metrics().await;
+    let proactive = metric(
+        &text,
+        "tokenproxy_token_refreshes_total",
+        &[
+            ("client", "pos"),
+            ("trigger", "proactive"),
+            ("outcome", "success"),
+        ],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        proactive >= 1.0,
+        "renewed in the background at least once: {proactive}"
+    );
+    let expired = metric(
+        &text,
+        "tokenproxy_token_refreshes_total",
+        &[
+            ("client", "pos"),
+            ("trigger", "expired"),
+            ("outcome", "success"),
+        ],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(expired, 1.0, "only the first request waited for a token");
+    assert_eq!(m.provider.refresh_token_reuse(), 0);
+}
+
+/// Idle subjects are renewed by the sweeper before `refresh_every` passes,
+/// each once, counted with trigger `sweep`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_renews_idle_subjects_within_refresh_every() {
+    let m = market(
+        "refresh_every = \"2s\"\nmax_concurrent_token_requests = 2",
+        "",
+    )
+    .await;
+    let merchants: Vec<String> = (0..12).map(|i| format!("idle-{i}")).collect();
+    for merchant in &merchants {
+        m.connect(merchant).await;
+    }
+    let renewed = eventually(Duration::from_secs(6), || {
+        m.provider.grant_requests("refresh_token") >= merchants.len()
+    })
+    .await;
+    assert!(
+        renewed,
+        "every idle subject is renewed: {} of {}",
+        m.provider.grant_requests("refresh_token"),
+        merchants.len()
+    );
+    let text = m.metrics().await;
+    let swept = metric(
+        &text,
+        "tokenproxy_token_refreshes_total",
+        &[
+            ("client", "pos"),
+            ("trigger", "sweep"),
+            ("outcome", "success"),
+        ],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        swept >= merchants.len() as f64,
+        "counted as sweeps: {swept}"
+    );
+    assert_eq!(m.provider.refresh_token_reuse(), 0);
+    for merchant in &merchants {
+        let r = m.pay(merchant, Some(merchant)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "a swept subject still works: {}",
+            r.text()
+        );
+    }
 }
