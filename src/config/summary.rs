@@ -174,6 +174,28 @@ impl ClientConfig {
             row(out, "authorize.redirect_uri", &a.redirect_uri)?;
             row(out, "authorize.pkce", if a.pkce { "S256" } else { "off" })?;
         }
+        if let Some(s) = &self.subjects {
+            row(out, "subjects.header", s.header.as_str())?;
+            let fallback = match s.fallback {
+                SubjectFallback::None => "none (subject_required)",
+                SubjectFallback::Client => "client (the client's own token)",
+            };
+            row(out, "subjects.fallback", fallback)?;
+            row(out, "subjects.max_cached", s.max_cached)?;
+            row(out, "subjects.active_window", dur(s.active_window))?;
+            let every = s.refresh_every.map_or_else(|| "(not set)".to_owned(), dur);
+            row(out, "subjects.refresh_every", every)?;
+            let budget = format!(
+                "{} at once, {} per minute",
+                s.max_concurrent_token_requests, s.max_token_requests_per_minute
+            );
+            row(out, "subjects.token budget", budget)?;
+            let revoke = s
+                .revoke_url
+                .as_ref()
+                .map_or_else(|| "(none)".to_owned(), crate::secret::display_url);
+            row(out, "subjects.revoke_url", revoke)?;
+        }
         let i = &self.inject;
         row(
             out,
