@@ -15,7 +15,9 @@
 //! [`SubjectStore::take_once`]) carry connect sessions: an entry is taken at
 //! most once, across processes.
 //!
-//! The memory store keeps records in process, unsealed.
+//! The memory store keeps records in process, unsealed; the file store in an
+//! SQLite database beside the state file (`file_subjects.rs`); Redis under a
+//! hash tag per subject, with a per-client index (`redis/subjects.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
