@@ -2,11 +2,14 @@
 //! `redis-server` (started here on a free port, stopped by PID): one token
 //! request per refresh for all of them, no refresh token sent twice, a killed
 //! leader replaced within the lease time, and a Redis outage ridden out with
-//! the token in memory and reconciled afterwards.
+//! the token in memory and reconciled afterwards. Subjects on Redis: see
+//! `redis_store/subjects.rs`.
 //!
 //! Needs `redis-server` on the PATH (`apt-get install redis-server`; `.ci/run`
 //! installs it).
 
+#[path = "redis_store/subjects.rs"]
+mod subjects;
 mod support;
 
 use std::net::SocketAddr;

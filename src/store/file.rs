@@ -1,6 +1,9 @@
 //! `kind = "file"`: one JSON file holding every client's sealed record, each
 //! under `CLIENT:IDENTITY` (earlier versions: under `CLIENT`).
 //!
+//! Subjects do not live here but in an SQLite database beside it,
+//! `PATH.subjects.db` (see `file_subjects.rs`).
+//!
 //! A write reads the file, replaces one client's entry and writes the whole file
 //! to a temporary file in the same directory (mode 0600), fsyncs it, renames it
 //! over the old one and fsyncs the directory: a crash leaves the old file or the
@@ -94,6 +97,8 @@ enum Content {
 
 pub(crate) struct FileBackend {
     path: Arc<PathBuf>,
+    /// The subjects' database beside the state file, opened on first use.
+    pub(super) subjects: Arc<super::file_subjects::SubjectDb>,
 }
 
 impl FileBackend {
@@ -126,6 +131,7 @@ impl FileBackend {
         read_document(path)?;
         Ok(FileBackend {
             path: Arc::new(path.to_path_buf()),
+            subjects: Arc::new(super::file_subjects::SubjectDb::beside(path)),
         })
     }
 
@@ -219,7 +225,7 @@ impl FileBackend {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f)
@@ -355,7 +361,7 @@ fn lock(path: &Path) -> Result<File, StoreError> {
 }
 
 /// Mode 0600, and a symbolic link at the name is an error, never followed.
-fn private_options() -> OpenOptions {
+pub(super) fn private_options() -> OpenOptions {
     let mut options = OpenOptions::new();
     #[cfg(unix)]
     {
@@ -367,7 +373,7 @@ fn private_options() -> OpenOptions {
     options
 }
 
-fn open_error(path: &Path, e: &io::Error) -> StoreError {
+pub(super) fn open_error(path: &Path, e: &io::Error) -> StoreError {
     #[cfg(unix)]
     if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
         return StoreError::Io(format!(

@@ -38,7 +38,6 @@
 mod file;
 mod file_subjects;
 mod redis;
-mod redis_subjects;
 mod seal;
 mod subjects;
 

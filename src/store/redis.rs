@@ -29,6 +29,9 @@
 //!   `PREFIX:CLIENT:IDENTITY:token` (the same record without the hash tag:
 //!   renamed by [`UNTAG`]).
 //!
+//! Subjects have keys of their own, one hash tag per subject and one for a
+//! client's index of them: see `redis/subjects.rs`.
+//!
 //! A write that carries a refresh token waits for `min_replicas_acked`
 //! replicas (`WAIT`): a replica promoted after a failover has it. One not
 //! acknowledged in time is reported as not stored, so the refresher keeps it
@@ -40,6 +43,7 @@
 //! Every operation is bounded by twice [`OP_TIMEOUT`].
 
 mod conn;
+mod subjects;
 
 use std::time::{Duration, SystemTime};
 
@@ -186,6 +190,7 @@ pub(crate) struct RedisBackend {
     try_lease: Script,
     release: Script,
     extend: Script,
+    subject_scripts: subjects::Scripts,
 }
 
 impl RedisBackend {
@@ -210,6 +215,7 @@ impl RedisBackend {
             try_lease: Script::new(&TRY_LEASE.replace("-- MARK", MARK)),
             release: Script::new(RELEASE),
             extend: Script::new(&EXTEND.replace("-- MARK", MARK)),
+            subject_scripts: subjects::Scripts::new(),
         })
     }
 

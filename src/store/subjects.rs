@@ -15,7 +15,9 @@
 //! [`SubjectStore::take_once`]) carry connect sessions: an entry is taken at
 //! most once, across processes.
 //!
-//! The memory store keeps records in process, unsealed.
+//! The memory store keeps records in process, unsealed; the file store in an
+//! SQLite database beside the state file (`file_subjects.rs`); Redis under a
+//! hash tag per subject, with a per-client index (`redis/subjects.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -112,6 +114,23 @@ pub(crate) struct SubjectEnvelope {
     pub(crate) meta: String,
     /// The sealed tokens (the memory store: their JSON).
     pub(crate) data: String,
+    /// Set by a backend for a stored record it refuses to hand over as it is
+    /// (too big, a field that is not text, a generation that is not a
+    /// number): why. Such a record reads as one that does not open.
+    #[serde(skip)]
+    pub(crate) refused: Option<String>,
+}
+
+impl SubjectEnvelope {
+    /// A stored record that is not handed over as it is: see [`SubjectEnvelope::refused`].
+    pub(crate) fn refused(generation: u64, problem: String) -> SubjectEnvelope {
+        SubjectEnvelope {
+            generation,
+            meta: String::new(),
+            data: String::new(),
+            refused: Some(problem),
+        }
+    }
 }
 
 /// The sealed content.
@@ -132,7 +151,7 @@ pub struct SubjectStore {
     store: Store,
     /// The client's record name, `CLIENT:IDENTITY`: subjects of two
     /// deployments sharing a store under one client name stay apart.
-    key: std::sync::Arc<str>,
+    pub(super) key: std::sync::Arc<str>,
 }
 
 impl Store {
@@ -318,6 +337,7 @@ impl SubjectStore {
             generation: record.generation,
             meta,
             data,
+            refused: None,
         }
     }
 
@@ -327,6 +347,9 @@ impl SubjectStore {
             generation,
             problem: problem.to_owned(),
         };
+        if let Some(problem) = &envelope.refused {
+            return not_opened(problem);
+        }
         let Ok(meta) = serde_json::from_str::<SubjectMeta>(&envelope.meta) else {
             return not_opened("its clear part is not a subject's state");
         };
