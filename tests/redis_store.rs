@@ -8,6 +8,8 @@
 //! Needs `redis-server` on the PATH (`apt-get install redis-server`; `.ci/run`
 //! installs it).
 
+#[path = "redis_store/subject_replicas.rs"]
+mod subject_replicas;
 #[path = "redis_store/subjects.rs"]
 mod subjects;
 mod support;
