@@ -645,3 +645,99 @@ async fn the_sweeper_renews_idle_subjects_within_refresh_every() {
         );
     }
 }
+
+/// With a file store, a subject's rotated refresh token and access token
+/// outlive the process: a restarted sidecar serves the stored access token
+/// without a token request, and later refreshes never reuse a spent refresh
+/// token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_every_subjects_rotated_tokens() {
+    let dir = support::temp_dir("subjects-restart");
+    let store = format!(
+        "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n",
+        dir.join("state.json").display()
+    );
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let text = format!(
+        r#"
+{store}
+[admin]
+listen = "{{admin}}"
+api_key_file = "{KEY_FILE}"
+
+[clients.pos]
+listen = "{{listen}}"
+upstream = "{upstream}"
+
+[clients.pos.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "demo-client"
+client_secret = "${{CLIENT_SECRET}}"
+
+[clients.pos.subjects]
+"#,
+        upstream = api.url(),
+        token_url = provider.token_url(),
+    );
+    let env = || {
+        MapEnv::new()
+            .var("CLIENT_SECRET", CLIENT_SECRET)
+            .file(KEY_FILE, format!("{ADMIN_KEY}\n"))
+    };
+    let http = TestClient::new();
+    let (first, proxy, admin) = start_sidecar_env(&text, env()).await;
+    for merchant in ["m-1", "m-2"] {
+        let rt = provider.issue_refresh_token_for(merchant);
+        let bearer = format!("Bearer {ADMIN_KEY}");
+        let r = http
+            .request(
+                Method::PUT,
+                &format!("http://{admin}/clients/pos/subjects/{merchant}"),
+                &[("authorization", bearer.as_str())],
+                serde_json::json!({ "refresh_token": rt }).to_string().as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        let url = format!("http://{proxy}/merchants/{merchant}/payments");
+        let r = http
+            .request(Method::GET, &url, &[("x-tokenproxy-subject", merchant)], b"")
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    assert_eq!(provider.grant_requests("refresh_token"), 2);
+    first.shutdown().await;
+
+    let (second, proxy, _admin) = start_sidecar_env(&text, env()).await;
+    for merchant in ["m-1", "m-2"] {
+        let url = format!("http://{proxy}/merchants/{merchant}/payments");
+        let r = http
+            .request(Method::GET, &url, &[("x-tokenproxy-subject", merchant)], b"")
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "after the restart: {}", r.text());
+    }
+    assert_eq!(
+        provider.grant_requests("refresh_token"),
+        2,
+        "the restarted sidecar serves the stored access tokens"
+    );
+    provider.revoke_all();
+    for merchant in ["m-1", "m-2"] {
+        let url = format!("http://{proxy}/merchants/{merchant}/payments");
+        let r = http
+            .request(Method::GET, &url, &[("x-tokenproxy-subject", merchant)], b"")
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "refreshed with the stored rotated token: {}", r.text());
+    }
+    assert_eq!(provider.grant_requests("refresh_token"), 4);
+    assert_eq!(provider.refresh_token_reuse(), 0, "no spent refresh token was sent again");
+    second.shutdown().await;
+}
