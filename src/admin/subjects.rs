@@ -152,7 +152,8 @@ impl Admin {
                         "state must be valid or needs_authorization",
                     ))?)
                 }
-                "after" => after = Some(v.into_owned()),
+                "after" if is_valid_subject(&v) => after = Some(v.into_owned()),
+                "after" => return Err(AdminError::BadSubject),
                 "limit" => {
                     limit = v
                         .parse::<usize>()
@@ -258,7 +259,7 @@ impl Admin {
             );
             match subjects.store().put(subject, &record).await {
                 Ok(Saved::Written) => {
-                    subjects.forget(subject);
+                    subjects.forget(subject).await;
                     let status = if previous == 0 {
                         StatusCode::CREATED
                     } else {
@@ -299,7 +300,7 @@ impl Admin {
             .delete(subject)
             .await
             .map_err(|e| AdminError::Busy(format!("the store cannot be written: {e}")))?;
-        subjects.forget(subject);
+        subjects.forget(subject).await;
         if !deleted {
             return Ok(subject_unknown(name, subject));
         }

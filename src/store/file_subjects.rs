@@ -269,6 +269,7 @@ impl FileBackend {
         key: &str,
         subject: &str,
         envelope: SubjectEnvelope,
+        existing_only: bool,
     ) -> Result<Saved, StoreError> {
         let meta: SubjectMeta = serde_json::from_str(&envelope.meta).map_err(|e| {
             StoreError::Io(format!(
@@ -288,10 +289,13 @@ impl FileBackend {
                         |r| r.get(0),
                     )
                     .optional()?;
-                if let Some(held) = held.as_ref().map(fence) {
-                    if held >= envelope.generation {
+                match held.as_ref().map(fence) {
+                    Some(held) if held >= envelope.generation => {
                         return Ok(Saved::Stale { generation: held });
                     }
+                    // Deleted meanwhile: it stays deleted.
+                    None if existing_only => return Ok(Saved::Stale { generation: 0 }),
+                    _ => {}
                 }
                 tx.execute(
                     "INSERT INTO subjects (client, subject, generation, status, due_at_ms, meta, data)

@@ -192,6 +192,23 @@ impl SubjectStore {
     /// Writes `record` if the store holds an older generation (or none);
     /// [`Saved::Stale`] names the generation it holds otherwise.
     pub async fn put(&self, subject: &str, record: &SubjectRecord) -> Result<Saved, StoreError> {
+        self.write(subject, record, false).await
+    }
+
+    /// Writes `record` over an older generation of an existing record only: a
+    /// subject deleted meanwhile stays deleted ([`Saved::Stale`] with
+    /// generation 0). Refreshes write with this, so a deletion is never undone
+    /// by a token request that was under way.
+    pub async fn update(&self, subject: &str, record: &SubjectRecord) -> Result<Saved, StoreError> {
+        self.write(subject, record, true).await
+    }
+
+    async fn write(
+        &self,
+        subject: &str,
+        record: &SubjectRecord,
+        existing_only: bool,
+    ) -> Result<Saved, StoreError> {
         if record.generation == 0 || record.generation > MAX_GENERATION {
             return Err(StoreError::Io(format!(
                 "subject record generation {} is out of range",
@@ -200,9 +217,20 @@ impl SubjectStore {
         }
         let envelope = self.seal(subject, record);
         match &*self.store.backend {
-            Backend::Memory => Ok(self.store.memory.put(&self.key, subject, envelope)),
-            Backend::File(f) => f.subject_put(&self.key, subject, envelope).await,
-            Backend::Redis(r) => r.subject_put(&self.key, subject, envelope).await,
+            Backend::Memory => {
+                Ok(self
+                    .store
+                    .memory
+                    .put(&self.key, subject, envelope, existing_only))
+            }
+            Backend::File(f) => {
+                f.subject_put(&self.key, subject, envelope, existing_only)
+                    .await
+            }
+            Backend::Redis(r) => {
+                r.subject_put(&self.key, subject, envelope, existing_only)
+                    .await
+            }
         }
     }
 
@@ -407,15 +435,23 @@ impl MemorySubjects {
             .cloned()
     }
 
-    fn put(&self, key: &str, subject: &str, envelope: SubjectEnvelope) -> Saved {
+    fn put(
+        &self,
+        key: &str,
+        subject: &str,
+        envelope: SubjectEnvelope,
+        existing_only: bool,
+    ) -> Saved {
         let mut records = self.records();
         let slot = (key.to_owned(), subject.to_owned());
-        if let Some(held) = records.get(&slot) {
-            if held.generation >= envelope.generation {
+        match records.get(&slot) {
+            Some(held) if held.generation >= envelope.generation => {
                 return Saved::Stale {
                     generation: held.generation,
                 };
             }
+            None if existing_only => return Saved::Stale { generation: 0 },
+            _ => {}
         }
         records.insert(slot, envelope);
         Saved::Written

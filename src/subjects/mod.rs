@@ -316,11 +316,21 @@ impl Subjects {
         }
     }
 
-    /// Forgets what memory holds of `subject` (after an admin import or delete).
-    pub fn forget(&self, subject: &str) {
-        self.inner.cache.remove(subject);
-        self.inner.backoff.remove(subject);
-        self.inner.pending.remove(subject);
+    /// Forgets what memory holds of `subject` (after an admin import or
+    /// delete), once a token request under way for it has ended: a token it
+    /// installs is dropped too.
+    pub async fn forget(&self, subject: &str) {
+        let inner = &self.inner;
+        inner.cache.remove(subject);
+        inner.backoff.remove(subject);
+        inner.pending.remove(subject);
+        let flight = inner.flights.get(subject).map(|f| f.clone());
+        if let Some(mut flight) = flight {
+            let bound = inner.token.timeout + Duration::from_secs(5);
+            let _ended = tokio::time::timeout(bound, flight.wait_for(Option::is_some)).await;
+            inner.cache.remove(subject);
+            inner.pending.remove(subject);
+        }
     }
 
     /// Whether `subject` has a token in memory.

@@ -287,9 +287,16 @@ impl Inner {
             new.tokens.refresh_expires_at = record.tokens.refresh_expires_at;
             new.meta.refresh_expires_at_ms = record.meta.refresh_expires_at_ms;
         }
-        match self.store.put(subject, &new).await {
+        match self.store.update(subject, &new).await {
             Ok(Saved::Written) => {
                 self.pending.remove(subject);
+            }
+            Ok(Saved::Stale { generation: 0 }) => {
+                // Deleted while its token was requested: it stays deleted.
+                info!(client = %self.client, subject, "the subject was deleted while its token was requested; the new tokens are dropped");
+                self.pending.remove(subject);
+                self.cache.remove(subject);
+                return Err(Rejected::Error(SubjectError::Unknown(subject.to_owned())));
             }
             Ok(Saved::Stale { generation }) => {
                 // Only a replica that lost its lease gets here: the store holds
@@ -365,7 +372,7 @@ impl Inner {
         dead.meta.reason = Some(reason);
         dead.meta.last_outcome = Some("rejected".to_owned());
         dead.meta.due_at_ms = None;
-        match self.store.put(subject, &dead).await {
+        match self.store.update(subject, &dead).await {
             Ok(_) => {
                 self.pending.remove(subject);
             }
@@ -443,7 +450,7 @@ impl Inner {
             let Some(record) = self.pending.get(&subject).map(|r| r.clone()) else {
                 continue;
             };
-            match self.store.put(&subject, &record).await {
+            match self.store.update(&subject, &record).await {
                 Ok(_) => {
                     self.pending
                         .remove_if(&subject, |_, r| r.generation == record.generation);

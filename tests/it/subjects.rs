@@ -703,13 +703,20 @@ client_secret = "${{CLIENT_SECRET}}"
                 Method::PUT,
                 &format!("http://{admin}/clients/pos/subjects/{merchant}"),
                 &[("authorization", bearer.as_str())],
-                serde_json::json!({ "refresh_token": rt }).to_string().as_bytes(),
+                serde_json::json!({ "refresh_token": rt })
+                    .to_string()
+                    .as_bytes(),
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED);
         let url = format!("http://{proxy}/merchants/{merchant}/payments");
         let r = http
-            .request(Method::GET, &url, &[("x-tokenproxy-subject", merchant)], b"")
+            .request(
+                Method::GET,
+                &url,
+                &[("x-tokenproxy-subject", merchant)],
+                b"",
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
@@ -720,7 +727,12 @@ client_secret = "${{CLIENT_SECRET}}"
     for merchant in ["m-1", "m-2"] {
         let url = format!("http://{proxy}/merchants/{merchant}/payments");
         let r = http
-            .request(Method::GET, &url, &[("x-tokenproxy-subject", merchant)], b"")
+            .request(
+                Method::GET,
+                &url,
+                &[("x-tokenproxy-subject", merchant)],
+                b"",
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "after the restart: {}", r.text());
     }
@@ -733,11 +745,65 @@ client_secret = "${{CLIENT_SECRET}}"
     for merchant in ["m-1", "m-2"] {
         let url = format!("http://{proxy}/merchants/{merchant}/payments");
         let r = http
-            .request(Method::GET, &url, &[("x-tokenproxy-subject", merchant)], b"")
+            .request(
+                Method::GET,
+                &url,
+                &[("x-tokenproxy-subject", merchant)],
+                b"",
+            )
             .await;
-        assert_eq!(r.status, StatusCode::OK, "refreshed with the stored rotated token: {}", r.text());
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "refreshed with the stored rotated token: {}",
+            r.text()
+        );
     }
     assert_eq!(provider.grant_requests("refresh_token"), 4);
-    assert_eq!(provider.refresh_token_reuse(), 0, "no spent refresh token was sent again");
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "no spent refresh token was sent again"
+    );
     second.shutdown().await;
+}
+
+/// A subject deleted while its token is being requested stays deleted: the
+/// answer that comes back is neither stored nor served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_deleted_during_its_refresh_stays_deleted() {
+    let m = market("", "").await;
+    m.connect("m-1").await;
+    m.provider
+        .set_fault(Fault::Delay(Duration::from_millis(800)));
+    let request = m.pay("m-1", Some("m-1"));
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        m.admin_call(Method::DELETE, "/clients/pos/subjects/m-1", b"")
+            .await
+    };
+    let (paid, deleted) = tokio::join!(request, delete);
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.text());
+    assert_eq!(
+        paid.error_code(),
+        Some("subject_unknown"),
+        "{}",
+        paid.text()
+    );
+    m.provider.set_fault(Fault::None);
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects/m-1", b"")
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "the refresh under way did not bring it back"
+    );
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(r.error_code(), Some("subject_unknown"));
+    assert_eq!(
+        m.api.requests(),
+        0,
+        "no request was sent with the deleted subject's token"
+    );
 }

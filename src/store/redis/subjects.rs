@@ -58,12 +58,14 @@ fn position(status: SubjectStatus) -> usize {
 const BATCH: usize = 200;
 
 /// The fenced write of KEYS[1]: generation ARGV[1], meta ARGV[2], data
-/// ARGV[3]. Returns -1 when written, else the stored
+/// ARGV[3]; with ARGV[4] = '1' only over an existing record (a subject
+/// deleted meanwhile stays deleted: 0). Returns -1 when written, else the stored
 /// generation. A stored generation that is not a whole number, or a key of
 /// another type, was not written by tokenproxy and fences nothing; one above
 /// 2^53 fences everything (reported as 2^53).
 pub(super) const PUT: &str = r"
 local t = redis.call('TYPE', KEYS[1])['ok']
+if ARGV[4] == '1' and t == 'none' then return 0 end
 local raw = false
 if t == 'hash' then raw = redis.call('HGET', KEYS[1], 'generation') end
 local cur = tonumber(raw or '0')
@@ -300,6 +302,7 @@ impl RedisBackend {
         name: &str,
         subject: &str,
         envelope: SubjectEnvelope,
+        existing_only: bool,
     ) -> Result<Saved, StoreError> {
         let meta: SubjectMeta = serde_json::from_str(&envelope.meta).map_err(|e| {
             StoreError::Io(format!(
@@ -311,7 +314,8 @@ impl RedisBackend {
         invocation
             .arg(envelope.generation)
             .arg(&envelope.meta)
-            .arg(&envelope.data);
+            .arg(&envelope.data)
+            .arg(if existing_only { "1" } else { "0" });
         let wanted = self.min_replicas_acked;
         let (answer, acked): (i64, u32) = self
             .run("write", async |h| {
