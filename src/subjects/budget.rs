@@ -1,7 +1,12 @@
 //! The token-endpoint budget of one client's subjects: at most
-//! `max_concurrent_token_requests` at once and `max_token_requests_per_minute`,
-//! so that a herd (thousands of subjects expiring together after an outage)
-//! queues here instead of hammering the provider.
+//! `max_concurrent_token_requests` at once and `max_token_requests_per_minute`
+//! in any 60 seconds, so that a herd (thousands of subjects expiring together
+//! after an outage) queues here instead of hammering the provider.
+//!
+//! The rate is a token bucket of one request refilled at the budget's pace
+//! (`per_minute` / 60 per second): requests leave at least 60 / `per_minute`
+//! seconds apart once the one in the bucket is spent, so no 60-second window
+//! holds more than the budget.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,10 +22,10 @@ pub(super) struct Spend<'a> {
 
 pub(super) struct Budget {
     concurrent: Semaphore,
-    /// Token bucket: (tokens, last refill), refilled at `per_minute` per minute
-    /// up to `per_minute / 6` (ten seconds' worth, at least one).
+    /// Token bucket: (tokens, last refill), refilled at `refill` per second up
+    /// to `burst`.
     bucket: Mutex<(f64, Instant)>,
-    per_minute: f64,
+    refill: f64,
     burst: f64,
     waiting: IntGauge,
 }
@@ -28,11 +33,12 @@ pub(super) struct Budget {
 impl Budget {
     pub(super) fn new(concurrent: usize, per_minute: usize, waiting: IntGauge) -> Budget {
         let per_minute = per_minute.max(1) as f64;
-        let burst = (per_minute / 6.0).max(1.0);
+        let burst = 1.0;
+        let refill = per_minute / 60.0;
         Budget {
             concurrent: Semaphore::new(concurrent.max(1)),
             bucket: Mutex::new((burst, Instant::now())),
-            per_minute,
+            refill,
             burst,
             waiting,
         }
@@ -55,7 +61,7 @@ impl Budget {
     fn take_token(&self) -> Result<(), Duration> {
         let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let refill = now.duration_since(bucket.1).as_secs_f64() * self.per_minute / 60.0;
+        let refill = now.duration_since(bucket.1).as_secs_f64() * self.refill;
         bucket.0 = (bucket.0 + refill).min(self.burst);
         bucket.1 = now;
         if bucket.0 >= 1.0 {
@@ -63,7 +69,7 @@ impl Budget {
             Ok(())
         } else {
             let missing = 1.0 - bucket.0;
-            Err(Duration::from_secs_f64(missing * 60.0 / self.per_minute))
+            Err(Duration::from_secs_f64(missing / self.refill))
         }
     }
 }
@@ -80,20 +86,42 @@ impl Drop for Waiting<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_never_exceeds_the_budget_after_the_burst() {
-        let gauge = IntGauge::new("w", "w").unwrap();
-        let budget = Budget::new(100, 60, gauge);
+    /// Spends as fast as the budget allows for `secs` seconds and returns when
+    /// each request left.
+    async fn spend_for(budget: &Budget, secs: u64) -> Vec<Duration> {
         let started = Instant::now();
-        for _ in 0..30 {
+        let mut at = Vec::new();
+        while started.elapsed() < Duration::from_secs(secs) {
             let _spend = budget.spend().await.unwrap();
+            at.push(started.elapsed());
         }
-        // 10 at once (ten seconds' worth), then one per second.
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_secs(19) && took <= Duration::from_secs(21),
-            "30 requests at 60/min with a burst of 10 should take about 20 s, took {took:?}"
-        );
+        at
+    }
+
+    /// The most requests in any `window` of `at`.
+    fn busiest(at: &[Duration], window: Duration) -> usize {
+        (0..at.len())
+            .map(|i| at[i..].iter().take_while(|t| **t < at[i] + window).count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_60_second_window_holds_more_than_the_budget() {
+        for per_minute in [1, 7, 60, 600, 6000] {
+            let budget = Budget::new(1000, per_minute, IntGauge::new("w", "w").unwrap());
+            let at = spend_for(&budget, 300).await;
+            let most = busiest(&at, Duration::from_secs(60));
+            assert!(
+                most <= per_minute,
+                "{per_minute}/min: {most} requests in one 60 s window"
+            );
+            assert!(
+                at.len() as f64 >= per_minute as f64 * 5.0 * 0.95,
+                "{per_minute}/min: only {} requests in 5 minutes",
+                at.len()
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
