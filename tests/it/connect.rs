@@ -393,11 +393,15 @@ async fn a_connect_link_onboards_its_subject_and_requests_for_it_carry_its_token
 }
 
 /// Opening a link uses it: a second open, in the same or another browser,
-/// gets 410 and binds nothing.
+/// gets 410 and binds nothing (a HEAD does not use it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_works_once() {
     let m = market("15m").await;
     let link = m.link("m-1", None).await;
+    // A link checker's HEAD does not use the link up.
+    let head = m.http.request(Method::HEAD, &link, &[], b"").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_security_headers(&head, "a HEAD of a link");
     let mut first = Browser::new();
     let authorize = first.open(&link).await;
     let mut other = Browser::new();
@@ -658,5 +662,46 @@ async fn a_real_browser_connects_a_merchant() {
             .and_then(|r| r.token_account.clone())
             .as_deref(),
         Some("m-2")
+    );
+}
+
+/// A reload that changes `[connect]` keeps the running listener and says it
+/// needs a restart; shutdown closes the connect listener with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_listener_survives_a_reload_and_closes_on_shutdown() {
+    let mut m = market("15m").await;
+    let changed = m
+        .config_text
+        .replace("session_ttl = \"15m\"", "session_ttl = \"5m\"");
+    let env = MapEnv::new().file(
+        m.key_file.to_str().expect("utf-8 path"),
+        format!("{ADMIN_KEY}\n"),
+    );
+    let new = tokenproxy::config::from_str(&changed, None, &env).expect("valid config");
+    let summary = m.running.reload(new).await.expect("reload");
+    assert!(
+        summary.needs_restart.contains(&"connect"),
+        "a changed [connect] needs a restart: {summary:?}"
+    );
+    assert_eq!(m.running.connect_addr(), Some(m.connect));
+    // Links still work, with the settings the listener started with.
+    let r = m
+        .admin_call(Method::POST, "/clients/pos/subjects/m-1/connect", "")
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let expires = humantime::parse_rfc3339(r.json()["expires_at"].as_str().expect("expiry"))
+        .expect("RFC 3339");
+    assert!(
+        expires > std::time::SystemTime::now() + Duration::from_secs(10 * 60),
+        "session_ttl stays 15m until a restart"
+    );
+    let link = r.json()["url"].as_str().expect("url").to_owned();
+    Browser::new().open(&link).await;
+
+    let connect = m.connect;
+    m.running.shutdown().await;
+    assert!(
+        tokio::net::TcpStream::connect(connect).await.is_err(),
+        "the connect listener is closed after shutdown"
     );
 }
