@@ -21,6 +21,7 @@ use tracing::{info, warn, Instrument};
 use crate::admin::{Admin, AdminClient};
 use crate::clock::SharedClock;
 use crate::config::{ClientConfig, Config};
+use crate::connect::{Connect, ConnectClient};
 use crate::http::client::{Clients, UpstreamError};
 use crate::metrics::{self, Metrics};
 use crate::origin::{self, HostRule};
@@ -83,12 +84,15 @@ pub enum StartError {
     },
 }
 
-/// Pre-bound sockets: the admin listener and one per distinct client `listen`.
+/// Pre-bound sockets: the admin listener, one per distinct client `listen`,
+/// and the connect listener when `[connect]` is configured.
 pub struct Listeners {
     /// The admin listener.
     pub admin: TcpListener,
     /// Proxy listeners keyed by their configured address.
     pub proxies: BTreeMap<SocketAddr, TcpListener>,
+    /// The connect listener (`[connect] listen`).
+    pub connect: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -101,7 +105,15 @@ impl Listeners {
                 slot.insert(bind(client.listen).await?);
             }
         }
-        Ok(Listeners { admin, proxies })
+        let connect = match &config.connect {
+            Some(c) => Some(bind(c.listen).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            admin,
+            proxies,
+            connect,
+        })
     }
 }
 
@@ -173,6 +185,14 @@ pub struct ReloadSummary {
     pub needs_restart: Vec<&'static str>,
 }
 
+/// The public connect listener.
+struct ConnectListener {
+    connect: Arc<Connect>,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
 /// A running sidecar. Dropping it aborts every task; [`Running::shutdown`] drains.
 pub struct Running {
     config: Config,
@@ -182,6 +202,8 @@ pub struct Running {
     admin_addr: SocketAddr,
     admin_stop: watch::Sender<bool>,
     admin_task: Option<JoinHandle<()>>,
+    /// Connect sessions and their listener, when `[connect]` is configured.
+    connect: Option<ConnectListener>,
     retired: Vec<JoinHandle<()>>,
     metrics: Metrics,
     http: Clients,
@@ -237,13 +259,17 @@ fn start_on(
             addr: config.admin.listen,
             source,
         })?;
-    let admin = Arc::new(Admin::new(
-        Vec::new(),
-        metrics.clone(),
-        Arc::clone(&draining),
-        config.admin.api_key.clone(),
-        HostRule::new(admin_addr, config.admin.allowed_hosts.clone(), false),
-    ));
+    let connect = config.connect.clone().map(|c| Arc::new(Connect::new(c)));
+    let admin = Arc::new(
+        Admin::new(
+            Vec::new(),
+            metrics.clone(),
+            Arc::clone(&draining),
+            config.admin.api_key.clone(),
+            HostRule::new(admin_addr, config.admin.allowed_hosts.clone(), false),
+        )
+        .with_connect(connect.clone()),
+    );
     let (admin_stop, admin_stop_rx) = watch::channel(false);
 
     let mut running = Running {
@@ -254,6 +280,7 @@ fn start_on(
         admin_addr,
         admin_stop,
         admin_task: None,
+        connect: None,
         retired: Vec::new(),
         metrics,
         http,
@@ -276,6 +303,13 @@ fn start_on(
     }
     for (addr, listener) in wanted {
         running.add_listener(addr, listener)?;
+    }
+    if let (Some(connect), Some(c)) = (connect, &config.connect) {
+        let listener = listeners
+            .connect
+            .take()
+            .ok_or(StartError::MissingListener(c.listen))?;
+        running.connect = Some(serve_connect(connect, listener, &config.limits)?);
     }
     running.publish_tables();
     // Only now: /readyz must not answer before it knows every client (an empty
@@ -306,7 +340,41 @@ fn start_on(
     Ok(running)
 }
 
+/// Serves the connect listener with the proxy listeners' limits.
+fn serve_connect(
+    connect: Arc<Connect>,
+    listener: TcpListener,
+    limits: &crate::config::Limits,
+) -> Result<ConnectListener, StartError> {
+    let addr = connect.config().listen;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let (stop, stop_rx) = watch::channel(false);
+    let serving = Arc::clone(&connect);
+    let task = tokio::spawn(server::serve(
+        "connect",
+        listener,
+        limits.clone(),
+        server::connection_slots(limits),
+        stop_rx,
+        move |req, peer| Arc::clone(&serving).handle(req, peer),
+    ));
+    info!(addr = %bound, public_url = %connect.config().public_url, "connect listening");
+    Ok(ConnectListener {
+        connect,
+        bound,
+        stop,
+        task,
+    })
+}
+
 impl Running {
+    /// The connect listener's bound address, when `[connect]` is configured.
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.connect.as_ref().map(|c| c.bound)
+    }
+
     /// The admin listener's bound address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
@@ -390,6 +458,9 @@ impl Running {
         if new.runtime != self.config.runtime {
             summary.needs_restart.push("runtime");
         }
+        if new.connect != self.config.connect {
+            summary.needs_restart.push("connect");
+        }
         let mut fresh = BTreeMap::new();
         for addr in self.wanted_listeners(&new) {
             if !self.listeners.contains_key(&addr) {
@@ -468,18 +539,20 @@ impl Running {
                 self.retired.extend(entry.tasks);
             }
         }
-        // Keep admin, limits, log and runtime as they are: they need a restart.
+        // Keep admin, limits, log, runtime and connect as they are: they need a restart.
         let kept = (
             self.config.admin.clone(),
             self.config.limits.clone(),
             self.config.log.clone(),
             self.config.runtime,
+            self.config.connect.clone(),
         );
         self.config = Config {
             admin: kept.0,
             limits: kept.1,
             log: kept.2,
             runtime: kept.3,
+            connect: kept.4,
             ..new
         };
         self.publish_tables();
@@ -498,6 +571,10 @@ impl Running {
         for (_, entry) in std::mem::take(&mut self.listeners) {
             let _receivers_gone = entry.stop.send(true);
             tasks.extend(entry.tasks);
+        }
+        if let Some(connect) = self.connect.take() {
+            let _receivers_gone = connect.stop.send(true);
+            tasks.push(connect.task);
         }
         for task in tasks {
             match tokio::time::timeout_at(deadline, task).await {
@@ -779,6 +856,20 @@ impl Running {
             })
             .collect();
         self.admin.set_clients(handles);
+        if let Some(c) = &self.connect {
+            let connectable = self
+                .clients
+                .iter()
+                .filter_map(|(name, e)| {
+                    Some(ConnectClient {
+                        name: name.clone(),
+                        subjects: e.runtime.subjects.clone()?,
+                        authorize: e.config.authorize.clone(),
+                    })
+                })
+                .collect();
+            c.connect.set_clients(connectable);
+        }
     }
 }
 
@@ -790,6 +881,7 @@ impl Drop for Running {
             .flat_map(|c| c.refresher.iter().chain(&c.maintenance))
             .chain(self.listeners.values().flat_map(|l| &l.tasks))
             .chain(&self.retired)
+            .chain(self.connect.as_ref().map(|c| &c.task))
             .chain(self.admin_task.as_ref());
         for task in tasks {
             task.abort();

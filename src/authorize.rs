@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::clock::SystemClock;
-use crate::config::{ClientConfig, Config, StoreConfig};
+use crate::config::{AuthorizeConfig, ClientConfig, Config, StoreConfig, TokenConfig};
 use crate::secret::Secret;
 use crate::store::{next_generation, Record, Saved, Store, StoreError, TokenState};
 use crate::token::{TokenEndpoint, TokenError};
@@ -121,17 +121,41 @@ pub fn authorization_request(
         .ok_or_else(|| AuthorizeError::NotConfigured(client.name.clone()))?;
     let state = random_b64(16);
     let verifier = a.pkce.then(|| Secret::new(random_b64(32)));
+    let url = authorization_url(
+        a,
+        &client.token,
+        &a.redirect_uri.to_string(),
+        &state,
+        verifier.as_ref(),
+    );
+    Ok(AuthorizationRequest {
+        url,
+        state,
+        verifier,
+    })
+}
+
+/// The URL that sends a person to the provider's login page of `a`:
+/// response_type=code, client_id, `redirect_uri`, scope (`[authorize]`'s, else
+/// the token's), `state`, the S256 challenge of `verifier`, then `a.params`.
+pub(crate) fn authorization_url(
+    a: &AuthorizeConfig,
+    token: &TokenConfig,
+    redirect_uri: &str,
+    state: &str,
+    verifier: Option<&Secret>,
+) -> String {
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("response_type", "code");
-    if let Some(id) = &client.token.client_id {
+    if let Some(id) = &token.client_id {
         query.append_pair("client_id", id);
     }
-    query.append_pair("redirect_uri", &a.redirect_uri.to_string());
-    if let Some(scope) = a.scope.as_ref().or(client.token.scope.as_ref()) {
+    query.append_pair("redirect_uri", redirect_uri);
+    if let Some(scope) = a.scope.as_ref().or(token.scope.as_ref()) {
         query.append_pair("scope", scope);
     }
-    query.append_pair("state", &state);
-    if let Some(v) = &verifier {
+    query.append_pair("state", state);
+    if let Some(v) = verifier {
         let digest = ring::digest::digest(&ring::digest::SHA256, v.expose().as_bytes());
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref());
         query.append_pair("code_challenge", &challenge);
@@ -142,14 +166,11 @@ pub fn authorization_request(
     }
     let base = a.url.to_string();
     let sep = if base.contains('?') { '&' } else { '?' };
-    Ok(AuthorizationRequest {
-        url: format!("{base}{sep}{}", query.finish()),
-        state,
-        verifier,
-    })
+    format!("{base}{sep}{}", query.finish())
 }
 
-fn random_b64(bytes: usize) -> String {
+/// `bytes` random bytes from the system RNG, base64url without padding.
+pub(crate) fn random_b64(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf).is_err() {
         // The system RNG does not fail on Linux; should it, a one-shot state from

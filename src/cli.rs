@@ -62,6 +62,12 @@ pub enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Work with a client's subjects through the running sidecar's admin listener.
+    Subjects {
+        /// What to do.
+        #[command(subcommand)]
+        command: SubjectsCommand,
+    },
     /// Run the sidecar in front of a built-in mock provider and API on loopback.
     Demo {
         /// Where the demo sidecar listens for the app.
@@ -85,5 +91,22 @@ pub enum Command {
         /// The loopback port `tokenproxy authorize wallet` receives the redirect on.
         #[arg(long, default_value = "8765")]
         redirect_port: u16,
+    },
+}
+
+/// `tokenproxy subjects ...`.
+#[derive(Debug, Subcommand)]
+pub enum SubjectsCommand {
+    /// Print a one-time connect link for SUBJECT of CLIENT: whoever opens it
+    /// signs in at the provider, and the tokens become SUBJECT's.
+    Connect {
+        /// The client name (a `[clients.NAME]` table with `[subjects]` and `[authorize]`).
+        client: String,
+        /// The subject id (1 to 128 characters of A-Za-z0-9._:@-).
+        subject: String,
+        /// Where the browser goes afterwards; must start with one of `connect.return_to`
+        /// (default: the first of them).
+        #[arg(long, value_name = "URL")]
+        return_to: Option<String>,
     },
 }

@@ -135,6 +135,7 @@ scope = "payments"
         Listeners {
             admin: admin_listener,
             proxies,
+            connect: None,
         },
         Arc::new(SystemClock),
     )?;

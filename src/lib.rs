@@ -25,6 +25,7 @@
 //! | [`operator`] | commands that talk to a running sidecar's admin listener |
 //! | `origin` | which `Host` and browser origin a listener accepts (DNS rebinding, cross-site requests) |
 //! | [`authorize`] | `tokenproxy authorize`: the authorization-code flow into the token store |
+//! | [`connect`] | connect sessions: one-time links, the public connect listener, `/callback`, end pages |
 //! | [`telemetry`] | log subscriber setup |
 //! | [`signal`] | SIGTERM/SIGINT → drain |
 //! | `demo` | `tokenproxy demo`: the sidecar in front of the mocks (the `tokenproxy-mock` crate, default feature `demo`) |
@@ -36,7 +37,7 @@
 //! drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
 //! listeners in.
 //!
-//! Imports run one way: `app` and `admin` use `proxy`, `proxy` uses `subjects`, `token` and
+//! Imports run one way: `app` and `admin` use `proxy` and `connect`, `connect` uses `subjects`, `proxy` uses `subjects`, `token` and
 //! `http`, `subjects` uses `token` and `store`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
 //! imports anything high (no module imports one that imports it back).
 
@@ -52,6 +53,7 @@ pub mod authorize;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connect;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub(crate) mod error;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context as _};
 use clap::Parser;
 
-use tokenproxy::cli::{Cli, Command};
+use tokenproxy::cli::{Cli, Command, SubjectsCommand};
 use tokenproxy::clock::SystemClock;
 use tokenproxy::config::{self, Config, SystemEnv};
 #[cfg(feature = "demo")]
@@ -48,6 +48,15 @@ fn main() -> ExitCode {
                 },
             )
         }),
+        Command::Subjects {
+            command:
+                SubjectsCommand::Connect {
+                    client,
+                    subject,
+                    return_to,
+                },
+        } => config_path(cli.config.as_deref())
+            .and_then(|p| connect_command(&p, &client, &subject, return_to.as_deref())),
         #[cfg(feature = "demo")]
         Command::Demo {
             listen,
@@ -173,6 +182,32 @@ fn provide_refresh_token(path: &Path, client: &str) -> anyhow::Result<()> {
         status["access_token_expires_at"]
             .as_str()
             .unwrap_or("(no expiry stated)")
+    );
+    Ok(())
+}
+
+fn connect_command(
+    path: &Path,
+    client: &str,
+    subject: &str,
+    return_to: Option<&str>,
+) -> anyhow::Result<()> {
+    let config = load(path)?;
+    if !config.clients.iter().any(|c| c.name == client) {
+        bail!("no client {client:?} in {}", path.display());
+    }
+    let admin = tokenproxy::operator::admin_target(config.admin.listen);
+    let link = runtime()?.block_on(tokenproxy::operator::connect_link(
+        admin,
+        config.admin.api_key.as_ref(),
+        client,
+        subject,
+        return_to,
+    ))?;
+    println!("{}", link.url);
+    eprintln!(
+        "one-time link for subject {subject} of client {client}; it expires at {}",
+        link.expires_at
     );
     Ok(())
 }

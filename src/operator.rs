@@ -71,13 +71,7 @@ pub async fn provide_refresh_token(
     token: Secret,
     wait: Duration,
 ) -> Result<serde_json::Value, OperatorError> {
-    let api_key = api_key.ok_or(OperatorError::NoApiKey)?;
-    let authorization = http::HeaderValue::try_from(format!("Bearer {}", api_key.expose()))
-        .map(|mut v| {
-            v.set_sensitive(true);
-            v
-        })
-        .map_err(|_| OperatorError::NoApiKey)?;
+    let authorization = bearer(api_key)?;
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let before = status_of(&http, admin, client).await?;
@@ -119,6 +113,73 @@ pub async fn provide_refresh_token(
             });
         }
     }
+}
+
+/// A connect link made by the running sidecar.
+#[derive(Debug, Clone)]
+pub struct ConnectLink {
+    /// The one-time URL.
+    pub url: String,
+    /// When it stops working (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Asks the sidecar at `admin` for a one-time connect link of `subject` of
+/// `client` (`POST /clients/CLIENT/subjects/SUBJECT/connect`).
+pub async fn connect_link(
+    admin: SocketAddr,
+    api_key: Option<&Secret>,
+    client: &str,
+    subject: &str,
+    return_to: Option<&str>,
+) -> Result<ConnectLink, OperatorError> {
+    let authorization = bearer(api_key)?;
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let body = match return_to {
+        Some(url) => serde_json::json!({ "return_to": url }).to_string(),
+        None => String::new(),
+    };
+    let path = format!(
+        "/clients/{}/subjects/{}/connect",
+        path_segment(client),
+        path_segment(subject)
+    );
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{admin}{path}"))
+        .header("content-type", "application/json")
+        .header(http::header::AUTHORIZATION, authorization)
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| unreachable(admin, e))?;
+    let (status, body) = call(&http, admin, req).await?;
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    match (status, value["url"].as_str(), value["expires_at"].as_str()) {
+        (StatusCode::CREATED, Some(url), Some(expires_at)) => Ok(ConnectLink {
+            url: url.to_owned(),
+            expires_at: expires_at.to_owned(),
+        }),
+        _ => Err(OperatorError::Refused {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }),
+    }
+}
+
+/// `Authorization: Bearer <api_key>`, marked sensitive.
+fn bearer(api_key: Option<&Secret>) -> Result<http::HeaderValue, OperatorError> {
+    let api_key = api_key.ok_or(OperatorError::NoApiKey)?;
+    http::HeaderValue::try_from(format!("Bearer {}", api_key.expose()))
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        })
+        .map_err(|_| OperatorError::NoApiKey)
+}
+
+/// `s` percent-encoded for one path segment.
+fn path_segment(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 async fn status_of(

@@ -455,7 +455,11 @@ refresh_before = "2s"
             }
             let config =
                 config::from_str(&text, None, &MapEnv::new()).expect("test config is valid");
-            let listeners = Listeners { admin, proxies };
+            let listeners = Listeners {
+                admin,
+                proxies,
+                connect: None,
+            };
             let r = tokenproxy::start(config, listeners, Arc::new(tokenproxy::clock::SystemClock))
                 .expect("sidecar starts");
             running.push((r, addrs));

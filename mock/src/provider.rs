@@ -11,7 +11,8 @@
 //! consent page; approving with a configured user redirects back with a one-time code that
 //! lives 60 s and is bound to the client, the redirect URI and an optional S256 PKCE
 //! challenge (RFC 7636). Exchanging it always returns a live refresh token, so the refresh
-//! grant and rotation work on it. Injected [`Fault`]s apply to the token endpoint only.
+//! grant and rotation work on it; its tokens belong to the account of the user who approved
+//! ([`TokenValidator::account`]). Injected [`Fault`]s apply to the token endpoint only.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -234,6 +235,8 @@ struct AuthorizationCode {
     code_challenge: Option<String>,
     scope: Option<String>,
     issued_at: Instant,
+    /// The user who approved: the account the tokens it brings belong to.
+    account: String,
 }
 
 impl AuthorizationCode {
@@ -700,7 +703,7 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
     let (new_refresh, scope, account) = {
         let mut state = lock(&shared.state);
         let requested_scope = request.param("scope").map(str::to_owned);
-        let account = match grant {
+        let mut account = match grant {
             Grant::Refresh(presented) => state.accounts.get(presented).cloned(),
             _ => None,
         };
@@ -741,7 +744,10 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
                 if let Err(problem) = code.redeem(&config.client_id, request) {
                     return error_response(StatusCode::BAD_REQUEST, "invalid_grant", Some(problem));
                 }
-                (Some(state.live_refresh_token()), code.scope)
+                let fresh = state.live_refresh_token();
+                state.accounts.insert(fresh.clone(), code.account.clone());
+                account = Some(code.account);
+                (Some(fresh), code.scope)
             }
             Grant::Direct if config.refresh_tokens => {
                 (Some(state.live_refresh_token()), requested_scope)
@@ -951,7 +957,7 @@ fn decide(shared: &Shared, params: &[(String, String)]) -> Result<Response<MockB
                 );
                 return Ok(html_response(StatusCode::OK, page));
             }
-            let code = issue_code(shared, &request);
+            let code = issue_code(shared, &request, username);
             Ok(redirect_response(
                 &request.redirect_uri,
                 request.state.as_deref(),
@@ -1059,7 +1065,7 @@ fn is_s256_challenge(challenge: &str) -> bool {
 }
 
 /// Records a new one-time code for `request` and returns it.
-fn issue_code(shared: &Shared, request: &AuthorizationRequest) -> String {
+fn issue_code(shared: &Shared, request: &AuthorizationRequest, account: &str) -> String {
     let mut state = lock(&shared.state);
     // Forget expired codes so a long demo does not grow the map without bound.
     state
@@ -1074,6 +1080,7 @@ fn issue_code(shared: &Shared, request: &AuthorizationRequest) -> String {
             code_challenge: request.code_challenge.clone(),
             scope: request.scope.clone(),
             issued_at: Instant::now(),
+            account: account.to_owned(),
         },
     );
     state.codes_issued += 1;

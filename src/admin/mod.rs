@@ -52,6 +52,8 @@ pub struct Admin {
     /// Host and origin a write must come with (reads are open to any Host:
     /// kubelet probes send the pod IP, scrapers whatever name they use).
     hosts: HostRule,
+    /// Connect sessions, when `[connect]` is configured.
+    connect: Option<Arc<crate::connect::Connect>>,
 }
 
 impl Admin {
@@ -70,7 +72,14 @@ impl Admin {
             draining,
             api_key,
             hosts,
+            connect: None,
         }
+    }
+
+    /// Makes connect links with `connect` (`POST .../subjects/SUBJECT/connect`).
+    pub fn with_connect(mut self, connect: Option<Arc<crate::connect::Connect>>) -> Self {
+        self.connect = connect;
+        self
     }
 
     /// Replaces the client list (after a reload).
@@ -272,6 +281,10 @@ enum AdminError {
     BadSubject,
     #[error("client {0} has no [subjects] table")]
     NoSubjects(String),
+    #[error("connect links need a [connect] section in the configuration")]
+    NoConnect,
+    #[error("{0}")]
+    Connect(crate::connect::CreateError),
     #[error(transparent)]
     Browser(crate::error::ProxyError),
 }
@@ -307,6 +320,18 @@ impl AdminError {
             AdminError::NoSubjects(name) => {
                 (StatusCode::NOT_FOUND, "no_subjects", Some(name.as_str()))
             }
+            AdminError::NoConnect => (StatusCode::NOT_FOUND, "no_connect", None),
+            AdminError::Connect(e) => match e {
+                crate::connect::CreateError::NoAuthorize(name) => {
+                    (StatusCode::CONFLICT, "no_authorize", Some(name.as_str()))
+                }
+                crate::connect::CreateError::ReturnTo => {
+                    (StatusCode::BAD_REQUEST, "bad_request", None)
+                }
+                crate::connect::CreateError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "busy", None)
+                }
+            },
         };
         let mut r = error_response(status, code, client, &this.to_string());
         if matches!(this, AdminError::Unauthorized) {

@@ -3,7 +3,8 @@
 //! - `GET /clients/NAME/subjects?state=&after=&limit=`: a page of subjects;
 //! - `GET /clients/NAME/subjects/SUBJECT`: one subject's state (never a token);
 //! - `PUT /clients/NAME/subjects/SUBJECT`: import tokens (migration);
-//! - `DELETE /clients/NAME/subjects/SUBJECT`: forget (and revoke when configured).
+//! - `DELETE /clients/NAME/subjects/SUBJECT`: forget (and revoke when configured);
+//! - `POST /clients/NAME/subjects/SUBJECT/connect`: a one-time connect link.
 //!
 //! With `admin.api_key` set every call needs it; without one, reads are
 //! answered to loopback peers only and writes are refused. Host and origin are
@@ -26,6 +27,7 @@ use crate::store::{from_ms, Saved, SubjectLoad, SubjectMeta, SubjectStatus};
 use crate::subjects::{is_valid_subject, Subjects};
 
 const MAX_IMPORT_BYTES: usize = 64 * 1024;
+const MAX_CONNECT_BYTES: usize = 8 * 1024;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
@@ -33,6 +35,7 @@ const MAX_PAGE: usize = 1000;
 enum Call<'a> {
     List { client: &'a str },
     One { client: &'a str, subject: &'a str },
+    Connect { client: &'a str, subject: &'a str },
 }
 
 /// The call a path names, if it is a subjects path.
@@ -44,6 +47,9 @@ fn parse(path: &str) -> Option<Call<'_>> {
         return Some(Call::List { client });
     }
     let subject = rest.strip_prefix('/')?;
+    if let Some(subject) = subject.strip_suffix("/connect") {
+        return (!subject.contains('/')).then_some(Call::Connect { client, subject });
+    }
     (!subject.contains('/')).then_some(Call::One { client, subject })
 }
 
@@ -68,6 +74,14 @@ struct Import {
     /// Seconds from now.
     #[serde(default)]
     refresh_token_expires_in: Option<u64>,
+}
+
+/// The body of a connect request (optional).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConnectRequest {
+    #[serde(default)]
+    return_to: Option<String>,
 }
 
 impl Admin {
@@ -102,9 +116,10 @@ impl Admin {
                 "without admin.api_key the subjects API answers loopback only",
             ));
         }
-        let (name, subject) = match call {
-            Call::List { client } => (client, None),
-            Call::One { client, subject } => (client, Some(subject)),
+        let (name, subject, connect) = match call {
+            Call::List { client } => (client, None, false),
+            Call::One { client, subject } => (client, Some(subject), false),
+            Call::Connect { client, subject } => (client, Some(subject), true),
         };
         let subjects = self.subjects_of(name)?;
         let Some(subject) = subject else {
@@ -115,6 +130,12 @@ impl Admin {
         };
         if !is_valid_subject(subject) {
             return Err(AdminError::BadSubject);
+        }
+        if connect {
+            if *req.method() != Method::POST {
+                return Err(AdminError::MethodNotAllowed);
+            }
+            return self.connect_link(name, subject, req).await;
         }
         match *req.method() {
             Method::GET | Method::HEAD => self.show(name, &subjects, subject).await,
@@ -281,6 +302,40 @@ impl Admin {
         }
         Err(AdminError::Busy(
             "the subject's record keeps changing; try again".to_owned(),
+        ))
+    }
+
+    async fn connect_link(
+        &self,
+        name: &str,
+        subject: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, AdminError> {
+        let connect = self.connect.as_ref().ok_or(AdminError::NoConnect)?;
+        let body = Limited::new(req.into_body(), MAX_CONNECT_BYTES)
+            .collect()
+            .await
+            .map_err(|_| AdminError::BadRequest("body unreadable or over 8 KiB"))?
+            .to_bytes();
+        let request: ConnectRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            ConnectRequest::default()
+        } else {
+            serde_json::from_slice(&body).map_err(|_| {
+                AdminError::BadRequest("the body must be empty or JSON: {\"return_to\": URL}")
+            })?
+        };
+        let created = connect
+            .create(name, subject, request.return_to.as_deref())
+            .await
+            .map_err(AdminError::Connect)?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({
+                "client": name,
+                "subject": subject,
+                "url": created.url,
+                "expires_at": rfc3339(created.expires_at),
+            }),
         ))
     }
 

@@ -53,9 +53,12 @@ pub struct AuthorizeConfig {
     pub params: Vec<(String, String)>,
 }
 
+/// `connect_callback` is the `[connect]` callback of a client with subjects:
+/// without `redirect_port` or `redirect_uri` it is the redirect URI.
 pub(super) fn build_authorize(
     raw: RawAuthorize,
     t: &Table<'_>,
+    connect_callback: Option<&str>,
 ) -> Result<AuthorizeConfig, ConfigError> {
     let url_text = t.required("url", raw.url, AUTHORIZE_URL_HINT)?;
     let (url, _, _) = t.url("url", &url_text, AUTHORIZE_URL_HINT)?;
@@ -95,15 +98,22 @@ pub(super) fn build_authorize(
             }
             uri
         }
-        (None, None) => {
-            return Err(t
+        (None, None) => match connect_callback {
+            Some(callback) => callback.parse::<Uri>().map_err(|_| {
+                t.err("redirect_uri", "the [connect] callback is not a valid URI")
+            })?,
+            None => return Err(t
                 .err("redirect_port", "is required (or redirect_uri)")
                 .with_hint(
                     "set redirect_port = 8765 for http://127.0.0.1:8765/callback, or redirect_uri; it must match a redirect URI registered with the provider",
-                ))
-        }
+                )),
+        },
     };
-    let redirect_listen = loopback_listen(&redirect_uri);
+    // The connect listener, not `tokenproxy authorize`, receives the connect callback.
+    let via_connect = connect_callback.is_some_and(|c| redirect_uri == c);
+    let redirect_listen = (!via_connect)
+        .then(|| loopback_listen(&redirect_uri))
+        .flatten();
     let mut params = Vec::new();
     for (name, value) in raw.params.unwrap_or_default() {
         let key = format!("params.{name}");

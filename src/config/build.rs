@@ -13,6 +13,10 @@ pub(super) fn build(
     let limits = build_limits(raw.limits.unwrap_or_default(), &Table::new(x, "limits"))?;
     let runtime = build_runtime(raw.runtime.unwrap_or_default(), &Table::new(x, "runtime"))?;
     let store = build_store(raw.store.unwrap_or_default(), &Table::new(x, "store"))?;
+    let connect = raw
+        .connect
+        .map(|c| connect::build_connect(c, &Table::new(x, "connect")))
+        .transpose()?;
     let raw_clients = raw.clients.unwrap_or_default();
     if raw_clients.is_empty() {
         let hint =
@@ -23,9 +27,12 @@ pub(super) fn build(
     }
     let clients = raw_clients
         .into_iter()
-        .map(|(name, c)| build_client(&name, c, x))
+        .map(|(name, c)| build_client(&name, c, x, connect.as_ref()))
         .collect::<Result<Vec<_>, _>>()?;
     check_listeners(&admin, &clients)?;
+    if let Some(connect) = &connect {
+        check_connect_listener(connect, &admin, &clients)?;
+    }
     admin::check_cross_site(&clients)?;
     Ok(Config {
         source: source.map(Path::to_path_buf),
@@ -35,6 +42,7 @@ pub(super) fn build(
         runtime,
         store,
         clients,
+        connect,
     })
 }
 
@@ -120,6 +128,7 @@ pub(super) fn build_client(
     name: &str,
     raw: RawClient,
     x: &Expander<'_>,
+    connect: Option<&ConnectConfig>,
 ) -> Result<ClientConfig, ConfigError> {
     let t = Table::new(x, format!("clients.{name}"));
     let name_ok = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
@@ -136,9 +145,14 @@ pub(super) fn build_client(
     };
     let token_hint = format!("add a [{}] table with url and grant", t.key("token"));
     let raw_token = t.required("token", raw.token, &token_hint)?;
+    // A client with subjects is connected through `[connect]`, whose callback
+    // is the redirect URI: its `[authorize]` then needs none of its own.
+    let connect_callback = connect
+        .filter(|_| raw.subjects.is_some())
+        .map(|c| c.redirect_uri.as_str());
     let authorize = raw
         .authorize
-        .map(|a| build_authorize(a, &Table::new(x, t.key("authorize"))))
+        .map(|a| build_authorize(a, &Table::new(x, t.key("authorize")), connect_callback))
         .transpose()?;
     let subjects = raw
         .subjects
@@ -410,6 +424,27 @@ pub(super) fn build_inject(raw: RawInject, t: &Table<'_>) -> Result<InjectConfig
         suffix: suffix.to_owned(),
         format_is_default,
     })
+}
+
+/// The connect listener has an address of its own.
+fn check_connect_listener(
+    connect: &ConnectConfig,
+    admin: &AdminConfig,
+    clients: &[ClientConfig],
+) -> Result<(), ConfigError> {
+    let hint = "give [connect] listen its own port";
+    if connect.listen == admin.listen {
+        let problem = format!("{} is also the admin listen address", connect.listen);
+        return Err(ConfigError::new("connect.listen", problem).with_hint(hint));
+    }
+    if let Some(c) = clients.iter().find(|c| c.listen == connect.listen) {
+        let problem = format!(
+            "{} is also the listen address of client {:?}",
+            connect.listen, c.name
+        );
+        return Err(ConfigError::new("connect.listen", problem).with_hint(hint));
+    }
+    Ok(())
 }
 
 /// Each client listen address is unique, or shared only by clients with distinct path prefixes.

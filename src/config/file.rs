@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     pub(super) limits: Option<RawLimits>,
     pub(super) runtime: Option<RawRuntime>,
     pub(super) store: Option<RawStore>,
+    pub(super) connect: Option<super::connect::RawConnect>,
     // A BTreeMap keeps clients sorted by name, which is the order of `Config::clients`.
     pub(super) clients: Option<BTreeMap<String, RawClient>>,
 }

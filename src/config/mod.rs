@@ -10,6 +10,7 @@
 mod admin;
 mod authorize;
 mod build;
+mod connect;
 mod egress;
 mod env;
 mod error;
@@ -22,6 +23,7 @@ mod tls;
 
 pub use admin::AdminConfig;
 pub use authorize::AuthorizeConfig;
+pub use connect::ConnectConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
@@ -110,6 +112,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[clients.NAME]`, sorted by name; never empty.
     pub clients: Vec<ClientConfig>,
+    /// `[connect]`: the public listener of connect sessions, when configured.
+    pub connect: Option<ConnectConfig>,
 }
 
 /// `[log]`.

@@ -74,6 +74,14 @@ impl Config {
                 }
             }
         }
+        if let Some(c) = &self.connect {
+            writeln!(out, "connect")?;
+            row(out, "listen", c.listen)?;
+            row(out, "public_url", &c.public_url)?;
+            row(out, "redirect_uri", &c.redirect_uri)?;
+            row(out, "return_to", format!("[{}]", c.return_to.join(", ")))?;
+            row(out, "session_ttl", dur(c.session_ttl))?;
+        }
         for c in &self.clients {
             c.write_summary(out)?;
         }

@@ -745,3 +745,153 @@ refresh_token = "${PAY_CLIENT_SECRET}"
         }
     }
 }
+
+/// A marketplace client with subjects, its `[authorize]` without a redirect
+/// port, and `[connect]`; `{connect}` is replaced by the connect table's body.
+const CONNECT: &str = r#"
+[clients.pos]
+listen = "127.0.0.1:8080"
+upstream = "https://connect.pos.example"
+
+[clients.pos.token]
+url = "https://connect.pos.example/oauth2/token"
+grant = "refresh_token"
+client_id = "pos-id"
+client_secret = "${PAY_CLIENT_SECRET}"
+
+[clients.pos.authorize]
+url = "https://connect.pos.example/oauth2/authorize"
+scope = "PAYMENTS_READ"
+params = { prompt = "consent" }
+
+[clients.pos.subjects]
+
+[connect]
+{connect}
+"#;
+
+fn connect_config(body: &str) -> String {
+    CONNECT.replace("{connect}", body)
+}
+
+const CONNECT_OK: &str = r#"listen = "0.0.0.0:8443"
+public_url = "https://connect.platform.example"
+return_to = ["https://app.platform.example/"]"#;
+
+#[test]
+fn connect_gives_subject_clients_its_callback_as_redirect_uri() {
+    let c = parse(&connect_config(CONNECT_OK));
+    let connect = c.connect.as_ref().expect("[connect] is loaded");
+    assert_eq!(connect.public_url, "https://connect.platform.example");
+    assert_eq!(
+        connect.redirect_uri,
+        "https://connect.platform.example/callback"
+    );
+    assert_eq!(connect.session_ttl, Duration::from_secs(15 * 60));
+    assert!(connect.secure);
+    let a = c.clients[0].authorize.as_ref().expect("authorize");
+    assert_eq!(
+        a.redirect_uri.to_string(),
+        "https://connect.platform.example/callback"
+    );
+    assert_eq!(a.redirect_listen, None, "the connect listener receives it");
+    assert!(c.summary().contains("session_ttl"), "{}", c.summary());
+}
+
+#[test]
+fn authorize_without_a_redirect_still_needs_one_without_connect_or_subjects() {
+    let without_connect = connect_config("").replace("\n[connect]\n", "\n");
+    assert_error(
+        &fail(&without_connect),
+        "clients.pos.authorize.redirect_port",
+        "is required",
+    );
+    let without_subjects = connect_config(CONNECT_OK).replace("[clients.pos.subjects]\n", "");
+    let without_subjects = without_subjects.replace(
+        "grant = \"refresh_token\"",
+        "grant = \"refresh_token\"\nrefresh_token = \"bootstrap\"",
+    );
+    assert_error(
+        &fail(&without_subjects),
+        "clients.pos.authorize.redirect_port",
+        "is required",
+    );
+}
+
+#[test]
+fn connect_errors_name_their_key() {
+    let cases = [
+        (
+            r#"public_url = "https://c.example"
+return_to = ["https://app.example/"]"#,
+            "connect.listen",
+            "is required",
+        ),
+        (
+            r#"listen = "0.0.0.0:8443"
+public_url = "https://c.example/"
+return_to = ["https://app.example/"]"#,
+            "connect.public_url",
+            "ends with /",
+        ),
+        (
+            r#"listen = "0.0.0.0:8443"
+public_url = "http://connect.example"
+return_to = ["https://app.example/"]"#,
+            "connect.public_url",
+            "not loopback",
+        ),
+        (
+            r#"listen = "0.0.0.0:8443"
+public_url = "https://c.example"
+return_to = []"#,
+            "connect.return_to",
+            "is empty",
+        ),
+        (
+            r#"listen = "0.0.0.0:8443"
+public_url = "https://c.example""#,
+            "connect.return_to",
+            "is required",
+        ),
+        (
+            r#"listen = "0.0.0.0:8443"
+public_url = "https://c.example"
+return_to = ["https://app.example/", "https://app.example"]"#,
+            "connect.return_to[1]",
+            "does not end its host with /",
+        ),
+        (
+            r#"listen = "0.0.0.0:8443"
+public_url = "https://c.example"
+return_to = ["https://app.example/"]
+session_ttl = "2d""#,
+            "connect.session_ttl",
+            "longer than 24h",
+        ),
+        (
+            r#"listen = "127.0.0.1:8080"
+public_url = "https://c.example"
+return_to = ["https://app.example/"]"#,
+            "connect.listen",
+            "client \"pos\"",
+        ),
+    ];
+    for (body, key, needle) in cases {
+        assert_error(&fail(&connect_config(body)), key, needle);
+    }
+}
+
+#[test]
+fn connect_accepts_http_on_loopback_for_tests_and_demos() {
+    let c = parse(&connect_config(
+        r#"listen = "127.0.0.1:8443"
+public_url = "http://127.0.0.1:8443"
+return_to = ["http://localhost:3000/connected"]
+session_ttl = "1s""#,
+    ));
+    let connect = c.connect.expect("[connect]");
+    assert!(!connect.secure);
+    assert_eq!(connect.session_ttl, Duration::from_secs(1));
+    assert!(connect.allows_return_to("http://localhost:3000/connected?x=1"));
+}

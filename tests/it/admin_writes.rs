@@ -335,6 +335,7 @@ async fn an_admin_listener_on_all_ipv6_addresses_knows_ipv4_loopback_peers() {
     let listeners = tokenproxy::Listeners {
         admin,
         proxies: [(proxy_addr, proxy)].into_iter().collect(),
+        connect: None,
     };
     let running = tokenproxy::start(
         config,

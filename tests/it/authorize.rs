@@ -11,7 +11,7 @@ use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::{free_addr, start_sidecar, TestClient};
+use support::{free_addr, hidden_inputs, start_sidecar, TestClient};
 use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -161,25 +161,6 @@ impl Authorize {
             self.printed,
         )
     }
-}
-
-/// The hidden inputs of the page's form, HTML-unescaped.
-fn hidden_inputs(page: &str) -> Vec<(String, String)> {
-    let unescape = |s: &str| {
-        s.replace("&quot;", "\"")
-            .replace("&#39;", "'")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&amp;", "&")
-    };
-    page.split("<input type=\"hidden\" name=\"")
-        .skip(1)
-        .filter_map(|rest| {
-            let (name, rest) = rest.split_once('"')?;
-            let value = rest.split_once("value=\"")?.1.split_once('"')?.0;
-            Some((unescape(name), unescape(value)))
-        })
-        .collect()
 }
 
 /// Acts as the person's browser: opens the URL, signs in, and clicks `decision`.

@@ -335,7 +335,11 @@ async fn a_request_waiting_in_the_backlog_at_start_is_routed_not_refused() {
         proxies.insert(addr, proxy);
         let running = tokenproxy::start(
             config,
-            tokenproxy::Listeners { admin, proxies },
+            tokenproxy::Listeners {
+                admin,
+                proxies,
+                connect: None,
+            },
             Arc::new(tokenproxy::clock::SystemClock),
         )
         .expect("start");

@@ -9,6 +9,7 @@ mod admin;
 mod admin_writes;
 mod authorize;
 mod cli;
+mod connect;
 mod egress_proxy;
 mod forwarding;
 mod hostile_input;

@@ -160,6 +160,7 @@ async fn a_far_future_lifetime_neither_kills_the_refresher_nor_breaks_status() {
     let listeners = tokenproxy::Listeners {
         admin,
         proxies: [(proxy.local_addr().expect("addr"), proxy)].into(),
+        connect: None,
     };
     let running = tokenproxy::start(config, listeners, Arc::new(tokenproxy::clock::SystemClock))
         .expect("sidecar starts");

@@ -112,7 +112,7 @@ pub async fn harness(options: Options) -> Harness {
     }
 }
 
-/// Binds fresh ports for {listen}, {listen2} and {admin}, fills them in, starts.
+/// Binds fresh ports for {listen}, {listen2}, {admin} and {connect}, fills them in, starts.
 pub async fn start_sidecar(template: &str) -> (Running, SocketAddr, SocketAddr) {
     start_sidecar_env(template, MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET)).await
 }
@@ -145,15 +145,20 @@ async fn start_sidecar_with(
     let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let proxy2 = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy2");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-    let (p, p2, a) = (
+    let connect = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind connect");
+    let (p, p2, a, c) = (
         proxy.local_addr().expect("addr"),
         proxy2.local_addr().expect("addr"),
         admin.local_addr().expect("addr"),
+        connect.local_addr().expect("addr"),
     );
     let text = template
         .replace("{listen}", &p.to_string())
         .replace("{listen2}", &p2.to_string())
-        .replace("{admin}", &a.to_string());
+        .replace("{admin}", &a.to_string())
+        .replace("{connect}", &c.to_string());
     let config = config::from_str(&text, None, &env).expect("test config is valid");
     let mut proxies = BTreeMap::new();
     let uses2 = config.clients.iter().any(|c| c.listen == p2);
@@ -161,7 +166,12 @@ async fn start_sidecar_with(
     if uses2 {
         proxies.insert(p2, proxy2);
     }
-    let listeners = Listeners { admin, proxies };
+    let connect = config.connect.is_some().then_some(connect);
+    let listeners = Listeners {
+        admin,
+        proxies,
+        connect,
+    };
     let running = match workers {
         Some(n) => tokenproxy::start_with_workers(
             config,
@@ -320,6 +330,25 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     }
     None
+}
+
+/// The hidden inputs of a page's form (the mock provider's sign-in page), HTML-unescaped.
+pub fn hidden_inputs(page: &str) -> Vec<(String, String)> {
+    let unescape = |s: &str| {
+        s.replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    };
+    page.split("<input type=\"hidden\" name=\"")
+        .skip(1)
+        .filter_map(|rest| {
+            let (name, rest) = rest.split_once('"')?;
+            let value = rest.split_once("value=\"")?.1.split_once('"')?.0;
+            Some((unescape(name), unescape(value)))
+        })
+        .collect()
 }
 
 /// Polls `f` every 20 ms until it is true or `within` passes.
