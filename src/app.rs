@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::admin::{Admin, AdminClient};
 use crate::clock::SharedClock;
@@ -566,15 +566,13 @@ impl Running {
             Some(None) => refresher.take_over_unknown(),
             None => {}
         }
-        let span = tracing::info_span!("refresher", client = %client.name);
-        let refresher_task = tokio::spawn(refresher.run().instrument(span));
         // Aborting the supervisor (reload, shutdown) aborts the refresher with it.
-        let task = tokio::spawn(token::supervise(
-            client.name.clone(),
+        let task = token::spawn(
+            &client.name,
+            refresher,
             handle.clone(),
             client_metrics.clone(),
-            refresher_task,
-        ));
+        );
         let runtime = Arc::new(ClientRuntime::new(
             client,
             &self.config.limits,

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 pub use crate::metrics::{Outcome, State, Trigger};
 pub(crate) use refresher::error_chain;
-pub use refresher::{Handover, Refresher, TokenEndpoint, TokenError};
+pub use refresher::{Exit, Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
 pub use state::{LastRefresh, Status, StoreStatus};
 
@@ -314,15 +314,16 @@ impl TokenHandle {
 
 /// Watches one client's refresher task until it ends.
 ///
-/// A refresher that dies (a panic) must not leave the client looking healthy: the
-/// token is withdrawn, the state becomes `unavailable` with the reason (so `/readyz`
-/// answers 503 and requests get `token_unavailable` at once), and it is logged at
-/// error level. Dropping (aborting) the supervisor aborts the refresher too.
+/// A refresher that dies (a panic) or ends without being asked to stop must not
+/// leave the client looking healthy: the token is withdrawn, the state becomes
+/// `unavailable` with the reason (so `/readyz` answers 503 and requests get
+/// `token_unavailable` at once), and it is logged at error level. Dropping
+/// (aborting) the supervisor aborts the refresher too.
 pub(crate) async fn supervise(
     client: String,
     handle: TokenHandle,
     metrics: crate::metrics::ClientMetrics,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Exit>,
 ) {
     struct AbortOnDrop(tokio::task::AbortHandle);
     impl Drop for AbortOnDrop {
@@ -331,20 +332,19 @@ pub(crate) async fn supervise(
         }
     }
     let _abort = AbortOnDrop(task.abort_handle());
-    let Err(e) = task.await else {
-        return;
-    };
-    if e.is_cancelled() {
-        return;
-    }
-    let cause = match e.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .map(|s| s.chars().take(200).collect::<String>())
-            .unwrap_or_else(|| "a panic".to_owned()),
-        Err(_) => "an unknown failure".to_owned(),
+    let cause = match task.await {
+        Ok(Exit::Stopped) => return,
+        Ok(Exit::Orphaned) => "it ended on its own: its command channel closed".to_owned(),
+        Err(e) if e.is_cancelled() => return,
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .map(|s| s.chars().take(200).collect::<String>())
+                .unwrap_or_else(|| "a panic".to_owned()),
+            Err(_) => "an unknown failure".to_owned(),
+        },
     };
     tracing::error!(client = %client, cause = %cause,
         "token refresher stopped unexpectedly; the client has no token until the sidecar restarts");
@@ -361,6 +361,20 @@ pub(crate) async fn supervise(
     });
     metrics.set_state(State::Unavailable);
     metrics.set_expiry(0.0);
+}
+
+/// Spawns `refresher` with its supervisor (see [`supervise`]); aborting the
+/// returned task (reload, shutdown) aborts the refresher with it.
+pub(crate) fn spawn(
+    client: &str,
+    refresher: Refresher,
+    handle: TokenHandle,
+    metrics: crate::metrics::ClientMetrics,
+) -> tokio::task::JoinHandle<()> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("refresher", client = %client);
+    let task = tokio::spawn(refresher.run().instrument(span));
+    tokio::spawn(supervise(client.to_owned(), handle, metrics, task))
 }
 
 /// Creates the handle and the refresher for one client.
@@ -578,7 +592,7 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let refresher = tokio::spawn(async move {
             let _held = tx;
-            std::future::pending::<()>().await;
+            std::future::pending::<Exit>().await
         });
         let supervisor = tokio::spawn(supervise("payments".into(), handle, metrics, refresher));
         tokio::task::yield_now().await;

@@ -8,301 +8,37 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::StatusCode;
-use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::dialect::{build_request, redactor, GrantKind};
-use super::response::{
-    parse_error_redacted, parse_success, LifetimeSource, ProviderError, ResponseError, TokenSet,
-    MAX_LIFETIME,
-};
+use super::dialect::GrantKind;
+use super::response::{LifetimeSource, TokenSet, MAX_LIFETIME};
 use super::state::{LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
 use crate::clock::{epoch_seconds, rfc3339, wall_after, SharedClock};
 use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
-use crate::http::client::HttpClient;
 use crate::metrics::ClientMetrics;
 use crate::secret::Secret;
 use crate::store::{ClientStore, Lease};
 
+mod endpoint;
+mod schedule;
 mod stored;
+#[cfg(test)]
+mod tests;
 
-/// Largest token endpoint response read; anything longer is an error.
-const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
-/// Backoff after the first failure; doubles per failure up to [`BACKOFF_MAX`].
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Longest backoff between failed token requests.
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Longest wait a provider's `Retry-After` can impose.
-const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+pub(crate) use endpoint::error_chain;
+pub(crate) use endpoint::TokenSource;
+use endpoint::{display_url, shown_token_type};
+pub use endpoint::{TokenEndpoint, TokenError};
+pub(crate) use schedule::refresh_margin;
+use schedule::{sleep_until_opt, Schedule, StorePlan, Wake};
+
 /// Shortest access token lifetime the sidecar will use.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// Lifetime assumed when a provider's absolute expiry is already past on our clock.
 const SKEW_FALLBACK_LIFETIME: Duration = Duration::from_secs(60);
-
-/// Why a token endpoint call failed. Never holds a secret or a response body.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// The connection could not be made; the request was not sent.
-    #[error("cannot connect to token endpoint {url}: {detail}")]
-    Unreachable {
-        /// Endpoint URL.
-        url: String,
-        /// Cause.
-        detail: String,
-    },
-    /// The request may have reached the provider, but no answer came back.
-    #[error("token endpoint {url} failed before answering: {detail}")]
-    Broken {
-        /// Endpoint URL.
-        url: String,
-        /// Cause.
-        detail: String,
-    },
-    /// No answer within `token.timeout`.
-    #[error("token endpoint {url} did not answer within {timeout}")]
-    Timeout {
-        /// Endpoint URL.
-        url: String,
-        /// The configured timeout, human readable.
-        timeout: String,
-    },
-    /// The provider answered with an error status.
-    #[error("token endpoint {url} answered {error}")]
-    Provider {
-        /// Endpoint URL.
-        url: String,
-        /// What it said.
-        error: ProviderError,
-        /// Its `Retry-After`, if any.
-        retry_after: Option<Duration>,
-    },
-    /// A 3xx: redirects are never followed with credentials.
-    #[error("token endpoint {url} answered {status}; redirects are not followed")]
-    Redirect {
-        /// Endpoint URL.
-        url: String,
-        /// The status.
-        status: StatusCode,
-    },
-    /// A 2xx whose body is not a usable token response.
-    #[error("token endpoint {url} sent an unusable response: {source}")]
-    Response {
-        /// Endpoint URL.
-        url: String,
-        /// What was wrong.
-        #[source]
-        source: ResponseError,
-    },
-    /// The token came back but cannot be used as configured.
-    #[error("token from {url} cannot be used: {reason}")]
-    Unusable {
-        /// Endpoint URL.
-        url: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-impl TokenError {
-    /// Whether the provider refused (as opposed to failing).
-    pub fn is_rejection(&self) -> bool {
-        matches!(self, TokenError::Provider { error, .. } if error.is_rejection())
-    }
-
-    /// Whether the provider may have acted on the request although we saw no
-    /// usable answer (so a rotating refresh token may already be spent).
-    pub fn is_ambiguous(&self) -> bool {
-        matches!(
-            self,
-            TokenError::Broken { .. } | TokenError::Timeout { .. } | TokenError::Response { .. }
-        )
-    }
-
-    /// The error as the app may see it (`token_unavailable` detail): the provider's
-    /// refusal as its RFC 6749 code and a fixed description, never its own text.
-    pub fn app_message(&self) -> String {
-        match self {
-            TokenError::Provider { url, error, .. } => {
-                format!("token endpoint {url} answered {}", error.app_summary())
-            }
-            other => other.to_string(),
-        }
-    }
-
-    fn outcome(&self) -> Outcome {
-        if self.is_rejection() {
-            Outcome::Rejected
-        } else {
-            Outcome::Error
-        }
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            TokenError::Provider { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-/// Calls a token endpoint over the shared pooled client.
-#[derive(Clone)]
-pub struct TokenEndpoint {
-    http: HttpClient,
-    clock: SharedClock,
-}
-
-impl TokenEndpoint {
-    /// An endpoint caller using `http` and reading wall time from `clock`.
-    pub fn new(http: HttpClient, clock: SharedClock) -> Self {
-        TokenEndpoint { http, clock }
-    }
-
-    /// One token request as a fresh start would make it: the refresh grant with the
-    /// configured refresh token for `grant = "refresh_token"`, else the primary grant.
-    pub async fn obtain_once(&self, config: &TokenConfig) -> Result<TokenSet, TokenError> {
-        match (&config.grant, &config.refresh_token) {
-            (Grant::RefreshToken, Some(rt)) => self.call(config, GrantKind::Refresh(rt)).await,
-            _ => self.call(config, GrantKind::Primary).await,
-        }
-    }
-
-    /// Exchanges an authorization code (`tokenproxy authorize`).
-    pub async fn exchange_code(
-        &self,
-        config: &TokenConfig,
-        code: &Secret,
-        redirect_uri: &str,
-        verifier: Option<&Secret>,
-    ) -> Result<TokenSet, TokenError> {
-        let kind = GrantKind::AuthorizationCode {
-            code,
-            redirect_uri,
-            verifier,
-        };
-        self.call(config, kind).await
-    }
-
-    /// One token request of `kind`, bounded by `config.timeout`.
-    pub(crate) async fn call(
-        &self,
-        config: &TokenConfig,
-        kind: GrantKind<'_>,
-    ) -> Result<TokenSet, TokenError> {
-        let url_ref = match kind {
-            GrantKind::Refresh(_) => config.refresh_url.as_ref().unwrap_or(&config.url),
-            GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
-        };
-        let url = display_url(url_ref);
-        // Provider text that repeats a credential of this request is scrubbed once, here.
-        let redactor = redactor(config, kind);
-        let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
-            url: url.clone(),
-            reason: format!("cannot build request: {e}"),
-        })?;
-        let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| {
-                let detail = error_chain(&e);
-                if e.is_connect() {
-                    TokenError::Unreachable {
-                        url: url.clone(),
-                        detail,
-                    }
-                } else {
-                    TokenError::Broken {
-                        url: url.clone(),
-                        detail,
-                    }
-                }
-            })?;
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let body: Bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| TokenError::Broken {
-                    url: url.clone(),
-                    detail: format!("reading the response body: {e}"),
-                })?
-                .to_bytes();
-            if status.is_success() {
-                parse_success(&body, self.clock.wall_now()).map_err(|source| TokenError::Response {
-                    url: url.clone(),
-                    source,
-                })
-            } else if status.is_redirection() {
-                Err(TokenError::Redirect {
-                    url: url.clone(),
-                    status,
-                })
-            } else {
-                Err(TokenError::Provider {
-                    url: url.clone(),
-                    error: parse_error_redacted(status, &body, &redactor),
-                    retry_after,
-                })
-            }
-        };
-        match tokio::time::timeout(config.timeout, exchange).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(TokenError::Timeout {
-                url,
-                timeout: humantime::format_duration(config.timeout).to_string(),
-            }),
-        }
-    }
-}
-
-/// A URL for messages: scheme, authority and path, never the query.
-fn display_url(uri: &http::Uri) -> String {
-    format!(
-        "{}://{}{}",
-        uri.scheme_str().unwrap_or("http"),
-        uri.authority().map(|a| a.as_str()).unwrap_or(""),
-        uri.path()
-    )
-}
-
-/// A provider's `token_type` for messages: quoted when it looks like a scheme name,
-/// else not shown (it is provider text and could carry anything).
-fn shown_token_type(token_type: Option<&str>) -> String {
-    match token_type {
-        Some(t)
-            if t.len() <= 32
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
-        {
-            format!("{t:?}")
-        }
-        Some(_) => "not a scheme name (not shown)".to_owned(),
-        None => "missing".to_owned(),
-    }
-}
-
-/// An error and its sources on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
 
 struct HeldRefreshToken {
     value: Secret,
@@ -329,17 +65,6 @@ enum Origin {
     Store { generation: u64 },
 }
 
-/// Why the refresher wakes up on its own.
-#[derive(Clone, Copy, Debug)]
-enum Wake {
-    /// Time to obtain a token.
-    Refresh(Trigger),
-    /// State the store has not taken yet is to be written again.
-    WriteBack,
-    /// In `needs_authorization`: look for a refresh token stored by another process.
-    CheckStore,
-}
-
 /// The token state a stopping refresher hands to the refresher of the reloaded
 /// client, so that a reload never starts again from a bootstrap refresh token
 /// the provider rotated long ago. Holds secrets; never printed.
@@ -347,10 +72,10 @@ pub struct Handover {
     refresh_token: Option<HeldRefreshToken>,
     access: Option<HeldAccessToken>,
     current: Option<Arc<Token>>,
-    refresh_at: Option<Instant>,
     generation: u64,
-    failures: u32,
-    retry_at: Option<Instant>,
+    /// The proactive refresh and the backoff carry over; the store's wake-ups
+    /// are planned again from `store`.
+    schedule: Schedule,
     needs_authorization: Option<Option<String>>,
     store: stored::StoreHandover,
 }
@@ -364,6 +89,15 @@ impl std::fmt::Debug for Handover {
     }
 }
 
+/// How a refresher's task ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It was asked to stop (reload, removal, shutdown) and handed its state over.
+    Stopped,
+    /// Its command channel closed: no request can reach it any more.
+    Orphaned,
+}
+
 /// The background task that obtains and renews one client's token.
 pub struct Refresher {
     client: String,
@@ -371,16 +105,15 @@ pub struct Refresher {
     inject: InjectConfig,
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
-    endpoint: TokenEndpoint,
+    endpoint: Arc<dyn TokenSource>,
     metrics: ClientMetrics,
     clock: SharedClock,
     refresh_token: Option<HeldRefreshToken>,
     access: Option<HeldAccessToken>,
     current: Option<Arc<Token>>,
-    refresh_at: Option<Instant>,
     generation: u64,
-    failures: u32,
-    retry_at: Option<Instant>,
+    /// Every wake-up planned (refresh, backoff, store).
+    schedule: Schedule,
     needs_authorization: bool,
     store: stored::StoreLink,
     /// What a person does to leave `needs_authorization`, naming the command.
@@ -394,6 +127,17 @@ impl Refresher {
     pub fn new(
         client: &ClientConfig,
         endpoint: TokenEndpoint,
+        metrics: ClientMetrics,
+        clock: SharedClock,
+        store: ClientStore,
+    ) -> (super::TokenHandle, Refresher) {
+        Refresher::with_source(client, Arc::new(endpoint), metrics, clock, store)
+    }
+
+    /// As [`Refresher::new`], with tokens from `endpoint`.
+    pub(crate) fn with_source(
+        client: &ClientConfig,
+        endpoint: Arc<dyn TokenSource>,
         metrics: ClientMetrics,
         clock: SharedClock,
         store: ClientStore,
@@ -420,10 +164,8 @@ impl Refresher {
             refresh_token,
             access: None,
             current: None,
-            refresh_at: None,
             generation: 0,
-            failures: 0,
-            retry_at: None,
+            schedule: Schedule::default(),
             needs_authorization: false,
             store: stored::StoreLink::new(store),
             taken_over: false,
@@ -450,23 +192,26 @@ impl Refresher {
         self.refresh_token = handover.refresh_token;
         self.access = handover.access;
         self.generation = handover.generation;
-        self.failures = handover.failures;
-        self.store.take_over(handover.store);
         let now = Instant::now();
-        // A provider's Retry-After is honoured across the reload too.
-        self.retry_at = handover.retry_at.filter(|at| *at > now);
-        self.taken_over = self.retry_at.is_some() || handover.needs_authorization.is_some();
+        if let Some(plan) = self.store.take_over(handover.store, now) {
+            self.schedule.apply(plan);
+        }
+        let kept = handover.current.filter(|t| t.is_usable(now));
+        self.schedule
+            .continue_from(&handover.schedule, now, kept.is_some());
+        self.taken_over =
+            self.schedule.retry_at().is_some() || handover.needs_authorization.is_some();
         let wall_now = self.clock.wall_now();
         let rt_held = self.refresh_token.is_some();
         let rt_wall = self.refresh_token.as_ref().and_then(|r| r.expires_wall);
         let access_wall = self.access.as_ref().and_then(|a| a.expires_wall);
-        if let Some(token) = handover.current.filter(|t| t.is_usable(now)) {
+        if let Some(token) = kept {
             self.taken_over = true;
             self.shared.current.store(Some(Arc::clone(&token)));
             self.current = Some(token);
-            self.refresh_at = handover.refresh_at;
             let next_wall = self
-                .refresh_at
+                .schedule
+                .refresh_at()
                 .map(|at| wall_now + at.saturating_duration_since(now));
             let generation = self.generation;
             self.publish(|s| {
@@ -484,7 +229,7 @@ impl Refresher {
             s.refresh_token_expires_at = rt_wall.map(rfc3339);
         });
         if self.current.is_none() {
-            if let Some(retry_at) = self.retry_at {
+            if let Some(retry_at) = self.schedule.retry_at() {
                 self.publish(|s| s.retry_at = Some(retry_at));
                 self.set_state(State::Unavailable);
             }
@@ -492,7 +237,8 @@ impl Refresher {
         if let Some(reason) = handover.needs_authorization {
             self.needs_authorization = true;
             if self.store.client.is_persistent() {
-                self.store.check_at = Some(now + stored::AUTHORIZATION_POLL);
+                self.schedule
+                    .plan_store_check(now + stored::AUTHORIZATION_POLL);
             }
             self.publish(|s| {
                 s.reason = reason;
@@ -521,10 +267,8 @@ impl Refresher {
             refresh_token: self.refresh_token,
             access: self.access,
             current: self.current,
-            refresh_at: self.refresh_at,
             generation: self.generation,
-            failures: self.failures,
-            retry_at: self.retry_at,
+            schedule: self.schedule,
             needs_authorization: self.needs_authorization.then_some(reason),
             store: self.store.into_handover(),
         }
@@ -535,9 +279,10 @@ impl Refresher {
         self.recovery = self.recovery.replace("<file>", &path.display().to_string());
     }
 
-    /// Runs until aborted: obtains the first token, then renews ahead of expiry,
-    /// on demand and after a 401.
-    pub async fn run(mut self) {
+    /// Runs until stopped: obtains the first token, then renews ahead of expiry,
+    /// on demand and after a 401. Says how it ended, so that its supervisor can
+    /// tell a stop from a refresher that ended on its own.
+    pub async fn run(mut self) -> Exit {
         if self.store.client.is_persistent() {
             self.metrics.store_init();
             self.publish_store();
@@ -549,7 +294,11 @@ impl Refresher {
             if let Some(t) = trigger.take() {
                 self.obtain(t).await;
             }
-            let wake = self.next_wake();
+            let wake = self.schedule.next(
+                self.needs_authorization,
+                self.current.as_deref(),
+                Instant::now(),
+            );
             tokio::select! {
                 () = sleep_until_opt(wake.map(|w| w.0)) => match wake.map(|w| w.1) {
                     Some(Wake::Refresh(t)) => trigger = Some(t),
@@ -558,7 +307,7 @@ impl Refresher {
                     None => {}
                 },
                 command = self.commands.recv() => match command {
-                    None => return,
+                    None => return Exit::Orphaned,
                     Some(Command::Need) => trigger = self.on_need(),
                     Some(Command::Rejected(generation)) => trigger = self.on_rejected(generation),
                     Some(Command::NewRefreshToken(token)) => trigger = self.on_new_refresh_token(token),
@@ -567,7 +316,7 @@ impl Refresher {
                         // A successor that is gone (the reload failed) loses nothing the
                         // store does not have: it is written before every use.
                         let _successor_gone = reply.send(self.into_handover());
-                        return;
+                        return Exit::Stopped;
                     }
                 }
             }
@@ -582,43 +331,6 @@ impl Refresher {
         self.current.as_ref().is_some_and(|t| t.is_usable(now))
     }
 
-    fn next_wake(&self) -> Option<(Instant, Wake)> {
-        let write_back = self.store.write_back_at.map(|at| (at, Wake::WriteBack));
-        [self.next_refresh(), write_back]
-            .into_iter()
-            .flatten()
-            .min_by_key(|w| w.0)
-    }
-
-    fn next_refresh(&self) -> Option<(Instant, Wake)> {
-        let now = Instant::now();
-        if self.needs_authorization {
-            // Keep serving the last token; wake when it dies to update the state,
-            // and look in the store for a refresh token another process put there.
-            let expiry = self
-                .current
-                .as_ref()
-                .filter(|t| t.is_usable(now))
-                .and_then(|t| t.usable_until)
-                .map(|at| (at, Wake::Refresh(Trigger::Expired)));
-            let check = self.store.check_at.map(|at| (at, Wake::CheckStore));
-            return [expiry, check].into_iter().flatten().min_by_key(|w| w.0);
-        }
-        let trigger = if self.token_usable(now) {
-            Trigger::Proactive
-        } else {
-            Trigger::Expired
-        };
-        if let Some(at) = self.store.recheck_at {
-            return Some((at, Wake::Refresh(trigger)));
-        }
-        if let Some(at) = self.retry_at {
-            return Some((at, Wake::Refresh(trigger)));
-        }
-        self.refresh_at
-            .map(|at| (at, Wake::Refresh(Trigger::Proactive)))
-    }
-
     fn on_need(&mut self) -> Option<Trigger> {
         let now = Instant::now();
         if self.token_usable(now) {
@@ -630,12 +342,12 @@ impl Refresher {
             self.set_state(State::NeedsAuthorization);
             return None;
         }
-        if self.store.following() || self.store.waiting() {
+        if self.following() || self.waiting() {
             // Another replica is refreshing, or the store is down and only it may
             // let this client refresh: the next look at the store is planned.
             return None;
         }
-        if self.retry_at.is_some_and(|at| at > now) {
+        if self.schedule.backing_off(now) {
             self.set_state(State::Unavailable);
             return None;
         }
@@ -655,7 +367,7 @@ impl Refresher {
             self.set_state(State::NeedsAuthorization);
             return None;
         }
-        if self.retry_at.is_some_and(|at| at > Instant::now()) {
+        if self.schedule.backing_off(Instant::now()) {
             // Backing off (a provider's Retry-After among others): the token keeps
             // serving, and waiters for a newer one are answered at once.
             self.publish(|_| {});
@@ -675,9 +387,8 @@ impl Refresher {
             expires_wall: None,
         });
         self.needs_authorization = false;
-        self.store.check_at = None;
-        self.failures = 0;
-        self.retry_at = None;
+        self.schedule.clear_store_check();
+        self.schedule.clear_backoff();
         self.publish(|s| {
             s.has_refresh_token = true;
             s.refresh_token_expires_at = None;
@@ -691,8 +402,8 @@ impl Refresher {
         if self.needs_authorization {
             return;
         }
-        let starting = self.generation == 0 && self.failures == 0;
-        if !starting && !self.store.following() {
+        let starting = self.generation == 0 && self.schedule.failures() == 0;
+        if !starting && !self.following() {
             self.set_state(State::Refreshing);
         }
         let mut lease = None;
@@ -714,8 +425,14 @@ impl Refresher {
                     primary_only = p;
                 }
                 stored::Coordination::Unreachable => match self.wait_for_store() {
-                    stored::StoreWait::Wait => return,
-                    stored::StoreWait::Local { spend_nothing } => primary_only = spend_nothing,
+                    stored::StoreWait::Wait { recheck_at } => {
+                        self.schedule.apply(StorePlan::Recheck(recheck_at));
+                        return;
+                    }
+                    stored::StoreWait::Local { spend_nothing } => {
+                        self.schedule.apply(StorePlan::NoRecheck);
+                        primary_only = spend_nothing;
+                    }
                 },
             }
         }
@@ -774,7 +491,7 @@ impl Refresher {
             };
             let grant = kind.label(&self.config);
             let started = Instant::now();
-            let result = self.endpoint.call(&self.config, kind).await;
+            let result = self.endpoint.request(&self.config, kind).await;
             let result = match result {
                 Ok(set) => self.install(set, trigger, grant).await,
                 Err(e) => Err(e),
@@ -958,20 +675,19 @@ impl Refresher {
         });
         self.shared.current.store(Some(Arc::clone(&token)));
         self.current = Some(token);
-        self.refresh_at = remaining.and_then(|r| {
+        let refresh_at = remaining.and_then(|r| {
             let margin = refresh_margin(lifetime.unwrap_or(r), self.config.refresh_before);
             now.checked_add(r.saturating_sub(margin))
         });
-        self.failures = 0;
-        self.retry_at = None;
-        self.store.recheck_at = None;
+        self.schedule.plan_refresh(refresh_at);
+        self.schedule.clear_backoff();
+        self.schedule.clear_recheck();
         self.store.set_role(None);
         let expires_wall = remaining.map(|l| wall_after(wall_now, l));
         self.metrics
             .set_expiry(expires_wall.map(epoch_seconds).unwrap_or(f64::INFINITY));
-        let next_wall = self
-            .refresh_at
-            .map(|at| wall_after(wall_now, at.saturating_duration_since(now)));
+        let next_wall =
+            refresh_at.map(|at| wall_after(wall_now, at.saturating_duration_since(now)));
         let generation = self.generation;
         let last_refresh = match origin {
             Origin::Provider {
@@ -1088,10 +804,8 @@ impl Refresher {
     }
 
     fn back_off(&mut self, e: &TokenError) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let delay = backoff_delay(self.failures, e.retry_after());
         let now = Instant::now();
-        self.retry_at = Some(now + delay);
+        let delay = self.schedule.back_off(e.retry_after(), now);
         let usable = self.token_usable(now);
         if usable {
             warn!(client = %self.client, error = %e, retry_in_ms = delay.as_millis() as u64,
@@ -1100,7 +814,7 @@ impl Refresher {
             error!(client = %self.client, error = %e, retry_in_ms = delay.as_millis() as u64,
                 "token request failed; no valid token");
         }
-        let retry_at = self.retry_at;
+        let retry_at = self.schedule.retry_at();
         let next_wall = self.clock.wall_now() + delay;
         self.publish(|s| {
             s.retry_at = retry_at;
@@ -1118,7 +832,8 @@ impl Refresher {
         let reason = format!("{reason}; {}", self.recovery);
         self.needs_authorization = true;
         if self.store.client.is_persistent() {
-            self.store.check_at = Some(Instant::now() + stored::AUTHORIZATION_POLL);
+            self.schedule
+                .plan_store_check(Instant::now() + stored::AUTHORIZATION_POLL);
         }
         error!(client = %self.client, reason = %reason,
             "client needs authorization: a new refresh token must be provided");
@@ -1136,89 +851,5 @@ impl Refresher {
 
     fn publish(&self, f: impl FnOnce(&mut Status)) {
         self.shared.status.send_modify(f);
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// How far ahead of expiry to refresh: `refresh_before`, or by default the
-/// smaller of 60 s and 10 % of the lifetime; never under 1 s, never over half
-/// the lifetime (so a short token is not refreshed the moment it arrives).
-pub(crate) fn refresh_margin(lifetime: Duration, configured: Option<Duration>) -> Duration {
-    let margin = configured
-        .unwrap_or_else(|| (lifetime / 10).min(Duration::from_secs(60)))
-        .max(Duration::from_secs(1));
-    margin.min(lifetime / 2)
-}
-
-/// Exponential backoff with jitter: uniform in [d/2, d] where d doubles per
-/// failure from 1 s to 60 s; a provider's `Retry-After` (up to 5 min) is a floor.
-pub(crate) fn backoff_delay(failures: u32, retry_after: Option<Duration>) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
-    let half = ceiling / 2;
-    let jitter = half.mul_f64(fastrand::f64());
-    let delay = half + jitter;
-    match retry_after {
-        Some(ra) => delay.max(ra.min(RETRY_AFTER_MAX)),
-        None => delay,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_margin_is_ten_percent_capped_at_a_minute_and_at_least_a_second() {
-        assert_eq!(
-            refresh_margin(Duration::from_secs(900), None),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            refresh_margin(Duration::from_secs(300), None),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            refresh_margin(Duration::from_secs(3), None),
-            Duration::from_secs(1)
-        );
-    }
-
-    #[test]
-    fn margin_never_exceeds_half_the_lifetime() {
-        assert_eq!(
-            refresh_margin(Duration::from_secs(10), Some(Duration::from_secs(60))),
-            Duration::from_secs(5)
-        );
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
-        for _ in 0..100 {
-            let first = backoff_delay(1, None);
-            assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
-            let third = backoff_delay(3, None);
-            assert!(third >= Duration::from_secs(2) && third <= Duration::from_secs(4));
-            let many = backoff_delay(50, None);
-            assert!(many >= Duration::from_secs(30) && many <= Duration::from_secs(60));
-        }
-    }
-
-    #[test]
-    fn retry_after_is_a_floor_but_bounded() {
-        assert_eq!(
-            backoff_delay(1, Some(Duration::from_secs(20))),
-            Duration::from_secs(20)
-        );
-        assert_eq!(
-            backoff_delay(1, Some(Duration::from_secs(100_000))),
-            RETRY_AFTER_MAX
-        );
     }
 }

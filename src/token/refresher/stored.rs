@@ -47,7 +47,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, TokenError, Trigger};
+use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, StorePlan, TokenError, Trigger};
 use crate::secret::Secret;
 use crate::store::{
     next_generation, ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState,
@@ -98,10 +98,10 @@ pub(super) enum Coordination {
 
 /// What to do while the store cannot be reached.
 pub(super) enum StoreWait {
-    /// Keep the token and look at the store again later.
-    Wait,
-    /// Refresh here and now, without the store; `spend_nothing`: with the
-    /// primary grant only, never with the refresh token.
+    /// Keep the token and look at the store again at `recheck_at`.
+    Wait { recheck_at: Instant },
+    /// Refresh here and now, without the store (no look at it is planned);
+    /// `spend_nothing`: with the primary grant only, never with the refresh token.
     Local { spend_nothing: bool },
 }
 
@@ -116,13 +116,10 @@ pub(super) struct StoreLink {
     lease: Option<Lease>,
     /// The store has not taken the newest state yet.
     write_pending: bool,
-    pub(super) write_back_at: Option<Instant>,
+    /// Failed writes in a row, for the write-back delay.
     write_back_failures: u32,
-    /// When to look at the store again (following, or waiting for it to answer).
-    pub(super) recheck_at: Option<Instant>,
+    /// Another replica refreshes; the refresher looks at the record again.
     following: bool,
-    /// In `needs_authorization`: when to look for a new refresh token.
-    pub(super) check_at: Option<Instant>,
     available: bool,
     /// Since when the store has not answered.
     unavailable_since: Option<SystemTime>,
@@ -180,15 +177,18 @@ impl StoreLink {
         }
     }
 
-    pub(super) fn take_over(&mut self, h: StoreHandover) {
+    /// Continues from a predecessor's store state; a write it left pending
+    /// is to be done at once.
+    pub(super) fn take_over(&mut self, h: StoreHandover, now: Instant) -> Option<StorePlan> {
         self.generation = h.generation;
         self.seen = h.seen;
         self.operator_trial = h.operator_trial;
         self.unsettled = h.unsettled;
         if h.write_pending && self.client.is_persistent() {
             self.write_pending = true;
-            self.write_back_at = Some(Instant::now());
+            return Some(StorePlan::WriteBack(now));
         }
+        None
     }
 
     pub(super) fn new(client: ClientStore) -> StoreLink {
@@ -198,11 +198,8 @@ impl StoreLink {
             seen: 0,
             lease: None,
             write_pending: false,
-            write_back_at: None,
             write_back_failures: 0,
-            recheck_at: None,
             following: false,
-            check_at: None,
             available: true,
             unavailable_since: None,
             answered_again_at: None,
@@ -224,16 +221,63 @@ impl StoreLink {
         }
     }
 
-    /// Whether another replica is refreshing and a look at the store is planned.
-    pub(super) fn following(&self) -> bool {
-        self.following && self.recheck_at.is_some()
+    /// Another replica refreshes: look at the record again shortly.
+    fn follow(&mut self, now: Instant) -> StorePlan {
+        self.following = true;
+        self.role = Some("follower");
+        StorePlan::Recheck(now + FOLLOW_POLL)
     }
 
-    /// Whether the store is down and only it may let the client refresh; the
-    /// next look at it is planned.
-    pub(super) fn waiting(&self) -> bool {
-        matches!(self.role, Some("waiting" | "locked"))
-            && self.recheck_at.is_some_and(|t| t > Instant::now())
+    /// No longer following or waiting: the refresher decides again.
+    fn stop_following(&mut self) -> StorePlan {
+        self.following = false;
+        self.role = None;
+        StorePlan::NoRecheck
+    }
+
+    /// The stored record does not open: nothing is spent until it changes,
+    /// and it is looked at again shortly.
+    fn lock(&mut self, problem: String, now: Instant) -> StorePlan {
+        self.following = false;
+        self.role = Some("locked");
+        self.locked = Some(problem);
+        StorePlan::Recheck(now + LOCKED_POLL)
+    }
+
+    /// The stored record opens (again); `None` when it was not locked.
+    fn unlock(&mut self) -> Option<StorePlan> {
+        self.locked.take()?;
+        self.role = None;
+        Some(StorePlan::NoRecheck)
+    }
+
+    /// The store took the state at `generation`.
+    fn written(&mut self, generation: u64) -> StorePlan {
+        self.generation = generation;
+        self.seen = generation;
+        self.write_pending = false;
+        self.write_back_failures = 0;
+        StorePlan::Written
+    }
+
+    /// A newer stored state was taken instead of writing ours.
+    fn superseded(&mut self) -> StorePlan {
+        self.write_pending = false;
+        StorePlan::Written
+    }
+
+    /// The store did not take the state: write it again later, soon when a
+    /// rotated refresh token is at stake in a shared store (until it is there,
+    /// another replica could send the spent one), else after a growing delay.
+    fn write_failed(&mut self, rotated_at_stake: bool, now: Instant) -> StorePlan {
+        self.write_pending = true;
+        self.write_back_failures = self.write_back_failures.saturating_add(1);
+        let delay = if rotated_at_stake {
+            WRITE_BACK_ROTATED
+        } else {
+            (STORE_RETRY * self.write_back_failures).min(WRITE_BACK_MAX)
+        };
+        StorePlan::WriteBack(now + delay)
     }
 
     pub(super) fn set_role(&mut self, role: Option<&'static str>) {
@@ -249,6 +293,18 @@ impl StoreLink {
 }
 
 impl Refresher {
+    /// Whether another replica is refreshing and a look at the store is planned.
+    pub(super) fn following(&self) -> bool {
+        self.store.following && self.schedule.recheck_planned()
+    }
+
+    /// Whether the store is down (or the record locked) and only it may let
+    /// the client refresh; the next look at it is planned.
+    pub(super) fn waiting(&self) -> bool {
+        matches!(self.store.role, Some("waiting" | "locked"))
+            && self.schedule.recheck_after(Instant::now())
+    }
+
     /// Reads the store and decides who calls the provider.
     pub(super) async fn coordinate(&mut self) -> Coordination {
         let ttl = StoreLink::lease_ttl(&self.config);
@@ -386,9 +442,8 @@ impl Refresher {
             return Coordination::Follow;
         }
         self.store.spent_elsewhere_since = None;
-        self.store.following = false;
-        self.store.role = None;
-        self.store.recheck_at = None;
+        let plan = self.store.stop_following();
+        self.schedule.apply(plan);
         self.publish_store();
         self.enter_needs_authorization(
             "the refresh token may have been spent by another replica whose answer was lost; sending it again could make the provider revoke the grant, so it is not sent"
@@ -403,9 +458,8 @@ impl Refresher {
         if !self.store.following {
             debug!(client = %self.client, "another replica is refreshing the token; waiting for it");
         }
-        self.store.following = true;
-        self.store.role = Some("follower");
-        self.store.recheck_at = Some(Instant::now() + FOLLOW_POLL);
+        let plan = self.store.follow(Instant::now());
+        self.schedule.apply(plan);
         self.publish_store();
     }
 
@@ -420,7 +474,6 @@ impl Refresher {
             .is_none_or(|deadline| now >= deadline);
         if !due {
             let deadline = self.local_refresh_deadline().unwrap_or(now);
-            self.store.recheck_at = Some((now + STORE_RETRY).min(deadline));
             self.store.role = Some(
                 if self.store.client.is_shared() && !self.has_primary_grant() {
                     "waiting"
@@ -429,23 +482,22 @@ impl Refresher {
                 },
             );
             self.publish_store();
-            return StoreWait::Wait;
+            return StoreWait::Wait {
+                recheck_at: (now + STORE_RETRY).min(deadline),
+            };
         }
         if !self.store.client.is_shared() {
-            self.store.recheck_at = None;
             return StoreWait::Local {
                 spend_nothing: false,
             };
         }
         if self.has_primary_grant() {
-            self.store.recheck_at = None;
             return StoreWait::Local {
                 spend_nothing: true,
             };
         }
         // Only the store's lease may let this client spend its refresh token.
         let retry_at = now + STORE_RETRY;
-        self.store.recheck_at = Some(retry_at);
         if self.store.role != Some("waiting") || self.token_usable(now) {
             warn!(client = %self.client,
                 "token store unreachable: the refresh token is spent only under the store's lease; serving the held token until it expires");
@@ -460,7 +512,9 @@ impl Refresher {
             });
             self.set_state(State::Unavailable);
         }
-        StoreWait::Wait
+        StoreWait::Wait {
+            recheck_at: retry_at,
+        }
     }
 
     /// When a token that cannot be refreshed through the store must be refreshed
@@ -544,14 +598,11 @@ impl Refresher {
             };
             match saved {
                 Ok(Saved::Written) => {
-                    self.store.generation = generation;
-                    self.store.seen = generation;
                     if self.store.write_pending {
                         info!(client = %self.client, generation, "token state written back to the store");
                     }
-                    self.store.write_pending = false;
-                    self.store.write_back_at = None;
-                    self.store.write_back_failures = 0;
+                    let plan = self.store.written(generation);
+                    self.schedule.apply(plan);
                     self.store_ok();
                     return false;
                 }
@@ -568,8 +619,8 @@ impl Refresher {
                                 break;
                             }
                             if self.take_loaded(loaded) {
-                                self.store.write_pending = false;
-                                self.store.write_back_at = None;
+                                let plan = self.store.superseded();
+                                self.schedule.apply(plan);
                                 return true;
                             }
                         }
@@ -585,21 +636,16 @@ impl Refresher {
                 }
             }
         }
-        self.store.write_pending = true;
-        self.store.write_back_failures = self.store.write_back_failures.saturating_add(1);
-        let delay = if self.store.client.is_shared() && self.refresh_token.is_some() {
-            WRITE_BACK_ROTATED
-        } else {
-            (STORE_RETRY * self.store.write_back_failures).min(WRITE_BACK_MAX)
-        };
-        self.store.write_back_at = Some(Instant::now() + delay);
+        let rotated_at_stake = self.store.client.is_shared() && self.refresh_token.is_some();
+        let plan = self.store.write_failed(rotated_at_stake, Instant::now());
+        self.schedule.apply(plan);
         self.publish_store();
         false
     }
 
     /// Tries again to write state the store has not taken.
     pub(super) async fn write_back(&mut self) {
-        self.store.write_back_at = None;
+        self.schedule.clear_write_back();
         if let Some(lease) = &self.store.lease {
             let ttl = StoreLink::lease_ttl(&self.config);
             // Best effort: a lease that cannot be extended is written over below.
@@ -620,7 +666,8 @@ impl Refresher {
     /// In `needs_authorization`: a newer record with a refresh token (from
     /// `tokenproxy token`, `authorize` or another replica) ends it.
     pub(super) async fn check_store_for_authorization(&mut self) -> Option<Trigger> {
-        self.store.check_at = Some(Instant::now() + AUTHORIZATION_POLL);
+        self.schedule
+            .plan_store_check(Instant::now() + AUTHORIZATION_POLL);
         let loaded = match self.load_store().await {
             Ok(l) => l,
             Err(e) => {
@@ -648,9 +695,8 @@ impl Refresher {
         info!(client = %self.client, "the store holds new token state; leaving needs_authorization");
         self.needs_authorization = false;
         self.store.blocked_by_mark = false;
-        self.store.check_at = None;
-        self.failures = 0;
-        self.retry_at = None;
+        self.schedule.clear_store_check();
+        self.schedule.clear_backoff();
         self.publish(|s| {
             s.reason = None;
             s.retry_at = None;
@@ -713,10 +759,8 @@ impl Refresher {
 
     fn store_locked(&mut self, problem: String) {
         let now = Instant::now();
-        self.store.following = false;
-        self.store.role = Some("locked");
-        self.store.recheck_at = Some(now + LOCKED_POLL);
-        self.store.locked = Some(problem.clone());
+        let plan = self.store.lock(problem.clone(), now);
+        self.schedule.apply(plan);
         self.publish_store();
         if self.token_usable(now) {
             self.set_state(State::Valid);
@@ -730,12 +774,11 @@ impl Refresher {
     }
 
     fn store_unlocked(&mut self) {
-        if self.store.locked.take().is_none() {
+        let Some(plan) = self.store.unlock() else {
             return;
-        }
+        };
         info!(client = %self.client, "the stored token state no longer blocks the client; carrying on");
-        self.store.role = None;
-        self.store.recheck_at = None;
+        self.schedule.apply(plan);
         self.publish(|s| s.reason = None);
         self.publish_store();
     }
@@ -803,7 +846,7 @@ impl Refresher {
                 generation: record.generation,
             },
         );
-        self.refresh_at.is_none_or(|at| at > now)
+        self.schedule.refresh_at().is_none_or(|at| at > now)
     }
 
     fn current_state(&self) -> TokenState {
