@@ -504,7 +504,7 @@ mod tests {
     }
 
     /// Logs written while the returned guard lives, at every level.
-    fn capture_logs() -> (
+    pub(super) fn capture_logs() -> (
         Arc<std::sync::Mutex<Vec<u8>>>,
         tracing::subscriber::DefaultGuard,
     ) {
@@ -580,6 +580,51 @@ mod tests {
                 && text.contains("token refresher stopped unexpectedly")
                 && text.contains("payments"),
             "the death is logged at error level: {text}"
+        );
+    }
+
+    /// A refresher task that ends without having been asked to stop (its
+    /// command channel closed) leaves nobody renewing the token: it must show
+    /// like a panic does. A stop (reload, shutdown) must not.
+    #[tokio::test]
+    async fn a_refresher_that_ends_unasked_shows_in_state_and_logs_and_a_stop_does_not() {
+        let (logs, _guard) = capture_logs();
+        let metrics = crate::metrics::Metrics::new()
+            .expect("metrics")
+            .client("payments");
+        let valid = |shared: &Shared| {
+            shared.current.store(Some(token_now(1)));
+            shared
+                .status
+                .send_modify(|s| s.state = StateCell(State::Valid));
+        };
+
+        let (stopped, shared, _commands) = channel(Duration::from_secs(30));
+        valid(&shared);
+        let task = tokio::spawn(async { Exit::Stopped });
+        supervise("payments".into(), stopped.clone(), metrics.clone(), task).await;
+        assert_eq!(
+            stopped.status().state(),
+            State::Valid,
+            "a stop is not a failure"
+        );
+
+        let (ended, shared, _commands) = channel(Duration::from_secs(30));
+        valid(&shared);
+        let task = tokio::spawn(async { Exit::Orphaned });
+        supervise("payments".into(), ended.clone(), metrics, task).await;
+        let status = ended.status();
+        assert_eq!(status.state(), State::Unavailable, "{}", status.describe());
+        assert!(
+            status.describe().contains("refresher stopped unexpectedly"),
+            "/status says why: {}",
+            status.describe()
+        );
+        assert!(!ended.is_ready(), "its client is not ready");
+        let text = String::from_utf8_lossy(&logs.lock().expect("logs")).into_owned();
+        assert!(
+            text.contains("ERROR") && text.contains("token refresher stopped unexpectedly"),
+            "the end is logged at error level: {text}"
         );
     }
 

@@ -228,6 +228,7 @@ pub(crate) fn backoff_delay(failures: u32, retry_after: Option<Duration>) -> Dur
         None => delay,
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +267,82 @@ mod tests {
             let many = backoff_delay(50, None);
             assert!(many >= Duration::from_secs(30) && many <= Duration::from_secs(60));
         }
+    }
+
+    fn token_until(until: Option<Instant>) -> Token {
+        Token {
+            generation: 1,
+            header: http::HeaderValue::from_static("Bearer t"),
+            usable_until: until,
+            installed_at: Instant::now(),
+        }
+    }
+
+    /// A planned look at the store comes before a backoff, a backoff before
+    /// the proactive refresh, whichever is earlier; a write back wakes on its own.
+    #[tokio::test(start_paused = true)]
+    async fn the_store_decides_before_a_backoff_and_a_backoff_before_the_refresh() {
+        let now = Instant::now();
+        let at = |s: u64| now + Duration::from_secs(s);
+        let token = token_until(Some(at(100)));
+        let mut schedule = Schedule::default();
+        assert_eq!(
+            schedule.next(false, Some(&token), now),
+            None,
+            "nothing planned"
+        );
+        schedule.plan_refresh(Some(at(90)));
+        assert_eq!(
+            schedule.next(false, Some(&token), now),
+            Some((at(90), Wake::Refresh(Trigger::Proactive)))
+        );
+        let delay = schedule.back_off(Some(Duration::from_secs(120)), now);
+        assert_eq!(delay, Duration::from_secs(120), "Retry-After is a floor");
+        assert_eq!(
+            schedule.next(false, Some(&token), now),
+            Some((at(120), Wake::Refresh(Trigger::Proactive))),
+            "a backoff holds back even an earlier proactive refresh"
+        );
+        schedule.apply(StorePlan::Recheck(at(200)));
+        assert_eq!(
+            schedule.next(false, None, now),
+            Some((at(200), Wake::Refresh(Trigger::Expired))),
+            "a planned look at the store decides; without a token it is an expired trigger"
+        );
+        schedule.apply(StorePlan::WriteBack(at(5)));
+        assert_eq!(
+            schedule.next(false, Some(&token), now),
+            Some((at(5), Wake::WriteBack))
+        );
+        schedule.apply(StorePlan::Written);
+        schedule.apply(StorePlan::NoRecheck);
+        schedule.clear_backoff();
+        assert_eq!(
+            schedule.next(false, Some(&token), now),
+            Some((at(90), Wake::Refresh(Trigger::Proactive)))
+        );
+    }
+
+    /// In `needs_authorization` only the token's expiry and the store check wake it.
+    #[tokio::test(start_paused = true)]
+    async fn needs_authorization_wakes_for_expiry_and_the_store_check_only() {
+        let now = Instant::now();
+        let at = |s: u64| now + Duration::from_secs(s);
+        let mut schedule = Schedule::default();
+        schedule.plan_refresh(Some(at(10)));
+        schedule.back_off(None, now);
+        let token = token_until(Some(at(30)));
+        assert_eq!(
+            schedule.next(true, Some(&token), now),
+            Some((at(30), Wake::Refresh(Trigger::Expired)))
+        );
+        schedule.plan_store_check(at(2));
+        assert_eq!(
+            schedule.next(true, Some(&token), now),
+            Some((at(2), Wake::CheckStore))
+        );
+        schedule.clear_store_check();
+        assert_eq!(schedule.next(true, None, now), None);
     }
 
     #[test]
