@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::admin::{Admin, AdminClient};
 use crate::clock::SharedClock;
@@ -666,20 +666,21 @@ impl Running {
             )
         });
         let own_token = subjects.as_ref().is_none_or(Subjects::falls_back_to_client);
+        // Aborting the supervisor (reload, shutdown) aborts the refresher with it.
         let task = own_token.then(|| {
-            let span = tracing::info_span!("refresher", client = %client.name);
-            let refresher_task = tokio::spawn(refresher.run().instrument(span));
-            // Aborting the supervisor (reload, shutdown) aborts the refresher with it.
-            tokio::spawn(token::supervise(
-                client.name.clone(),
+            token::spawn(
+                &client.name,
+                refresher,
                 handle.clone(),
                 client_metrics.clone(),
-                refresher_task,
-            ))
+            )
         });
         let maintenance = subjects.clone().map(|s| {
             let span = tracing::info_span!("subjects", client = %client.name);
-            tokio::spawn(crate::subjects::maintain(s).instrument(span))
+            tokio::spawn(tracing::Instrument::instrument(
+                crate::subjects::maintain(s),
+                span,
+            ))
         });
         let runtime = Arc::new(ClientRuntime::new(
             client,

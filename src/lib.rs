@@ -11,7 +11,7 @@
 //! | [`config`] | TOML → validated runtime types; `${VAR}` and `*_file` secrets; precise errors |
 //! | [`secret`] | [`secret::Secret`]: credentials that cannot be printed |
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
-//! | [`token`] | per-client refresher task (single flight), hot-path handle, response parsing |
+//! | [`token`] | per-client refresher task (single flight; a state machine owning one schedule, the endpoint behind a trait), hot-path handle, response parsing |
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes; subject records |
 //! | [`subjects`] | one token per merchant or customer: bounded cache, single flight per subject, budget, sweeper |
 //! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |

@@ -83,10 +83,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenproxy: {e:#}");
+            eprintln!("tokenproxy: {}", causes(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line; a cause the text already shows
+/// (an error that prints its source) is not repeated.
+fn causes(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn config_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {

@@ -391,7 +391,7 @@ impl Connect {
             );
             match subjects.store().put(subject, &record).await {
                 Ok(Saved::Written) => {
-                    subjects.forget(subject);
+                    subjects.forget(subject).await;
                     return Ok(());
                 }
                 Ok(Saved::Stale { .. }) => continue,

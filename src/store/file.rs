@@ -115,10 +115,10 @@ impl FileBackend {
                 )))
             }
             Err(e) => {
-                return Err(StoreError::Io(format!(
-                    "store.path: directory {}: {e}",
-                    dir.display()
-                )))
+                return Err(StoreError::File {
+                    context: format!("store.path: directory {}", dir.display()),
+                    source: e,
+                })
             }
         }
         if path.is_dir() {
@@ -240,8 +240,11 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
-fn io_error(what: &str, path: &Path, e: &io::Error) -> StoreError {
-    StoreError::Io(format!("{what} {}: {e}", path.display()))
+fn io_error(what: &str, path: &Path, e: io::Error) -> StoreError {
+    StoreError::File {
+        context: format!("{what} {}", path.display()),
+        source: e,
+    }
 }
 
 /// Refuses a directory other users can write to (without the sticky bit):
@@ -288,7 +291,7 @@ fn read_content(path: &Path) -> Result<Content, StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(Content::Document(Document::default()))
         }
-        Err(e) => return Err(io_error("cannot read", path, &e)),
+        Err(e) => return Err(io_error("cannot read", path, e)),
     };
     Ok(match serde_json::from_slice::<Document>(&bytes) {
         Ok(doc) if doc.format == FORMAT && doc.version == VERSION => Content::Document(doc),
@@ -342,7 +345,7 @@ fn set_aside(path: &Path) -> Result<PathBuf, StoreError> {
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".corrupt-{secs}-{:08x}", fastrand::u32(..)));
     let aside = PathBuf::from(aside);
-    fs::rename(path, &aside).map_err(|e| io_error("cannot move aside", path, &e))?;
+    fs::rename(path, &aside).map_err(|e| io_error("cannot move aside", path, e))?;
     Ok(aside)
 }
 
@@ -354,9 +357,9 @@ fn lock(path: &Path) -> Result<File, StoreError> {
     options.write(true).create(true);
     let file = options
         .open(&lock_path)
-        .map_err(|e| open_error(&lock_path, &e))?;
+        .map_err(|e| open_error(&lock_path, e))?;
     file.lock()
-        .map_err(|e| io_error("cannot lock", &lock_path, &e))?;
+        .map_err(|e| io_error("cannot lock", &lock_path, e))?;
     Ok(file)
 }
 
@@ -373,7 +376,7 @@ pub(super) fn private_options() -> OpenOptions {
     options
 }
 
-pub(super) fn open_error(path: &Path, e: &io::Error) -> StoreError {
+pub(super) fn open_error(path: &Path, e: io::Error) -> StoreError {
     #[cfg(unix)]
     if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
         return StoreError::Io(format!(
@@ -397,7 +400,7 @@ fn write_atomically(path: &Path, doc: &Document) -> Result<(), StoreError> {
     let tmp = PathBuf::from(tmp);
     let mut options = private_options();
     options.write(true).create_new(true);
-    let mut file = options.open(&tmp).map_err(|e| open_error(&tmp, &e))?;
+    let mut file = options.open(&tmp).map_err(|e| open_error(&tmp, e))?;
     let result = (|| {
         file.write_all(&text)?;
         file.sync_all()?;
@@ -408,7 +411,7 @@ fn write_atomically(path: &Path, doc: &Document) -> Result<(), StoreError> {
     })();
     result.map_err(|e: io::Error| {
         let _best_effort = fs::remove_file(&tmp);
-        io_error("cannot write", path, &e)
+        io_error("cannot write", path, e)
     })
 }
 

@@ -111,7 +111,7 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     // -shm files the database's mode), and a symbolic link is not followed.
     let mut options = private_options();
     options.read(true).write(true).create(true);
-    options.open(path).map_err(|e| open_error(path, &e))?;
+    options.open(path).map_err(|e| open_error(path, e))?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_NOFOLLOW;

@@ -57,15 +57,34 @@ use seal::{NotOpened, Sealer};
 /// Marks sealed data of format 2 (base64 never holds a dot).
 const FORMAT_2: &str = "v2.";
 
-/// Why the store could not be used.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why the store could not be used. A cause from below (an I/O or Redis
+/// error) is kept as the error's source and shown once, after the context.
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The store could not be reached or did not answer in time.
+    /// The store did not answer in time, or not as required (replicas).
     #[error("{0}")]
     Unavailable(String),
-    /// A local file operation failed.
+    /// The store's content or format cannot be used.
     #[error("{0}")]
     Io(String),
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    File {
+        /// What was being done, to which path.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Redis could not be reached or answered with an error.
+    #[error("{context}: {source}")]
+    Redis {
+        /// What was being done, on which server.
+        context: String,
+        /// The Redis client's error, without credentials.
+        #[source]
+        source: redis::RedisCause,
+    },
 }
 
 /// Token state as stored: what a restarted or another replica needs to carry on.
@@ -1146,5 +1165,65 @@ client_secret = "s3cret"
         );
         assert_eq!(stranger.load().await.unwrap().record, Some(third));
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// A file error keeps the operating system's error as its source: the
+    /// message shows it once, and so does the error chain.
+    #[test]
+    fn a_file_error_keeps_its_cause_as_the_source_and_shows_it_once() {
+        let dir = std::env::temp_dir().join(format!(
+            "tokenproxy-store-error-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let config = config(&dir.join("tokens.json"), "client_id = \"a\"");
+        let err = match Store::open(&config.store) {
+            Err(e) => e,
+            Ok(_) => panic!("a store in a missing directory should not open"),
+        };
+        let source = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the io::Error is the source");
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("store.path: directory ") && text.ends_with(&source.to_string()),
+            "the message names the key and the path, then the cause: {text}"
+        );
+        assert_eq!(
+            crate::token::error_chain(&err),
+            text,
+            "the chain does not repeat the cause"
+        );
+    }
+
+    /// A Redis error is the source too, but shown without text that could
+    /// carry a password (a URL with credentials), in Display, Debug and chain.
+    #[test]
+    fn a_redis_error_is_the_source_without_credentials() {
+        let raw = ::redis::RedisError::from((
+            ::redis::ErrorKind::InvalidClientConfig,
+            "bad url",
+            "redis://user:hunter2@cache:6379".to_owned(),
+        ));
+        let err = StoreError::Redis {
+            context: "redis cache:6379 read".into(),
+            source: redis::RedisCause(raw),
+        };
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
+        for shown in [
+            err.to_string(),
+            format!("{err:?}"),
+            crate::token::error_chain(&err),
+        ] {
+            assert!(
+                shown.starts_with("redis cache:6379 read") || shown.starts_with("Redis"),
+                "{shown}"
+            );
+            assert!(!shown.contains("hunter2"), "no password: {shown}");
+        }
     }
 }

@@ -195,13 +195,13 @@ pub(crate) struct RedisBackend {
 
 impl RedisBackend {
     pub(crate) fn open(config: &RedisStoreConfig) -> Result<RedisBackend, StoreError> {
-        let conn = Conn::open(config).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "store.{} {}: cannot set up the client: {}",
+        let conn = Conn::open(config).map_err(|e| StoreError::Redis {
+            context: format!(
+                "store.{} {}: cannot set up the client",
                 config.location_key(),
                 config.display_url,
-                describe(&e)
-            ))
+            ),
+            source: RedisCause(e),
         })?;
         Ok(RedisBackend {
             conn,
@@ -246,11 +246,10 @@ impl RedisBackend {
         }
         match result {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
-                "redis {} {what}: {}",
-                self.display_url,
-                describe(&e)
-            ))),
+            Ok(Err(e)) => Err(StoreError::Redis {
+                context: format!("redis {} {what}", self.display_url),
+                source: RedisCause(e),
+            }),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "redis {} {what}: no answer within {} s",
                 self.display_url,
@@ -614,6 +613,25 @@ fn glob_escape(s: &str) -> String {
 }
 
 /// A Redis error on one line, without the URL (which may hold a password).
+/// A Redis client error as a [`StoreError`] source: shown without its text
+/// when that could carry a credential (a URL with a password), and with no
+/// further source, so no error chain prints the raw text either.
+pub struct RedisCause(pub(super) redis::RedisError);
+
+impl std::fmt::Display for RedisCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl std::fmt::Debug for RedisCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisCause({:?})", describe(&self.0))
+    }
+}
+
+impl std::error::Error for RedisCause {}
+
 fn describe(e: &redis::RedisError) -> String {
     let text = e.to_string();
     if text.contains('@') {

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 pub use crate::metrics::{Outcome, State, Trigger};
 pub(crate) use dialect::GrantKind;
 pub(crate) use refresher::{backoff_delay, error_chain, refresh_margin};
-pub use refresher::{Handover, Refresher, TokenEndpoint, TokenError};
+pub use refresher::{Exit, Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
 pub use state::{LastRefresh, Status, StoreStatus};
 
@@ -316,15 +316,16 @@ impl TokenHandle {
 
 /// Watches one client's refresher task until it ends.
 ///
-/// A refresher that dies (a panic) must not leave the client looking healthy: the
-/// token is withdrawn, the state becomes `unavailable` with the reason (so `/readyz`
-/// answers 503 and requests get `token_unavailable` at once), and it is logged at
-/// error level. Dropping (aborting) the supervisor aborts the refresher too.
+/// A refresher that dies (a panic) or ends without being asked to stop must not
+/// leave the client looking healthy: the token is withdrawn, the state becomes
+/// `unavailable` with the reason (so `/readyz` answers 503 and requests get
+/// `token_unavailable` at once), and it is logged at error level. Dropping
+/// (aborting) the supervisor aborts the refresher too.
 pub(crate) async fn supervise(
     client: String,
     handle: TokenHandle,
     metrics: crate::metrics::ClientMetrics,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Exit>,
 ) {
     struct AbortOnDrop(tokio::task::AbortHandle);
     impl Drop for AbortOnDrop {
@@ -333,20 +334,19 @@ pub(crate) async fn supervise(
         }
     }
     let _abort = AbortOnDrop(task.abort_handle());
-    let Err(e) = task.await else {
-        return;
-    };
-    if e.is_cancelled() {
-        return;
-    }
-    let cause = match e.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .map(|s| s.chars().take(200).collect::<String>())
-            .unwrap_or_else(|| "a panic".to_owned()),
-        Err(_) => "an unknown failure".to_owned(),
+    let cause = match task.await {
+        Ok(Exit::Stopped) => return,
+        Ok(Exit::Orphaned) => "it ended on its own: its command channel closed".to_owned(),
+        Err(e) if e.is_cancelled() => return,
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .map(|s| s.chars().take(200).collect::<String>())
+                .unwrap_or_else(|| "a panic".to_owned()),
+            Err(_) => "an unknown failure".to_owned(),
+        },
     };
     tracing::error!(client = %client, cause = %cause,
         "token refresher stopped unexpectedly; the client has no token until the sidecar restarts");
@@ -363,6 +363,20 @@ pub(crate) async fn supervise(
     });
     metrics.set_state(State::Unavailable);
     metrics.set_expiry(0.0);
+}
+
+/// Spawns `refresher` with its supervisor (see [`supervise`]); aborting the
+/// returned task (reload, shutdown) aborts the refresher with it.
+pub(crate) fn spawn(
+    client: &str,
+    refresher: Refresher,
+    handle: TokenHandle,
+    metrics: crate::metrics::ClientMetrics,
+) -> tokio::task::JoinHandle<()> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("refresher", client = %client);
+    let task = tokio::spawn(refresher.run().instrument(span));
+    tokio::spawn(supervise(client.to_owned(), handle, metrics, task))
 }
 
 /// Creates the handle and the refresher for one client.
@@ -492,7 +506,7 @@ mod tests {
     }
 
     /// Logs written while the returned guard lives, at every level.
-    fn capture_logs() -> (
+    pub(super) fn capture_logs() -> (
         Arc<std::sync::Mutex<Vec<u8>>>,
         tracing::subscriber::DefaultGuard,
     ) {
@@ -571,6 +585,51 @@ mod tests {
         );
     }
 
+    /// A refresher task that ends without having been asked to stop (its
+    /// command channel closed) leaves nobody renewing the token: it must show
+    /// like a panic does. A stop (reload, shutdown) must not.
+    #[tokio::test]
+    async fn a_refresher_that_ends_unasked_shows_in_state_and_logs_and_a_stop_does_not() {
+        let (logs, _guard) = capture_logs();
+        let metrics = crate::metrics::Metrics::new()
+            .expect("metrics")
+            .client("payments");
+        let valid = |shared: &Shared| {
+            shared.current.store(Some(token_now(1)));
+            shared
+                .status
+                .send_modify(|s| s.state = StateCell(State::Valid));
+        };
+
+        let (stopped, shared, _commands) = channel(Duration::from_secs(30));
+        valid(&shared);
+        let task = tokio::spawn(async { Exit::Stopped });
+        supervise("payments".into(), stopped.clone(), metrics.clone(), task).await;
+        assert_eq!(
+            stopped.status().state(),
+            State::Valid,
+            "a stop is not a failure"
+        );
+
+        let (ended, shared, _commands) = channel(Duration::from_secs(30));
+        valid(&shared);
+        let task = tokio::spawn(async { Exit::Orphaned });
+        supervise("payments".into(), ended.clone(), metrics, task).await;
+        let status = ended.status();
+        assert_eq!(status.state(), State::Unavailable, "{}", status.describe());
+        assert!(
+            status.describe().contains("refresher stopped unexpectedly"),
+            "/status says why: {}",
+            status.describe()
+        );
+        assert!(!ended.is_ready(), "its client is not ready");
+        let text = String::from_utf8_lossy(&logs.lock().expect("logs")).into_owned();
+        assert!(
+            text.contains("ERROR") && text.contains("token refresher stopped unexpectedly"),
+            "the end is logged at error level: {text}"
+        );
+    }
+
     #[tokio::test]
     async fn aborting_the_supervisor_aborts_the_refresher() {
         let (handle, _shared, _commands) = channel(Duration::from_secs(1));
@@ -580,7 +639,7 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let refresher = tokio::spawn(async move {
             let _held = tx;
-            std::future::pending::<()>().await;
+            std::future::pending::<Exit>().await
         });
         let supervisor = tokio::spawn(supervise("payments".into(), handle, metrics, refresher));
         tokio::task::yield_now().await;

@@ -61,7 +61,7 @@ fn the_scan_sees_the_library() {
     );
     assert!(files
         .iter()
-        .any(|(p, t)| p.ends_with("refresher.rs") && t.contains("fn install")));
+        .any(|(p, t)| p.ends_with("refresher/install.rs") && t.contains("fn install")));
 }
 
 #[test]

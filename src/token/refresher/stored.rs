@@ -47,35 +47,11 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::link::{OperatorTrial, StoreLink, AUTHORIZATION_POLL, RETURN_GRACE, STORE_RETRY};
 use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, TokenError, Trigger};
 use crate::secret::Secret;
-use crate::store::{
-    next_generation, ClientStore, Lease, Loaded, Record, Saved, StoreError, TokenState,
-};
+use crate::store::{next_generation, Lease, Loaded, Record, Saved, StoreError, TokenState};
 use crate::token::state::{State, StoreStatus};
-
-/// How often a follower looks at the record while another replica refreshes.
-const FOLLOW_POLL: Duration = Duration::from_millis(100);
-/// How often an unreachable store is tried again while the token is still good.
-const STORE_RETRY: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to write back state the store has not taken.
-const WRITE_BACK_MAX: Duration = Duration::from_secs(5);
-/// How often a state holding a refresh token the store has not taken is
-/// written again: the refresh token in the store is spent, and until the new
-/// one is there another replica could send the spent one.
-const WRITE_BACK_ROTATED: Duration = Duration::from_millis(200);
-/// After the shared store answers again, how long a replica with nothing to
-/// write back leaves the lease to others: a leader whose write was lost in the
-/// outage (or a failover) writes its rotated refresh token back within this,
-/// and the others take it instead of spending the old one.
-const RETURN_GRACE: Duration = Duration::from_secs(1);
-/// How often a client in `needs_authorization` looks for a new refresh token.
-pub(super) const AUTHORIZATION_POLL: Duration = Duration::from_secs(2);
-/// How often a client whose stored record does not open looks at it again.
-const LOCKED_POLL: Duration = Duration::from_secs(2);
-/// How much longer than `token.timeout` a lease lasts: the leader's request is
-/// over (answered or timed out) well before another replica may take over.
-const LEASE_SLACK: Duration = Duration::from_secs(2);
 
 /// What the store says before a token request.
 pub(super) enum Coordination {
@@ -98,157 +74,26 @@ pub(super) enum Coordination {
 
 /// What to do while the store cannot be reached.
 pub(super) enum StoreWait {
-    /// Keep the token and look at the store again later.
-    Wait,
-    /// Refresh here and now, without the store; `spend_nothing`: with the
-    /// primary grant only, never with the refresh token.
+    /// Keep the token and look at the store again at `recheck_at`.
+    Wait { recheck_at: Instant },
+    /// Refresh here and now, without the store (no look at it is planned);
+    /// `spend_nothing`: with the primary grant only, never with the refresh token.
     Local { spend_nothing: bool },
 }
 
-/// The refresher's store state.
-pub(super) struct StoreLink {
-    pub(super) client: ClientStore,
-    /// The generation of the stored record this process's state matches.
-    generation: u64,
-    /// The highest generation seen in the store, including ignored records.
-    seen: u64,
-    /// A lease kept through a backoff, so the retry needs no new one.
-    lease: Option<Lease>,
-    /// The store has not taken the newest state yet.
-    write_pending: bool,
-    pub(super) write_back_at: Option<Instant>,
-    write_back_failures: u32,
-    /// When to look at the store again (following, or waiting for it to answer).
-    pub(super) recheck_at: Option<Instant>,
-    following: bool,
-    /// In `needs_authorization`: when to look for a new refresh token.
-    pub(super) check_at: Option<Instant>,
-    available: bool,
-    /// Since when the store has not answered.
-    unavailable_since: Option<SystemTime>,
-    /// When the store last answered again after an outage.
-    answered_again_at: Option<Instant>,
-    error: Option<String>,
-    role: Option<&'static str>,
-    /// While the stored record does not open: what is wrong and what to do.
-    locked: Option<String>,
-    /// The refresh token came from an operator: use it, do not take the stored one.
-    pub(super) operator_trial: Option<OperatorTrial>,
-    /// A refresh token this process sent got no answer it could use: the
-    /// provider may have spent it, so this process's spending mark stays
-    /// when it gives the lease back.
-    unsettled: bool,
-    /// Since when the refresh token held is the stored one under another
-    /// process's spending mark (following, waiting for that one's answer).
-    spent_elsewhere_since: Option<Instant>,
-    /// In `needs_authorization` because of such a mark: it ends when the mark
-    /// is removed, too.
-    blocked_by_mark: bool,
-}
-
-/// An operator's refresh token on trial: it is used, but it neither replaces
-/// the stored chain nor the previous refresh token until the provider has
-/// accepted it, so a mistyped or hostile token cannot destroy a working grant.
-pub(super) struct OperatorTrial {
-    /// The refresh token held before, restored if the provider rejects the new one.
-    previous: Option<HeldRefreshToken>,
-    /// Whether the client was in `needs_authorization` before.
-    needs_authorization: bool,
-    /// The provider accepted it; the state it produced may be stored.
-    pub(super) proven: bool,
-}
-
-/// Where a stopping refresher stood with the store, for its successor: the
-/// generation its state matches (so an older record is never adopted over the
-/// newer state in memory), and whether that state still has to be written.
-pub(super) struct StoreHandover {
-    generation: u64,
-    seen: u64,
-    write_pending: bool,
-    operator_trial: Option<OperatorTrial>,
-    unsettled: bool,
-}
-
-impl StoreLink {
-    pub(super) fn into_handover(self) -> StoreHandover {
-        StoreHandover {
-            generation: self.generation,
-            seen: self.seen,
-            write_pending: self.write_pending,
-            operator_trial: self.operator_trial,
-            unsettled: self.unsettled,
-        }
-    }
-
-    pub(super) fn take_over(&mut self, h: StoreHandover) {
-        self.generation = h.generation;
-        self.seen = h.seen;
-        self.operator_trial = h.operator_trial;
-        self.unsettled = h.unsettled;
-        if h.write_pending && self.client.is_persistent() {
-            self.write_pending = true;
-            self.write_back_at = Some(Instant::now());
-        }
-    }
-
-    pub(super) fn new(client: ClientStore) -> StoreLink {
-        StoreLink {
-            client,
-            generation: 0,
-            seen: 0,
-            lease: None,
-            write_pending: false,
-            write_back_at: None,
-            write_back_failures: 0,
-            recheck_at: None,
-            following: false,
-            check_at: None,
-            available: true,
-            unavailable_since: None,
-            answered_again_at: None,
-            error: None,
-            role: None,
-            locked: None,
-            operator_trial: None,
-            unsettled: false,
-            spent_elsewhere_since: None,
-            blocked_by_mark: false,
-        }
-    }
-
-    /// After a token request: whether the answer to it is known. `None`: no
-    /// refresh token was sent (not connected), nothing changes.
-    pub(super) fn settle(&mut self, settled: Option<bool>) {
-        if let Some(settled) = settled {
-            self.unsettled = !settled;
-        }
-    }
-
+impl Refresher {
     /// Whether another replica is refreshing and a look at the store is planned.
     pub(super) fn following(&self) -> bool {
-        self.following && self.recheck_at.is_some()
+        self.store.following && self.schedule.recheck_planned()
     }
 
-    /// Whether the store is down and only it may let the client refresh; the
-    /// next look at it is planned.
+    /// Whether the store is down (or the record locked) and only it may let
+    /// the client refresh; the next look at it is planned.
     pub(super) fn waiting(&self) -> bool {
-        matches!(self.role, Some("waiting" | "locked"))
-            && self.recheck_at.is_some_and(|t| t > Instant::now())
+        matches!(self.store.role, Some("waiting" | "locked"))
+            && self.schedule.recheck_after(Instant::now())
     }
 
-    pub(super) fn set_role(&mut self, role: Option<&'static str>) {
-        self.role = role;
-        if role.is_none() {
-            self.following = false;
-        }
-    }
-
-    fn lease_ttl(config: &crate::config::TokenConfig) -> Duration {
-        config.timeout + LEASE_SLACK
-    }
-}
-
-impl Refresher {
     /// Reads the store and decides who calls the provider.
     pub(super) async fn coordinate(&mut self) -> Coordination {
         let ttl = StoreLink::lease_ttl(&self.config);
@@ -386,9 +231,8 @@ impl Refresher {
             return Coordination::Follow;
         }
         self.store.spent_elsewhere_since = None;
-        self.store.following = false;
-        self.store.role = None;
-        self.store.recheck_at = None;
+        let plan = self.store.stop_following();
+        self.schedule.apply(plan);
         self.publish_store();
         self.enter_needs_authorization(
             "the refresh token may have been spent by another replica whose answer was lost; sending it again could make the provider revoke the grant, so it is not sent"
@@ -403,9 +247,8 @@ impl Refresher {
         if !self.store.following {
             debug!(client = %self.client, "another replica is refreshing the token; waiting for it");
         }
-        self.store.following = true;
-        self.store.role = Some("follower");
-        self.store.recheck_at = Some(Instant::now() + FOLLOW_POLL);
+        let plan = self.store.follow(Instant::now());
+        self.schedule.apply(plan);
         self.publish_store();
     }
 
@@ -420,7 +263,6 @@ impl Refresher {
             .is_none_or(|deadline| now >= deadline);
         if !due {
             let deadline = self.local_refresh_deadline().unwrap_or(now);
-            self.store.recheck_at = Some((now + STORE_RETRY).min(deadline));
             self.store.role = Some(
                 if self.store.client.is_shared() && !self.has_primary_grant() {
                     "waiting"
@@ -429,23 +271,22 @@ impl Refresher {
                 },
             );
             self.publish_store();
-            return StoreWait::Wait;
+            return StoreWait::Wait {
+                recheck_at: (now + STORE_RETRY).min(deadline),
+            };
         }
         if !self.store.client.is_shared() {
-            self.store.recheck_at = None;
             return StoreWait::Local {
                 spend_nothing: false,
             };
         }
         if self.has_primary_grant() {
-            self.store.recheck_at = None;
             return StoreWait::Local {
                 spend_nothing: true,
             };
         }
         // Only the store's lease may let this client spend its refresh token.
         let retry_at = now + STORE_RETRY;
-        self.store.recheck_at = Some(retry_at);
         if self.store.role != Some("waiting") || self.token_usable(now) {
             warn!(client = %self.client,
                 "token store unreachable: the refresh token is spent only under the store's lease; serving the held token until it expires");
@@ -460,7 +301,9 @@ impl Refresher {
             });
             self.set_state(State::Unavailable);
         }
-        StoreWait::Wait
+        StoreWait::Wait {
+            recheck_at: retry_at,
+        }
     }
 
     /// When a token that cannot be refreshed through the store must be refreshed
@@ -544,14 +387,11 @@ impl Refresher {
             };
             match saved {
                 Ok(Saved::Written) => {
-                    self.store.generation = generation;
-                    self.store.seen = generation;
                     if self.store.write_pending {
                         info!(client = %self.client, generation, "token state written back to the store");
                     }
-                    self.store.write_pending = false;
-                    self.store.write_back_at = None;
-                    self.store.write_back_failures = 0;
+                    let plan = self.store.written(generation);
+                    self.schedule.apply(plan);
                     self.store_ok();
                     return false;
                 }
@@ -568,8 +408,8 @@ impl Refresher {
                                 break;
                             }
                             if self.take_loaded(loaded) {
-                                self.store.write_pending = false;
-                                self.store.write_back_at = None;
+                                let plan = self.store.superseded();
+                                self.schedule.apply(plan);
                                 return true;
                             }
                         }
@@ -585,21 +425,16 @@ impl Refresher {
                 }
             }
         }
-        self.store.write_pending = true;
-        self.store.write_back_failures = self.store.write_back_failures.saturating_add(1);
-        let delay = if self.store.client.is_shared() && self.refresh_token.is_some() {
-            WRITE_BACK_ROTATED
-        } else {
-            (STORE_RETRY * self.store.write_back_failures).min(WRITE_BACK_MAX)
-        };
-        self.store.write_back_at = Some(Instant::now() + delay);
+        let rotated_at_stake = self.store.client.is_shared() && self.refresh_token.is_some();
+        let plan = self.store.write_failed(rotated_at_stake, Instant::now());
+        self.schedule.apply(plan);
         self.publish_store();
         false
     }
 
     /// Tries again to write state the store has not taken.
     pub(super) async fn write_back(&mut self) {
-        self.store.write_back_at = None;
+        self.schedule.clear_write_back();
         if let Some(lease) = &self.store.lease {
             let ttl = StoreLink::lease_ttl(&self.config);
             // Best effort: a lease that cannot be extended is written over below.
@@ -620,7 +455,8 @@ impl Refresher {
     /// In `needs_authorization`: a newer record with a refresh token (from
     /// `tokenproxy token`, `authorize` or another replica) ends it.
     pub(super) async fn check_store_for_authorization(&mut self) -> Option<Trigger> {
-        self.store.check_at = Some(Instant::now() + AUTHORIZATION_POLL);
+        self.schedule
+            .plan_store_check(Instant::now() + AUTHORIZATION_POLL);
         let loaded = match self.load_store().await {
             Ok(l) => l,
             Err(e) => {
@@ -648,9 +484,8 @@ impl Refresher {
         info!(client = %self.client, "the store holds new token state; leaving needs_authorization");
         self.needs_authorization = false;
         self.store.blocked_by_mark = false;
-        self.store.check_at = None;
-        self.failures = 0;
-        self.retry_at = None;
+        self.schedule.clear_store_check();
+        self.schedule.clear_backoff();
         self.publish(|s| {
             s.reason = None;
             s.retry_at = None;
@@ -713,10 +548,8 @@ impl Refresher {
 
     fn store_locked(&mut self, problem: String) {
         let now = Instant::now();
-        self.store.following = false;
-        self.store.role = Some("locked");
-        self.store.recheck_at = Some(now + LOCKED_POLL);
-        self.store.locked = Some(problem.clone());
+        let plan = self.store.lock(problem.clone(), now);
+        self.schedule.apply(plan);
         self.publish_store();
         if self.token_usable(now) {
             self.set_state(State::Valid);
@@ -730,12 +563,11 @@ impl Refresher {
     }
 
     fn store_unlocked(&mut self) {
-        if self.store.locked.take().is_none() {
+        let Some(plan) = self.store.unlock() else {
             return;
-        }
+        };
         info!(client = %self.client, "the stored token state no longer blocks the client; carrying on");
-        self.store.role = None;
-        self.store.recheck_at = None;
+        self.schedule.apply(plan);
         self.publish(|s| s.reason = None);
         self.publish_store();
     }
@@ -803,7 +635,7 @@ impl Refresher {
                 generation: record.generation,
             },
         );
-        self.refresh_at.is_none_or(|at| at > now)
+        self.schedule.refresh_at().is_none_or(|at| at > now)
     }
 
     fn current_state(&self) -> TokenState {

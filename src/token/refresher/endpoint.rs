@@ -1,0 +1,309 @@
+//! The token endpoint: one HTTP request per call, its answer parsed into a
+//! [`TokenSet`] or a [`TokenError`] that never holds a secret or a response body.
+//!
+//! The refresher reaches it through [`TokenSource`], so its state machine can be
+//! driven by a scripted source in tests, without HTTP.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Limited};
+
+use crate::clock::SharedClock;
+use crate::config::{Grant, TokenConfig};
+use crate::http::client::HttpClient;
+use crate::secret::Secret;
+use crate::token::dialect::{build_request, redactor, GrantKind};
+use crate::token::response::{
+    parse_error_redacted, parse_success, ProviderError, ResponseError, TokenSet,
+};
+use crate::token::Outcome;
+
+/// Largest token endpoint response read; anything longer is an error.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// The answer to one token request, boxed so [`TokenSource`] is object safe.
+pub(crate) type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<TokenSet, TokenError>> + Send + 'a>>;
+
+/// Where the refresher gets its tokens: the provider's endpoint in the sidecar,
+/// a scripted source in the refresher's tests.
+pub(crate) trait TokenSource: Send + Sync + 'static {
+    /// One token request of `kind` as `config` describes it.
+    fn request<'a>(&'a self, config: &'a TokenConfig, kind: GrantKind<'a>) -> TokenFuture<'a>;
+}
+
+impl TokenSource for TokenEndpoint {
+    fn request<'a>(&'a self, config: &'a TokenConfig, kind: GrantKind<'a>) -> TokenFuture<'a> {
+        Box::pin(self.call(config, kind))
+    }
+}
+
+/// Why a token endpoint call failed. Never holds a secret or a response body.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The connection could not be made; the request was not sent.
+    #[error("cannot connect to token endpoint {url}: {detail}")]
+    Unreachable {
+        /// Endpoint URL.
+        url: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The request may have reached the provider, but no answer came back.
+    #[error("token endpoint {url} failed before answering: {detail}")]
+    Broken {
+        /// Endpoint URL.
+        url: String,
+        /// Cause.
+        detail: String,
+    },
+    /// No answer within `token.timeout`.
+    #[error("token endpoint {url} did not answer within {timeout}")]
+    Timeout {
+        /// Endpoint URL.
+        url: String,
+        /// The configured timeout, human readable.
+        timeout: String,
+    },
+    /// The provider answered with an error status.
+    #[error("token endpoint {url} answered {error}")]
+    Provider {
+        /// Endpoint URL.
+        url: String,
+        /// What it said.
+        error: ProviderError,
+        /// Its `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// A 3xx: redirects are never followed with credentials.
+    #[error("token endpoint {url} answered {status}; redirects are not followed")]
+    Redirect {
+        /// Endpoint URL.
+        url: String,
+        /// The status.
+        status: StatusCode,
+    },
+    /// A 2xx whose body is not a usable token response.
+    #[error("token endpoint {url} sent an unusable response: {source}")]
+    Response {
+        /// Endpoint URL.
+        url: String,
+        /// What was wrong.
+        #[source]
+        source: ResponseError,
+    },
+    /// The token came back but cannot be used as configured.
+    #[error("token from {url} cannot be used: {reason}")]
+    Unusable {
+        /// Endpoint URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TokenError {
+    /// Whether the provider refused (as opposed to failing).
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, TokenError::Provider { error, .. } if error.is_rejection())
+    }
+
+    /// Whether the provider may have acted on the request although we saw no
+    /// usable answer (so a rotating refresh token may already be spent).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Broken { .. } | TokenError::Timeout { .. } | TokenError::Response { .. }
+        )
+    }
+
+    /// The error as the app may see it (`token_unavailable` detail): the provider's
+    /// refusal as its RFC 6749 code and a fixed description, never its own text.
+    pub fn app_message(&self) -> String {
+        match self {
+            TokenError::Provider { url, error, .. } => {
+                format!("token endpoint {url} answered {}", error.app_summary())
+            }
+            other => other.to_string(),
+        }
+    }
+
+    pub(crate) fn outcome(&self) -> Outcome {
+        if self.is_rejection() {
+            Outcome::Rejected
+        } else {
+            Outcome::Error
+        }
+    }
+
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Provider { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Calls a token endpoint over the shared pooled client.
+#[derive(Clone)]
+pub struct TokenEndpoint {
+    http: HttpClient,
+    clock: SharedClock,
+}
+
+impl TokenEndpoint {
+    /// An endpoint caller using `http` and reading wall time from `clock`.
+    pub fn new(http: HttpClient, clock: SharedClock) -> Self {
+        TokenEndpoint { http, clock }
+    }
+
+    /// The HTTP client requests to the provider go through.
+    pub(crate) fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
+    /// One token request as a fresh start would make it: the refresh grant with the
+    /// configured refresh token for `grant = "refresh_token"`, else the primary grant.
+    pub async fn obtain_once(&self, config: &TokenConfig) -> Result<TokenSet, TokenError> {
+        match (&config.grant, &config.refresh_token) {
+            (Grant::RefreshToken, Some(rt)) => self.call(config, GrantKind::Refresh(rt)).await,
+            _ => self.call(config, GrantKind::Primary).await,
+        }
+    }
+
+    /// Exchanges an authorization code (`tokenproxy authorize`).
+    pub async fn exchange_code(
+        &self,
+        config: &TokenConfig,
+        code: &Secret,
+        redirect_uri: &str,
+        verifier: Option<&Secret>,
+    ) -> Result<TokenSet, TokenError> {
+        let kind = GrantKind::AuthorizationCode {
+            code,
+            redirect_uri,
+            verifier,
+        };
+        self.call(config, kind).await
+    }
+
+    /// One token request of `kind`, bounded by `config.timeout`.
+    pub(crate) async fn call(
+        &self,
+        config: &TokenConfig,
+        kind: GrantKind<'_>,
+    ) -> Result<TokenSet, TokenError> {
+        let url_ref = match kind {
+            GrantKind::Refresh(_) => config.refresh_url.as_ref().unwrap_or(&config.url),
+            GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
+            GrantKind::Revoke { url, .. } => url,
+        };
+        let url = display_url(url_ref);
+        // Provider text that repeats a credential of this request is scrubbed once, here.
+        let redactor = redactor(config, kind);
+        let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
+            url: url.clone(),
+            reason: format!("cannot build request: {e}"),
+        })?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                let detail = error_chain(&e);
+                if e.is_connect() {
+                    TokenError::Unreachable {
+                        url: url.clone(),
+                        detail,
+                    }
+                } else {
+                    TokenError::Broken {
+                        url: url.clone(),
+                        detail,
+                    }
+                }
+            })?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body: Bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| TokenError::Broken {
+                    url: url.clone(),
+                    detail: format!("reading the response body: {e}"),
+                })?
+                .to_bytes();
+            if status.is_success() {
+                parse_success(&body, self.clock.wall_now()).map_err(|source| TokenError::Response {
+                    url: url.clone(),
+                    source,
+                })
+            } else if status.is_redirection() {
+                Err(TokenError::Redirect {
+                    url: url.clone(),
+                    status,
+                })
+            } else {
+                Err(TokenError::Provider {
+                    url: url.clone(),
+                    error: parse_error_redacted(status, &body, &redactor),
+                    retry_after,
+                })
+            }
+        };
+        match tokio::time::timeout(config.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(TokenError::Timeout {
+                url,
+                timeout: humantime::format_duration(config.timeout).to_string(),
+            }),
+        }
+    }
+}
+
+/// A URL for messages: scheme, authority and path, never the query.
+pub(super) fn display_url(uri: &http::Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        uri.path()
+    )
+}
+
+/// A provider's `token_type` for messages: quoted when it looks like a scheme name,
+/// else not shown (it is provider text and could carry anything).
+pub(super) fn shown_token_type(token_type: Option<&str>) -> String {
+    match token_type {
+        Some(t)
+            if t.len() <= 32
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            format!("{t:?}")
+        }
+        Some(_) => "not a scheme name (not shown)".to_owned(),
+        None => "missing".to_owned(),
+    }
+}
+
+/// An error and its sources on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
