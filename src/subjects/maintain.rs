@@ -30,15 +30,17 @@ const SWEEP_LEASE: Duration = Duration::from_secs(600);
 /// The lease name of the sweeper: not a valid subject id, so never a subject's.
 const SWEEPER: &str = "#sweeper";
 
-/// Runs until aborted (reload, shutdown).
+/// Runs until aborted (reload, shutdown). The sweeper runs in a task of its
+/// own (a long sweep must not hold up the renewal of active subjects), which
+/// ends with this one.
 pub async fn maintain(subjects: Subjects) {
     let inner = subjects.inner;
-    let mut last_count: Option<Instant> = None;
-    let mut last_sweep: Option<Instant> = None;
     let sweep_every = inner
         .config
         .refresh_every
         .map_or(SWEEP_EVERY, |every| (every / 4).clamp(TICK, SWEEP_EVERY));
+    let _sweeper = AbortOnDrop(tokio::spawn(sweep_loop(Arc::clone(&inner), sweep_every)));
+    let mut last_count: Option<Instant> = None;
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -52,10 +54,24 @@ pub async fn maintain(subjects: Subjects) {
             last_count = Some(now);
             inner.publish_counts().await;
         }
-        if last_sweep.is_none_or(|t| now.duration_since(t) >= sweep_every) {
-            last_sweep = Some(now);
-            inner.sweep().await;
-        }
+    }
+}
+
+async fn sweep_loop(inner: Arc<Inner>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        inner.sweep().await;
+    }
+}
+
+/// Aborts the task when dropped (its owner was aborted or ended).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
