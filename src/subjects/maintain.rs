@@ -103,7 +103,7 @@ impl Inner {
         }
     }
 
-    /// Publishes `tokenproxy_subjects{state}`.
+    /// Publishes `tokenproxy_subjects{state}` (and keeps the counts for `/status`).
     async fn publish_counts(&self) {
         let now = Instant::now();
         let valid_in_memory = self
@@ -112,21 +112,23 @@ impl Inner {
             .filter(|e| e.value().token.is_usable(now))
             .count() as u64;
         let refreshing = self.flights.len() as u64;
-        self.metrics.set_subjects("valid", valid_in_memory);
-        self.metrics.set_subjects("refreshing", refreshing);
+        let mut counts = vec![("valid", valid_in_memory), ("refreshing", refreshing)];
         match self.store.count().await {
-            Ok(counts) => {
-                let stored_valid = counts.get(&SubjectStatus::Valid).copied().unwrap_or(0);
-                let dead = counts
+            Ok(stored) => {
+                let stored_valid = stored.get(&SubjectStatus::Valid).copied().unwrap_or(0);
+                let dead = stored
                     .get(&SubjectStatus::NeedsAuthorization)
                     .copied()
                     .unwrap_or(0);
-                self.metrics
-                    .set_subjects("idle", stored_valid.saturating_sub(valid_in_memory));
-                self.metrics.set_subjects("needs_authorization", dead);
+                counts.push(("idle", stored_valid.saturating_sub(valid_in_memory)));
+                counts.push(("needs_authorization", dead));
             }
             Err(e) => debug!(client = %self.client, error = %e, "cannot count the subjects"),
         }
+        for (state, n) in &counts {
+            self.metrics.set_subjects(state, *n);
+        }
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
     }
 
     /// Renews idle subjects that are due, a batch at a time, within the budget.

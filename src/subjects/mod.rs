@@ -120,6 +120,8 @@ pub(crate) struct Inner {
     /// the maintenance task, and preferred over the store's older record.
     pending: DashMap<String, SubjectRecord>,
     budget: budget::Budget,
+    /// The subject counts by state last published (`tokenproxy_subjects`), for `/status`.
+    counts: std::sync::Mutex<Vec<(&'static str, u64)>>,
     generation: AtomicU64,
     hits: IntCounter,
     from_store: IntCounter,
@@ -166,6 +168,7 @@ impl Subjects {
                 backoff: DashMap::new(),
                 pending: DashMap::new(),
                 budget,
+                counts: std::sync::Mutex::new(Vec::new()),
                 generation: AtomicU64::new(0),
                 config,
             }),
@@ -355,8 +358,16 @@ impl Subjects {
             .iter()
             .filter(|e| e.value().token.is_usable(now))
             .count();
+        let by_state: serde_json::Map<String, serde_json::Value> = inner
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(state, n)| ((*state).to_owned(), serde_json::json!(n)))
+            .collect();
         serde_json::json!({
             "header": inner.config.header.as_str(),
+            "by_state": by_state,
             "cached": inner.cache.len(),
             "valid_in_memory": valid,
             "refreshing": inner.flights.len(),

@@ -723,7 +723,27 @@ client_secret = "${{CLIENT_SECRET}}"
     assert_eq!(provider.grant_requests("refresh_token"), 2);
     first.shutdown().await;
 
-    let (second, proxy, _admin) = start_sidecar_env(&text, env()).await;
+    let (second, proxy, admin) = start_sidecar_env(&text, env()).await;
+    // Counted from the store at start (nothing is loaded): both are idle.
+    let mut idle = None;
+    for _ in 0..50 {
+        let text = http.get(&format!("http://{admin}/metrics")).await.text();
+        idle = metric(
+            &text,
+            "tokenproxy_subjects",
+            &[("client", "pos"), ("state", "idle")],
+        );
+        if idle == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(idle, Some(2.0), "the stored subjects are counted as idle");
+    let status = http.get(&format!("http://{admin}/status")).await.json();
+    assert_eq!(
+        status["clients"]["pos"]["subjects"]["by_state"]["idle"], 2,
+        "{status}"
+    );
     for merchant in ["m-1", "m-2"] {
         let url = format!("http://{proxy}/merchants/{merchant}/payments");
         let r = http
