@@ -23,9 +23,11 @@ struct Market {
     provider: MockProvider,
     api: MockApi,
     http: TestClient,
-    _running: Running,
+    running: Running,
     proxy: SocketAddr,
     admin: SocketAddr,
+    /// The configuration as started, with its addresses filled in.
+    text: String,
 }
 
 async fn market(subjects_extra: &str, client_extra: &str) -> Market {
@@ -73,13 +75,17 @@ client_secret = "${{CLIENT_SECRET}}"
         .var("CLIENT_SECRET", CLIENT_SECRET)
         .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
     let (running, proxy, admin) = start_sidecar_env(&text, env).await;
+    let text = text
+        .replace("{listen}", &proxy.to_string())
+        .replace("{admin}", &admin.to_string());
     Market {
         provider,
         api,
         http: TestClient::new(),
-        _running: running,
+        running,
         proxy,
         admin,
+        text,
     }
 }
 
@@ -826,4 +832,72 @@ async fn a_subject_deleted_during_its_refresh_stays_deleted() {
         0,
         "no request was sent with the deleted subject's token"
     );
+}
+
+/// Reloads while requests for many subjects run: every request carries its
+/// own subject's token (the API refuses any other), and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_never_mix_subjects() {
+    let mut m = market("max_cached = 4", "").await;
+    let merchants: Vec<String> = (0..8).map(|i| format!("m-{i}")).collect();
+    for merchant in &merchants {
+        m.connect(merchant).await;
+    }
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut loops = Vec::new();
+    for w in 0..6 {
+        let http = m.http.clone();
+        let proxy = m.proxy;
+        let merchants = merchants.clone();
+        loops.push(tokio::spawn(async move {
+            let (mut ok, mut bad) = (0usize, Vec::new());
+            let mut i = w;
+            while tokio::time::Instant::now() < until {
+                let merchant = &merchants[i % merchants.len()];
+                i += 1;
+                let url = format!("http://{proxy}/merchants/{merchant}/payments");
+                let r = http
+                    .request(
+                        Method::GET,
+                        &url,
+                        &[("x-tokenproxy-subject", merchant)],
+                        b"",
+                    )
+                    .await;
+                if r.status == StatusCode::OK {
+                    ok += 1;
+                } else {
+                    bad.push(format!("{merchant}: {} {}", r.status, r.text()));
+                }
+            }
+            (ok, bad)
+        }));
+    }
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    for cached in [5, 3, 6] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let text = m
+            .text
+            .replace("max_cached = 4", &format!("max_cached = {cached}"));
+        let config = tokenproxy::config::from_str(&text, None, &env).expect("valid");
+        let summary = m.running.reload(config).await.expect("reload");
+        assert_eq!(summary.changed, vec!["pos".to_owned()]);
+    }
+    let mut total = 0;
+    for l in loops {
+        let (ok, bad) = l.await.expect("load loop");
+        assert!(
+            bad.is_empty(),
+            "requests failed or carried another subject's token: {bad:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 50, "load ran: {total}");
+    for req in m.api.recorded() {
+        let named = req.path.split('/').nth(2).expect("merchant in path");
+        assert_eq!(req.token_account.as_deref(), Some(named));
+    }
+    assert_eq!(m.provider.refresh_token_reuse(), 0);
 }
