@@ -335,9 +335,10 @@ def main():
         rss_after = sc.rss_kib()
         per = (rss_after - rss_before) * 1024 / max(1, CACHED - ACTIVE)
         results["memory"] = {"rss_active_kib": rss_active, "rss_before_kib": rss_before,
-                             "rss_after_kib": rss_after, "bytes_per_cached_subject": per}
+                             "rss_after_kib": rss_after, "bytes_per_cached_subject": per,
+                             "threads": B.threads_of(sc.proc.pid)}
         log(f"memory: {rss_before} -> {rss_after} KiB for {CACHED - ACTIVE} more cached subjects:"
-            f" {per:.0f} bytes each")
+            f" {per:.0f} bytes each; {results['memory']['threads']} threads")
         sc.stop()
 
         log(f"sweeper: importing again with refresh_every = {SWEEP_EVERY}s,"

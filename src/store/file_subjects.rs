@@ -35,7 +35,7 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
-use super::file::{blocking, open_error, private_options, FileBackend};
+use super::file::{open_error, private_options, FileBackend};
 use super::subjects::SubjectEnvelope;
 use super::{
     to_ms, Saved, StoreError, SubjectMeta, SubjectStatus, MAX_GENERATION, MAX_RECORD_BYTES,
@@ -69,11 +69,18 @@ CREATE TABLE once (
 );
 ";
 
-/// The subjects' database of one state file.
+/// A unit of work for the database thread.
+type Job = Box<dyn FnOnce(&mut Option<Connection>) + Send>;
+
+/// The subjects' database of one state file. One thread of its own owns the
+/// connection and runs every statement in turn: no pool of blocking threads
+/// grows with the number of subjects refreshed at once, and the connection is
+/// never shared.
 pub(crate) struct SubjectDb {
     path: PathBuf,
-    /// `None` until first use, and again after opening failed.
-    conn: Mutex<Option<Connection>>,
+    /// The database thread's queue; started at first use (a store without
+    /// subjects never opens the database), again if it ever died.
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
 }
 
 impl SubjectDb {
@@ -83,25 +90,64 @@ impl SubjectDb {
         path.push(".subjects.db");
         SubjectDb {
             path: PathBuf::from(path),
-            conn: Mutex::new(None),
+            jobs: Mutex::new(None),
         }
     }
 
-    /// Runs `op` on the connection on the blocking pool, opening the database first if needed.
+    /// Runs `op` on the connection on the database thread, opening the database first if needed.
     async fn with<T: Send + 'static>(
         self: &Arc<Self>,
         op: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = Arc::clone(self);
-        blocking(move || {
-            let mut slot = db.conn.lock().unwrap_or_else(|p| p.into_inner());
-            let conn = match &mut *slot {
-                Some(conn) => conn,
-                empty => empty.insert(open(&db.path)?),
-            };
-            op(conn).map_err(|e| sql_error(&db.path, &e))
-        })
-        .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let path = self.path.clone();
+        let job: Job = Box::new(move |slot: &mut Option<Connection>| {
+            let result = (|| {
+                let conn = match slot {
+                    Some(conn) => conn,
+                    empty => empty.insert(open(&path)?),
+                };
+                op(conn).map_err(|e| sql_error(&path, &e))
+            })();
+            let _caller_gone = reply.send(result);
+        });
+        self.submit(job)?;
+        answer.await.map_err(|_| {
+            StoreError::Io(format!(
+                "subject database {}: its thread stopped",
+                self.path.display()
+            ))
+        })?
+    }
+
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let job = match jobs.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return Ok(()),
+                // The thread died (a panic in a statement): start a new one.
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tokenproxy-sqlite".to_owned())
+            .spawn(move || {
+                let mut conn = None;
+                // Ends when the store (the sender) is dropped.
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| {
+                StoreError::Io(format!("cannot start the subject database thread: {e}"))
+            })?;
+        tx.send(job).map_err(|_| {
+            StoreError::Io("the subject database thread stopped at once".to_owned())
+        })?;
+        *jobs = Some(tx);
+        Ok(())
     }
 }
 
