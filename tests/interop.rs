@@ -45,6 +45,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the sidecar may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const API_PATH: &str = "/api/v1/payments";
+/// The request header naming the subject (`[clients.NAME.subjects] header`'s default).
+const SUBJECT_HEADER: &str = "x-tokenproxy-subject";
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -299,7 +301,9 @@ params = {{ prompt = "consent" }}
                 break format!("http{rest}");
             }
         };
-        let redirected = log_in_like_a_browser(&http, &url, &format!("{issuer}/cb")).await;
+        let redirected = Browser::new(&http)
+            .sign_in(&url, "alice", &format!("{issuer}/cb"))
+            .await;
         {
             use std::io::Write as _;
             let stdin = cmd.stdin.as_mut().expect("stdin");
@@ -391,20 +395,672 @@ params = {{ prompt = "consent" }}
     workdir.remove();
 }
 
-/// What a browser does with oidc-provider's development pages: follow the
-/// redirects, sign in as alice, consent, until the provider sends the browser to
-/// `redirect_uri`; returns that address (not fetched).
-async fn log_in_like_a_browser(http: &HttpClient, url: &str, redirect_uri: &str) -> String {
-    let mut jar: Vec<(String, String)> = Vec::new();
-    let mut next = (Method::GET, url.to_owned(), String::new());
-    for _ in 0..20 {
-        let (method, target, form) = next.clone();
-        let cookie = jar
+// ------------------------------------------------------------------ subjects
+
+/// Subjects connected through connect links in the subjects case.
+const SUBJECTS: usize = 50;
+/// Replicas sharing Redis in the subjects case.
+const SUBJECT_REPLICAS: usize = 3;
+/// How long the subjects case drives load: five lifetimes.
+const SUBJECT_LOAD: Duration = Duration::from_secs(20);
+/// Concurrent app workers in the subjects case.
+const SUBJECT_WORKERS: usize = 12;
+/// Browsers connecting subjects at the same time.
+const BROWSERS: usize = 5;
+/// How long before expiry the sidecar renews a 4 s token (a tenth of the
+/// lifetime, at least 1 s).
+const MARGIN_SECS: f64 = 1.0;
+/// The admin API's bearer key in the subjects case.
+const ADMIN_KEY: &str = "interop-admin-key-7f3a91";
+
+/// Issue 16's acceptance measurement: 50 subjects of one client connected
+/// through real connect links (oidc-provider's login and consent pages driven
+/// like a browser, signing in as the subject), three replicas sharing Redis,
+/// rotating refresh tokens with reuse detection, 4 s tokens, then load across
+/// every subject on every replica. Every answer's `sub` (the API's own reading
+/// of the token) must be the subject the app named, no request may fail, no
+/// token request may be refused (a reused refresh token revokes the grant),
+/// and the token requests must stay near one per lifetime per subject.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers and redis-server; run tests/interop.sh"]
+fn oidc_fifty_subjects_connected_by_links_on_three_replicas_through_redis() {
+    let name = "oidc-subjects-50";
+    let mut summary = SummaryGuard {
+        name,
+        printed: false,
+    };
+    let workdir = WorkDir::new(name);
+    let ports: Vec<ReplicaPorts> = (0..SUBJECT_REPLICAS)
+        .map(|_| ReplicaPorts {
+            admin: free_port(),
+            listen: free_port(),
+            connect: free_port(),
+        })
+        .collect();
+    // Each replica has its own connect listener; browsers use one public
+    // address (the first listener's), as they would an ingress in front of all
+    // three, and the test routes each request to the replica it chooses.
+    let public_url = format!("http://127.0.0.1:{}", ports[0].connect);
+    let callback = format!("{public_url}/callback");
+    let (peer, peer_port, log) = start_peer(
+        name,
+        Peer::Oidc,
+        &[
+            ("ROTATE_REFRESH_TOKEN", "1"),
+            ("OIDC_REDIRECT_URIS", &callback),
+        ],
+    );
+    let issuer = format!("http://127.0.0.1:{peer_port}");
+    let redis = RedisGuard::start(&workdir.path);
+    // Where the person lands after connecting (never fetched).
+    let return_base = format!("http://127.0.0.1:{}/connected/", free_port());
+    let started = Instant::now();
+    let mut sidecars: Vec<SidecarGuard> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let config = subjects_config(p, redis.port, &issuer, &public_url, &return_base);
+            let path = workdir.path.join(format!("tokenproxy-{i}.toml"));
+            fs::write(&path, config).expect("config written");
+            spawn_sidecar(
+                name,
+                &path,
+                &workdir.path.join(format!("tokenproxy-{i}.stderr")),
+            )
+        })
+        .collect();
+    let onboard_offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let subjects: Arc<Vec<String>> = Arc::new(
+        (0..SUBJECTS)
+            .map(|i| format!("merchant-{i:02}@pos.example"))
+            .collect(),
+    );
+    let runtime = test_runtime();
+    let stats = Arc::new(Stats::default());
+    let last = Arc::new(Stats::default());
+    let run = runtime.block_on(async {
+        let http = app_client();
+        for (sidecar, p) in sidecars.iter_mut().zip(&ports) {
+            wait_ready(&http, p.admin, sidecar).await;
+        }
+        eprintln!(
+            "[{name}] {SUBJECT_REPLICAS} replicas ready after {:.2} s; connecting {SUBJECTS} subjects with {BROWSERS} browsers",
+            started.elapsed().as_secs_f64()
+        );
+
+        // 1. every subject connected through its own link
+        let onboarding = Arc::new(Onboarding {
+            http: http.clone(),
+            subjects: Arc::clone(&subjects),
+            admin_ports: ports.iter().map(|p| p.admin).collect(),
+            connect_ports: ports.iter().map(|p| p.connect).collect(),
+            public_url: public_url.clone(),
+            callback: callback.clone(),
+            issuer: issuer.clone(),
+            return_base: return_base.clone(),
+        });
+        let t0 = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let crossed = Arc::new(AtomicU64::new(0));
+        let browsers: Vec<_> = (0..BROWSERS)
+            .map(|_| {
+                let (onboarding, next, crossed) =
+                    (Arc::clone(&onboarding), Arc::clone(&next), Arc::clone(&crossed));
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= SUBJECTS {
+                            break;
+                        }
+                        if onboarding.connect(i).await {
+                            crossed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for browser in browsers {
+            browser.await.expect("every subject connects through its link");
+        }
+        let onboarded_in = t0.elapsed();
+        let valid = list_subjects(&http, ports[SUBJECT_REPLICAS - 1].admin, "valid").await;
+        eprintln!(
+            "[{name}] {SUBJECTS} subjects connected in {:.2} s ({} of them across replicas: link made, opened and called back on different ones); {} valid in the store",
+            onboarded_in.as_secs_f64(),
+            crossed.load(Ordering::Relaxed),
+            valid.len()
+        );
+        let mut missing: Vec<&String> = subjects.iter().filter(|s| !valid.contains(s)).collect();
+        missing.truncate(5);
+        assert!(
+            missing.is_empty(),
+            "[{name}] connected subjects not valid in the store: {missing:?}"
+        );
+
+        // 2. load across every subject on every replica, then each once more everywhere
+        let load_offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let load_started = Instant::now();
+        let listen_ports: Vec<u16> = ports.iter().map(|p| p.listen).collect();
+        let served = subject_load(&http, &listen_ports, &subjects, SUBJECT_LOAD, &stats).await;
+        let mut seq = 0;
+        for subject in subjects.iter() {
+            for port in &listen_ports {
+                seq += 1;
+                let app = App {
+                    client_id: "sidecar-code",
+                    subject: Some(subject),
+                };
+                let url = format!("http://127.0.0.1:{port}{API_PATH}");
+                one_request(&http, &url, &app, 0, seq, &last).await;
+            }
+        }
+        let load_elapsed = load_started.elapsed();
+        let dead = list_subjects(&http, ports[0].admin, "needs_authorization").await;
+        let mut metrics = String::new();
+        for p in &ports {
+            metrics += &get_text(&http, &format!("http://127.0.0.1:{}/metrics", p.admin)).await;
+        }
+        SubjectRun {
+            onboarded_in,
+            crossed: crossed.load(Ordering::Relaxed),
+            load_offset,
+            load_elapsed,
+            served,
+            dead,
+            metrics,
+        }
+    });
+    drop(runtime);
+    for sidecar in sidecars.iter_mut() {
+        sidecar.stop();
+    }
+    let elapsed = started.elapsed();
+    let onboarding_calls = count_token_calls(
+        Peer::Oidc,
+        &read_between(&log, onboard_offset, run.load_offset),
+    );
+    let calls = count_token_calls(Peer::Oidc, &read_from(&log, run.load_offset));
+
+    // 3. figures
+    let seconds = run.load_elapsed.as_secs_f64();
+    let lifetime = LIFETIME_SECS as f64;
+    let limit = (SUBJECTS as f64 * (seconds / (lifetime - MARGIN_SECS) + 2.0)).floor() as usize;
+    let floor = (SUBJECTS as f64 * (seconds / lifetime - 2.0))
+        .max(0.0)
+        .floor() as usize;
+    let requests = stats.sent.load(Ordering::Relaxed) + last.sent.load(Ordering::Relaxed);
+    let failures = stats.failed.load(Ordering::Relaxed) + last.failed.load(Ordering::Relaxed);
+    let checked = stats.subject_checked.load(Ordering::Relaxed)
+        + last.subject_checked.load(Ordering::Relaxed);
+    let wrong =
+        stats.wrong_subject.load(Ordering::Relaxed) + last.wrong_subject.load(Ordering::Relaxed);
+    let per_subject_minute = calls.refresh_grants as f64 / SUBJECTS as f64 / (seconds / 60.0);
+    let per_subject_lifetime = calls.refresh_grants as f64 / SUBJECTS as f64 / (seconds / lifetime);
+    let metric_refreshes = metric_sum(
+        &run.metrics,
+        "tokenproxy_token_refreshes_total",
+        &[("grant", "refresh_token"), ("outcome", "success")],
+    );
+    let unauthorized_recovered = metric_sum(
+        &run.metrics,
+        "tokenproxy_unauthorized_retries_total",
+        &[("outcome", "recovered")],
+    );
+    let least_served = run.served.iter().min().copied().unwrap_or(0);
+    eprintln!(
+        "[{name}] onboarding: {SUBJECTS} connect links, {} code exchanges and {} refreshes at the provider, {:.2} s, {} across replicas",
+        onboarding_calls.code_grants,
+        onboarding_calls.refresh_grants,
+        run.onboarded_in.as_secs_f64(),
+        run.crossed
+    );
+    eprintln!(
+        "[{name}] load: {requests} requests ({:.0}/s) over {seconds:.1} s, {SUBJECT_WORKERS} workers, every subject on each of the {SUBJECT_REPLICAS} replicas (at least {least_served} answers per subject and replica), then each once more everywhere; failures {failures}; sub = the named subject in {checked} answers, another subject's in {wrong}; slowest {:.1} ms",
+        requests as f64 / seconds,
+        stats.max_micros.load(Ordering::Relaxed).max(last.max_micros.load(Ordering::Relaxed)) as f64 / 1000.0
+    );
+    eprintln!(
+        "[{name}] token requests at the provider during the load: {} ({} refresh grants, {} answered 200; expected between {floor} and {limit}); {per_subject_minute:.1} per subject per minute = {per_subject_lifetime:.2} per subject per {LIFETIME_SECS} s lifetime; sidecars' refresh metric {metric_refreshes}; API 401s {}",
+        calls.total,
+        calls.refresh_grants,
+        calls.ok,
+        calls.api_unauthorized
+    );
+    for sample in stats
+        .samples
+        .lock()
+        .expect("samples")
+        .iter()
+        .chain(last.samples.lock().expect("samples").iter())
+    {
+        eprintln!("[{name}]   failure: {sample}");
+    }
+    for bad in onboarding_calls.bad.iter().chain(&calls.bad) {
+        eprintln!("[{name}]   token endpoint problem: {bad}");
+    }
+
+    let mut problems = Vec::new();
+    if onboarding_calls.code_grants != SUBJECTS {
+        problems.push(format!(
+            "{} code exchanges for {SUBJECTS} connect links",
+            onboarding_calls.code_grants
+        ));
+    }
+    if failures > 0 {
+        problems.push(format!("{failures} of {requests} app requests failed"));
+    }
+    if wrong > 0 {
+        problems.push(format!("{wrong} answers carried another subject's token"));
+    }
+    if checked != requests {
+        problems.push(format!(
+            "the API's sub was checked in {checked} of {requests} answers"
+        ));
+    }
+    if least_served == 0 {
+        problems.push("a subject was never served by one of the replicas".to_owned());
+    }
+    if !onboarding_calls.bad.is_empty() || !calls.bad.is_empty() {
+        problems.push(format!(
+            "{} token endpoint answer(s) other than 200 or grant revocations (refresh token reuse?)",
+            onboarding_calls.bad.len() + calls.bad.len()
+        ));
+    }
+    if !run.dead.is_empty() {
+        problems.push(format!(
+            "{} subject(s) need authorization at the end: {:?}",
+            run.dead.len(),
+            run.dead.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    if calls.total > limit {
+        problems.push(format!(
+            "{} token requests in {seconds:.1} s for {SUBJECTS} subjects (limit {limit})",
+            calls.total
+        ));
+    }
+    if calls.refresh_grants < floor {
+        problems.push(format!(
+            "only {} refresh grants in {seconds:.1} s for {SUBJECTS} subjects of {LIFETIME_SECS} s tokens (at least {floor})",
+            calls.refresh_grants
+        ));
+    }
+    let verdict = if problems.is_empty() { "PASS" } else { "FAIL" };
+    eprintln!(
+        "INTEROP | {:<16} | {:>8} | {:>8} | {:>6} / {:<5} | {:>8} | {:>9} | {:>6.1} s | {verdict}",
+        name,
+        requests,
+        failures,
+        calls.total,
+        limit,
+        metric_refreshes as u64,
+        unauthorized_recovered as u64,
+        elapsed.as_secs_f64(),
+    );
+    summary.printed = true;
+    if !problems.is_empty() {
+        for sidecar in &sidecars {
+            sidecar.print_tail();
+        }
+        panic!("[{name}] {}", problems.join("; "));
+    }
+    drop(sidecars);
+    drop(redis);
+    drop(peer);
+    workdir.remove();
+}
+
+/// One replica's listeners in the subjects case.
+struct ReplicaPorts {
+    admin: u16,
+    listen: u16,
+    connect: u16,
+}
+
+/// What the subjects case measured inside its runtime.
+struct SubjectRun {
+    onboarded_in: Duration,
+    /// Subjects whose link was made, opened and called back not all on one replica.
+    crossed: u64,
+    /// Where the peer's log stood when the load began.
+    load_offset: u64,
+    load_elapsed: Duration,
+    /// Answers that passed, per subject and replica.
+    served: Vec<u64>,
+    /// Subjects in needs_authorization at the end.
+    dead: Vec<String>,
+    metrics: String,
+}
+
+fn subjects_config(
+    p: &ReplicaPorts,
+    redis_port: u16,
+    issuer: &str,
+    public_url: &str,
+    return_base: &str,
+) -> String {
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+api_key = "{ADMIN_KEY}"
+
+[log]
+level = "info,tokenproxy::access=off"
+
+[store]
+kind = "redis"
+url = "redis://127.0.0.1:{redis_port}/0"
+key = "{STORE_KEY}"
+
+[clients.pos]
+listen = "127.0.0.1:{listen}"
+upstream = "{issuer}"
+
+[clients.pos.token]
+url = "{issuer}/token"
+grant = "refresh_token"
+client_id = "sidecar-code"
+client_secret = "${{PEER_SECRET}}"
+
+[clients.pos.authorize]
+url = "{issuer}/auth"
+scope = "openid offline_access payments"
+params = {{ prompt = "consent" }}
+
+# {SUBJECTS} subjects with {LIFETIME_SECS} s tokens, connected together, come due together: the
+# budget lets all of them through well within the 1 s refresh margin (the default, 600 a
+# minute, is for real lifetimes).
+[clients.pos.subjects]
+max_concurrent_token_requests = 8
+max_token_requests_per_minute = 12000
+
+[connect]
+listen = "127.0.0.1:{connect}"
+public_url = "{public_url}"
+return_to = ["{return_base}"]
+"#,
+        admin = p.admin,
+        listen = p.listen,
+        connect = p.connect,
+    )
+}
+
+/// Starts `tokenproxy run` with `config`, its output in `stderr`.
+fn spawn_sidecar(name: &'static str, config: &Path, stderr: &Path) -> SidecarGuard {
+    let file = File::create(stderr).expect("stderr file");
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .env_remove("TOKENPROXY_CONFIG")
+        .env("PEER_SECRET", "sidecar-code-secret")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("stderr file clone"))
+        .stderr(file)
+        .spawn()
+        .expect("tokenproxy starts");
+    SidecarGuard {
+        child: Some(child),
+        stderr: stderr.to_owned(),
+        name,
+    }
+}
+
+/// Everything a browser connecting one subject needs to know.
+struct Onboarding {
+    http: HttpClient,
+    subjects: Arc<Vec<String>>,
+    admin_ports: Vec<u16>,
+    connect_ports: Vec<u16>,
+    public_url: String,
+    callback: String,
+    issuer: String,
+    return_base: String,
+}
+
+impl Onboarding {
+    /// Connects subject `i` as the app and the person would: the app's backend
+    /// asks replica A's admin API for a link; the person's browser opens it
+    /// (the ingress sends that to replica B), signs in at the provider as the
+    /// subject and consents, and comes back to `/callback` (on replica C),
+    /// ending on `return_to` with `status=connected`. A, B and C go through
+    /// every combination; whether they were not all one replica.
+    async fn connect(&self, i: usize) -> bool {
+        let subject = &self.subjects[i];
+        let n = self.connect_ports.len();
+        let (made, opened, called_back) = (i % n, (i / n) % n, (i / (n * n)) % n);
+        let return_to = format!("{}{subject}", self.return_base);
+
+        let request = Request::post(format!(
+            "http://127.0.0.1:{}/clients/pos/subjects/{subject}/connect",
+            self.admin_ports[made]
+        ))
+        .header("authorization", format!("Bearer {ADMIN_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({ "return_to": return_to }).to_string(),
+        )))
+        .expect("request builds");
+        let response = self
+            .http
+            .request(request)
+            .await
+            .expect("the admin API answers");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "connect link for {subject}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let created: Value = serde_json::from_slice(&body).expect("the link is JSON");
+        let link = created["url"].as_str().expect("the link has a url");
+        assert!(
+            link.starts_with(&format!("{}/connect/", self.public_url)),
+            "the link {link} is not on public_url {}",
+            self.public_url
+        );
+
+        let mut browser = Browser::new(&self.http);
+        let page = browser
+            .visit(Method::GET, &self.via(link, opened), String::new())
+            .await;
+        assert!(
+            page.status.is_redirection(),
+            "opening the link of {subject}: {} {}",
+            page.status,
+            page.html
+        );
+        let authorize = page.location.expect("the link redirects somewhere");
+        let query: std::collections::HashMap<String, String> = authorize
+            .strip_prefix(&format!("{}/auth?", self.issuer))
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_else(|| {
+                panic!("the link of {subject} led to {authorize}, not the provider's /auth")
+            });
+        for (key, want) in [
+            ("client_id", "sidecar-code"),
+            ("response_type", "code"),
+            ("redirect_uri", self.callback.as_str()),
+            ("code_challenge_method", "S256"),
+            ("scope", "openid offline_access payments"),
+            ("prompt", "consent"),
+        ] {
+            assert_eq!(
+                query.get(key).map(String::as_str),
+                Some(want),
+                "{key} in the authorization request of {subject}"
+            );
+        }
+        for key in ["state", "code_challenge"] {
+            assert!(
+                query.get(key).is_some_and(|v| v.len() >= 32),
+                "the authorization request of {subject} has no proper {key}"
+            );
+        }
+        assert!(
+            browser.jar.iter().any(|(k, _)| k == "tokenproxy_connect"),
+            "opening the link set no connect cookie"
+        );
+
+        let back = browser.sign_in(&authorize, subject, &self.callback).await;
+        let page = browser
+            .visit(Method::GET, &self.via(&back, called_back), String::new())
+            .await;
+        let landed = page.location.unwrap_or_default();
+        assert!(
+            page.status.is_redirection(),
+            "the callback of {subject}: {} {}",
+            page.status,
+            page.html
+        );
+        let outcome: std::collections::HashMap<String, String> = landed
+            .strip_prefix(&format!("{return_to}?"))
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_else(|| {
+                panic!("the callback of {subject} led to {landed}, not {return_to}")
+            });
+        assert_eq!(
+            (
+                outcome.get("subject").map(String::as_str),
+                outcome.get("status").map(String::as_str),
+                outcome.get("error").map(String::as_str)
+            ),
+            (Some(subject.as_str()), Some("connected"), None),
+            "the outcome of connecting {subject}: {landed}"
+        );
+        !(made == opened && opened == called_back)
+    }
+
+    /// `url` on public_url, as the ingress sends it to replica `i`.
+    fn via(&self, url: &str, i: usize) -> String {
+        let rest = url
+            .strip_prefix(&self.public_url)
+            .unwrap_or_else(|| panic!("{url} is not on public_url {}", self.public_url));
+        format!("http://127.0.0.1:{}{rest}", self.connect_ports[i])
+    }
+}
+
+/// The subjects in `state`, from replica's admin API.
+async fn list_subjects(http: &HttpClient, admin_port: u16, state: &str) -> Vec<String> {
+    let request = Request::get(format!(
+        "http://127.0.0.1:{admin_port}/clients/pos/subjects?state={state}&limit=1000"
+    ))
+    .header("authorization", format!("Bearer {ADMIN_KEY}"))
+    .body(Full::new(Bytes::new()))
+    .expect("request builds");
+    let response = http.request(request).await.expect("the admin API answers");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "listing {state} subjects: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let page: Value = serde_json::from_slice(&body).expect("the list is JSON");
+    page["subjects"]
+        .as_array()
+        .expect("a subjects array")
+        .iter()
+        .filter_map(|s| s["subject"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `SUBJECT_WORKERS` request loops for `duration`: request n names subject
+/// n mod SUBJECTS and goes to the replicas in turn, so every subject is used
+/// on every replica; the answers that passed, per subject and replica.
+async fn subject_load(
+    http: &HttpClient,
+    ports: &[u16],
+    subjects: &Arc<Vec<String>>,
+    duration: Duration,
+    stats: &Arc<Stats>,
+) -> Vec<u64> {
+    let deadline = Instant::now() + duration;
+    let counter = Arc::new(AtomicU64::new(0));
+    let served: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..subjects.len() * ports.len())
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
+    let ports: Arc<Vec<u16>> = Arc::new(ports.to_vec());
+    let mut tasks = Vec::new();
+    for worker in 0..SUBJECT_WORKERS {
+        let (http, stats, subjects, ports, counter, served) = (
+            http.clone(),
+            Arc::clone(stats),
+            Arc::clone(subjects),
+            Arc::clone(&ports),
+            Arc::clone(&counter),
+            Arc::clone(&served),
+        );
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let s = (n % subjects.len() as u64) as usize;
+                let r = ((n / subjects.len() as u64) % ports.len() as u64) as usize;
+                let url = format!("http://127.0.0.1:{}{API_PATH}", ports[r]);
+                let app = App {
+                    client_id: "sidecar-code",
+                    subject: Some(&subjects[s]),
+                };
+                if one_request(&http, &url, &app, worker, n, &stats).await {
+                    served[s * ports.len() + r].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("load worker");
+    }
+    served.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+}
+
+/// A browser, as far as these cases need one: a cookie jar (sent to every port
+/// of 127.0.0.1, as browsers do: cookies are not scoped by port), redirects,
+/// and oidc-provider's development login and consent pages.
+struct Browser {
+    http: HttpClient,
+    jar: Vec<(String, String)>,
+}
+
+/// One answer the browser got: status, `Location` made absolute, and the page.
+struct Visit {
+    status: StatusCode,
+    location: Option<String>,
+    html: String,
+}
+
+impl Browser {
+    fn new(http: &HttpClient) -> Browser {
+        Browser {
+            http: http.clone(),
+            jar: Vec::new(),
+        }
+    }
+
+    /// One request with the jar's cookies; keeps the cookies the answer sets.
+    async fn visit(&mut self, method: Method, url: &str, form: String) -> Visit {
+        let cookie = self
+            .jar
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join("; ");
-        let mut builder = Request::builder().method(method.clone()).uri(&target);
+        let mut builder = Request::builder().method(method.clone()).uri(url);
         if !cookie.is_empty() {
             builder = builder.header("cookie", cookie);
         }
@@ -412,15 +1068,18 @@ async fn log_in_like_a_browser(http: &HttpClient, url: &str, redirect_uri: &str)
             builder = builder.header("content-type", "application/x-www-form-urlencoded");
         }
         let request = builder.body(Full::new(Bytes::from(form))).expect("request");
-        let response = http.request(request).await.expect("the provider answers");
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {url} timed out"))
+            .unwrap_or_else(|e| panic!("{method} {url} failed: {e}"));
         for value in response.headers().get_all("set-cookie") {
             let Ok(text) = value.to_str() else { continue };
             let pair = text.split(';').next().unwrap_or("");
             if let Some((k, v)) = pair.split_once('=') {
                 let (k, v) = (k.trim().to_owned(), v.trim().to_owned());
-                jar.retain(|(name, _)| *name != k);
+                self.jar.retain(|(name, _)| *name != k);
                 if !v.is_empty() && !text.contains("expires=Thu, 01 Jan 1970") {
-                    jar.push((k, v));
+                    self.jar.push((k, v));
                 }
             }
         }
@@ -429,58 +1088,84 @@ async fn log_in_like_a_browser(http: &HttpClient, url: &str, redirect_uri: &str)
             .headers()
             .get("location")
             .and_then(|l| l.to_str().ok())
-            .map(str::to_owned);
+            .map(|l| {
+                if l.starts_with("http") {
+                    l.to_owned()
+                } else {
+                    format!("{}{l}", origin_of(url))
+                }
+            });
         let body = response
             .into_body()
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let html = String::from_utf8_lossy(&body).into_owned();
-        if status.is_redirection() {
-            let location = location.expect("a redirect has a location");
-            let absolute = if location.starts_with("http") {
-                location
-            } else {
-                let origin = redirect_uri
-                    .split('/')
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join("/");
-                format!("{origin}{location}")
-            };
-            if absolute.starts_with(redirect_uri) {
-                return absolute;
-            }
-            next = (Method::GET, absolute, String::new());
-            continue;
+        Visit {
+            status,
+            location,
+            html: String::from_utf8_lossy(&body).into_owned(),
         }
-        assert_eq!(status, StatusCode::OK, "unexpected page: {html}");
-        let uid = html
-            .split("action=\"/interaction/")
-            .nth(1)
-            .and_then(|r| r.split(['"', '/', '?']).next())
-            .or_else(|| target.split("/interaction/").nth(1))
-            .expect("an interaction page")
-            .to_owned();
-        let prompt = html
-            .split("name=\"prompt\" value=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("consent");
-        let form = if prompt == "login" {
-            "prompt=login&login=alice&password=any".to_owned()
-        } else {
-            "prompt=consent".to_owned()
-        };
-        let origin = redirect_uri
-            .split('/')
-            .take(3)
-            .collect::<Vec<_>>()
-            .join("/");
-        next = (Method::POST, format!("{origin}/interaction/{uid}"), form);
     }
-    panic!("did not reach {redirect_uri} within 20 steps");
+
+    /// What a person does on oidc-provider's development pages: from `url` (the
+    /// authorization request), follow the redirects, sign in as `login`,
+    /// consent, until the provider sends the browser to `redirect_uri`; returns
+    /// that address (not fetched).
+    async fn sign_in(&mut self, url: &str, login: &str, redirect_uri: &str) -> String {
+        let mut next = (Method::GET, url.to_owned(), String::new());
+        for _ in 0..20 {
+            let (method, target, form) = next.clone();
+            let page = self.visit(method, &target, form).await;
+            if page.status.is_redirection() {
+                let location = page.location.expect("a redirect has a location");
+                if location.starts_with(redirect_uri) {
+                    return location;
+                }
+                next = (Method::GET, location, String::new());
+                continue;
+            }
+            assert_eq!(
+                page.status,
+                StatusCode::OK,
+                "unexpected page at {target}: {}",
+                page.html
+            );
+            let html = &page.html;
+            let uid = html
+                .split("action=\"/interaction/")
+                .nth(1)
+                .and_then(|r| r.split(['"', '/', '?']).next())
+                .or_else(|| target.split("/interaction/").nth(1))
+                .expect("an interaction page")
+                .to_owned();
+            let prompt = html
+                .split("name=\"prompt\" value=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("consent");
+            let form = if prompt == "login" {
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("prompt", "login")
+                    .append_pair("login", login)
+                    .append_pair("password", "any")
+                    .finish()
+            } else {
+                "prompt=consent".to_owned()
+            };
+            next = (
+                Method::POST,
+                format!("{}/interaction/{uid}", origin_of(&target)),
+                form,
+            );
+        }
+        panic!("did not reach {redirect_uri} within 20 steps");
+    }
+}
+
+/// `scheme://host:port` of an absolute URL.
+fn origin_of(url: &str) -> String {
+    url.split('/').take(3).collect::<Vec<_>>().join("/")
 }
 
 // ------------------------------------------------------------------ case model
@@ -918,6 +1603,10 @@ struct Stats {
     gets: AtomicU64,
     posts: AtomicU64,
     max_micros: AtomicU64,
+    /// Answers whose `sub` was compared with the subject the request named, and matched.
+    subject_checked: AtomicU64,
+    /// Answers whose `sub` was another subject's.
+    wrong_subject: AtomicU64,
     samples: Mutex<Vec<String>>,
 }
 
@@ -949,7 +1638,11 @@ async fn drive_load(
             let mut seq = 0u64;
             while Instant::now() < deadline {
                 seq += 1;
-                one_request(&http, &url, client_id, worker, seq, &stats).await;
+                let app = App {
+                    client_id,
+                    subject: None,
+                };
+                one_request(&http, &url, &app, worker, seq, &stats).await;
             }
         }));
     }
@@ -958,14 +1651,24 @@ async fn drive_load(
     }
 }
 
+/// Who the app's request is for: the client the API must see, and the
+/// subject named in the request, whose id the API must see as the token's `sub`.
+struct App<'a> {
+    client_id: &'a str,
+    subject: Option<&'a str>,
+}
+
+/// One app request, GET or POST (by `seq` and `worker`), checked against the
+/// API's echo; whether it passed.
 async fn one_request(
     http: &HttpClient,
     url: &str,
-    client_id: &str,
+    app: &App<'_>,
     worker: usize,
     seq: u64,
     stats: &Stats,
-) {
+) -> bool {
+    let client_id = app.client_id;
     let post = (seq + worker as u64).is_multiple_of(2);
     let sent_json =
         json!({"amount": seq, "currency": "EUR", "reference": format!("w{worker}-{seq}")});
@@ -977,6 +1680,9 @@ async fn one_request(
         (Method::GET, String::new(), StatusCode::OK)
     };
     let mut builder = Request::builder().method(method.clone()).uri(url);
+    if let Some(subject) = app.subject {
+        builder = builder.header(SUBJECT_HEADER, subject);
+    }
     if post {
         // As a payment app sends it: a key that makes the POST safe to replay after a 401.
         builder = builder
@@ -998,40 +1704,72 @@ async fn one_request(
     let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     stats.max_micros.fetch_max(micros, Ordering::Relaxed);
     let (parts, body) = match answer {
-        Err(_) => return stats.fail(format!("{method} timed out after {REQUEST_TIMEOUT:?}")),
-        Ok(Err(e)) => return stats.fail(format!("{method} transport error: {e}")),
+        Err(_) => {
+            stats.fail(format!("{method} timed out after {REQUEST_TIMEOUT:?}"));
+            return false;
+        }
+        Ok(Err(e)) => {
+            stats.fail(format!("{method} transport error: {e}"));
+            return false;
+        }
         Ok(Ok(reply)) => reply,
     };
     let text = String::from_utf8_lossy(&body);
     let short: String = text.chars().take(200).collect();
     if let Some(code) = parts.headers.get("x-tokenproxy-error") {
-        return stats.fail(format!(
+        stats.fail(format!(
             "{method} -> {} x-tokenproxy-error: {code:?} {short}",
             parts.status
         ));
+        return false;
     }
     if parts.status != want {
-        return stats.fail(format!(
+        stats.fail(format!(
             "{method} -> {} (want {want}): {short}",
             parts.status
         ));
+        return false;
     }
     let echo: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return stats.fail(format!("{method} -> {}: not JSON ({e})", parts.status)),
+        Err(e) => {
+            stats.fail(format!("{method} -> {}: not JSON ({e})", parts.status));
+            return false;
+        }
     };
     if echo["client_id"] != client_id {
-        return stats.fail(format!(
+        stats.fail(format!(
             "{method}: the API saw client {} (want {client_id})",
             echo["client_id"]
         ));
+        return false;
     }
     if post && echo["json"] != sent_json {
         stats.fail(format!(
             "POST: the API saw body {} (sent {sent_json})",
             echo["json"]
         ));
+        return false;
     }
+    if let Some(subject) = app.subject {
+        // The API's own check: the token it was shown belongs to this subject.
+        if echo["sub"] != subject {
+            stats.wrong_subject.fetch_add(1, Ordering::Relaxed);
+            stats.fail(format!(
+                "{method} for subject {subject}: the API saw the token of sub {}",
+                echo["sub"]
+            ));
+            return false;
+        }
+        if echo["headers"].get(SUBJECT_HEADER).is_some() {
+            stats.fail(format!(
+                "{method} for subject {subject}: {SUBJECT_HEADER} reached the API"
+            ));
+            return false;
+        }
+        stats.subject_checked.fetch_add(1, Ordering::Relaxed);
+    }
+    true
 }
 
 async fn wait_ready(http: &HttpClient, admin_port: u16, sidecar: &mut SidecarGuard) {
@@ -1120,6 +1858,9 @@ struct TokenCalls {
     /// Every token endpoint answer other than 200 (and oidc grant revocations).
     bad: Vec<String>,
     api_unauthorized: usize,
+    /// oidc: token requests answered 200 per grant type.
+    refresh_grants: usize,
+    code_grants: usize,
 }
 
 /// Counts token endpoint calls in a peer's server log.
@@ -1158,6 +1899,11 @@ fn count_token_calls(peer: Peer, log: &str) -> TokenCalls {
                     Some(["token", "issued"]) => {
                         calls.total += 1;
                         calls.ok += 1;
+                        match words.get(3) {
+                            Some(&"refresh_token") => calls.refresh_grants += 1,
+                            Some(&"authorization_code") => calls.code_grants += 1,
+                            _ => {}
+                        }
                     }
                     Some(["token", "error"]) => {
                         calls.total += 1;
@@ -1183,6 +1929,17 @@ fn access_log_request(line: &str) -> Option<(&str, &str)> {
     let rest = &line[start..];
     let end = rest.find('"')?;
     Some((&rest[..end], &rest[end + 1..]))
+}
+
+/// The log between two offsets.
+fn read_between(path: &Path, from: u64, to: u64) -> String {
+    let text = read_from(path, from);
+    let len = usize::try_from(to.saturating_sub(from)).unwrap_or(usize::MAX);
+    let mut end = len.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 fn read_from(path: &Path, offset: u64) -> String {

@@ -7,6 +7,8 @@
 #   bash tests/interop.sh CASE_FILTER     passed to the test binary, e.g. "oidc_"
 #
 # The peers' start scripts install their own dependencies (pip into a venv, npm ci).
+# oidc_fifty_subjects_...: 50 subjects connected through real connect links (oidc's login pages
+# driven like a browser) on 3 replicas sharing Redis, then 20 s of load across all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
