@@ -348,6 +348,9 @@ impl Connect {
     ) -> Result<(), &'static str> {
         let subjects = &c.subjects;
         let verifier = Secret::new(verifier);
+        // The code exchange is a token request of the client: it waits its turn
+        // in the budget its subjects' refreshes share.
+        let _slot = subjects.token_request_slot().await;
         let set = subjects
             .endpoint()
             .exchange_code(

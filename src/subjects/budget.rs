@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 /// A held place in the budget: one token request may be made.
-pub(super) struct Spend<'a> {
+pub(crate) struct Spend<'a> {
     _permit: SemaphorePermit<'a>,
 }
 

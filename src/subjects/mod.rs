@@ -185,6 +185,13 @@ impl Subjects {
         self.inner.config.fallback == crate::config::SubjectFallback::Client
     }
 
+    /// Waits for a place in the client's token-endpoint budget (a token
+    /// request made outside the subjects' own refreshes, such as a connect
+    /// session's code exchange); the place is given back when dropped.
+    pub(crate) async fn token_request_slot(&self) -> Option<budget::Spend<'_>> {
+        self.inner.budget.spend().await
+    }
+
     /// The store view of these subjects.
     pub fn store(&self) -> &SubjectStore {
         &self.inner.store
