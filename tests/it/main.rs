@@ -20,6 +20,7 @@ mod reload;
 mod source_rules;
 mod store_integrity;
 mod subjects;
+mod subjects_cli;
 mod token_cache;
 mod token_shapes;
 mod unauthorized;
