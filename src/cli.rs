@@ -91,6 +91,12 @@ pub enum Command {
         /// The loopback port `tokenproxy authorize wallet` receives the redirect on.
         #[arg(long, default_value = "8765")]
         redirect_port: u16,
+        /// Where the demo's marketplace client (one token per merchant) listens.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        market_listen: SocketAddr,
+        /// Where the demo's connect listener (the merchants' browsers) listens.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        connect_listen: SocketAddr,
     },
 }
 

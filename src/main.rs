@@ -61,6 +61,8 @@ fn main() -> ExitCode {
             exit_after,
             wallet_listen,
             redirect_port,
+            market_listen,
+            connect_listen,
         } => run_demo(demo::DemoOptions {
             listen,
             admin,
@@ -69,6 +71,8 @@ fn main() -> ExitCode {
             exit_after,
             wallet_listen,
             redirect_port,
+            market_listen,
+            connect_listen,
         }),
         #[cfg(not(feature = "demo"))]
         Command::Demo { .. } => Err(anyhow!(

@@ -10,6 +10,7 @@ mod admin_writes;
 mod authorize;
 mod cli;
 mod connect;
+mod demo;
 mod egress_proxy;
 mod forwarding;
 mod hostile_input;
