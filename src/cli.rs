@@ -91,12 +91,43 @@ pub enum Command {
         /// The loopback port `tokenproxy authorize wallet` receives the redirect on.
         #[arg(long, default_value = "8765")]
         redirect_port: u16,
+        /// Where the demo's marketplace client (one token per merchant) listens.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        market_listen: SocketAddr,
+        /// Where the demo's connect listener (the merchants' browsers) listens.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        connect_listen: SocketAddr,
     },
 }
 
-/// `tokenproxy subjects ...`.
+/// `tokenproxy subjects ...`: all through the running sidecar's admin listener
+/// (`admin.listen`), with the admin key of the configuration.
 #[derive(Debug, Subcommand)]
 pub enum SubjectsCommand {
+    /// Import subjects' tokens (migration): one JSON object per line on stdin,
+    /// `{"subject": …, "refresh_token": …}`, optionally with `access_token` and
+    /// `expires_in` (seconds) or `expires_at`, and `refresh_token_expires_in`.
+    /// Refused lines are reported by number; exits non-zero if any was.
+    Import {
+        /// The client name (a `[clients.NAME]` table with `[subjects]`).
+        client: String,
+    },
+    /// Print CLIENT's subjects, one JSON object per line (never a token).
+    List {
+        /// The client name (a `[clients.NAME]` table with `[subjects]`).
+        client: String,
+        /// Only subjects in this state, e.g. needs_authorization.
+        #[arg(long, value_name = "STATE")]
+        state: Option<String>,
+    },
+    /// Forget SUBJECT of CLIENT (and revoke its refresh token at `revoke_url`,
+    /// when configured).
+    Delete {
+        /// The client name.
+        client: String,
+        /// The subject id.
+        subject: String,
+    },
     /// Print a one-time connect link for SUBJECT of CLIENT: whoever opens it
     /// signs in at the provider, and the tokens become SUBJECT's.
     Connect {

@@ -2,6 +2,13 @@
 //! on loopback, with no credentials and no network. It sends a request through
 //! the sidecar every few seconds and prints which token the API saw, so a
 //! refresh shows up as a new token number.
+//!
+//! Two more clients show what needs a person: `wallet` (one token, after
+//! someone runs `tokenproxy authorize`) and `market`, a marketplace with one
+//! token per merchant (`[subjects]`): the demo makes a one-time connect link
+//! for two merchants and prints them; whoever opens one signs in at the mock
+//! provider as that merchant, and requests naming the merchant carry its token
+//! (the mock API refuses `/merchants/ID/...` with another merchant's).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::clock::SystemClock;
 use crate::config::{self, MapEnv};
+use crate::secret::Secret;
 use crate::{start, Listeners, StartError};
 use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 
@@ -35,6 +43,10 @@ pub struct DemoOptions {
     pub wallet_listen: SocketAddr,
     /// The loopback port `tokenproxy authorize` receives the redirect on.
     pub redirect_port: u16,
+    /// Where the marketplace client (one token per merchant) listens.
+    pub market_listen: SocketAddr,
+    /// Where the connect listener (merchants' browsers) listens.
+    pub connect_listen: SocketAddr,
 }
 
 /// Why the demo could not run.
@@ -49,10 +61,16 @@ pub enum DemoError {
     /// The sidecar did not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The running demo sidecar refused to make a connect link (a bug).
+    #[error("cannot make the demo's connect links: {0}")]
+    Link(#[from] crate::operator::OperatorError),
 }
 
 const DEMO_CLIENT_ID: &str = "demo-client";
 const DEMO_CLIENT_SECRET: &str = "demo-secret";
+/// The merchants of the marketplace client; each signs in as itself with
+/// password `NAME-password` (the mock's tokens belong to whoever signed in).
+const MERCHANTS: [&str; 2] = ["merchant-a", "merchant-b"];
 
 /// Runs the demo until Ctrl-C / SIGTERM or `exit_after`.
 pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
@@ -60,6 +78,10 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         client_id: DEMO_CLIENT_ID.into(),
         client_secret: DEMO_CLIENT_SECRET.into(),
         lifetime: options.token_lifetime,
+        users: std::iter::once("alice")
+            .chain(MERCHANTS)
+            .map(|user| (user.to_owned(), format!("{user}-password")))
+            .collect(),
         ..ProviderConfig::default()
     })
     .await?;
@@ -68,9 +90,15 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let proxy_listener = bind_or_any(options.listen).await?;
     let admin_listener = bind_or_any(options.admin).await?;
     let wallet_listener = bind_or_any(options.wallet_listen).await?;
+    let market_listener = bind_or_any(options.market_listen).await?;
+    let connect_listener = bind_or_any(options.connect_listen).await?;
     let listen = proxy_listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let wallet = wallet_listener.local_addr()?;
+    let market = market_listener.local_addr()?;
+    let connect = connect_listener.local_addr()?;
+    // Made up for this run: admin writes (connect links, imports) need it.
+    let admin_key = Secret::new(crate::authorize::random_b64(24));
     let redirect_port = {
         // Probe the port `authorize` will listen on; the mock accepts any redirect URI.
         let probe = bind_or_any(SocketAddr::from(([127, 0, 0, 1], options.redirect_port))).await?;
@@ -82,9 +110,11 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, demo_store_key());
     let text = format!(
         r#"
-# Written by `tokenproxy demo` for `tokenproxy authorize wallet --config THIS_FILE`.
+# Written by `tokenproxy demo` for `tokenproxy authorize wallet --config THIS_FILE`
+# and `tokenproxy subjects list|connect|import|delete market --config THIS_FILE`.
 [admin]
 listen = "{admin}"
+api_key = "{admin_key}"
 
 [store]
 kind = "file"
@@ -117,28 +147,59 @@ grant = "client_credentials"
 client_id = "{DEMO_CLIENT_ID}"
 client_secret = "{DEMO_CLIENT_SECRET}"
 scope = "payments"
+
+# A marketplace: one token per merchant, named by the x-tokenproxy-subject header.
+[clients.market]
+listen = "{market}"
+upstream = "{upstream}"
+
+[clients.market.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "{DEMO_CLIENT_ID}"
+client_secret = "{DEMO_CLIENT_SECRET}"
+
+[clients.market.authorize]
+url = "{authorize_url}"
+scope = "payments"
+
+[clients.market.subjects]
+
+[connect]
+listen = "{connect}"
+public_url = "http://{connect}"
+return_to = ["{upstream}{connected}"]
 "#,
+        admin_key = admin_key.expose(),
+        connected = tokenproxy_mock::CONNECTED_PATH,
         upstream = api.url(),
         token_url = provider.token_url(),
         authorize_url = provider.authorize_url(),
         state = dir.join("tokens.json").display(),
     );
-    // It holds the client secret and the store key: readable by this user only.
+    // It holds the client secret, the store key and the admin key: readable by this user only.
     write_private(&config_path, &text)?;
     let env = MapEnv::new().var("DEMO_CLIENT_SECRET", DEMO_CLIENT_SECRET);
     let config = config::from_str(&text, Some(&config_path), &env)?;
     let mut proxies = std::collections::BTreeMap::new();
     proxies.insert(listen, proxy_listener);
     proxies.insert(wallet, wallet_listener);
+    proxies.insert(market, market_listener);
     let running = start(
         config,
         Listeners {
             admin: admin_listener,
             proxies,
-            connect: None,
+            connect: Some(connect_listener),
         },
         Arc::new(SystemClock),
     )?;
+    let mut links = Vec::new();
+    for merchant in MERCHANTS {
+        let link = crate::operator::connect_link(admin, Some(&admin_key), "market", merchant, None)
+            .await?;
+        links.push((merchant, link));
+    }
 
     println!(
         "tokenproxy demo is running.\n\
@@ -160,7 +221,24 @@ scope = "payments"
          \n  tokenproxy authorize wallet --config {config}\
          \nOpen the printed URL, sign in as alice / alice-password and approve; the wallet client\
          \nbecomes ready within 2 s, without a restart:\
-         \n  curl -i http://{wallet}/api/v1/wallet\n",
+         \n  curl -i http://{wallet}/api/v1/wallet\n\
+         \nA third client, market (http://{market}), is a marketplace holding one token per merchant;\
+         \nthe app names the merchant in the x-tokenproxy-subject header. Connect a merchant: open its\
+         \none-time link in a browser and sign in as that merchant (password: NAME-password):\
+         {links}\
+         \nThen requests naming a merchant carry that merchant's own token:\
+         \n  curl -i -H 'x-tokenproxy-subject: merchant-a' http://{market}/merchants/merchant-a/payments   # 200\
+         \n  curl -i -H 'x-tokenproxy-subject: merchant-b' http://{market}/merchants/merchant-a/payments   # 403: not merchant-a's token\
+         \n  curl -i http://{market}/merchants/merchant-a/payments   # 400 subject_required\
+         \nA link works once and expires in 15 minutes; make another, and list the merchants:\
+         \n  tokenproxy subjects connect market merchant-a --config {config}\
+         \n  curl -s -X POST -H 'authorization: Bearer {key}' http://{admin}/clients/market/subjects/merchant-a/connect\
+         \n  tokenproxy subjects list market --config {config}\n",
+        links = links
+            .iter()
+            .map(|(merchant, link)| format!("\n  {merchant}  {}", link.url))
+            .collect::<String>(),
+        key = admin_key.expose(),
         token_url = provider.token_url(),
         life = humantime::format_duration(options.token_lifetime),
         api = api.url(),

@@ -22,7 +22,7 @@
 //! | `admin` | `/healthz`, `/readyz`, `/status`, `/metrics` |
 //! | `metrics` | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
 //! | `error` | errors the sidecar answers itself, mapped once to status + code |
-//! | [`operator`] | commands that talk to a running sidecar's admin listener |
+//! | [`operator`] | commands that talk to a running sidecar's admin listener: a new refresh token, `subjects import/list/delete/connect`; `tokenproxy token` |
 //! | `origin` | which `Host` and browser origin a listener accepts (DNS rebinding, cross-site requests) |
 //! | [`authorize`] | `tokenproxy authorize`: the authorization-code flow into the token store |
 //! | [`connect`] | connect sessions: one-time links, the public connect listener, `/callback`, end pages |

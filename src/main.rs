@@ -1,5 +1,6 @@
 //! The `tokenproxy` binary: CLI dispatch and exit codes.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -48,15 +49,9 @@ fn main() -> ExitCode {
                 },
             )
         }),
-        Command::Subjects {
-            command:
-                SubjectsCommand::Connect {
-                    client,
-                    subject,
-                    return_to,
-                },
-        } => config_path(cli.config.as_deref())
-            .and_then(|p| connect_command(&p, &client, &subject, return_to.as_deref())),
+        Command::Subjects { command } => {
+            config_path(cli.config.as_deref()).and_then(|p| subjects_command(&p, command))
+        }
         #[cfg(feature = "demo")]
         Command::Demo {
             listen,
@@ -66,6 +61,8 @@ fn main() -> ExitCode {
             exit_after,
             wallet_listen,
             redirect_port,
+            market_listen,
+            connect_listen,
         } => run_demo(demo::DemoOptions {
             listen,
             admin,
@@ -74,6 +71,8 @@ fn main() -> ExitCode {
             exit_after,
             wallet_listen,
             redirect_port,
+            market_listen,
+            connect_listen,
         }),
         #[cfg(not(feature = "demo"))]
         Command::Demo { .. } => Err(anyhow!(
@@ -203,29 +202,62 @@ fn provide_refresh_token(path: &Path, client: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect_command(
-    path: &Path,
-    client: &str,
-    subject: &str,
-    return_to: Option<&str>,
-) -> anyhow::Result<()> {
+fn subjects_command(path: &Path, command: SubjectsCommand) -> anyhow::Result<()> {
     let config = load(path)?;
+    let client = match &command {
+        SubjectsCommand::Import { client }
+        | SubjectsCommand::List { client, .. }
+        | SubjectsCommand::Delete { client, .. }
+        | SubjectsCommand::Connect { client, .. } => client.clone(),
+    };
     if !config.clients.iter().any(|c| c.name == client) {
         bail!("no client {client:?} in {}", path.display());
     }
     let admin = tokenproxy::operator::admin_target(config.admin.listen);
-    let link = runtime()?.block_on(tokenproxy::operator::connect_link(
-        admin,
-        config.admin.api_key.as_ref(),
-        client,
-        subject,
-        return_to,
-    ))?;
-    println!("{}", link.url);
-    eprintln!(
-        "one-time link for subject {subject} of client {client}; it expires at {}",
-        link.expires_at
-    );
+    let key = config.admin.api_key.as_ref();
+    let mut out = std::io::stdout().lock();
+    let runtime = runtime()?;
+    match command {
+        SubjectsCommand::Import { .. } => {
+            let mut input = std::io::stdin().lock();
+            let summary = runtime.block_on(tokenproxy::operator::import_subjects(
+                admin, key, &client, &mut input, &mut out,
+            ))?;
+            if summary.failed > 0 {
+                bail!("{} line(s) were not imported", summary.failed);
+            }
+        }
+        SubjectsCommand::List { state, .. } => {
+            runtime.block_on(tokenproxy::operator::list_subjects(
+                admin,
+                key,
+                &client,
+                state.as_deref(),
+                &mut out,
+            ))?;
+        }
+        SubjectsCommand::Delete { subject, .. } => {
+            runtime.block_on(tokenproxy::operator::delete_subject(
+                admin, key, &client, &subject, &mut out,
+            ))?;
+        }
+        SubjectsCommand::Connect {
+            subject, return_to, ..
+        } => {
+            let link = runtime.block_on(tokenproxy::operator::connect_link(
+                admin,
+                key,
+                &client,
+                &subject,
+                return_to.as_deref(),
+            ))?;
+            writeln!(out, "{}", link.url)?;
+            eprintln!(
+                "one-time link for subject {subject} of client {client}; it expires at {}",
+                link.expires_at
+            );
+        }
+    }
     Ok(())
 }
 

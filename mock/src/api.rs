@@ -4,6 +4,9 @@
 //! RFC 6750 401 with `WWW-Authenticate: Bearer … error="invalid_token"`. Valid requests reach a
 //! few routes that let tests exercise latency (`/slow`), streaming (`/big`) and arbitrary
 //! upstream statuses (`/status/NNN`); everything else echoes what arrived.
+//!
+//! One page needs no token and is not recorded: [`CONNECTED_PATH`], where a browser lands
+//! after a connect session (the demo's `return_to`), saying which merchant connected.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,8 +22,12 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::provider::TokenValidator;
+use super::provider::{html_escape, TokenValidator};
 use super::{full, json_response, lock, query_param, Closed, MockBody, Server, Shutdown};
+
+/// Where a browser lands after a connect session (`?subject=…&status=…&error=…`): a
+/// page for people, answered without a token and not recorded.
+pub const CONNECTED_PATH: &str = "/connected/";
 
 /// Chunk size of `/big` responses.
 const CHUNK: usize = 64 * 1024;
@@ -155,6 +162,12 @@ async fn handle(
     req: Request<Incoming>,
     _shutdown: Shutdown,
 ) -> Result<Response<MockBody>, Closed> {
+    let path = req.uri().path();
+    if req.method() == Method::GET
+        && (path == CONNECTED_PATH.trim_end_matches('/') || path.starts_with(CONNECTED_PATH))
+    {
+        return Ok(connected_page(req.uri().query()));
+    }
     let (parts, body) = req.into_parts();
     let (body, body_ok) = match body.collect().await {
         Ok(collected) => (collected.to_bytes(), true),
@@ -266,6 +279,40 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Route {
     } else {
         Route::Echo(StatusCode::OK)
     }
+}
+
+/// The page a browser lands on after a connect session, from the outcome in `query`.
+fn connected_page(query: Option<&str>) -> Response<MockBody> {
+    let subject = query_param(query, "subject").unwrap_or_default();
+    let subject = html_escape(&subject);
+    let (title, text) = match query_param(query, "status").as_deref() {
+        Some("connected") => (
+            format!("{subject} is connected"),
+            format!(
+                "tokenproxy now holds {subject}'s tokens: requests that name \
+                 <code>x-tokenproxy-subject: {subject}</code> carry them. You can close this page."
+            ),
+        ),
+        _ => (
+            format!("{subject} was not connected"),
+            format!(
+                "The sign-in ended with <code>{}</code>. Ask for a new link and try again.",
+                html_escape(&query_param(query, "error").unwrap_or_else(|| "no outcome".into()))
+            ),
+        ),
+    };
+    let page = format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <title>{title}</title>\n</head>\n<body>\n<h1>{title}</h1>\n<p>{text}</p>\n</body>\n</html>\n"
+    );
+    let mut response = Response::new(full(page));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert("x-mock-api", HeaderValue::from_static("1"));
+    response
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -449,6 +496,38 @@ mod tests {
         assert!(recorded
             .iter()
             .all(|r| r.status == 401 && r.token_serial.is_none()));
+    }
+
+    #[tokio::test]
+    async fn the_connected_page_needs_no_token_escapes_the_outcome_and_is_not_recorded() {
+        let (_provider, api, _token) = setup().await;
+        let reply = call(
+            &api,
+            Method::GET,
+            "/connected/?subject=merchant-a&status=connected",
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "the page needs no token");
+        let page = String::from_utf8_lossy(&reply.body).into_owned();
+        assert!(
+            page.contains("<h1>merchant-a is connected</h1>"),
+            "the page names the connected merchant: {page}"
+        );
+        let reply = call(
+            &api,
+            Method::GET,
+            "/connected?subject=%3Cb%3E&status=error&error=access_denied",
+            None,
+        )
+        .await;
+        let page = String::from_utf8_lossy(&reply.body).into_owned();
+        assert!(
+            page.contains("&lt;b&gt; was not connected") && page.contains("access_denied"),
+            "an error outcome is shown, escaped: {page}"
+        );
+        assert!(!page.contains("<b>"), "query text must be escaped: {page}");
+        assert_eq!(api.requests(), 0, "the page is not an API request");
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@
 mod api;
 mod provider;
 
-pub use api::{MockApi, RecordedRequest};
+pub use api::{MockApi, RecordedRequest, CONNECTED_PATH};
 pub use provider::{
     Echo, Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
 };

@@ -1209,7 +1209,7 @@ fn sign_in_page(
 }
 
 /// Escapes text for HTML content and double- or single-quoted attribute values.
-fn html_escape(raw: &str) -> String {
+pub(crate) fn html_escape(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     for c in raw.chars() {
         match c {

@@ -324,6 +324,10 @@ fn demo_shows_a_proxied_request_and_a_refresh() {
             "127.0.0.1:0",
             "--redirect-port",
             "0",
+            "--market-listen",
+            "127.0.0.1:0",
+            "--connect-listen",
+            "127.0.0.1:0",
         ],
         &[],
     );
@@ -375,6 +379,10 @@ fn demo_writes_its_config_readable_by_the_user_only() {
             "127.0.0.1:0",
             "--redirect-port",
             "0",
+            "--market-listen",
+            "127.0.0.1:0",
+            "--connect-listen",
+            "127.0.0.1:0",
             "--exit-after",
             "5s",
         ])

@@ -1,5 +1,12 @@
 //! Operator commands that talk to a running sidecar's admin listener, such as
-//! putting in a new refresh token without a restart.
+//! putting in a new refresh token without a restart, and `tokenproxy token`.
+//! The subjects commands (`tokenproxy subjects ...`) live in `subjects.rs`.
+
+mod subjects;
+
+pub use subjects::{
+    connect_link, delete_subject, import_subjects, list_subjects, ConnectLink, ImportSummary,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -35,6 +42,9 @@ pub enum OperatorError {
     /// The configuration names no admin key, so the sidecar refuses admin writes.
     #[error("admin writes need a key: set admin.api_key_file (or admin.api_key) in the config, the same key the running sidecar uses")]
     NoApiKey,
+    /// Reading the input or writing the answer failed.
+    #[error("cannot read the input or write the answer: {0}")]
+    Io(#[from] std::io::Error),
     /// The new refresh token did not produce a token in time.
     #[error("client {client} is {state} after the new refresh token: {reason}")]
     NotRecovered {
@@ -112,57 +122,6 @@ pub async fn provide_refresh_token(
                 reason,
             });
         }
-    }
-}
-
-/// A connect link made by the running sidecar.
-#[derive(Debug, Clone)]
-pub struct ConnectLink {
-    /// The one-time URL.
-    pub url: String,
-    /// When it stops working (RFC 3339).
-    pub expires_at: String,
-}
-
-/// Asks the sidecar at `admin` for a one-time connect link of `subject` of
-/// `client` (`POST /clients/CLIENT/subjects/SUBJECT/connect`).
-pub async fn connect_link(
-    admin: SocketAddr,
-    api_key: Option<&Secret>,
-    client: &str,
-    subject: &str,
-    return_to: Option<&str>,
-) -> Result<ConnectLink, OperatorError> {
-    let authorization = bearer(api_key)?;
-    let http: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let body = match return_to {
-        Some(url) => serde_json::json!({ "return_to": url }).to_string(),
-        None => String::new(),
-    };
-    let path = format!(
-        "/clients/{}/subjects/{}/connect",
-        path_segment(client),
-        path_segment(subject)
-    );
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{admin}{path}"))
-        .header("content-type", "application/json")
-        .header(http::header::AUTHORIZATION, authorization)
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| unreachable(admin, e))?;
-    let (status, body) = call(&http, admin, req).await?;
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    match (status, value["url"].as_str(), value["expires_at"].as_str()) {
-        (StatusCode::CREATED, Some(url), Some(expires_at)) => Ok(ConnectLink {
-            url: url.to_owned(),
-            expires_at: expires_at.to_owned(),
-        }),
-        _ => Err(OperatorError::Refused {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }),
     }
 }
 
