@@ -124,7 +124,11 @@ class Sidecar:
         env = dict(os.environ, TOKIO_WORKER_THREADS=str(WORKERS))
         env.pop("RUST_LOG", None)
         self.started = time.time()
-        self.proc = B.start([B.TOKENPROXY, "--config", path], os.path.join(tmp, f"{name}.log"), env)
+        cmd = [B.TOKENPROXY, "--config", path]
+        if name == "main" and os.environ.get("HEAPTRACK"):
+            # Where the heap goes: `heaptrack_print FILE.zst`.
+            cmd = ["heaptrack", "-o", os.environ["HEAPTRACK"]] + cmd
+        self.proc = B.start(cmd, os.path.join(tmp, f"{name}.log"), env)
 
     def wait_ready(self):
         B.wait_http(f"http://127.0.0.1:{self.admin}/readyz", timeout=60)
@@ -132,6 +136,19 @@ class Sidecar:
 
     def rss_kib(self):
         return B.status_kib(self.proc.pid, "VmRSS")
+
+    def smaps(self):
+        """RSS by kind (kB): Anonymous is the heap and stacks, the rest file pages."""
+        out = {}
+        try:
+            with open(f"/proc/{self.proc.pid}/smaps_rollup") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if k in ("Rss", "Anonymous", "Private_Dirty", "Shared_Clean", "Private_Clean"):
+                        out[k] = int(v.split()[0])
+        except OSError:
+            pass
+        return out
 
     def stop(self):
         B.stop(self.proc)
@@ -330,9 +347,11 @@ def main():
 
         log(f"memory: caching {CACHED} subjects")
         rss_before = sc.rss_kib()
+        smaps_before = sc.smaps()
         touch(sc, range(ACTIVE, CACHED))
         time.sleep(1)
         rss_after = sc.rss_kib()
+        log(f"memory: smaps before {smaps_before}, after {sc.smaps()}")
         per = (rss_after - rss_before) * 1024 / max(1, CACHED - ACTIVE)
         results["memory"] = {"rss_active_kib": rss_active, "rss_before_kib": rss_before,
                              "rss_after_kib": rss_after, "bytes_per_cached_subject": per,

@@ -16,6 +16,11 @@ use tokenproxy::demo;
 use tokenproxy::workers::Workers;
 use tokenproxy::{signal, telemetry, Listeners};
 
+/// jemalloc instead of the system allocator: see Cargo.toml.
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
