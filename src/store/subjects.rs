@@ -277,8 +277,11 @@ impl SubjectStore {
         }
     }
 
-    /// The right to refresh one subject, across processes (Redis); local
-    /// stores always grant it (one process refreshes in single flight).
+    /// The right to refresh one subject: across processes with Redis; within
+    /// this process otherwise, across reloads too (the subjects of a reloaded
+    /// client are a new instance on the same store, and a token request of
+    /// the old one may still be under way). A lease not given back lapses
+    /// after `ttl`.
     pub async fn try_lease(
         &self,
         subject: &str,
@@ -286,7 +289,7 @@ impl SubjectStore {
     ) -> Result<Option<Lease>, StoreError> {
         match &*self.store.backend {
             Backend::Redis(r) => r.subject_lease(&self.key, subject, ttl).await,
-            _ => Ok(Some(Lease { value: None })),
+            _ => Ok(self.store.memory.lease(&self.key, subject, ttl)),
         }
     }
 
@@ -294,6 +297,10 @@ impl SubjectStore {
     pub async fn release(&self, subject: &str, lease: Lease) -> Result<(), StoreError> {
         match (&*self.store.backend, lease.value) {
             (Backend::Redis(r), Some(v)) => r.subject_release(&self.key, subject, &v).await,
+            (_, Some(v)) => {
+                self.store.memory.release(&self.key, subject, &v);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -422,9 +429,39 @@ impl SubjectStore {
 pub(crate) struct MemorySubjects {
     records: Mutex<BTreeMap<(String, String), SubjectEnvelope>>,
     once: Mutex<BTreeMap<(String, String), (String, u64)>>,
+    /// Leases held in this process (every store but Redis): holder and deadline.
+    leases: Mutex<std::collections::HashMap<(String, String), (u64, tokio::time::Instant)>>,
+    next_holder: std::sync::atomic::AtomicU64,
 }
 
 impl MemorySubjects {
+    fn lease(&self, key: &str, subject: &str, ttl: Duration) -> Option<Lease> {
+        let now = tokio::time::Instant::now();
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (key.to_owned(), subject.to_owned());
+        if leases.get(&slot).is_some_and(|(_, until)| *until > now) {
+            return None;
+        }
+        let holder = self
+            .next_holder
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        leases.insert(slot, (holder, now + ttl));
+        Some(Lease {
+            value: Some(holder.to_string()),
+        })
+    }
+
+    fn release(&self, key: &str, subject: &str, holder: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (key.to_owned(), subject.to_owned());
+        if leases
+            .get(&slot)
+            .is_some_and(|(h, _)| h.to_string() == holder)
+        {
+            leases.remove(&slot);
+        }
+    }
+
     fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), SubjectEnvelope>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::{hidden_inputs, metric, start_sidecar_env, Reply, TestClient, CLIENT_SECRET};
+use support::{
+    hidden_inputs, metric, start_sidecar_env, PosConfig, Reply, TestClient, CLIENT_SECRET,
+};
 use tokenproxy::config::MapEnv;
 use tokenproxy::Running;
 use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
@@ -57,28 +59,12 @@ async fn market(session_ttl: &str) -> Market {
     let key_file = dir.join("admin-key");
     std::fs::write(&key_file, format!("{ADMIN_KEY}\n")).expect("key file");
     let return_to = format!("{}/connected/", api.url());
-    let template = format!(
+    let tail = format!(
         r#"
-[admin]
-listen = "{{admin}}"
-api_key_file = "{key_file}"
-
-[clients.pos]
-listen = "{{listen}}"
-upstream = "{upstream}"
-
-[clients.pos.token]
-url = "{token_url}"
-grant = "refresh_token"
-client_id = "demo-client"
-client_secret = "${{CLIENT_SECRET}}"
-
 [clients.pos.authorize]
 url = "{authorize_url}"
 scope = "payments"
 params = {{ prompt = "consent" }}
-
-[clients.pos.subjects]
 
 [connect]
 listen = "{{connect}}"
@@ -86,11 +72,18 @@ public_url = "http://{{connect}}"
 return_to = ["{return_to}", "http://localhost:1/other/"]
 session_ttl = "{session_ttl}"
 "#,
-        key_file = key_file.display(),
-        upstream = api.url(),
-        token_url = provider.token_url(),
         authorize_url = provider.authorize_url(),
     );
+    let template = PosConfig {
+        upstream: &api.url(),
+        token_url: &provider.token_url(),
+        admin_auth: &format!("api_key_file = \"{}\"", key_file.display()),
+        grant: "grant = \"refresh_token\"",
+        client: "",
+        subjects: "",
+        tail: &tail,
+    }
+    .text();
     let env = MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET).file(
         key_file.to_str().expect("utf-8 path"),
         format!("{ADMIN_KEY}\n"),

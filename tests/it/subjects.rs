@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::{eventually, metric, start_sidecar_env, TestClient, CLIENT_SECRET};
+use support::{eventually, metric, start_sidecar_env, PosConfig, TestClient, CLIENT_SECRET};
 use tokenproxy::config::MapEnv;
 use tokenproxy::Running;
 use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
@@ -48,29 +48,16 @@ async fn market_with(lifetime: Duration, subjects_extra: &str, client_extra: &st
     .await
     .expect("provider");
     let api = MockApi::start(provider.validator()).await.expect("api");
-    let text = format!(
-        r#"
-[admin]
-listen = "{{admin}}"
-api_key_file = "{KEY_FILE}"
-
-[clients.pos]
-listen = "{{listen}}"
-upstream = "{upstream}"
-{client_extra}
-
-[clients.pos.token]
-url = "{token_url}"
-grant = "refresh_token"
-client_id = "demo-client"
-client_secret = "${{CLIENT_SECRET}}"
-
-[clients.pos.subjects]
-{subjects_extra}
-"#,
-        upstream = api.url(),
-        token_url = provider.token_url(),
-    );
+    let text = PosConfig {
+        upstream: &api.url(),
+        token_url: &provider.token_url(),
+        admin_auth: &format!("api_key_file = \"{KEY_FILE}\""),
+        grant: "grant = \"refresh_token\"",
+        client: client_extra,
+        subjects: subjects_extra,
+        tail: "",
+    }
+    .text();
     let env = MapEnv::new()
         .var("CLIENT_SECRET", CLIENT_SECRET)
         .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
@@ -484,27 +471,16 @@ async fn fallback_client_uses_the_clients_own_token_without_the_header() {
     .await
     .expect("provider");
     let api = MockApi::start(provider.validator()).await.expect("api");
-    let text = format!(
-        r#"
-[admin]
-listen = "{{admin}}"
-api_key_file = "{KEY_FILE}"
-
-[clients.pos]
-listen = "{{listen}}"
-upstream = "{upstream}"
-
-[clients.pos.token]
-url = "{token_url}"
-client_id = "demo-client"
-client_secret = "${{CLIENT_SECRET}}"
-
-[clients.pos.subjects]
-fallback = "client"
-"#,
-        upstream = api.url(),
-        token_url = provider.token_url(),
-    );
+    let text = PosConfig {
+        upstream: &api.url(),
+        token_url: &provider.token_url(),
+        admin_auth: &format!("api_key_file = \"{KEY_FILE}\""),
+        grant: "",
+        client: "",
+        subjects: "fallback = \"client\"",
+        tail: "",
+    }
+    .text();
     let env = MapEnv::new()
         .var("CLIENT_SECRET", CLIENT_SECRET)
         .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
@@ -676,28 +652,16 @@ async fn a_restart_keeps_every_subjects_rotated_tokens() {
     .await
     .expect("provider");
     let api = MockApi::start(provider.validator()).await.expect("api");
-    let text = format!(
-        r#"
-{store}
-[admin]
-listen = "{{admin}}"
-api_key_file = "{KEY_FILE}"
-
-[clients.pos]
-listen = "{{listen}}"
-upstream = "{upstream}"
-
-[clients.pos.token]
-url = "{token_url}"
-grant = "refresh_token"
-client_id = "demo-client"
-client_secret = "${{CLIENT_SECRET}}"
-
-[clients.pos.subjects]
-"#,
-        upstream = api.url(),
-        token_url = provider.token_url(),
-    );
+    let text = PosConfig {
+        upstream: &api.url(),
+        token_url: &provider.token_url(),
+        admin_auth: &format!("api_key_file = \"{KEY_FILE}\""),
+        grant: "grant = \"refresh_token\"",
+        client: "",
+        subjects: "",
+        tail: &store,
+    }
+    .text();
     let env = || {
         MapEnv::new()
             .var("CLIENT_SECRET", CLIENT_SECRET)
@@ -904,4 +868,41 @@ async fn reloads_under_load_never_mix_subjects() {
         assert_eq!(req.token_account.as_deref(), Some(named));
     }
     assert_eq!(m.provider.refresh_token_reuse(), 0);
+}
+
+/// A reload while a subject's token request is under way: the reloaded
+/// client's requests for that subject wait for the answer (the subject's
+/// lease outlives the reload) instead of sending the same rotating refresh
+/// token a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_subjects_refresh_never_sends_its_refresh_token_twice() {
+    let mut m = market("max_cached = 4", "").await;
+    m.connect("m-1").await;
+    m.provider
+        .set_fault(Fault::Delay(Duration::from_millis(700)));
+    let first = {
+        let http = m.http.clone();
+        let url = format!("http://{}/merchants/m-1/payments", m.proxy);
+        tokio::spawn(async move {
+            http.request(Method::GET, &url, &[("x-tokenproxy-subject", "m-1")], b"")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    let text = m.text.replace("max_cached = 4", "max_cached = 5");
+    let config = tokenproxy::config::from_str(&text, None, &env).expect("valid");
+    m.running.reload(config).await.expect("reload");
+    let second = m.pay("m-1", Some("m-1")).await;
+    let first = first.await.expect("first request");
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text());
+    assert_eq!(
+        m.provider.refresh_token_reuse(),
+        0,
+        "the reloaded client sent the refresh token the old one was spending"
+    );
+    assert_eq!(m.provider.grant_requests("refresh_token"), 1);
 }

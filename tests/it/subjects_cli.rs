@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::{start_sidecar_env, Reply, TestClient, CLIENT_SECRET};
+use support::{start_sidecar_env, PosConfig, Reply, TestClient, CLIENT_SECRET};
 use tokenproxy::config::MapEnv;
 use tokenproxy::secret::Secret;
 use tokenproxy::Running;
@@ -42,32 +42,24 @@ async fn market() -> Market {
     .await
     .expect("provider");
     let api = MockApi::start(provider.validator()).await.expect("api");
-    let template = format!(
-        r#"
-[admin]
-listen = "{{admin}}"
-api_key = "{ADMIN_KEY}"
-
-[clients.pos]
-listen = "{{listen}}"
-upstream = "{upstream}"
-
-[clients.pos.token]
-url = "{token_url}"
-grant = "refresh_token"
-client_id = "demo-client"
-client_secret = "{CLIENT_SECRET}"
-
-[clients.pos.subjects]
-"#,
-        upstream = api.url(),
-        token_url = provider.token_url(),
-    );
-    let (running, proxy, admin) = start_sidecar_env(&template, MapEnv::new()).await;
+    let template = PosConfig {
+        upstream: &api.url(),
+        token_url: &provider.token_url(),
+        admin_auth: &format!("api_key = \"{ADMIN_KEY}\""),
+        grant: "grant = \"refresh_token\"",
+        client: "",
+        subjects: "",
+        tail: "",
+    }
+    .text();
+    let env = MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET);
+    let (running, proxy, admin) = start_sidecar_env(&template, env).await;
     let config = support::temp_dir("subjects-cli").join("tokenproxy.toml");
+    // The CLI reads the file with the process environment: the secret written in.
     let text = template
         .replace("{admin}", &admin.to_string())
-        .replace("{listen}", &proxy.to_string());
+        .replace("{listen}", &proxy.to_string())
+        .replace("${CLIENT_SECRET}", CLIENT_SECRET);
     std::fs::write(&config, text).expect("config file");
     Market {
         provider,

@@ -450,3 +450,54 @@ impl std::io::Write for LogCapture {
         Ok(())
     }
 }
+
+/// The configuration of a sidecar whose client `pos` holds a token per
+/// subject, for `start_sidecar*` (`{admin}` and `{listen}` left to fill):
+/// `admin_auth` is the admin key line, `grant` the token grant line (empty:
+/// client_credentials), `client`, `subjects` and `tail` extra lines of the
+/// client table, its `[subjects]` table and after them (`[connect]`,
+/// `[authorize]`, `[store]`...). The client secret is `${CLIENT_SECRET}`.
+pub struct PosConfig<'a> {
+    pub upstream: &'a str,
+    pub token_url: &'a str,
+    pub admin_auth: &'a str,
+    pub grant: &'a str,
+    pub client: &'a str,
+    pub subjects: &'a str,
+    pub tail: &'a str,
+}
+
+impl PosConfig<'_> {
+    pub fn text(&self) -> String {
+        format!(
+            r#"
+[admin]
+listen = "{{admin}}"
+{admin_auth}
+
+[clients.pos]
+listen = "{{listen}}"
+upstream = "{upstream}"
+{client}
+
+[clients.pos.token]
+url = "{token_url}"
+{grant}
+client_id = "{CLIENT_ID}"
+client_secret = "${{CLIENT_SECRET}}"
+
+[clients.pos.subjects]
+{subjects}
+
+{tail}
+"#,
+            admin_auth = self.admin_auth,
+            upstream = self.upstream,
+            client = self.client,
+            token_url = self.token_url,
+            grant = self.grant,
+            subjects = self.subjects,
+            tail = self.tail,
+        )
+    }
+}
