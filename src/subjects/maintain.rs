@@ -27,6 +27,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// How long the sweeper's lease lasts: a replica that dies while it sweeps
 /// hands the sweep to another one after this long.
 const SWEEP_LEASE: Duration = Duration::from_secs(600);
+/// How long a subject whose sweep failed is left out of the next sweeps.
+const SWEEP_PAUSE: Duration = Duration::from_secs(60);
 /// The lease name of the sweeper: not a valid subject id, so never a subject's.
 const SWEEPER: &str = "#sweeper";
 
@@ -147,13 +149,25 @@ impl Inner {
         let mut swept = 0usize;
         let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
         loop {
-            let due = match self.store.due(self.clock.wall_now(), batch_size).await {
+            let now = Instant::now();
+            self.sweep_skip.retain(|_, until| *until > now);
+            // Subjects whose last sweep failed stay due (their record is
+            // unchanged), but wait out a pause so that they do not hold up the
+            // others: ask for as many more as are paused, and leave them out.
+            let wanted = batch_size + self.sweep_skip.len();
+            let due = match self.store.due(self.clock.wall_now(), wanted).await {
                 Ok(due) => due,
                 Err(e) => {
                     debug!(client = %self.client, error = %e, "the sweeper cannot read the store");
                     break;
                 }
             };
+            let listed = due.len();
+            let due: Vec<String> = due
+                .into_iter()
+                .filter(|s| !self.sweep_skip.contains_key(s))
+                .take(batch_size)
+                .collect();
             if due.is_empty() {
                 break;
             }
@@ -162,7 +176,7 @@ impl Inner {
             for subject in &due {
                 flights.push(Inner::flight(self, subject, Trigger::Sweep, None));
             }
-            for mut flight in flights {
+            for (subject, mut flight) in due.iter().zip(flights) {
                 let outcome = match flight.wait_for(Option::is_some).await {
                     Ok(result) => match result.as_ref() {
                         Some(Ok(_)) => "renewed",
@@ -173,13 +187,14 @@ impl Inner {
                     },
                     Err(_) => "failed",
                 };
+                if outcome == "failed" {
+                    self.sweep_skip
+                        .insert(subject.clone(), Instant::now() + SWEEP_PAUSE);
+                }
                 *outcomes.entry(outcome).or_default() += 1;
             }
             swept += batch;
-            let progress = outcomes.get("renewed").copied().unwrap_or(0)
-                + outcomes.get("needs_authorization").copied().unwrap_or(0);
-            // Subjects that failed stay due; the next sweep takes them again.
-            if batch < batch_size || progress == 0 {
+            if listed < wanted {
                 break;
             }
         }

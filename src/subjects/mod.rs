@@ -120,6 +120,8 @@ pub(crate) struct Inner {
     /// the maintenance task, and preferred over the store's older record.
     pending: DashMap<String, SubjectRecord>,
     budget: budget::Budget,
+    /// Subjects whose last sweep failed, left out of sweeps until then.
+    sweep_skip: DashMap<String, Instant>,
     /// The subject counts by state last published (`tokenproxy_subjects`), for `/status`.
     counts: std::sync::Mutex<Vec<(&'static str, u64)>>,
     generation: AtomicU64,
@@ -168,6 +170,7 @@ impl Subjects {
                 backoff: DashMap::new(),
                 pending: DashMap::new(),
                 budget,
+                sweep_skip: DashMap::new(),
                 counts: std::sync::Mutex::new(Vec::new()),
                 generation: AtomicU64::new(0),
                 config,

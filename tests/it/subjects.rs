@@ -906,3 +906,71 @@ async fn a_reload_during_a_subjects_refresh_never_sends_its_refresh_token_twice(
     );
     assert_eq!(m.provider.grant_requests("refresh_token"), 1);
 }
+
+/// A subject whose sweep fails (here: its stored record was edited and no
+/// longer opens) does not hold up the sweep of the others, though it comes
+/// due first every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_that_cannot_be_swept_does_not_hold_up_the_others() {
+    let dir = support::temp_dir("subjects-sweep-stuck");
+    let state = dir.join("state.json");
+    let store = format!(
+        "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n",
+        state.display()
+    );
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let text = PosConfig {
+        upstream: &api.url(),
+        token_url: &provider.token_url(),
+        admin_auth: &format!("api_key_file = \"{KEY_FILE}\""),
+        grant: "grant = \"refresh_token\"",
+        client: "",
+        subjects: "refresh_every = \"2s\"\nmax_concurrent_token_requests = 1",
+        tail: &store,
+    }
+    .text();
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    let (_running, _proxy, admin) = start_sidecar_env(&text, env).await;
+    let http = TestClient::new();
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    for merchant in ["a-edited", "b", "c", "d"] {
+        let rt = provider.issue_refresh_token_for(merchant);
+        let r = http
+            .request(
+                Method::PUT,
+                &format!("http://{admin}/clients/pos/subjects/{merchant}"),
+                &[("authorization", bearer.as_str())],
+                serde_json::json!({ "refresh_token": rt })
+                    .to_string()
+                    .as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let db = rusqlite::Connection::open(dir.join("state.json.subjects.db")).expect("database");
+    let edited = db
+        .execute(
+            "UPDATE subjects SET data = 's1.AAAA' || data WHERE subject = 'a-edited'",
+            [],
+        )
+        .expect("edit");
+    assert_eq!(edited, 1);
+    let swept = eventually(Duration::from_secs(8), || {
+        provider.grant_requests("refresh_token") >= 3
+    })
+    .await;
+    assert!(
+        swept,
+        "the other three subjects are swept: {} token requests",
+        provider.grant_requests("refresh_token")
+    );
+}
