@@ -8,9 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Uri;
-use serde::Deserialize;
 
-use super::file::Scalar;
+use super::file::RawConnect;
 use super::{ConfigError, Table, LISTEN_HINT};
 
 const PUBLIC_URL_HINT: &str =
@@ -19,16 +18,6 @@ const RETURN_TO_HINT: &str =
     "write prefixes like [\"https://app.platform.example/\"], each ending its host with /";
 /// Longest connect session: a link to send by mail a day ahead is still short.
 const MAX_SESSION_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// The raw table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawConnect {
-    pub(super) listen: Option<String>,
-    pub(super) public_url: Option<String>,
-    pub(super) return_to: Option<Vec<String>>,
-    pub(super) session_ttl: Option<Scalar>,
-}
 
 /// `[connect]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ pub(super) struct RawConfig {
     pub(super) limits: Option<RawLimits>,
     pub(super) runtime: Option<RawRuntime>,
     pub(super) store: Option<RawStore>,
-    pub(super) connect: Option<super::connect::RawConnect>,
+    pub(super) connect: Option<RawConnect>,
     // A BTreeMap keeps clients sorted by name, which is the order of `Config::clients`.
     pub(super) clients: Option<BTreeMap<String, RawClient>>,
 }
@@ -116,7 +116,31 @@ pub(super) struct RawClient {
     pub(super) tls: Option<super::tls::RawTls>,
     pub(super) proxy: Option<String>,
     pub(super) authorize: Option<super::authorize::RawAuthorize>,
-    pub(super) subjects: Option<super::subjects::RawSubjects>,
+    pub(super) subjects: Option<RawSubjects>,
+}
+
+/// `[connect]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConnect {
+    pub(super) listen: Option<String>,
+    pub(super) public_url: Option<String>,
+    pub(super) return_to: Option<Vec<String>>,
+    pub(super) session_ttl: Option<Scalar>,
+}
+
+/// `[clients.NAME.subjects]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSubjects {
+    pub(super) header: Option<String>,
+    pub(super) fallback: Option<String>,
+    pub(super) max_cached: Option<Scalar>,
+    pub(super) active_window: Option<Scalar>,
+    pub(super) refresh_every: Option<Scalar>,
+    pub(super) max_concurrent_token_requests: Option<Scalar>,
+    pub(super) max_token_requests_per_minute: Option<Scalar>,
+    pub(super) revoke_url: Option<String>,
 }
 
 /// `[clients.NAME.token]`.

@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use http::{HeaderName, Uri};
-use serde::Deserialize;
 
-use super::file::Scalar;
+use super::file::RawSubjects;
 use super::{ConfigError, Table};
 
 const HEADER_HINT: &str = "write it like \"x-tokenproxy-subject\"";
@@ -26,20 +25,6 @@ const RESERVED: [&str; 11] = [
     "upgrade",
     "x-request-id",
 ];
-
-/// The raw table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawSubjects {
-    pub(super) header: Option<String>,
-    pub(super) fallback: Option<String>,
-    pub(super) max_cached: Option<Scalar>,
-    pub(super) active_window: Option<Scalar>,
-    pub(super) refresh_every: Option<Scalar>,
-    pub(super) max_concurrent_token_requests: Option<Scalar>,
-    pub(super) max_token_requests_per_minute: Option<Scalar>,
-    pub(super) revoke_url: Option<String>,
-}
 
 /// What a request without the subject header gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

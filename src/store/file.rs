@@ -25,7 +25,7 @@
 //! [`MAX_FILE_BYTES`] is refused before it is read.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
+use super::private_file::{io_error, open_error, private_options};
 use super::{Envelope, Read, Saved, StoreError, Unopened, MAX_GENERATION, MAX_RECORD_BYTES};
 
 const FORMAT: &str = "tokenproxy-token-state";
@@ -240,13 +241,6 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
-fn io_error(what: &str, path: &Path, e: io::Error) -> StoreError {
-    StoreError::File {
-        context: format!("{what} {}", path.display()),
-        source: e,
-    }
-}
-
 /// Refuses a directory other users can write to (without the sticky bit):
 /// they could plant or replace the state, temporary or lock file. A directory
 /// writable by the process's own group is accepted (Kubernetes `fsGroup`).
@@ -361,30 +355,6 @@ fn lock(path: &Path) -> Result<File, StoreError> {
     file.lock()
         .map_err(|e| io_error("cannot lock", &lock_path, e))?;
     Ok(file)
-}
-
-/// Mode 0600, and a symbolic link at the name is an error, never followed.
-pub(super) fn private_options() -> OpenOptions {
-    let mut options = OpenOptions::new();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
-    }
-    options
-}
-
-pub(super) fn open_error(path: &Path, e: io::Error) -> StoreError {
-    #[cfg(unix)]
-    if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-        return StoreError::Io(format!(
-            "cannot open {}: it is a symbolic link, which is not followed",
-            path.display()
-        ));
-    }
-    io_error("cannot open", path, e)
 }
 
 fn write_atomically(path: &Path, doc: &Document) -> Result<(), StoreError> {

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::types::Value;
@@ -35,7 +35,7 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
-use super::file::{open_error, private_options, FileBackend};
+use super::private_file::{open_error, private_options};
 use super::subjects::SubjectEnvelope;
 use super::{
     to_ms, Saved, StoreError, SubjectMeta, SubjectStatus, MAX_GENERATION, MAX_RECORD_BYTES,
@@ -96,7 +96,7 @@ impl SubjectDb {
 
     /// Runs `op` on the connection on the database thread, opening the database first if needed.
     async fn with<T: Send + 'static>(
-        self: &Arc<Self>,
+        &self,
         op: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -282,32 +282,31 @@ fn meta_of(meta: Value) -> Option<SubjectMeta> {
     }
 }
 
-impl FileBackend {
+impl SubjectDb {
     pub(crate) async fn subject_get(
         &self,
         key: &str,
         subject: &str,
     ) -> Result<Option<SubjectEnvelope>, StoreError> {
         let (key, subject) = (key.to_owned(), subject.to_owned());
-        self.subjects
-            .with(move |conn| {
-                conn.query_row(
-                    "SELECT g, size,
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT g, size,
                         CASE WHEN size <= ?3 THEN meta END,
                         CASE WHEN size <= ?3 THEN data END
                      FROM (SELECT generation AS g, meta, data,
                              ifnull(length(CAST(meta AS BLOB)), 0)
                                + ifnull(length(CAST(data AS BLOB)), 0) AS size
                            FROM subjects WHERE client = ?1 AND subject = ?2)",
-                    params![key, subject, to_sql_int(MAX_RECORD_BYTES as u64)],
-                    |r| {
-                        let size: Option<i64> = r.get(1)?;
-                        Ok(envelope(r.get(0)?, size.unwrap_or(0), r.get(2)?, r.get(3)?))
-                    },
-                )
-                .optional()
-            })
-            .await
+                params![key, subject, to_sql_int(MAX_RECORD_BYTES as u64)],
+                |r| {
+                    let size: Option<i64> = r.get(1)?;
+                    Ok(envelope(r.get(0)?, size.unwrap_or(0), r.get(2)?, r.get(3)?))
+                },
+            )
+            .optional()
+        })
+        .await
     }
 
     pub(crate) async fn subject_put(
@@ -325,44 +324,43 @@ impl FileBackend {
         let (key, subject) = (key.to_owned(), subject.to_owned());
         let status = meta.status.as_str();
         let due = meta.due_at_ms.map(to_sql_int);
-        self.subjects
-            .with(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let held: Option<Value> = tx
-                    .query_row(
-                        "SELECT generation FROM subjects WHERE client = ?1 AND subject = ?2",
-                        params![key, subject],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                match held.as_ref().map(fence) {
-                    Some(held) if held >= envelope.generation => {
-                        return Ok(Saved::Stale { generation: held });
-                    }
-                    // Deleted meanwhile: it stays deleted.
-                    None if existing_only => return Ok(Saved::Stale { generation: 0 }),
-                    _ => {}
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let held: Option<Value> = tx
+                .query_row(
+                    "SELECT generation FROM subjects WHERE client = ?1 AND subject = ?2",
+                    params![key, subject],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match held.as_ref().map(fence) {
+                Some(held) if held >= envelope.generation => {
+                    return Ok(Saved::Stale { generation: held });
                 }
-                tx.execute(
-                    "INSERT INTO subjects (client, subject, generation, status, due_at_ms, meta, data)
+                // Deleted meanwhile: it stays deleted.
+                None if existing_only => return Ok(Saved::Stale { generation: 0 }),
+                _ => {}
+            }
+            tx.execute(
+                "INSERT INTO subjects (client, subject, generation, status, due_at_ms, meta, data)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (client, subject) DO UPDATE SET
                        generation = excluded.generation, status = excluded.status,
                        due_at_ms = excluded.due_at_ms, meta = excluded.meta, data = excluded.data",
-                    params![
-                        key,
-                        subject,
-                        to_sql_int(envelope.generation),
-                        status,
-                        due,
-                        envelope.meta,
-                        envelope.data
-                    ],
-                )?;
-                tx.commit()?;
-                Ok(Saved::Written)
-            })
-            .await
+                params![
+                    key,
+                    subject,
+                    to_sql_int(envelope.generation),
+                    status,
+                    due,
+                    envelope.meta,
+                    envelope.data
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Saved::Written)
+        })
+        .await
     }
 
     pub(crate) async fn subject_delete(
@@ -371,15 +369,14 @@ impl FileBackend {
         subject: &str,
     ) -> Result<bool, StoreError> {
         let (key, subject) = (key.to_owned(), subject.to_owned());
-        self.subjects
-            .with(move |conn| {
-                let n = conn.execute(
-                    "DELETE FROM subjects WHERE client = ?1 AND subject = ?2",
-                    params![key, subject],
-                )?;
-                Ok(n > 0)
-            })
-            .await
+        self.with(move |conn| {
+            let n = conn.execute(
+                "DELETE FROM subjects WHERE client = ?1 AND subject = ?2",
+                params![key, subject],
+            )?;
+            Ok(n > 0)
+        })
+        .await
     }
 
     pub(crate) async fn subject_list(
@@ -391,47 +388,45 @@ impl FileBackend {
     ) -> Result<Vec<(String, SubjectMeta)>, StoreError> {
         let (key, after) = (key.to_owned(), after.unwrap_or_default().to_owned());
         let max = to_sql_int(MAX_RECORD_BYTES as u64);
-        self.subjects
-            .with(move |conn| {
-                let mut out = Vec::new();
-                if limit == 0 {
-                    return Ok(out);
-                }
-                // Rows are stepped lazily: a row left out (its clear part does
-                // not parse) does not shorten the page.
-                let meta = "CASE WHEN length(CAST(meta AS BLOB)) <= ?3 THEN meta END";
-                let mut stmt;
-                let mut rows = match status {
-                    Some(s) => {
-                        stmt = conn.prepare(&format!(
-                            "SELECT subject, {meta} FROM subjects
+        self.with(move |conn| {
+            let mut out = Vec::new();
+            if limit == 0 {
+                return Ok(out);
+            }
+            // Rows are stepped lazily: a row left out (its clear part does
+            // not parse) does not shorten the page.
+            let meta = "CASE WHEN length(CAST(meta AS BLOB)) <= ?3 THEN meta END";
+            let mut stmt;
+            let mut rows = match status {
+                Some(s) => {
+                    stmt = conn.prepare(&format!(
+                        "SELECT subject, {meta} FROM subjects
                              WHERE client = ?1 AND subject > ?2 AND status = ?4 ORDER BY subject"
-                        ))?;
-                        stmt.query(params![key, after, max, s.as_str()])?
-                    }
-                    None => {
-                        stmt = conn.prepare(&format!(
-                            "SELECT subject, {meta} FROM subjects
+                    ))?;
+                    stmt.query(params![key, after, max, s.as_str()])?
+                }
+                None => {
+                    stmt = conn.prepare(&format!(
+                        "SELECT subject, {meta} FROM subjects
                              WHERE client = ?1 AND subject > ?2 ORDER BY subject"
-                        ))?;
-                        stmt.query(params![key, after, max])?
-                    }
+                    ))?;
+                    stmt.query(params![key, after, max])?
+                }
+            };
+            while let Some(row) = rows.next()? {
+                let (Value::Text(subject), Some(meta)) = (row.get(0)?, meta_of(row.get(1)?)) else {
+                    continue;
                 };
-                while let Some(row) = rows.next()? {
-                    let (Value::Text(subject), Some(meta)) = (row.get(0)?, meta_of(row.get(1)?))
-                    else {
-                        continue;
-                    };
-                    if status.is_none_or(|s| meta.status == s) {
-                        out.push((subject, meta));
-                        if out.len() >= limit {
-                            break;
-                        }
+                if status.is_none_or(|s| meta.status == s) {
+                    out.push((subject, meta));
+                    if out.len() >= limit {
+                        break;
                     }
                 }
-                Ok(out)
-            })
-            .await
+            }
+            Ok(out)
+        })
+        .await
     }
 
     pub(crate) async fn subject_due(
@@ -441,25 +436,24 @@ impl FileBackend {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let key = key.to_owned();
-        self.subjects
-            .with(move |conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT subject FROM subjects WHERE client = ?1 AND due_at_ms <= ?2
+        self.with(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT subject FROM subjects WHERE client = ?1 AND due_at_ms <= ?2
                      ORDER BY due_at_ms, subject LIMIT ?3",
-                )?;
-                let rows = stmt.query_map(
-                    params![key, to_sql_int(until_ms), to_sql_int(limit as u64)],
-                    |r| r.get::<_, Value>(0),
-                )?;
-                let mut out = Vec::new();
-                for row in rows {
-                    if let Value::Text(subject) = row? {
-                        out.push(subject);
-                    }
+            )?;
+            let rows = stmt.query_map(
+                params![key, to_sql_int(until_ms), to_sql_int(limit as u64)],
+                |r| r.get::<_, Value>(0),
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                if let Value::Text(subject) = row? {
+                    out.push(subject);
                 }
-                Ok(out)
-            })
-            .await
+            }
+            Ok(out)
+        })
+        .await
     }
 
     pub(crate) async fn subject_count(
@@ -467,28 +461,27 @@ impl FileBackend {
         key: &str,
     ) -> Result<BTreeMap<SubjectStatus, u64>, StoreError> {
         let key = key.to_owned();
-        self.subjects
-            .with(move |conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT status, count(*) FROM subjects WHERE client = ?1 GROUP BY status",
-                )?;
-                let rows = stmt.query_map(params![key], |r| {
-                    Ok((r.get::<_, Value>(0)?, r.get::<_, i64>(1)?))
-                })?;
-                let mut counts = BTreeMap::new();
-                for row in rows {
-                    let (status, n) = row?;
-                    let status = match &status {
-                        Value::Text(s) => SubjectStatus::parse(s),
-                        _ => None,
-                    };
-                    if let Some(status) = status {
-                        *counts.entry(status).or_insert(0) += u64::try_from(n).unwrap_or(0);
-                    }
+        self.with(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT status, count(*) FROM subjects WHERE client = ?1 GROUP BY status",
+            )?;
+            let rows = stmt.query_map(params![key], |r| {
+                Ok((r.get::<_, Value>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            let mut counts = BTreeMap::new();
+            for row in rows {
+                let (status, n) = row?;
+                let status = match &status {
+                    Value::Text(s) => SubjectStatus::parse(s),
+                    _ => None,
+                };
+                if let Some(status) = status {
+                    *counts.entry(status).or_insert(0) += u64::try_from(n).unwrap_or(0);
                 }
-                Ok(counts)
-            })
-            .await
+            }
+            Ok(counts)
+        })
+        .await
     }
 
     pub(crate) async fn once_put(
@@ -500,8 +493,7 @@ impl FileBackend {
     ) -> Result<(), StoreError> {
         let (key, id) = (key.to_owned(), id.to_owned());
         let now_ms = to_ms(SystemTime::now());
-        self.subjects
-            .with(move |conn| {
+        self.with(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 tx.execute(
                     "DELETE FROM once WHERE expires_at_ms <= ?1",
@@ -523,31 +515,30 @@ impl FileBackend {
         now_ms: u64,
     ) -> Result<Option<String>, StoreError> {
         let (key, id) = (key.to_owned(), id.to_owned());
-        self.subjects
-            .with(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let taken: Option<(Value, Value)> = tx
-                    .query_row(
-                        "DELETE FROM once WHERE client = ?1 AND id = ?2 RETURNING data, expires_at_ms",
-                        params![key, id],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                tx.execute(
-                    "DELETE FROM once WHERE expires_at_ms <= ?1",
-                    params![to_sql_int(now_ms)],
-                )?;
-                tx.commit()?;
-                Ok(match taken {
-                    Some((Value::Text(data), Value::Integer(expires)))
-                        if expires > to_sql_int(now_ms) && data.len() <= MAX_RECORD_BYTES =>
-                    {
-                        Some(data)
-                    }
-                    _ => None,
-                })
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let taken: Option<(Value, Value)> = tx
+                .query_row(
+                    "DELETE FROM once WHERE client = ?1 AND id = ?2 RETURNING data, expires_at_ms",
+                    params![key, id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            tx.execute(
+                "DELETE FROM once WHERE expires_at_ms <= ?1",
+                params![to_sql_int(now_ms)],
+            )?;
+            tx.commit()?;
+            Ok(match taken {
+                Some((Value::Text(data), Value::Integer(expires)))
+                    if expires > to_sql_int(now_ms) && data.len() <= MAX_RECORD_BYTES =>
+                {
+                    Some(data)
+                }
+                _ => None,
             })
-            .await
+        })
+        .await
     }
 }
 

@@ -37,6 +37,7 @@
 
 mod file;
 mod file_subjects;
+mod private_file;
 mod redis;
 mod seal;
 mod subjects;

@@ -180,7 +180,7 @@ impl SubjectStore {
     pub async fn get(&self, subject: &str) -> Result<SubjectLoad, StoreError> {
         let envelope = match &*self.store.backend {
             Backend::Memory => self.store.memory.get(&self.key, subject),
-            Backend::File(f) => f.subject_get(&self.key, subject).await?,
+            Backend::File(f) => f.subjects.subject_get(&self.key, subject).await?,
             Backend::Redis(r) => r.subject_get(&self.key, subject).await?,
         };
         Ok(match envelope {
@@ -224,7 +224,8 @@ impl SubjectStore {
                     .put(&self.key, subject, envelope, existing_only))
             }
             Backend::File(f) => {
-                f.subject_put(&self.key, subject, envelope, existing_only)
+                f.subjects
+                    .subject_put(&self.key, subject, envelope, existing_only)
                     .await
             }
             Backend::Redis(r) => {
@@ -238,7 +239,7 @@ impl SubjectStore {
     pub async fn delete(&self, subject: &str) -> Result<bool, StoreError> {
         match &*self.store.backend {
             Backend::Memory => Ok(self.store.memory.delete(&self.key, subject)),
-            Backend::File(f) => f.subject_delete(&self.key, subject).await,
+            Backend::File(f) => f.subjects.subject_delete(&self.key, subject).await,
             Backend::Redis(r) => r.subject_delete(&self.key, subject).await,
         }
     }
@@ -253,7 +254,11 @@ impl SubjectStore {
     ) -> Result<Vec<(String, SubjectMeta)>, StoreError> {
         match &*self.store.backend {
             Backend::Memory => Ok(self.store.memory.list(&self.key, status, after, limit)),
-            Backend::File(f) => f.subject_list(&self.key, status, after, limit).await,
+            Backend::File(f) => {
+                f.subjects
+                    .subject_list(&self.key, status, after, limit)
+                    .await
+            }
             Backend::Redis(r) => r.subject_list(&self.key, status, after, limit).await,
         }
     }
@@ -263,7 +268,7 @@ impl SubjectStore {
         let until = to_ms(until);
         match &*self.store.backend {
             Backend::Memory => Ok(self.store.memory.due(&self.key, until, limit)),
-            Backend::File(f) => f.subject_due(&self.key, until, limit).await,
+            Backend::File(f) => f.subjects.subject_due(&self.key, until, limit).await,
             Backend::Redis(r) => r.subject_due(&self.key, until, limit).await,
         }
     }
@@ -272,7 +277,7 @@ impl SubjectStore {
     pub async fn count(&self) -> Result<BTreeMap<SubjectStatus, u64>, StoreError> {
         match &*self.store.backend {
             Backend::Memory => Ok(self.store.memory.count(&self.key)),
-            Backend::File(f) => f.subject_count(&self.key).await,
+            Backend::File(f) => f.subjects.subject_count(&self.key).await,
             Backend::Redis(r) => r.subject_count(&self.key).await,
         }
     }
@@ -319,7 +324,11 @@ impl SubjectStore {
                     .put_once(&self.key, id, data, expires_at_ms);
                 Ok(())
             }
-            Backend::File(f) => f.once_put(&self.key, id, data, expires_at_ms).await,
+            Backend::File(f) => {
+                f.subjects
+                    .once_put(&self.key, id, data, expires_at_ms)
+                    .await
+            }
             Backend::Redis(r) => r.once_put(&self.key, id, data, ttl).await,
         }
     }
@@ -331,7 +340,7 @@ impl SubjectStore {
         let now_ms = to_ms(SystemTime::now());
         let data = match &*self.store.backend {
             Backend::Memory => self.store.memory.take_once(&self.key, id, now_ms),
-            Backend::File(f) => f.once_take(&self.key, id, now_ms).await?,
+            Backend::File(f) => f.subjects.once_take(&self.key, id, now_ms).await?,
             Backend::Redis(r) => r.once_take(&self.key, id).await?,
         };
         let Some(data) = data else { return Ok(None) };

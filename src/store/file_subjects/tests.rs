@@ -93,9 +93,9 @@ async fn found(subjects: &SubjectStore, subject: &str) -> SubjectRecord {
     }
 }
 
-fn backend(store: &Store) -> &FileBackend {
+fn database(store: &Store) -> &SubjectDb {
     match &*store.backend {
-        Backend::File(f) => f,
+        Backend::File(f) => &f.subjects,
         _ => panic!("a file store"),
     }
 }
@@ -472,8 +472,7 @@ async fn opening_a_store_of_100_000_subjects_and_reading_one_is_fast() {
         subjects.put("wanted", &valid(1, "w")).await.unwrap();
         let key = subjects.key.to_string();
         let meta = serde_json::to_string(&meta(SubjectStatus::Valid, Some(5_000))).unwrap();
-        backend(&store)
-            .subjects
+        database(&store)
             .with(move |conn| {
                 let tx = conn.transaction()?;
                 {
