@@ -30,6 +30,7 @@ import datetime
 import http.client
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -392,6 +393,7 @@ def main():
             f" {'at %.0f s' % (renewed_at - since) if renewed_at else 'NOT within the deadline'}")
     finally:
         B.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(B.RESULTS, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(B.RESULTS, f"subjects-{stamp}.json"), "w") as f:
