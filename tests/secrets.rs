@@ -438,3 +438,180 @@ refresh_token = "${{TP_REFRESH_TOKEN}}"
         }
     }
 }
+
+/// Subjects: imported and rotated refresh tokens, access tokens of every
+/// subject, the admin key and the store key appear nowhere but towards the
+/// provider and the API: not in logs (TRACE), `/status`, `/metrics`, the
+/// subjects API's answers, error bodies or the subject database on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_subject_token_appears_in_logs_status_metrics_the_admin_api_or_the_database() {
+    const ADMIN_KEY: &str = "ak-Vd3Hs9-admin-api-key";
+    let logs = logs();
+    let provider = MockProvider::start(ProviderConfig {
+        client_id: "secret-test".into(),
+        client_secret: CLIENT_SECRET.into(),
+        lifetime: Duration::from_secs(60),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let dir = support::temp_dir("secrets-subjects");
+    let text = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+api_key = "${{TP_ADMIN_KEY}}"
+
+[store]
+kind = "file"
+path = "{state}"
+key = "${{TP_STORE_KEY}}"
+
+[clients.pos]
+listen = "{{listen}}"
+upstream = "{upstream}"
+
+[clients.pos.token]
+url = "{token_url}"
+grant = "refresh_token"
+client_id = "secret-test"
+client_secret = "${{TP_CLIENT_SECRET}}"
+
+[clients.pos.subjects]
+revoke_url = "{token_url}/revoke"
+"#,
+        state = dir.join("state.json").display(),
+        upstream = api.url(),
+        token_url = provider.token_url(),
+    );
+    let env = MapEnv::new()
+        .var("TP_ADMIN_KEY", ADMIN_KEY)
+        .var("TP_STORE_KEY", STORE_KEY)
+        .var("TP_CLIENT_SECRET", CLIENT_SECRET);
+    let (running, proxy, admin) = start_sidecar_env(&text, env).await;
+    let http = TestClient::new();
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let auth = [("authorization", bearer.as_str())];
+    let mut imported = Vec::new();
+    let mut answers = String::new();
+    for merchant in ["m-1", "m-2", "m-dead"] {
+        let rt = if merchant == "m-dead" {
+            "rt-Kw2Pp7-never-issued-refresh-token".to_owned()
+        } else {
+            provider.issue_refresh_token_for(merchant)
+        };
+        let r = http
+            .request(
+                http::Method::PUT,
+                &format!("http://{admin}/clients/pos/subjects/{merchant}"),
+                &auth,
+                serde_json::json!({ "refresh_token": rt })
+                    .to_string()
+                    .as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        answers.push_str(&r.text());
+        imported.push(rt);
+    }
+    for merchant in ["m-1", "m-2", "m-dead", "m-1"] {
+        let r = http
+            .request(
+                http::Method::GET,
+                &format!("http://{proxy}/merchants/{merchant}/payments"),
+                &[("x-tokenproxy-subject", merchant)],
+                b"",
+            )
+            .await;
+        answers.push_str(&r.text());
+    }
+    // A 401 rotates m-1's refresh token once more.
+    api.reject_next(1);
+    let r = http
+        .request(
+            http::Method::GET,
+            &format!("http://{proxy}/merchants/m-1/payments"),
+            &[("x-tokenproxy-subject", "m-1")],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    for path in [
+        "/clients/pos/subjects",
+        "/clients/pos/subjects/m-1",
+        "/clients/pos/subjects/m-dead",
+    ] {
+        answers.push_str(
+            &http
+                .request(
+                    http::Method::GET,
+                    &format!("http://{admin}{path}"),
+                    &auth,
+                    b"",
+                )
+                .await
+                .text(),
+        );
+    }
+    answers.push_str(
+        &http
+            .request(
+                http::Method::DELETE,
+                &format!("http://{admin}/clients/pos/subjects/m-2"),
+                &auth,
+                b"",
+            )
+            .await
+            .text(),
+    );
+    let status = http.get(&format!("http://{admin}/status")).await.text();
+    let metrics = http.get(&format!("http://{admin}/metrics")).await.text();
+    running.shutdown().await;
+    let access_tokens: Vec<String> = api
+        .recorded()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization"))
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+        .collect();
+    assert!(access_tokens.len() >= 4, "the API saw the subjects' tokens");
+    let database = String::from_utf8_lossy(
+        &std::fs::read(dir.join("state.json.subjects.db")).expect("the subject database"),
+    )
+    .into_owned();
+    let log_text = logs.text();
+    assert!(
+        log_text.contains("subject token obtained"),
+        "the capture saw the subjects' logs"
+    );
+    let places = [
+        ("logs", &log_text),
+        ("/status", &status),
+        ("/metrics", &metrics),
+        ("the subjects API and error bodies", &answers),
+        ("the subject database", &database),
+    ];
+    let mut secrets = vec![
+        ("admin key", ADMIN_KEY.to_owned()),
+        ("store key", STORE_KEY.to_owned()),
+        ("client secret", CLIENT_SECRET.to_owned()),
+    ];
+    secrets.extend(imported.into_iter().map(|t| ("imported refresh token", t)));
+    secrets.extend(
+        access_tokens
+            .into_iter()
+            .map(|t| ("subject access token", t)),
+    );
+    for (what, value) in &secrets {
+        for (place, text) in &places {
+            assert!(
+                !text.contains(value.as_str()),
+                "the {what} leaked into {place}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
