@@ -267,6 +267,10 @@ impl AuthorizationCode {
 #[derive(Default)]
 struct ProviderState {
     fault: Fault,
+    /// Whether `fault` applies to the next token request only.
+    fault_once: bool,
+    /// The last token request a fault answered.
+    last_faulted: Option<TokenRequest>,
     token_requests: usize,
     grants: HashMap<String, usize>,
     refresh_token_reuse: usize,
@@ -339,7 +343,16 @@ impl MockProvider {
 
     /// Makes the token endpoint misbehave from the next request on (`Fault::None` restores it).
     pub fn set_fault(&self, fault: Fault) {
-        self.state().fault = fault;
+        let mut state = self.state();
+        state.fault = fault;
+        state.fault_once = false;
+    }
+
+    /// Makes the next token request misbehave, and the ones after it answer normally.
+    pub fn set_fault_once(&self, fault: Fault) {
+        let mut state = self.state();
+        state.fault = fault;
+        state.fault_once = true;
     }
 
     /// Every POST to the token path so far, whatever its outcome.
@@ -365,6 +378,11 @@ impl MockProvider {
     /// What the last token request looked like.
     pub fn last_request(&self) -> Option<TokenRequest> {
         self.state().last_request.clone()
+    }
+
+    /// What the last token request answered by a fault (not normally) looked like.
+    pub fn last_faulted_request(&self) -> Option<TokenRequest> {
+        self.state().last_faulted.clone()
     }
 
     /// A validator for the access tokens this provider issues, for [`super::MockApi`].
@@ -452,7 +470,16 @@ async fn handle(
         if let Some(grant) = parsed.request.param("grant_type") {
             *state.grants.entry(grant.to_owned()).or_default() += 1;
         }
-        state.fault.clone()
+        let fault = if state.fault_once {
+            state.fault_once = false;
+            std::mem::take(&mut state.fault)
+        } else {
+            state.fault.clone()
+        };
+        if fault != Fault::None {
+            state.last_faulted = Some(parsed.request.clone());
+        }
+        fault
     };
 
     match fault {

@@ -29,7 +29,7 @@ pub(crate) use dialect::GrantKind;
 pub(crate) use refresher::{backoff_delay, error_chain, refresh_margin};
 pub use refresher::{Exit, Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
-pub use state::{LastRefresh, Status, StoreStatus};
+pub use state::{LastFailure, LastRefresh, Status, StoreStatus};
 
 /// An access token ready to inject.
 pub struct Token {

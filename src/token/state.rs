@@ -27,6 +27,29 @@ pub struct LastRefresh {
     pub(crate) app_error: Option<String>,
 }
 
+/// The last token endpoint call that failed, kept after later successes so an
+/// operator still sees why, e.g., a refresh token was dropped for the full grant.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastFailure {
+    /// Wall-clock time it ended (RFC 3339).
+    pub at: String,
+    /// startup | proactive | expired | unauthorized.
+    pub trigger: &'static str,
+    /// The grant used.
+    pub grant: &'static str,
+    /// rejected | error.
+    pub outcome: &'static str,
+    /// The provider's error code (RFC 6749 `error`, e.g. `invalid_grant`), when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The provider's error description, with every credential of the request
+    /// scrubbed, control characters removed and cut to 200 characters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The whole failure in one line, as `last_refresh.error` says it.
+    pub message: String,
+}
+
 /// A snapshot of one client's token state. Holds no secret.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
@@ -48,6 +71,9 @@ pub struct Status {
     /// The last token endpoint call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_refresh: Option<LastRefresh>,
+    /// The last token endpoint call that failed, even when a later one succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<LastFailure>,
     /// When the last successful token request ended (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_success_at: Option<String>,

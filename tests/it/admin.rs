@@ -134,3 +134,80 @@ async fn metrics_expose_every_contract_family_for_configured_clients_from_the_st
         "children exist before anything happened"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keeps_the_last_failure_after_a_rejected_refresh_falls_back_to_the_password_grant() {
+    let mut options = Options::default()
+        .token("grant = \"password\"\nusername = \"alice\"\npassword = \"alice-password\"");
+    options.provider.refresh_tokens = true;
+    options.provider.rotate_refresh_tokens = true;
+    let h = harness(options).await;
+    wait_ready(&h).await;
+
+    // The held refresh token is refused once, with a description that repeats every
+    // credential the request carried, as some providers do; the password grant works.
+    h.provider
+        .set_fault_once(Fault::EchoCredentials(tokenproxy_mock::Echo::Raw));
+    h.provider.revoke_all();
+    let r = h
+        .http
+        .get(&format!("http://{}/api/v1/payments", h.proxy))
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the rejected refresh falls back to the password grant and the request is replayed: {}",
+        r.text()
+    );
+    let refused = h
+        .provider
+        .last_faulted_request()
+        .expect("the provider refused one token request");
+    assert_eq!(refused.param("grant_type"), Some("refresh_token"));
+    let refresh_token = refused
+        .param("refresh_token")
+        .expect("the refused request carried the refresh token")
+        .to_owned();
+
+    let s = h
+        .http
+        .get(&format!("http://{}/status", h.admin))
+        .await
+        .json();
+    let c = &s["clients"]["payments"];
+    assert_eq!(c["state"], "valid", "{s}");
+    assert_eq!(
+        c["last_refresh"]["outcome"], "success",
+        "the last call is the password grant that worked: {c}"
+    );
+    assert_eq!(c["last_refresh"]["grant"], "password", "{c}");
+    let failure = &c["last_failure"];
+    assert_eq!(
+        failure["outcome"], "rejected",
+        "the rejected refresh is still shown after the later success: {c}"
+    );
+    assert_eq!(failure["error"], "invalid_grant", "{c}");
+    assert_eq!(failure["grant"], "refresh_token", "{c}");
+    assert_eq!(failure["trigger"], "unauthorized", "{c}");
+    assert!(
+        failure["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "the failure says when: {c}"
+    );
+    assert!(
+        failure["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Invalid credentials")),
+        "the provider's description is kept, credentials scrubbed: {c}"
+    );
+    let text = s.to_string();
+    for secret in [
+        refresh_token.as_str(),
+        "alice-password",
+        support::CLIENT_SECRET,
+    ] {
+        assert!(
+            !text.contains(secret),
+            "/status must not show a credential the provider echoed: {text}"
+        );
+    }
+}

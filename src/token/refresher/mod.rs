@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::dialect::GrantKind;
 use super::response::MAX_LIFETIME;
-use super::state::{LastRefresh, State, StateCell, Status};
+use super::state::{LastFailure, LastRefresh, State, StateCell, Status};
 use super::{Command, Outcome, Shared, Token, Trigger};
 use crate::clock::{epoch_seconds, rfc3339, SharedClock};
 use crate::config::{ClientConfig, Grant, InjectConfig, TokenConfig};
@@ -581,7 +581,20 @@ impl Refresher {
         let at = crate::clock::rfc3339(self.clock.wall_now());
         let message = e.to_string();
         let app_message = e.app_message();
+        let (code, description) = match e {
+            TokenError::Provider { error, .. } => (error.error.clone(), error.description.clone()),
+            _ => (None, None),
+        };
         self.publish(|s| {
+            s.last_failure = Some(LastFailure {
+                at: at.clone(),
+                trigger: trigger.as_str(),
+                grant,
+                outcome: outcome.as_str(),
+                error: code,
+                description,
+                message: message.clone(),
+            });
             s.last_refresh = Some(LastRefresh {
                 at,
                 trigger: trigger.as_str(),
