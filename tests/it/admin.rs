@@ -14,9 +14,18 @@ use tokenproxy_mock::Fault;
 async fn status_describes_the_client_and_readyz_follows_the_token() {
     let h = harness(Options::default().lifetime(Duration::from_secs(3))).await;
     wait_ready(&h).await;
-    let status = h.http.get(&format!("http://{}/status", h.admin)).await;
-    assert_eq!(status.status, StatusCode::OK);
-    let s = status.json();
+    // The refresher stores the token before it publishes the status, so /readyz
+    // may say ready a moment before /status does.
+    let mut s = serde_json::Value::Null;
+    for _ in 0..100 {
+        let status = h.http.get(&format!("http://{}/status", h.admin)).await;
+        assert_eq!(status.status, StatusCode::OK);
+        s = status.json();
+        if s["clients"]["payments"]["state"] == "valid" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let c = &s["clients"]["payments"];
     assert_eq!(c["state"], "valid", "{s}");
     assert_eq!(c["ready"], true);
