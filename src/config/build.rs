@@ -137,6 +137,7 @@ pub(super) fn build_client(
         let hint = "name the table like [clients.payments]";
         return Err(ConfigError::new(t.key(""), problem).with_hint(hint));
     }
+    let allow_insecure = safety::allow_insecure(&t, raw.allow_insecure)?;
     let listen = t.listen("listen", &t.required("listen", raw.listen, LISTEN_HINT)?)?;
     let upstream = upstream_url(&t, &t.required("upstream", raw.upstream, UPSTREAM_HINT)?)?;
     let path_prefix = match raw.path_prefix {
@@ -164,7 +165,7 @@ pub(super) fn build_client(
         || subjects
             .as_ref()
             .is_some_and(|s| s.fallback == SubjectFallback::None);
-    Ok(ClientConfig {
+    let client = ClientConfig {
         name: name.to_owned(),
         listen,
         upstream,
@@ -199,7 +200,10 @@ pub(super) fn build_client(
         proxy: build_proxy(raw.proxy, &t)?,
         authorize,
         subjects,
-    })
+        allow_insecure,
+    };
+    safety::check_client(&t, &client, &client.allow_insecure)?;
+    Ok(client)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -895,3 +895,110 @@ session_ttl = "1s""#,
     assert_eq!(connect.session_ttl, Duration::from_secs(1));
     assert!(connect.allows_return_to("http://localhost:3000/connected?x=1"));
 }
+
+#[test]
+fn cleartext_token_urls_to_a_remote_host_are_refused_unless_allowed() {
+    let cases = [
+        (
+            MIN.replace(
+                "url = \"https://api.pay.example/oauth2/token\"",
+                "url = \"http://auth.pay.example/oauth2/token?key=k\"",
+            ),
+            "clients.payments.token.url",
+        ),
+        (
+            MIN.replace(
+                "grant = \"client_credentials\"",
+                "grant = \"client_credentials\"\nrefresh_url = \"http://10.1.2.3/refresh\"",
+            ),
+            "clients.payments.token.refresh_url",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = fail(&text);
+        assert_error(&err, key, "plain http to a host that is not loopback");
+        assert!(
+            err.hint()
+                .is_some_and(|h| h.contains("cleartext_token_url")),
+            "the hint should name the allow value: {err}"
+        );
+        assert!(
+            !err.to_string().contains("key=k"),
+            "the query must not be echoed: {err}"
+        );
+        let allowed = text.replace(
+            "[clients.payments.token]",
+            "allow_insecure = [\"cleartext_token_url\"]\n\n[clients.payments.token]",
+        );
+        assert_eq!(
+            parse(&allowed).clients[0].allow_insecure,
+            [Insecure::CleartextTokenUrl]
+        );
+    }
+    for host in ["127.0.0.1:9000", "localhost", "[::1]:8443"] {
+        parse(&MIN.replace(
+            "https://api.pay.example/oauth2/token",
+            &format!("http://{host}/oauth2/token"),
+        ));
+    }
+}
+
+#[test]
+fn cleartext_upstream_to_a_remote_host_is_refused_unless_allowed() {
+    let text = MIN.replace(
+        "upstream = \"https://api.pay.example\"",
+        "upstream = \"http://api.pay.example\"",
+    );
+    let err = fail(&text);
+    assert_error(&err, "clients.payments.upstream", "every bearer token");
+    assert!(
+        err.hint().is_some_and(|h| h.contains("cleartext_upstream")),
+        "the hint should name the allow value: {err}"
+    );
+    parse(&text.replace(
+        "[clients.payments.token]",
+        "allow_insecure = [\"cleartext_upstream\"]\n\n[clients.payments.token]",
+    ));
+    parse(&MIN.replace("https://api.pay.example\"", "http://127.0.0.1:8000\""));
+}
+
+#[test]
+fn a_client_listening_beyond_loopback_is_refused_unless_allowed() {
+    for addr in ["0.0.0.0:18080", "[::]:18080", "192.0.2.10:18080"] {
+        let text = MIN.replace("127.0.0.1:8080", addr);
+        let err = fail(&text);
+        assert_error(
+            &err,
+            "clients.payments.listen",
+            "can spend this client's credential",
+        );
+        assert!(
+            err.hint().is_some_and(|h| h.contains("public_listen")),
+            "the hint should name the allow value: {err}"
+        );
+        parse(&text.replace(
+            "[clients.payments.token]",
+            "allow_insecure = [\"public_listen\"]\n\n[clients.payments.token]",
+        ));
+    }
+    parse(&MIN.replace("127.0.0.1:8080", "[::1]:8080"));
+}
+
+#[test]
+fn allow_insecure_accepts_only_the_known_values() {
+    let err = fail(&MIN.replace(
+        "[clients.payments.token]",
+        "allow_insecure = [\"public_listen\", \"everything\"]\n\n[clients.payments.token]",
+    ));
+    assert_error(
+        &err,
+        "clients.payments.allow_insecure",
+        "\"everything\" is not an accepted value",
+    );
+    for value in ["cleartext_token_url", "cleartext_upstream", "public_listen"] {
+        assert!(
+            err.hint().is_some_and(|h| h.contains(value)),
+            "the hint should list {value}: {err}"
+        );
+    }
+}
