@@ -52,12 +52,34 @@ pub(super) fn build_log(raw: RawLog, t: &Table<'_>) -> Result<LogConfig, ConfigE
             let hint = "write a level like \"info\" or a filter like \"info,tokenproxy=debug\"";
             return Err(t.err("level", "is empty").with_hint(hint));
         }
-        Some(level) => level,
+        Some(level) => check_log_level(t, level)?,
         None => LogConfig::default().level,
     };
     let formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
     let format = t.choice("format", raw.format, Some(LogFormat::Text), &formats)?;
     Ok(LogConfig { level, format })
+}
+
+/// `log.level` as the logging setup will read it: an `EnvFilter` directive
+/// list whose bare words are level names. `EnvFilter` takes a bare word as a
+/// target, so a misspelled level ("verbose") would silence every line.
+fn check_log_level(t: &Table<'_>, level: String) -> Result<String, ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let hint = "write a level (trace, debug, info, warn, error or off) or a filter like \"info,tokenproxy=debug\"";
+    let bare = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[']))
+        .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
+    if let Some(word) = bare {
+        let problem = format!("{word:?} is not a log level, so nothing would be logged");
+        return Err(t.err("level", problem).with_hint(hint));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+        let problem = format!("{level:?} is not a valid filter: {e}");
+        return Err(t.err("level", problem).with_hint(hint));
+    }
+    Ok(level)
 }
 
 pub(super) fn build_runtime(raw: RawRuntime, t: &Table<'_>) -> Result<RuntimeConfig, ConfigError> {

@@ -1002,3 +1002,30 @@ fn allow_insecure_accepts_only_the_known_values() {
         );
     }
 }
+
+#[test]
+fn a_log_level_that_is_no_level_or_filter_is_refused() {
+    let with_level = |level: &str| format!("[log]\nlevel = \"{level}\"\n{MIN}");
+    for bad in ["verbose", "info,verbose", "info,tokenproxy=loud"] {
+        let err = fail(&with_level(bad));
+        assert_error(&err, "log.level", "not");
+        assert!(
+            err.hint().is_some_and(|h| h.contains("tokenproxy=debug")),
+            "the hint should show a filter: {err}"
+        );
+    }
+    let err = fail(&with_level("verbose"));
+    assert!(
+        err.problem().contains("nothing would be logged"),
+        "the problem should say what the level would do: {err}"
+    );
+    for good in [
+        "debug",
+        "WARN",
+        "info,tokenproxy=debug",
+        "off",
+        "info,hyper[conn]=trace",
+    ] {
+        assert_eq!(parse(&with_level(good)).log.level, good);
+    }
+}
