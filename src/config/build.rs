@@ -343,6 +343,14 @@ pub(super) fn build_token(
             let hint = "set client_id, or client_auth = \"none\" for a provider without client authentication";
             return Err(t.err("client_id", problem).with_hint(hint));
         }
+        ClientAuth::Basic | ClientAuth::Body | ClientAuth::Both if client_secret.is_none() => {
+            let problem = format!(
+                "is required when client_auth = \"{}\"",
+                client_auth.as_str()
+            );
+            let hint = "set client_secret or client_secret_file, or client_auth = \"none\" if the provider authenticates no client";
+            return Err(t.err("client_secret", problem).with_hint(hint));
+        }
         ClientAuth::None if client_secret.is_some() => {
             let hint = "use client_auth = \"basic\" or \"body\", or remove the secret";
             return Err(t
@@ -364,7 +372,7 @@ pub(super) fn build_token(
         scope,
         refresh_token,
         refresh_url,
-        refresh_before: t.opt_duration("refresh_before", raw.refresh_before, true)?,
+        refresh_before: refresh_before(t, raw.refresh_before)?,
         default_lifetime: t.opt_duration("default_lifetime", raw.default_lifetime, false)?,
         refresh_token_lifetime: t.opt_duration(
             "refresh_token_lifetime",
@@ -375,6 +383,19 @@ pub(super) fn build_token(
         timeout: t.duration("timeout", raw.timeout, Duration::from_secs(10))?,
         tls: build_tls(raw.tls, &Table::new(t.x, t.key("tls")))?,
     })
+}
+
+/// `refresh_before`: a zero margin would start every refresh only once the
+/// token has expired, so requests would wait or fail at each expiry.
+fn refresh_before(t: &Table<'_>, raw: Option<Scalar>) -> Result<Option<Duration>, ConfigError> {
+    let margin = t.opt_duration("refresh_before", raw, true)?;
+    if margin.is_some_and(|d| d.is_zero()) {
+        let problem = "is zero: each refresh would start only once the token has expired";
+        let hint =
+            "remove it to refresh min(60s, 10% of the lifetime) ahead, or write it like \"30s\"";
+        return Err(t.err("refresh_before", problem).with_hint(hint));
+    }
+    Ok(margin)
 }
 
 pub(super) fn params(

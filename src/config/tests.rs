@@ -1029,3 +1029,44 @@ fn a_log_level_that_is_no_level_or_filter_is_refused() {
         assert_eq!(parse(&with_level(good)).log.level, good);
     }
 }
+
+#[test]
+fn a_zero_refresh_margin_is_refused() {
+    let err = fail(&format!("{MIN}refresh_before = \"0s\"\n"));
+    assert_error(&err, "clients.payments.token.refresh_before", "is zero");
+    assert!(
+        err.hint().is_some_and(|h| h.contains("remove it")),
+        "the hint should offer the default: {err}"
+    );
+    let c = parse(&format!("{MIN}refresh_before = \"1s\"\n"));
+    assert_eq!(
+        c.clients[0].token.refresh_before,
+        Some(Duration::from_secs(1))
+    );
+}
+
+#[test]
+fn client_auth_that_sends_a_secret_needs_one() {
+    let without = MIN.replace("client_secret = \"${PAY_CLIENT_SECRET}\"\n", "");
+    for auth in ["basic", "body", "both"] {
+        let err = fail(&format!("{without}client_auth = \"{auth}\"\n"));
+        assert_error(
+            &err,
+            "clients.payments.token.client_secret",
+            &format!("is required when client_auth = \"{auth}\""),
+        );
+        assert!(
+            err.hint()
+                .is_some_and(|h| h.contains("client_auth = \"none\"")),
+            "the hint should offer client_auth = \"none\": {err}"
+        );
+    }
+    // The default client_auth is basic.
+    assert_error(
+        &fail(&without),
+        "clients.payments.token.client_secret",
+        "is required",
+    );
+    let c = parse(&format!("{without}client_auth = \"none\"\n"));
+    assert_eq!(c.clients[0].token.client_auth, ClientAuth::None);
+}
