@@ -188,7 +188,8 @@ impl<'a> Expander<'a> {
     }
 }
 
-/// Replaces `${VAR}` from `env` and `$$` with `$`; a lone `$` stays as it is.
+/// Replaces `${VAR}` from `env` and `$$` with `$`; a `$` before anything but a
+/// name or `{` stays as it is, and `$NAME` without braces is an error.
 ///
 /// With `secret` set, error messages do not quote the text around the
 /// reference, which may be part of the secret.
@@ -226,6 +227,25 @@ fn expand(raw: &str, key: &str, env: &dyn Env, secret: bool) -> Result<String, C
             })?;
             out.push_str(&value);
             rest = &tail[end + 1..];
+        } else if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            // `$NAME` is the shell's spelling; taken literally it fails much later
+            // (an `invalid_client` from the provider), so it is refused here.
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            let name = &after[..end];
+            let (problem, hint) = if secret {
+                (
+                    "contains $ followed by a name, which is not expanded".to_owned(),
+                    HINT.to_owned(),
+                )
+            } else {
+                (
+                    format!("${name} is not expanded"),
+                    format!("write it like ${{{name}}} for an environment variable, or $${name} for a literal $"),
+                )
+            };
+            return Err(ConfigError::new(key, problem).with_hint(hint));
         } else {
             out.push('$');
             rest = after;
@@ -257,7 +277,8 @@ mod tests {
         let x = |s: &str| expand(s, "k", &e, false);
         assert_eq!(x("${A}/${A}").ok().as_deref(), Some("alpha/alpha"));
         assert_eq!(x("$${A}").ok().as_deref(), Some("${A}"));
-        assert_eq!(x("a$b $").ok().as_deref(), Some("a$b $"));
+        assert_eq!(x("a$1 $-$").ok().as_deref(), Some("a$1 $-$"));
+        assert_eq!(x("a$$b").ok().as_deref(), Some("a$b"));
         assert_eq!(x("x${EMPTY}y").ok().as_deref(), Some("xy"));
         assert_eq!(x("").ok().as_deref(), Some(""));
     }
@@ -275,6 +296,27 @@ mod tests {
         let err = expand("pw${a b}", "k", &e, true).unwrap_err();
         assert!(
             !err.to_string().contains("a b"),
+            "secret text must not be echoed: {err}"
+        );
+    }
+
+    #[test]
+    fn a_name_after_a_dollar_without_braces_asks_for_braces() {
+        let e = env();
+        let err = expand("$PAY_CLIENT_ID", "clients.a.token.client_id", &e, false).unwrap_err();
+        assert_eq!(err.key(), "clients.a.token.client_id");
+        assert!(
+            err.problem().contains("$PAY_CLIENT_ID is not expanded"),
+            "{err}"
+        );
+        assert!(
+            err.hint()
+                .is_some_and(|h| h.contains("write it like ${PAY_CLIENT_ID}")),
+            "the hint should show the braced form: {err}"
+        );
+        let err = expand("pw$sEcReT", "k", &e, true).unwrap_err();
+        assert!(
+            !err.to_string().contains("sEcReT"),
             "secret text must not be echoed: {err}"
         );
     }

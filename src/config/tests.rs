@@ -1070,3 +1070,15 @@ fn client_auth_that_sends_a_secret_needs_one() {
     let c = parse(&format!("{without}client_auth = \"none\"\n"));
     assert_eq!(c.clients[0].token.client_auth, ClientAuth::None);
 }
+
+#[test]
+fn a_variable_without_braces_is_refused_with_the_braced_form() {
+    let err = fail(&MIN.replace("\"id-123\"", "\"$PAY_CLIENT_ID\""));
+    assert_error(
+        &err,
+        "clients.payments.token.client_id",
+        "write it like ${PAY_CLIENT_ID}",
+    );
+    let c = parse(&MIN.replace("\"id-123\"", "\"id$$123\""));
+    assert_eq!(c.clients[0].token.client_id.as_deref(), Some("id$123"));
+}
