@@ -19,6 +19,13 @@ pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
     /// The whole content of the file at `path`.
     fn read_file(&self, path: &Path) -> io::Result<String>;
+    /// The permission bits of the file at `path` when tokenproxy's own user
+    /// owns it; `None` for another user's file (as ssh, which checks only its
+    /// user's keys: a Kubernetes secret is root's, shared with the pod's group)
+    /// and where there are no unix modes.
+    fn owned_file_mode(&self, path: &Path) -> io::Result<Option<u32>>;
+    /// `Ok` when `dir` is a directory tokenproxy may create files in.
+    fn check_dir_writable(&self, dir: &Path) -> io::Result<()>;
 }
 
 /// The real process environment and file system.
@@ -33,6 +40,36 @@ impl Env for SystemEnv {
     fn read_file(&self, path: &Path) -> io::Result<String> {
         std::fs::read_to_string(path)
     }
+
+    #[cfg(unix)]
+    fn owned_file_mode(&self, path: &Path) -> io::Result<Option<u32>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        let mine = meta.uid() == rustix::process::geteuid().as_raw();
+        Ok(mine.then_some(meta.mode() & 0o7777))
+    }
+
+    #[cfg(not(unix))]
+    fn owned_file_mode(&self, _path: &Path) -> io::Result<Option<u32>> {
+        Ok(None)
+    }
+
+    fn check_dir_writable(&self, dir: &Path) -> io::Result<()> {
+        let meta = std::fs::metadata(dir)?;
+        if !meta.is_dir() {
+            return Err(io::Error::other("not a directory"));
+        }
+        #[cfg(unix)]
+        {
+            use rustix::fs::Access;
+            rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK)?;
+        }
+        #[cfg(not(unix))]
+        if meta.permissions().readonly() {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only"));
+        }
+        Ok(())
+    }
 }
 
 /// An in-memory environment for tests: `MapEnv::new().var("A", "b").file("/x", "y")`.
@@ -43,6 +80,8 @@ impl Env for SystemEnv {
 pub struct MapEnv {
     vars: HashMap<String, String>,
     files: HashMap<PathBuf, String>,
+    modes: HashMap<PathBuf, u32>,
+    unwritable_dirs: HashMap<PathBuf, io::ErrorKind>,
 }
 
 impl MapEnv {
@@ -62,6 +101,18 @@ impl MapEnv {
         self.files.insert(path.into(), content.into());
         self
     }
+
+    /// Gives the file at `path` permission bits `mode` (files are 0600 otherwise).
+    pub fn mode(mut self, path: impl Into<PathBuf>, mode: u32) -> Self {
+        self.modes.insert(path.into(), mode);
+        self
+    }
+
+    /// Makes `dir` fail [`Env::check_dir_writable`] with `kind` (directories are writable otherwise).
+    pub fn unwritable_dir(mut self, dir: impl Into<PathBuf>, kind: io::ErrorKind) -> Self {
+        self.unwritable_dirs.insert(dir.into(), kind);
+        self
+    }
 }
 
 impl Env for MapEnv {
@@ -74,6 +125,17 @@ impl Env for MapEnv {
             .get(path)
             .cloned()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file or directory"))
+    }
+
+    fn owned_file_mode(&self, path: &Path) -> io::Result<Option<u32>> {
+        Ok(Some(self.modes.get(path).copied().unwrap_or(0o600)))
+    }
+
+    fn check_dir_writable(&self, dir: &Path) -> io::Result<()> {
+        match self.unwritable_dirs.get(dir) {
+            Some(kind) => Err(io::Error::from(*kind)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -143,6 +205,7 @@ impl<'a> Expander<'a> {
                     )
                     .with_hint("check that the secret is mounted and readable by tokenproxy")
                 })?;
+                self.check_private(&file_key, &path)?;
                 let value = content.trim_end_matches(['\r', '\n']);
                 if value.is_empty() {
                     return Err(
@@ -172,6 +235,44 @@ impl<'a> Expander<'a> {
             .with_hint("check that the file is mounted and readable by tokenproxy")
         })?;
         Ok((path, content))
+    }
+
+    /// Like [`Expander::read`], for a file holding a secret or private key: it
+    /// must not be open to group or others.
+    pub(super) fn read_secret(
+        &self,
+        key: &str,
+        raw_path: &str,
+    ) -> Result<(PathBuf, String), ConfigError> {
+        let (path, content) = self.read(key, raw_path)?;
+        self.check_private(key, &path)?;
+        Ok((path, content))
+    }
+
+    /// Refuses, as ssh does for private keys, a secret file of tokenproxy's
+    /// user that its group or others may read or write.
+    fn check_private(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        let mode = self.env.owned_file_mode(path).map_err(|e| {
+            ConfigError::new(
+                key,
+                format!("cannot read {}: {}", path.display(), io_text(&e)),
+            )
+        })?;
+        match mode {
+            Some(mode) if mode & 0o077 != 0 => Err(ConfigError::new(
+                key,
+                format!(
+                    "{} is open to group or others (mode {:04o}): anyone who can read it holds the secret",
+                    path.display(),
+                    mode & 0o7777
+                ),
+            )
+            .with_hint(format!(
+                "chmod 600 {}; for a Kubernetes secret volume set defaultMode: 0400",
+                path.display()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// `text` as a path, relative ones resolved against the config file's directory.
@@ -319,6 +420,30 @@ mod tests {
             !err.to_string().contains("sEcReT"),
             "secret text must not be echoed: {err}"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_system_reports_the_mode_of_own_files_and_unwritable_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tokenproxy-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("secret");
+        std::fs::write(&file, "s").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mode = SystemEnv.owned_file_mode(&file).expect("stat");
+        assert_eq!(mode, Some(0o644), "a file of ours reports its mode");
+        assert!(
+            SystemEnv.check_dir_writable(&dir).is_ok(),
+            "our temp dir is writable"
+        );
+        let missing = SystemEnv.check_dir_writable(&dir.join("missing"));
+        assert_eq!(missing.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        assert!(
+            SystemEnv.check_dir_writable(&file).is_err(),
+            "a file is not a directory to write in"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -546,7 +546,7 @@ fn previous_keys(
     }
     for (i, raw_path) in files.unwrap_or_default().into_iter().enumerate() {
         let name = format!("previous_key_files[{i}]");
-        let (path, text) = t.x.read(&t.key(&name), &raw_path)?;
+        let (path, text) = t.x.read_secret(&t.key(&name), &raw_path)?;
         let key = StoreKey::from_base64(&text).map_err(|problem| {
             t.err(&name, format!("{}: {problem}", path.display()))
                 .with_hint(KEY_HINT)

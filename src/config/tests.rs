@@ -1082,3 +1082,39 @@ fn a_variable_without_braces_is_refused_with_the_braced_form() {
     let c = parse(&MIN.replace("\"id-123\"", "\"id$$123\""));
     assert_eq!(c.clients[0].token.client_id.as_deref(), Some("id$123"));
 }
+
+#[test]
+fn secret_files_open_to_group_or_others_are_refused() {
+    let text = MIN.replace(
+        "client_secret = \"${PAY_CLIENT_SECRET}\"",
+        "client_secret_file = \"/run/secrets/wallet\"",
+    );
+    let admin = format!("[admin]\napi_key_file = \"/run/secrets/wallet\"\n{MIN}");
+    let cases = [
+        (&text, "clients.payments.token.client_secret_file"),
+        (&admin, "admin.api_key_file"),
+    ];
+    for (text, key) in cases {
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            let e = env().mode("/run/secrets/wallet", mode);
+            let err = match from_str(text, Some(Path::new("tokenproxy.toml")), &e) {
+                Ok(_) => panic!("a secret file with mode {mode:o} should be refused"),
+                Err(err) => err,
+            };
+            assert_error(&err, key, "/run/secrets/wallet is open to group or others");
+            let hint = err.hint().unwrap_or("");
+            assert!(
+                hint.contains("chmod 600 /run/secrets/wallet")
+                    && hint.contains("defaultMode: 0400"),
+                "the hint should say how to fix the mode: {err}"
+            );
+            assert!(!err.to_string().contains(FILE_SECRET), "{err}");
+        }
+        for mode in [0o600, 0o400] {
+            let e = env().mode("/run/secrets/wallet", mode);
+            if let Err(err) = from_str(text, Some(Path::new("tokenproxy.toml")), &e) {
+                panic!("mode {mode:o} is private and should pass: {err}");
+            }
+        }
+    }
+}
