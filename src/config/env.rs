@@ -275,6 +275,38 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// The directory of the store file at `path` exists and tokenproxy may
+    /// create files there (the database and its lock live beside each other):
+    /// `check` says so rather than `run` failing at start.
+    pub(super) fn check_store_dir(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        self.env.check_dir_writable(dir).map_err(|e| {
+            let (problem, hint) = if e.kind() == io::ErrorKind::NotFound {
+                (
+                    format!("directory {} does not exist", dir.display()),
+                    format!(
+                        "create it (mkdir -p {}), or mount a persistent volume there",
+                        dir.display()
+                    ),
+                )
+            } else {
+                (
+                    format!(
+                        "directory {} is not writable: {}",
+                        dir.display(),
+                        io_text(&e)
+                    ),
+                    "let tokenproxy's user write to it, or choose a path on a writable volume"
+                        .to_owned(),
+                )
+            };
+            ConfigError::new(key, problem).with_hint(hint)
+        })
+    }
+
     /// `text` as a path, relative ones resolved against the config file's directory.
     pub(super) fn resolve_path(&self, text: &str) -> PathBuf {
         self.path(text)

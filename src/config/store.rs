@@ -256,8 +256,10 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
                 "set path to a file on a persistent volume, e.g. \"/var/lib/tokenproxy/tokens.json\"",
             )?;
             let key = parse_key(key)?;
+            let path = t.x.resolve_path(&path);
+            t.x.check_store_dir(&t.key("path"), &path)?;
             Ok(StoreConfig::File(FileStoreConfig {
-                path: t.x.resolve_path(&path),
+                path,
                 key,
                 previous_keys,
             }))

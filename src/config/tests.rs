@@ -1118,3 +1118,36 @@ fn secret_files_open_to_group_or_others_are_refused() {
         }
     }
 }
+
+#[test]
+fn a_store_path_in_a_missing_or_unwritable_directory_is_refused() {
+    let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let text = format!(
+        "[store]\nkind = \"file\"\npath = \"/var/lib/tp/tokens.json\"\nkey = \"{key}\"\n{MIN}"
+    );
+    let cases = [
+        (
+            std::io::ErrorKind::NotFound,
+            "directory /var/lib/tp does not exist",
+            "mkdir -p /var/lib/tp",
+        ),
+        (
+            std::io::ErrorKind::PermissionDenied,
+            "directory /var/lib/tp is not writable",
+            "writable volume",
+        ),
+    ];
+    for (kind, problem, hint) in cases {
+        let e = env().unwritable_dir("/var/lib/tp", kind);
+        let err = match from_str(&text, Some(Path::new("tokenproxy.toml")), &e) {
+            Ok(_) => panic!("a store in a directory failing with {kind:?} should be refused"),
+            Err(err) => err,
+        };
+        assert_error(&err, "store.path", problem);
+        assert!(
+            err.hint().is_some_and(|h| h.contains(hint)),
+            "the hint should say {hint:?}: {err}"
+        );
+    }
+    parse(&text);
+}
