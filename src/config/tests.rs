@@ -930,9 +930,12 @@ fn cleartext_token_urls_to_a_remote_host_are_refused_unless_allowed() {
             "[clients.payments.token]",
             "allow_insecure = [\"cleartext_token_url\"]\n\n[clients.payments.token]",
         );
-        assert_eq!(
-            parse(&allowed).clients[0].allow_insecure,
-            [Insecure::CleartextTokenUrl]
+        let c = parse(&allowed);
+        assert_eq!(c.clients[0].allow_insecure, [Insecure::CleartextTokenUrl]);
+        assert!(
+            c.summary().contains("[cleartext_token_url]"),
+            "check's summary should show the waiver: {}",
+            c.summary()
         );
     }
     for host in ["127.0.0.1:9000", "localhost", "[::1]:8443"] {
