@@ -339,6 +339,8 @@ def cmd_toml_prepare(src, outdir):
                              encoding="utf-8")
             else:
                 p.write_text("deploy-check-dummy-secret\n", encoding="utf-8")
+            # tokenproxy refuses a secret file of its own user open to group or others.
+            p.chmod(0o600)
     print(dst)
     for n, val in env.items():
         print(f"{n}={val}")

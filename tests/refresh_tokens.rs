@@ -299,7 +299,7 @@ async fn a_dead_bootstrap_refresh_token_means_needs_authorization_until_an_opera
         &file,
         format!(
             "[admin]\nlisten = \"{admin}\"\napi_key = \"{ADMIN_KEY}\"\n[clients.payments]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:1\"\n\
-             [clients.payments.token]\nurl = \"http://127.0.0.1:1/token\"\ngrant = \"refresh_token\"\nclient_id = \"demo-client\"\n\
+             [clients.payments.token]\nurl = \"http://127.0.0.1:1/token\"\ngrant = \"refresh_token\"\nclient_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n\
              refresh_token = \"unused\"\n"
         ),
     )

@@ -52,12 +52,34 @@ pub(super) fn build_log(raw: RawLog, t: &Table<'_>) -> Result<LogConfig, ConfigE
             let hint = "write a level like \"info\" or a filter like \"info,tokenproxy=debug\"";
             return Err(t.err("level", "is empty").with_hint(hint));
         }
-        Some(level) => level,
+        Some(level) => check_log_level(t, level)?,
         None => LogConfig::default().level,
     };
     let formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
     let format = t.choice("format", raw.format, Some(LogFormat::Text), &formats)?;
     Ok(LogConfig { level, format })
+}
+
+/// `log.level` as the logging setup will read it: an `EnvFilter` directive
+/// list whose bare words are level names. `EnvFilter` takes a bare word as a
+/// target, so a misspelled level ("verbose") would silence every line.
+fn check_log_level(t: &Table<'_>, level: String) -> Result<String, ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let hint = "write a level (trace, debug, info, warn, error or off) or a filter like \"info,tokenproxy=debug\"";
+    let bare = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[']))
+        .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
+    if let Some(word) = bare {
+        let problem = format!("{word:?} is not a log level, so nothing would be logged");
+        return Err(t.err("level", problem).with_hint(hint));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+        let problem = format!("{level:?} is not a valid filter: {e}");
+        return Err(t.err("level", problem).with_hint(hint));
+    }
+    Ok(level)
 }
 
 pub(super) fn build_runtime(raw: RawRuntime, t: &Table<'_>) -> Result<RuntimeConfig, ConfigError> {
@@ -137,6 +159,7 @@ pub(super) fn build_client(
         let hint = "name the table like [clients.payments]";
         return Err(ConfigError::new(t.key(""), problem).with_hint(hint));
     }
+    let allow_insecure = safety::allow_insecure(&t, raw.allow_insecure)?;
     let listen = t.listen("listen", &t.required("listen", raw.listen, LISTEN_HINT)?)?;
     let upstream = upstream_url(&t, &t.required("upstream", raw.upstream, UPSTREAM_HINT)?)?;
     let path_prefix = match raw.path_prefix {
@@ -164,7 +187,7 @@ pub(super) fn build_client(
         || subjects
             .as_ref()
             .is_some_and(|s| s.fallback == SubjectFallback::None);
-    Ok(ClientConfig {
+    let client = ClientConfig {
         name: name.to_owned(),
         listen,
         upstream,
@@ -199,7 +222,10 @@ pub(super) fn build_client(
         proxy: build_proxy(raw.proxy, &t)?,
         authorize,
         subjects,
-    })
+        allow_insecure,
+    };
+    safety::check_client(&t, &client, &client.allow_insecure)?;
+    Ok(client)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -317,6 +343,14 @@ pub(super) fn build_token(
             let hint = "set client_id, or client_auth = \"none\" for a provider without client authentication";
             return Err(t.err("client_id", problem).with_hint(hint));
         }
+        ClientAuth::Basic | ClientAuth::Body | ClientAuth::Both if client_secret.is_none() => {
+            let problem = format!(
+                "is required when client_auth = \"{}\"",
+                client_auth.as_str()
+            );
+            let hint = "set client_secret or client_secret_file, or client_auth = \"none\" if the provider authenticates no client";
+            return Err(t.err("client_secret", problem).with_hint(hint));
+        }
         ClientAuth::None if client_secret.is_some() => {
             let hint = "use client_auth = \"basic\" or \"body\", or remove the secret";
             return Err(t
@@ -338,7 +372,7 @@ pub(super) fn build_token(
         scope,
         refresh_token,
         refresh_url,
-        refresh_before: t.opt_duration("refresh_before", raw.refresh_before, true)?,
+        refresh_before: refresh_before(t, raw.refresh_before)?,
         default_lifetime: t.opt_duration("default_lifetime", raw.default_lifetime, false)?,
         refresh_token_lifetime: t.opt_duration(
             "refresh_token_lifetime",
@@ -349,6 +383,19 @@ pub(super) fn build_token(
         timeout: t.duration("timeout", raw.timeout, Duration::from_secs(10))?,
         tls: build_tls(raw.tls, &Table::new(t.x, t.key("tls")))?,
     })
+}
+
+/// `refresh_before`: a zero margin would start every refresh only once the
+/// token has expired, so requests would wait or fail at each expiry.
+fn refresh_before(t: &Table<'_>, raw: Option<Scalar>) -> Result<Option<Duration>, ConfigError> {
+    let margin = t.opt_duration("refresh_before", raw, true)?;
+    if margin.is_some_and(|d| d.is_zero()) {
+        let problem = "is zero: each refresh would start only once the token has expired";
+        let hint =
+            "remove it to refresh min(60s, 10% of the lifetime) ahead, or write it like \"30s\"";
+        return Err(t.err("refresh_before", problem).with_hint(hint));
+    }
+    Ok(margin)
 }
 
 pub(super) fn params(

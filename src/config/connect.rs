@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::Uri;
 
 use super::file::RawConnect;
+use super::safety::is_loopback_host;
 use super::{ConfigError, Table, LISTEN_HINT};
 
 const PUBLIC_URL_HINT: &str =
@@ -130,14 +131,6 @@ fn return_to_prefix(t: &Table<'_>, i: usize, raw: &str) -> Result<String, Config
             .with_hint("use https"));
     }
     Ok(text)
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

@@ -19,6 +19,13 @@ pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
     /// The whole content of the file at `path`.
     fn read_file(&self, path: &Path) -> io::Result<String>;
+    /// The permission bits of the file at `path` when tokenproxy's own user
+    /// owns it; `None` for another user's file (as ssh, which checks only its
+    /// user's keys: a Kubernetes secret is root's, shared with the pod's group)
+    /// and where there are no unix modes.
+    fn owned_file_mode(&self, path: &Path) -> io::Result<Option<u32>>;
+    /// `Ok` when `dir` is a directory tokenproxy may create files in.
+    fn check_dir_writable(&self, dir: &Path) -> io::Result<()>;
 }
 
 /// The real process environment and file system.
@@ -33,6 +40,36 @@ impl Env for SystemEnv {
     fn read_file(&self, path: &Path) -> io::Result<String> {
         std::fs::read_to_string(path)
     }
+
+    #[cfg(unix)]
+    fn owned_file_mode(&self, path: &Path) -> io::Result<Option<u32>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        let mine = meta.uid() == rustix::process::geteuid().as_raw();
+        Ok(mine.then_some(meta.mode() & 0o7777))
+    }
+
+    #[cfg(not(unix))]
+    fn owned_file_mode(&self, _path: &Path) -> io::Result<Option<u32>> {
+        Ok(None)
+    }
+
+    fn check_dir_writable(&self, dir: &Path) -> io::Result<()> {
+        let meta = std::fs::metadata(dir)?;
+        if !meta.is_dir() {
+            return Err(io::Error::other("not a directory"));
+        }
+        #[cfg(unix)]
+        {
+            use rustix::fs::Access;
+            rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK)?;
+        }
+        #[cfg(not(unix))]
+        if meta.permissions().readonly() {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only"));
+        }
+        Ok(())
+    }
 }
 
 /// An in-memory environment for tests: `MapEnv::new().var("A", "b").file("/x", "y")`.
@@ -43,6 +80,8 @@ impl Env for SystemEnv {
 pub struct MapEnv {
     vars: HashMap<String, String>,
     files: HashMap<PathBuf, String>,
+    modes: HashMap<PathBuf, u32>,
+    unwritable_dirs: HashMap<PathBuf, io::ErrorKind>,
 }
 
 impl MapEnv {
@@ -62,6 +101,18 @@ impl MapEnv {
         self.files.insert(path.into(), content.into());
         self
     }
+
+    /// Gives the file at `path` permission bits `mode` (files are 0600 otherwise).
+    pub fn mode(mut self, path: impl Into<PathBuf>, mode: u32) -> Self {
+        self.modes.insert(path.into(), mode);
+        self
+    }
+
+    /// Makes `dir` fail [`Env::check_dir_writable`] with `kind` (directories are writable otherwise).
+    pub fn unwritable_dir(mut self, dir: impl Into<PathBuf>, kind: io::ErrorKind) -> Self {
+        self.unwritable_dirs.insert(dir.into(), kind);
+        self
+    }
 }
 
 impl Env for MapEnv {
@@ -74,6 +125,17 @@ impl Env for MapEnv {
             .get(path)
             .cloned()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file or directory"))
+    }
+
+    fn owned_file_mode(&self, path: &Path) -> io::Result<Option<u32>> {
+        Ok(Some(self.modes.get(path).copied().unwrap_or(0o600)))
+    }
+
+    fn check_dir_writable(&self, dir: &Path) -> io::Result<()> {
+        match self.unwritable_dirs.get(dir) {
+            Some(kind) => Err(io::Error::from(*kind)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -143,6 +205,7 @@ impl<'a> Expander<'a> {
                     )
                     .with_hint("check that the secret is mounted and readable by tokenproxy")
                 })?;
+                self.check_private(&file_key, &path)?;
                 let value = content.trim_end_matches(['\r', '\n']);
                 if value.is_empty() {
                     return Err(
@@ -174,6 +237,76 @@ impl<'a> Expander<'a> {
         Ok((path, content))
     }
 
+    /// Like [`Expander::read`], for a file holding a secret or private key: it
+    /// must not be open to group or others.
+    pub(super) fn read_secret(
+        &self,
+        key: &str,
+        raw_path: &str,
+    ) -> Result<(PathBuf, String), ConfigError> {
+        let (path, content) = self.read(key, raw_path)?;
+        self.check_private(key, &path)?;
+        Ok((path, content))
+    }
+
+    /// Refuses, as ssh does for private keys, a secret file of tokenproxy's
+    /// user that its group or others may read or write.
+    fn check_private(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        let mode = self.env.owned_file_mode(path).map_err(|e| {
+            ConfigError::new(
+                key,
+                format!("cannot read {}: {}", path.display(), io_text(&e)),
+            )
+        })?;
+        match mode {
+            Some(mode) if mode & 0o077 != 0 => Err(ConfigError::new(
+                key,
+                format!(
+                    "{} is open to group or others (mode {:04o}): anyone who can read it holds the secret",
+                    path.display(),
+                    mode & 0o7777
+                ),
+            )
+            .with_hint(format!(
+                "chmod 600 {}; for a Kubernetes secret volume set defaultMode: 0400",
+                path.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The directory of the store file at `path` exists and tokenproxy may
+    /// create files there (the database and its lock live beside each other):
+    /// `check` says so rather than `run` failing at start.
+    pub(super) fn check_store_dir(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        self.env.check_dir_writable(dir).map_err(|e| {
+            let (problem, hint) = if e.kind() == io::ErrorKind::NotFound {
+                (
+                    format!("directory {} does not exist", dir.display()),
+                    format!(
+                        "create it (mkdir -p {}), or mount a persistent volume there",
+                        dir.display()
+                    ),
+                )
+            } else {
+                (
+                    format!(
+                        "directory {} is not writable: {}",
+                        dir.display(),
+                        io_text(&e)
+                    ),
+                    "let tokenproxy's user write to it, or choose a path on a writable volume"
+                        .to_owned(),
+                )
+            };
+            ConfigError::new(key, problem).with_hint(hint)
+        })
+    }
+
     /// `text` as a path, relative ones resolved against the config file's directory.
     pub(super) fn resolve_path(&self, text: &str) -> PathBuf {
         self.path(text)
@@ -188,7 +321,8 @@ impl<'a> Expander<'a> {
     }
 }
 
-/// Replaces `${VAR}` from `env` and `$$` with `$`; a lone `$` stays as it is.
+/// Replaces `${VAR}` from `env` and `$$` with `$`; a `$` before anything but a
+/// name or `{` stays as it is, and `$NAME` without braces is an error.
 ///
 /// With `secret` set, error messages do not quote the text around the
 /// reference, which may be part of the secret.
@@ -226,6 +360,25 @@ fn expand(raw: &str, key: &str, env: &dyn Env, secret: bool) -> Result<String, C
             })?;
             out.push_str(&value);
             rest = &tail[end + 1..];
+        } else if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            // `$NAME` is the shell's spelling; taken literally it fails much later
+            // (an `invalid_client` from the provider), so it is refused here.
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            let name = &after[..end];
+            let (problem, hint) = if secret {
+                (
+                    "contains $ followed by a name, which is not expanded".to_owned(),
+                    HINT.to_owned(),
+                )
+            } else {
+                (
+                    format!("${name} is not expanded"),
+                    format!("write it like ${{{name}}} for an environment variable, or $${name} for a literal $"),
+                )
+            };
+            return Err(ConfigError::new(key, problem).with_hint(hint));
         } else {
             out.push('$');
             rest = after;
@@ -257,7 +410,8 @@ mod tests {
         let x = |s: &str| expand(s, "k", &e, false);
         assert_eq!(x("${A}/${A}").ok().as_deref(), Some("alpha/alpha"));
         assert_eq!(x("$${A}").ok().as_deref(), Some("${A}"));
-        assert_eq!(x("a$b $").ok().as_deref(), Some("a$b $"));
+        assert_eq!(x("a$1 $-$").ok().as_deref(), Some("a$1 $-$"));
+        assert_eq!(x("a$$b").ok().as_deref(), Some("a$b"));
         assert_eq!(x("x${EMPTY}y").ok().as_deref(), Some("xy"));
         assert_eq!(x("").ok().as_deref(), Some(""));
     }
@@ -277,6 +431,51 @@ mod tests {
             !err.to_string().contains("a b"),
             "secret text must not be echoed: {err}"
         );
+    }
+
+    #[test]
+    fn a_name_after_a_dollar_without_braces_asks_for_braces() {
+        let e = env();
+        let err = expand("$PAY_CLIENT_ID", "clients.a.token.client_id", &e, false).unwrap_err();
+        assert_eq!(err.key(), "clients.a.token.client_id");
+        assert!(
+            err.problem().contains("$PAY_CLIENT_ID is not expanded"),
+            "{err}"
+        );
+        assert!(
+            err.hint()
+                .is_some_and(|h| h.contains("write it like ${PAY_CLIENT_ID}")),
+            "the hint should show the braced form: {err}"
+        );
+        let err = expand("pw$sEcReT", "k", &e, true).unwrap_err();
+        assert!(
+            !err.to_string().contains("sEcReT"),
+            "secret text must not be echoed: {err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_system_reports_the_mode_of_own_files_and_unwritable_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tokenproxy-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("secret");
+        std::fs::write(&file, "s").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mode = SystemEnv.owned_file_mode(&file).expect("stat");
+        assert_eq!(mode, Some(0o644), "a file of ours reports its mode");
+        assert!(
+            SystemEnv.check_dir_writable(&dir).is_ok(),
+            "our temp dir is writable"
+        );
+        let missing = SystemEnv.check_dir_writable(&dir.join("missing"));
+        assert_eq!(missing.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        assert!(
+            SystemEnv.check_dir_writable(&file).is_err(),
+            "a file is not a directory to write in"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

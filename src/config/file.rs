@@ -117,6 +117,7 @@ pub(super) struct RawClient {
     pub(super) proxy: Option<String>,
     pub(super) authorize: Option<super::authorize::RawAuthorize>,
     pub(super) subjects: Option<RawSubjects>,
+    pub(super) allow_insecure: Option<Vec<String>>,
 }
 
 /// `[connect]`.

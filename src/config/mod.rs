@@ -15,6 +15,7 @@ mod egress;
 mod env;
 mod error;
 mod file;
+mod safety;
 mod store;
 mod subjects;
 mod summary;
@@ -27,6 +28,7 @@ pub use connect::ConnectConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::ConfigError;
+pub use safety::Insecure;
 pub use store::{
     FileStoreConfig, NodeAddr, RedisStoreConfig, RedisTopology, SentinelConfig, StoreConfig,
     StoreKey,
@@ -265,6 +267,8 @@ pub struct ClientConfig {
     pub authorize: Option<AuthorizeConfig>,
     /// `[clients.NAME.subjects]`: one token pair per merchant, customer or user.
     pub subjects: Option<SubjectsConfig>,
+    /// `allow_insecure`: the refusals this client knowingly waives.
+    pub allow_insecure: Vec<Insecure>,
 }
 
 /// An upstream `scheme://host[:port][/base-path]`, without query, fragment or userinfo.

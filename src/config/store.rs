@@ -256,8 +256,10 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
                 "set path to a file on a persistent volume, e.g. \"/var/lib/tokenproxy/tokens.json\"",
             )?;
             let key = parse_key(key)?;
+            let path = t.x.resolve_path(&path);
+            t.x.check_store_dir(&t.key("path"), &path)?;
             Ok(StoreConfig::File(FileStoreConfig {
-                path: t.x.resolve_path(&path),
+                path,
                 key,
                 previous_keys,
             }))
@@ -546,7 +548,7 @@ fn previous_keys(
     }
     for (i, raw_path) in files.unwrap_or_default().into_iter().enumerate() {
         let name = format!("previous_key_files[{i}]");
-        let (path, text) = t.x.read(&t.key(&name), &raw_path)?;
+        let (path, text) = t.x.read_secret(&t.key(&name), &raw_path)?;
         let key = StoreKey::from_base64(&text).map_err(|problem| {
             t.err(&name, format!("{}: {problem}", path.display()))
                 .with_hint(KEY_HINT)

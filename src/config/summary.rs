@@ -120,6 +120,10 @@ impl ClientConfig {
             "replay_non_idempotent",
             self.replay_non_idempotent.to_string(),
         )?;
+        if !self.allow_insecure.is_empty() {
+            let waived: Vec<&str> = self.allow_insecure.iter().map(|v| v.as_str()).collect();
+            row(out, "allow_insecure", format!("[{}]", waived.join(", ")))?;
+        }
         row(out, "token.url", crate::secret::display_url(&t.url))?;
         row(out, "token.grant", t.grant.as_str())?;
         if let Grant::Password { username, password } = &t.grant {

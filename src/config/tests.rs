@@ -895,3 +895,262 @@ session_ttl = "1s""#,
     assert_eq!(connect.session_ttl, Duration::from_secs(1));
     assert!(connect.allows_return_to("http://localhost:3000/connected?x=1"));
 }
+
+#[test]
+fn cleartext_token_urls_to_a_remote_host_are_refused_unless_allowed() {
+    let cases = [
+        (
+            MIN.replace(
+                "url = \"https://api.pay.example/oauth2/token\"",
+                "url = \"http://auth.pay.example/oauth2/token?key=k\"",
+            ),
+            "clients.payments.token.url",
+        ),
+        (
+            MIN.replace(
+                "grant = \"client_credentials\"",
+                "grant = \"client_credentials\"\nrefresh_url = \"http://10.1.2.3/refresh\"",
+            ),
+            "clients.payments.token.refresh_url",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = fail(&text);
+        assert_error(&err, key, "plain http to a host that is not loopback");
+        assert!(
+            err.hint()
+                .is_some_and(|h| h.contains("cleartext_token_url")),
+            "the hint should name the allow value: {err}"
+        );
+        assert!(
+            !err.to_string().contains("key=k"),
+            "the query must not be echoed: {err}"
+        );
+        let allowed = text.replace(
+            "[clients.payments.token]",
+            "allow_insecure = [\"cleartext_token_url\"]\n\n[clients.payments.token]",
+        );
+        let c = parse(&allowed);
+        assert_eq!(c.clients[0].allow_insecure, [Insecure::CleartextTokenUrl]);
+        assert!(
+            c.summary().contains("[cleartext_token_url]"),
+            "check's summary should show the waiver: {}",
+            c.summary()
+        );
+    }
+    for host in ["127.0.0.1:9000", "localhost", "[::1]:8443"] {
+        parse(&MIN.replace(
+            "https://api.pay.example/oauth2/token",
+            &format!("http://{host}/oauth2/token"),
+        ));
+    }
+}
+
+#[test]
+fn cleartext_upstream_to_a_remote_host_is_refused_unless_allowed() {
+    let text = MIN.replace(
+        "upstream = \"https://api.pay.example\"",
+        "upstream = \"http://api.pay.example\"",
+    );
+    let err = fail(&text);
+    assert_error(&err, "clients.payments.upstream", "every bearer token");
+    assert!(
+        err.hint().is_some_and(|h| h.contains("cleartext_upstream")),
+        "the hint should name the allow value: {err}"
+    );
+    parse(&text.replace(
+        "[clients.payments.token]",
+        "allow_insecure = [\"cleartext_upstream\"]\n\n[clients.payments.token]",
+    ));
+    parse(&MIN.replace("https://api.pay.example\"", "http://127.0.0.1:8000\""));
+}
+
+#[test]
+fn a_client_listening_beyond_loopback_is_refused_unless_allowed() {
+    for addr in ["0.0.0.0:18080", "[::]:18080", "192.0.2.10:18080"] {
+        let text = MIN.replace("127.0.0.1:8080", addr);
+        let err = fail(&text);
+        assert_error(
+            &err,
+            "clients.payments.listen",
+            "can spend this client's credential",
+        );
+        assert!(
+            err.hint().is_some_and(|h| h.contains("public_listen")),
+            "the hint should name the allow value: {err}"
+        );
+        parse(&text.replace(
+            "[clients.payments.token]",
+            "allow_insecure = [\"public_listen\"]\n\n[clients.payments.token]",
+        ));
+    }
+    parse(&MIN.replace("127.0.0.1:8080", "[::1]:8080"));
+}
+
+#[test]
+fn allow_insecure_accepts_only_the_known_values() {
+    let err = fail(&MIN.replace(
+        "[clients.payments.token]",
+        "allow_insecure = [\"public_listen\", \"everything\"]\n\n[clients.payments.token]",
+    ));
+    assert_error(
+        &err,
+        "clients.payments.allow_insecure",
+        "\"everything\" is not an accepted value",
+    );
+    for value in ["cleartext_token_url", "cleartext_upstream", "public_listen"] {
+        assert!(
+            err.hint().is_some_and(|h| h.contains(value)),
+            "the hint should list {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_log_level_that_is_no_level_or_filter_is_refused() {
+    let with_level = |level: &str| format!("[log]\nlevel = \"{level}\"\n{MIN}");
+    for bad in ["verbose", "info,verbose", "info,tokenproxy=loud"] {
+        let err = fail(&with_level(bad));
+        assert_error(&err, "log.level", "not");
+        assert!(
+            err.hint().is_some_and(|h| h.contains("tokenproxy=debug")),
+            "the hint should show a filter: {err}"
+        );
+    }
+    let err = fail(&with_level("verbose"));
+    assert!(
+        err.problem().contains("nothing would be logged"),
+        "the problem should say what the level would do: {err}"
+    );
+    for good in [
+        "debug",
+        "WARN",
+        "info,tokenproxy=debug",
+        "off",
+        "info,hyper[conn]=trace",
+    ] {
+        assert_eq!(parse(&with_level(good)).log.level, good);
+    }
+}
+
+#[test]
+fn a_zero_refresh_margin_is_refused() {
+    let err = fail(&format!("{MIN}refresh_before = \"0s\"\n"));
+    assert_error(&err, "clients.payments.token.refresh_before", "is zero");
+    assert!(
+        err.hint().is_some_and(|h| h.contains("remove it")),
+        "the hint should offer the default: {err}"
+    );
+    let c = parse(&format!("{MIN}refresh_before = \"1s\"\n"));
+    assert_eq!(
+        c.clients[0].token.refresh_before,
+        Some(Duration::from_secs(1))
+    );
+}
+
+#[test]
+fn client_auth_that_sends_a_secret_needs_one() {
+    let without = MIN.replace("client_secret = \"${PAY_CLIENT_SECRET}\"\n", "");
+    for auth in ["basic", "body", "both"] {
+        let err = fail(&format!("{without}client_auth = \"{auth}\"\n"));
+        assert_error(
+            &err,
+            "clients.payments.token.client_secret",
+            &format!("is required when client_auth = \"{auth}\""),
+        );
+        assert!(
+            err.hint()
+                .is_some_and(|h| h.contains("client_auth = \"none\"")),
+            "the hint should offer client_auth = \"none\": {err}"
+        );
+    }
+    // The default client_auth is basic.
+    assert_error(
+        &fail(&without),
+        "clients.payments.token.client_secret",
+        "is required",
+    );
+    let c = parse(&format!("{without}client_auth = \"none\"\n"));
+    assert_eq!(c.clients[0].token.client_auth, ClientAuth::None);
+}
+
+#[test]
+fn a_variable_without_braces_is_refused_with_the_braced_form() {
+    let err = fail(&MIN.replace("\"id-123\"", "\"$PAY_CLIENT_ID\""));
+    assert_error(
+        &err,
+        "clients.payments.token.client_id",
+        "write it like ${PAY_CLIENT_ID}",
+    );
+    let c = parse(&MIN.replace("\"id-123\"", "\"id$$123\""));
+    assert_eq!(c.clients[0].token.client_id.as_deref(), Some("id$123"));
+}
+
+#[test]
+fn secret_files_open_to_group_or_others_are_refused() {
+    let text = MIN.replace(
+        "client_secret = \"${PAY_CLIENT_SECRET}\"",
+        "client_secret_file = \"/run/secrets/wallet\"",
+    );
+    let admin = format!("[admin]\napi_key_file = \"/run/secrets/wallet\"\n{MIN}");
+    let cases = [
+        (&text, "clients.payments.token.client_secret_file"),
+        (&admin, "admin.api_key_file"),
+    ];
+    for (text, key) in cases {
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            let e = env().mode("/run/secrets/wallet", mode);
+            let err = match from_str(text, Some(Path::new("tokenproxy.toml")), &e) {
+                Ok(_) => panic!("a secret file with mode {mode:o} should be refused"),
+                Err(err) => err,
+            };
+            assert_error(&err, key, "/run/secrets/wallet is open to group or others");
+            let hint = err.hint().unwrap_or("");
+            assert!(
+                hint.contains("chmod 600 /run/secrets/wallet")
+                    && hint.contains("defaultMode: 0400"),
+                "the hint should say how to fix the mode: {err}"
+            );
+            assert!(!err.to_string().contains(FILE_SECRET), "{err}");
+        }
+        for mode in [0o600, 0o400] {
+            let e = env().mode("/run/secrets/wallet", mode);
+            if let Err(err) = from_str(text, Some(Path::new("tokenproxy.toml")), &e) {
+                panic!("mode {mode:o} is private and should pass: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_store_path_in_a_missing_or_unwritable_directory_is_refused() {
+    let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let text = format!(
+        "[store]\nkind = \"file\"\npath = \"/var/lib/tp/tokens.json\"\nkey = \"{key}\"\n{MIN}"
+    );
+    let cases = [
+        (
+            std::io::ErrorKind::NotFound,
+            "directory /var/lib/tp does not exist",
+            "mkdir -p /var/lib/tp",
+        ),
+        (
+            std::io::ErrorKind::PermissionDenied,
+            "directory /var/lib/tp is not writable",
+            "writable volume",
+        ),
+    ];
+    for (kind, problem, hint) in cases {
+        let e = env().unwritable_dir("/var/lib/tp", kind);
+        let err = match from_str(&text, Some(Path::new("tokenproxy.toml")), &e) {
+            Ok(_) => panic!("a store in a directory failing with {kind:?} should be refused"),
+            Err(err) => err,
+        };
+        assert_error(&err, "store.path", problem);
+        assert!(
+            err.hint().is_some_and(|h| h.contains(hint)),
+            "the hint should say {hint:?}: {err}"
+        );
+    }
+    parse(&text);
+}

@@ -174,7 +174,7 @@ pub(super) fn build_tls(raw: Option<RawTls>, t: &Table<'_>) -> Result<TlsConfig,
                 &cert,
                 "use the client certificate (and its chain) in PEM",
             )?;
-            let (key_path, key_pem) = t.x.read(&t.key("client_key_file"), &key)?;
+            let (key_path, key_pem) = t.x.read_secret(&t.key("client_key_file"), &key)?;
             if PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).is_err() {
                 return Err(t
                     .err(

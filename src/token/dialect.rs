@@ -206,7 +206,7 @@ mod tests {
 
     fn token_config(extra: &str) -> TokenConfig {
         let text = format!(
-            "[clients.c]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://api\"\n\
+            "[clients.c]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://api\"\n\
              [clients.c.token]\nurl = \"https://auth.example/token\"\nclient_id = \"id\"\n\
              client_secret = \"sec ret\"\n{extra}"
         );

@@ -158,6 +158,100 @@ fn every_config_error_class_names_its_key_and_exits_non_zero() {
     }
 }
 
+#[test]
+fn check_refuses_what_would_leak_a_credential_or_fail_later() {
+    let dir = crate::support::temp_dir("cli-refusals");
+    let open_secret = dir.join("open-secret");
+    std::fs::write(&open_secret, "s3cret-do-not-print\n").expect("secret file");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open_secret, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod 644");
+    }
+    let store_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "cleartext token url",
+            VALID.replace("https://api.pay.example/oauth2", "http://auth.pay.example/oauth2"),
+            "clients.payments.token.url",
+            "cleartext_token_url",
+        ),
+        (
+            "cleartext upstream",
+            VALID.replace("upstream = \"https://", "upstream = \"http://"),
+            "clients.payments.upstream",
+            "cleartext_upstream",
+        ),
+        (
+            "public listen",
+            VALID.replace("127.0.0.1:18080", "0.0.0.0:18080"),
+            "clients.payments.listen",
+            "public_listen",
+        ),
+        (
+            "secret file open to others",
+            VALID.replace(
+                "client_secret = \"${PAY_SECRET}\"",
+                &format!("client_secret_file = \"{}\"", open_secret.display()),
+            ),
+            "clients.payments.token.client_secret_file",
+            "chmod 600",
+        ),
+        (
+            "log level",
+            format!("[log]\nlevel = \"verbose\"\n{VALID}"),
+            "log.level",
+            "nothing would be logged",
+        ),
+        (
+            "variable without braces",
+            VALID.replace("client_id = \"id\"", "client_id = \"$PAY_CLIENT_ID\""),
+            "clients.payments.token.client_id",
+            "write it like ${PAY_CLIENT_ID}",
+        ),
+        (
+            "store in a missing directory",
+            format!(
+                "[store]\nkind = \"file\"\npath = \"{}/missing/tokens.json\"\nkey = \"{store_key}\"\n{VALID}",
+                dir.display()
+            ),
+            "store.path",
+            "does not exist",
+        ),
+        (
+            "client_auth without a secret",
+            VALID.replace("client_secret = \"${PAY_SECRET}\"", ""),
+            "clients.payments.token.client_secret",
+            "is required when client_auth = \"basic\"",
+        ),
+        (
+            "zero refresh margin",
+            format!("{VALID}refresh_before = \"0s\"\n"),
+            "clients.payments.token.refresh_before",
+            "is zero",
+        ),
+    ];
+    for (what, text, key, needle) in cases {
+        let path = temp_config("refused.toml", &text);
+        let out = tokenproxy(
+            &["check", "--config", path.to_str().expect("utf8")],
+            &[("PAY_SECRET", "s3cret-do-not-print")],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: check must refuse it");
+        assert!(
+            stderr.contains(&format!("{key}: ")) && stderr.contains(needle),
+            "{what}: the error names {key} and says {needle:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("s3cret-do-not-print"),
+            "{what}: no secret in errors: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Security review (low): `default_lifetime = "10000y"` passed `check` and then
 /// panicked the refresher; an absurd duration is refused, naming its key.
 #[test]

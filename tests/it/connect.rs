@@ -57,7 +57,7 @@ async fn market(session_ttl: &str) -> Market {
     let api = MockApi::start(provider.validator()).await.expect("api");
     let dir = support::temp_dir("connect");
     let key_file = dir.join("admin-key");
-    std::fs::write(&key_file, format!("{ADMIN_KEY}\n")).expect("key file");
+    support::write_secret(&key_file, format!("{ADMIN_KEY}\n"));
     let return_to = format!("{}/connected/", api.url());
     let tail = format!(
         r#"

@@ -214,7 +214,7 @@ async fn sighup_applies_a_good_config_and_rejects_a_bad_one_while_serving() {
             provider.token_url()
         )
     };
-    std::fs::write(dir.join("secret.txt"), "demo-secret\n").expect("secret file");
+    support::write_secret(&dir.join("secret.txt"), "demo-secret\n");
     let head = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
     std::fs::write(&config, format!("{head}{}", client("one", listen))).expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))

@@ -394,6 +394,18 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Writes a secret file readable by its owner only, as tokenproxy requires of
+/// `*_file` secrets.
+pub fn write_secret(path: &std::path::Path, content: impl AsRef<[u8]>) {
+    std::fs::write(path, content).expect("write secret file");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 600 secret file");
+    }
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (for configs of child processes).
 ///
 /// The listener is dropped, so the OS may offer the same port to the next bind:
