@@ -192,21 +192,26 @@ impl TokenHandle {
         if !invalid_token && !old {
             return Unauthorized::Kept("the token is too new to be the cause");
         }
-        {
+        let previous = {
+            // The rate limit and the mark that this generation is being replaced
+            // change together: a request that sees the limit set also sees the
+            // mark, and waits for the new token instead of passing its 401 on.
             let mut next = self
                 .shared
                 .next_unauthorized_refresh
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            if self.shared.rejected.load(Ordering::Acquire) >= token.generation {
+                return Unauthorized::Refreshing;
+            }
             if next.is_some_and(|at| now < at) {
                 return Unauthorized::Kept("a token was refreshed after a 401 moments ago");
             }
             *next = Some(now + UNAUTHORIZED_REFRESH_INTERVAL);
-        }
-        let previous = self
-            .shared
-            .rejected
-            .fetch_max(token.generation, Ordering::AcqRel);
+            self.shared
+                .rejected
+                .fetch_max(token.generation, Ordering::AcqRel)
+        };
         if previous < token.generation {
             // A full queue means the refresher already has work pending, which will
             // publish a new token: nothing is lost by dropping this message.
