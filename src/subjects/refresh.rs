@@ -11,19 +11,15 @@ use tracing::{debug, error, info, warn};
 use super::{FlightResult, Inner, SubjectError};
 use crate::metrics::{Outcome, Trigger};
 use crate::secret::Secret;
-use crate::store::{Saved, SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, TokenState};
+use crate::store::{
+    to_ms, Saved, SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, TokenState,
+};
 use crate::token::{GrantKind, Token, TokenError};
 
 /// How often a replica waiting for another one's refresh looks at the store.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
 /// A store that cannot be read: ask again after this long.
 const STORE_RETRY: Duration = Duration::from_secs(1);
-
-fn ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Removes the flight when the task ends, however it ends.
 struct FlightGuard {
@@ -200,7 +196,7 @@ impl Inner {
             }
             Trigger::Proactive => fresh,
             Trigger::Unauthorized => rejected.is_some_and(|g| record.generation > g),
-            Trigger::Sweep => fresh && record.meta.due_at_ms.is_none_or(|d| d > ms(wall_now)),
+            Trigger::Sweep => fresh && record.meta.due_at_ms.is_none_or(|d| d > to_ms(wall_now)),
         };
         if !take {
             return None;
@@ -409,10 +405,10 @@ impl Inner {
         let refresh_expires_at = refresh_lifetime.map(|l| wall_now + l);
         let meta = SubjectMeta {
             status: SubjectStatus::Valid,
-            connected_at_ms: ms(connected_at.unwrap_or(wall_now)),
-            access_expires_at_ms: access_expires_at.map(ms),
-            refresh_expires_at_ms: refresh_expires_at.map(ms),
-            last_refresh_at_ms: Some(ms(wall_now)),
+            connected_at_ms: to_ms(connected_at.unwrap_or(wall_now)),
+            access_expires_at_ms: access_expires_at.map(to_ms),
+            refresh_expires_at_ms: refresh_expires_at.map(to_ms),
+            last_refresh_at_ms: Some(to_ms(wall_now)),
             last_outcome: Some("success".to_owned()),
             reason: None,
             due_at_ms: self.due_at(wall_now, refresh_lifetime),
@@ -440,7 +436,7 @@ impl Inner {
             refresh_lifetime.map(|l| l.saturating_sub((l / 10).min(Duration::from_secs(86_400))));
         let span = [by_age, by_expiry].into_iter().flatten().min()?;
         let jitter = span.mul_f64(0.05 * fastrand::f64());
-        Some(ms(now + span.saturating_sub(jitter)))
+        Some(to_ms(now + span.saturating_sub(jitter)))
     }
 
     /// Writes records the store did not take when they were made.
