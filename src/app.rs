@@ -250,6 +250,7 @@ fn start_on(
     http.get(
         &crate::config::TlsConfig::default(),
         &crate::config::EgressProxy::default(),
+        false,
     )?;
     let draining = Arc::new(AtomicBool::new(false));
     let admin_addr = listeners
@@ -625,8 +626,8 @@ impl Running {
     /// The fallible part of adding a client: its HTTP clients (TLS roots, keys).
     fn prepare_client(&mut self, client: &ClientConfig) -> Result<PreparedClient, StartError> {
         Ok(PreparedClient {
-            upstream_http: self.http.get(&client.tls, &client.proxy)?,
-            token_http: self.http.get(&client.token.tls, &client.proxy)?,
+            upstream_http: self.http.get(&client.tls, &client.proxy, client.http2)?,
+            token_http: self.http.get(&client.token.tls, &client.proxy, false)?,
         })
     }
 
@@ -705,9 +706,12 @@ impl Running {
     /// Drops cached HTTP clients (TLS configurations) no client uses any more.
     fn forget_unused_http_clients(&mut self) {
         let clients = &self.clients;
-        self.http.retain(|tls, proxy| {
+        self.http.retain(|tls, proxy, http2_only| {
             clients.values().any(|e| {
-                &e.config.proxy == proxy && (&e.config.tls == tls || &e.config.token.tls == tls)
+                let c = &e.config;
+                &c.proxy == proxy
+                    && ((&c.tls == tls && c.http2 == http2_only)
+                        || (&c.token.tls == tls && !http2_only))
             })
         });
     }
@@ -736,7 +740,7 @@ impl Running {
         // Host and origin are checked before routing, so a refused request
         // never reaches a client's upstream with its token.
         let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
-            let refused = accepting.load().check(req.headers()).err();
+            let refused = accepting.load().check_request(&req).err();
             let routes = serving.load_full();
             async move {
                 match refused {

@@ -143,9 +143,120 @@ impl ProxyError {
     }
 }
 
+/// Whether `headers` are those of a gRPC call (`content-type: application/grpc...`).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `grpc-status` and `grpc-message`, the status of a gRPC call.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+impl ProxyError {
+    /// The gRPC status code a gRPC client understands for this failure.
+    pub fn grpc_status(&self) -> u16 {
+        // https://grpc.github.io/grpc/core/md_doc_statuscodes.html
+        const INVALID_ARGUMENT: u16 = 3;
+        const DEADLINE_EXCEEDED: u16 = 4;
+        const NOT_FOUND: u16 = 5;
+        const PERMISSION_DENIED: u16 = 7;
+        const UNIMPLEMENTED: u16 = 12;
+        const UNAVAILABLE: u16 = 14;
+        const UNAUTHENTICATED: u16 = 16;
+        match self {
+            ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable { .. } => {
+                UNAVAILABLE
+            }
+            ProxyError::UpstreamTimeout { .. } | ProxyError::BodyTimeout(_) => DEADLINE_EXCEEDED,
+            ProxyError::NoRoute { .. } | ProxyError::MethodNotAllowed(_) => UNIMPLEMENTED,
+            ProxyError::BadRequest(_)
+            | ProxyError::SubjectRequired { .. }
+            | ProxyError::BadSubject(_) => INVALID_ARGUMENT,
+            ProxyError::MisdirectedHost(_) | ProxyError::CrossSite(_) => PERMISSION_DENIED,
+            ProxyError::SubjectUnknown(_) => NOT_FOUND,
+            ProxyError::NeedsAuthorization { .. } => UNAUTHENTICATED,
+        }
+    }
+
+    /// The answer to a gRPC call: HTTP 200 with no body and the status in the
+    /// headers (gRPC's "trailers-only" response), `grpc-message` starting with the
+    /// contract code (`token_unavailable: ...`), and `x-tokenproxy-error` as on
+    /// every other answer of the sidecar.
+    pub fn into_grpc_response(self, client: Option<&str>) -> Response<Body> {
+        let mut message = format!("{}: {self}", self.code());
+        if let Some(client) = client {
+            message.push_str(" (client ");
+            message.push_str(client);
+            message.push(')');
+        }
+        let mut response = Response::new(crate::http::body::empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(GRPC_STATUS.clone(), HeaderValue::from(self.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&message)) {
+            headers.insert(GRPC_MESSAGE.clone(), v);
+        }
+        headers.insert(ERROR_HEADER.clone(), HeaderValue::from_static(self.code()));
+        if let ProxyError::TokenUnavailable { retry_after, .. } = &self {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+        }
+        response
+    }
+
+    /// The answer in the form the request expects: gRPC status for a gRPC call,
+    /// the JSON error otherwise.
+    pub fn into_response_for(self, grpc: bool, client: Option<&str>) -> Response<Body> {
+        if grpc {
+            self.into_grpc_response(client)
+        } else {
+            self.into_response(client)
+        }
+    }
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII but `%` as is,
+/// everything else as `%XX` of its UTF-8 bytes.
+fn grpc_percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grpc_call_gets_its_failure_as_a_grpc_status_with_the_code_in_the_message() {
+        let e = ProxyError::TokenUnavailable {
+            reason: "provider down: 100%".into(),
+            retry_after: Duration::from_secs(3),
+        };
+        let r = e.into_grpc_response(Some("pay"));
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "gRPC carries its status in grpc-status"
+        );
+        let h = r.headers();
+        assert_eq!(h["grpc-status"], "14", "token_unavailable is UNAVAILABLE");
+        let message = h["grpc-message"].to_str().expect("ascii");
+        assert!(
+            message.starts_with("token_unavailable: ") && message.contains("100%25"),
+            "the code leads, % is encoded: {message}"
+        );
+        assert_eq!(h["x-tokenproxy-error"], "token_unavailable");
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["retry-after"], "3");
+    }
 
     #[test]
     fn every_error_maps_to_its_contract_status_code_and_header() {

@@ -108,12 +108,26 @@ impl HostRule {
         self.check_same_origin(headers)
     }
 
+    /// [`HostRule::check`] for a whole request: an HTTP/2 request names its host
+    /// in the `:authority` of its URI, which is checked as `Host` would be.
+    pub fn check_request<B>(&self, req: &http::Request<B>) -> Result<(), ProxyError> {
+        if req.version() >= http::Version::HTTP_2 && !req.headers().contains_key(HOST) {
+            if let Some(authority) = req.uri().authority() {
+                self.check_authority(authority.as_str())?;
+            }
+        }
+        self.check(req.headers())
+    }
+
     /// The `Host` part of [`HostRule::check`] alone.
     pub fn check_host(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
         let Some(host) = headers.get(HOST) else {
             return Ok(());
         };
-        let text = host.to_str().unwrap_or("");
+        self.check_authority(host.to_str().unwrap_or(""))
+    }
+
+    fn check_authority(&self, text: &str) -> Result<(), ProxyError> {
         if self.accepts_host(text) {
             Ok(())
         } else {

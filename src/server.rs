@@ -1,6 +1,11 @@
 //! The accept loop shared by proxy and admin listeners: HTTP/1.1 with a
 //! header-read timeout (hyper's is off unless a timer is set), head size and
 //! header count limits, a connection cap, and graceful drain.
+//!
+//! The same port speaks HTTP/2 over cleartext to a client that opens with the
+//! HTTP/2 preface ("prior knowledge", as gRPC's insecure channels do), with the
+//! same limits where HTTP/2 has them: the header list size, streams per
+//! connection, flow-control windows and keep-alive pings.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,12 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
@@ -144,15 +149,16 @@ pub async fn serve<F, Fut>(
     F: Fn(Request<Incoming>, PeerAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         // hyper's header timer also runs while a keep-alive connection waits for
         // its next request, so it doubles as the idle timeout: use the smaller.
         .header_read_timeout(limits.header_read_timeout.min(limits.idle_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
+    let h2 = http2_builder(&limits);
+    let first_bytes_within = limits.header_read_timeout.min(limits.idle_timeout);
     let local = listener.local_addr().ok();
     let graceful = GracefulShutdown::new();
     loop {
@@ -180,12 +186,25 @@ pub async fn serve<F, Fut>(
         }
         let handler = handler.clone();
         let service = service_fn(move |req: Request<Incoming>| handler(req, PeerAddr(peer)));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
+        let (h1, h2, watcher) = (h1.clone(), h2.clone(), graceful.watcher());
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
+                let ended = match opening(&stream, first_bytes_within).await {
+                    Opening::Http1 => {
+                        let conn = h1.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn).await
+                    }
+                    Opening::Http2 => {
+                        let conn = h2.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn).await
+                    }
+                    Opening::Silent => {
+                        debug!("connection closed: no request within the header read timeout");
+                        Ok(())
+                    }
+                };
+                if let Err(e) = ended {
                     debug!(error = %e, "connection ended with an error");
                 }
                 drop(permit);
@@ -196,6 +215,69 @@ pub async fn serve<F, Fut>(
     drop(listener);
     debug!(listener = name, addr = ?local, open = graceful.count(), "listener closed; draining");
     graceful.shutdown().await;
+}
+
+/// The HTTP/2 side of a listener, bounded like the HTTP/1 side.
+fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_send_buf_size(HTTP2_STREAM_WINDOW as usize)
+        .keep_alive_interval(limits.http2_keepalive_interval)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
+    h2
+}
+
+/// Flow-control windows: what one stream, and one connection, may send before the
+/// sidecar has read it. Request bodies are read as they arrive (and buffered up to
+/// `retry_body_limit`), so these only bound what a stalled request holds.
+const HTTP2_STREAM_WINDOW: u32 = 256 * 1024;
+const HTTP2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// How long a keep-alive ping may go unanswered before the connection is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How a connection opened.
+#[derive(Debug, PartialEq, Eq)]
+enum Opening {
+    Http1,
+    Http2,
+    /// Nothing useful arrived in time (or the peer closed): the connection is dropped.
+    Silent,
+}
+
+/// Looks at the first bytes without taking them: the HTTP/2 preface, or anything
+/// else (HTTP/1). A peer that sends nothing within `within` is let go, as the
+/// HTTP/1 header timeout would.
+async fn opening(stream: &TcpStream, within: Duration) -> Opening {
+    let look = async {
+        let mut buf = [0u8; HTTP2_PREFACE.len()];
+        loop {
+            if stream.readable().await.is_err() {
+                return Opening::Silent;
+            }
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return Opening::Silent,
+                Ok(n) => n,
+            };
+            if buf[..n] != HTTP2_PREFACE[..n] {
+                return Opening::Http1;
+            }
+            if n == HTTP2_PREFACE.len() {
+                return Opening::Http2;
+            }
+            // A preface split across packets: wait for the rest of it.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(within, look)
+        .await
+        .unwrap_or(Opening::Silent)
 }
 
 #[cfg(test)]

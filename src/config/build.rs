@@ -143,6 +143,20 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
             d.max_buffered_bytes,
             0..=usize::MAX,
         )?,
+        http2_max_concurrent_streams: u32::try_from(t.count(
+            "http2_max_concurrent_streams",
+            raw.http2_max_concurrent_streams,
+            d.http2_max_concurrent_streams as usize,
+            1..=10_000,
+        )?)
+        .unwrap_or(d.http2_max_concurrent_streams),
+        http2_keepalive_interval: match raw.http2_keepalive_interval {
+            None => d.http2_keepalive_interval,
+            // "0s" turns the pings off.
+            raw => t
+                .opt_duration("http2_keepalive_interval", raw, true)?
+                .filter(|d| !d.is_zero()),
+        },
     })
 }
 
@@ -209,6 +223,7 @@ pub(super) fn build_client(
         unauthorized_status: statuses(&t, raw.unauthorized_status)?,
         idempotency_headers: header_names(&t, "idempotency_headers", raw.idempotency_headers)?,
         replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
+        http2: raw.http2.unwrap_or(false),
         token: build_token(
             raw_token,
             &Table::new(x, t.key("token")),

@@ -59,6 +59,8 @@ pub(super) struct RawLimits {
     pub(super) body_timeout: Option<Scalar>,
     pub(super) body_min_rate: Option<Scalar>,
     pub(super) max_buffered_bytes: Option<Scalar>,
+    pub(super) http2_max_concurrent_streams: Option<Scalar>,
+    pub(super) http2_keepalive_interval: Option<Scalar>,
 }
 
 /// `[runtime]`.
@@ -111,6 +113,7 @@ pub(super) struct RawClient {
     pub(super) unauthorized_status: Option<Vec<Scalar>>,
     pub(super) idempotency_headers: Option<Vec<String>>,
     pub(super) replay_non_idempotent: Option<bool>,
+    pub(super) http2: Option<bool>,
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,
     pub(super) tls: Option<super::tls::RawTls>,

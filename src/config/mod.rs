@@ -178,6 +178,11 @@ pub struct Limits {
     /// Replay buffers of all requests together, process-wide; beyond it a body
     /// streams once and is not replayable; default 64MiB.
     pub max_buffered_bytes: usize,
+    /// Requests in flight at once on one HTTP/2 connection, 1..=10000; default 100.
+    pub http2_max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection is pinged to find a dead peer (`None`: never);
+    /// default 30s.
+    pub http2_keepalive_interval: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -192,6 +197,8 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(10),
             body_min_rate: KIB,
             max_buffered_bytes: 64 * MIB,
+            http2_max_concurrent_streams: 100,
+            http2_keepalive_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -255,6 +262,10 @@ pub struct ClientConfig {
     /// Replay every buffered request after a 401, POST without an idempotency
     /// key included; default false.
     pub replay_non_idempotent: bool,
+    /// Speak HTTP/2 to the upstream: with prior knowledge to an `http://` one
+    /// (h2c, as gRPC servers expect), through ALPN only to an `https://` one;
+    /// default false (HTTP/1.1, or HTTP/2 when an `https://` upstream offers it).
+    pub http2: bool,
     /// `[clients.NAME.token]`.
     pub token: TokenConfig,
     /// `[clients.NAME.inject]`.

@@ -46,6 +46,15 @@ impl Config {
             format!("{}/s", size_text(l.body_min_rate)),
         )?;
         row(out, "max_buffered_bytes", size_text(l.max_buffered_bytes))?;
+        row(
+            out,
+            "http2_max_concurrent_streams",
+            l.http2_max_concurrent_streams,
+        )?;
+        match l.http2_keepalive_interval {
+            Some(d) => row(out, "http2_keepalive_interval", dur(d))?,
+            None => row(out, "http2_keepalive_interval", "off")?,
+        }
         writeln!(out, "runtime")?;
         match self.runtime.workers {
             Some(n) => row(out, "workers", n)?,
@@ -120,6 +129,9 @@ impl ClientConfig {
             "replay_non_idempotent",
             self.replay_non_idempotent.to_string(),
         )?;
+        if self.http2 {
+            row(out, "http2", "true")?;
+        }
         if !self.allow_insecure.is_empty() {
             let waived: Vec<&str> = self.allow_insecure.iter().map(|v| v.as_str()).collect();
             row(out, "allow_insecure", format!("[{}]", waived.join(", ")))?;

@@ -146,6 +146,16 @@ pub enum UpstreamError {
 
 /// Builds a pooled client with the given TLS and egress proxy settings.
 pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, UpstreamError> {
+    build(tls, proxy, false)
+}
+
+/// Builds a pooled client; with `http2_only`, every connection speaks HTTP/2
+/// (prior knowledge on `http://`, ALPN `h2` only on `https://`).
+fn build(
+    tls: &TlsConfig,
+    proxy: &EgressProxy,
+    http2_only: bool,
+) -> Result<HttpClient, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     if tls.system_roots {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -196,13 +206,25 @@ pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, 
         None => schemes,
     };
     let egress = egress(proxy);
-    let connector = schemes.enable_all_versions().wrap_connector(egress);
+    let connector = if http2_only {
+        schemes.enable_http2().wrap_connector(egress)
+    } else {
+        schemes.enable_all_versions().wrap_connector(egress)
+    };
 
-    Ok(Client::builder(TokioExecutor::new())
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector))
+        .http2_only(http2_only);
+    if http2_only {
+        // A dead upstream connection is found by a ping rather than by the next call.
+        builder
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(20));
+    }
+    Ok(builder.build(connector))
 }
 
 /// The TCP connector every client uses: direct, or through the egress proxy.
@@ -236,27 +258,34 @@ pub fn egress(proxy: &EgressProxy) -> Egress {
 /// Builds each distinct (TLS, proxy) setting's client once.
 #[derive(Default)]
 pub struct Clients {
-    built: Vec<((TlsConfig, EgressProxy), HttpClient)>,
+    built: Vec<(ClientKey, HttpClient)>,
 }
 
+/// What makes two clients different: TLS, egress proxy, HTTP/2 only.
+type ClientKey = (TlsConfig, EgressProxy, bool);
+
 impl Clients {
-    /// The client for `tls` and `proxy`, built on first use.
+    /// The client for `tls` and `proxy` (HTTP/2 only with `http2_only`), built on
+    /// first use.
     pub fn get(
         &mut self,
         tls: &TlsConfig,
         proxy: &EgressProxy,
+        http2_only: bool,
     ) -> Result<HttpClient, UpstreamError> {
-        if let Some((_, client)) = self.built.iter().find(|((t, p), _)| t == tls && p == proxy) {
+        let same = |(t, p, h): &ClientKey| t == tls && p == proxy && *h == http2_only;
+        if let Some((_, client)) = self.built.iter().find(|(key, _)| same(key)) {
             return Ok(client.clone());
         }
-        let client = build_client(tls, proxy)?;
+        let client = build(tls, proxy, http2_only)?;
         self.built
-            .push(((tls.clone(), proxy.clone()), client.clone()));
+            .push(((tls.clone(), proxy.clone(), http2_only), client.clone()));
         Ok(client)
     }
 
     /// Keeps only the clients for which `keep` holds (after a reload).
-    pub fn retain(&mut self, keep: impl Fn(&TlsConfig, &EgressProxy) -> bool) {
-        self.built.retain(|((tls, proxy), _)| keep(tls, proxy));
+    pub fn retain(&mut self, keep: impl Fn(&TlsConfig, &EgressProxy, bool) -> bool) {
+        self.built
+            .retain(|((tls, proxy, http2_only), _)| keep(tls, proxy, *http2_only));
     }
 }

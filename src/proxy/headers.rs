@@ -11,6 +11,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop headers, including every header `Connection` names.
+///
+/// `TE: trailers` stays: it says the client accepts trailers, which gRPC
+/// requires of every call and HTTP/2 allows as the only `TE`. `Trailer`, which
+/// announces trailer fields, is not hop-by-hop (RFC 9110 §7.6.1 does not list
+/// it) and stays too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Look at the (few) names present first: most messages carry no hop-by-hop header
     // but `Connection`, and each removal hashes its name even when it is absent.
@@ -39,8 +44,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         })
         .cloned()
         .collect();
+    let accepts_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| t.split(|b| *b == b';').next())
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
     for name in gone {
         headers.remove(name);
+    }
+    if accepts_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -55,7 +69,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-authenticate"
             | "proxy-authorization"
             | "te"
-            | "trailer"
             | "transfer-encoding"
             | "upgrade"
     )
@@ -276,7 +289,7 @@ mod tests {
             ("connection", "keep-alive, x-secret-hop"),
             ("keep-alive", "timeout=5"),
             ("x-secret-hop", "1"),
-            ("te", "trailers"),
+            ("te", "gzip"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("proxy-authorization", "Basic abc"),
@@ -306,7 +319,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
-        assert_eq!(left, vec!["content-type", "x-request-id"]);
+        assert_eq!(
+            left,
+            vec!["content-type", "te", "trailer", "x-request-id"],
+            "TE: trailers and Trailer are what trailers (and gRPC) need end to end"
+        );
+    }
+
+    #[test]
+    fn te_keeps_only_its_trailers_token() {
+        let mut h = map(&[("te", "gzip, Trailers;q=1"), ("connection", "te")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        let mut h = map(&[("te", "gzip, deflate")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none(), "a TE without trailers goes");
     }
 
     #[test]

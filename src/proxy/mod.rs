@@ -81,7 +81,8 @@ impl ClientRuntime {
         let authority = config.upstream.authority.clone();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("a parsed URI authority is a valid header value");
-        let pool = (config.upstream.scheme == Scheme::HTTP).then(|| {
+        // HTTP/2 upstreams multiplex on the shared client's connections.
+        let pool = (config.upstream.scheme == Scheme::HTTP && !config.http2).then(|| {
             let mut target = http::uri::Parts::default();
             target.scheme = Some(Scheme::HTTP);
             target.authority = Some(authority.clone());
@@ -150,16 +151,25 @@ fn says_invalid_token(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether a gRPC answer is a trailers-only UNAUTHENTICATED (16): the gRPC form
+/// of a 401.
+fn grpc_unauthenticated(headers: &HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"16")
+}
+
 /// Handles one request on a proxy listener; every failure becomes a response.
 pub async fn handle(
     req: Request<Incoming>,
     routes: Arc<ListenerRoutes>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let grpc = crate::error::is_grpc(req.headers());
     let (client, path_and_query) = match routes.route(&req) {
         Ok((client, pq)) => (Arc::clone(client), pq),
         Err(e) => {
-            let response = e.into_response(None);
+            let response = e.into_response_for(grpc, None);
             info!(
                 target: ACCESS_LOG,
                 method = %req.method(),
@@ -188,6 +198,7 @@ pub async fn handle(
         path_and_query,
         &request_id,
         &mut exchange,
+        grpc,
     )
     .await;
     // The access log's code comes from the error, never from a response header.
@@ -199,7 +210,7 @@ pub async fn handle(
             // to debug so that an outage does not write one warning per request.
             debug!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
             client.metrics.sidecar_error(e.code());
-            e.into_response(Some(&client.name))
+            e.into_response_for(grpc, Some(&client.name))
         }
     };
     let elapsed = started.elapsed();
@@ -275,6 +286,7 @@ async fn forward(
     path_and_query: PathAndQuery,
     request_id: &HeaderValue,
     exchange: &mut Exchange,
+    grpc: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     let mut uri = http::uri::Parts::default();
@@ -302,13 +314,20 @@ async fn forward(
         headers: parts.headers,
     };
 
-    let body = RequestBody::read(
-        Paced::new(incoming, client.pace),
-        client.retry_body_limit,
-        &client.budget,
-    )
-    .await
-    .map_err(|e| {
+    // A gRPC call's request may be a stream the client writes as the answers come
+    // (and may idle between messages): it is forwarded as it arrives, never held
+    // back to be buffered, and never paced. HTTP/2 flow control bounds what it holds.
+    let body = if grpc {
+        Ok(RequestBody::Streaming(body::incoming(incoming)))
+    } else {
+        RequestBody::read(
+            Paced::new(incoming, client.pace),
+            client.retry_body_limit,
+            &client.budget,
+        )
+        .await
+    };
+    let body = body.map_err(|e| {
         if body::is_body_timeout(e.as_ref()) {
             ProxyError::BodyTimeout(e.to_string())
         } else {
@@ -373,7 +392,9 @@ async fn forward(
             )
             .await?;
             exchange.upstream_status = Some(response.status().as_u16());
-            if client.is_unauthorized(response.status()) {
+            if client.is_unauthorized(response.status())
+                || (grpc && grpc_unauthenticated(response.headers()))
+            {
                 // Not sent again, but the next requests should not meet the same 401.
                 let _decision = on_unauthorized(
                     client,

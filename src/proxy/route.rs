@@ -53,7 +53,10 @@ impl ListenerRoutes {
             return Err(ProxyError::MethodNotAllowed(Method::TRACE));
         }
         let uri = req.uri();
-        if let Some(authority) = uri.authority() {
+        // An HTTP/2 request always names its `:authority` (the Host of HTTP/1, checked
+        // by the listener's host rule); only an HTTP/1 absolute form names a target.
+        let absolute_form = req.version() < http::Version::HTTP_2;
+        if let Some(authority) = uri.authority().filter(|_| absolute_form) {
             if !self.is_own_authority(authority)
                 && !self.routes.iter().any(|(_, c)| &c.authority == authority)
             {

@@ -16,6 +16,7 @@ mod forwarding;
 mod hostile_input;
 mod lifecycle;
 mod origin;
+mod protocols;
 mod provider_faults;
 mod reload;
 mod source_rules;

@@ -18,13 +18,13 @@ use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-struct Ca {
+pub(crate) struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -33,12 +33,12 @@ impl Ca {
         Ca { cert, key }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.cert.pem()
     }
 
     /// A leaf certificate for `names` (DNS names or IPs): (cert PEM, key PEM).
-    fn issue(&self, names: &[&str], client: bool) -> (String, String) {
+    pub(crate) fn issue(&self, names: &[&str], client: bool) -> (String, String) {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .expect("params");
@@ -61,6 +61,17 @@ async fn tls_front(
     cert_pem: &str,
     key_pem: &str,
     client_ca: Option<&str>,
+) -> SocketAddr {
+    tls_front_alpn(backend, cert_pem, key_pem, client_ca, &[b"http/1.1"]).await
+}
+
+/// [`tls_front`] offering `alpn` (e.g. `h2` in front of an HTTP/2 backend).
+pub(crate) async fn tls_front_alpn(
+    backend: SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca: Option<&str>,
+    alpn: &[&[u8]],
 ) -> SocketAddr {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -87,7 +98,7 @@ async fn tls_front(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(chain, key).expect("server config");
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
