@@ -462,3 +462,80 @@ async fn an_http2_request_naming_another_host_is_refused() {
     assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
     assert!(h.api.recorded().is_empty(), "nothing reached the API");
 }
+
+async fn h2_sender(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_refused_with_401_is_refreshed_and_replayed_like_http1() {
+    let h = harness(Options::default()).await;
+    wait_ready(&h).await;
+    h.api.reject_next(1);
+    let mut sender = h2_sender(h.proxy).await;
+    let req = Request::post(format!("http://{}/api/v1/payments", h.proxy))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "order-h2")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            br#"{"amount":100}"#,
+        )))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("a response");
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "the API's answer to the replay"
+    );
+    assert_eq!(
+        response
+            .headers()
+            .get("x-tokenproxy-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "one refresh and one replay, as over HTTP/1.1"
+    );
+    let recorded = h.api.recorded();
+    assert_eq!(recorded.len(), 2, "the refused request and its replay");
+    assert_eq!(
+        recorded[1].body,
+        &br#"{"amount":100}"#[..],
+        "the same body, sent again"
+    );
+    assert_eq!(recorded[1].token_serial, Some(2), "with the new token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_header_list_over_max_header_bytes_never_reaches_the_api() {
+    let h = harness(Options::default()).await;
+    wait_ready(&h).await;
+    let mut sender = h2_sender(h.proxy).await;
+    // The default limits.max_header_bytes is 32 KiB.
+    let req = Request::get(format!("http://{}/api/v1/payments", h.proxy))
+        .header("x-big", "a".repeat(40 * 1024))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    match sender.send_request(req).await {
+        Ok(response) => assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "an oversized header list is refused"
+        ),
+        Err(e) => assert!(!e.is_canceled(), "refused by a stream reset: {e}"),
+    }
+    assert!(h.api.recorded().is_empty(), "nothing reached the API");
+    // The connection (or a new one) still serves a normal request.
+    let mut sender = h2_sender(h.proxy).await;
+    let req = Request::get(format!("http://{}/api/v1/payments", h.proxy))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
+}
