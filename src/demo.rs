@@ -87,11 +87,11 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     .await?;
     let api = MockApi::start(provider.validator()).await?;
 
-    let proxy_listener = bind_or_any(options.listen).await?;
-    let admin_listener = bind_or_any(options.admin).await?;
-    let wallet_listener = bind_or_any(options.wallet_listen).await?;
-    let market_listener = bind_or_any(options.market_listen).await?;
-    let connect_listener = bind_or_any(options.connect_listen).await?;
+    let proxy_listener = bind_or_any("the sidecar", options.listen).await?;
+    let admin_listener = bind_or_any("the admin listener", options.admin).await?;
+    let wallet_listener = bind_or_any("the wallet client", options.wallet_listen).await?;
+    let market_listener = bind_or_any("the market client", options.market_listen).await?;
+    let connect_listener = bind_or_any("the connect listener", options.connect_listen).await?;
     let listen = proxy_listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let wallet = wallet_listener.local_addr()?;
@@ -101,7 +101,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let admin_key = Secret::new(crate::authorize::random_b64(24));
     let redirect_port = {
         // Probe the port `authorize` will listen on; the mock accepts any redirect URI.
-        let probe = bind_or_any(SocketAddr::from(([127, 0, 0, 1], options.redirect_port))).await?;
+        let wanted = SocketAddr::from(([127, 0, 0, 1], options.redirect_port));
+        let probe = bind_or_any("the authorize redirect", wanted).await?;
         probe.local_addr()?.port()
     };
     let dir = private_dir()?;
@@ -358,12 +359,18 @@ async fn demo_request(
     }
 }
 
-async fn bind_or_any(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds `addr`, or a free port on its IP when `addr` is taken, and says which:
+/// the banner then prints the address bound, never the one asked for.
+async fn bind_or_any(what: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
     match TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            eprintln!("{addr} is in use; using a free port instead");
-            TcpListener::bind(std::net::SocketAddr::new(addr.ip(), 0)).await
+            let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+            eprintln!(
+                "{what}: {addr} is in use; using {} instead",
+                listener.local_addr()?
+            );
+            Ok(listener)
         }
         Err(e) => Err(e),
     }
