@@ -125,6 +125,7 @@ key = "{store_key}"
 [clients.wallet]
 listen = "{wallet}"
 upstream = "{upstream}"
+allow_insecure = {wallet_waiver}
 
 [clients.wallet.token]
 url = "{token_url}"
@@ -140,6 +141,7 @@ scope = "wallet"
 [clients.payments]
 listen = "{listen}"
 upstream = "{upstream}"
+allow_insecure = {listen_waiver}
 timeout = "10s"
 
 [clients.payments.token]
@@ -153,6 +155,7 @@ scope = "payments"
 [clients.market]
 listen = "{market}"
 upstream = "{upstream}"
+allow_insecure = {market_waiver}
 
 [clients.market.token]
 url = "{token_url}"
@@ -172,6 +175,9 @@ public_url = "http://{connect}"
 return_to = ["{upstream}{connected}"]
 "#,
         admin_key = admin_key.expose(),
+        listen_waiver = public_listen_waiver(listen),
+        wallet_waiver = public_listen_waiver(wallet),
+        market_waiver = public_listen_waiver(market),
         connected = tokenproxy_mock::CONNECTED_PATH,
         upstream = api.url(),
         token_url = provider.token_url(),
@@ -356,6 +362,17 @@ async fn demo_request(
             )
         }
         Err(e) => format!("GET /api/v1/payments via tokenproxy failed: {e}"),
+    }
+}
+
+/// `allow_insecure` for a demo client on `addr`: a listener beyond loopback (the
+/// demo in a container, `--listen 0.0.0.0:8080`) is refused for real clients,
+/// but the demo's credentials are the mock provider's, worth nothing elsewhere.
+fn public_listen_waiver(addr: SocketAddr) -> &'static str {
+    if addr.ip().is_loopback() {
+        "[]"
+    } else {
+        r#"["public_listen"]   # the mock's credential only"#
     }
 }
 
