@@ -91,6 +91,9 @@ async fn keys(redis: &Redis, pattern: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_writes_are_fenced_across_processes_and_keyed_for_a_cluster() {
+    if !super::redis_installed() {
+        return;
+    }
     let redis = Redis::start(temp_dir("subjects-fence"));
     let (sidecar, cli) = (subjects(&redis), subjects(&redis));
     assert!(matches!(sidecar.get("m-1").await, Ok(SubjectLoad::Missing)));
@@ -166,6 +169,9 @@ async fn subject_writes_are_fenced_across_processes_and_keyed_for_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subjects_are_listed_swept_and_counted_from_the_index_checked_against_records() {
+    if !super::redis_installed() {
+        return;
+    }
     let redis = Redis::start(temp_dir("subjects-list"));
     let store = subjects(&redis);
     let dead = |g| record(g, "x", meta(SubjectStatus::NeedsAuthorization, None));
@@ -251,6 +257,9 @@ async fn subjects_are_listed_swept_and_counted_from_the_index_checked_against_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_at_a_time_holds_a_subjects_lease() {
+    if !super::redis_installed() {
+        return;
+    }
     let redis = Redis::start(temp_dir("subjects-lease"));
     let (a, b) = (subjects(&redis), subjects(&redis));
     let ttl = Duration::from_secs(30);
@@ -297,6 +306,9 @@ async fn one_process_at_a_time_holds_a_subjects_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_time_entry_is_taken_once_across_processes() {
+    if !super::redis_installed() {
+        return;
+    }
     let redis = Redis::start(temp_dir("subjects-once"));
     let (a, b) = (subjects(&redis), subjects(&redis));
     a.put_once("session-1", b"state", Duration::from_secs(60))
