@@ -154,6 +154,7 @@ async fn grpc_upstream(validator: TokenValidator) -> (SocketAddr, Calls) {
                     version: req.version(),
                     token_serial: token.and_then(|t| validator.check(&t)),
                 };
+                let first_token = seen.token_serial == Some(1);
                 calls.lock().expect("lock").push(seen);
                 async move {
                     let mut grpc = tonic::server::Grpc::new(Raw);
@@ -161,6 +162,17 @@ async fn grpc_upstream(validator: TokenValidator) -> (SocketAddr, Calls) {
                         "/test.Echo/Unary" => grpc.unary(Unary, req).await,
                         "/test.Echo/Count" => grpc.server_streaming(Count, req).await,
                         "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                        // Refuses the provider's first token as a gRPC API would.
+                        "/test.Echo/Guarded" if first_token => {
+                            let mut meta = tonic::metadata::MetadataMap::new();
+                            meta.insert(
+                                "www-authenticate",
+                                "Bearer error=\"invalid_token\"".parse().expect("ascii"),
+                            );
+                            Status::with_metadata(Code::Unauthenticated, "token revoked", meta)
+                                .into_http()
+                        }
+                        "/test.Echo/Guarded" => grpc.unary(Unary, req).await,
                         _ => Status::unimplemented("no such method").into_http(),
                     };
                     Ok::<_, Infallible>(response)
@@ -538,4 +550,71 @@ async fn an_http2_header_list_over_max_header_bytes_never_reaches_the_api() {
         .expect("request");
     let response = sender.send_request(req).await.expect("a response");
     assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_unauthenticated_answer_retires_the_token_for_the_next_call() {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let (upstream, calls) = grpc_upstream(provider.validator()).await;
+    let config = GRPC_CLIENT
+        .replace("{upstream}", &format!("http://{upstream}"))
+        .replace("{token_url}", &provider.token_url())
+        .replace("{client_extra}", "");
+    let (_running, proxy, _admin) = start_sidecar(&config).await;
+    let mut grpc = grpc_client(proxy).await;
+    let call = |grpc: &mut tonic::client::Grpc<tonic::transport::Channel>| {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready().await.expect("ready");
+            grpc.unary(
+                tonic::Request::new(Bytes::from_static(b"pay")),
+                path("/test.Echo/Guarded"),
+                Raw,
+            )
+            .await
+        }
+    };
+    let refused = call(&mut grpc)
+        .await
+        .expect_err("the API refuses the first token");
+    assert_eq!(
+        refused.code(),
+        Code::Unauthenticated,
+        "the API's answer goes back as it came (a gRPC call is not replayed)"
+    );
+    assert!(
+        refused.metadata().get("x-tokenproxy-error").is_none(),
+        "it is the API's answer, not the sidecar's"
+    );
+    let mut answered = None;
+    // The refresh the refusal asked for runs in the background.
+    for _ in 0..50 {
+        match call(&mut grpc).await {
+            Ok(r) => {
+                answered = Some(r);
+                break;
+            }
+            Err(s) if s.code() == Code::Unauthenticated => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    let answered = answered.expect("a later call carries a new token");
+    assert_eq!(answered.into_inner(), Bytes::from_static(b"echo:pay"));
+    let serials: Vec<Option<u64>> = calls
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|c| c.token_serial)
+        .collect();
+    assert_eq!(serials.first(), Some(&Some(1)));
+    assert_eq!(serials.last(), Some(&Some(2)), "the new token: {serials:?}");
+    assert_eq!(
+        provider.token_requests(),
+        2,
+        "one refresh, not one per call"
+    );
 }
