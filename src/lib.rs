@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`config`] | TOML → validated runtime types; `${VAR}` and `*_file` secrets; precise errors |
 //! | [`secret`] | [`secret::Secret`]: credentials that cannot be printed |
+//! | [`jose`] | compact JWS on ring: signing keys from PEM or a secret, `sign`, ids and thumbprints (a leaf) |
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
 //! | [`token`] | per-client refresher task (single flight; a state machine owning one schedule, the endpoint behind a trait), hot-path handle, response parsing |
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes; subject records |
@@ -58,6 +59,7 @@ pub mod connect;
 pub mod demo;
 pub(crate) mod error;
 pub(crate) mod http;
+pub mod jose;
 pub(crate) mod metrics;
 pub mod operator;
 pub(crate) mod origin;

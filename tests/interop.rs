@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -393,6 +394,115 @@ params = {{ prompt = "consent" }}
     drop(sidecar);
     drop(peer);
     workdir.remove();
+}
+
+// ------------------------------------------------------------------ client authentication
+
+/// The peer checks every client assertion more strictly than oidc-provider's own
+/// rules: `sub` = `iss`, an `iat`, and `exp - iat` at most this many seconds.
+const ASSERTION_MAX_SECONDS: &str = "60";
+/// `sidecar-csjwt`'s secret in the peer's clients table.
+const CSJWT_SECRET: &str =
+    "sidecar-csjwt-secret-for-HS256-and-HS512-0123456789abcdefghijklmnopqrstuv";
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_rs256() {
+    run(assertion_case(
+        "oidc-pkjwt-rs256",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "rs256",
+            alg: "RS256",
+            kid: true,
+            issuer_audience: false,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_ps256_without_kid() {
+    run(assertion_case(
+        "oidc-pkjwt-ps256",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "rs256",
+            alg: "PS256",
+            kid: false,
+            issuer_audience: false,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_es256_issuer_audience() {
+    run(assertion_case(
+        "oidc-pkjwt-es256",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "es256",
+            alg: "ES256",
+            kid: true,
+            issuer_audience: true,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_eddsa() {
+    run(assertion_case(
+        "oidc-pkjwt-eddsa",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "ed25519",
+            alg: "EdDSA",
+            kid: true,
+            issuer_audience: false,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_secret_jwt_hs256() {
+    run(assertion_case(
+        "oidc-csjwt-hs256",
+        Token::new("client_credentials", "sidecar-csjwt", CSJWT_SECRET)
+            .auth(Auth::SecretJwt { alg: "HS256" }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_tls_client_auth() {
+    run(assertion_case(
+        "oidc-mtls",
+        Token::new("client_credentials", "sidecar-mtls", "").auth(Auth::Tls),
+    ));
+}
+
+/// A JWT made outside the sidecar (as a projected service-account token is),
+/// signed here with the peer's Ed25519 key and rewritten every 250 ms: the
+/// peer accepts each jti once, so the sidecar must read the file again for
+/// every token request.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_assertion_file() {
+    run(assertion_case(
+        "oidc-assert-file",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::File),
+    ));
+}
+
+fn assertion_case(name: &'static str, token: Token) -> Case {
+    Case {
+        name,
+        peer: Peer::Oidc,
+        peer_env: &[("OIDC_ASSERTION_MAX_SECONDS", ASSERTION_MAX_SECONDS)],
+        token,
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+        mode: Mode::Single,
+    }
 }
 
 // ------------------------------------------------------------------ subjects
@@ -1204,6 +1314,29 @@ struct Token {
     client_id: &'static str,
     client_secret: &'static str,
     password_user: bool,
+    auth: Auth,
+}
+
+/// How the sidecar authenticates to the token endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// `client_secret` with HTTP Basic (the default).
+    Secret,
+    /// `private_key_jwt` with the peer's key `oidc/keys/<key>.pem`.
+    PrivateKey {
+        key: &'static str,
+        alg: &'static str,
+        /// Send kid = the key's file stem (the peer's registered kid).
+        kid: bool,
+        /// `assertion_audience` = the issuer, as FAPI 2.0 does, instead of the token URL.
+        issuer_audience: bool,
+    },
+    /// `client_secret_jwt` keyed with the client secret.
+    SecretJwt { alg: &'static str },
+    /// `tls_client_auth` with `oidc/keys/tls/client.crt` on the peer's HTTPS listener.
+    Tls,
+    /// `client_assertion` from a file this test keeps rewriting.
+    File,
 }
 
 impl Token {
@@ -1213,7 +1346,13 @@ impl Token {
             client_id,
             client_secret,
             password_user: false,
+            auth: Auth::Secret,
         }
+    }
+
+    fn auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The password grant's resource owner (alice).
@@ -1262,8 +1401,15 @@ fn run(case: Case) {
     };
     let workdir = WorkDir::new(case.name);
 
-    // 1. the peer
-    let (peer, peer_port, log) = start_peer(case.name, case.peer, case.peer_env);
+    // 1. the peer (with its HTTPS listener for tls_client_auth)
+    let mtls_port = free_port();
+    let mtls_port_text = mtls_port.to_string();
+    let mut peer_env: Vec<(&str, &str)> = case.peer_env.to_vec();
+    if case.token.auth == Auth::Tls {
+        peer_env.push(("OIDC_MTLS_PORT", &mtls_port_text));
+    }
+    let (peer, peer_port, log) = start_peer(case.name, case.peer, &peer_env);
+    let auth = auth_config(&case, &peers, &workdir.path, peer_port, mtls_port);
 
     // 2. a bootstrap refresh token (oidc authorization_code flow), kept out of every file
     let mut child_env: Vec<(&str, String)> = vec![
@@ -1301,8 +1447,9 @@ fn run(case: Case) {
         .iter()
         .enumerate()
         .map(|(i, (admin_port, listen_port))| {
-            let config =
-                store.clone() + &sidecar_config(&case, peer_port, *admin_port, *listen_port);
+            let config = store.clone()
+                + &sidecar_config(&case, peer_port, *admin_port, *listen_port)
+                + &auth.toml;
             let path = workdir.path.join(format!("tokenproxy-{i}.toml"));
             fs::write(&path, config).expect("config written");
             path
@@ -1467,6 +1614,19 @@ fn run(case: Case) {
             calls.bad.len()
         ));
     }
+    if case.token.auth != Auth::Secret {
+        // The peer states its assertion policy (and mTLS origin) when it starts.
+        let start = read_from(&log, 0);
+        let policy = format!("assertion_max={ASSERTION_MAX_SECONDS}s");
+        if !start.contains(&policy) {
+            problems.push(format!("the peer did not run with {policy}"));
+        }
+        if case.token.auth == Auth::Tls
+            && !start.contains(&format!("mtls=https://127.0.0.1:{mtls_port}"))
+        {
+            problems.push("the peer's HTTPS listener did not start".to_owned());
+        }
+    }
     if case.expect_refresh_grant && refresh_grants < 1.0 {
         problems.push("the refresh_token grant was never used successfully".to_owned());
     }
@@ -1500,8 +1660,164 @@ fn run(case: Case) {
         panic!("[{}] {}", case.name, problems.join("; "));
     }
     drop(sidecar);
+    drop(auth);
     drop(peer);
     workdir.remove();
+}
+
+/// The token settings of `case.token.auth` after the common ones, and what keeps
+/// them working (the thread rewriting an assertion file) until dropped.
+struct AuthConfig {
+    /// `url` and the client authentication keys of `[clients.peer.token]`, and
+    /// any `[clients.peer.token.tls]` table.
+    toml: String,
+    writer: Option<AssertionWriter>,
+}
+
+impl Drop for AuthConfig {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.stop();
+        }
+    }
+}
+
+fn auth_config(
+    case: &Case,
+    peers: &Path,
+    dir: &Path,
+    peer_port: u16,
+    mtls_port: u16,
+) -> AuthConfig {
+    let issuer = format!("http://127.0.0.1:{peer_port}");
+    let token_url = format!("{issuer}{}", case.peer.token_path());
+    let keys = peers.join("oidc/keys");
+    // The peer's files are world-readable; tokenproxy wants its keys private.
+    let private_copy = |from: &Path, name: &str| {
+        let to = dir.join(name);
+        let content = fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        fs::write(&to, content).expect("key copy written");
+        set_private(&to);
+        to
+    };
+    let mut writer = None;
+    let toml = match case.token.auth {
+        Auth::Secret => format!("url = \"{token_url}\"\nclient_secret = \"${{PEER_SECRET}}\"\n"),
+        Auth::PrivateKey {
+            key,
+            alg,
+            kid,
+            issuer_audience,
+        } => {
+            let file = private_copy(&keys.join(format!("{key}.pem")), "signing.pem");
+            let mut t = format!(
+                "url = \"{token_url}\"\nclient_auth = \"private_key_jwt\"\nsigning_key_file = \"{}\"\nsigning_alg = \"{alg}\"\n",
+                file.display()
+            );
+            if kid {
+                t += &format!("key_id = \"{key}\"\n");
+            }
+            if issuer_audience {
+                t += &format!("assertion_audience = \"{issuer}\"\n");
+            }
+            t
+        }
+        Auth::SecretJwt { alg } => format!(
+            "url = \"{token_url}\"\nclient_auth = \"client_secret_jwt\"\nclient_secret = \"${{PEER_SECRET}}\"\nsigning_alg = \"{alg}\"\n"
+        ),
+        Auth::Tls => {
+            let tls = keys.join("tls");
+            let key = private_copy(&tls.join("client.key"), "client.key");
+            format!(
+                "url = \"https://127.0.0.1:{mtls_port}/token\"\nclient_auth = \"tls_client_auth\"\n\n\
+                 [clients.peer.token.tls]\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                tls.join("ca.crt").display(),
+                tls.join("client.crt").display(),
+                key.display()
+            )
+        }
+        Auth::File => {
+            let file = dir.join("assertion.jwt");
+            let started = AssertionWriter::start(
+                &keys.join("ed25519.pem"),
+                file.clone(),
+                case.token.client_id,
+                token_url.clone(),
+            );
+            writer = Some(started);
+            format!(
+                "url = \"{token_url}\"\nclient_auth = \"client_assertion\"\nclient_assertion_file = \"{}\"\n",
+                file.display()
+            )
+        }
+    };
+    AuthConfig { toml, writer }
+}
+
+fn set_private(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    }
+}
+
+/// Rewrites an assertion file with a new Ed25519-signed JWT every 250 ms, as a
+/// token projector would (only much more often, because the peer accepts each
+/// jti once), until stopped.
+struct AssertionWriter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AssertionWriter {
+    fn start(key_pem: &Path, file: PathBuf, client_id: &'static str, audience: String) -> Self {
+        let pem = fs::read_to_string(key_pem).expect("the peer's Ed25519 key");
+        let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(der)
+            .expect("PEM base64");
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+            .expect("an Ed25519 PKCS#8 key");
+        let write = move |file: &Path| {
+            let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            let iat = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs();
+            let header = json!({"alg": "EdDSA", "kid": "ed25519"});
+            let claims = json!({
+                "iss": client_id, "sub": client_id, "aud": audience,
+                "jti": format!("{:032x}", fastrand::u128(..)), "iat": iat, "exp": iat + 60,
+            });
+            let input = format!(
+                "{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(claims.to_string().as_bytes())
+            );
+            let jwt = format!("{input}.{}", b64(key.sign(input.as_bytes()).as_ref()));
+            // Whole or not at all, as the kubelet swaps a projected token.
+            let tmp = file.with_extension("tmp");
+            fs::write(&tmp, jwt).expect("assertion written");
+            set_private(&tmp);
+            fs::rename(&tmp, file).expect("assertion in place");
+        };
+        write(&file);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                write(&file);
+            }
+        });
+        AssertionWriter { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 /// Starts `peer` on a free port with `env`; its guard, port and log file.
@@ -1555,12 +1871,9 @@ listen = "127.0.0.1:{listen_port}"
 upstream = "http://127.0.0.1:{peer_port}"
 
 [clients.peer.token]
-url = "http://127.0.0.1:{peer_port}{token_path}"
 grant = "{grant}"
 client_id = "{client_id}"
-client_secret = "${{PEER_SECRET}}"
 "#,
-        token_path = case.peer.token_path(),
         grant = case.token.grant,
         client_id = case.token.client_id,
     );

@@ -14,7 +14,7 @@
 //! grant and rotation work on it; its tokens belong to the account of the user who approved
 //! ([`TokenValidator::account`]). Injected [`Fault`]s apply to the token endpoint only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use super::assertion;
 use super::{form_decode, full, json_response, lock, Closed, MockBody, Server, Shutdown};
 
 /// Path of the token endpoint.
@@ -280,10 +281,16 @@ struct ProviderState {
     accounts: HashMap<String, String>,
     codes: HashMap<String, AuthorizationCode>,
     codes_issued: usize,
+    /// The `jti` of every client assertion accepted so far.
+    assertion_jtis: HashSet<String>,
+    /// Client assertions refused because their `jti` was seen before.
+    assertion_reuse: usize,
 }
 
 struct Shared {
     config: ProviderConfig,
+    /// The token endpoint URL, the `aud` client assertions must name.
+    token_url: String,
     state: Mutex<ProviderState>,
     table: Arc<Mutex<TokenTable>>,
 }
@@ -314,8 +321,10 @@ impl MockProvider {
         listener: TcpListener,
         config: ProviderConfig,
     ) -> std::io::Result<MockProvider> {
+        let token_url = format!("http://{}{TOKEN_PATH}", listener.local_addr()?);
         let shared = Arc::new(Shared {
             config,
+            token_url,
             state: Mutex::new(ProviderState::default()),
             table: Arc::new(Mutex::new(TokenTable::default())),
         });
@@ -373,6 +382,16 @@ impl MockProvider {
     /// Authorization codes issued so far by approving on the sign-in page.
     pub fn authorization_codes_issued(&self) -> usize {
         self.state().codes_issued
+    }
+
+    /// Client assertions accepted so far (`client_secret_jwt`).
+    pub fn assertions_accepted(&self) -> usize {
+        self.state().assertion_jtis.len()
+    }
+
+    /// Client assertions refused because their `jti` had been accepted before.
+    pub fn assertion_reuse(&self) -> usize {
+        self.state().assertion_reuse
     }
 
     /// What the last token request looked like.
@@ -665,7 +684,12 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
             (id, secret)
         }),
     };
-    if credentials != Some((config.client_id.as_str(), config.client_secret.as_str())) {
+    let authenticated = if request.param("client_assertion_type") == Some(assertion::JWT_BEARER) {
+        accept_assertion(shared, request)
+    } else {
+        credentials == Some((config.client_id.as_str(), config.client_secret.as_str()))
+    };
+    if !authenticated {
         return invalid_client();
     }
     if let Some(problem) = parsed.malformed {
@@ -849,6 +873,30 @@ fn error_response(
     let mut response = json_response(status, &body);
     no_store(response.headers_mut());
     response
+}
+
+/// A `client_secret_jwt` assertion (with no Basic credentials beside it) whose `jti`
+/// was never accepted before.
+fn accept_assertion(shared: &Shared, request: &TokenRequest) -> bool {
+    let config = &shared.config;
+    let checked = request.param("client_assertion").map(|jwt| {
+        assertion::check(
+            jwt,
+            &config.client_id,
+            &config.client_secret,
+            &shared.token_url,
+        )
+    });
+    let (Some(Ok(jti)), None) = (checked, &request.basic_auth) else {
+        return false;
+    };
+    let mut state = lock(&shared.state);
+    if state.assertion_jtis.insert(jti) {
+        true
+    } else {
+        state.assertion_reuse += 1;
+        false
+    }
 }
 
 fn invalid_client() -> Response<MockBody> {

@@ -291,6 +291,10 @@ pub(super) fn build_token(
         ("body", ClientAuth::Body),
         ("both", ClientAuth::Both),
         ("none", ClientAuth::None),
+        ("private_key_jwt", ClientAuth::PrivateKeyJwt),
+        ("client_secret_jwt", ClientAuth::ClientSecretJwt),
+        ("tls_client_auth", ClientAuth::TlsClientAuth),
+        ("client_assertion", ClientAuth::ClientAssertion),
     ];
     let client_auth = t.choice(
         "client_auth",
@@ -375,14 +379,68 @@ pub(super) fn build_token(
                 )
                 .with_hint(hint));
         }
+        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt | ClientAuth::TlsClientAuth
+            if client_id.is_none() =>
+        {
+            let problem = format!(
+                "is required when client_auth = \"{}\"",
+                client_auth.as_str()
+            );
+            let hint = if client_auth == ClientAuth::TlsClientAuth {
+                "set client_id: the provider finds the client's registered certificate by it"
+            } else {
+                "set client_id: it is the iss and sub of every assertion"
+            };
+            return Err(t.err("client_id", problem).with_hint(hint));
+        }
+        ClientAuth::PrivateKeyJwt | ClientAuth::TlsClientAuth | ClientAuth::ClientAssertion
+            if client_secret.is_some() =>
+        {
+            let problem = format!(
+                "is set but client_auth = \"{}\" never sends it",
+                client_auth.as_str()
+            );
+            let hint = "remove the secret, or use client_auth = \"client_secret_jwt\" to sign assertions with it";
+            return Err(t.err(secret_name, problem).with_hint(hint));
+        }
         _ => {}
     }
-    Ok(TokenConfig {
+    let assertion = assertion::build_assertion(
+        t,
+        assertion::RawAssertion {
+            signing_key_file: raw.signing_key_file,
+            signing_alg: raw.signing_alg,
+            key_id: raw.key_id,
+            certificate_file: raw.certificate_file,
+            assertion_audience: raw.assertion_audience,
+            client_assertion_file: raw.client_assertion_file,
+            client_assertion_type: raw.client_assertion_type,
+        },
+        client_auth,
+        client_secret.as_ref(),
+    )?;
+    let params = params(t, raw.params.unwrap_or_default())?;
+    if assertion.is_some() {
+        if let Some((name, _)) = params
+            .iter()
+            .find(|(k, _)| k == "client_assertion" || k == "client_assertion_type")
+        {
+            let problem = format!(
+                "{name} is set by tokenproxy when client_auth = \"{}\"",
+                client_auth.as_str()
+            );
+            return Err(t
+                .err(&format!("params.{name}"), problem)
+                .with_hint("remove it from params"));
+        }
+    }
+    let token = TokenConfig {
         url,
         grant,
         client_id,
         client_secret,
         client_auth,
+        assertion,
         body,
         scope,
         refresh_token,
@@ -394,10 +452,12 @@ pub(super) fn build_token(
             raw.refresh_token_lifetime,
             false,
         )?,
-        params: params(t, raw.params.unwrap_or_default())?,
+        params,
         timeout: t.duration("timeout", raw.timeout, Duration::from_secs(10))?,
         tls: build_tls(raw.tls, &Table::new(t.x, t.key("tls")))?,
-    })
+    };
+    assertion::check_tls_client_auth(t, &token)?;
+    Ok(token)
 }
 
 /// `refresh_before`: a zero margin would start every refresh only once the

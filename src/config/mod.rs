@@ -8,6 +8,7 @@
 //! is a [`ConfigError`] naming the file, the dotted key and a fix.
 
 mod admin;
+mod assertion;
 mod authorize;
 mod build;
 mod connect;
@@ -47,6 +48,7 @@ use bytesize::ByteSize;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, StatusCode, Uri};
 
+use crate::jose::SigningKey;
 use crate::secret::Secret;
 use admin::{build_admin, host_list};
 use authorize::build_authorize;
@@ -307,12 +309,15 @@ pub struct TokenConfig {
     pub url: Uri,
     /// The grant used for a full token request.
     pub grant: Grant,
-    /// Required when `client_auth` is basic or body.
+    /// Required unless `client_auth` is none or client_assertion.
     pub client_id: Option<String>,
     /// From `client_secret` or `client_secret_file` (trailing newlines trimmed).
     pub client_secret: Option<Secret>,
     /// How the client authenticates to the token endpoint; default basic.
     pub client_auth: ClientAuth,
+    /// How each request's `client_assertion` is made: set exactly when
+    /// `client_auth` is private_key_jwt, client_secret_jwt or client_assertion.
+    pub assertion: Option<ClientAssertion>,
     /// Encoding of the token request body; default form.
     pub body: BodyFormat,
     /// The `scope` parameter, when set.
@@ -374,6 +379,16 @@ pub enum ClientAuth {
     Both,
     /// No client authentication.
     None,
+    /// A JWT signed with the client's private key (RFC 7523, OpenID `private_key_jwt`).
+    PrivateKeyJwt,
+    /// A JWT signed with HMAC keyed by the client secret (OpenID `client_secret_jwt`).
+    ClientSecretJwt,
+    /// The TLS client certificate of `[clients.NAME.token.tls]`, and
+    /// `client_id` in the body (RFC 8705 §2.1).
+    TlsClientAuth,
+    /// A JWT made by someone else (a Kubernetes projected service-account
+    /// token, say), read from `client_assertion_file` for every request.
+    ClientAssertion,
 }
 
 impl ClientAuth {
@@ -384,8 +399,50 @@ impl ClientAuth {
             ClientAuth::Body => "body",
             ClientAuth::Both => "both",
             ClientAuth::None => "none",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientSecretJwt => "client_secret_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::ClientAssertion => "client_assertion",
         }
     }
+}
+
+/// How long an assertion tokenproxy signs is valid (`exp` - `iat`): long enough
+/// for a slow token request, short enough for FAPI 2.0's limits.
+pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// `client_assertion_type` of RFC 7523 §2.2, the default.
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How a client's `client_assertion` is made (RFC 7523, RFC 7521 §4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAssertion {
+    /// Signed here, a new one for every request (`private_key_jwt`, `client_secret_jwt`).
+    Signed(AssertionSigner),
+    /// `client_assertion`: read from `path` for every request, as it is.
+    File {
+        /// `client_assertion_file`.
+        path: PathBuf,
+        /// `client_assertion_type`; default [`JWT_BEARER_ASSERTION`].
+        assertion_type: String,
+    },
+}
+
+/// The key and header of the assertions tokenproxy signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssertionSigner {
+    /// From `signing_key_file`, or the client secret (HS256/HS512); `signing_alg` chose its algorithm.
+    pub key: SigningKey,
+    /// `signing_key_file`, for display; `None` for client_secret_jwt.
+    pub key_file: Option<PathBuf>,
+    /// `key_id`: the JWS `kid`.
+    pub key_id: Option<String>,
+    /// `certificate_file`, for display.
+    pub certificate_file: Option<PathBuf>,
+    /// The JWS `x5t#S256`: the SHA-256 thumbprint of `certificate_file`'s first certificate.
+    pub x5t_s256: Option<String>,
+    /// `assertion_audience`: the `aud`; `None` means the URL each request is sent to.
+    pub audience: Option<String>,
 }
 
 /// `token.body`.

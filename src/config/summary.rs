@@ -153,6 +153,7 @@ impl ClientConfig {
             secret_text(t.client_secret.as_ref()),
         )?;
         row(out, "token.client_auth", t.client_auth.as_str())?;
+        write_assertion(out, t.assertion.as_ref())?;
         row(out, "token.body", t.body.as_str())?;
         row(out, "token.scope", t.scope.as_deref().unwrap_or("(none)"))?;
         row(
@@ -226,6 +227,37 @@ impl ClientConfig {
             "inject",
             format!("{}: {}<token>{}", i.header, i.prefix, i.suffix),
         )
+    }
+}
+
+/// The assertion rows of `check`: where the key or assertion comes from, never either.
+fn write_assertion(out: &mut String, assertion: Option<&ClientAssertion>) -> fmt::Result {
+    match assertion {
+        None => Ok(()),
+        Some(ClientAssertion::File {
+            path,
+            assertion_type,
+        }) => {
+            let file = format!("{} (read for every request)", path.display());
+            row(out, "token.client_assertion_file", file)?;
+            row(out, "token.client_assertion_type", assertion_type)
+        }
+        Some(ClientAssertion::Signed(s)) => {
+            let source = match &s.key_file {
+                Some(path) => format!("{} from {}", s.key.kind().as_str(), path.display()),
+                None => "token.client_secret".to_owned(),
+            };
+            let key = format!("{}, {source} [key redacted]", s.key.alg());
+            row(out, "token.signing_key", key)?;
+            row(out, "token.key_id", s.key_id.as_deref().unwrap_or("(none)"))?;
+            if let (Some(path), Some(x5t)) = (&s.certificate_file, &s.x5t_s256) {
+                row(out, "token.x5t#S256", format!("{x5t} ({})", path.display()))?;
+            }
+            let audience = s.audience.as_deref().unwrap_or("(the URL of each request)");
+            row(out, "token.assertion_audience", audience)?;
+            let lifetime = format!("{}, a new jti for every request", dur(ASSERTION_LIFETIME));
+            row(out, "token.assertion lifetime", lifetime)
+        }
     }
 }
 

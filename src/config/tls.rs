@@ -100,13 +100,14 @@ impl TlsConfig {
     }
 }
 
-/// Reads the PEM file at key `k`, which must hold at least one certificate.
 /// Parses `cert` as a trust anchor, as the TLS client does with `ca_file`.
 fn webpki_anchor(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     rustls::RootCertStore::empty().add(cert.clone())
 }
 
-fn read_certificates(
+/// Reads the PEM file at key `k`, which must hold at least one certificate:
+/// its resolved path and content.
+pub(super) fn read_certificates(
     t: &Table<'_>,
     k: &str,
     raw_path: &str,

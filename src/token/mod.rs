@@ -8,6 +8,7 @@
 //! 401s causes at most one refresh, 401-triggered refreshes are rate-limited, and
 //! the old token keeps serving until a new one is installed.
 
+mod assertion;
 mod dialect;
 mod redact;
 mod refresher;

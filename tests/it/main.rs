@@ -9,6 +9,7 @@ mod admin;
 mod admin_writes;
 mod authorize;
 mod cli;
+mod client_assertions;
 mod connect;
 mod demo;
 mod egress_proxy;

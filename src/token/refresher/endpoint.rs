@@ -16,6 +16,7 @@ use crate::clock::SharedClock;
 use crate::config::{Grant, TokenConfig};
 use crate::http::client::HttpClient;
 use crate::secret::Secret;
+use crate::token::assertion;
 use crate::token::dialect::{build_request, redactor, GrantKind};
 use crate::token::response::{
     parse_error_redacted, parse_success, ProviderError, ResponseError, TokenSet,
@@ -96,6 +97,14 @@ pub enum TokenError {
         #[source]
         source: ResponseError,
     },
+    /// The client's assertion could not be made or read; nothing was sent.
+    #[error("cannot authenticate to token endpoint {url}: {reason}")]
+    ClientAuthentication {
+        /// Endpoint URL.
+        url: String,
+        /// Why (never the assertion or a key).
+        reason: String,
+    },
     /// The token came back but cannot be used as configured.
     #[error("token from {url} cannot be used: {reason}")]
     Unusable {
@@ -166,6 +175,11 @@ impl TokenEndpoint {
         &self.http
     }
 
+    /// The wall clock assertions are dated by.
+    pub(crate) fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
     /// One token request as a fresh start would make it: the refresh grant with the
     /// configured refresh token for `grant = "refresh_token"`, else the primary grant.
     pub async fn obtain_once(&self, config: &TokenConfig) -> Result<TokenSet, TokenError> {
@@ -203,12 +217,20 @@ impl TokenEndpoint {
             GrantKind::Revoke { url, .. } => url,
         };
         let url = display_url(url_ref);
+        // A new assertion for every attempt: providers accept each one once.
+        let assertion = assertion::for_request(config, url_ref, self.clock.wall_now())
+            .await
+            .map_err(|reason| TokenError::ClientAuthentication {
+                url: url.clone(),
+                reason,
+            })?;
         // Provider text that repeats a credential of this request is scrubbed once, here.
-        let redactor = redactor(config, kind);
-        let request = build_request(config, kind).map_err(|e| TokenError::Unusable {
-            url: url.clone(),
-            reason: format!("cannot build request: {e}"),
-        })?;
+        let redactor = redactor(config, kind, assertion.as_ref());
+        let request =
+            build_request(config, kind, assertion.as_ref()).map_err(|e| TokenError::Unusable {
+                url: url.clone(),
+                reason: format!("cannot build request: {e}"),
+            })?;
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
                 let detail = error_chain(&e);

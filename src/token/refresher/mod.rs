@@ -517,7 +517,9 @@ impl Refresher {
                 Ok(()) | Err(TokenError::Provider { .. } | TokenError::Redirect { .. }) => {
                     Some(true)
                 }
-                Err(TokenError::Unreachable { .. }) => None,
+                Err(TokenError::Unreachable { .. } | TokenError::ClientAuthentication { .. }) => {
+                    None
+                }
                 Err(_) => matches!(kind, GrantKind::Refresh(_)).then_some(false),
             });
             let elapsed = started.elapsed().as_secs_f64();
