@@ -412,7 +412,8 @@ impl Running {
         info!(config = %path.display(), "reloading configuration");
         let result = match crate::config::load(path, env) {
             Ok(new) => self.reload(new).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            // One log line: the problems joined, at most `MAX_SHOWN` of them.
+            Err(e) => Err(e.to_string().lines().collect::<Vec<_>>().join("; ")),
         };
         match &result {
             Ok(summary) => {

@@ -29,7 +29,7 @@ body = "form"
 "#;
 
 /// One client with only the required keys; error tests edit it.
-const MIN: &str = r#"
+pub(super) const MIN: &str = r#"
 [clients.payments]
 listen = "127.0.0.1:8080"
 upstream = "https://api.pay.example"
@@ -50,14 +50,14 @@ fn env() -> MapEnv {
         .file("/run/secrets/wallet-password", format!("{PASSWORD}\r\n"))
 }
 
-fn parse(text: &str) -> Config {
+pub(super) fn parse(text: &str) -> Config {
     match from_str(text, Some(Path::new("tokenproxy.toml")), &env()) {
         Ok(c) => c,
         Err(e) => panic!("config should be valid, got: {e}"),
     }
 }
 
-fn fail(text: &str) -> ConfigError {
+pub(super) fn fail(text: &str) -> ConfigError {
     match from_str(text, Some(Path::new("tokenproxy.toml")), &env()) {
         Ok(c) => panic!("config should be rejected, got: {c:?}"),
         Err(e) => e,
