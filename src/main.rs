@@ -87,9 +87,23 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenproxy: {}", causes(&e));
+            report(&e);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints the error on stderr: a configuration's problems one per line, then
+/// how many there are; any other error with its causes on one line.
+fn report(e: &anyhow::Error) {
+    match e.downcast_ref::<config::ConfigError>() {
+        Some(problems) => {
+            for line in problems.to_string().lines() {
+                eprintln!("tokenproxy: {line}");
+            }
+            eprintln!("tokenproxy: {}", problems.tally());
+        }
+        None => eprintln!("tokenproxy: {}", causes(e)),
     }
 }
 

@@ -158,6 +158,55 @@ fn every_config_error_class_names_its_key_and_exits_non_zero() {
     }
 }
 
+/// `check` reports every problem of the file in one run, one per line with
+/// its line:column and dotted key, then how many there are.
+#[test]
+fn check_reports_every_problem_on_its_own_line_then_the_count() {
+    let text = format!(
+        "[admin]\nlisen = \"127.0.0.1:9090\"\n{}{}",
+        VALID.replace(
+            "upstream = \"https://api.pay.example\"",
+            "upstream = \"https://api.pay.example\"\ntimeout = 30",
+        ),
+        VALID
+            .replace("clients.payments", "clients.wallet")
+            .replace("18080", "18081")
+            .replace(
+                "upstream = \"https://api.pay.example\"",
+                "upstream = \"https://api.pay.example\"\nunauthorized_status = 401",
+            ),
+    );
+    let path = temp_config("three.toml", &text);
+    let out = tokenproxy(
+        &["check", "--config", path.to_str().expect("utf8")],
+        &[("PAY_SECRET", "s3cret-do-not-print")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "check exits 1: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let file = path.display().to_string();
+    assert_eq!(lines.len(), 4, "three problems and the count: {stderr}");
+    for (line, place, key) in [
+        (lines[0], "2:1", "admin.lisen"),
+        (lines[1], "7:1", "clients.payments.timeout"),
+        (lines[2], "17:23", "clients.wallet.unauthorized_status"),
+    ] {
+        assert!(
+            line.starts_with(&format!("tokenproxy: {file}:{place}: {key}: ")),
+            "{key} at {place}, on its own line: {stderr}"
+        );
+    }
+    assert!(
+        lines[1].contains("write it like timeout = \"30s\""),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("write it like unauthorized_status = [401]"),
+        "{stderr}"
+    );
+    assert_eq!(lines[3], format!("tokenproxy: 3 problems in {file}"));
+}
+
 #[test]
 fn check_refuses_what_would_leak_a_credential_or_fail_later() {
     let dir = crate::support::temp_dir("cli-refusals");
