@@ -108,12 +108,12 @@ fn report(e: &anyhow::Error) {
 }
 
 /// The error and its causes on one line; a cause the text already shows
-/// (an error that prints its source) is not repeated.
+/// (an error that prints its source, perhaps in lower case) is not repeated.
 fn causes(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let cause = cause.to_string();
-        if text.contains(&cause) {
+        if text.to_lowercase().contains(&cause.to_lowercase()) {
             continue;
         }
         if !text.is_empty() {
