@@ -614,12 +614,14 @@ impl Running {
                 self.retired.extend(entry.tasks);
             }
         }
-        // Keep admin, limits, log, runtime and connect as they are: they need a restart.
+        // Keep admin, limits, log, runtime, store and connect as they are:
+        // they need a restart, so the next reload compares with them again.
         let kept = (
             self.config.admin.clone(),
             self.config.limits.clone(),
             self.config.log.clone(),
             self.config.runtime,
+            self.config.store.clone(),
             self.config.connect.clone(),
         );
         self.config = Config {
@@ -627,7 +629,8 @@ impl Running {
             limits: kept.1,
             log: kept.2,
             runtime: kept.3,
-            connect: kept.4,
+            store: kept.4,
+            connect: kept.5,
             ..new
         };
         self.publish_tables();
