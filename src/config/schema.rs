@@ -18,6 +18,10 @@ use super::text::statement_at;
 /// having "at least" this many.
 pub(super) const MAX_SCHEMA_PROBLEMS: usize = 100;
 
+/// The most bytes read again while looking: a few hundred rounds of a real
+/// config, a few of a huge one, so a SIGHUP with a broken file stays quick.
+const MAX_REREAD_BYTES: usize = 8 * 1024 * 1024;
+
 /// The raw configuration read from the text, and the schema problems met.
 pub(super) struct Read {
     /// The configuration without the blanked statements; `None` when the
@@ -100,8 +104,9 @@ pub(super) fn read(text: &str) -> Result<Read, ConfigError> {
         return Err(TomlProblem::new(&err, text, text, false).problem.into());
     }
     let mut doc = text.to_owned();
-    // Each round blanks at least one byte; the bound keeps a file of
-    // thousands of repeated errors from taking thousands of parses.
+    let mut budget = MAX_REREAD_BYTES;
+    // Each round blanks at least one byte; the bounds keep a file of
+    // thousands of errors from taking thousands of parses.
     for _ in 0..MAX_SCHEMA_PROBLEMS * 2 {
         let found = TomlProblem::new(&err, &doc, text, true);
         let statement = err.span().and_then(|span| statement_at(&doc, span.start));
@@ -112,7 +117,8 @@ pub(super) fn read(text: &str) -> Result<Read, ConfigError> {
             break;
         };
         read.removed.note(&found, &statement_key);
-        if !blank(&mut doc, range) {
+        budget = budget.saturating_sub(doc.len());
+        if budget == 0 || !blank(&mut doc, range) {
             break;
         }
         err = match toml::from_str::<RawConfig>(&doc) {

@@ -50,7 +50,7 @@ fn env() -> MapEnv {
         .file("/run/secrets/wallet-password", format!("{PASSWORD}\r\n"))
 }
 
-pub(super) fn parse(text: &str) -> Config {
+fn parse(text: &str) -> Config {
     match from_str(text, Some(Path::new("tokenproxy.toml")), &env()) {
         Ok(c) => c,
         Err(e) => panic!("config should be valid, got: {e}"),

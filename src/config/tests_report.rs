@@ -2,7 +2,7 @@
 //! run, each at its line and column, with a "write it like" hint for a value of
 //! the wrong type, and no problem that only the search itself caused.
 
-use super::tests::{fail, parse, MIN};
+use super::tests::{fail, MIN};
 use super::*;
 
 /// Two clients beside the `[admin]` table; the tests put problems into it.
@@ -331,6 +331,4 @@ fn a_secret_of_the_wrong_type_is_never_echoed() {
         "client_secret = { value = \"hunter2-xyz\" }",
     ));
     assert!(!err.to_string().contains("hunter2-xyz"), "{err}");
-    // The value set aside is not read, so no problem of it leaks either.
-    assert!(parse(MIN).clients[0].token.client_secret.is_some());
 }
