@@ -87,19 +87,33 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenproxy: {}", causes(&e));
+            report(&e);
             ExitCode::FAILURE
         }
     }
 }
 
+/// Prints the error on stderr: a configuration's problems one per line, then
+/// how many there are; any other error with its causes on one line.
+fn report(e: &anyhow::Error) {
+    match e.downcast_ref::<config::ConfigError>() {
+        Some(problems) => {
+            for line in problems.to_string().lines() {
+                eprintln!("tokenproxy: {line}");
+            }
+            eprintln!("tokenproxy: {}", problems.tally());
+        }
+        None => eprintln!("tokenproxy: {}", causes(e)),
+    }
+}
+
 /// The error and its causes on one line; a cause the text already shows
-/// (an error that prints its source) is not repeated.
+/// (an error that prints its source, perhaps in lower case) is not repeated.
 fn causes(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let cause = cause.to_string();
-        if text.contains(&cause) {
+        if text.to_lowercase().contains(&cause.to_lowercase()) {
             continue;
         }
         if !text.is_empty() {

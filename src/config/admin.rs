@@ -118,7 +118,8 @@ pub(super) fn host_list(
 
 /// Clients sharing a listen address share its cross-site rule: the check runs
 /// before a request is routed, so they must agree on `allow_cross_site`.
-pub(super) fn check_cross_site(clients: &[super::ClientConfig]) -> Result<(), ConfigError> {
+pub(super) fn check_cross_site(clients: &[&super::ClientConfig]) -> super::Problems {
+    let mut p = super::Problems::default();
     for (i, c) in clients.iter().enumerate() {
         let differs = clients[..i]
             .iter()
@@ -128,13 +129,13 @@ pub(super) fn check_cross_site(clients: &[super::ClientConfig]) -> Result<(), Co
                 "is {} but client {:?} on the same listen address {} has {}",
                 c.allow_cross_site, other.name, c.listen, other.allow_cross_site
             );
-            return Err(
+            p.add(
                 ConfigError::new(format!("clients.{}.allow_cross_site", c.name), problem)
                     .with_hint("set allow_cross_site the same on every client of one listen address, or give the client its own port"),
             );
         }
     }
-    Ok(())
+    p
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Validated configuration: the only config the rest of tokenproxy sees.
 //!
-//! [`from_str`] parses TOML into the raw mirror in `file.rs` (unknown keys and
-//! syntax errors fail with their line and key), then converts it once into the
-//! types below: `${VAR}`s expanded, secrets read from `*_file`s and wrapped in
-//! [`Secret`], durations, sizes, addresses and URLs parsed, defaults applied and
-//! cross-field rules checked. [`load`] only reads the file first. Every failure
-//! is a [`ConfigError`] naming the file, the dotted key and a fix.
+//! [`from_str`] parses TOML into the raw mirror in `file.rs` (`schema.rs` reads
+//! past each unknown key or wrong type to find them all), then converts it once
+//! into the types below: `${VAR}`s expanded, secrets read from `*_file`s and
+//! wrapped in [`Secret`], durations, sizes, addresses and URLs parsed, defaults
+//! applied and cross-field rules checked. [`load`] only reads the file first.
+//! A failure is a [`ConfigError`] holding every problem found, each naming the
+//! file, line:column, the dotted key and a fix (`examples.rs` says how to
+//! write each key).
 
 mod admin;
 mod assertion;
@@ -15,20 +17,24 @@ mod connect;
 mod egress;
 mod env;
 mod error;
+mod examples;
 mod file;
 mod safety;
+mod schema;
 mod store;
 mod subjects;
 mod summary;
 mod table;
+mod text;
 mod tls;
+mod token;
 
 pub use admin::AdminConfig;
 pub use authorize::AuthorizeConfig;
 pub use connect::ConnectConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigProblem, MAX_SHOWN};
 pub use safety::Insecure;
 pub use store::{
     FileStoreConfig, NodeAddr, RedisStoreConfig, RedisTopology, SentinelConfig, StoreConfig,
@@ -55,11 +61,14 @@ use authorize::build_authorize;
 use build::*;
 use egress::build_proxy;
 use env::Expander;
+use error::Problems;
 use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawRuntime, RawToken, Scalar};
+use schema::Removed;
 use store::build_store;
 use summary::*;
 use table::Table;
 use tls::build_tls;
+use token::build_token;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -91,12 +100,31 @@ pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
 }
 
 /// Parses and validates TOML `text`; `source` names the file in errors and anchors relative `*_file` paths.
+///
+/// Every problem is reported, not just the first: schema errors (unknown
+/// keys, wrong types) across the file, and validation problems of each part
+/// that can be judged on its own (each section, each client).
 pub fn from_str(text: &str, source: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
-    error::check_shape(text).map_err(|e| e.with_file(source))?;
-    let raw: RawConfig =
-        toml::from_str(text).map_err(|e| ConfigError::from_toml(&e, text).with_file(source))?;
-    let x = Expander::new(env, source.and_then(Path::parent));
-    build(raw, source, &x).map_err(|e| e.with_file(source))
+    text::check_shape(text).map_err(|e| e.with_file(source))?;
+    let read = schema::read(text).map_err(|e| e.with_file(source))?;
+    let mut problems = read.problems;
+    if let Some(raw) = read.raw {
+        let x = Expander::new(env, source.and_then(Path::parent));
+        match build(raw, source, &x, &read.removed) {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(e) => {
+                let mut found = Problems::default();
+                found.add(e);
+                found.retain(|p| !read.removed.covers(p.key()));
+                found.place(|key| {
+                    text::key_position(text, key).map(|at| text::line_column(text, at))
+                });
+                problems.extend(found);
+            }
+        }
+    }
+    Err(problems.into_error().with_file(source))
 }
 
 /// The whole validated configuration.
@@ -479,3 +507,5 @@ pub struct InjectConfig {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_report;

@@ -29,7 +29,7 @@ body = "form"
 "#;
 
 /// One client with only the required keys; error tests edit it.
-const MIN: &str = r#"
+pub(super) const MIN: &str = r#"
 [clients.payments]
 listen = "127.0.0.1:8080"
 upstream = "https://api.pay.example"
@@ -57,7 +57,7 @@ fn parse(text: &str) -> Config {
     }
 }
 
-fn fail(text: &str) -> ConfigError {
+pub(super) fn fail(text: &str) -> ConfigError {
     match from_str(text, Some(Path::new("tokenproxy.toml")), &env()) {
         Ok(c) => panic!("config should be rejected, got: {c:?}"),
         Err(e) => e,
