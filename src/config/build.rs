@@ -157,6 +157,11 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
                 .opt_duration("http2_keepalive_interval", raw, true)?
                 .filter(|d| !d.is_zero()),
         },
+        upgrade_idle_timeout: t.duration(
+            "upgrade_idle_timeout",
+            raw.upgrade_idle_timeout,
+            d.upgrade_idle_timeout,
+        )?,
     })
 }
 
@@ -197,6 +202,8 @@ pub(super) fn build_client(
         .transpose()?;
     // Subjects bring their own refresh tokens: the client needs none of its own
     // unless requests without a subject use the client's token.
+    let http2 = raw.http2.unwrap_or(false);
+    let upgrades = upgrade_protocols(&t, raw.upgrades, http2)?;
     let own_token_optional = authorize.is_some()
         || subjects
             .as_ref()
@@ -223,7 +230,8 @@ pub(super) fn build_client(
         unauthorized_status: statuses(&t, raw.unauthorized_status)?,
         idempotency_headers: header_names(&t, "idempotency_headers", raw.idempotency_headers)?,
         replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
-        http2: raw.http2.unwrap_or(false),
+        http2,
+        upgrades,
         token: build_token(
             raw_token,
             &Table::new(x, t.key("token")),
@@ -578,6 +586,55 @@ pub(super) fn path_prefix(t: &Table<'_>, raw: &str) -> Result<String, ConfigErro
             .with_hint("write it like \"/payments\""));
     }
     Ok(format!("/{trimmed}"))
+}
+
+/// `upgrades`: the `Upgrade` protocol names forwarded, lower case, each once.
+/// By default WebSocket alone, and none to an HTTP/2 upstream (an HTTP/2
+/// connection carries no `Upgrade`). `h2c` (and `h2`) never: the connection
+/// would carry further requests past the sidecar, all with one token.
+pub(super) fn upgrade_protocols(
+    t: &Table<'_>,
+    raw: Option<Vec<String>>,
+    http2: bool,
+) -> Result<Vec<String>, ConfigError> {
+    const K: &str = "upgrades";
+    let Some(list) = raw else {
+        return Ok(if http2 {
+            Vec::new()
+        } else {
+            vec!["websocket".to_owned()]
+        });
+    };
+    let hint = "write it like [\"websocket\"], or [] to forward no upgrade";
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for item in list {
+        let text = t.string(K, &item)?;
+        let name = text.trim().to_ascii_lowercase();
+        // RFC 9110 §5.6.2 token characters; the version (`name/1`) is the app's.
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(tchar) {
+            let problem = format!("{text:?} is not an Upgrade protocol name");
+            return Err(t.err(K, problem).with_hint(hint));
+        }
+        if name == "h2c" || name == "h2" {
+            let problem = format!(
+                "{text:?} is never forwarded: an HTTP/2 connection would carry further requests past the sidecar"
+            );
+            let hint =
+                "remove it; apps that speak HTTP/2 to the sidecar open with the HTTP/2 preface";
+            return Err(t.err(K, problem).with_hint(hint));
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    if http2 && !out.is_empty() {
+        let problem =
+            "is set but http2 = true: an HTTP/2 upstream connection cannot carry an Upgrade";
+        let hint = "remove upgrades (or set it to []), or remove http2";
+        return Err(t.err(K, problem).with_hint(hint));
+    }
+    Ok(out)
 }
 
 /// A list of header names; by default `Idempotency-Key` alone.
