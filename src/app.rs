@@ -47,6 +47,8 @@ const STOP_SLACK: Duration = Duration::from_secs(10);
 struct PreparedClient {
     upstream_http: crate::http::client::HttpClient,
     token_http: crate::http::client::HttpClient,
+    /// When the client forwards upgrades.
+    upgrade: Option<crate::http::client::UpgradeConnector>,
 }
 
 /// Why the sidecar could not start or reload.
@@ -703,9 +705,15 @@ impl Running {
 
     /// The fallible part of adding a client: its HTTP clients (TLS roots, keys).
     fn prepare_client(&mut self, client: &ClientConfig) -> Result<PreparedClient, StartError> {
+        let upgrade = if client.upgrades.is_empty() {
+            None
+        } else {
+            Some(self.http.upgrade_connector(&client.tls, &client.proxy)?)
+        };
         Ok(PreparedClient {
             upstream_http: self.http.get(&client.tls, &client.proxy, client.http2)?,
             token_http: self.http.get(&client.token.tls, &client.proxy, false)?,
+            upgrade,
         })
     }
 
@@ -768,7 +776,10 @@ impl Running {
             handle,
             subjects,
             client_metrics,
-            parts.upstream_http,
+            proxy::UpstreamClients {
+                http: parts.upstream_http,
+                upgrade: parts.upgrade,
+            },
         ));
         self.clients.insert(
             client.name.clone(),
@@ -784,14 +795,22 @@ impl Running {
     /// Drops cached HTTP clients (TLS configurations) no client uses any more.
     fn forget_unused_http_clients(&mut self) {
         let clients = &self.clients;
-        self.http.retain(|tls, proxy, http2_only| {
-            clients.values().any(|e| {
-                let c = &e.config;
-                &c.proxy == proxy
-                    && ((&c.tls == tls && c.http2 == http2_only)
-                        || (&c.token.tls == tls && !http2_only))
-            })
-        });
+        self.http.retain(
+            |tls, proxy, http2_only| {
+                clients.values().any(|e| {
+                    let c = &e.config;
+                    &c.proxy == proxy
+                        && ((&c.tls == tls && c.http2 == http2_only)
+                            || (&c.token.tls == tls && !http2_only))
+                })
+            },
+            |tls, proxy| {
+                clients.values().any(|e| {
+                    let c = &e.config;
+                    !c.upgrades.is_empty() && &c.proxy == proxy && &c.tls == tls
+                })
+            },
+        );
     }
 
     fn add_listener(&mut self, addr: SocketAddr, listener: TcpListener) -> Result<(), StartError> {

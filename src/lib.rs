@@ -16,9 +16,9 @@
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes; subject records |
 //! | [`subjects`] | one token per merchant or customer: bounded cache, single flight per subject, budget, sweeper |
 //! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
-//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay |
+//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay, upgrade (WebSocket) tunnels |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
-//! | `server` | accept loop with limits and graceful drain |
+//! | `server` | accept loop with limits and graceful drain, upgraded connections included |
 //! | [`workers`] | proxy worker threads, one single-threaded runtime each |
 //! | `admin` | `/healthz`, `/readyz`, `/status`, `/metrics` |
 //! | `metrics` | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
@@ -38,8 +38,8 @@
 //! drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
 //! listeners in.
 //!
-//! Imports run one way: `app` and `admin` use `proxy` and `connect`, `connect` uses `subjects`, `proxy` uses `subjects`, `token` and
-//! `http`, `subjects` uses `token` and `store`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
+//! Imports run one way: `app` and `admin` use `proxy` and `connect`, `connect` uses `subjects`, `proxy` uses `subjects`, `token`,
+//! `http` and `server` (an upgraded connection's hold on its listener), `subjects` uses `token` and `store`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
 //! imports anything high (no module imports one that imports it back).
 
 #![forbid(unsafe_code)]

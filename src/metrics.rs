@@ -34,6 +34,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     config_last_success: prometheus::Gauge,
     sidecar_errors: IntCounterVec,
+    upgrades: IntCounterVec,
+    upgraded_connections: IntGaugeVec,
     store: StoreFamilies,
     subjects: SubjectFamilies,
 }
@@ -241,6 +243,22 @@ impl Metrics {
             &["client", "error"],
         )?;
         registry.register(Box::new(sidecar_errors.clone()))?;
+        let upgrades = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_upgrades_total",
+                "Upgrade requests (WebSocket and the other protocols a client lists) by protocol and outcome: upgraded (a tunnel opened), refused (the upstream answered without switching), failed (no answer, or the switch could not be completed), not_allowed (a protocol the client does not list, protocol \"other\"; served as a plain request).",
+            ),
+            &["client", "protocol", "outcome"],
+        )?;
+        let upgraded_connections = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_upgraded_connections",
+                "Upgraded connections (tunnels) open now.",
+            ),
+            &["client"],
+        )?;
+        registry.register(Box::new(upgrades.clone()))?;
+        registry.register(Box::new(upgraded_connections.clone()))?;
         let store = StoreFamilies::new(&registry)?;
         let subjects = SubjectFamilies::new(&registry)?;
         registry.register(Box::new(config_reloads.clone()))?;
@@ -275,6 +293,8 @@ impl Metrics {
             config_reloads,
             config_last_success,
             sidecar_errors,
+            upgrades,
+            upgraded_connections,
             store,
             subjects,
         })
@@ -310,6 +330,7 @@ impl Metrics {
             retry_not_replayable: self
                 .unauthorized_retries
                 .with_label_values(&[client, RetryOutcome::NotReplayable.as_str()]),
+            upgraded_connections: self.upgraded_connections.with_label_values(&[client]),
             codes: (0..1000).map(|_| OnceLock::new()).collect(),
         };
         m.set_state(State::Starting);
@@ -448,6 +469,43 @@ impl RetryOutcome {
     }
 }
 
+/// How an upgrade request ended (a label of `tokenproxy_upgrades_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeOutcome {
+    /// The upstream switched protocols and the tunnel opened.
+    Upgraded,
+    /// The upstream answered without switching (its answer went to the app).
+    Refused,
+    /// No answer from the upstream, a switch to a protocol not asked for, or a
+    /// side that went away before the tunnel opened.
+    Failed,
+    /// A protocol the client does not list: served as a plain request.
+    NotAllowed,
+}
+
+impl UpgradeOutcome {
+    /// The outcomes of a listed protocol, for metric children.
+    pub const LISTED: [UpgradeOutcome; 3] = [
+        UpgradeOutcome::Upgraded,
+        UpgradeOutcome::Refused,
+        UpgradeOutcome::Failed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeOutcome::Upgraded => "upgraded",
+            UpgradeOutcome::Refused => "refused",
+            UpgradeOutcome::Failed => "failed",
+            UpgradeOutcome::NotAllowed => "not_allowed",
+        }
+    }
+}
+
+/// The `protocol` label of upgrades to protocols the client does not list (the
+/// app's own names would make the label set open-ended).
+pub const OTHER_PROTOCOL: &str = "other";
+
 /// Metric handles for one client.
 #[derive(Clone)]
 pub struct ClientMetrics {
@@ -460,6 +518,7 @@ pub struct ClientMetrics {
     retry_recovered: IntCounter,
     retry_failed: IntCounter,
     retry_not_replayable: IntCounter,
+    upgraded_connections: IntGauge,
     /// `tokenproxy_requests_total{code}` children by status code, looked up once each:
     /// the request path then does no label hashing.
     codes: Arc<[OnceLock<IntCounter>]>,
@@ -527,6 +586,36 @@ impl ClientMetrics {
             RetryOutcome::Failed => self.retry_failed.inc(),
             RetryOutcome::NotReplayable => self.retry_not_replayable.inc(),
         }
+    }
+
+    /// Creates the `tokenproxy_upgrades_total` children of the listed `protocols`
+    /// (and of those not listed).
+    pub fn upgrades_init(&self, protocols: &[String]) {
+        for protocol in protocols {
+            for outcome in UpgradeOutcome::LISTED {
+                self.families
+                    .upgrades
+                    .with_label_values(&[&self.name, protocol, outcome.as_str()]);
+            }
+        }
+        self.families.upgrades.with_label_values(&[
+            &self.name,
+            OTHER_PROTOCOL,
+            UpgradeOutcome::NotAllowed.as_str(),
+        ]);
+    }
+
+    /// Counts an upgrade request to `protocol` (a listed name, or [`OTHER_PROTOCOL`]).
+    pub fn upgrade(&self, protocol: &str, outcome: UpgradeOutcome) {
+        self.families
+            .upgrades
+            .with_label_values(&[&self.name, protocol, outcome.as_str()])
+            .inc();
+    }
+
+    /// The gauge of open tunnels, for a guard around each.
+    pub fn upgraded_connections(&self) -> &IntGauge {
+        &self.upgraded_connections
     }
 
     /// The in-flight gauge, for a guard around each request.

@@ -201,6 +201,11 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
             .take(t.opt_duration("http2_keepalive_interval", raw, true))
             .map(|d| d.filter(|d| !d.is_zero())),
     };
+    let upgrade_idle_timeout = p.take(t.duration(
+        "upgrade_idle_timeout",
+        raw.upgrade_idle_timeout,
+        d.upgrade_idle_timeout,
+    ));
     let (
         Some(header_read_timeout),
         Some(max_header_bytes),
@@ -213,6 +218,7 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
         Some(max_buffered_bytes),
         Some(http2_max_concurrent_streams),
         Some(http2_keepalive_interval),
+        Some(upgrade_idle_timeout),
     ) = (
         header_read_timeout,
         max_header_bytes,
@@ -225,6 +231,7 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
         max_buffered_bytes,
         http2_max_concurrent_streams.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         http2_keepalive_interval,
+        upgrade_idle_timeout,
     )
     else {
         return Err(p.into_error());
@@ -241,6 +248,7 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
         max_buffered_bytes,
         http2_max_concurrent_streams,
         http2_keepalive_interval,
+        upgrade_idle_timeout,
     })
 }
 
@@ -328,6 +336,8 @@ pub(super) fn build_client(
     ));
     let tls = p.take(build_tls(raw.tls, &Table::new(x, t.key("tls"))));
     let proxy = p.take(build_proxy(raw.proxy, &t));
+    let http2 = raw.http2.unwrap_or(false);
+    let upgrades = p.take(upgrade_protocols(&t, raw.upgrades, http2));
     if let Some(allowed) = &allow_insecure {
         let exposure = safety::Exposure {
             listen,
@@ -355,6 +365,7 @@ pub(super) fn build_client(
         Some(inject),
         Some(tls),
         Some(proxy),
+        Some(upgrades),
     ) = (
         allow_insecure,
         listen,
@@ -372,6 +383,7 @@ pub(super) fn build_client(
         inject,
         tls,
         proxy,
+        upgrades,
     )
     else {
         return Err(p.into_error());
@@ -390,7 +402,8 @@ pub(super) fn build_client(
         unauthorized_status,
         idempotency_headers,
         replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
-        http2: raw.http2.unwrap_or(false),
+        http2,
+        upgrades,
         token,
         inject,
         tls,
@@ -541,6 +554,55 @@ pub(super) fn path_prefix(t: &Table<'_>, raw: &str) -> Result<String, ConfigErro
             .with_hint("write it like \"/payments\""));
     }
     Ok(format!("/{trimmed}"))
+}
+
+/// `upgrades`: the `Upgrade` protocol names forwarded, lower case, each once.
+/// By default WebSocket alone, and none to an HTTP/2 upstream (an HTTP/2
+/// connection carries no `Upgrade`). `h2c` (and `h2`) never: the connection
+/// would carry further requests past the sidecar, all with one token.
+pub(super) fn upgrade_protocols(
+    t: &Table<'_>,
+    raw: Option<Vec<String>>,
+    http2: bool,
+) -> Result<Vec<String>, ConfigError> {
+    const K: &str = "upgrades";
+    let Some(list) = raw else {
+        return Ok(if http2 {
+            Vec::new()
+        } else {
+            vec!["websocket".to_owned()]
+        });
+    };
+    let hint = "write it like [\"websocket\"], or [] to forward no upgrade";
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for item in list {
+        let text = t.string(K, &item)?;
+        let name = text.trim().to_ascii_lowercase();
+        // RFC 9110 §5.6.2 token characters; the version (`name/1`) is the app's.
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(tchar) {
+            let problem = format!("{text:?} is not an Upgrade protocol name");
+            return Err(t.err(K, problem).with_hint(hint));
+        }
+        if name == "h2c" || name == "h2" {
+            let problem = format!(
+                "{text:?} is never forwarded: an HTTP/2 connection would carry further requests past the sidecar"
+            );
+            let hint =
+                "remove it; apps that speak HTTP/2 to the sidecar open with the HTTP/2 preface";
+            return Err(t.err(K, problem).with_hint(hint));
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    if http2 && !out.is_empty() {
+        let problem =
+            "is set but http2 = true: an HTTP/2 upstream connection cannot carry an Upgrade";
+        let hint = "remove upgrades (or set it to []), or remove http2";
+        return Err(t.err(K, problem).with_hint(hint));
+    }
+    Ok(out)
 }
 
 /// A list of header names; by default `Idempotency-Key` alone.

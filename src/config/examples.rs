@@ -26,6 +26,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("limits.max_buffered_bytes", "\"64MiB\""),
     ("limits.http2_max_concurrent_streams", "100"),
     ("limits.http2_keepalive_interval", "\"30s\""),
+    ("limits.upgrade_idle_timeout", "\"5m\""),
     ("runtime.workers", "2"),
     ("store.kind", "\"file\""),
     ("store.path", "\"/var/lib/tokenproxy/tokens.json\""),
@@ -74,6 +75,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("clients.*.idempotency_headers", "[\"Idempotency-Key\"]"),
     ("clients.*.replay_non_idempotent", "true"),
     ("clients.*.http2", "true"),
+    ("clients.*.upgrades", "[\"websocket\"]"),
     ("clients.*.proxy", "\"http://proxy.corp:3128\""),
     ("clients.*.allow_insecure", "[\"public_listen\"]"),
     (

@@ -61,6 +61,7 @@ pub(super) struct RawLimits {
     pub(super) max_buffered_bytes: Option<Scalar>,
     pub(super) http2_max_concurrent_streams: Option<Scalar>,
     pub(super) http2_keepalive_interval: Option<Scalar>,
+    pub(super) upgrade_idle_timeout: Option<Scalar>,
 }
 
 /// `[runtime]`.
@@ -114,6 +115,7 @@ pub(super) struct RawClient {
     pub(super) idempotency_headers: Option<Vec<String>>,
     pub(super) replay_non_idempotent: Option<bool>,
     pub(super) http2: Option<bool>,
+    pub(super) upgrades: Option<Vec<String>>,
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,
     pub(super) tls: Option<super::tls::RawTls>,

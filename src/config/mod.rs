@@ -213,6 +213,9 @@ pub struct Limits {
     /// How often an HTTP/2 connection is pinged to find a dead peer (`None`: never);
     /// default 30s.
     pub http2_keepalive_interval: Option<Duration>,
+    /// An upgraded connection (a WebSocket) that moves no byte either way for
+    /// this long is closed; default 5m.
+    pub upgrade_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -229,6 +232,7 @@ impl Default for Limits {
             max_buffered_bytes: 64 * MIB,
             http2_max_concurrent_streams: 100,
             http2_keepalive_interval: Some(Duration::from_secs(30)),
+            upgrade_idle_timeout: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -296,6 +300,10 @@ pub struct ClientConfig {
     /// (h2c, as gRPC servers expect), through ALPN only to an `https://` one;
     /// default false (HTTP/1.1, or HTTP/2 when an `https://` upstream offers it).
     pub http2: bool,
+    /// `Upgrade` protocols forwarded to the upstream (lower case, by protocol
+    /// name); others are stripped. Default `["websocket"]` (none with `http2`);
+    /// never `h2c`.
+    pub upgrades: Vec<String>,
     /// `[clients.NAME.token]`.
     pub token: TokenConfig,
     /// `[clients.NAME.inject]`.

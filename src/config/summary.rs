@@ -55,6 +55,7 @@ impl Config {
             Some(d) => row(out, "http2_keepalive_interval", dur(d))?,
             None => row(out, "http2_keepalive_interval", "off")?,
         }
+        row(out, "upgrade_idle_timeout", dur(l.upgrade_idle_timeout))?;
         writeln!(out, "runtime")?;
         match self.runtime.workers {
             Some(n) => row(out, "workers", n)?,
@@ -132,6 +133,12 @@ impl ClientConfig {
         if self.http2 {
             row(out, "http2", "true")?;
         }
+        let upgrades = if self.upgrades.is_empty() {
+            "(none)".to_owned()
+        } else {
+            format!("[{}]", self.upgrades.join(", "))
+        };
+        row(out, "upgrades", upgrades)?;
         if !self.allow_insecure.is_empty() {
             let waived: Vec<&str> = self.allow_insecure.iter().map(|v| v.as_str()).collect();
             row(out, "allow_insecure", format!("[{}]", waived.join(", ")))?;

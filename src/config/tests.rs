@@ -1154,3 +1154,73 @@ fn a_store_path_in_a_missing_or_unwritable_directory_is_refused() {
     }
     parse(&text);
 }
+
+#[test]
+fn upgrades_default_to_websocket_and_take_listed_protocol_names() {
+    let c = parse(MIN);
+    assert_eq!(c.clients[0].upgrades, vec!["websocket".to_owned()]);
+    assert!(c.summary().contains("[websocket]"), "{}", c.summary());
+    let with = |list: &str| {
+        MIN.replace(
+            "upstream = \"https://api.pay.example\"",
+            &format!("upstream = \"https://api.pay.example\"\nupgrades = {list}"),
+        )
+    };
+    let c = parse(&with(r#"["WebSocket", " x-tunnel ", "websocket"]"#));
+    assert_eq!(
+        c.clients[0].upgrades,
+        vec!["websocket".to_owned(), "x-tunnel".to_owned()],
+        "names are lower-cased, trimmed and listed once"
+    );
+    let c = parse(&with("[]"));
+    assert!(c.clients[0].upgrades.is_empty());
+    assert!(c.summary().contains("(none)"), "{}", c.summary());
+
+    for h2 in ["h2c", "H2C", "h2"] {
+        let err = fail(&with(&format!("[\"websocket\", \"{h2}\"]")));
+        assert_error(&err, "clients.payments.upgrades", "is never forwarded");
+    }
+    for bad in ["", "web socket", "websocket/13", "a,b"] {
+        let err = fail(&with(&format!("[\"{bad}\"]")));
+        assert_error(
+            &err,
+            "clients.payments.upgrades",
+            "is not an Upgrade protocol name",
+        );
+    }
+}
+
+#[test]
+fn an_http2_upstream_forwards_no_upgrade() {
+    let http2 = |extra: &str| {
+        MIN.replace(
+            "upstream = \"https://api.pay.example\"",
+            &format!("upstream = \"https://api.pay.example\"\nhttp2 = true\n{extra}"),
+        )
+    };
+    assert!(parse(&http2("")).clients[0].upgrades.is_empty());
+    assert!(parse(&http2("upgrades = []")).clients[0]
+        .upgrades
+        .is_empty());
+    let err = fail(&http2("upgrades = [\"websocket\"]"));
+    assert_error(&err, "clients.payments.upgrades", "http2 = true");
+}
+
+#[test]
+fn upgrade_idle_timeout_is_a_positive_duration_defaulting_to_five_minutes() {
+    assert_eq!(
+        parse(MIN).limits.upgrade_idle_timeout,
+        Duration::from_secs(300)
+    );
+    let c = parse(&format!("[limits]\nupgrade_idle_timeout = \"90s\"\n{MIN}"));
+    assert_eq!(c.limits.upgrade_idle_timeout, Duration::from_secs(90));
+    assert!(
+        c.summary().contains("upgrade_idle_timeout"),
+        "{}",
+        c.summary()
+    );
+    let err = fail(&format!("[limits]\nupgrade_idle_timeout = \"0s\"\n{MIN}"));
+    assert_error(&err, "limits.upgrade_idle_timeout", "greater than zero");
+    let err = fail(&format!("[limits]\nupgrade_idle_timeout = 30\n{MIN}"));
+    assert_error(&err, "limits.upgrade_idle_timeout", "has no unit");
+}

@@ -10,11 +10,15 @@
 //! client that opted in. A payment POST without a key gets the API's 401 back
 //! rather than a second charge. A replayed response carries
 //! `x-tokenproxy-replayed: 1`.
+//!
+//! A request to switch protocols (a WebSocket) is forwarded once, unbuffered,
+//! and a `101` turns the two connections into a tunnel: see `upgrade`.
 
 pub mod body;
 pub mod headers;
 pub mod pool;
 pub mod route;
+mod upgrade;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -34,8 +38,8 @@ use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use crate::config::{ClientConfig, Limits};
 use crate::error::ProxyError;
-use crate::http::client::{self as upstream, HttpClient};
-use crate::metrics::{ClientMetrics, RetryOutcome};
+use crate::http::client::{self as upstream, HttpClient, UpgradeConnector};
+use crate::metrics::{ClientMetrics, RetryOutcome, UpgradeOutcome, OTHER_PROTOCOL};
 use crate::subjects::{SubjectError, Subjects};
 use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
 
@@ -64,6 +68,16 @@ pub struct ClientRuntime {
     http: HttpClient,
     /// For `http://` upstreams: our own HTTP/1.1 pool instead of `http`.
     pool: Option<Http1Pool>,
+    /// Upgrade passthrough, when the client forwards any protocol.
+    upgrades: Option<upgrade::Upgrades>,
+}
+
+/// The ways a client reaches its upstream.
+pub struct UpstreamClients {
+    /// The shared, pooled client.
+    pub http: HttpClient,
+    /// The connector of upgrade requests; `None` when the client forwards none.
+    pub upgrade: Option<UpgradeConnector>,
 }
 
 impl ClientRuntime {
@@ -76,8 +90,9 @@ impl ClientRuntime {
         token: TokenHandle,
         subjects: Option<Subjects>,
         metrics: ClientMetrics,
-        http: HttpClient,
+        upstream_clients: UpstreamClients,
     ) -> Self {
+        let UpstreamClients { http, upgrade } = upstream_clients;
         let authority = config.upstream.authority.clone();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("a parsed URI authority is a valid header value");
@@ -90,6 +105,18 @@ impl ClientRuntime {
             let target = Uri::from_parts(target).expect("scheme, authority and / make a valid URI");
             Http1Pool::new(upstream::egress(&config.proxy), target)
         });
+        metrics.upgrades_init(&config.upgrades);
+        let upgrades = upgrade
+            .filter(|_| !config.upgrades.is_empty())
+            .map(|connector| {
+                upgrade::Upgrades::new(
+                    config.upgrades.clone(),
+                    connector,
+                    config.upstream.scheme.clone(),
+                    authority.clone(),
+                    limits.upgrade_idle_timeout,
+                )
+            });
         ClientRuntime {
             name: config.name.clone(),
             scheme: config.upstream.scheme.clone(),
@@ -113,6 +140,7 @@ impl ClientRuntime {
             metrics,
             http,
             pool,
+            upgrades,
         }
     }
 
@@ -289,6 +317,12 @@ async fn forward(
     grpc: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
+    let asked = upgrade::asked(client.upgrades.as_ref(), &parts);
+    if let upgrade::Asked::NotAllowed = asked {
+        client
+            .metrics
+            .upgrade(OTHER_PROTOCOL, UpgradeOutcome::NotAllowed);
+    }
     let mut uri = http::uri::Parts::default();
     if client.pool.is_none() {
         // The shared client wants the absolute form (it picks the pool by it); our own
@@ -313,6 +347,20 @@ async fn forward(
         uri,
         headers: parts.headers,
     };
+    if let (upgrade::Asked::Allowed(offer), Some(upgrades)) = (asked, &client.upgrades) {
+        // `asked` saw the server's hold, which comes with hyper's hand-over.
+        if let Some(app) = upgrade::AppSide::take(&mut parts.extensions) {
+            let handshake = upgrade::Handshake {
+                outgoing,
+                body: incoming,
+                app,
+                offer,
+                subject,
+                request_id,
+            };
+            return upgrade::forward(client, upgrades, handshake, exchange).await;
+        }
+    }
 
     // A gRPC call's request may be a stream the client writes as the answers come
     // (and may idle between messages): it is forwarded as it arrives, never held

@@ -27,6 +27,7 @@ mod subjects_cli;
 mod token_cache;
 mod token_shapes;
 mod unauthorized;
+mod upgrade;
 mod upstream_faults;
 mod upstream_pool;
 mod upstream_tls;
