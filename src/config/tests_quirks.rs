@@ -1,0 +1,428 @@
+//! Unit tests of the provider-quirk keys of `[clients.NAME.token]`: `headers`,
+//! the `response` mapping and the `errors` rules, each read and each refused
+//! with its key, its place and a fix.
+
+use super::tests::MIN;
+use super::*;
+
+fn env() -> MapEnv {
+    MapEnv::new()
+        .var("PAY_CLIENT_SECRET", "s3cret-value")
+        .var("POS_VERSION", "2026-01-22")
+        .var("API_KEY", "key-Zq81-value")
+        .var("NEWLINE", "a\r\nInjected: yes")
+}
+
+fn with(extra: &str) -> String {
+    format!("{MIN}{extra}\n")
+}
+
+fn token(extra: &str) -> TokenConfig {
+    match from_str(&with(extra), Some(Path::new("tokenproxy.toml")), &env()) {
+        Ok(mut c) => c.clients.remove(0).token,
+        Err(e) => panic!("config should be valid, got:\n{e}"),
+    }
+}
+
+fn fail(extra: &str) -> ConfigError {
+    match from_str(&with(extra), Some(Path::new("tokenproxy.toml")), &env()) {
+        Ok(c) => panic!("config should be rejected, got: {c:?}"),
+        Err(e) => e,
+    }
+}
+
+fn problem<'a>(err: &'a ConfigError, key: &str) -> &'a ConfigProblem {
+    err.errors()
+        .find(|p| p.key() == key)
+        .unwrap_or_else(|| panic!("a problem about {key} should be reported, got:\n{err}"))
+}
+
+fn summary(extra: &str) -> String {
+    match from_str(&with(extra), Some(Path::new("tokenproxy.toml")), &env()) {
+        Ok(c) => c.summary(),
+        Err(e) => panic!("config should be valid, got:\n{e}"),
+    }
+}
+
+// --- token.headers -------------------------------------------------------------------
+
+#[test]
+fn headers_are_read_sorted_with_variables_expanded() {
+    let t = token(
+        r#"headers = { "Square-Version" = "${POS_VERSION}", "X-Api-Key" = "${API_KEY}", Accept = "application/vnd.pos+json" }"#,
+    );
+    let shown: Vec<(&str, &str)> = t
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.to_str().unwrap_or("(not text)")))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("accept", "application/vnd.pos+json"),
+            ("square-version", "2026-01-22"),
+            ("x-api-key", "key-Zq81-value"),
+        ],
+        "every header, by name, with ${{VAR}} expanded"
+    );
+    let sensitive: Vec<bool> = t.headers.iter().map(|(_, v)| v.is_sensitive()).collect();
+    assert_eq!(
+        sensitive,
+        [false, false, true],
+        "a header named like a credential is marked sensitive"
+    );
+}
+
+#[test]
+fn check_shows_header_values_but_not_those_named_like_credentials() {
+    let text =
+        summary(r#"headers = { "Square-Version" = "2026-01-22", "X-Api-Key" = "${API_KEY}" }"#);
+    assert!(
+        text.contains("token.headers") && text.contains("square-version: 2026-01-22"),
+        "the version header is shown:\n{text}"
+    );
+    assert!(
+        text.contains("x-api-key: [redacted]") && !text.contains("key-Zq81-value"),
+        "an API key header is not shown:\n{text}"
+    );
+    assert!(
+        !summary("").contains("token.headers"),
+        "no headers row without headers"
+    );
+}
+
+#[test]
+fn headers_tokenproxy_sets_are_refused_each_with_its_key_and_place() {
+    let err = fail(
+        "headers = { \"Content-Type\" = \"text/plain\", Host = \"auth.example\", \
+         Connection = \"close\", \"Content-Length\" = \"0\", DPoP = \"x\", \
+         \"Transfer-Encoding\" = \"chunked\", \"Square-Version\" = \"2026-01-22\" }",
+    );
+    for (key, why) in [
+        ("Content-Type", "follows token.body"),
+        ("Host", "follows token.url"),
+        ("Connection", "hop-by-hop"),
+        ("Content-Length", "computed"),
+        ("DPoP", "proof"),
+        ("Transfer-Encoding", "hop-by-hop"),
+    ] {
+        let p = problem(&err, &format!("clients.payments.token.headers.{key}"));
+        assert!(
+            p.problem().contains("is set by tokenproxy") && p.problem().contains(why),
+            "{key}: {}",
+            p.problem()
+        );
+        assert_eq!(p.hint(), Some("remove it from headers"));
+        assert_eq!(
+            p.location().map(|(line, _)| line),
+            Some(11),
+            "{key} is placed on the headers line"
+        );
+    }
+    assert_eq!(err.count(), 6, "Square-Version is fine:\n{err}");
+}
+
+#[test]
+fn authorization_is_refused_only_when_client_auth_sends_credentials_in_it() {
+    for auth in ["basic", "both"] {
+        let err = fail(&format!(
+            "client_auth = \"{auth}\"\nheaders = {{ Authorization = \"Bearer x\" }}"
+        ));
+        let p = problem(&err, "clients.payments.token.headers.Authorization");
+        assert!(
+            p.problem().contains("carries the client credentials") && p.problem().contains(auth),
+            "{}",
+            p.problem()
+        );
+    }
+    let default_auth = fail(r#"headers = { authorization = "Bearer x" }"#);
+    problem(
+        &default_auth,
+        "clients.payments.token.headers.authorization",
+    );
+
+    let text = MIN.replace("client_secret = \"${PAY_CLIENT_SECRET}\"\n", "");
+    let config = from_str(
+        &format!("{text}client_auth = \"none\"\nheaders = {{ Authorization = \"Bearer ${{API_KEY}}\" }}\n"),
+        None,
+        &env(),
+    )
+    .unwrap_or_else(|e| panic!("a client sending no credentials may send Authorization: {e}"));
+    let (name, value) = &config.clients[0].token.headers[0];
+    assert_eq!(name, http::header::AUTHORIZATION);
+    assert!(value.is_sensitive(), "an Authorization value is sensitive");
+    assert!(
+        !config.summary().contains("key-Zq81-value"),
+        "and never shown by check"
+    );
+}
+
+#[test]
+fn a_bad_header_name_value_or_duplicate_is_refused() {
+    let err = fail(
+        "headers = { \"Bad Name\" = \"x\", \"X-Line\" = \"${NEWLINE}\", \"X-Empty\" = \" \", \
+         \"X-Twice\" = \"1\", \"x-twice\" = \"2\", \"X-Missing\" = \"${NOT_SET}\" }",
+    );
+    let p = problem(&err, "clients.payments.token.headers.Bad Name");
+    assert!(
+        p.problem().contains("is not a header name"),
+        "{}",
+        p.problem()
+    );
+    let p = problem(&err, "clients.payments.token.headers.X-Line");
+    assert!(
+        p.problem().contains("is not a valid header value") && !p.problem().contains("Injected"),
+        "a value with CR/LF is refused without echoing it: {}",
+        p.problem()
+    );
+    let p = problem(&err, "clients.payments.token.headers.X-Empty");
+    assert_eq!(p.problem(), "is empty");
+    let p = problem(&err, "clients.payments.token.headers.x-twice");
+    assert!(p.problem().contains("given twice"), "{}", p.problem());
+    let p = problem(&err, "clients.payments.token.headers.X-Missing");
+    assert!(p.problem().contains("NOT_SET"), "{}", p.problem());
+    assert_eq!(err.count(), 5, "{err}");
+}
+
+// --- [clients.NAME.token.response] ------------------------------------------------------
+
+#[test]
+fn the_response_mapping_reads_names_dotted_paths_and_units() {
+    let t = token(
+        "[clients.payments.token.response]\n\
+         access_token = \"data.token\"\n\
+         refresh_token = \"refreshToken\"\n\
+         token_type = \"kind\"\n\
+         scope = \"grants\"\n\
+         expires_in = \"data.ttl\"\n\
+         expires_at = \"access_token_expiration\"\n\
+         expires_at_unit = \"epoch_seconds\"\n\
+         refresh_token_expires_in = \"rt.ttl\"\n\
+         refresh_token_expires_at = \"refresh_token_expiration\"\n\
+         refresh_token_expires_at_unit = \"epoch_millis\"",
+    );
+    let r = &t.response;
+    let path = |p: &Option<FieldPath>| p.as_ref().map(|p| p.segments().join("/"));
+    assert_eq!(path(&r.access_token).as_deref(), Some("data/token"));
+    assert_eq!(path(&r.refresh_token).as_deref(), Some("refreshToken"));
+    assert_eq!(path(&r.token_type).as_deref(), Some("kind"));
+    assert_eq!(path(&r.scope).as_deref(), Some("grants"));
+    assert_eq!(path(&r.expires_in).as_deref(), Some("data/ttl"));
+    assert_eq!(
+        path(&r.expires_at).as_deref(),
+        Some("access_token_expiration")
+    );
+    assert_eq!(r.expires_at_unit, Some(TimestampUnit::EpochSeconds));
+    assert_eq!(path(&r.refresh_token_expires_in).as_deref(), Some("rt/ttl"));
+    assert_eq!(
+        path(&r.refresh_token_expires_at).as_deref(),
+        Some("refresh_token_expiration")
+    );
+    assert_eq!(
+        r.refresh_token_expires_at_unit,
+        Some(TimestampUnit::EpochMillis)
+    );
+    assert!(!r.is_standard());
+    assert!(
+        token("").response.is_standard(),
+        "no table: the standard names"
+    );
+}
+
+#[test]
+fn the_product_inline_form_of_the_response_mapping_is_accepted() {
+    let t = token(
+        r#"response = { expires_at = "access_token_expiration", expires_at_unit = "epoch_seconds" }"#,
+    );
+    assert_eq!(
+        t.response.expires_at.map(|p| p.to_string()).as_deref(),
+        Some("access_token_expiration")
+    );
+    assert_eq!(
+        t.response.expires_at_unit,
+        Some(TimestampUnit::EpochSeconds)
+    );
+    let text = summary(
+        r#"response = { expires_at = "access_token_expiration", expires_at_unit = "epoch_seconds" }"#,
+    );
+    assert!(
+        text.contains("expires_at <- access_token_expiration, expires_at_unit = epoch_seconds"),
+        "check shows the mapping:\n{text}"
+    );
+}
+
+#[test]
+fn a_bad_response_mapping_reports_every_problem_with_its_key() {
+    let err = fail(
+        "[clients.payments.token.response]\n\
+         access_token = \"data..token\"\n\
+         refresh_token = \"\"\n\
+         expires_at_unit = \"seconds\"\n\
+         expires_in = \"ttl\"\n\
+         refresh_token_expires_in = \"ttl\"\n\
+         expire_at = \"x\"",
+    );
+    let p = problem(&err, "clients.payments.token.response.access_token");
+    assert!(p.problem().contains("has an empty part"), "{}", p.problem());
+    assert_eq!(p.location(), Some((12, 1)));
+    let p = problem(&err, "clients.payments.token.response.refresh_token");
+    assert_eq!(p.problem(), "is empty");
+    let p = problem(&err, "clients.payments.token.response.expires_at_unit");
+    assert!(
+        p.problem().contains("\"seconds\" is not an accepted value")
+            && p.hint()
+                .is_some_and(|h| h.contains("\"epoch_seconds\", \"epoch_millis\", \"rfc3339\"")),
+        "{p:?}"
+    );
+    let p = problem(
+        &err,
+        "clients.payments.token.response.refresh_token_expires_in",
+    );
+    assert!(
+        p.problem().contains("which expires_in reads too"),
+        "{}",
+        p.problem()
+    );
+    let p = problem(&err, "clients.payments.token.response.expire_at");
+    assert_eq!(
+        p.location(),
+        Some((17, 1)),
+        "an unknown key is placed too: {p:?}"
+    );
+}
+
+// --- [[clients.NAME.token.errors]] ------------------------------------------------------
+
+const RULES: &str = r#"
+[[clients.payments.token.errors]]
+status = 500
+body_contains = "INVALID_CREDENTIALS"
+means = "rejected"
+
+[[clients.payments.token.errors]]
+error = "invalid_grant"
+means = "transient"
+
+[[clients.payments.token.errors]]
+status = "401"
+error = "REFRESH_TOKEN_EXPIRED"
+means = "needs_authorization"
+"#;
+
+#[test]
+fn error_rules_are_read_in_order() {
+    let t = token(RULES);
+    assert_eq!(
+        t.errors,
+        [
+            ErrorRule {
+                status: Some(StatusCode::INTERNAL_SERVER_ERROR),
+                error: None,
+                body_contains: Some("INVALID_CREDENTIALS".to_owned()),
+                means: ErrorMeaning::Rejected,
+            },
+            ErrorRule {
+                status: None,
+                error: Some("invalid_grant".to_owned()),
+                body_contains: None,
+                means: ErrorMeaning::Transient,
+            },
+            ErrorRule {
+                status: Some(StatusCode::UNAUTHORIZED),
+                error: Some("REFRESH_TOKEN_EXPIRED".to_owned()),
+                body_contains: None,
+                means: ErrorMeaning::NeedsAuthorization,
+            },
+        ]
+    );
+    let text = summary(RULES);
+    assert!(
+        text.contains("token.errors[0]")
+            && text.contains("status 500 and body contains \"INVALID_CREDENTIALS\" -> rejected")
+            && text
+                .contains("status 401 and error \"REFRESH_TOKEN_EXPIRED\" -> needs_authorization"),
+        "check lists the rules:\n{text}"
+    );
+    let inline = token(r#"errors = [{ status = 500, means = "transient" }]"#);
+    assert_eq!(inline.errors.len(), 1, "an inline array works too");
+}
+
+#[test]
+fn each_bad_rule_is_reported_at_its_own_table() {
+    let err = fail(
+        r#"
+[[clients.payments.token.errors]]
+status = 500
+means = "rejected"
+
+[[clients.payments.token.errors]]
+status = 200
+means = "rejected"
+
+[[clients.payments.token.errors]]
+body_contains = "x"
+means = "retry"
+
+[[clients.payments.token.errors]]
+body_contains = "INVALID"
+
+[[clients.payments.token.errors]]
+means = "transient"
+"#,
+    );
+    let p = problem(&err, "clients.payments.token.errors[1].status");
+    assert_eq!(p.problem(), "must be at least 400");
+    assert_eq!(p.location(), Some((17, 1)), "in the second rule");
+    let p = problem(&err, "clients.payments.token.errors[2].means");
+    assert!(
+        p.problem().contains("\"retry\" is not an accepted value")
+            && p.hint()
+                .is_some_and(|h| h.contains("\"needs_authorization\"")),
+        "{p:?}"
+    );
+    assert_eq!(p.location(), Some((22, 1)));
+    let p = problem(&err, "clients.payments.token.errors[3].means");
+    assert_eq!(p.problem(), "is required");
+    assert_eq!(
+        p.location(),
+        Some((24, 1)),
+        "a missing key points at its rule's header"
+    );
+    let p = problem(&err, "clients.payments.token.errors[4]");
+    assert!(
+        p.problem().contains("matches nothing in particular")
+            && p.hint()
+                .is_some_and(|h| h.contains("status, error or body_contains")),
+        "{p:?}"
+    );
+    assert_eq!(p.location(), Some((27, 1)));
+    assert_eq!(err.count(), 4, "the first rule is fine:\n{err}");
+}
+
+#[test]
+fn a_rule_with_a_misspelt_or_mistyped_key_is_placed_and_written_like() {
+    let err = fail(
+        r#"
+[[clients.payments.token.errors]]
+status = 500
+means = "rejected"
+
+[[clients.payments.token.errors]]
+stauts = 500
+means = "rejected"
+
+[[clients.payments.token.errors]]
+status = 500
+means = ["rejected"]
+"#,
+    );
+    let misspelt = problem(&err, "clients.payments.token.errors[1].stauts");
+    assert_eq!(misspelt.location(), Some((17, 1)), "{misspelt:?}");
+    let mistyped = problem(&err, "clients.payments.token.errors[2].means");
+    assert_eq!(mistyped.location(), Some((22, 9)), "{mistyped:?}");
+    assert_eq!(
+        mistyped.hint(),
+        Some("write it like means = \"rejected\""),
+        "{mistyped:?}"
+    );
+}
