@@ -19,7 +19,7 @@ use crate::secret::Secret;
 use crate::token::assertion;
 use crate::token::dialect::{build_request, redactor, GrantKind};
 use crate::token::response::{
-    parse_error_redacted, parse_success, ProviderError, ResponseError, TokenSet,
+    parse_error_redacted, parse_success_with, ProviderError, ResponseError, TokenSet,
 };
 use crate::token::Outcome;
 
@@ -262,10 +262,12 @@ impl TokenEndpoint {
                 })?
                 .to_bytes();
             if status.is_success() {
-                parse_success(&body, self.clock.wall_now()).map_err(|source| TokenError::Response {
-                    url: url.clone(),
-                    source,
-                })
+                parse_success_with(&body, self.clock.wall_now(), &config.response).map_err(
+                    |source| TokenError::Response {
+                        url: url.clone(),
+                        source,
+                    },
+                )
             } else if status.is_redirection() {
                 Err(TokenError::Redirect {
                     url: url.clone(),
