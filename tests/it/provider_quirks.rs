@@ -5,9 +5,11 @@
 
 use crate::support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use support::{harness, wait_ready, Options};
+use http::StatusCode;
+use support::{harness, metric, wait_ready, Options};
+use tokenproxy_mock::ResponseShape;
 
 /// A provider that returns a refresh token and keeps it across refreshes.
 fn refreshing(lifetime: Duration) -> Options {
@@ -57,5 +59,85 @@ async fn the_version_header_goes_on_the_grant_and_on_every_refresh() {
             Some("2026-01-22".to_owned())
         ),
         "the refresh carries the configured version header too"
+    );
+}
+
+/// The commerce API's names and unit, as `[clients.NAME.token.response]`.
+const EPOCH_MAPPING: &str = r#"
+[clients.payments.token.response]
+expires_at = "access_token_expiration"
+expires_at_unit = "epoch_seconds"
+refresh_token_expires_at = "refresh_token_expiration"
+refresh_token_expires_at_unit = "epoch_seconds"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expirations_in_epoch_seconds_under_other_names_drive_the_proactive_refresh() {
+    let mut options = refreshing(Duration::from_secs(3)).token(EPOCH_MAPPING);
+    options.provider.response_shape = ResponseShape::EpochExpirations;
+    let h = harness(options).await;
+    wait_ready(&h).await;
+
+    let status = h
+        .running
+        .token("payments")
+        .expect("the client has a token handle")
+        .status();
+    let at = |what: &str, value: Option<&String>| {
+        let value = value.unwrap_or_else(|| panic!("/status states when the {what} expires"));
+        humantime::parse_rfc3339(value).unwrap_or_else(|e| panic!("{what}: {value}: {e}"))
+    };
+    let now = SystemTime::now();
+    let access = at("access token", status.access_token_expires_at.as_ref());
+    assert!(
+        access > now && access <= now + Duration::from_secs(3),
+        "the access token expires when access_token_expiration says, within 3 s: {status:?}"
+    );
+    let refresh = at("refresh token", status.refresh_token_expires_at.as_ref());
+    let day = now + Duration::from_secs(86_400);
+    assert!(
+        refresh > day - Duration::from_secs(5) && refresh <= day,
+        "the refresh token expires a day on, as refresh_token_expiration says: {status:?}"
+    );
+
+    // Requests keep flowing past several expiries; none meets an expired token.
+    let url = format!("http://{}/api/v1/payments", h.proxy);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let r = h.http.get(&url).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = h
+        .http
+        .get(&format!("http://{}/metrics", h.admin))
+        .await
+        .text();
+    let refreshes = |trigger: &str| {
+        metric(
+            &text,
+            "tokenproxy_token_refreshes_total",
+            &[
+                ("client", "payments"),
+                ("trigger", trigger),
+                ("outcome", "success"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        refreshes("proactive") >= 2.0,
+        "3 s tokens are renewed ahead of their epoch-second expiry, saw {} in 5 s",
+        refreshes("proactive")
+    );
+    assert_eq!(
+        (refreshes("unauthorized"), refreshes("expired")),
+        (0.0, 0.0),
+        "no token was renewed only after the API refused it or it expired"
+    );
+    assert_eq!(
+        h.provider.grant_requests("client_credentials"),
+        1,
+        "the refresh token is used for every renewal"
     );
 }
