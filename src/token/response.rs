@@ -22,7 +22,7 @@ use http::StatusCode;
 use serde_json::{Map, Value};
 
 use super::redact::Redactor;
-use crate::config::{FieldPath, ResponseMapping, TimestampUnit};
+use crate::config::{ErrorMeaning, ErrorRule, FieldPath, ResponseMapping, TimestampUnit};
 use crate::secret::Secret;
 
 /// Longest lifetime kept (10 × 365 days); longer stated lifetimes are clamped to it.
@@ -679,6 +679,9 @@ pub struct ProviderError {
     /// `error_description` / `errors[].detail` / `message`, sanitized: control characters
     /// removed, at most 200 characters; or a note such as "non-JSON body".
     pub description: Option<String>,
+    /// What a `[[token.errors]]` rule says the answer means; it decides
+    /// before the status and code do ([`ProviderError::is_rejection`]).
+    pub meaning: Option<ErrorMeaning>,
 }
 
 /// RFC 6749 §5.2 codes (plus RFC 6750's invalid_token) that mean "this grant or client
@@ -700,10 +703,16 @@ const TRANSIENT_CODES: &[&str] = &["temporarily_unavailable", "server_error"];
 impl ProviderError {
     /// True when the provider refused the grant or client (4xx, or an RFC 6749 error code such as invalid_grant / invalid_client / unauthorized_client / invalid_scope / access_denied) as opposed to failing (5xx, 429).
     ///
-    /// 408, 429 and 5xx are failures whatever the body says; otherwise a
-    /// temporarily_unavailable / server_error code is a failure, a rejection code is a
-    /// rejection, and any other 4xx is a rejection.
+    /// A matching `[[token.errors]]` rule decides first. Otherwise 408, 429 and
+    /// 5xx are failures whatever the body says; a temporarily_unavailable /
+    /// server_error code is a failure, a rejection code is a rejection, and any
+    /// other 4xx is a rejection.
     pub fn is_rejection(&self) -> bool {
+        match self.meaning {
+            Some(ErrorMeaning::Rejected | ErrorMeaning::NeedsAuthorization) => return true,
+            Some(ErrorMeaning::Transient) => return false,
+            None => {}
+        }
         let status = self.status;
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
@@ -721,6 +730,37 @@ impl ProviderError {
         }
         code_in(REJECTION_CODES) || status.is_client_error()
     }
+}
+
+impl ProviderError {
+    /// True when a `[[token.errors]]` rule says only a person can issue a new
+    /// refresh token: a refused refresh does not fall back to the full grant.
+    pub fn needs_authorization(&self) -> bool {
+        self.meaning == Some(ErrorMeaning::NeedsAuthorization)
+    }
+
+    /// The same answer, with what the first of `rules` matching it (status,
+    /// error code, raw `body`) says it means.
+    pub fn classified(mut self, rules: &[ErrorRule], body: &[u8]) -> ProviderError {
+        self.meaning = rules
+            .iter()
+            .find(|rule| rule_matches(rule, self.status, self.error.as_deref(), body))
+            .map(|rule| rule.means);
+        self
+    }
+}
+
+/// Whether every condition `rule` sets holds for the answer.
+fn rule_matches(rule: &ErrorRule, status: StatusCode, code: Option<&str>, body: &[u8]) -> bool {
+    rule.status.is_none_or(|s| s == status)
+        && rule
+            .error
+            .as_deref()
+            .is_none_or(|want| code.is_some_and(|c| c.eq_ignore_ascii_case(want)))
+        && rule.body_contains.as_deref().is_none_or(|text| {
+            let text = text.as_bytes();
+            text.is_empty() || body.windows(text.len()).any(|w| w == text)
+        })
 }
 
 /// What the app may be told about an RFC 6749 §5.2 code: fixed text, never the provider's.
@@ -765,10 +805,14 @@ impl fmt::Display for ProviderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.status)?;
         match (&self.error, &self.description) {
-            (Some(error), Some(description)) => write!(f, ": {error} ({description})"),
-            (Some(error), None) => write!(f, ": {error}"),
-            (None, Some(description)) => write!(f, ": {description}"),
-            (None, None) => f.write_str(": no error details"),
+            (Some(error), Some(description)) => write!(f, ": {error} ({description})")?,
+            (Some(error), None) => write!(f, ": {error}")?,
+            (None, Some(description)) => write!(f, ": {description}")?,
+            (None, None) => f.write_str(": no error details")?,
+        }
+        match self.meaning {
+            Some(meaning) => write!(f, "; {} by token.errors", meaning.as_str()),
+            None => Ok(()),
         }
     }
 }
@@ -778,6 +822,11 @@ impl std::error::Error for ProviderError {}
 /// Parses a non-2xx body into what the provider said; never fails.
 pub fn parse_error(status: StatusCode, body: &[u8]) -> ProviderError {
     parse_error_redacted(status, body, &Redactor::default())
+}
+
+/// [`parse_error`], then classified by `rules` ([`ProviderError::classified`]).
+pub fn parse_error_with(status: StatusCode, body: &[u8], rules: &[ErrorRule]) -> ProviderError {
+    parse_error(status, body).classified(rules, body)
 }
 
 /// [`parse_error`], with every credential in `redactor` scrubbed from the kept text.
@@ -805,6 +854,7 @@ pub(crate) fn parse_error_redacted(
         status,
         error,
         description,
+        meaning: None,
     }
 }
 
@@ -2129,9 +2179,124 @@ mod tests {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::IM_A_TEAPOT),
                 error: code.map(str::to_owned),
                 description: None,
+                meaning: None,
             };
             assert_eq!(e.is_rejection(), want, "{status} {code:?}");
         }
+    }
+
+    // --- [[token.errors]] rules ---------------------------------------------------------
+
+    const GATEWAY: &[u8] =
+        br#"{"status":"FAILURE","errorCode":"INVALID_CREDENTIALS","message":"Bad refresh token"}"#;
+
+    fn rule(
+        status: Option<u16>,
+        error: Option<&str>,
+        body: Option<&str>,
+        means: ErrorMeaning,
+    ) -> ErrorRule {
+        ErrorRule {
+            status: status.and_then(|s| StatusCode::from_u16(s).ok()),
+            error: error.map(str::to_owned),
+            body_contains: body.map(str::to_owned),
+            means,
+        }
+    }
+
+    #[test]
+    fn a_rejected_rule_makes_a_gateways_500_a_rejection_like_a_400() {
+        let rules = [rule(
+            Some(500),
+            None,
+            Some("INVALID_CREDENTIALS"),
+            ErrorMeaning::Rejected,
+        )];
+        let plain = parse_error(StatusCode::INTERNAL_SERVER_ERROR, GATEWAY);
+        assert!(
+            !plain.is_rejection(),
+            "without a rule a 500 is a failure, whatever its body says"
+        );
+        let e = parse_error_with(StatusCode::INTERNAL_SERVER_ERROR, GATEWAY, &rules);
+        assert_eq!(e.meaning, Some(ErrorMeaning::Rejected));
+        assert!(e.is_rejection(), "the rule decides: rejected");
+        assert!(!e.needs_authorization());
+        assert_eq!(
+            e.to_string(),
+            "500 Internal Server Error: INVALID_CREDENTIALS (Bad refresh token); rejected by token.errors"
+        );
+        assert_eq!(
+            e.app_summary(),
+            "500 Internal Server Error: the provider refused the request"
+        );
+        let other = parse_error_with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"status":"FAILURE","errorCode":"SYSTEM_ERROR"}"#,
+            &rules,
+        );
+        assert_eq!(
+            other.meaning, None,
+            "an unmatched 500 keeps the built-in meaning"
+        );
+        assert!(!other.is_rejection());
+    }
+
+    #[test]
+    fn a_transient_rule_makes_a_refusal_a_failure() {
+        let rules = [rule(
+            None,
+            Some("invalid_grant"),
+            Some("try again"),
+            ErrorMeaning::Transient,
+        )];
+        let busy = br#"{"error":"invalid_grant","error_description":"Database busy, try again"}"#;
+        let e = parse_error_with(StatusCode::BAD_REQUEST, busy, &rules);
+        assert!(!e.is_rejection(), "the rule decides: transient");
+        let dead = br#"{"error":"invalid_grant","error_description":"Refresh token revoked"}"#;
+        assert!(
+            parse_error_with(StatusCode::BAD_REQUEST, dead, &rules).is_rejection(),
+            "every condition must hold: without the text it is the usual rejection"
+        );
+    }
+
+    #[test]
+    fn rules_compare_the_code_ignoring_case_and_the_first_match_decides() {
+        let rules = [
+            rule(
+                Some(401),
+                Some("invalid_credentials"),
+                None,
+                ErrorMeaning::Transient,
+            ),
+            rule(
+                None,
+                Some("invalid_credentials"),
+                None,
+                ErrorMeaning::NeedsAuthorization,
+            ),
+            rule(Some(500), None, None, ErrorMeaning::Rejected),
+        ];
+        let e = parse_error_with(StatusCode::INTERNAL_SERVER_ERROR, GATEWAY, &rules);
+        assert_eq!(
+            e.meaning,
+            Some(ErrorMeaning::NeedsAuthorization),
+            "the first rule wants a 401, so the second decides"
+        );
+        assert!(e.is_rejection() && e.needs_authorization());
+        let e = parse_error_with(StatusCode::UNAUTHORIZED, GATEWAY, &rules);
+        assert_eq!(e.meaning, Some(ErrorMeaning::Transient));
+        let e = parse_error_with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"<html>oops</html>",
+            &rules,
+        );
+        assert_eq!(
+            e.meaning,
+            Some(ErrorMeaning::Rejected),
+            "a status-only rule matches whatever the body"
+        );
+        let e = parse_error_with(StatusCode::BAD_GATEWAY, GATEWAY, &rules[2..]);
+        assert_eq!(e.meaning, None);
     }
 
     // --- robustness --------------------------------------------------------------------

@@ -121,6 +121,11 @@ impl TokenError {
         matches!(self, TokenError::Provider { error, .. } if error.is_rejection())
     }
 
+    /// Whether a `[[token.errors]]` rule says a person must authorize again.
+    pub fn needs_authorization(&self) -> bool {
+        matches!(self, TokenError::Provider { error, .. } if error.needs_authorization())
+    }
+
     /// Whether the provider may have acted on the request although we saw no
     /// usable answer (so a rotating refresh token may already be spent).
     pub fn is_ambiguous(&self) -> bool {
@@ -276,7 +281,8 @@ impl TokenEndpoint {
             } else {
                 Err(TokenError::Provider {
                     url: url.clone(),
-                    error: parse_error_redacted(status, &body, &redactor),
+                    error: parse_error_redacted(status, &body, &redactor)
+                        .classified(&config.errors, &body),
                     retry_after,
                 })
             }
