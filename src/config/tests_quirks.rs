@@ -426,3 +426,150 @@ means = ["rejected"]
         "{mistyped:?}"
     );
 }
+
+// --- generated response mappings --------------------------------------------------------
+
+/// The path keys of `[token.response]`, in the order duplicates are judged.
+const PATH_KEYS: [&str; 8] = [
+    "access_token",
+    "refresh_token",
+    "token_type",
+    "scope",
+    "expires_in",
+    "expires_at",
+    "refresh_token_expires_in",
+    "refresh_token_expires_at",
+];
+
+const UNIT_KEYS: [&str; 2] = ["expires_at_unit", "refresh_token_expires_at_unit"];
+
+/// One generated value of a `[token.response]` key, as TOML, and whether it is valid.
+fn generated_value(rng: &mut fastrand::Rng, key: &str) -> (String, Option<String>) {
+    const SEGMENTS: [&str; 9] = [
+        "data",
+        "token",
+        "accessToken",
+        "é",
+        "with space",
+        "0",
+        " ",
+        "",
+        "\t",
+    ];
+    const UNITS: [&str; 6] = [
+        "epoch_seconds",
+        "epoch_millis",
+        "rfc3339",
+        "seconds",
+        "",
+        "epoch",
+    ];
+    match rng.u8(..12) {
+        0 => ("3600".into(), None),
+        1 => ("[\"data\"]".into(), None),
+        _ if UNIT_KEYS.contains(&key) => {
+            let unit = UNITS[rng.usize(..UNITS.len())];
+            let valid = valid_unit(unit);
+            (toml_string(unit), valid.then(|| unit.to_owned()))
+        }
+        _ => {
+            let segments: Vec<&str> = (0..rng.usize(1..=3))
+                .map(|_| SEGMENTS[rng.usize(..SEGMENTS.len())])
+                .collect();
+            let text = segments.join(".");
+            let valid = segments.iter().all(|s| !s.is_empty());
+            (toml_string(&text), valid.then_some(text))
+        }
+    }
+}
+
+fn valid_unit(unit: &str) -> bool {
+    ["epoch_seconds", "epoch_millis", "rfc3339"].contains(&unit)
+}
+
+fn toml_string(text: &str) -> String {
+    // A JSON string is a TOML basic string for this text (no control characters but \t).
+    serde_json::to_string(text).unwrap_or_default()
+}
+
+/// Many generated `[token.response]` tables, valid and broken: a valid one is
+/// read as written (every path as its text, every unit as its name); a broken
+/// one is refused with a problem at each bad key, and at no other.
+#[test]
+fn generated_response_mappings_are_read_as_written_or_refused_at_each_bad_key() {
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0319);
+    let (mut valid_cases, mut refused_cases) = (0, 0);
+    for case in 0..3000 {
+        let mut table = String::from("[clients.payments.token.response]\n");
+        let mut want: Vec<(&str, Option<String>)> = Vec::new();
+        let mut type_error = false;
+        for key in PATH_KEYS.iter().chain(UNIT_KEYS.iter()) {
+            if rng.u8(..3) == 0 {
+                continue;
+            }
+            let (toml, valid) = generated_value(&mut rng, key);
+            type_error |= !toml.starts_with('"');
+            table.push_str(&format!("{key} = {toml}\n"));
+            want.push((key, valid));
+        }
+        // A path that an earlier field reads already is refused at the later key.
+        let mut read: Vec<String> = Vec::new();
+        for (key, valid) in &mut want {
+            if let (true, Some(path)) = (PATH_KEYS.contains(key), valid.as_ref()) {
+                if read.contains(path) {
+                    *valid = None;
+                } else {
+                    read.push(path.clone());
+                }
+            }
+        }
+        let bad: Vec<String> = want
+            .iter()
+            .filter(|(_, valid)| valid.is_none())
+            .map(|(key, _)| format!("clients.payments.token.response.{key}"))
+            .collect();
+        match from_str(&with(&table), None, &env()) {
+            Ok(mut config) => {
+                assert!(bad.is_empty(), "case {case}: {bad:?} accepted in\n{table}");
+                valid_cases += 1;
+                let response = config.clients.remove(0).token.response;
+                for (key, valid) in &want {
+                    let shown = match *key {
+                        "expires_at_unit" => response.expires_at_unit.map(|u| u.as_str().into()),
+                        "refresh_token_expires_at_unit" => response
+                            .refresh_token_expires_at_unit
+                            .map(|u| u.as_str().into()),
+                        _ => response
+                            .fields()
+                            .find(|(k, _)| k == key)
+                            .map(|(_, p)| p.to_string()),
+                    };
+                    assert_eq!(&shown, valid, "case {case}: {key} in\n{table}");
+                }
+            }
+            Err(err) => {
+                refused_cases += 1;
+                let keys: Vec<&str> = err.errors().map(ConfigProblem::key).collect();
+                for key in &keys {
+                    assert!(
+                        bad.iter().any(|b| b == key),
+                        "case {case}: a problem at {key}, which is fine, in\n{table}\n{err}"
+                    );
+                }
+                if !type_error {
+                    for key in &bad {
+                        assert!(
+                            keys.contains(&key.as_str()),
+                            "case {case}: no problem at {key} in\n{table}\n{err}"
+                        );
+                    }
+                }
+                assert!(!keys.is_empty(), "case {case}: refused without a problem");
+            }
+        }
+    }
+    assert!(
+        valid_cases > 100 && refused_cases > 100,
+        "valid {valid_cases}, refused {refused_cases}"
+    );
+}

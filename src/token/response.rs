@@ -981,6 +981,9 @@ fn is_invisible_format(c: char) -> bool {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
