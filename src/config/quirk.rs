@@ -303,15 +303,48 @@ pub(super) fn build_response(
         ))
         .flatten();
     let fields: Vec<(&str, &FieldPath)> = mapping.fields().collect();
+    let hint = "give each field the member the provider puts it in";
     for (i, (key, path)) in fields.iter().enumerate() {
         if let Some((first, _)) = fields[..i].iter().find(|(_, other)| other == path) {
             let problem = format!("reads \"{path}\", which {first} reads too");
-            let hint = "give each field the member the provider puts it in";
+            p.add(t.err(key, problem).with_hint(hint));
+        } else if let Some(token) = token_read_at(&mapping, key, path) {
+            let problem = format!("reads \"{path}\", where the {token} is read");
             p.add(t.err(key, problem).with_hint(hint));
         }
     }
     p.finish()?;
     Ok(mapping)
+}
+
+/// Which token is read under `path` when `key`, a field that is no token,
+/// reads there too: a token field left unmapped is read under its standard
+/// names. The token would be shown as that field (a token type, a scope, a
+/// lifetime) by `tokenproxy token`, `/status` or the log.
+fn token_read_at(mapping: &ResponseMapping, key: &str, path: &FieldPath) -> Option<&'static str> {
+    const TOKENS: [(&str, &str, [&str; 2]); 2] = [
+        (
+            "access_token",
+            "access token",
+            ["access_token", "accessToken"],
+        ),
+        (
+            "refresh_token",
+            "refresh token",
+            ["refresh_token", "refreshToken"],
+        ),
+    ];
+    let [name] = path.segments() else {
+        return None;
+    };
+    if TOKENS.iter().any(|(token, _, _)| *token == key) {
+        return None;
+    }
+    TOKENS
+        .iter()
+        .filter(|(token, _, _)| !mapping.fields().any(|(k, _)| k == *token))
+        .find(|(_, _, names)| names.contains(&name.as_str()))
+        .map(|(_, what, _)| *what)
 }
 
 /// `[[clients.NAME.token.errors]]`, each rule judged on its own.

@@ -291,6 +291,46 @@ fn a_bad_response_mapping_reports_every_problem_with_its_key() {
     );
 }
 
+#[test]
+fn a_field_that_would_read_a_token_is_refused_so_the_token_never_shows_as_it() {
+    let err = fail(
+        "[clients.payments.token.response]\n\
+         token_type = \"access_token\"\n\
+         expires_in = \"refreshToken\"\n\
+         scope = \"accessToken\"",
+    );
+    for (key, problem_text) in [
+        (
+            "token_type",
+            "reads \"access_token\", where the access token is read",
+        ),
+        (
+            "expires_in",
+            "reads \"refreshToken\", where the refresh token is read",
+        ),
+        (
+            "scope",
+            "reads \"accessToken\", where the access token is read",
+        ),
+    ] {
+        let p = problem(&err, &format!("clients.payments.token.response.{key}"));
+        assert!(p.problem().contains(problem_text), "{key}: {p:?}");
+    }
+    assert_eq!(err.count(), 3, "{err}");
+    // A token mapped elsewhere frees its standard name, and a field may read
+    // another field's standard name.
+    let t = token(
+        "[clients.payments.token.response]\n\
+         access_token = \"data.token\"\n\
+         scope = \"access_token\"\n\
+         expires_in = \"expires_at\"",
+    );
+    assert_eq!(
+        t.response.scope.map(|p| p.to_string()).as_deref(),
+        Some("access_token")
+    );
+}
+
 // --- [[clients.NAME.token.errors]] ------------------------------------------------------
 
 const RULES: &str = r#"
@@ -512,16 +552,29 @@ fn generated_response_mappings_are_read_as_written_or_refused_at_each_bad_key() 
             table.push_str(&format!("{key} = {toml}\n"));
             want.push((key, valid));
         }
-        // A path that an earlier field reads already is refused at the later key.
+        // A path that an earlier field reads already is refused at the later
+        // key; so is a token's standard name read by another field while that
+        // token is not mapped.
+        let mapped = |token: &str| want.iter().any(|(k, v)| *k == token && v.is_some());
+        let unmapped_token_names: Vec<&str> = [
+            ("access_token", ["access_token", "accessToken"]),
+            ("refresh_token", ["refresh_token", "refreshToken"]),
+        ]
+        .iter()
+        .filter(|(token, _)| !mapped(token))
+        .flat_map(|(_, names)| *names)
+        .collect();
         let mut read: Vec<String> = Vec::new();
         for (key, valid) in &mut want {
-            if let (true, Some(path)) = (PATH_KEYS.contains(key), valid.as_ref()) {
-                if read.contains(path) {
-                    *valid = None;
-                } else {
-                    read.push(path.clone());
-                }
+            let Some(path) = valid.clone().filter(|_| PATH_KEYS.contains(key)) else {
+                continue;
+            };
+            let is_token = ["access_token", "refresh_token"].contains(key);
+            if read.contains(&path) || (!is_token && unmapped_token_names.contains(&path.as_str()))
+            {
+                *valid = None;
             }
+            read.push(path);
         }
         let bad: Vec<String> = want
             .iter()
