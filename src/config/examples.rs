@@ -134,6 +134,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("clients.*.token.timeout", "\"10s\""),
     ("clients.*.inject.header", "\"Authorization\""),
     ("clients.*.inject.format", "\"Bearer {token}\""),
+    ("clients.*.dpop.alg", "\"ES256\""),
     (
         "clients.*.authorize.url",
         "\"https://auth.example/oauth2/authorize\"",
@@ -201,6 +202,7 @@ const TABLES: &[&str] = &[
     "clients.*",
     "clients.*.token",
     "clients.*.inject",
+    "clients.*.dpop",
     "clients.*.tls",
     "clients.*.token.tls",
     "clients.*.authorize",
@@ -303,6 +305,7 @@ mod tests {
             (file, "RawToken", "clients.a.token"),
             (file, "RawInject", "clients.a.inject"),
             (file, "RawSubjects", "clients.a.subjects"),
+            (file, "RawDpop", "clients.a.dpop"),
             (tls, "RawTls", "clients.a.tls"),
             (tls, "RawTls", "clients.a.token.tls"),
             (authorize, "RawAuthorize", "clients.a.authorize"),

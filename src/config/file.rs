@@ -122,6 +122,7 @@ pub(super) struct RawClient {
     pub(super) proxy: Option<String>,
     pub(super) authorize: Option<super::authorize::RawAuthorize>,
     pub(super) subjects: Option<RawSubjects>,
+    pub(super) dpop: Option<RawDpop>,
     pub(super) allow_insecure: Option<Vec<String>>,
 }
 
@@ -181,6 +182,13 @@ pub(super) struct RawToken {
     pub(super) params: Option<BTreeMap<String, String>>,
     pub(super) timeout: Option<Scalar>,
     pub(super) tls: Option<super::tls::RawTls>,
+}
+
+/// `[clients.NAME.dpop]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDpop {
+    pub(super) alg: Option<String>,
 }
 
 /// `[clients.NAME.inject]`.
