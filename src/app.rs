@@ -31,7 +31,7 @@ use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
 use crate::subjects::Subjects;
-use crate::token::{self, Refresher, TokenEndpoint, TokenHandle};
+use crate::token::{self, Dpop, Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
 
 /// Header-read and idle timeout of admin connections: probes and scrapes send
@@ -725,8 +725,15 @@ impl Running {
         parts: PreparedClient,
         handover: ContinuedState,
     ) {
-        let endpoint = TokenEndpoint::new(parts.token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
+        let dpop = Dpop::for_client(
+            client,
+            self.store.client(client),
+            self.clock.clone(),
+            client_metrics.clone(),
+        );
+        let endpoint =
+            TokenEndpoint::new(parts.token_http, self.clock.clone()).with_dpop(dpop.clone());
         let (handle, mut refresher) = Refresher::new(
             client,
             endpoint.clone(),
@@ -769,18 +776,21 @@ impl Running {
                 span,
             ))
         });
-        let runtime = Arc::new(ClientRuntime::new(
-            client,
-            &self.config.limits,
-            Arc::clone(&self.buffer_budget),
-            handle,
-            subjects,
-            client_metrics,
-            proxy::UpstreamClients {
-                http: parts.upstream_http,
-                upgrade: parts.upgrade,
-            },
-        ));
+        let runtime = Arc::new(
+            ClientRuntime::new(
+                client,
+                &self.config.limits,
+                Arc::clone(&self.buffer_budget),
+                handle,
+                subjects,
+                client_metrics,
+                proxy::UpstreamClients {
+                    http: parts.upstream_http,
+                    upgrade: parts.upgrade,
+                },
+            )
+            .with_dpop(dpop),
+        );
         self.clients.insert(
             client.name.clone(),
             ClientEntry {

@@ -157,7 +157,7 @@ fn push_json_chars(json: &mut String, s: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashSet;
 
     use ring::signature;

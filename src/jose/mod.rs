@@ -25,6 +25,8 @@ use serde_json::{Map, Value};
 mod dpop;
 mod jwk;
 
+#[cfg(test)]
+pub(crate) use dpop::tests::verify_with_header_jwk;
 pub use dpop::{access_token_hash, ProofClaims, ProofKey, PROOF_TYPE};
 
 /// A JWS `alg` tokenproxy signs with.
