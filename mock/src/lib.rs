@@ -18,9 +18,10 @@
 
 mod api;
 mod assertion;
+mod dpop;
 mod provider;
 
-pub use api::{MockApi, RecordedRequest, CONNECTED_PATH};
+pub use api::{DpopCounts, MockApi, RecordedRequest, CONNECTED_PATH};
 pub use provider::{
     Echo, Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
 };
