@@ -333,6 +333,15 @@ mod tests {
         let first = claims(&d.token_proof(&url).await.expect("proof"));
         assert_eq!(first["htm"], "POST");
         assert_eq!(first["htu"], "https://auth.example/oauth2/token");
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let iat = first["iat"].as_u64().expect("iat in whole seconds");
+        assert!(
+            iat.abs_diff(now) <= 2,
+            "iat is the clock's now: {iat} vs {now}"
+        );
         assert!(first.get("ath").is_none(), "no ath at the token endpoint");
         assert!(first.get("nonce").is_none(), "no nonce before one was sent");
         assert!(d.note_token_nonce(&url, &headers(&[("dpop-nonce", "tn-1")])));
