@@ -103,7 +103,7 @@ pub enum Fault {
     /// Answer 200 `application/json` with a truncated JSON body; nothing is issued.
     Garbage,
     /// Answer 400 `invalid_grant` with an `error_description` that repeats every credential
-    /// the request carried, in the given form, as some providers do ("Invalid refresh token:
+    /// the request carried (its DPoP proof included), in the given form, as some providers do ("Invalid refresh token:
     /// …"); nothing is issued.
     EchoCredentials(Echo),
 }
@@ -655,6 +655,12 @@ fn echo_credentials(request: &TokenRequest, form: Echo) -> String {
         if CREDENTIAL_PARAMS.contains(&name.as_str()) {
             echoed.push(format!("{name}={}", encode(value)));
         }
+    }
+    if let Some(proof) = request.headers.get(dpop::HEADER) {
+        echoed.push(format!(
+            "dpop={}",
+            encode(&String::from_utf8_lossy(proof.as_bytes()))
+        ));
     }
     format!("Invalid credentials: {}", echoed.join(" "))
 }

@@ -360,3 +360,56 @@ client_secret = "${{CLIENT_SECRET}}"
     assert!(file.contains("dpop-es256"), "the key record is in the file");
     assert!(!file.contains("PRIVATE"), "sealed, not a PEM");
 }
+
+/// A proof is a credential: a provider that repeats it in its error text does
+/// not get it into `/status`, `/readyz` or the app's error body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_the_provider_echoes_never_leaves_the_sidecar() {
+    let h = dpop_harness(ProviderConfig::default()).await;
+    h.provider
+        .set_fault(tokenproxy_mock::Fault::EchoCredentials(
+            tokenproxy_mock::Echo::Raw,
+        ));
+    h.provider.revoke_all();
+    let reply = h
+        .http
+        .get(&format!("http://{}/api/v1/payments", h.proxy))
+        .await;
+    assert!(
+        eventually(Duration::from_secs(5), || h
+            .running
+            .token("payments")
+            .is_some_and(|t| t.status().refreshes_failed >= 1))
+        .await,
+        "the refresh was refused"
+    );
+    let echoed = h
+        .provider
+        .last_faulted_request()
+        .expect("the refused request");
+    let proof = header_of(&echoed.headers, "dpop").to_owned();
+    assert!(proof.len() > 100, "the request carried a proof");
+    // Error text is cut short: any 40 characters of the proof are too many.
+    let start = proof[..40].to_owned();
+    let status = h
+        .http
+        .get(&format!("http://{}/status", h.admin))
+        .await
+        .text();
+    let ready = h
+        .http
+        .get(&format!("http://{}/readyz", h.admin))
+        .await
+        .text();
+    assert!(
+        status.contains("invalid_grant"),
+        "the error is shown: {status}"
+    );
+    for (place, text) in [
+        ("status", &status),
+        ("readyz", &ready),
+        ("reply", &reply.text()),
+    ] {
+        assert!(!text.contains(&start), "the proof is in {place}: {text}");
+    }
+}

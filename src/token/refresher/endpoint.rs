@@ -276,7 +276,7 @@ impl TokenEndpoint {
             Err(reason) => return (Err(unusable(reason)), false),
         };
         // Provider text that repeats a credential of this request is scrubbed once, here.
-        let redactor = redactor(config, kind, assertion.as_ref());
+        let mut redactor = redactor(config, kind, assertion.as_ref());
         let mut request = match build_request(config, kind, assertion.as_ref()) {
             Ok(r) => r,
             Err(e) => {
@@ -296,6 +296,10 @@ impl TokenEndpoint {
         if let Some(dpop) = dpop {
             match dpop.token_proof(url_ref).await {
                 Ok(proof) => {
+                    // A proof is a credential too (usable until its iat is old).
+                    if let Ok(text) = proof.to_str() {
+                        redactor.secret(text);
+                    }
                     request.headers_mut().insert(DPOP_HEADER.clone(), proof);
                 }
                 Err(e) => return (Err(unusable(e.to_string())), false),
