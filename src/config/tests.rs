@@ -770,7 +770,7 @@ params = { prompt = "consent" }
 {connect}
 "#;
 
-fn connect_config(body: &str) -> String {
+pub(super) fn connect_config(body: &str) -> String {
     CONNECT.replace("{connect}", body)
 }
 
