@@ -413,7 +413,9 @@ async fn forward(
                 subject,
                 request_id,
             };
-            return upgrade::forward(client, upgrades, handshake, exchange).await;
+            // Boxed: a tunnel's state would otherwise make every request's future
+            // larger, and each is moved (copied) on its way into hyper's task.
+            return Box::pin(upgrade::forward(client, upgrades, handshake, exchange)).await;
         }
     }
 
