@@ -31,7 +31,7 @@ use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
 use crate::subjects::Subjects;
-use crate::token::{self, Refresher, TokenEndpoint, TokenHandle};
+use crate::token::{self, Dpop, Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
 
 /// Header-read and idle timeout of admin connections: probes and scrapes send
@@ -725,8 +725,15 @@ impl Running {
         parts: PreparedClient,
         handover: ContinuedState,
     ) {
-        let endpoint = TokenEndpoint::new(parts.token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
+        let dpop = Dpop::for_client(
+            client,
+            self.store.client(client),
+            self.clock.clone(),
+            client_metrics.clone(),
+        );
+        let endpoint =
+            TokenEndpoint::new(parts.token_http, self.clock.clone()).with_dpop(dpop.clone());
         let (handle, mut refresher) = Refresher::new(
             client,
             endpoint.clone(),
@@ -769,18 +776,21 @@ impl Running {
                 span,
             ))
         });
-        let runtime = Arc::new(ClientRuntime::new(
-            client,
-            &self.config.limits,
-            Arc::clone(&self.buffer_budget),
-            handle,
-            subjects,
-            client_metrics,
-            proxy::UpstreamClients {
-                http: parts.upstream_http,
-                upgrade: parts.upgrade,
-            },
-        ));
+        let runtime = Arc::new(
+            ClientRuntime::new(
+                client,
+                &self.config.limits,
+                Arc::clone(&self.buffer_budget),
+                handle,
+                subjects,
+                client_metrics,
+                proxy::UpstreamClients {
+                    http: parts.upstream_http,
+                    upgrade: parts.upgrade,
+                },
+            )
+            .with_dpop(dpop),
+        );
         self.clients.insert(
             client.name.clone(),
             ClientEntry {
@@ -830,7 +840,9 @@ impl Running {
         })?;
         // Routes first: the socket is already bound, so connections queue up and
         // are served as soon as the loop starts; none may meet an empty table.
-        let table = Arc::new(ArcSwap::from_pointee(self.routes_for(addr, bound)));
+        let routes = self.routes_for(addr, bound);
+        info!(addr = %bound, clients = ?routes.client_names(), "routes");
+        let table = Arc::new(ArcSwap::from_pointee(routes));
         let hosts = Arc::new(ArcSwap::from_pointee(self.host_rule_for(addr, bound)));
         let (stop, stop_rx) = watch::channel(false);
         let serving = Arc::clone(&table);
@@ -914,8 +926,6 @@ impl Running {
             .filter(|c| c.config.listen == addr)
             .map(|c| (c.config.path_prefix.clone(), Arc::clone(&c.runtime)))
             .collect();
-        let names: Vec<&str> = routes.iter().map(|(_, c)| c.name.as_str()).collect();
-        info!(addr = %bound, clients = ?names, "routes");
         ListenerRoutes::new(bound, routes)
     }
 
@@ -938,11 +948,16 @@ impl Running {
     }
 
     /// Rebuilds every listener's routing table and the admin's client list.
+    /// A table whose clients changed is logged (a new listener logged its own).
     fn publish_tables(&self) {
         for (addr, entry) in &self.listeners {
-            entry
-                .table
-                .store(Arc::new(self.routes_for(*addr, entry.bound)));
+            let routes = self.routes_for(*addr, entry.bound);
+            let names = routes.client_names();
+            if entry.table.load().client_names() != names {
+                info!(addr = %entry.bound, clients = ?names, "routes");
+            }
+            drop(names);
+            entry.table.store(Arc::new(routes));
             entry
                 .hosts
                 .store(Arc::new(self.host_rule_for(*addr, entry.bound)));

@@ -29,6 +29,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     token_wait: HistogramVec,
     unauthorized_retries: IntCounterVec,
+    dpop_nonce_retries: IntCounterVec,
     inflight: IntGaugeVec,
     client_state: IntGaugeVec,
     config_reloads: IntCounterVec,
@@ -210,6 +211,13 @@ impl Metrics {
             ),
             &["client", "outcome"],
         )?;
+        let dpop_nonce_retries = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_dpop_nonce_retries_total",
+                "Requests sent once more with a new DPoP proof carrying the nonce a server demanded (use_dpop_nonce), by where: token (the token endpoint) or upstream (the API).",
+            ),
+            &["client", "where"],
+        )?;
         let inflight = IntGaugeVec::new(
             Opts::new(
                 "tokenproxy_inflight_requests",
@@ -273,6 +281,7 @@ impl Metrics {
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(token_wait.clone()))?;
         registry.register(Box::new(unauthorized_retries.clone()))?;
+        registry.register(Box::new(dpop_nonce_retries.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(client_state.clone()))?;
         #[cfg(target_os = "linux")]
@@ -288,6 +297,7 @@ impl Metrics {
             request_duration,
             token_wait,
             unauthorized_retries,
+            dpop_nonce_retries,
             inflight,
             client_state,
             config_reloads,
@@ -502,6 +512,29 @@ impl UpgradeOutcome {
     }
 }
 
+/// Where a server demanded a DPoP nonce (the `where` label of
+/// `tokenproxy_dpop_nonce_retries_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NonceWhere {
+    /// The token endpoint.
+    Token,
+    /// The API.
+    Upstream,
+}
+
+impl NonceWhere {
+    /// Every value.
+    pub const ALL: [NonceWhere; 2] = [NonceWhere::Token, NonceWhere::Upstream];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NonceWhere::Token => "token",
+            NonceWhere::Upstream => "upstream",
+        }
+    }
+}
+
 /// The `protocol` label of upgrades to protocols the client does not list (the
 /// app's own names would make the label set open-ended).
 pub const OTHER_PROTOCOL: &str = "other";
@@ -577,6 +610,23 @@ impl ClientMetrics {
     /// Records how long a request waited for a token.
     pub fn token_wait(&self, seconds: f64) {
         self.token_wait.observe(seconds);
+    }
+
+    /// Creates the `tokenproxy_dpop_nonce_retries_total` children of a client with DPoP.
+    pub fn dpop_init(&self) {
+        for place in NonceWhere::ALL {
+            self.families
+                .dpop_nonce_retries
+                .with_label_values(&[&self.name, place.as_str()]);
+        }
+    }
+
+    /// Counts a request sent once more with the nonce a server demanded.
+    pub fn dpop_nonce_retry(&self, place: NonceWhere) {
+        self.families
+            .dpop_nonce_retries
+            .with_label_values(&[&self.name, place.as_str()])
+            .inc();
     }
 
     /// Records a 401 replay outcome.

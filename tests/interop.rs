@@ -9,7 +9,10 @@
 //!   right client and, for POST, the body that was sent);
 //! * the peer's own log shows about one token request per lifetime, at least one
 //!   renewal, and no token endpoint answer other than 200 (so no refresh token was
-//!   ever used twice).
+//!   ever used twice) apart from `use_dpop_nonce`, which is counted on its own;
+//! * for DPoP clients: every token reached the API DPoP-bound with a proof that
+//!   passed the API's checks (its `/healthz` counters), and a proof the sidecar
+//!   made, sent to the API once more, is refused as a replay.
 //!
 //! The peers need python3 (with venv) and node/npm and install their own
 //! dependencies, so these tests are `#[ignore]`d; `tests/interop.sh` runs them.
@@ -337,7 +340,7 @@ params = {{ prompt = "consent" }}
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let ready_after = authorized_at.elapsed();
-        drive_load(&http, &[listen_port], "sidecar-code", LOAD, &stats).await;
+        drive_load(&http, &[listen_port], "sidecar-code", false, LOAD, &stats).await;
         let metrics = get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
         (waiting, metrics, ready_after)
     });
@@ -491,6 +494,115 @@ fn oidc_client_assertion_file() {
         "oidc-assert-file",
         Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::File),
     ));
+}
+
+// ------------------------------------------------------------------ DPoP
+
+/// The peer demands DPoP nonces at its token endpoint and at its API, whose
+/// nonce changes every 2 s (each good for 2 to 4 s): the sidecar keeps both
+/// from every answer, and meets `use_dpop_nonce` only now and then.
+const DPOP_NONCES: &[(&str, &str)] = &[
+    ("OIDC_DPOP_NONCE", "1"),
+    ("API_DPOP_NONCE", "1"),
+    ("API_DPOP_NONCE_SECONDS", "2"),
+    ("OIDC_ASSERTION_MAX_SECONDS", ASSERTION_MAX_SECONDS),
+];
+
+/// `sidecar-dpop` (client secret; every token DPoP-bound) with an ES256 key.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_dpop_es256_with_nonces() {
+    run(dpop_case(
+        "oidc-dpop-es256",
+        Token::new("client_credentials", "sidecar-dpop", "sidecar-dpop-secret").dpop("ES256"),
+    ));
+}
+
+/// FAPI 2.0 as a card network asks for it: `private_key_jwt` and DPoP-bound
+/// tokens (`sidecar-fapi`), here with an EdDSA DPoP key. A challenged token
+/// request has spent its assertion: the retry carries a new one.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_fapi_private_key_jwt_and_dpop_eddsa() {
+    run(dpop_case(
+        "oidc-fapi-dpop",
+        Token::new("client_credentials", "sidecar-fapi", "")
+            .auth(Auth::PrivateKey {
+                key: "es256",
+                alg: "ES256",
+                kid: true,
+                issuer_audience: true,
+            })
+            .dpop("EdDSA"),
+    ));
+}
+
+fn dpop_case(name: &'static str, token: Token) -> Case {
+    Case {
+        name,
+        peer: Peer::Oidc,
+        peer_env: DPOP_NONCES,
+        token,
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+        mode: Mode::Single,
+    }
+}
+
+/// Sends a proof the sidecar made once more, straight to the peer's API (as
+/// someone who copied it from the wire would): the API must refuse it as a
+/// replay. The proof comes from the echo of a request through the sidecar.
+async fn replay_a_proof(http: &HttpClient, listen_port: u16, peer_port: u16) -> (u16, String) {
+    let via_sidecar = get_text(http, &format!("http://127.0.0.1:{listen_port}{API_PATH}")).await;
+    let echo: Value = serde_json::from_str(&via_sidecar).unwrap_or(Value::Null);
+    let Some(proof) = echo["headers"]["dpop"].as_str() else {
+        return (0, format!("no proof in the echo: {via_sidecar}"));
+    };
+    // The token is not needed: the API refuses a seen jti before it looks at ath.
+    let request = Request::get(format!("http://127.0.0.1:{peer_port}{API_PATH}"))
+        .header("authorization", "DPoP copied-token")
+        .header("dpop", proof)
+        .body(Full::new(Bytes::new()))
+        .expect("request builds");
+    match http.request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map(|b| b.to_bytes());
+            let text = body.map_or_else(
+                |e| e.to_string(),
+                |b| String::from_utf8_lossy(&b).into_owned(),
+            );
+            (status, text)
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// What the peer's DPoP counters (read before the replay) and the replay say
+/// is wrong.
+fn dpop_problems(health: &str, replay: Option<&(u16, String)>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let counters: Value = serde_json::from_str(health).unwrap_or(Value::Null);
+    let count = |name: &str| counters[name].as_u64().unwrap_or(0);
+    if count("dpop_ok") == 0 {
+        problems.push("the API never accepted a DPoP proof".to_owned());
+    }
+    // Nonce challenges are DPoP refusals too; any other is a bad proof.
+    let refused = count("dpop_rejected").saturating_sub(count("dpop_nonce_challenges"));
+    if refused > 0 {
+        problems.push(format!("the API refused {refused} proof(s) or binding(s)"));
+    }
+    if count("dpop_replayed") > 0 {
+        problems.push("the API saw a proof twice from the sidecar".to_owned());
+    }
+    match replay {
+        Some((401, text)) if text.contains("replayed") => {}
+        Some((status, text)) => problems.push(format!(
+            "a copied proof was not refused as a replay: {status} {text}"
+        )),
+        None => problems.push("no proof was replayed".to_owned()),
+    }
+    problems
 }
 
 fn assertion_case(name: &'static str, token: Token) -> Case {
@@ -659,6 +771,7 @@ fn oidc_fifty_subjects_connected_by_links_on_three_replicas_through_redis() {
                 let app = App {
                     client_id: "sidecar-code",
                     subject: Some(subject),
+                    dpop: false,
                 };
                 let url = format!("http://127.0.0.1:{port}{API_PATH}");
                 one_request(&http, &url, &app, 0, seq, &last).await;
@@ -1126,6 +1239,7 @@ async fn subject_load(
                 let app = App {
                     client_id: "sidecar-code",
                     subject: Some(&subjects[s]),
+                    dpop: false,
                 };
                 if one_request(&http, &url, &app, worker, n, &stats).await {
                     served[s * ports.len() + r].fetch_add(1, Ordering::Relaxed);
@@ -1315,6 +1429,8 @@ struct Token {
     client_secret: &'static str,
     password_user: bool,
     auth: Auth,
+    /// `[clients.peer.dpop] alg`: DPoP-bound tokens.
+    dpop: Option<&'static str>,
 }
 
 /// How the sidecar authenticates to the token endpoint.
@@ -1347,7 +1463,14 @@ impl Token {
             client_secret,
             password_user: false,
             auth: Auth::Secret,
+            dpop: None,
         }
+    }
+
+    /// DPoP-bound tokens, the key made for `alg`.
+    fn dpop(mut self, alg: &'static str) -> Self {
+        self.dpop = Some(alg);
+        self
     }
 
     fn auth(mut self, auth: Auth) -> Self {
@@ -1447,9 +1570,12 @@ fn run(case: Case) {
         .iter()
         .enumerate()
         .map(|(i, (admin_port, listen_port))| {
-            let config = store.clone()
+            let mut config = store.clone()
                 + &sidecar_config(&case, peer_port, *admin_port, *listen_port)
                 + &auth.toml;
+            if let Some(alg) = case.token.dpop {
+                config += &format!("\n[clients.peer.dpop]\nalg = \"{alg}\"\n");
+            }
             let path = workdir.path.join(format!("tokenproxy-{i}.toml"));
             fs::write(&path, config).expect("config written");
             path
@@ -1484,7 +1610,7 @@ fn run(case: Case) {
     // 4. ready, load, counters
     let runtime = test_runtime();
     let stats = Arc::new(Stats::default());
-    let (metrics, health, restart_token_calls) = runtime.block_on(async {
+    let (metrics, health, restart_token_calls, replay) = runtime.block_on(async {
         let http = app_client();
         for (sidecar, (admin_port, _)) in sidecars.iter_mut().zip(&ports) {
             wait_ready(&http, *admin_port, sidecar).await;
@@ -1497,7 +1623,15 @@ fn run(case: Case) {
         );
         let mut restart_token_calls = None;
         if case.mode == Mode::RestartWithFileStore {
-            drive_load(&http, &listen_ports, case.token.client_id, LOAD / 2, &stats).await;
+            drive_load(
+                &http,
+                &listen_ports,
+                case.token.client_id,
+                case.token.dpop.is_some(),
+                LOAD / 2,
+                &stats,
+            )
+            .await;
             // Abruptly, as a crash or an OOM kill would: no chance to save anything now.
             if let Some(mut child) = sidecars[0].child.take() {
                 let _ = child.kill();
@@ -1513,16 +1647,36 @@ fn run(case: Case) {
             wait_ready(&http, ports[0].0, &mut sidecars[restarted]).await;
             let after = count_token_calls(case.peer, &read_from(&log, log_offset)).total;
             restart_token_calls = Some(after - before);
-            drive_load(&http, &listen_ports, case.token.client_id, LOAD / 2, &stats).await;
+            drive_load(
+                &http,
+                &listen_ports,
+                case.token.client_id,
+                case.token.dpop.is_some(),
+                LOAD / 2,
+                &stats,
+            )
+            .await;
         } else {
-            drive_load(&http, &listen_ports, case.token.client_id, LOAD, &stats).await;
+            drive_load(
+                &http,
+                &listen_ports,
+                case.token.client_id,
+                case.token.dpop.is_some(),
+                LOAD,
+                &stats,
+            )
+            .await;
         }
         let mut metrics = String::new();
         for (admin_port, _) in &ports {
             metrics += &get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
         }
         let health = get_text(&http, &format!("http://127.0.0.1:{peer_port}/healthz")).await;
-        (metrics, health, restart_token_calls)
+        let replay = match case.token.dpop {
+            Some(_) => Some(replay_a_proof(&http, listen_ports[0], peer_port).await),
+            None => None,
+        };
+        (metrics, health, restart_token_calls, replay)
     });
     drop(runtime);
 
@@ -1567,6 +1721,12 @@ fn run(case: Case) {
         "[{}] token requests in the peer log: {} ({} answered 200; limit {limit} for {lifetimes:.2} lifetimes); API 401s absorbed by the sidecar: {}",
         case.name, calls.total, calls.ok, calls.api_unauthorized
     );
+    if calls.nonce_challenges > 0 {
+        eprintln!(
+            "[{}] token requests answered use_dpop_nonce (and sent again with the nonce): {}",
+            case.name, calls.nonce_challenges
+        );
+    }
     for bad in &calls.bad {
         eprintln!("[{}]   token endpoint problem: {bad}", case.name);
     }
@@ -1625,6 +1785,18 @@ fn run(case: Case) {
             && !start.contains(&format!("mtls=https://127.0.0.1:{mtls_port}"))
         {
             problems.push("the peer's HTTPS listener did not start".to_owned());
+        }
+    }
+    if case.token.dpop.is_some() {
+        problems.extend(dpop_problems(&health, replay.as_ref()));
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("tokenproxy_dpop_nonce_retries_total"))
+        {
+            eprintln!("[{}]   {line}", case.name);
+        }
+        if let Some((status, text)) = &replay {
+            eprintln!("[{}] a proof sent again: {status} {text}", case.name);
         }
     }
     if case.expect_refresh_grant && refresh_grants < 1.0 {
@@ -1938,6 +2110,7 @@ async fn drive_load(
     http: &HttpClient,
     ports: &[u16],
     client_id: &'static str,
+    dpop: bool,
     duration: Duration,
     stats: &Arc<Stats>,
 ) {
@@ -1954,6 +2127,7 @@ async fn drive_load(
                 let app = App {
                     client_id,
                     subject: None,
+                    dpop,
                 };
                 one_request(&http, &url, &app, worker, seq, &stats).await;
             }
@@ -1969,6 +2143,8 @@ async fn drive_load(
 struct App<'a> {
     client_id: &'a str,
     subject: Option<&'a str>,
+    /// The token must reach the API DPoP-bound, with a proof that passed.
+    dpop: bool,
 }
 
 /// One app request, GET or POST (by `seq` and `worker`), checked against the
@@ -2054,6 +2230,13 @@ async fn one_request(
         stats.fail(format!(
             "{method}: the API saw client {} (want {client_id})",
             echo["client_id"]
+        ));
+        return false;
+    }
+    if app.dpop && echo["token_binding"] != "dpop" {
+        stats.fail(format!(
+            "{method}: the API saw no DPoP-bound token (token_binding {})",
+            echo["token_binding"]
         ));
         return false;
     }
@@ -2171,6 +2354,9 @@ struct TokenCalls {
     /// Every token endpoint answer other than 200 (and oidc grant revocations).
     bad: Vec<String>,
     api_unauthorized: usize,
+    /// oidc: token requests answered `use_dpop_nonce` (not counted in `total`:
+    /// the sidecar sends them again at once, with the nonce).
+    nonce_challenges: usize,
     /// oidc: token requests answered 200 per grant type.
     refresh_grants: usize,
     code_grants: usize,
@@ -2217,6 +2403,9 @@ fn count_token_calls(peer: Peer, log: &str) -> TokenCalls {
                             Some(&"authorization_code") => calls.code_grants += 1,
                             _ => {}
                         }
+                    }
+                    Some(["token", "error"]) if words.get(4) == Some(&"use_dpop_nonce") => {
+                        calls.nonce_challenges += 1;
                     }
                     Some(["token", "error"]) => {
                         calls.total += 1;

@@ -188,7 +188,7 @@ impl Drop for Replica {
 
 struct Fleet {
     provider: MockProvider,
-    _api: MockApi,
+    api: MockApi,
     redis: Redis,
     replicas: Vec<Replica>,
     http: TestClient,
@@ -260,7 +260,7 @@ timeout = "2s"
         }
         let fleet = Fleet {
             provider,
-            _api: api,
+            api,
             redis,
             replicas,
             http: TestClient::new(),
@@ -348,6 +348,52 @@ fn rotating(lifetime: Duration) -> ProviderConfig {
 
 const PASSWORD_GRANT: &str =
     "grant = \"password\"\nusername = \"alice\"\npassword = \"alice-password\"";
+
+/// DPoP: the replicas sign with one key, made by the first and sealed in
+/// Redis beside the token, so the token they share is bound to the key each
+/// of them proves; a key record is never in clear text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sign_dpop_proofs_with_one_key_sealed_in_redis() {
+    if !redis_installed() {
+        return;
+    }
+    let fleet = Fleet::start(
+        "dpop",
+        2,
+        ProviderConfig::default(),
+        "\n[clients.payments.dpop]\nalg = \"EdDSA\"\n",
+    )
+    .await;
+    for replica in &fleet.replicas {
+        for _ in 0..3 {
+            let r = fleet.http.get(&replica.url()).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        }
+    }
+    assert_eq!(fleet.provider.dpop_bound(), 1, "one token for both");
+    let seen = fleet.api.recorded();
+    assert_eq!(seen.len(), 6);
+    let jkts: Vec<_> = seen.iter().filter_map(|r| r.dpop_jkt.clone()).collect();
+    assert_eq!(jkts.len(), 6, "every proof passed: {seen:?}");
+    assert!(jkts.windows(2).all(|w| w[0] == w[1]), "one key: {jkts:?}");
+
+    let mut redis = fleet.redis.connection().await;
+    let key = record_key(&mut redis, "dpop-eddsa")
+        .await
+        .expect("the key record is in Redis");
+    let fields: Vec<String> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("HGETALL");
+    let raw = fields.join(" ");
+    assert!(raw.contains("generation"), "a record: {raw}");
+    // The plain record is {"pkcs8":"MFMCAQEwBQYDK2Vw..."} (ring's Ed25519 PKCS#8).
+    assert!(
+        !raw.contains("pkcs8") && !raw.contains("MFMCAQEwBQYDK2Vw"),
+        "sealed: no key in clear"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_replicas_make_one_token_request_per_refresh_and_never_reuse_a_refresh_token() {

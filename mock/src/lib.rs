@@ -18,9 +18,10 @@
 
 mod api;
 mod assertion;
+mod dpop;
 mod provider;
 
-pub use api::{MockApi, RecordedRequest, CONNECTED_PATH};
+pub use api::{DpopCounts, MockApi, RecordedRequest, CONNECTED_PATH};
 pub use provider::{
     Echo, ErrorStyle, Fault, MockProvider, ProviderConfig, ResponseShape, TokenRequest,
     TokenValidator, AUTHORIZE_PATH,

@@ -330,10 +330,45 @@ pub(super) fn build_client(
         }
         _ => None,
     };
-    let inject = p.take(build_inject(
-        raw.inject.unwrap_or_default(),
-        &Table::new(x, t.key("inject")),
-    ));
+    let dpop = p.take(
+        raw.dpop
+            .map(|d| dpop::build_dpop(d, &Table::new(x, t.key("dpop"))))
+            .transpose(),
+    );
+    let inject = match (&dpop, raw.inject) {
+        // A DPoP-bound token goes in `Authorization` with the scheme its
+        // token_type names (RFC 9449 §7.1), beside its proof.
+        (Some(Some(_)), Some(_)) => {
+            let problem = format!(
+                "cannot be set with [{}]: a DPoP-bound token is sent as \"Authorization: DPoP <token>\" beside its proof",
+                t.key("dpop")
+            );
+            let hint = format!("remove [{}]", t.key("inject"));
+            p.add(t.err("inject", problem).with_hint(hint));
+            None
+        }
+        (Some(Some(_)), None) => Some(InjectConfig {
+            header: http::header::AUTHORIZATION,
+            prefix: "DPoP ".to_owned(),
+            suffix: String::new(),
+            format_is_default: true,
+        }),
+        (_, raw_inject) => p.take(build_inject(
+            raw_inject.unwrap_or_default(),
+            &Table::new(x, t.key("inject")),
+        )),
+    };
+    if let (Some(Some(_)), Some(Some(_))) = (&dpop, &subjects) {
+        let problem = format!(
+            "cannot be used with [{}] yet: subjects' tokens would all be bound to the client's one key",
+            t.key("subjects")
+        );
+        let hint = format!(
+            "remove [{}], or serve the subjects through a client without it",
+            t.key("dpop")
+        );
+        p.add(t.err("dpop", problem).with_hint(hint));
+    }
     let tls = p.take(build_tls(raw.tls, &Table::new(x, t.key("tls"))));
     let proxy = p.take(build_proxy(raw.proxy, &t));
     let http2 = raw.http2.unwrap_or(false);
@@ -366,6 +401,7 @@ pub(super) fn build_client(
         Some(tls),
         Some(proxy),
         Some(upgrades),
+        Some(dpop),
     ) = (
         allow_insecure,
         listen,
@@ -384,6 +420,7 @@ pub(super) fn build_client(
         tls,
         proxy,
         upgrades,
+        dpop,
     )
     else {
         return Err(p.into_error());
@@ -410,6 +447,7 @@ pub(super) fn build_client(
         proxy,
         authorize,
         subjects,
+        dpop,
         allow_insecure,
     })
 }

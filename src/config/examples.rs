@@ -171,6 +171,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("clients.*.token.errors.means", "\"rejected\""),
     ("clients.*.inject.header", "\"Authorization\""),
     ("clients.*.inject.format", "\"Bearer {token}\""),
+    ("clients.*.dpop.alg", "\"ES256\""),
     (
         "clients.*.authorize.url",
         "\"https://auth.example/oauth2/authorize\"",
@@ -238,6 +239,7 @@ const TABLES: &[&str] = &[
     "clients.*",
     "clients.*.token",
     "clients.*.inject",
+    "clients.*.dpop",
     "clients.*.tls",
     "clients.*.token.tls",
     "clients.*.token.response",
@@ -394,6 +396,7 @@ mod tests {
             (file, "RawSubjects", "clients.a.subjects"),
             (file, "RawResponse", "clients.a.token.response"),
             (file, "RawErrorRule", "clients.a.token.errors[0]"),
+            (file, "RawDpop", "clients.a.dpop"),
             (tls, "RawTls", "clients.a.tls"),
             (tls, "RawTls", "clients.a.token.tls"),
             (authorize, "RawAuthorize", "clients.a.authorize"),

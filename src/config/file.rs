@@ -122,6 +122,7 @@ pub(super) struct RawClient {
     pub(super) proxy: Option<String>,
     pub(super) authorize: Option<super::authorize::RawAuthorize>,
     pub(super) subjects: Option<RawSubjects>,
+    pub(super) dpop: Option<RawDpop>,
     pub(super) allow_insecure: Option<Vec<String>>,
 }
 
@@ -211,6 +212,13 @@ pub(super) struct RawErrorRule {
     pub(super) error: Option<String>,
     pub(super) body_contains: Option<String>,
     pub(super) means: Option<String>,
+}
+
+/// `[clients.NAME.dpop]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDpop {
+    pub(super) alg: Option<String>,
 }
 
 /// `[clients.NAME.inject]`.

@@ -14,6 +14,7 @@ mod assertion;
 mod authorize;
 mod build;
 mod connect;
+mod dpop;
 mod egress;
 mod env;
 mod error;
@@ -33,6 +34,7 @@ mod token;
 pub use admin::AdminConfig;
 pub use authorize::AuthorizeConfig;
 pub use connect::ConnectConfig;
+pub use dpop::DpopConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::{ConfigError, ConfigProblem, MAX_SHOWN};
@@ -318,6 +320,9 @@ pub struct ClientConfig {
     pub authorize: Option<AuthorizeConfig>,
     /// `[clients.NAME.subjects]`: one token pair per merchant, customer or user.
     pub subjects: Option<SubjectsConfig>,
+    /// `[clients.NAME.dpop]`: DPoP-bound tokens (RFC 9449); the injected
+    /// header is then `Authorization: DPoP <token>`, with a proof beside it.
+    pub dpop: Option<DpopConfig>,
     /// `allow_insecure`: the refusals this client knowingly waives.
     pub allow_insecure: Vec<Insecure>,
 }

@@ -229,6 +229,13 @@ impl ClientConfig {
                 .map_or_else(|| "(none)".to_owned(), crate::secret::display_url);
             row(out, "subjects.revoke_url", revoke)?;
         }
+        if let Some(d) = &self.dpop {
+            let key = format!(
+                "{} key, made once and sealed in the store; a new proof per request",
+                d.alg
+            );
+            row(out, "dpop", key)?;
+        }
         let i = &self.inject;
         row(
             out,

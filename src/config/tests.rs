@@ -770,7 +770,7 @@ params = { prompt = "consent" }
 {connect}
 "#;
 
-fn connect_config(body: &str) -> String {
+pub(super) fn connect_config(body: &str) -> String {
     CONNECT.replace("{connect}", body)
 }
 
@@ -1223,4 +1223,70 @@ fn upgrade_idle_timeout_is_a_positive_duration_defaulting_to_five_minutes() {
     assert_error(&err, "limits.upgrade_idle_timeout", "greater than zero");
     let err = fail(&format!("[limits]\nupgrade_idle_timeout = 30\n{MIN}"));
     assert_error(&err, "limits.upgrade_idle_timeout", "has no unit");
+}
+
+#[test]
+fn dpop_defaults_to_es256_and_sends_the_token_with_the_dpop_scheme() {
+    let c = parse(&format!("{MIN}[clients.payments.dpop]\n"));
+    let client = &c.clients[0];
+    assert_eq!(
+        client.dpop.as_ref().map(|d| d.alg),
+        Some(crate::jose::Alg::Es256),
+        "ES256 unless alg says otherwise"
+    );
+    assert_eq!(client.inject.header, http::header::AUTHORIZATION);
+    assert_eq!(
+        (client.inject.prefix.as_str(), client.inject.suffix.as_str()),
+        ("DPoP ", ""),
+        "Authorization: DPoP <token>"
+    );
+    let summary = c.summary();
+    assert!(
+        summary.contains("ES256 key, made once and sealed in the store")
+            && summary.contains("authorization: DPoP <token>"),
+        "{summary}"
+    );
+    let ed = parse(&format!("{MIN}[clients.payments.dpop]\nalg = \"EdDSA\"\n"));
+    assert_eq!(
+        ed.clients[0].dpop.as_ref().map(|d| d.alg),
+        Some(crate::jose::Alg::EdDsa)
+    );
+    assert!(
+        parse(MIN).clients[0].dpop.is_none(),
+        "off unless configured"
+    );
+}
+
+#[test]
+fn dpop_refuses_other_algorithms_a_custom_inject_and_subjects() {
+    let err = fail(&format!("{MIN}[clients.payments.dpop]\nalg = \"RS256\"\n"));
+    assert_error(
+        &err,
+        "clients.payments.dpop.alg",
+        "\"RS256\" is not an accepted value",
+    );
+    assert!(err.to_string().contains("\"ES256\", \"EdDSA\""), "{err}");
+    let err = fail(&format!(
+        "{MIN}[clients.payments.dpop]\n[clients.payments.inject]\nformat = \"Bearer {{token}}\"\n"
+    ));
+    assert_error(
+        &err,
+        "clients.payments.inject",
+        "cannot be set with [clients.payments.dpop]",
+    );
+    let with_subjects = connect_config(CONNECT_OK).replace(
+        "[clients.pos.subjects]\n",
+        "[clients.pos.dpop]\n[clients.pos.subjects]\n",
+    );
+    let err = fail(&with_subjects);
+    assert_error(
+        &err,
+        "clients.pos.dpop",
+        "cannot be used with [clients.pos.subjects] yet",
+    );
+    let err = fail(&format!("{MIN}[clients.payments.dpop]\nkey = \"x\"\n"));
+    assert!(
+        err.to_string().contains("clients.payments.dpop.key"),
+        "an unknown key in [dpop] is named: {err}"
+    );
 }

@@ -332,3 +332,87 @@ fn a_secret_of_the_wrong_type_is_never_echoed() {
     ));
     assert!(!err.to_string().contains("hunter2-xyz"), "{err}");
 }
+
+/// Within one table too, every problem is reported, not only the first:
+/// `[admin]`, `[store]`, `[connect]` and a client's `[subjects]` and `[tls]`.
+/// (With `[connect]` in error, the `[authorize]` of a client with subjects
+/// cannot be judged: the next test covers it.)
+#[test]
+fn every_problem_within_one_table_is_reported() {
+    let text = super::tests::connect_config(
+        r#"listen = "nowhere"
+public_url = "https://connect.platform.example/"
+return_to = ["https://app.platform.example", "http://evil.example/"]
+session_ttl = "48h"
+
+[admin]
+listen = "127.0.0.1"
+api_key = "short"
+max_connections = 0
+allowed_hosts = ["a/b", "c@d"]
+
+[store]
+kind = "memory"
+path = "/var/lib/tokenproxy/tokens.json"
+url = "redis://127.0.0.1:6379/0"
+"#,
+    )
+    .replace(
+        "params = { prompt = \"consent\" }",
+        "params = { prompt = \"consent\", state = \"fixed\" }\nredirect_port = 70000",
+    )
+    .replace(
+        "[clients.pos.subjects]\n",
+        "[clients.pos.subjects]\nheader = \"not a header\"\nmax_cached = 0\n\n\
+         [clients.pos.tls]\nserver_name = \"not a name!\"\nmin_version = \"1.1\"\n\
+         client_cert_file = \"/pki/client.pem\"\n",
+    );
+    let err = fail(&text);
+    let expected = [
+        "connect.listen",
+        "connect.public_url",
+        "connect.return_to[0]",
+        "connect.return_to[1]",
+        "connect.session_ttl",
+        "admin.listen",
+        "admin.api_key",
+        "admin.max_connections",
+        "admin.allowed_hosts",
+        "store.path",
+        "store.url",
+        "clients.pos.subjects.header",
+        "clients.pos.subjects.max_cached",
+        "clients.pos.tls.server_name",
+        "clients.pos.tls.min_version",
+        "clients.pos.tls.client_key_file",
+    ];
+    let reported = keys(&err);
+    let missing: Vec<&&str> = expected.iter().filter(|k| !reported.contains(k)).collect();
+    assert!(missing.is_empty(), "not reported: {missing:?} in:\n{err}");
+    assert_eq!(
+        reported
+            .iter()
+            .filter(|k| **k == "admin.allowed_hosts")
+            .count(),
+        2,
+        "each bad host is named:\n{err}"
+    );
+}
+
+#[test]
+fn every_problem_of_an_authorize_table_is_reported() {
+    let text = format!(
+        "{MIN}\n[clients.payments.authorize]\nurl = \"https://api.pay.example/authorize\"\n\
+         params = {{ prompt = \"consent\", state = \"fixed\", response_type = \"token\" }}\nredirect_port = 70000\n"
+    );
+    let err = fail(&text);
+    assert_eq!(
+        keys(&err),
+        [
+            "clients.payments.authorize.params.state",
+            "clients.payments.authorize.params.response_type",
+            "clients.payments.authorize.redirect_port"
+        ],
+        "{err}"
+    );
+}

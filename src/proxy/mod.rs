@@ -39,9 +39,10 @@ use self::route::ListenerRoutes;
 use crate::config::{ClientConfig, Limits};
 use crate::error::ProxyError;
 use crate::http::client::{self as upstream, HttpClient, UpgradeConnector};
-use crate::metrics::{ClientMetrics, RetryOutcome, UpgradeOutcome, OTHER_PROTOCOL};
+use crate::metrics::{ClientMetrics, NonceWhere, RetryOutcome, UpgradeOutcome, OTHER_PROTOCOL};
 use crate::subjects::{SubjectError, Subjects};
-use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
+use crate::token::dpop::{demands_nonce, DPOP_HEADER};
+use crate::token::{Dpop, Token, TokenHandle, Unauthorized, Unavailable};
 
 /// One configured client as the request path sees it.
 pub struct ClientRuntime {
@@ -70,6 +71,8 @@ pub struct ClientRuntime {
     pool: Option<Http1Pool>,
     /// Upgrade passthrough, when the client forwards any protocol.
     upgrades: Option<upgrade::Upgrades>,
+    /// DPoP (`[dpop]`): a proof of its key beside every token sent.
+    dpop: Option<Arc<Dpop>>,
 }
 
 /// The ways a client reaches its upstream.
@@ -141,7 +144,37 @@ impl ClientRuntime {
             http,
             pool,
             upgrades,
+            dpop: None,
         }
+    }
+
+    /// The same runtime, signing a DPoP proof for every request with `dpop`'s key.
+    pub fn with_dpop(mut self, dpop: Option<Arc<Dpop>>) -> Self {
+        self.dpop = dpop;
+        self
+    }
+
+    /// The DPoP proof for one send of `outgoing` with `token`: `None` for a
+    /// client without DPoP, a new proof (a new `jti`) on every call otherwise.
+    fn proof(&self, outgoing: &Outgoing, token: &Token) -> Result<Option<HeaderValue>, ProxyError> {
+        let Some(dpop) = &self.dpop else {
+            return Ok(None);
+        };
+        let unavailable = |reason: String| ProxyError::TokenUnavailable {
+            reason,
+            retry_after: Duration::from_secs(1),
+        };
+        // Loaded before the first send (`ready_key`).
+        let key = dpop
+            .loaded_key()
+            .ok_or_else(|| unavailable("the DPoP key is not loaded yet".to_owned()))?;
+        let ath = token
+            .dpop_ath
+            .as_deref()
+            .ok_or_else(|| unavailable("the token is not DPoP-bound".to_owned()))?;
+        dpop.api_proof(key, &outgoing.method, outgoing.uri.path(), ath)
+            .map(Some)
+            .map_err(|e| unavailable(format!("cannot sign a DPoP proof: {e}")))
     }
 
     fn is_unauthorized(&self, status: StatusCode) -> bool {
@@ -295,16 +328,38 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn request(&self, body: Body, token: &Token, inject: &HeaderName) -> Request<Body> {
+    /// One attempt: the template with `token` and, for a DPoP client, `proof`
+    /// (a new one for every attempt: an API accepts each `jti` once).
+    fn request(
+        &self,
+        body: Body,
+        token: &Token,
+        inject: &HeaderName,
+        proof: Option<HeaderValue>,
+    ) -> Request<Body> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = Version::HTTP_11;
         let mut headers = self.headers.clone();
         headers.insert(inject.clone(), token.header.clone());
+        if let Some(proof) = proof {
+            headers.insert(DPOP_HEADER.clone(), proof);
+        }
         *req.headers_mut() = headers;
         req
     }
+}
+
+/// Loads the client's DPoP key before its first proof (once; then a check).
+async fn ready_key(client: &ClientRuntime) -> Result<(), ProxyError> {
+    if let Some(dpop) = &client.dpop {
+        dpop.key().await.map_err(|e| ProxyError::TokenUnavailable {
+            reason: e.to_string(),
+            retry_after: Duration::from_secs(1),
+        })?;
+    }
+    Ok(())
 }
 
 async fn forward(
@@ -358,7 +413,9 @@ async fn forward(
                 subject,
                 request_id,
             };
-            return upgrade::forward(client, upgrades, handshake, exchange).await;
+            // Boxed: a tunnel's state would otherwise make every request's future
+            // larger, and each is moved (copied) on its way into hyper's task.
+            return Box::pin(upgrade::forward(client, upgrades, handshake, exchange)).await;
         }
     }
 
@@ -384,15 +441,53 @@ async fn forward(
     })?;
 
     let token = take_token(client, subject, exchange).await?;
+    ready_key(client).await?;
     // In the template too, so that each copy only replaces the value (a copy has no
     // spare capacity, and adding a header to it would grow it).
     outgoing
         .headers
         .insert(client.inject_header.clone(), token.header.clone());
+    if client.dpop.is_some() {
+        // The app's own proof, if any, is replaced (and its place kept).
+        outgoing
+            .headers
+            .insert(DPOP_HEADER.clone(), HeaderValue::from_static(""));
+    }
     match body {
         RequestBody::Buffered(bytes, _reservation) => {
-            let first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
+            let mut first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
             exchange.upstream_status = Some(first.status().as_u16());
+            if client.is_unauthorized(first.status()) && nonce_demanded(client, &first) {
+                // The API wants a (newer) DPoP nonce, which send_once kept: the
+                // token is not the problem, so it is sent again, with a new proof
+                // carrying the nonce, when that is safe; never retired.
+                if !client.may_replay(&outgoing) {
+                    client
+                        .metrics
+                        .unauthorized_retry(RetryOutcome::NotReplayable);
+                    return Ok(first);
+                }
+                if let Some(dpop) = &client.dpop {
+                    dpop.nonce_retry(NonceWhere::Upstream);
+                }
+                drop(first);
+                exchange.replayed = true;
+                first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
+                exchange.upstream_status = Some(first.status().as_u16());
+                if client.is_unauthorized(first.status()) && !nonce_demanded(client, &first) {
+                    // Replayed once already: the next requests meet a new token.
+                    let _decision = on_unauthorized(
+                        client,
+                        subject,
+                        &token,
+                        says_invalid_token(first.headers()),
+                    );
+                }
+                first
+                    .headers_mut()
+                    .insert(REPLAYED_HEADER.clone(), HeaderValue::from_static("1"));
+                return Ok(first);
+            }
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
             }
@@ -433,14 +528,21 @@ async fn forward(
             Ok(second)
         }
         RequestBody::Streaming(stream) => {
+            let proof = client.proof(&outgoing, &token)?;
             let response = send(
                 client,
                 http,
-                outgoing.request(stream, &token, &client.inject_header),
+                outgoing.request(stream, &token, &client.inject_header, proof),
             )
             .await?;
             exchange.upstream_status = Some(response.status().as_u16());
-            if client.is_unauthorized(response.status())
+            if client.is_unauthorized(response.status()) && nonce_demanded(client, &response) {
+                // Not sent again (nothing was buffered); the nonce is kept for the
+                // next request, and the token is not the problem.
+                client
+                    .metrics
+                    .unauthorized_retry(RetryOutcome::NotReplayable);
+            } else if client.is_unauthorized(response.status())
                 || (grpc && grpc_unauthenticated(response.headers()))
             {
                 // Not sent again, but the next requests should not meet the same 401.
@@ -598,11 +700,20 @@ async fn send_buffered(
     bytes: &Bytes,
     token: &Token,
 ) -> Result<Response<Body>, ProxyError> {
-    let request = || outgoing.request(body::full(bytes.clone()), token, &client.inject_header);
-    match send_once(client, http, request()).await {
+    // A new DPoP proof for every send, the retry of a broken one included.
+    let request = || -> Result<Request<Body>, ProxyError> {
+        let proof = client.proof(outgoing, token)?;
+        Ok(outgoing.request(
+            body::full(bytes.clone()),
+            token,
+            &client.inject_header,
+            proof,
+        ))
+    };
+    match send_once(client, http, request()?).await {
         Err(Failure::Broken(e)) if is_safe(&outgoing.method) => {
             debug!(client = %client.name, error = %e, "connection broke before a response; retrying a safe request once");
-            send_once(client, http, request())
+            send_once(client, http, request()?)
                 .await
                 .map_err(Failure::into_error)
         }
@@ -689,9 +800,23 @@ async fn send_once(
         }
     };
     let (mut parts, body) = response.into_parts();
+    if let Some(dpop) = &client.dpop {
+        // Every answer may carry the API's next nonce, 200s included.
+        dpop.note_api_nonce(&parts.headers);
+    }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_sidecar_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body))
+}
+
+/// Whether the API answered a DPoP client's request with `use_dpop_nonce`
+/// and a nonce (RFC 9449 §9): the proof, not the token, was refused.
+fn nonce_demanded<B>(client: &ClientRuntime, response: &Response<B>) -> bool {
+    client.dpop.is_some()
+        && demands_nonce(response.headers())
+        && response
+            .headers()
+            .contains_key(&crate::token::dpop::NONCE_HEADER)
 }
 
 /// Runs `f` when dropped.

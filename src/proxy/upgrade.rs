@@ -32,12 +32,16 @@ use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
 use super::body::{self, Paced};
-use super::{headers, on_unauthorized, says_invalid_token, take_token, ClientRuntime, Exchange};
+use super::{
+    headers, nonce_demanded, on_unauthorized, ready_key, says_invalid_token, take_token,
+    ClientRuntime, Exchange,
+};
 use super::{Outgoing, ACCESS_LOG};
 use crate::error::ProxyError;
 use crate::http::client::UpgradeConnector;
 use crate::metrics::{ClientMetrics, RetryOutcome, UpgradeOutcome};
 use crate::server::UpgradeHold;
+use crate::token::dpop::DPOP_HEADER;
 
 /// Each direction of a tunnel reads into a buffer of this size (tokio's own
 /// copy uses the same).
@@ -296,9 +300,13 @@ async fn send(
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
     let token = take_token(client, subject, exchange).await?;
+    ready_key(client).await?;
     outgoing
         .headers
         .insert(client.inject_header.clone(), token.header.clone());
+    if let Some(proof) = client.proof(outgoing, &token)? {
+        outgoing.headers.insert(DPOP_HEADER.clone(), proof);
+    }
     outgoing
         .headers
         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -346,7 +354,16 @@ async fn send(
             })
         }
     };
-    if client.is_unauthorized(response.status()) {
+    if let Some(dpop) = &client.dpop {
+        dpop.note_api_nonce(response.headers());
+    }
+    if client.is_unauthorized(response.status()) && nonce_demanded(client, &response) {
+        // The proof lacked the API's nonce, which is kept now: the app's next
+        // attempt carries it, and the token stays.
+        client
+            .metrics
+            .unauthorized_retry(RetryOutcome::NotReplayable);
+    } else if client.is_unauthorized(response.status()) {
         // Not sent again (nothing was buffered), but the app's next attempt
         // should not meet the same 401.
         let _decision = on_unauthorized(

@@ -511,6 +511,7 @@ impl Inner {
         let token = Arc::new(Token {
             generation,
             header,
+            dpop_ath: None,
             usable_until: remaining.and_then(|r| now.checked_add(r)),
             installed_at,
         });

@@ -156,6 +156,14 @@ impl TokenSet {
         }
     }
 
+    /// True when token_type is "DPoP" in any case (RFC 9449 §5): the token is
+    /// bound to the key of the request's proof.
+    pub fn is_dpop(&self) -> bool {
+        self.token_type
+            .as_deref()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("dpop"))
+    }
+
     /// True when either lifetime was clamped to [`MAX_LIFETIME`] (the caller logs it).
     pub fn clamped(&self) -> bool {
         self.lifetime == Some(MAX_LIFETIME) || self.refresh_token_lifetime == Some(MAX_LIFETIME)

@@ -709,3 +709,28 @@ async fn the_token_command_writes_metadata_and_shows_the_token_only_when_asked()
         .expect_err("no such client");
     assert!(err.to_string().contains("configured: payments"), "{err}");
 }
+
+/// `tokenproxy check … | head -1`: once the reader of its output is gone, the
+/// command ends as Unix tools do (exit 0, nothing on stderr), not with a panic.
+#[test]
+fn check_piped_into_a_closed_reader_ends_quietly() {
+    let path = temp_config("piped.toml", VALID);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    // Closed before the command writes a byte: every write meets a broken pipe.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["check", "--config", path.to_str().expect("utf8")])
+        .env_remove("TOKENPROXY_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("PAY_SECRET", "very-secret-value-123")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("tokenproxy runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "exit {:?}, stderr: {stderr}",
+        out.status
+    );
+}

@@ -12,6 +12,7 @@ mod cli;
 mod client_assertions;
 mod connect;
 mod demo;
+mod dpop;
 mod egress_proxy;
 mod forwarding;
 mod hostile_input;

@@ -118,6 +118,9 @@ pub struct Refresher {
     client: String,
     config: Arc<TokenConfig>,
     inject: InjectConfig,
+    /// Tokens are DPoP-bound (`[dpop]`): the token_type must say so, and the
+    /// request path signs proofs with `ath` over each token.
+    dpop: bool,
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
     endpoint: Arc<dyn TokenSource>,
@@ -171,6 +174,7 @@ impl Refresher {
             client: client.name.clone(),
             config: Arc::new(client.token.clone()),
             inject: client.inject.clone(),
+            dpop: client.dpop.is_some(),
             shared,
             commands,
             endpoint,

@@ -5,6 +5,8 @@
 //! can be: a key is loaded once from PEM (PKCS#8, PKCS#1 RSA or SEC1 EC) or
 //! made from a client secret (HMAC), exposes its public half for verification
 //! or a `jwk`, and is never printed (`Debug` shows its algorithm only).
+//! `jwk.rs` adds the public JWK and its RFC 7638 thumbprint, and keys made
+//! here; `dpop.rs` signs DPoP proofs with a precomputed header.
 //! Algorithms are those FAPI 2.0 and RFC 7523 providers use: RS256, PS256,
 //! ES256 (the fixed-length `r || s` signature of RFC 7518 §3.4), EdDSA
 //! (Ed25519), HS256 and HS512.
@@ -19,6 +21,13 @@ use ring::{digest, hmac};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
 use serde_json::{Map, Value};
+
+mod dpop;
+mod jwk;
+
+#[cfg(test)]
+pub(crate) use dpop::tests::verify_with_header_jwk;
+pub use dpop::{access_token_hash, ProofClaims, ProofKey, PROOF_TYPE};
 
 /// A JWS `alg` tokenproxy signs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +230,17 @@ impl SigningKey {
             }
             _ => return Err(KeyError::Unsupported("a key of an unknown format")),
         };
+        SigningKey::assemble(kind, key, material, alg)
+    }
+
+    /// The key `key` of `kind` (its `material` digested for comparison), signing
+    /// with `alg`, or the first algorithm of its kind.
+    fn assemble(
+        kind: KeyKind,
+        key: Key,
+        material: &[u8],
+        alg: Option<Alg>,
+    ) -> Result<SigningKey, KeyError> {
         let alg = match alg {
             None => kind.algs()[0],
             Some(alg) if kind.algs().contains(&alg) => alg,
@@ -285,6 +305,33 @@ impl SigningKey {
         let input = format!("{}.{}", base64url(&header), base64url(&claims));
         let signature = self.sign_bytes(input.as_bytes())?;
         Ok(format!("{input}.{}", base64url(&signature)))
+    }
+
+    /// Signs `input` (a JWS signing input, `header.claims`) and appends `.`
+    /// and the base64url signature to it; ECDSA and Ed25519 signatures are
+    /// encoded from the stack, without an allocation of their own.
+    fn sign_into(&self, mut input: String) -> Result<String, SignError> {
+        let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        match &*self.key {
+            Key::Ecdsa(k) => {
+                let signature = k
+                    .sign(&SystemRandom::new(), input.as_bytes())
+                    .map_err(|_| SignError("ECDSA signing failed"))?;
+                input.push('.');
+                engine.encode_string(signature.as_ref(), &mut input);
+            }
+            Key::Ed25519(k) => {
+                let signature = k.sign(input.as_bytes());
+                input.push('.');
+                engine.encode_string(signature.as_ref(), &mut input);
+            }
+            Key::Rsa(_) | Key::Hmac(_) => {
+                let signature = self.sign_bytes(input.as_bytes())?;
+                input.push('.');
+                engine.encode_string(&signature, &mut input);
+            }
+        }
+        Ok(input)
     }
 
     fn sign_bytes(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
@@ -400,7 +447,7 @@ pub(crate) mod tests {
     use serde_json::json;
 
     /// The committed test-only RSA key (ring cannot generate RSA keys).
-    pub(crate) const RSA_PEM: &str = include_str!("../tests/fixtures/rsa2048-test-only.pem");
+    pub(crate) const RSA_PEM: &str = include_str!("../../tests/fixtures/rsa2048-test-only.pem");
 
     /// A new P-256 or Ed25519 key in PKCS#8 PEM.
     pub(crate) fn generated_pem(alg: &'static rcgen::SignatureAlgorithm) -> String {
