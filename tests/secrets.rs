@@ -37,6 +37,7 @@ async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
         refresh_tokens: true,
         rotate_refresh_tokens: true,
         users: vec![("alice".into(), PASSWORD.into())],
+        ..ProviderConfig::default()
     })
     .await
     .expect("provider");
@@ -317,6 +318,7 @@ async fn credentials_a_provider_echoes_in_its_error_text_never_leave_the_sidecar
             refresh_tokens: true,
             rotate_refresh_tokens: true,
             users: vec![("alice".into(), ECHO_PASSWORD.into())],
+            ..ProviderConfig::default()
         })
         .await
         .expect("provider");

@@ -23,7 +23,8 @@ mod provider;
 
 pub use api::{DpopCounts, MockApi, RecordedRequest, CONNECTED_PATH};
 pub use provider::{
-    Echo, Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
+    Echo, ErrorStyle, Fault, MockProvider, ProviderConfig, ResponseShape, TokenRequest,
+    TokenValidator, AUTHORIZE_PATH,
 };
 
 use std::convert::Infallible;

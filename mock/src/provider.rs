@@ -60,6 +60,37 @@ pub struct ProviderConfig {
     pub rotate_refresh_tokens: bool,
     /// Username/password pairs accepted by the password grant and the sign-in page.
     pub users: Vec<(String, String)>,
+    /// How a successful token answer names its fields (default RFC 6749).
+    pub response_shape: ResponseShape,
+    /// How the token endpoint answers a refusal (default RFC 6749).
+    pub error_style: ErrorStyle,
+}
+
+/// How the token endpoint words a successful answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResponseShape {
+    /// RFC 6749 §5.1: `access_token`, `token_type`, `expires_in` in seconds,
+    /// `refresh_token`.
+    #[default]
+    Standard,
+    /// A commerce API's: no `expires_in`, but `access_token_expiration` and,
+    /// beside a refresh token, `refresh_token_expiration` (a day on), both
+    /// in epoch seconds.
+    EpochExpirations,
+}
+
+/// How the token endpoint answers a refusal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// RFC 6749 §5.2: 400 or 401 with `{"error": .., "error_description": ..}`.
+    #[default]
+    Rfc6749,
+    /// A payment gateway's: every refusal is a 500
+    /// `{"status": "FAILURE", "errorCode": CODE, "message": ..}`, where CODE is
+    /// `INVALID_CREDENTIALS` for a bad client, password or refresh token and
+    /// the RFC 6749 code in upper case otherwise. Injected faults are not
+    /// reworded.
+    Gateway500,
 }
 
 impl Default for ProviderConfig {
@@ -71,6 +102,8 @@ impl Default for ProviderConfig {
             refresh_tokens: false,
             rotate_refresh_tokens: true,
             users: vec![("alice".to_owned(), "alice-password".to_owned())],
+            response_shape: ResponseShape::default(),
+            error_style: ErrorStyle::default(),
         }
     }
 }
@@ -576,7 +609,14 @@ async fn handle(
     };
 
     match fault {
-        Fault::None => Ok(with_dpop_nonce(&shared, answer(&shared, &parsed))),
+        Fault::None => {
+            let response = answer(&shared, &parsed);
+            let response = match shared.config.error_style {
+                ErrorStyle::Rfc6749 => response,
+                ErrorStyle::Gateway500 => gateway_refusal(response).await,
+            };
+            Ok(with_dpop_nonce(&shared, response))
+        }
         Fault::Status {
             status,
             body,
@@ -618,6 +658,33 @@ async fn handle(
             Ok(response)
         }
     }
+}
+
+/// An RFC 6749 refusal reworded as [`ErrorStyle::Gateway500`] says; any
+/// other answer as it is.
+async fn gateway_refusal(response: Response<MockBody>) -> Response<MockBody> {
+    if !response.status().is_client_error() {
+        return response;
+    }
+    let body = match response.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(never) => match never {},
+    };
+    let refusal: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let error = refusal["error"].as_str().unwrap_or("server_error");
+    let code = match error {
+        "invalid_client" | "invalid_grant" => "INVALID_CREDENTIALS".to_owned(),
+        other => other.to_ascii_uppercase(),
+    };
+    let message = refusal["error_description"]
+        .as_str()
+        .unwrap_or("The request failed.");
+    let mut response = json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({ "status": "FAILURE", "errorCode": code, "message": message }),
+    );
+    no_store(response.headers_mut());
+    response
 }
 
 /// "Invalid credentials: name=value …" for every credential `request` carried, in `form`.
@@ -899,10 +966,24 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
     let mut body = json!({
         "access_token": access_token,
         "token_type": token_type,
-        "expires_in": config.lifetime.as_secs(),
     });
+    let epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    };
+    match config.response_shape {
+        ResponseShape::Standard => body["expires_in"] = json!(config.lifetime.as_secs()),
+        ResponseShape::EpochExpirations => {
+            // Rounded down: the token is never said to live longer than it does.
+            body["access_token_expiration"] = json!((epoch() + config.lifetime).as_secs());
+        }
+    }
     if let Some(refresh) = new_refresh {
         body["refresh_token"] = json!(refresh);
+        if config.response_shape == ResponseShape::EpochExpirations {
+            body["refresh_token_expiration"] = json!(epoch().as_secs() + 86_400);
+        }
     }
     if let Some(scope) = scope {
         body["scope"] = json!(scope);

@@ -132,6 +132,43 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("clients.*.token.params", "{ audience = \"payments-api\" }"),
     ("clients.*.token.params.*", "\"payments-api\""),
     ("clients.*.token.timeout", "\"10s\""),
+    (
+        "clients.*.token.headers",
+        "{ \"Square-Version\" = \"2026-01-22\" }",
+    ),
+    ("clients.*.token.headers.*", "\"2026-01-22\""),
+    ("clients.*.token.response.access_token", "\"accessToken\""),
+    ("clients.*.token.response.refresh_token", "\"refreshToken\""),
+    ("clients.*.token.response.token_type", "\"tokenType\""),
+    ("clients.*.token.response.scope", "\"scopes\""),
+    ("clients.*.token.response.expires_in", "\"data.expiresIn\""),
+    (
+        "clients.*.token.response.expires_at",
+        "\"access_token_expiration\"",
+    ),
+    (
+        "clients.*.token.response.expires_at_unit",
+        "\"epoch_seconds\"",
+    ),
+    (
+        "clients.*.token.response.refresh_token_expires_in",
+        "\"refreshExpiresIn\"",
+    ),
+    (
+        "clients.*.token.response.refresh_token_expires_at",
+        "\"refresh_token_expiration\"",
+    ),
+    (
+        "clients.*.token.response.refresh_token_expires_at_unit",
+        "\"epoch_seconds\"",
+    ),
+    ("clients.*.token.errors.status", "500"),
+    ("clients.*.token.errors.error", "\"INVALID_CREDENTIALS\""),
+    (
+        "clients.*.token.errors.body_contains",
+        "\"INVALID_CREDENTIALS\"",
+    ),
+    ("clients.*.token.errors.means", "\"rejected\""),
     ("clients.*.inject.header", "\"Authorization\""),
     ("clients.*.inject.format", "\"Bearer {token}\""),
     ("clients.*.dpop.alg", "\"ES256\""),
@@ -205,6 +242,7 @@ const TABLES: &[&str] = &[
     "clients.*.dpop",
     "clients.*.tls",
     "clients.*.token.tls",
+    "clients.*.token.response",
     "clients.*.authorize",
     "clients.*.subjects",
 ];
@@ -220,11 +258,33 @@ fn matches(pattern: &str, key: &str) -> bool {
     }
 }
 
+/// `key` without the element indexes of arrays of tables (`errors[1].means`
+/// is written like any `errors.means`), and whether it had one.
+fn without_indexes(key: &str) -> (String, bool) {
+    let mut plain = String::with_capacity(key.len());
+    let mut indexed = false;
+    for segment in key.split('.') {
+        let name = match segment.split_once('[') {
+            Some((name, rest)) if rest.ends_with(']') => {
+                indexed = true;
+                name
+            }
+            _ => segment,
+        };
+        if !plain.is_empty() {
+            plain.push('.');
+        }
+        plain.push_str(name);
+    }
+    (plain, indexed)
+}
+
 /// The example value of the dotted `key`, as written in the file.
 pub(super) fn example_value(key: &str) -> Option<&'static str> {
+    let (key, _) = without_indexes(key);
     EXAMPLES
         .iter()
-        .find(|(pattern, _)| matches(pattern, key))
+        .find(|(pattern, _)| matches(pattern, &key))
         .map(|(_, value)| *value)
 }
 
@@ -237,6 +297,17 @@ pub(super) fn write_it_like(key: &str) -> Option<String> {
     }
     if key == "clients" {
         return Some("write each client as a table of its own, like [clients.payments]".to_owned());
+    }
+    let (plain, indexed) = without_indexes(key);
+    if matches("clients.*.token.errors", &plain) {
+        let lead = if indexed {
+            "write it"
+        } else {
+            "write each rule"
+        };
+        return Some(format!(
+            "{lead} as a table: a [[{plain}]] line with its keys (status, error, body_contains, means) on the lines below it"
+        ));
     }
     if TABLES.iter().any(|pattern| matches(pattern, key)) {
         return Some(format!(
@@ -274,6 +345,24 @@ mod tests {
         assert_eq!(write_it_like("clients.wallet.nonsense"), None);
     }
 
+    #[test]
+    fn a_rule_of_an_array_of_tables_is_written_like_any_rule() {
+        assert_eq!(
+            write_it_like("clients.pay.token.errors[2].means").as_deref(),
+            Some("write it like means = \"rejected\"")
+        );
+        assert_eq!(
+            write_it_like("clients.pay.token.errors").as_deref(),
+            Some(
+                "write each rule as a table: a [[clients.pay.token.errors]] line with its keys (status, error, body_contains, means) on the lines below it"
+            )
+        );
+        assert_eq!(
+            write_it_like("clients.pay.token.headers.Square-Version").as_deref(),
+            Some("write it like Square-Version = \"2026-01-22\"")
+        );
+    }
+
     /// Every key the raw mirror knows has an example; a key added to
     /// `file.rs` without one fails here.
     #[test]
@@ -305,6 +394,8 @@ mod tests {
             (file, "RawToken", "clients.a.token"),
             (file, "RawInject", "clients.a.inject"),
             (file, "RawSubjects", "clients.a.subjects"),
+            (file, "RawResponse", "clients.a.token.response"),
+            (file, "RawErrorRule", "clients.a.token.errors[0]"),
             (file, "RawDpop", "clients.a.dpop"),
             (tls, "RawTls", "clients.a.tls"),
             (tls, "RawTls", "clients.a.token.tls"),

@@ -182,6 +182,36 @@ pub(super) struct RawToken {
     pub(super) params: Option<BTreeMap<String, String>>,
     pub(super) timeout: Option<Scalar>,
     pub(super) tls: Option<super::tls::RawTls>,
+    // Sorted by name, so every token request carries them in the same order.
+    pub(super) headers: Option<BTreeMap<String, String>>,
+    pub(super) response: Option<RawResponse>,
+    pub(super) errors: Option<Vec<RawErrorRule>>,
+}
+
+/// `[clients.NAME.token.response]`: where a non-standard response keeps its fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResponse {
+    pub(super) access_token: Option<String>,
+    pub(super) refresh_token: Option<String>,
+    pub(super) token_type: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) expires_in: Option<String>,
+    pub(super) expires_at: Option<String>,
+    pub(super) expires_at_unit: Option<String>,
+    pub(super) refresh_token_expires_in: Option<String>,
+    pub(super) refresh_token_expires_at: Option<String>,
+    pub(super) refresh_token_expires_at_unit: Option<String>,
+}
+
+/// One `[[clients.NAME.token.errors]]` rule.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawErrorRule {
+    pub(super) status: Option<Scalar>,
+    pub(super) error: Option<String>,
+    pub(super) body_contains: Option<String>,
+    pub(super) means: Option<String>,
 }
 
 /// `[clients.NAME.dpop]`.

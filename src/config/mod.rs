@@ -20,6 +20,7 @@ mod env;
 mod error;
 mod examples;
 mod file;
+mod quirk;
 mod safety;
 mod schema;
 mod store;
@@ -37,6 +38,7 @@ pub use dpop::DpopConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
 pub use error::{ConfigError, ConfigProblem, MAX_SHOWN};
+pub use quirk::{ErrorMeaning, ErrorRule, FieldPath, ResponseMapping, TimestampUnit};
 pub use safety::Insecure;
 pub use store::{
     FileStoreConfig, NodeAddr, RedisStoreConfig, RedisTopology, SentinelConfig, StoreConfig,
@@ -380,6 +382,15 @@ pub struct TokenConfig {
     pub timeout: Duration,
     /// `[clients.NAME.token.tls]`: TLS to the token endpoint.
     pub tls: TlsConfig,
+    /// `headers`: extra headers on every token request (grants, refreshes,
+    /// code exchanges, revocations), sorted by name; never one tokenproxy
+    /// sets. Values whose name suggests a credential are marked sensitive.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `[clients.NAME.token.response]`: where a non-standard response keeps its fields.
+    pub response: ResponseMapping,
+    /// `[[clients.NAME.token.errors]]`: what error answers mean, tried in
+    /// order before the built-in classification.
+    pub errors: Vec<ErrorRule>,
 }
 
 /// `token.grant`, with the credentials the grant needs.
@@ -520,5 +531,7 @@ pub struct InjectConfig {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_quirks;
 #[cfg(test)]
 mod tests_report;

@@ -192,6 +192,7 @@ impl ClientConfig {
         };
         row(out, "token.params", params)?;
         row(out, "token.timeout", dur(t.timeout))?;
+        write_quirks(out, t)?;
         row(out, "token.tls", t.tls.summary())?;
         row(out, "tls", self.tls.summary())?;
         row(out, "proxy", self.proxy.summary())?;
@@ -242,6 +243,57 @@ impl ClientConfig {
             format!("{}: {}<token>{}", i.header, i.prefix, i.suffix),
         )
     }
+}
+
+/// The rows of `check` for provider quirks, only when configured: header
+/// values unless marked sensitive, the response mapping, the error rules.
+fn write_quirks(out: &mut String, t: &TokenConfig) -> fmt::Result {
+    if !t.headers.is_empty() {
+        let shown: Vec<String> = t
+            .headers
+            .iter()
+            .map(|(name, value)| match value.to_str() {
+                Ok(v) if !value.is_sensitive() => format!("{name}: {v}"),
+                _ => format!("{name}: [redacted]"),
+            })
+            .collect();
+        row(out, "token.headers", shown.join(", "))?;
+    }
+    if !t.response.is_standard() {
+        let mut shown: Vec<String> = t
+            .response
+            .fields()
+            .map(|(key, path)| format!("{key} <- {path}"))
+            .collect();
+        let units = [
+            ("expires_at_unit", t.response.expires_at_unit),
+            (
+                "refresh_token_expires_at_unit",
+                t.response.refresh_token_expires_at_unit,
+            ),
+        ];
+        for (key, unit) in units {
+            if let Some(unit) = unit {
+                shown.push(format!("{key} = {}", unit.as_str()));
+            }
+        }
+        row(out, "token.response", shown.join(", "))?;
+    }
+    for (i, rule) in t.errors.iter().enumerate() {
+        let mut when: Vec<String> = Vec::new();
+        if let Some(status) = rule.status {
+            when.push(format!("status {}", status.as_u16()));
+        }
+        if let Some(error) = &rule.error {
+            when.push(format!("error {error:?}"));
+        }
+        if let Some(text) = &rule.body_contains {
+            when.push(format!("body contains {text:?}"));
+        }
+        let line = format!("{} -> {}", when.join(" and "), rule.means.as_str());
+        row(out, &format!("token.errors[{i}]"), line)?;
+    }
+    Ok(())
 }
 
 /// The assertion rows of `check`: where the key or assertion comes from, never either.

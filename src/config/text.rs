@@ -158,6 +158,15 @@ pub(super) fn statement_at(src: &str, target: usize) -> Option<(Range<usize>, St
     Some((found.range.start..end, found.key.join(".")))
 }
 
+/// The path of element `n` of the array of tables at `path`: `errors[n]`.
+fn indexed(path: &[String], n: usize) -> Vec<String> {
+    let mut path = path.to_vec();
+    if let Some(last) = path.last_mut() {
+        last.push_str(&format!("[{n}]"));
+    }
+    path
+}
+
 /// What the walk looks for.
 enum Probe<'k> {
     /// The key or value holding this byte.
@@ -250,6 +259,8 @@ impl<'a> Walker<'a> {
 
     fn document(&mut self) -> Result<(), Stop> {
         let mut table = Vec::new();
+        // `[[x]]` headers seen so far per path: the next one is element `x[n]`.
+        let mut elements: Vec<(Vec<String>, usize)> = Vec::new();
         loop {
             self.skip(true);
             let start = self.i;
@@ -263,6 +274,23 @@ impl<'a> Walker<'a> {
                         return Err(Stop::Lost);
                     }
                     self.found_if(start, &keys)?;
+                    let keys = if double {
+                        let n = match elements.iter_mut().find(|(k, _)| *k == keys) {
+                            Some((_, n)) => {
+                                *n += 1;
+                                *n
+                            }
+                            None => {
+                                elements.push((keys.clone(), 0));
+                                0
+                            }
+                        };
+                        let element = indexed(&keys, n);
+                        self.found_if(start, &element)?;
+                        element
+                    } else {
+                        keys
+                    };
                     self.statements.push(Statement {
                         range: start..self.i,
                         header: true,
@@ -378,12 +406,18 @@ impl<'a> Walker<'a> {
             }
             Some(b'[') => {
                 self.i += 1;
-                loop {
+                for n in 0.. {
                     self.skip(true);
                     if self.eat(b']') {
                         break;
                     }
-                    self.value(path)?;
+                    // A table in an array is one element of a list of rules;
+                    // plain values all belong to the array's key.
+                    if self.peek() == Some(b'{') {
+                        self.value(&indexed(path, n))?;
+                    } else {
+                        self.value(path)?;
+                    }
                     self.skip(true);
                     if !self.eat(b',') && self.peek() != Some(b']') {
                         return Err(Stop::Lost);
@@ -490,6 +524,33 @@ mod tests {
             "a missing key points at its table's header"
         );
         assert_eq!(pos("admin.listen"), None, "nothing of [admin] is written");
+    }
+
+    /// Rules written as `[[x]]` tables or as an array of inline tables are
+    /// told apart by their index, so a problem in the second rule points there.
+    #[test]
+    fn each_element_of_an_array_of_tables_has_an_indexed_key() {
+        let src = "[c.token]\nurl = 'u'\n[[c.token.errors]]\nstatus = 500\n\
+                   [[c.token.errors]]\nmeans = 'x'\n[d]\nrules = [{ a = 1 }, { a = 2 }]\n";
+        let pos = |key: &str| key_position(src, key).map(|p| line_column(src, p));
+        assert_eq!(pos("c.token.errors[0].status"), Some((4, 1)));
+        assert_eq!(pos("c.token.errors[1].means"), Some((6, 1)));
+        assert_eq!(
+            pos("c.token.errors[1].status"),
+            Some((5, 1)),
+            "a key missing from the second rule points at that rule's header"
+        );
+        assert_eq!(pos("d.rules[1].a"), Some((8, 23)));
+        assert_eq!(
+            pos("d.rules[1].b"),
+            Some((8, 21)),
+            "at the second inline table"
+        );
+        let at = |needle: &str| key_path_at(src, src.find(needle).expect("needle in src"));
+        assert_eq!(at("'x'").as_deref(), Some("c.token.errors[1].means"));
+        assert_eq!(at("2 }").as_deref(), Some("d.rules[1].a"));
+        let key = |needle: &str| statement_at(src, src.find(needle).expect("needle")).map(|s| s.1);
+        assert_eq!(key("means").as_deref(), Some("c.token.errors[1].means"));
     }
 
     #[test]

@@ -84,6 +84,16 @@ pub(super) fn build_token(
     let params = p.take(params(t, raw.params.unwrap_or_default()));
     let timeout = p.take(t.duration("timeout", raw.timeout, Duration::from_secs(10)));
     let tls = p.take(build_tls(raw.tls, &Table::new(t.x, t.key("tls"))));
+    let headers = p.take(quirk::build_headers(
+        t,
+        raw.headers.unwrap_or_default(),
+        client_auth,
+    ));
+    let response = p.take(quirk::build_response(
+        &Table::new(t.x, t.key("response")),
+        raw.response.unwrap_or_default(),
+    ));
+    let errors = p.take(quirk::build_error_rules(t, raw.errors.unwrap_or_default()));
 
     let grant = match (grant_kind, username, password, &refresh_token) {
         (Some(kind), Some(username), Some(password), Some(refresh_token)) => p.take(grant(
@@ -154,6 +164,9 @@ pub(super) fn build_token(
         Some(params),
         Some(timeout),
         Some(tls),
+        Some(headers),
+        Some(response),
+        Some(errors),
     ) = (
         url,
         grant,
@@ -171,6 +184,9 @@ pub(super) fn build_token(
         params,
         timeout,
         tls,
+        headers,
+        response,
+        errors,
     )
     else {
         return Err(p.into_error());
@@ -193,6 +209,9 @@ pub(super) fn build_token(
         params,
         timeout,
         tls,
+        headers,
+        response,
+        errors,
     };
     assertion::check_tls_client_auth(t, &token)?;
     Ok(token)

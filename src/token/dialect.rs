@@ -5,7 +5,7 @@
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderMap, HeaderValue, Method, Request};
 
 use super::assertion::Assertion;
 use super::redact::Redactor;
@@ -158,7 +158,18 @@ pub(crate) fn build_request(
     if let Some(value) = basic {
         builder = builder.header(AUTHORIZATION, value);
     }
-    builder.body(full(Bytes::from(body)))
+    let mut request = builder.body(full(Bytes::from(body)))?;
+    add_configured_headers(request.headers_mut(), config);
+    Ok(request)
+}
+
+/// `token.headers` (a provider's version header, say). Config refuses every
+/// header tokenproxy sets itself, so these add to the request; only `Accept`
+/// can be replaced.
+fn add_configured_headers(headers: &mut HeaderMap, config: &TokenConfig) {
+    for (name, value) in &config.headers {
+        headers.insert(name.clone(), value.clone());
+    }
 }
 
 /// Every credential the request for `kind` may carry, to scrub from the provider's answer:
@@ -191,6 +202,12 @@ pub(crate) fn redactor(
             if let Some(v) = verifier {
                 r.secret(v.expose());
             }
+        }
+    }
+    // A header value named like a credential (an API key) is one.
+    for (_, value) in config.headers.iter().filter(|(_, v)| v.is_sensitive()) {
+        if let Ok(value) = value.to_str() {
+            r.secret(value);
         }
     }
     for (name, value) in &config.params {
@@ -357,6 +374,56 @@ mod tests {
             "no Basic credentials"
         );
         assert_eq!(body, "grant_type=client_credentials&client_id=id");
+    }
+
+    #[tokio::test]
+    async fn configured_headers_go_on_grant_refresh_and_revocation_requests() {
+        let c = token_config(
+            "refresh_url = \"https://auth.example/refresh\"\n\
+             headers = { \"Square-Version\" = \"2026-01-22\", Accept = \"application/vnd.pos+json\" }",
+        );
+        let rt = Secret::new("rt-1");
+        let revoke_url: http::Uri = "https://auth.example/revoke".parse().expect("uri");
+        let kinds = [
+            ("grant", GrantKind::Primary),
+            ("refresh", GrantKind::Refresh(&rt)),
+            (
+                "revocation",
+                GrantKind::Revoke {
+                    url: &revoke_url,
+                    token: &rt,
+                },
+            ),
+        ];
+        for (what, kind) in kinds {
+            let (parts, _) = body_of(build_request(&c, kind, None).expect("request")).await;
+            assert_eq!(
+                parts.headers.get("square-version").map(|v| v.as_bytes()),
+                Some(&b"2026-01-22"[..]),
+                "the {what} request carries the configured header"
+            );
+            assert_eq!(
+                parts.headers.get_all(ACCEPT).iter().collect::<Vec<_>>(),
+                ["application/vnd.pos+json"],
+                "the {what} request's Accept is the configured one, once"
+            );
+            assert!(
+                parts.headers[AUTHORIZATION]
+                    .to_str()
+                    .is_ok_and(|v| v.starts_with("Basic ")),
+                "the {what} request keeps its client credentials"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_value_named_like_a_credential_is_scrubbed_from_provider_text() {
+        let c = token_config("headers = { \"X-Api-Key\" = \"ak-Zq81-value\" }");
+        let r = redactor(&c, GrantKind::Primary, None);
+        assert!(
+            !r.scrub("unknown key ak-Zq81-value").contains("ak-Zq81"),
+            "a provider echoing the API key header is scrubbed"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod lifecycle;
 mod origin;
 mod protocols;
 mod provider_faults;
+mod provider_quirks;
 mod reload;
 mod source_rules;
 mod store_integrity;

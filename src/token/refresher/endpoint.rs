@@ -22,7 +22,7 @@ use crate::token::assertion;
 use crate::token::dialect::{build_request, redactor, GrantKind};
 use crate::token::dpop::{Dpop, DPOP_HEADER, USE_DPOP_NONCE};
 use crate::token::response::{
-    parse_error_redacted, parse_success, ProviderError, ResponseError, TokenSet,
+    parse_error_redacted, parse_success_with, ProviderError, ResponseError, TokenSet,
 };
 use crate::token::Outcome;
 
@@ -122,6 +122,11 @@ impl TokenError {
     /// Whether the provider refused (as opposed to failing).
     pub fn is_rejection(&self) -> bool {
         matches!(self, TokenError::Provider { error, .. } if error.is_rejection())
+    }
+
+    /// Whether a `[[token.errors]]` rule says a person must authorize again.
+    pub fn needs_authorization(&self) -> bool {
+        matches!(self, TokenError::Provider { error, .. } if error.needs_authorization())
     }
 
     /// Whether the provider may have acted on the request although we saw no
@@ -345,7 +350,8 @@ impl TokenEndpoint {
             }
         };
         if status.is_success() {
-            let parsed = parse_success(&body, self.clock.wall_now()).map_err(|source| {
+            let now = self.clock.wall_now();
+            let parsed = parse_success_with(&body, now, &config.response).map_err(|source| {
                 TokenError::Response {
                     url: url.to_owned(),
                     source,
@@ -360,7 +366,8 @@ impl TokenEndpoint {
             };
             return (Err(e), false);
         }
-        let error = parse_error_redacted(status, &body, &redactor);
+        let error =
+            parse_error_redacted(status, &body, &redactor).classified(&config.errors, &body);
         let nonce_demanded = new_nonce && error.error.as_deref() == Some(USE_DPOP_NONCE);
         let e = TokenError::Provider {
             url: url.to_owned(),

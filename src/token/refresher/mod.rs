@@ -546,7 +546,9 @@ impl Refresher {
                         }
                         warn!(client = %self.client, error = %e, "refresh token rejected; dropping it");
                         self.drop_refresh_token();
-                        if self.has_primary_grant() {
+                        // A rule may say only a person can mend this; the full
+                        // grant would not bring the refresh token back.
+                        if self.has_primary_grant() && !e.needs_authorization() {
                             continue;
                         }
                         self.enter_needs_authorization(format!("refresh token rejected: {e}"));
