@@ -413,3 +413,95 @@ async fn a_proof_the_provider_echoes_never_leaves_the_sidecar() {
         assert!(!text.contains(&start), "the proof is in {place}: {text}");
     }
 }
+
+/// A token endpoint that refuses the proof (`use_dpop_nonce` again after the
+/// one retry, a nonce it rotated meanwhile, or `invalid_dpop_proof`) has not
+/// looked at the grant: the refresh token is kept, the client backs off and
+/// recovers when the proof passes, instead of dropping the refresh token and
+/// needing a person to authorize it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_proof_at_the_token_endpoint_never_costs_the_refresh_token() {
+    let provider = MockProvider::start(ProviderConfig {
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let config = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.wallet]\nlisten = \"{{listen}}\"\n\
+         upstream = \"{}\"\ntoken_wait_timeout = \"3s\"\n[clients.wallet.token]\nurl = \"{}\"\n\
+         grant = \"refresh_token\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n\
+         refresh_token = \"{}\"\n[clients.wallet.dpop]\n",
+        api.url(),
+        provider.token_url(),
+        provider.issue_refresh_token()
+    );
+    let (running, proxy, _) = start_sidecar(&config).await;
+    let http = support::TestClient::new();
+    let url = format!("http://{proxy}/api/v1/payments");
+    assert_eq!(http.get(&url).await.status, StatusCode::OK);
+    let state = || {
+        running
+            .token("wallet")
+            .map(|t| t.status().state().as_str().to_owned())
+            .unwrap_or_default()
+    };
+    for code in ["use_dpop_nonce", "invalid_dpop_proof"] {
+        provider.set_fault(tokenproxy_mock::Fault::Status {
+            status: 400,
+            body: format!(r#"{{"error":"{code}","error_description":"proof refused"}}"#),
+            content_type: "application/json",
+            retry_after: None,
+        });
+        let refused_before = provider.grant_requests("refresh_token");
+        let failed = || {
+            running
+                .token("wallet")
+                .map_or(0, |t| t.status().refreshes_failed)
+        };
+        let failed_before = failed();
+        provider.revoke_all();
+        // The API's 401s make the sidecar refresh (once a recent refresh
+        // allows another), and the provider refuses the proof.
+        let mut tried = false;
+        for _ in 0..100 {
+            let r = http.get(&url).await;
+            assert_ne!(r.status, StatusCode::OK, "{}", r.text());
+            assert_ne!(
+                r.error_code(),
+                Some("needs_authorization"),
+                "{code}: {}",
+                r.text()
+            );
+            if provider.grant_requests("refresh_token") > refused_before {
+                tried = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(tried, "{code}: the refresh was tried");
+        assert!(
+            eventually(Duration::from_secs(5), || failed() > failed_before).await,
+            "{code}: the refusal was seen"
+        );
+        assert_ne!(state(), "needs_authorization", "{code}");
+        provider.set_fault(tokenproxy_mock::Fault::None);
+        let mut last = None;
+        for _ in 0..60 {
+            let r = http.get(&url).await;
+            if r.status == StatusCode::OK {
+                last = None;
+                break;
+            }
+            last = Some(r.text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            last, None,
+            "{code}: the client recovers with its refresh token"
+        );
+    }
+    assert_eq!(provider.refresh_token_reuse(), 0);
+}
