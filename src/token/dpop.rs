@@ -254,6 +254,14 @@ pub fn demands_nonce(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether a response's `DPoP-Nonce` is one a proof can carry (and is kept):
+/// a demand for any other cannot be met by sending the request again.
+pub fn offers_usable_nonce(headers: &HeaderMap) -> bool {
+    headers
+        .get(&NONCE_HEADER)
+        .is_some_and(|v| is_nonce(v.as_bytes()))
+}
+
 /// RFC 9449 §8.1: a nonce is one or more NQCHARs (%x21 / %x23-5B / %x5D-7E).
 fn is_nonce(value: &[u8]) -> bool {
     !value.is_empty()

@@ -505,3 +505,39 @@ async fn a_refused_proof_at_the_token_endpoint_never_costs_the_refresh_token() {
     }
     assert_eq!(provider.refresh_token_reuse(), 0);
 }
+
+/// An API that demands a nonce no proof may carry (RFC 9449 §8.1: one or more
+/// of `%x21 / %x23-5B / %x5D-7E`; here a space, or 2000 characters) is not
+/// sent the request again: the replay would carry no nonce and double every
+/// request, charges with an idempotency key included. Nor is the token
+/// refreshed: the 401 is about the proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_no_proof_can_carry_costs_no_replay_and_no_new_token() {
+    let h = dpop_harness(ProviderConfig::default()).await;
+    let url = format!("http://{}/api/v1/payments", h.proxy);
+    let long = "n".repeat(2000);
+    for nonce in ["has space", long.as_str()] {
+        h.api.set_dpop_nonce(Some(nonce));
+        let before = h.api.recorded().len();
+        let get = h.http.get(&url).await;
+        let post = h
+            .http
+            .request(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotency-key", "charge-7"),
+                ],
+                b"{}",
+            )
+            .await;
+        for r in [&get, &post] {
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+            assert!(!r.headers.contains_key("x-tokenproxy-replayed"));
+        }
+        assert_eq!(h.api.recorded().len(), before + 2, "each request sent once");
+    }
+    assert_eq!(h.provider.token_requests(), 1, "the token was kept");
+    assert_eq!(nonce_retries(&metrics(&h).await, "upstream"), Some(0.0));
+}
