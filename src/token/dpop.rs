@@ -85,7 +85,10 @@ impl Dpop {
             key: OnceCell::new(),
             clock,
             metrics,
-            api_origin: format!("{}://{}", client.upstream.scheme, client.upstream.authority),
+            api_origin: origin(
+                client.upstream.scheme.as_str(),
+                Some(&client.upstream.authority),
+            ),
             api_nonce: ArcSwapOption::empty(),
             token_nonces: Mutex::new(Vec::new()),
         }))
@@ -273,11 +276,26 @@ fn is_nonce(value: &[u8]) -> bool {
 
 /// `scheme://host[:port]` of `url`.
 fn origin_of(url: &Uri) -> String {
-    format!(
-        "{}://{}",
-        url.scheme_str().unwrap_or("http"),
-        url.authority().map_or("", |a| a.as_str())
-    )
+    origin(url.scheme_str().unwrap_or("http"), url.authority())
+}
+
+/// `scheme://host[:port]` as servers compare an `htu` (RFC 9449 §4.3, RFC
+/// 3986 §6.2.2, §6.2.3): scheme and host in lower case, no user info, and no
+/// port when it is the scheme's default. Servers that compare the claim with
+/// the URL they rebuild from the request (`https://api.example/...`) refuse
+/// `https://API.example:443/...`.
+fn origin(scheme: &str, authority: Option<&http::uri::Authority>) -> String {
+    let scheme = scheme.to_ascii_lowercase();
+    let Some(authority) = authority else {
+        return format!("{scheme}://");
+    };
+    let host = authority.host().to_ascii_lowercase();
+    match authority.port_u16() {
+        Some(443) if scheme == "https" => format!("{scheme}://{host}"),
+        Some(80) if scheme == "http" => format!("{scheme}://{host}"),
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    }
 }
 
 fn header_value(proof: String) -> Result<HeaderValue, DpopError> {
@@ -395,6 +413,49 @@ mod tests {
         assert!(!d.note_api_nonce(&headers(&[("dpop-nonce", &"n".repeat(2000))])));
         let c = claims(&d.api_proof(&key, &Method::GET, "/v1", &ath).expect("proof"));
         assert_eq!(c["nonce"], "api-1", "a malformed nonce is not taken");
+    }
+
+    #[tokio::test]
+    async fn htu_names_the_origin_as_servers_rebuild_it_lower_case_without_a_default_port() {
+        let d = dpop("https://API.Bank.example:443/v1");
+        let key = Arc::clone(d.key().await.expect("key"));
+        let ath = crate::jose::access_token_hash("at");
+        let c = claims(
+            &d.api_proof(&key, &Method::GET, "/v1/Pay%20ments", &ath)
+                .expect("proof"),
+        );
+        assert_eq!(
+            c["htu"], "https://api.bank.example/v1/Pay%20ments",
+            "the path is kept as sent"
+        );
+        for (url, htu) in [
+            (
+                "https://Auth.Example:443/token",
+                "https://auth.example/token",
+            ),
+            ("http://auth.example:80/token", "http://auth.example/token"),
+            (
+                "http://auth.example:443/token",
+                "http://auth.example:443/token",
+            ),
+            (
+                "https://auth.example:8443/token",
+                "https://auth.example:8443/token",
+            ),
+            ("http://[::1]:8080/token", "http://[::1]:8080/token"),
+        ] {
+            let url: Uri = url.parse().expect("uri");
+            let c = claims(&d.token_proof(&url).await.expect("proof"));
+            assert_eq!(c["htu"], htu, "{url}");
+        }
+        let other = dpop("http://127.0.0.1:8080");
+        let key = Arc::clone(other.key().await.expect("key"));
+        let c = claims(
+            &other
+                .api_proof(&key, &Method::GET, "/", &ath)
+                .expect("proof"),
+        );
+        assert_eq!(c["htu"], "http://127.0.0.1:8080/");
     }
 
     #[tokio::test]
