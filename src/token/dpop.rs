@@ -298,10 +298,15 @@ fn origin(scheme: &str, authority: Option<&http::uri::Authority>) -> String {
     }
 }
 
+/// The proof as a header value, marked sensitive like the token beside it: a
+/// `Debug` of the request shows no proof, and HTTP/2 never puts it in its
+/// header compression table.
 fn header_value(proof: String) -> Result<HeaderValue, DpopError> {
     // base64url and dots only: always a valid header value.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(proof))
-        .map_err(|_| DpopError("the DPoP proof is not a header value".to_owned()))
+    let mut value = HeaderValue::from_maybe_shared(bytes::Bytes::from(proof))
+        .map_err(|_| DpopError("the DPoP proof is not a header value".to_owned()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -456,6 +461,26 @@ mod tests {
                 .expect("proof"),
         );
         assert_eq!(c["htu"], "http://127.0.0.1:8080/");
+    }
+
+    #[tokio::test]
+    async fn proofs_are_sensitive_header_values_like_the_token() {
+        let d = dpop("https://api.bank.example");
+        let url: Uri = "https://auth.example/token".parse().expect("uri");
+        let token_proof = d.token_proof(&url).await.expect("proof");
+        let key = Arc::clone(d.key().await.expect("key"));
+        let api_proof = d
+            .api_proof(
+                &key,
+                &Method::GET,
+                "/",
+                &crate::jose::access_token_hash("at"),
+            )
+            .expect("proof");
+        for proof in [token_proof, api_proof] {
+            assert!(proof.is_sensitive());
+            assert_eq!(format!("{proof:?}"), "Sensitive");
+        }
     }
 
     #[tokio::test]
