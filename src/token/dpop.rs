@@ -243,18 +243,74 @@ impl Dpop {
 }
 
 /// Whether a 401's `WWW-Authenticate` says `DPoP error="use_dpop_nonce"`
-/// (RFC 9449 §9).
+/// (RFC 9449 §9), alone or among other challenges in one value (an API that
+/// takes Bearer too offers both).
 pub fn demands_nonce(headers: &HeaderMap) -> bool {
     headers
         .get_all(http::header::WWW_AUTHENTICATE)
         .iter()
-        .any(|v| {
-            let v = v.as_bytes();
-            v.len() >= 4
-                && v[..4].eq_ignore_ascii_case(b"dpop")
-                && v.windows(USE_DPOP_NONCE.len())
-                    .any(|w| w == USE_DPOP_NONCE.as_bytes())
-        })
+        .any(|v| dpop_challenge_wants_nonce(v.as_bytes()))
+}
+
+/// Walks the challenges of one `WWW-Authenticate` value (RFC 9110 §11.6.1:
+/// `scheme [ token68 / #auth-param ]`, comma-separated, commas inside quoted
+/// strings not counting): true when a DPoP challenge has `error` =
+/// `use_dpop_nonce`. Another scheme's `error`, or the words in a description,
+/// do not count.
+fn dpop_challenge_wants_nonce(value: &[u8]) -> bool {
+    let mut in_dpop = false;
+    for item in split_unquoted_commas(value) {
+        let item = item.trim_ascii();
+        let name_len = item
+            .iter()
+            .position(|b| b.is_ascii_whitespace() || *b == b'=')
+            .unwrap_or(item.len());
+        let (name, after) = item.split_at(name_len);
+        let param = if after.trim_ascii_start().starts_with(b"=") {
+            // `name=value`: a parameter of the challenge in hand.
+            Some(item)
+        } else if name.is_empty() {
+            None
+        } else {
+            // A scheme starts a challenge, maybe with its first parameter.
+            in_dpop = name.eq_ignore_ascii_case(b"dpop");
+            Some(after.trim_ascii_start()).filter(|p| !p.is_empty())
+        };
+        if in_dpop && param.is_some_and(is_use_dpop_nonce) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether an `auth-param` is `error=use_dpop_nonce`, its value quoted or not.
+fn is_use_dpop_nonce(param: &[u8]) -> bool {
+    let Some(eq) = param.iter().position(|b| *b == b'=') else {
+        return false;
+    };
+    let (name, value) = (param[..eq].trim_ascii(), param[eq + 1..].trim_ascii());
+    let value = value
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(value);
+    name.eq_ignore_ascii_case(b"error") && value == USE_DPOP_NONCE.as_bytes()
+}
+
+/// `value` split at the commas outside quoted strings.
+fn split_unquoted_commas(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let (mut quoted, mut escaped) = (false, false);
+    value.split(move |&b| {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if b == b',' && !quoted {
+            return true;
+        }
+        false
+    })
 }
 
 /// Whether a response's `DPoP-Nonce` is one a proof can carry (and is kept):
@@ -516,5 +572,33 @@ mod tests {
             "Bearer error=\"use_dpop_nonce\""
         )])));
         assert!(!demands_nonce(&HeaderMap::new()));
+        for (value, wanted) in [
+            (
+                r#"Bearer realm="payments", DPoP error="use_dpop_nonce", algs="ES256""#,
+                true,
+            ),
+            (
+                r#"Bearer realm="a", DPoP algs="ES256", error=use_dpop_nonce"#,
+                true,
+            ),
+            (r#"Bearer abc==, DPoP  error = "use_dpop_nonce""#, true),
+            (
+                r#"DPoP realm="payments", Bearer error="use_dpop_nonce""#,
+                false,
+            ),
+            (r#"Bearer realm="a, DPoP error="use_dpop_nonce"""#, false),
+            (
+                r#"DPoP error="invalid_token", error_description="use_dpop_nonce""#,
+                false,
+            ),
+            (r#"DPoPx error="use_dpop_nonce""#, false),
+            (r#"DPoP error="use_dpop_nonce_later""#, false),
+        ] {
+            assert_eq!(
+                demands_nonce(&headers(&[("www-authenticate", value)])),
+                wanted,
+                "{value}"
+            );
+        }
     }
 }

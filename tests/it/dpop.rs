@@ -541,3 +541,24 @@ async fn a_nonce_no_proof_can_carry_costs_no_replay_and_no_new_token() {
     assert_eq!(h.provider.token_requests(), 1, "the token was kept");
     assert_eq!(nonce_retries(&metrics(&h).await, "upstream"), Some(0.0));
 }
+
+/// An API that accepts either scheme offers both challenges in one
+/// `WWW-Authenticate` (`Bearer realm="payments", DPoP error="use_dpop_nonce"`,
+/// RFC 9110 §11.6.1): its demand for a nonce is still one, answered by one
+/// replay with the nonce, not taken for a refused token (a 401 to the app, or
+/// a new token for every new nonce).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_demanded_beside_a_bearer_challenge_is_still_a_nonce_demand() {
+    let h = dpop_harness(ProviderConfig::default()).await;
+    h.api.set_bearer_challenge_first(true);
+    let url = format!("http://{}/api/v1/payments", h.proxy);
+    for nonce in ["api-nonce-1", "api-nonce-2"] {
+        h.api.set_dpop_nonce(Some(nonce));
+        let r = h.http.get(&url).await;
+        assert_eq!(r.status, StatusCode::OK, "{nonce}: {}", r.text());
+        assert_eq!(r.headers["x-tokenproxy-replayed"], "1");
+    }
+    assert_eq!(h.api.dpop_counts().nonce_challenges, 2);
+    assert_eq!(h.provider.token_requests(), 1, "the token was kept");
+    assert_eq!(nonce_retries(&metrics(&h).await, "upstream"), Some(2.0));
+}
