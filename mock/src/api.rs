@@ -70,6 +70,8 @@ struct ApiState {
     reject_next: usize,
     /// The nonce every DPoP proof must carry, once one is demanded.
     dpop_nonce: Option<String>,
+    /// Every 401 offers a Bearer challenge before the DPoP one, in one header.
+    bearer_challenge_first: bool,
     /// The `jti` of every proof whose signature verified.
     seen: SeenJtis,
     counts: DpopCounts,
@@ -160,6 +162,13 @@ impl MockApi {
         self.state().dpop_nonce = nonce.map(str::to_owned);
     }
 
+    /// Makes every 401 offer `Bearer realm="payments"` before its own
+    /// challenge, in one `WWW-Authenticate` (RFC 9110 §11.6.1), as an API that
+    /// accepts either scheme does.
+    pub fn set_bearer_challenge_first(&self, first: bool) {
+        self.state().bearer_challenge_first = first;
+    }
+
     /// What the DPoP checks decided so far.
     pub fn dpop_counts(&self) -> DpopCounts {
         self.state().counts
@@ -227,7 +236,7 @@ async fn handle(
     let token_account = token.and_then(|t| shared.validator.account(t));
     let binding = token.and_then(|t| shared.validator.binding(t));
 
-    let (route, nonce) = {
+    let (route, nonce, bearer_first) = {
         let mut state = lock(&shared.state);
         let dpop = match presented {
             Some((Scheme::Dpop, token)) => {
@@ -267,11 +276,20 @@ async fn handle(
         if route.passed() && scheme == Some(Scheme::Dpop) {
             state.counts.ok += 1;
         }
-        (route, state.dpop_nonce.clone())
+        (
+            route,
+            state.dpop_nonce.clone(),
+            state.bearer_challenge_first,
+        )
     };
 
     let mut response = match route {
         Route::Unauthorized(challenge, error) => {
+            let challenge = if bearer_first && !challenge.starts_with("Bearer") {
+                format!("Bearer realm=\"payments\", {challenge}")
+            } else {
+                challenge
+            };
             let mut response = json_response(StatusCode::UNAUTHORIZED, &json!({"error": error}));
             if let Ok(value) = HeaderValue::from_str(&challenge) {
                 response

@@ -41,7 +41,7 @@ use crate::error::ProxyError;
 use crate::http::client::{self as upstream, HttpClient, UpgradeConnector};
 use crate::metrics::{ClientMetrics, NonceWhere, RetryOutcome, UpgradeOutcome, OTHER_PROTOCOL};
 use crate::subjects::{SubjectError, Subjects};
-use crate::token::dpop::{demands_nonce, DPOP_HEADER};
+use crate::token::dpop::{demands_nonce, offers_usable_nonce, DPOP_HEADER};
 use crate::token::{Dpop, Token, TokenHandle, Unauthorized, Unavailable};
 
 /// One configured client as the request path sees it.
@@ -460,8 +460,10 @@ async fn forward(
             if client.is_unauthorized(first.status()) && nonce_demanded(client, &first) {
                 // The API wants a (newer) DPoP nonce, which send_once kept: the
                 // token is not the problem, so it is sent again, with a new proof
-                // carrying the nonce, when that is safe; never retired.
-                if !client.may_replay(&outgoing) {
+                // carrying the nonce, when that is safe; never retired. A nonce
+                // no proof may carry is not kept: sending again would only double
+                // the request.
+                if !client.may_replay(&outgoing) || !offers_usable_nonce(first.headers()) {
                     client
                         .metrics
                         .unauthorized_retry(RetryOutcome::NotReplayable);

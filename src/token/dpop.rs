@@ -85,7 +85,10 @@ impl Dpop {
             key: OnceCell::new(),
             clock,
             metrics,
-            api_origin: format!("{}://{}", client.upstream.scheme, client.upstream.authority),
+            api_origin: origin(
+                client.upstream.scheme.as_str(),
+                Some(&client.upstream.authority),
+            ),
             api_nonce: ArcSwapOption::empty(),
             token_nonces: Mutex::new(Vec::new()),
         }))
@@ -240,18 +243,82 @@ impl Dpop {
 }
 
 /// Whether a 401's `WWW-Authenticate` says `DPoP error="use_dpop_nonce"`
-/// (RFC 9449 §9).
+/// (RFC 9449 §9), alone or among other challenges in one value (an API that
+/// takes Bearer too offers both).
 pub fn demands_nonce(headers: &HeaderMap) -> bool {
     headers
         .get_all(http::header::WWW_AUTHENTICATE)
         .iter()
-        .any(|v| {
-            let v = v.as_bytes();
-            v.len() >= 4
-                && v[..4].eq_ignore_ascii_case(b"dpop")
-                && v.windows(USE_DPOP_NONCE.len())
-                    .any(|w| w == USE_DPOP_NONCE.as_bytes())
-        })
+        .any(|v| dpop_challenge_wants_nonce(v.as_bytes()))
+}
+
+/// Walks the challenges of one `WWW-Authenticate` value (RFC 9110 §11.6.1:
+/// `scheme [ token68 / #auth-param ]`, comma-separated, commas inside quoted
+/// strings not counting): true when a DPoP challenge has `error` =
+/// `use_dpop_nonce`. Another scheme's `error`, or the words in a description,
+/// do not count.
+fn dpop_challenge_wants_nonce(value: &[u8]) -> bool {
+    let mut in_dpop = false;
+    for item in split_unquoted_commas(value) {
+        let item = item.trim_ascii();
+        let name_len = item
+            .iter()
+            .position(|b| b.is_ascii_whitespace() || *b == b'=')
+            .unwrap_or(item.len());
+        let (name, after) = item.split_at(name_len);
+        let param = if after.trim_ascii_start().starts_with(b"=") {
+            // `name=value`: a parameter of the challenge in hand.
+            Some(item)
+        } else if name.is_empty() {
+            None
+        } else {
+            // A scheme starts a challenge, maybe with its first parameter.
+            in_dpop = name.eq_ignore_ascii_case(b"dpop");
+            Some(after.trim_ascii_start()).filter(|p| !p.is_empty())
+        };
+        if in_dpop && param.is_some_and(is_use_dpop_nonce) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether an `auth-param` is `error=use_dpop_nonce`, its value quoted or not.
+fn is_use_dpop_nonce(param: &[u8]) -> bool {
+    let Some(eq) = param.iter().position(|b| *b == b'=') else {
+        return false;
+    };
+    let (name, value) = (param[..eq].trim_ascii(), param[eq + 1..].trim_ascii());
+    let value = value
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(value);
+    name.eq_ignore_ascii_case(b"error") && value == USE_DPOP_NONCE.as_bytes()
+}
+
+/// `value` split at the commas outside quoted strings.
+fn split_unquoted_commas(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let (mut quoted, mut escaped) = (false, false);
+    value.split(move |&b| {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if b == b',' && !quoted {
+            return true;
+        }
+        false
+    })
+}
+
+/// Whether a response's `DPoP-Nonce` is one a proof can carry (and is kept):
+/// a demand for any other cannot be met by sending the request again.
+pub fn offers_usable_nonce(headers: &HeaderMap) -> bool {
+    headers
+        .get(&NONCE_HEADER)
+        .is_some_and(|v| is_nonce(v.as_bytes()))
 }
 
 /// RFC 9449 §8.1: a nonce is one or more NQCHARs (%x21 / %x23-5B / %x5D-7E).
@@ -265,17 +332,37 @@ fn is_nonce(value: &[u8]) -> bool {
 
 /// `scheme://host[:port]` of `url`.
 fn origin_of(url: &Uri) -> String {
-    format!(
-        "{}://{}",
-        url.scheme_str().unwrap_or("http"),
-        url.authority().map_or("", |a| a.as_str())
-    )
+    origin(url.scheme_str().unwrap_or("http"), url.authority())
 }
 
+/// `scheme://host[:port]` as servers compare an `htu` (RFC 9449 §4.3, RFC
+/// 3986 §6.2.2, §6.2.3): scheme and host in lower case, no user info, and no
+/// port when it is the scheme's default. Servers that compare the claim with
+/// the URL they rebuild from the request (`https://api.example/...`) refuse
+/// `https://API.example:443/...`.
+fn origin(scheme: &str, authority: Option<&http::uri::Authority>) -> String {
+    let scheme = scheme.to_ascii_lowercase();
+    let Some(authority) = authority else {
+        return format!("{scheme}://");
+    };
+    let host = authority.host().to_ascii_lowercase();
+    match authority.port_u16() {
+        Some(443) if scheme == "https" => format!("{scheme}://{host}"),
+        Some(80) if scheme == "http" => format!("{scheme}://{host}"),
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    }
+}
+
+/// The proof as a header value, marked sensitive like the token beside it: a
+/// `Debug` of the request shows no proof, and HTTP/2 never puts it in its
+/// header compression table.
 fn header_value(proof: String) -> Result<HeaderValue, DpopError> {
     // base64url and dots only: always a valid header value.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(proof))
-        .map_err(|_| DpopError("the DPoP proof is not a header value".to_owned()))
+    let mut value = HeaderValue::from_maybe_shared(bytes::Bytes::from(proof))
+        .map_err(|_| DpopError("the DPoP proof is not a header value".to_owned()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -390,6 +477,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn htu_names_the_origin_as_servers_rebuild_it_lower_case_without_a_default_port() {
+        let d = dpop("https://API.Bank.example:443/v1");
+        let key = Arc::clone(d.key().await.expect("key"));
+        let ath = crate::jose::access_token_hash("at");
+        let c = claims(
+            &d.api_proof(&key, &Method::GET, "/v1/Pay%20ments", &ath)
+                .expect("proof"),
+        );
+        assert_eq!(
+            c["htu"], "https://api.bank.example/v1/Pay%20ments",
+            "the path is kept as sent"
+        );
+        for (url, htu) in [
+            (
+                "https://Auth.Example:443/token",
+                "https://auth.example/token",
+            ),
+            ("http://auth.example:80/token", "http://auth.example/token"),
+            (
+                "http://auth.example:443/token",
+                "http://auth.example:443/token",
+            ),
+            (
+                "https://auth.example:8443/token",
+                "https://auth.example:8443/token",
+            ),
+            ("http://[::1]:8080/token", "http://[::1]:8080/token"),
+        ] {
+            let url: Uri = url.parse().expect("uri");
+            let c = claims(&d.token_proof(&url).await.expect("proof"));
+            assert_eq!(c["htu"], htu, "{url}");
+        }
+        let other = dpop("http://127.0.0.1:8080");
+        let key = Arc::clone(other.key().await.expect("key"));
+        let c = claims(
+            &other
+                .api_proof(&key, &Method::GET, "/", &ath)
+                .expect("proof"),
+        );
+        assert_eq!(c["htu"], "http://127.0.0.1:8080/");
+    }
+
+    #[tokio::test]
+    async fn proofs_are_sensitive_header_values_like_the_token() {
+        let d = dpop("https://api.bank.example");
+        let url: Uri = "https://auth.example/token".parse().expect("uri");
+        let token_proof = d.token_proof(&url).await.expect("proof");
+        let key = Arc::clone(d.key().await.expect("key"));
+        let api_proof = d
+            .api_proof(
+                &key,
+                &Method::GET,
+                "/",
+                &crate::jose::access_token_hash("at"),
+            )
+            .expect("proof");
+        for proof in [token_proof, api_proof] {
+            assert!(proof.is_sensitive());
+            assert_eq!(format!("{proof:?}"), "Sensitive");
+        }
+    }
+
+    #[tokio::test]
     async fn the_key_is_made_once_and_its_thumbprint_logged_never_the_key() {
         let d = dpop("http://127.0.0.1:1");
         assert!(d.loaded_key().is_none(), "not before first use");
@@ -422,5 +572,33 @@ mod tests {
             "Bearer error=\"use_dpop_nonce\""
         )])));
         assert!(!demands_nonce(&HeaderMap::new()));
+        for (value, wanted) in [
+            (
+                r#"Bearer realm="payments", DPoP error="use_dpop_nonce", algs="ES256""#,
+                true,
+            ),
+            (
+                r#"Bearer realm="a", DPoP algs="ES256", error=use_dpop_nonce"#,
+                true,
+            ),
+            (r#"Bearer abc==, DPoP  error = "use_dpop_nonce""#, true),
+            (
+                r#"DPoP realm="payments", Bearer error="use_dpop_nonce""#,
+                false,
+            ),
+            (r#"Bearer realm="a, DPoP error="use_dpop_nonce"""#, false),
+            (
+                r#"DPoP error="invalid_token", error_description="use_dpop_nonce""#,
+                false,
+            ),
+            (r#"DPoPx error="use_dpop_nonce""#, false),
+            (r#"DPoP error="use_dpop_nonce_later""#, false),
+        ] {
+            assert_eq!(
+                demands_nonce(&headers(&[("www-authenticate", value)])),
+                wanted,
+                "{value}"
+            );
+        }
     }
 }

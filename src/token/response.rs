@@ -708,13 +708,20 @@ const REJECTION_CODES: &[&str] = &[
 /// RFC 6749 §4.1.2.1 codes that mean the provider is failing, not refusing.
 const TRANSIENT_CODES: &[&str] = &["temporarily_unavailable", "server_error"];
 
+/// RFC 9449 §5, §8 codes that refuse the DPoP proof, not the grant: the
+/// provider did not look at the grant (a refresh token is not spent), and the
+/// next attempt, with a new proof, may pass. A rejection would drop a good
+/// refresh token and wait for a person.
+const PROOF_CODES: &[&str] = &["use_dpop_nonce", "invalid_dpop_proof"];
+
 impl ProviderError {
     /// True when the provider refused the grant or client (4xx, or an RFC 6749 error code such as invalid_grant / invalid_client / unauthorized_client / invalid_scope / access_denied) as opposed to failing (5xx, 429).
     ///
     /// A matching `[[token.errors]]` rule decides first. Otherwise 408, 429 and
     /// 5xx are failures whatever the body says; a temporarily_unavailable /
-    /// server_error code is a failure, a rejection code is a rejection, and any
-    /// other 4xx is a rejection.
+    /// server_error code, or one that refuses the DPoP proof (use_dpop_nonce,
+    /// invalid_dpop_proof), is a failure, a rejection code is a rejection, and
+    /// any other 4xx is a rejection.
     pub fn is_rejection(&self) -> bool {
         match self.meaning {
             Some(ErrorMeaning::Rejected | ErrorMeaning::NeedsAuthorization) => return true,
@@ -733,7 +740,7 @@ impl ProviderError {
                 .as_deref()
                 .is_some_and(|e| codes.iter().any(|c| e.eq_ignore_ascii_case(c)))
         };
-        if code_in(TRANSIENT_CODES) {
+        if code_in(TRANSIENT_CODES) || code_in(PROOF_CODES) {
             return false;
         }
         code_in(REJECTION_CODES) || status.is_client_error()
@@ -786,6 +793,8 @@ fn fixed_description(code: &str) -> Option<&'static str> {
         "invalid_token" => "the provider rejected the token",
         "temporarily_unavailable" => "the provider is temporarily unavailable",
         "server_error" => "the provider failed",
+        "use_dpop_nonce" => "the provider wants a newer DPoP nonce in the proof",
+        "invalid_dpop_proof" => "the provider refused the DPoP proof",
         _ => return None,
     })
 }
@@ -2181,6 +2190,9 @@ mod tests {
             (500, None, false),
             (500, Some("invalid_grant"), false),
             (503, Some("temporarily_unavailable"), false),
+            (400, Some("use_dpop_nonce"), false),
+            (400, Some("invalid_dpop_proof"), false),
+            (401, Some("USE_DPOP_NONCE"), false),
             (200, Some("invalid_grant"), true),
             (200, Some("unauthorized_client"), true),
             (302, None, false),

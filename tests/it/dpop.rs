@@ -413,3 +413,152 @@ async fn a_proof_the_provider_echoes_never_leaves_the_sidecar() {
         assert!(!text.contains(&start), "the proof is in {place}: {text}");
     }
 }
+
+/// A token endpoint that refuses the proof (`use_dpop_nonce` again after the
+/// one retry, a nonce it rotated meanwhile, or `invalid_dpop_proof`) has not
+/// looked at the grant: the refresh token is kept, the client backs off and
+/// recovers when the proof passes, instead of dropping the refresh token and
+/// needing a person to authorize it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_proof_at_the_token_endpoint_never_costs_the_refresh_token() {
+    let provider = MockProvider::start(ProviderConfig {
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let config = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.wallet]\nlisten = \"{{listen}}\"\n\
+         upstream = \"{}\"\ntoken_wait_timeout = \"3s\"\n[clients.wallet.token]\nurl = \"{}\"\n\
+         grant = \"refresh_token\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n\
+         refresh_token = \"{}\"\n[clients.wallet.dpop]\n",
+        api.url(),
+        provider.token_url(),
+        provider.issue_refresh_token()
+    );
+    let (running, proxy, _) = start_sidecar(&config).await;
+    let http = support::TestClient::new();
+    let url = format!("http://{proxy}/api/v1/payments");
+    assert_eq!(http.get(&url).await.status, StatusCode::OK);
+    let state = || {
+        running
+            .token("wallet")
+            .map(|t| t.status().state().as_str().to_owned())
+            .unwrap_or_default()
+    };
+    for code in ["use_dpop_nonce", "invalid_dpop_proof"] {
+        provider.set_fault(tokenproxy_mock::Fault::Status {
+            status: 400,
+            body: format!(r#"{{"error":"{code}","error_description":"proof refused"}}"#),
+            content_type: "application/json",
+            retry_after: None,
+        });
+        let refused_before = provider.grant_requests("refresh_token");
+        let failed = || {
+            running
+                .token("wallet")
+                .map_or(0, |t| t.status().refreshes_failed)
+        };
+        let failed_before = failed();
+        provider.revoke_all();
+        // The API's 401s make the sidecar refresh (once a recent refresh
+        // allows another), and the provider refuses the proof.
+        let mut tried = false;
+        for _ in 0..100 {
+            let r = http.get(&url).await;
+            assert_ne!(r.status, StatusCode::OK, "{}", r.text());
+            assert_ne!(
+                r.error_code(),
+                Some("needs_authorization"),
+                "{code}: {}",
+                r.text()
+            );
+            if provider.grant_requests("refresh_token") > refused_before {
+                tried = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(tried, "{code}: the refresh was tried");
+        assert!(
+            eventually(Duration::from_secs(5), || failed() > failed_before).await,
+            "{code}: the refusal was seen"
+        );
+        assert_ne!(state(), "needs_authorization", "{code}");
+        provider.set_fault(tokenproxy_mock::Fault::None);
+        let mut last = None;
+        for _ in 0..60 {
+            let r = http.get(&url).await;
+            if r.status == StatusCode::OK {
+                last = None;
+                break;
+            }
+            last = Some(r.text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            last, None,
+            "{code}: the client recovers with its refresh token"
+        );
+    }
+    assert_eq!(provider.refresh_token_reuse(), 0);
+}
+
+/// An API that demands a nonce no proof may carry (RFC 9449 §8.1: one or more
+/// of `%x21 / %x23-5B / %x5D-7E`; here a space, or 2000 characters) is not
+/// sent the request again: the replay would carry no nonce and double every
+/// request, charges with an idempotency key included. Nor is the token
+/// refreshed: the 401 is about the proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_no_proof_can_carry_costs_no_replay_and_no_new_token() {
+    let h = dpop_harness(ProviderConfig::default()).await;
+    let url = format!("http://{}/api/v1/payments", h.proxy);
+    let long = "n".repeat(2000);
+    for nonce in ["has space", long.as_str()] {
+        h.api.set_dpop_nonce(Some(nonce));
+        let before = h.api.recorded().len();
+        let get = h.http.get(&url).await;
+        let post = h
+            .http
+            .request(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotency-key", "charge-7"),
+                ],
+                b"{}",
+            )
+            .await;
+        for r in [&get, &post] {
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+            assert!(!r.headers.contains_key("x-tokenproxy-replayed"));
+        }
+        assert_eq!(h.api.recorded().len(), before + 2, "each request sent once");
+    }
+    assert_eq!(h.provider.token_requests(), 1, "the token was kept");
+    assert_eq!(nonce_retries(&metrics(&h).await, "upstream"), Some(0.0));
+}
+
+/// An API that accepts either scheme offers both challenges in one
+/// `WWW-Authenticate` (`Bearer realm="payments", DPoP error="use_dpop_nonce"`,
+/// RFC 9110 §11.6.1): its demand for a nonce is still one, answered by one
+/// replay with the nonce, not taken for a refused token (a 401 to the app, or
+/// a new token for every new nonce).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_demanded_beside_a_bearer_challenge_is_still_a_nonce_demand() {
+    let h = dpop_harness(ProviderConfig::default()).await;
+    h.api.set_bearer_challenge_first(true);
+    let url = format!("http://{}/api/v1/payments", h.proxy);
+    for nonce in ["api-nonce-1", "api-nonce-2"] {
+        h.api.set_dpop_nonce(Some(nonce));
+        let r = h.http.get(&url).await;
+        assert_eq!(r.status, StatusCode::OK, "{nonce}: {}", r.text());
+        assert_eq!(r.headers["x-tokenproxy-replayed"], "1");
+    }
+    assert_eq!(h.api.dpop_counts().nonce_challenges, 2);
+    assert_eq!(h.provider.token_requests(), 1, "the token was kept");
+    assert_eq!(nonce_retries(&metrics(&h).await, "upstream"), Some(2.0));
+}
