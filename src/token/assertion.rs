@@ -43,7 +43,7 @@ pub(crate) async fn for_request<'a>(
             assertion_type,
         }) => {
             let owned = path.clone();
-            let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(owned));
+            let read = tokio::task::spawn_blocking(move || read_bounded(&owned));
             let text = match read.await {
                 Ok(Ok(text)) => text,
                 Ok(Err(e)) => {
@@ -65,6 +65,26 @@ pub(crate) async fn for_request<'a>(
         assertion_type,
         value,
     }))
+}
+
+/// The most read of a `client_assertion_file`: a projected service-account
+/// token is a few KiB, so a bigger file is not one.
+const MAX_ASSERTION_FILE_BYTES: usize = 64 * 1024;
+
+/// The file's text, when it holds at most [`MAX_ASSERTION_FILE_BYTES`].
+fn read_bounded(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let limit = MAX_ASSERTION_FILE_BYTES as u64 + 1;
+    std::fs::File::open(path)?
+        .take(limit)
+        .read_to_string(&mut text)?;
+    if text.len() > MAX_ASSERTION_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {MAX_ASSERTION_FILE_BYTES} bytes: not a JWT"
+        )));
+    }
+    Ok(text)
 }
 
 /// A new signed assertion for `client_id` to `url`.
@@ -302,6 +322,33 @@ mod tests {
                 && err.contains(&path.display().to_string()),
             "{err}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A projected token is a few KiB; a file that is not one (a log, a
+    /// device) is refused without being read whole.
+    #[tokio::test]
+    async fn an_assertion_file_larger_than_a_jwt_can_be_is_refused_unread() {
+        let dir =
+            std::env::temp_dir().join(format!("tokenproxy-assertion-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("token");
+        std::fs::write(&path, "a.b.c").expect("write");
+        let env = MapEnv::new().file(&path, "a.b.c");
+        let c = token_config(
+            &env,
+            &format!(
+                "client_auth = \"client_assertion\"\nclient_assertion_file = \"{}\"",
+                path.display()
+            ),
+        );
+        std::fs::write(&path, vec![b'x'; MAX_ASSERTION_FILE_BYTES + 1]).expect("grow");
+        let url: http::Uri = c.url.clone();
+        let err = match for_request(&c, &url, at(1)).await {
+            Err(e) => e,
+            Ok(_) => panic!("an oversized file is an error"),
+        };
+        assert!(err.contains("larger than"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
