@@ -351,6 +351,12 @@ impl Connect {
         // The code exchange is a token request of the client: it waits its turn
         // in the budget its subjects' refreshes share.
         let _slot = subjects.token_request_slot().await;
+        // With [dpop], the tokens are bound to the subject's own key, which is
+        // stored with them below.
+        let key = subjects.key_for_new_tokens(subject).await.map_err(|e| {
+            warn!(client = %c.name, subject, error = %e, "connect cannot get the subject's DPoP key");
+            "store_unavailable"
+        })?;
         let set = subjects
             .endpoint()
             .exchange_code(
@@ -358,6 +364,7 @@ impl Connect {
                 code,
                 &self.config.redirect_uri,
                 Some(&verifier),
+                key.as_ref().map(|(_, k)| &**k),
             )
             .await
             .map_err(|e| {
@@ -391,6 +398,7 @@ impl Connect {
                 Some(refresh_token.clone()),
                 refresh_lifetime,
                 Some(now),
+                key.as_ref().map(|(stored, _)| stored.clone()),
             );
             match subjects.store().put(subject, &record).await {
                 Ok(Saved::Written) => {

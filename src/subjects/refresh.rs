@@ -73,7 +73,7 @@ impl Inner {
             return Ok(Some(pending.clone()));
         }
         match self.store.get(subject).await {
-            Ok(SubjectLoad::Found(record)) => Ok(Some(record)),
+            Ok(SubjectLoad::Found(record)) => Ok(Some(*record)),
             Ok(SubjectLoad::Missing) => Ok(None),
             Ok(SubjectLoad::NotOpened { problem, .. }) => {
                 warn!(client = %self.client, subject, problem = %problem,
@@ -253,10 +253,15 @@ impl Inner {
                 reason,
             }));
         };
+        let key = self.refresh_key(subject, record).map_err(Rejected::Error)?;
         let started = Instant::now();
         let result = self
             .endpoint
-            .call(&self.token, GrantKind::Refresh(&refresh_token))
+            .call_signed(
+                &self.token,
+                GrantKind::Refresh(&refresh_token),
+                key.as_ref().map(|(_, k)| &**k),
+            )
             .await;
         let elapsed = started.elapsed().as_secs_f64();
         let set = match result {
@@ -278,6 +283,7 @@ impl Inner {
             set.refresh_token_lifetime,
             Some(crate::store::from_ms(record.meta.connected_at_ms)),
         );
+        new.dpop_key = key.map(|(stored, _)| stored);
         if !rotated && set.refresh_token_lifetime.is_none() {
             // The refresh token was not renewed: its expiry stays what it was.
             new.tokens.refresh_expires_at = record.tokens.refresh_expires_at;
@@ -390,7 +396,8 @@ impl Inner {
         }
     }
 
-    /// A valid record one generation above `previous` holding these tokens.
+    /// A valid record one generation above `previous` holding these tokens
+    /// (and no DPoP key: the caller sets the one they are bound to).
     pub(super) fn record_for(
         &self,
         previous: u64,
@@ -424,6 +431,7 @@ impl Inner {
                 refresh_expires_at,
                 obtained_at: wall_now,
             },
+            dpop_key: None,
         }
     }
 
