@@ -489,6 +489,42 @@ mod tests {
     }
 
     #[test]
+    fn a_subject_key_is_parsed_on_first_use_into_the_key_that_was_made() {
+        for alg in [Alg::Es256, Alg::EdDsa] {
+            let (stored, made) = LazyProofKey::generate(alg).expect("a key");
+            assert_eq!(stored.alg, alg.as_str());
+            let lazy = LazyProofKey::new(&stored).expect("a known alg");
+            assert!(lazy.parsed.get().is_none(), "not parsed before first use");
+            assert!(lazy.holds(&stored));
+            let key = Arc::clone(lazy.get().expect("parses"));
+            assert!(Arc::ptr_eq(&key, lazy.get().expect("kept")), "parsed once");
+            assert_eq!(key.thumbprint(), made.thumbprint(), "the same key");
+            let (other, _) = LazyProofKey::generate(alg).expect("a key");
+            assert!(!lazy.holds(&other), "another subject's key");
+            let parsed = LazyProofKey::parsed(&stored, made).expect("known alg");
+            assert!(parsed.parsed.get().is_some(), "handed over parsed");
+            assert_eq!(
+                format!("{lazy:?}"),
+                format!("LazyProofKey {{ alg: {alg:?}, .. }}")
+            );
+        }
+        let unknown = SubjectKey {
+            alg: "RS256".to_owned(),
+            pkcs8: Secret::new("AAAA"),
+        };
+        assert!(LazyProofKey::new(&unknown).is_err());
+        let damaged = SubjectKey {
+            alg: "ES256".to_owned(),
+            pkcs8: Secret::new("AAAA"),
+        };
+        let err = LazyProofKey::new(&damaged)
+            .expect("a known alg")
+            .get()
+            .expect_err("no key in it");
+        assert!(!err.to_string().contains("AAAA"), "{err}");
+    }
+
+    #[test]
     fn only_a_dpop_challenge_for_a_nonce_asks_for_one() {
         assert!(demands_nonce(&headers(&[(
             "www-authenticate",

@@ -295,3 +295,59 @@ async fn a_deleted_subject_s_key_goes_with_it() {
     assert_ne!(before, after, "a new key for the subject connected anew");
     s.running.shutdown().await;
 }
+
+/// A subject stored before `[dpop]` was configured has tokens bound to no
+/// key: its first request refreshes them, once however many requests ask at
+/// once, with a key made then and stored with the new tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_stored_without_a_key_gets_one_with_its_first_refresh() {
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let path = temp_dir("subjects-dpop-later").join("tokens.json");
+    let with_dpop = template(&api, &provider, &path);
+    let without = with_dpop.replace("[clients.pos.dpop]\n", "");
+    let http = TestClient::new();
+
+    let before = start(&without).await;
+    import(&http, &before, &provider, "m-1").await;
+    let r = pay(&http, &before, "m-1").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(last_for(&api, "m-1").dpop_jkt.is_none(), "a Bearer token");
+    before.running.shutdown().await;
+
+    let after = start(&with_dpop).await;
+    let refreshes = provider.grant_requests("refresh_token");
+    let replies =
+        crate::subjects::futures_join_all((0..8).map(|_| pay(&http, &after, "m-1")).collect())
+            .await;
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    assert_eq!(
+        provider.grant_requests("refresh_token"),
+        refreshes + 1,
+        "one refresh for the eight requests"
+    );
+    let seen = api.recorded();
+    let jkts: std::collections::BTreeSet<_> = seen
+        .iter()
+        .rev()
+        .take(8)
+        .map(|r| r.dpop_jkt.clone().expect("every proof passed"))
+        .collect();
+    assert_eq!(jkts.len(), 1, "one key: {jkts:?}");
+    let stored = stored_key(&after.text, "m-1").await;
+    assert_eq!(
+        jkts.first().map(String::as_str),
+        Some(stored.thumbprint()),
+        "the stored key is the one the tokens are bound to"
+    );
+    after.running.shutdown().await;
+}
