@@ -351,3 +351,46 @@ async fn a_subject_stored_without_a_key_gets_one_with_its_first_refresh() {
     );
     after.running.shutdown().await;
 }
+
+/// A provider that answers a subject's DPoP-signed refresh with a Bearer
+/// token did not bind it: it is never sent, but the rotated refresh token
+/// it came with is kept, so the subject recovers once the provider binds
+/// tokens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbound_token_of_a_subject_is_never_sent_and_its_refresh_token_is_kept() {
+    let provider = MockProvider::start(ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        ..ProviderConfig::default()
+    })
+    .await
+    .expect("provider");
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let path = temp_dir("subjects-dpop-unbound").join("tokens.json");
+    let s = start(&template(&api, &provider, &path)).await;
+    let http = TestClient::new();
+    import(&http, &s, &provider, "m-1").await;
+    provider.ignore_dpop(true);
+    let r = pay(&http, &s, "m-1").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(r.text().contains("not DPoP"), "the reason: {}", r.text());
+    assert_eq!(api.requests(), 0, "the unbound token was not sent");
+    provider.ignore_dpop(false);
+    let mut recovered = false;
+    for _ in 0..50 {
+        if pay(&http, &s, "m-1").await.status == StatusCode::OK {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "the subject recovers after its backoff");
+    assert_eq!(
+        provider.refresh_token_reuse(),
+        0,
+        "the rotated refresh token was kept and used"
+    );
+    assert!(last_for(&api, "m-1").dpop_jkt.is_some());
+    s.running.shutdown().await;
+}
