@@ -371,6 +371,7 @@ impl Connect {
                 warn!(client = %c.name, subject, error = %e, "connect code exchange failed");
                 "exchange_failed"
             })?;
+        let set_is_dpop = set.is_dpop();
         let Some(refresh_token) = set.refresh_token else {
             warn!(client = %c.name, subject,
                 "the provider issued no refresh token; add a scope like offline_access or a parameter to [authorize] params");
@@ -380,7 +381,13 @@ impl Connect {
             .refresh_token_lifetime
             .filter(|l| !l.is_zero())
             .or(subjects.token_config().refresh_token_lifetime);
-        let access = Some((set.access_token, set.lifetime));
+        // A Bearer token answering a DPoP-signed exchange is bound to no key:
+        // not kept (the first request refreshes, and says why if it stays so).
+        let bound = !subjects.uses_dpop() || set_is_dpop;
+        if !bound {
+            warn!(client = %c.name, subject, "the provider did not bind the subject's token to its DPoP key (token_type is not DPoP); it is not used");
+        }
+        let access = Some((set.access_token, set.lifetime)).filter(|_| bound);
         let now = subjects.wall_now();
         for _attempt in 0..3 {
             let previous = match subjects.store().get(subject).await {
