@@ -266,6 +266,7 @@ pub async fn authorize(
             &code,
             &redirect_uri,
             request.verifier.as_ref(),
+            None,
         )
         .await?;
     let Some(refresh_token) = set.refresh_token else {

@@ -358,17 +358,6 @@ pub(super) fn build_client(
             &Table::new(x, t.key("inject")),
         )),
     };
-    if let (Some(Some(_)), Some(Some(_))) = (&dpop, &subjects) {
-        let problem = format!(
-            "cannot be used with [{}] yet: subjects' tokens would all be bound to the client's one key",
-            t.key("subjects")
-        );
-        let hint = format!(
-            "remove [{}], or serve the subjects through a client without it",
-            t.key("dpop")
-        );
-        p.add(t.err("dpop", problem).with_hint(hint));
-    }
     let tls = p.take(build_tls(raw.tls, &Table::new(x, t.key("tls"))));
     let proxy = p.take(build_proxy(raw.proxy, &t));
     let http2 = raw.http2.unwrap_or(false);

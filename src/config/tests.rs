@@ -1258,7 +1258,7 @@ fn dpop_defaults_to_es256_and_sends_the_token_with_the_dpop_scheme() {
 }
 
 #[test]
-fn dpop_refuses_other_algorithms_a_custom_inject_and_subjects() {
+fn dpop_refuses_other_algorithms_and_a_custom_inject_but_goes_with_subjects() {
     let err = fail(&format!("{MIN}[clients.payments.dpop]\nalg = \"RS256\"\n"));
     assert_error(
         &err,
@@ -1278,11 +1278,11 @@ fn dpop_refuses_other_algorithms_a_custom_inject_and_subjects() {
         "[clients.pos.subjects]\n",
         "[clients.pos.dpop]\n[clients.pos.subjects]\n",
     );
-    let err = fail(&with_subjects);
-    assert_error(
-        &err,
-        "clients.pos.dpop",
-        "cannot be used with [clients.pos.subjects] yet",
+    let both = parse(&with_subjects);
+    let pos = &both.clients[0];
+    assert!(
+        pos.dpop.is_some() && pos.subjects.is_some(),
+        "subjects' tokens are bound to a key per subject"
     );
     let err = fail(&format!("{MIN}[clients.payments.dpop]\nkey = \"x\"\n"));
     assert!(

@@ -164,10 +164,16 @@ impl ClientRuntime {
             reason,
             retry_after: Duration::from_secs(1),
         };
-        // Loaded before the first send (`ready_key`).
-        let key = dpop
-            .loaded_key()
-            .ok_or_else(|| unavailable("the DPoP key is not loaded yet".to_owned()))?;
+        // A subject's token carries its subject's key; the client's own key
+        // is loaded before the first send (`ready_key`).
+        let key = match &token.dpop_key {
+            Some(key) => key
+                .get()
+                .map_err(|e| unavailable(format!("cannot sign a DPoP proof: {e}")))?,
+            None => dpop
+                .loaded_key()
+                .ok_or_else(|| unavailable("the DPoP key is not loaded yet".to_owned()))?,
+        };
         let ath = token
             .dpop_ath
             .as_deref()
@@ -351,9 +357,10 @@ impl Outgoing {
     }
 }
 
-/// Loads the client's DPoP key before its first proof (once; then a check).
-async fn ready_key(client: &ClientRuntime) -> Result<(), ProxyError> {
-    if let Some(dpop) = &client.dpop {
+/// Loads the client's DPoP key before the first proof sent with its own
+/// `token` (once; then a check). A subject's token carries its own key.
+async fn ready_key(client: &ClientRuntime, token: &Token) -> Result<(), ProxyError> {
+    if let (Some(dpop), None) = (&client.dpop, &token.dpop_key) {
         dpop.key().await.map_err(|e| ProxyError::TokenUnavailable {
             reason: e.to_string(),
             retry_after: Duration::from_secs(1),
@@ -441,7 +448,7 @@ async fn forward(
     })?;
 
     let token = take_token(client, subject, exchange).await?;
-    ready_key(client).await?;
+    ready_key(client, &token).await?;
     // In the template too, so that each copy only replaces the value (a copy has no
     // spare capacity, and adding a header to it would grow it).
     outgoing

@@ -300,7 +300,7 @@ async fn send(
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
     let token = take_token(client, subject, exchange).await?;
-    ready_key(client).await?;
+    ready_key(client, &token).await?;
     outgoing
         .headers
         .insert(client.inject_header.clone(), token.header.clone());

@@ -46,7 +46,9 @@ mod redis;
 mod seal;
 mod subjects;
 
-pub use subjects::{SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, SubjectStore};
+pub use subjects::{
+    SubjectKey, SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, SubjectStore,
+};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -6,13 +6,18 @@
 //! is made for every request sent, a retry or replay included: servers accept
 //! each `jti` once.
 //!
+//! A client with subjects signs each subject's token requests and API
+//! requests with that subject's own key instead ([`LazyProofKey`]), kept in
+//! the subject's record (see `subjects/`): a token bound to one subject's key
+//! is useless beside another subject's proof.
+//!
 //! Nonces (RFC 9449 §8, §9) are kept per server: the token endpoint's per
 //! origin, apart from the API's even on one origin (a provider hands out its
 //! own at each), each replaced by every `DPoP-Nonce` the server sends. A
 //! `use_dpop_nonce` answer is met by one more attempt carrying the new nonce:
 //! at the token endpoint here, at the API by the request path's replay.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::UNIX_EPOCH;
 
 use arc_swap::ArcSwapOption;
@@ -22,9 +27,10 @@ use tracing::info;
 
 use crate::clock::SharedClock;
 use crate::config::{ClientConfig, DpopConfig};
-use crate::jose::{ProofClaims, ProofKey, SigningKey};
+use crate::jose::{Alg, ProofClaims, ProofKey, SigningKey};
 use crate::metrics::{ClientMetrics, NonceWhere};
-use crate::store::ClientStore;
+use crate::secret::Secret;
+use crate::store::{ClientStore, SubjectKey};
 
 /// The header a proof travels in.
 pub static DPOP_HEADER: HeaderName = HeaderName::from_static("dpop");
@@ -140,6 +146,11 @@ impl Dpop {
     /// nonce that endpoint's origin sent last.
     pub async fn token_proof(&self, url: &Uri) -> Result<HeaderValue, DpopError> {
         let key = self.key().await?;
+        self.token_proof_with(key, url)
+    }
+
+    /// As [`Dpop::token_proof`], signed with `key` (a subject's).
+    pub fn token_proof_with(&self, key: &ProofKey, url: &Uri) -> Result<HeaderValue, DpopError> {
         let origin = origin_of(url);
         let nonce = self.token_nonce(&origin);
         let claims = ProofClaims {
@@ -240,6 +251,80 @@ impl Dpop {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     }
+}
+
+/// A subject's DPoP key as a cached token carries it: the stored document,
+/// parsed on first use and then kept parsed. A subject the sweeper renewed
+/// but no request asked for costs its document only.
+pub struct LazyProofKey {
+    alg: Alg,
+    pkcs8: Secret,
+    parsed: OnceLock<Arc<ProofKey>>,
+}
+
+impl std::fmt::Debug for LazyProofKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyProofKey")
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyProofKey {
+    /// The key `stored` holds, not parsed yet; `Err` for an alg this version
+    /// does not sign DPoP proofs with.
+    pub fn new(stored: &SubjectKey) -> Result<LazyProofKey, DpopError> {
+        Ok(LazyProofKey {
+            alg: proof_alg(&stored.alg)?,
+            pkcs8: stored.pkcs8.clone(),
+            parsed: OnceLock::new(),
+        })
+    }
+
+    /// The key `stored` holds, already parsed as `parsed`.
+    pub fn parsed(stored: &SubjectKey, parsed: Arc<ProofKey>) -> Result<LazyProofKey, DpopError> {
+        let key = LazyProofKey::new(stored)?;
+        let _unset = key.parsed.set(parsed);
+        Ok(key)
+    }
+
+    /// A new key for `alg`, and its stored form.
+    pub fn generate(alg: Alg) -> Result<(SubjectKey, Arc<ProofKey>), DpopError> {
+        let (signing, pkcs8) = SigningKey::generate(alg)
+            .map_err(|e| DpopError(format!("cannot make a DPoP key: {e}")))?;
+        let key = ProofKey::new(signing)
+            .map_err(|e| DpopError(format!("cannot make a DPoP key: {e}")))?;
+        let stored = SubjectKey {
+            alg: alg.as_str().to_owned(),
+            pkcs8,
+        };
+        Ok((stored, Arc::new(key)))
+    }
+
+    /// Whether this is the key `stored` holds.
+    pub fn holds(&self, stored: &SubjectKey) -> bool {
+        self.alg.as_str() == stored.alg && self.pkcs8 == stored.pkcs8
+    }
+
+    /// The parsed key (parsed on the first call).
+    pub fn get(&self) -> Result<&Arc<ProofKey>, DpopError> {
+        if let Some(key) = self.parsed.get() {
+            return Ok(key);
+        }
+        let key = SigningKey::from_pkcs8_base64(&self.pkcs8, Some(self.alg))
+            .and_then(ProofKey::new)
+            .map_err(|e| DpopError(format!("the subject's stored DPoP key {e}")))?;
+        // A racing caller may have set it first: both parsed the same key.
+        Ok(self.parsed.get_or_init(|| Arc::new(key)))
+    }
+}
+
+/// The DPoP alg named `name` in a stored key.
+fn proof_alg(name: &str) -> Result<Alg, DpopError> {
+    [Alg::Es256, Alg::EdDsa]
+        .into_iter()
+        .find(|a| a.as_str() == name)
+        .ok_or_else(|| DpopError(format!("a stored DPoP key for {name:?} cannot be used")))
 }
 
 /// Whether a 401's `WWW-Authenticate` says `DPoP error="use_dpop_nonce"`
@@ -551,6 +636,42 @@ mod tests {
             format!("{d:?}"),
             "Dpop { client: \"payments\", alg: Es256, .. }"
         );
+    }
+
+    #[test]
+    fn a_subject_key_is_parsed_on_first_use_into_the_key_that_was_made() {
+        for alg in [Alg::Es256, Alg::EdDsa] {
+            let (stored, made) = LazyProofKey::generate(alg).expect("a key");
+            assert_eq!(stored.alg, alg.as_str());
+            let lazy = LazyProofKey::new(&stored).expect("a known alg");
+            assert!(lazy.parsed.get().is_none(), "not parsed before first use");
+            assert!(lazy.holds(&stored));
+            let key = Arc::clone(lazy.get().expect("parses"));
+            assert!(Arc::ptr_eq(&key, lazy.get().expect("kept")), "parsed once");
+            assert_eq!(key.thumbprint(), made.thumbprint(), "the same key");
+            let (other, _) = LazyProofKey::generate(alg).expect("a key");
+            assert!(!lazy.holds(&other), "another subject's key");
+            let parsed = LazyProofKey::parsed(&stored, made).expect("known alg");
+            assert!(parsed.parsed.get().is_some(), "handed over parsed");
+            assert_eq!(
+                format!("{lazy:?}"),
+                format!("LazyProofKey {{ alg: {alg:?}, .. }}")
+            );
+        }
+        let unknown = SubjectKey {
+            alg: "RS256".to_owned(),
+            pkcs8: Secret::new("AAAA"),
+        };
+        assert!(LazyProofKey::new(&unknown).is_err());
+        let damaged = SubjectKey {
+            alg: "ES256".to_owned(),
+            pkcs8: Secret::new("AAAA"),
+        };
+        let err = LazyProofKey::new(&damaged)
+            .expect("a known alg")
+            .get()
+            .expect_err("no key in it");
+        assert!(!err.to_string().contains("AAAA"), "{err}");
     }
 
     #[test]

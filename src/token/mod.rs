@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 pub use crate::metrics::{Outcome, State, Trigger};
 pub(crate) use dialect::GrantKind;
-pub use dpop::Dpop;
+pub use dpop::{Dpop, LazyProofKey};
 pub(crate) use refresher::{backoff_delay, error_chain, refresh_margin};
 pub use refresher::{Exit, Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
@@ -42,6 +42,8 @@ pub struct Token {
     pub header: HeaderValue,
     /// For a DPoP-bound token, the `ath` of its proofs: base64url(SHA-256(token)).
     pub dpop_ath: Option<String>,
+    /// A subject's token: the key of its proofs (the client's own key otherwise).
+    pub dpop_key: Option<Arc<LazyProofKey>>,
     /// After this instant the token is not used any more.
     pub usable_until: Option<Instant>,
     /// When it was installed (published by the refresher).
@@ -424,6 +426,7 @@ mod tests {
             generation,
             header: HeaderValue::from_static("Bearer t"),
             dpop_ath: None,
+            dpop_key: None,
             usable_until: Some(now + Duration::from_secs(3600)),
             installed_at: now,
         })
@@ -557,6 +560,7 @@ mod tests {
             generation: 1,
             header: HeaderValue::from_static("Bearer t"),
             dpop_ath: None,
+            dpop_key: None,
             usable_until: None,
             installed_at: Instant::now(),
         })));

@@ -26,6 +26,7 @@ mod source_rules;
 mod store_integrity;
 mod subjects;
 mod subjects_cli;
+mod subjects_dpop;
 mod token_cache;
 mod token_shapes;
 mod unauthorized;

@@ -64,6 +64,7 @@ fn record(generation: u64, access: &str, meta: SubjectMeta) -> SubjectRecord {
             refresh_expires_at: None,
             obtained_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         },
+        dpop_key: None,
     }
 }
 
@@ -73,7 +74,7 @@ fn valid(generation: u64, access: &str) -> SubjectRecord {
 
 async fn found(subjects: &SubjectStore, subject: &str) -> SubjectRecord {
     match subjects.get(subject).await {
-        Ok(SubjectLoad::Found(r)) => r,
+        Ok(SubjectLoad::Found(r)) => *r,
         other => panic!("{subject} should be stored and open, got {other:?}"),
     }
 }

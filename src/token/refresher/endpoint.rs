@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use crate::clock::SharedClock;
 use crate::config::{Grant, TokenConfig};
 use crate::http::client::HttpClient;
+use crate::jose::ProofKey;
 use crate::metrics::NonceWhere;
 use crate::secret::Secret;
 use crate::token::assertion;
@@ -209,20 +210,22 @@ impl TokenEndpoint {
         }
     }
 
-    /// Exchanges an authorization code (`tokenproxy authorize`).
+    /// Exchanges an authorization code (`tokenproxy authorize`, connect);
+    /// a subject's exchange is signed with the subject's `key`.
     pub async fn exchange_code(
         &self,
         config: &TokenConfig,
         code: &Secret,
         redirect_uri: &str,
         verifier: Option<&Secret>,
+        key: Option<&ProofKey>,
     ) -> Result<TokenSet, TokenError> {
         let kind = GrantKind::AuthorizationCode {
             code,
             redirect_uri,
             verifier,
         };
-        self.call(config, kind).await
+        self.call_signed(config, kind, key).await
     }
 
     /// One token request of `kind`, bounded by `config.timeout`. A DPoP
@@ -234,6 +237,17 @@ impl TokenEndpoint {
         config: &TokenConfig,
         kind: GrantKind<'_>,
     ) -> Result<TokenSet, TokenError> {
+        self.call_signed(config, kind, None).await
+    }
+
+    /// As [`TokenEndpoint::call`], the proofs of a DPoP client signed with
+    /// `key` (a subject's) instead of the client's own key.
+    pub(crate) async fn call_signed(
+        &self,
+        config: &TokenConfig,
+        kind: GrantKind<'_>,
+        key: Option<&ProofKey>,
+    ) -> Result<TokenSet, TokenError> {
         let url_ref = match kind {
             GrantKind::Refresh(_) => config.refresh_url.as_ref().unwrap_or(&config.url),
             GrantKind::Primary | GrantKind::AuthorizationCode { .. } => &config.url,
@@ -243,7 +257,7 @@ impl TokenEndpoint {
         let attempts = async {
             let mut challenged = false;
             loop {
-                let (result, nonce_demanded) = self.attempt(config, kind, url_ref, &url).await;
+                let (result, nonce_demanded) = self.attempt(config, kind, url_ref, &url, key).await;
                 match (&self.dpop, nonce_demanded && !challenged) {
                     (Some(dpop), true) => {
                         challenged = true;
@@ -270,6 +284,7 @@ impl TokenEndpoint {
         kind: GrantKind<'_>,
         url_ref: &http::Uri,
         url: &str,
+        key: Option<&ProofKey>,
     ) -> (Result<TokenSet, TokenError>, bool) {
         let unusable = |reason: String| TokenError::ClientAuthentication {
             url: url.to_owned(),
@@ -299,7 +314,11 @@ impl TokenEndpoint {
             .as_ref()
             .filter(|_| !matches!(kind, GrantKind::Revoke { .. }));
         if let Some(dpop) = dpop {
-            match dpop.token_proof(url_ref).await {
+            let proof = match key {
+                Some(key) => dpop.token_proof_with(key, url_ref),
+                None => dpop.token_proof(url_ref).await,
+            };
+            match proof {
                 Ok(proof) => {
                     // A proof is a credential too (usable until its iat is old).
                     if let Ok(text) = proof.to_str() {

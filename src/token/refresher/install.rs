@@ -158,6 +158,7 @@ impl Refresher {
             generation: self.generation,
             header: injected.header,
             dpop_ath: injected.dpop_ath,
+            dpop_key: None,
             usable_until: remaining.and_then(|l| now.checked_add(l)),
             installed_at: now,
         });
