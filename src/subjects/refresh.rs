@@ -137,10 +137,13 @@ impl Inner {
                     ))
                 }
             };
-            // Another replica may have refreshed between our read and the lease.
+            // Another replica may have refreshed between our read and the
+            // lease, or the subject may have been deleted and stored again (a
+            // new record starts again at generation 1: the generation alone
+            // does not tell it from the one read).
             let current = self.read(subject).await;
             let outcome = match current {
-                Ok(Some(current)) if current.generation != record.generation => None,
+                Ok(Some(current)) if !same_record(&current, &record) => None,
                 Ok(Some(_)) => Some(self.refresh(subject, &record, trigger).await),
                 Ok(None) => Some(Err(Rejected::Error(SubjectError::Unknown(
                     subject.to_owned(),
@@ -326,10 +329,13 @@ impl Inner {
             }
             Ok(Saved::Stale { generation }) => {
                 // Only a replica that lost its lease gets here: the store holds
-                // tokens newer than the ones just obtained.
+                // another record (a sibling's tokens, or an import or connect
+                // made meanwhile, perhaps of another account). Its tokens are
+                // the subject's; the ones just obtained are never served.
                 error!(client = %self.client, subject, stored_generation = generation,
                     "the subject's record changed while it was refreshed under a lease; keeping the store's");
                 self.pending.remove(subject);
+                return Err(Rejected::Sibling);
             }
             Err(e) => {
                 warn!(client = %self.client, subject, error = %e,
@@ -474,6 +480,48 @@ impl Inner {
         Some(to_ms(now + span.saturating_sub(jitter)))
     }
 
+    /// Deletes `subject`'s record, then waits until no refresh of it is under
+    /// way on any replica (its lease is free): such a refresh finds the
+    /// record gone and drops its answer, and only then may the subject be
+    /// stored again. Without the wait, a refresh's late write could land
+    /// over a record stored again after the deletion (a new record starts
+    /// at generation 1). Returns whether there was a record, and the refresh
+    /// token it held (to revoke).
+    pub(super) async fn delete(&self, subject: &str) -> Result<(bool, Option<Secret>), String> {
+        let refresh_token = match self.store.get(subject).await {
+            Ok(SubjectLoad::Found(r)) => r.tokens.refresh_token,
+            Ok(_) => None,
+            Err(e) => return Err(format!("the store cannot be read: {e}")),
+        };
+        let deleted = self
+            .store
+            .delete(subject)
+            .await
+            .map_err(|e| format!("the store cannot be written: {e}"))?;
+        let lease_ttl = self.token.timeout + Duration::from_secs(5);
+        // A lease lasts its ttl at most: a refresh that overruns it finds the
+        // record gone when it writes, as any other.
+        let deadline = Instant::now() + lease_ttl + FOLLOW_POLL;
+        loop {
+            match self.store.try_lease(subject, lease_ttl).await {
+                Ok(Some(lease)) => {
+                    if let Err(e) = self.store.release(subject, lease).await {
+                        debug!(client = %self.client, subject, error = %e, "releasing the subject's lease failed; it expires on its own");
+                    }
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(FOLLOW_POLL).await,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(client = %self.client, subject, error = %e,
+                        "deleted, but cannot tell whether a refresh of the subject is still under way");
+                    break;
+                }
+            }
+        }
+        Ok((deleted, refresh_token))
+    }
+
     /// Writes records the store did not take when they were made.
     pub(super) async fn write_pending(&self) {
         let subjects: Vec<String> = self.pending.iter().map(|e| e.key().clone()).collect();
@@ -494,6 +542,16 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether `a` and `b` are one stored record: the same generation of the same
+/// connection, with the same refresh token and key. A subject deleted and
+/// stored again has a generation of its own, which may be one seen before.
+fn same_record(a: &SubjectRecord, b: &SubjectRecord) -> bool {
+    a.generation == b.generation
+        && a.meta.connected_at_ms == b.meta.connected_at_ms
+        && a.tokens.refresh_token == b.tokens.refresh_token
+        && a.dpop_key == b.dpop_key
 }
 
 /// Why a refresh under the lease did not yield a token.

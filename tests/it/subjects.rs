@@ -802,6 +802,116 @@ async fn a_subject_deleted_during_its_refresh_stays_deleted() {
     );
 }
 
+/// Imports `account`'s refresh token as `subject` through the admin API.
+async fn import_as(m: &Market, subject: &str, account: &str) -> support::Reply {
+    let rt = m.provider.issue_refresh_token_for(account);
+    m.admin_call(
+        Method::PUT,
+        &format!("/clients/pos/subjects/{subject}"),
+        serde_json::json!({ "refresh_token": rt })
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+}
+
+/// Reloads `m` with `max_cached = 5` (its text has `max_cached = 4`): the
+/// client gets a new subjects cache while the old one's token requests
+/// run on, as another replica's would.
+async fn reload_cache_size(m: &mut Market) {
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    let text = m.text.replace("max_cached = 4", "max_cached = 5");
+    let config = tokenproxy::config::from_str(&text, None, &env).expect("valid");
+    m.running.reload(config).await.expect("reload");
+}
+
+/// A subject deleted and connected again (here: another account under the
+/// same id) while a refresh of the deleted one is under way elsewhere (a
+/// replica, or the cache a reload replaced): the answer of that refresh
+/// never replaces the new record, and the subject's requests carry the new
+/// account's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_deleted_and_imported_again_during_a_refresh_keeps_the_new_tokens() {
+    let mut m = market("max_cached = 4", "").await;
+    m.connect("m-1").await;
+    m.provider
+        .set_fault(Fault::Delay(Duration::from_millis(700)));
+    let first = {
+        let http = m.http.clone();
+        let url = format!("http://{}/merchants/m-1/payments", m.proxy);
+        tokio::spawn(async move {
+            http.request(Method::GET, &url, &[("x-tokenproxy-subject", "m-1")], b"")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reload_cache_size(&mut m).await;
+    let r = m
+        .admin_call(Method::DELETE, "/clients/pos/subjects/m-1", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = import_as(&m, "m-1", "m-9").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let _first = first.await.expect("first request");
+    m.provider.set_fault(Fault::None);
+    let r = m.pay("m-9", Some("m-1")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "subject m-1 carries the token of the account imported last: {}",
+        r.text()
+    );
+}
+
+/// As above, with the deleted subject's refresh waiting for a place in the
+/// budget when the subject is deleted and imported again: the record it
+/// then finds has the generation of the one it read, but it is another
+/// record, whose tokens are the ones the subject's requests carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_waited_never_spends_a_deleted_subjects_refresh_token() {
+    let mut m = market("max_cached = 4\nmax_concurrent_token_requests = 1", "").await;
+    m.connect("m-1").await;
+    m.connect("m-2").await;
+    m.provider
+        .set_fault(Fault::Delay(Duration::from_millis(700)));
+    let spawn_pay = |merchant: &'static str| {
+        let http = m.http.clone();
+        let url = format!("http://{}/merchants/{merchant}/payments", m.proxy);
+        tokio::spawn(async move {
+            http.request(
+                Method::GET,
+                &url,
+                &[("x-tokenproxy-subject", merchant)],
+                b"",
+            )
+            .await
+        })
+    };
+    let holds_the_budget = spawn_pay("m-2");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let waits = spawn_pay("m-1");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    reload_cache_size(&mut m).await;
+    let r = m
+        .admin_call(Method::DELETE, "/clients/pos/subjects/m-1", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = import_as(&m, "m-1", "m-9").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let _ = holds_the_budget.await.expect("m-2 request");
+    let _ = waits.await.expect("m-1 request");
+    m.provider.set_fault(Fault::None);
+    let r = m.pay("m-9", Some("m-1")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "subject m-1 carries the token of the account imported last: {}",
+        r.text()
+    );
+}
+
 /// Reloads while requests for many subjects run: every request carries its
 /// own subject's token (the API refuses any other), and none fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
