@@ -14,6 +14,7 @@ use crate::secret::Secret;
 use crate::store::{
     to_ms, Saved, SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, TokenState,
 };
+use crate::token::lifetime::{access_lifetime, stated_refresh_token_lifetime};
 use crate::token::{GrantKind, Token, TokenError};
 
 /// How often a replica waiting for another one's refresh looks at the store.
@@ -275,43 +276,43 @@ impl Inner {
                 return Err(self.refresh_failed(subject, record, e).await);
             }
         };
-        // A Bearer token answering a DPoP-signed request is bound to no key:
-        // never sent, but the refresh token it came with is stored.
-        let unbound = (self.dpop.is_some() && !set.is_dpop()).then(|| TokenError::Unusable {
-            url: crate::secret::display_url(
-                self.token.refresh_url.as_ref().unwrap_or(&self.token.url),
-            ),
-            reason: format!(
-                "token_type is not DPoP: the provider did not bind subject {subject:?}'s token to its DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
-                self.client
-            ),
-        });
-        let outcome = if unbound.is_some() {
+        // A token that cannot be sent (bound to no key, or too short-lived)
+        // counts as a failure and backs off, but the refresh token it came
+        // with is stored: the provider may have rotated the one just spent.
+        let lifetime = access_lifetime(&set, &self.token, &self.client);
+        let unusable = self.unusable(subject, &set, lifetime.as_ref().err());
+        let outcome = if unusable.is_some() {
             Outcome::Error
         } else {
             Outcome::Success
         };
         self.metrics
             .token_request(trigger, "refresh_token", outcome, elapsed);
-        if unbound.is_none() {
+        if unusable.is_none() {
             self.backoff.remove(subject);
         }
         let rotated = set.refresh_token.is_some();
+        let stated_rt_lifetime = stated_refresh_token_lifetime(&set, &self.client);
+        let rt_lifetime = if rotated {
+            stated_rt_lifetime.or(self.token.refresh_token_lifetime)
+        } else {
+            stated_rt_lifetime
+        };
         let mut new = self.record_for(
             record.generation,
-            Some((set.access_token, set.lifetime)),
+            Some((set.access_token, lifetime.ok().flatten())),
             set.refresh_token.or(Some(refresh_token)),
-            set.refresh_token_lifetime,
+            rt_lifetime,
             Some(crate::store::from_ms(record.meta.connected_at_ms)),
         );
         new.dpop_key = key.map(|(stored, _)| stored);
-        if unbound.is_some() {
+        if unusable.is_some() {
             new.tokens.access_token = None;
             new.tokens.access_expires_at = None;
             new.meta.access_expires_at_ms = None;
             new.meta.last_outcome = Some("error".to_owned());
         }
-        if !rotated && set.refresh_token_lifetime.is_none() {
+        if !rotated && stated_rt_lifetime.is_none() {
             // The refresh token was not renewed: its expiry stays what it was.
             new.tokens.refresh_expires_at = record.tokens.refresh_expires_at;
             new.meta.refresh_expires_at_ms = record.meta.refresh_expires_at_ms;
@@ -343,7 +344,7 @@ impl Inner {
                 self.pending.insert(subject.to_owned(), new.clone());
             }
         }
-        if let Some(e) = unbound {
+        if let Some(e) = unusable {
             return Err(self.refresh_failed(subject, &new, e).await);
         }
         info!(client = %self.client, subject, trigger = trigger.as_str(), generation = new.generation,
@@ -353,6 +354,33 @@ impl Inner {
                 "the provider's access token is already expired or not a header value",
                 Duration::from_secs(1),
             ))
+        })
+    }
+
+    /// Why a subject's new access token cannot be sent, if it cannot: a
+    /// Bearer token answering a DPoP-signed request is bound to no key, and
+    /// `too_short` says why its lifetime is refused.
+    fn unusable(
+        &self,
+        subject: &str,
+        set: &crate::token::response::TokenSet,
+        too_short: Option<&String>,
+    ) -> Option<TokenError> {
+        let url = || {
+            crate::secret::display_url(self.token.refresh_url.as_ref().unwrap_or(&self.token.url))
+        };
+        if self.dpop.is_some() && !set.is_dpop() {
+            return Some(TokenError::Unusable {
+                url: url(),
+                reason: format!(
+                    "token_type is not DPoP: the provider did not bind subject {subject:?}'s token to its DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
+                    self.client
+                ),
+            });
+        }
+        too_short.map(|reason| TokenError::Unusable {
+            url: url(),
+            reason: reason.clone(),
         })
     }
 
