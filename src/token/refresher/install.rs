@@ -34,50 +34,19 @@ impl Refresher {
         trigger: Trigger,
         grant: &'static str,
     ) -> Result<(), TokenError> {
-        let url = display_url(&self.config.url);
-        if self.dpop && !set.is_dpop() {
-            // A Bearer token sent with a proof would work, but it is not bound:
-            // whoever copies it can use it, which is what [dpop] rules out.
-            return Err(TokenError::Unusable {
-                url,
-                reason: format!(
-                    "token_type is {}, not DPoP: the provider did not bind the token to the DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
-                    shown_token_type(set.token_type.as_deref()),
-                    self.client
-                ),
-            });
-        }
-        if !self.dpop && !set.is_bearer() && self.inject.format_is_default {
-            return Err(TokenError::Unusable {
-                url,
-                reason: format!(
-                    "token_type is {}, not Bearer; set clients.{}.inject.format to say how to send it",
-                    shown_token_type(set.token_type.as_deref()),
-                    self.client
-                ),
-            });
-        }
-        let lifetime = access_lifetime(&set, &self.config, &self.client).map_err(|reason| {
-            TokenError::Unusable {
-                url: url.clone(),
-                reason,
-            }
-        })?;
-        let injected = self
-            .header_for(&set.access_token)
-            .ok_or_else(|| TokenError::Unusable {
-                url: url.clone(),
-                reason: "the access token has characters not allowed in an HTTP header".into(),
-            })?;
-
         let now = Instant::now();
         let wall_now = self.clock.wall_now();
-        // Rotation: hold the new refresh token before anything else can run.
+        let usable = self.usable(&set);
+        // Rotation: hold the new refresh token before anything else can run, even
+        // when the access token beside it cannot be used: the provider has
+        // retired the old refresh token already, and sending it again would be
+        // reuse (a rotating provider then revokes the whole grant).
         let rt_lifetime = set
             .refresh_token
             .is_some()
             .then(|| refresh_token_lifetime(&set, &self.config, &self.client))
             .flatten();
+        let rotated = set.refresh_token.is_some();
         if let Some(rt) = set.refresh_token {
             self.refresh_token = Some(HeldRefreshToken {
                 value: rt,
@@ -85,6 +54,18 @@ impl Refresher {
                 expires_wall: rt_lifetime.map(|l| wall_after(wall_now, l)),
             });
         }
+        let (lifetime, injected) = match usable {
+            Ok(usable) => usable,
+            Err(e) => {
+                // Kept in the store too (beside the access token still held), so
+                // that a restart or another replica does not send the spent one.
+                if rotated && self.persist().await {
+                    // Another replica stored a newer token meanwhile, and it was taken.
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        };
         self.access = Some(HeldAccessToken {
             value: set.access_token,
             expires_wall: lifetime.map(|l| wall_after(wall_now, l)),
@@ -109,6 +90,49 @@ impl Refresher {
         let remaining = lifetime.map(|l| l.saturating_sub(now.elapsed()));
         self.publish_token(injected, remaining, lifetime, origin);
         Ok(())
+    }
+
+    /// The answer's access lifetime and the header to inject, or why its access
+    /// token cannot be used (an unbound token under DPoP, a token type the
+    /// inject format does not say how to send, a lifetime under a second, a
+    /// token that is no header value).
+    fn usable(&self, set: &TokenSet) -> Result<(Option<Duration>, Injected), TokenError> {
+        let url = display_url(&self.config.url);
+        if self.dpop && !set.is_dpop() {
+            // A Bearer token sent with a proof would work, but it is not bound:
+            // whoever copies it can use it, which is what [dpop] rules out.
+            return Err(TokenError::Unusable {
+                url,
+                reason: format!(
+                    "token_type is {}, not DPoP: the provider did not bind the token to the DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
+                    shown_token_type(set.token_type.as_deref()),
+                    self.client
+                ),
+            });
+        }
+        if !self.dpop && !set.is_bearer() && self.inject.format_is_default {
+            return Err(TokenError::Unusable {
+                url,
+                reason: format!(
+                    "token_type is {}, not Bearer; set clients.{}.inject.format to say how to send it",
+                    shown_token_type(set.token_type.as_deref()),
+                    self.client
+                ),
+            });
+        }
+        let lifetime = access_lifetime(set, &self.config, &self.client).map_err(|reason| {
+            TokenError::Unusable {
+                url: url.clone(),
+                reason,
+            }
+        })?;
+        let injected = self
+            .header_for(&set.access_token)
+            .ok_or_else(|| TokenError::Unusable {
+                url: url.clone(),
+                reason: "the access token has characters not allowed in an HTTP header".into(),
+            })?;
+        Ok((lifetime, injected))
     }
 
     /// The header value to inject for `access_token`, marked sensitive, and

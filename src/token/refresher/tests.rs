@@ -743,3 +743,47 @@ async fn a_failed_store_write_is_written_back_later() {
         Some("r1")
     );
 }
+
+/// A refresh answered with a rotated refresh token but an access token that
+/// cannot be used (a lifetime under a second, here): the provider has retired
+/// the old refresh token already, so the new one is kept, and the next
+/// refresh sends it, never the old one a rotating provider would call reuse.
+/// With a file store, the rotated refresh token is written there too.
+#[tokio::test(start_paused = true)]
+async fn an_unusable_answer_still_keeps_its_rotated_refresh_token() {
+    let dir = TempDir::new("unusable-rotated");
+    for store in [String::new(), file_store(&dir.file())] {
+        unusable_answer_keeps_rotation(&store).await;
+    }
+}
+
+async fn unusable_answer_keeps_rotation(store: &str) {
+    let mut unusable = token("a1", 0, Some("r1"));
+    if let Ok(set) = &mut unusable {
+        set.lifetime = Some(Duration::from_millis(200));
+    }
+    let script = Script::new([unusable, token("a2", 3600, Some("r2"))]);
+    let h = Harness::start(
+        &config(
+            "grant = \"refresh_token\"\nclient_secret = \"s3cret\"\nrefresh_token = \"r0\"",
+            store,
+        ),
+        script,
+    );
+    sleep(0.1).await;
+    assert!(h.handle.status().has_refresh_token, "r1 is held");
+    sleep(600.0).await;
+    let calls = h.script.calls();
+    assert!(
+        calls.len() >= 2,
+        "a second refresh after the backoff: {calls:?}"
+    );
+    assert_eq!(calls[0].refresh_token.as_deref(), Some("r0"));
+    assert_eq!(
+        calls[1].refresh_token.as_deref(),
+        Some("r1"),
+        "the rotated refresh token is sent, not the spent one"
+    );
+    drop(calls);
+    assert_eq!(h.header().as_deref(), Some("Bearer a2"));
+}
