@@ -217,6 +217,8 @@ fn build(
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
+        // HTTP/1 responses keep their header names as the upstream spelled them.
+        .http1_preserve_header_case(true)
         .http2_only(http2_only);
     if http2_only {
         // A dead upstream connection is found by a ping rather than by the next call.

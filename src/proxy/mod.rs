@@ -23,7 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+    Version,
 };
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -264,10 +265,31 @@ struct Outgoing {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// The app's request extensions. hyper keeps there how an HTTP/1 app spelled
+    /// its header names, and writes them so upstream (`preserve_header_case`).
+    extensions: Extensions,
 }
 
 impl Outgoing {
+    /// The request to send, when it may be sent once more after this.
     fn request(&self, body: Body, token: &Token, inject: &HeaderName) -> Request<Body> {
+        self.build(body, token, inject, self.extensions.clone())
+    }
+
+    /// The request to send, the last time it is sent: the extensions move into it
+    /// instead of being copied (a copy of the case map is a few allocations).
+    fn last_request(&mut self, body: Body, token: &Token, inject: &HeaderName) -> Request<Body> {
+        let extensions = std::mem::take(&mut self.extensions);
+        self.build(body, token, inject, extensions)
+    }
+
+    fn build(
+        &self,
+        body: Body,
+        token: &Token,
+        inject: &HeaderName,
+        extensions: Extensions,
+    ) -> Request<Body> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
@@ -275,6 +297,7 @@ impl Outgoing {
         let mut headers = self.headers.clone();
         headers.insert(inject.clone(), token.header.clone());
         *req.headers_mut() = headers;
+        *req.extensions_mut() = extensions;
         req
     }
 }
@@ -312,6 +335,7 @@ async fn forward(
         method: parts.method,
         uri,
         headers: parts.headers,
+        extensions: parts.extensions,
     };
 
     // A gRPC call's request may be a stream the client writes as the answers come
@@ -343,14 +367,16 @@ async fn forward(
         .insert(client.inject_header.clone(), token.header.clone());
     match body {
         RequestBody::Buffered(bytes, _reservation) => {
-            let first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
+            let replayable = client.may_replay(&outgoing);
+            let first =
+                send_buffered(client, http, &mut outgoing, &bytes, &token, replayable).await?;
             exchange.upstream_status = Some(first.status().as_u16());
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
             }
             let decision =
                 on_unauthorized(client, subject, &token, says_invalid_token(first.headers()));
-            if !client.may_replay(&outgoing) {
+            if !replayable {
                 client
                     .metrics
                     .unauthorized_retry(RetryOutcome::NotReplayable);
@@ -377,7 +403,7 @@ async fn forward(
                 }
             };
             exchange.replayed = true;
-            let mut second = replay(client, subject, http, &outgoing, bytes, &newer).await?;
+            let mut second = replay(client, subject, http, &mut outgoing, bytes, &newer).await?;
             exchange.upstream_status = Some(second.status().as_u16());
             second
                 .headers_mut()
@@ -388,7 +414,7 @@ async fn forward(
             let response = send(
                 client,
                 http,
-                outgoing.request(stream, &token, &client.inject_header),
+                outgoing.last_request(stream, &token, &client.inject_header),
             )
             .await?;
             exchange.upstream_status = Some(response.status().as_u16());
@@ -418,11 +444,11 @@ async fn replay(
     client: &ClientRuntime,
     subject: Option<&str>,
     http: &HttpClient,
-    outgoing: &Outgoing,
+    outgoing: &mut Outgoing,
     bytes: Bytes,
     newer: &Token,
 ) -> Result<Response<Body>, ProxyError> {
-    let result = send_buffered(client, http, outgoing, &bytes, newer).await;
+    let result = send_buffered(client, http, outgoing, &bytes, newer, false).await;
     let outcome = match &result {
         Ok(r) if client.is_unauthorized(r.status()) => {
             match (subject, &client.subjects) {
@@ -538,6 +564,7 @@ fn unavailable(e: Unavailable) -> ProxyError {
 
 /// Sends a buffered request; a safe method (GET, HEAD, OPTIONS) whose connection
 /// broke before any response head is sent once more on a fresh connection.
+/// `again`: whether the caller may send it once more after this (a 401 replay).
 ///
 /// A pooled connection the upstream closes just as a request is written (servers
 /// close idle keep-alive connections: gunicorn after 2 s) fails that request
@@ -546,15 +573,24 @@ fn unavailable(e: Unavailable) -> ProxyError {
 async fn send_buffered(
     client: &ClientRuntime,
     http: &HttpClient,
-    outgoing: &Outgoing,
+    outgoing: &mut Outgoing,
     bytes: &Bytes,
     token: &Token,
+    again: bool,
 ) -> Result<Response<Body>, ProxyError> {
-    let request = || outgoing.request(body::full(bytes.clone()), token, &client.inject_header);
-    match send_once(client, http, request()).await {
-        Err(Failure::Broken(e)) if is_safe(&outgoing.method) => {
+    let retry = is_safe(&outgoing.method);
+    let mut request = |last: bool| {
+        let body = body::full(bytes.clone());
+        if last {
+            outgoing.last_request(body, token, &client.inject_header)
+        } else {
+            outgoing.request(body, token, &client.inject_header)
+        }
+    };
+    match send_once(client, http, request(!again && !retry)).await {
+        Err(Failure::Broken(e)) if retry => {
             debug!(client = %client.name, error = %e, "connection broke before a response; retrying a safe request once");
-            send_once(client, http, request())
+            send_once(client, http, request(!again))
                 .await
                 .map_err(Failure::into_error)
         }

@@ -175,6 +175,8 @@ impl Http1Pool {
             .await
             .map_err(SendError::Connect)?;
         let (sender, driver) = http1::Builder::new()
+            // The response's header names as the upstream spelled them (see server.rs).
+            .preserve_header_case(true)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;

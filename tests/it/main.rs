@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod admin_writes;
+mod app_protocols;
 mod authorize;
 mod cli;
 mod connect;

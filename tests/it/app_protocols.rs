@@ -1,0 +1,191 @@
+//! How HTTP/1 itself travels through the sidecar, over raw sockets on both
+//! sides: header names keep the case they were sent with, redirects to the
+//! upstream lead back to the sidecar, an upstream's early answer to an upload
+//! reaches the app intact (and `Expect: 100-continue` is the upstream's to
+//! answer), and requests hyper refuses before they are routed are counted.
+
+use crate::support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use support::{read_raw_message, RawMessage};
+use tokenproxy::config::MapEnv;
+use tokenproxy_mock::{MockProvider, ProviderConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a raw upstream saw: every request it read, as sent.
+type Seen = Arc<Mutex<Vec<RawMessage>>>;
+
+/// An upstream on a raw socket: it reads each request (head and
+/// `Content-Length` body) on each connection, records it, and writes back the
+/// bytes `answer` makes of it, keeping the connection open.
+async fn raw_upstream(
+    answer: impl Fn(&RawMessage) -> Vec<u8> + Send + Sync + 'static,
+) -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Seen = Arc::default();
+    let log = Arc::clone(&seen);
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (log, answer) = (Arc::clone(&log), Arc::clone(&answer));
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                while let Some(request) = read_raw_message(&mut stream, &mut pending).await {
+                    let reply = answer(&request);
+                    log.lock().expect("log").push(request);
+                    if stream.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Sends `request` on a new connection to `proxy` and reads one response.
+async fn exchange(proxy: SocketAddr, request: &[u8]) -> RawMessage {
+    let mut app = TcpStream::connect(proxy)
+        .await
+        .expect("connect to the sidecar");
+    app.write_all(request).await.expect("write the request");
+    let mut pending = Vec::new();
+    read_raw_message(&mut app, &mut pending)
+        .await
+        .expect("the sidecar answers with a whole response")
+}
+
+fn position(lines: &[&str], line: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| *l == line)
+        .unwrap_or_else(|| panic!("{line:?} should have been sent as it was written: {lines:#?}"))
+}
+
+const CASED_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nX-Gateway-Signature: sig-of-response\r\n\
+    Content-Type: application/json\r\nX-Trace-ID: t-1\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
+
+/// Some payment gateways match header names case-sensitively, or sign them as
+/// sent: the names reach the upstream, and come back to the app, spelled as
+/// their sender spelled them. Plain `http://` upstreams go through the
+/// sidecar's own connection pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_keep_their_case_to_the_upstream_and_back() {
+    let (upstream, seen) = raw_upstream(|_| CASED_RESPONSE.to_vec()).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    assert_case_kept(proxy, &format!("Host: {upstream}"), &seen).await;
+}
+
+/// As above, through the shared client that `https://` upstreams use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_keep_their_case_through_tls_too() {
+    use crate::upstream_tls::{tls_front_alpn, Ca};
+    let (backend, seen) = raw_upstream(|_| CASED_RESPONSE.to_vec()).await;
+    let ca = Ca::new("tokenproxy test CA");
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let front = tls_front_alpn(backend, &cert, &key, None, &[b"http/1.1"]).await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let config = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+         upstream = \"https://localhost:{port}\"\n[clients.payments.tls]\nca_file = \"/pki/ca.pem\"\n\
+         [clients.payments.token]\nurl = \"{token_url}\"\nclient_id = \"demo-client\"\n\
+         client_secret = \"${{CLIENT_SECRET}}\"\n",
+        port = front.port(),
+        token_url = provider.token_url(),
+    );
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", support::CLIENT_SECRET)
+        .file("/pki/ca.pem", ca.pem());
+    let (_running, proxy, _) = support::start_sidecar_env(&config, env).await;
+    assert_case_kept(proxy, &format!("Host: localhost:{}", front.port()), &seen).await;
+}
+
+/// A request replayed after a 401 is spelled as the app sent it, both times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_a_401_keeps_the_case_too() {
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let (upstream, seen) = raw_upstream(move |_| {
+        if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\n\
+              Content-Length: 0\r\n\r\n"
+                .to_vec()
+        } else {
+            CASED_RESPONSE.to_vec()
+        }
+    })
+    .await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let response = exchange(
+        proxy,
+        format!("GET /v1/charges/7 HTTP/1.1\r\nHost: {proxy}\r\nX-Api-Signature: sig\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(response.status(), 200, "the replay succeeded: {response:?}");
+    assert_eq!(response.header("x-tokenproxy-replayed"), Some("1"));
+    let seen = seen.lock().expect("log");
+    assert_eq!(seen.len(), 2, "sent, refused, sent again");
+    for (i, request) in seen.iter().enumerate() {
+        position(&request.header_lines(), "X-Api-Signature: sig");
+        assert!(
+            request.head.contains("\r\nHost: "),
+            "send {i}: {}",
+            request.head
+        );
+    }
+}
+
+/// Sends a request with mixed-case header names through the sidecar at `proxy`
+/// to an upstream that answers [`CASED_RESPONSE`] and recorded what it read in
+/// `seen`; `host_line` is the `Host` the upstream should see.
+async fn assert_case_kept(proxy: SocketAddr, host_line: &str, seen: &Seen) {
+    let response = exchange(
+        proxy,
+        format!(
+            "POST /v1/charges HTTP/1.1\r\nHost: {proxy}\r\nX-Api-Signature: sig-of-request\r\n\
+             Content-Type: application/json\r\nX-MERCHANT-ID: m-42\r\nx-lower: stays\r\n\
+             Content-Length: 2\r\n\r\n{{}}"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(response.status(), 200, "{response:?}");
+    assert_eq!(response.body, b"{\"ok\":true}");
+    let back = response.header_lines();
+    let signature = position(&back, "X-Gateway-Signature: sig-of-response");
+    let content_type = position(&back, "Content-Type: application/json");
+    let trace = position(&back, "X-Trace-ID: t-1");
+    assert!(
+        signature < content_type && content_type < trace,
+        "the upstream's order is kept: {back:#?}"
+    );
+
+    let seen = seen.lock().expect("log");
+    assert_eq!(seen.len(), 1, "one request reached the upstream");
+    let sent = seen[0].header_lines();
+    let host = position(&sent, host_line);
+    let signature = position(&sent, "X-Api-Signature: sig-of-request");
+    let content_type = position(&sent, "Content-Type: application/json");
+    let merchant = position(&sent, "X-MERCHANT-ID: m-42");
+    let lower = position(&sent, "x-lower: stays");
+    position(&sent, "Content-Length: 2");
+    assert!(
+        host < signature && signature < content_type && content_type < merchant && merchant < lower,
+        "the app's order is kept: {sent:#?}"
+    );
+    // The headers the sidecar adds are its own, in lower case.
+    assert!(
+        sent.iter().any(|l| l.starts_with("authorization: Bearer ")),
+        "the token is injected: {sent:#?}"
+    );
+    assert!(
+        sent.iter().any(|l| l.starts_with("x-request-id: ")),
+        "a request id is added: {sent:#?}"
+    );
+}
