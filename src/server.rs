@@ -1,6 +1,8 @@
 //! The accept loop shared by proxy and admin listeners: HTTP/1.1 with a
 //! header-read timeout (hyper's is off unless a timer is set), head size and
-//! header count limits, a connection cap, and graceful drain.
+//! header count limits, a connection cap, and graceful drain. Connections that
+//! end with an error (a head hyper refused with its bare 400, a timeout, a reset)
+//! are counted by kind: no handler, access log or per-client metric sees them.
 //!
 //! The same port speaks HTTP/2 over cleartext to a client that opens with the
 //! HTTP/2 preface ("prior knowledge", as gRPC's insecure channels do), with the
@@ -10,6 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +29,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::config::Limits;
 use crate::http::body::Body;
+use crate::metrics::{ConnectionErrorKind, ConnectionErrors};
 
 /// The connection's remote address, handed to the handler with each request.
 #[derive(Clone, Copy, Debug)]
@@ -138,11 +142,13 @@ impl Drop for Slot {
 /// Serves `listener` until `stop` turns true, then waits for its open
 /// connections to finish their in-flight requests (the caller bounds the wait).
 /// Each connection holds one of `slots` while open; beyond them it is closed at once.
+/// A connection that ends with an error is counted in `errors`.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
     slots: Arc<ConnectionSlots>,
+    errors: ConnectionErrors,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
@@ -189,12 +195,21 @@ pub async fn serve<F, Fut>(
             debug!(error = %e, "set_nodelay failed");
         }
         let handler = handler.clone();
-        let service = service_fn(move |req: Request<Incoming>| handler(req, PeerAddr(peer)));
+        // Whether a request got as far as the handler: hyper's header timer, which
+        // also closes idle keep-alive connections, then ended a connection in use.
+        let served = Arc::new(AtomicBool::new(false));
+        let served_one = Arc::clone(&served);
+        let service = service_fn(move |req: Request<Incoming>| {
+            served_one.store(true, Ordering::Relaxed);
+            handler(req, PeerAddr(peer))
+        });
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
         let (h1, h2, watcher) = (h1.clone(), h2.clone(), graceful.watcher());
+        let errors = errors.clone();
         tokio::spawn(
             async move {
-                let ended = match opening(&stream, first_bytes_within).await {
+                let opened = opening(&stream, first_bytes_within).await;
+                let ended = match opened {
                     Opening::Http1 => {
                         let conn = h1.serve_connection(TokioIo::new(stream), service);
                         watcher.watch(conn).await
@@ -204,12 +219,23 @@ pub async fn serve<F, Fut>(
                         watcher.watch(conn).await
                     }
                     Opening::Silent => {
-                        debug!("connection closed: no request within the header read timeout");
+                        debug!("connection closed before a request");
+                        Ok(())
+                    }
+                    Opening::TimedOut => {
+                        debug!(kind = "timeout", "connection closed: no request within the header read timeout");
+                        errors.count(ConnectionErrorKind::Timeout);
                         Ok(())
                     }
                 };
                 if let Err(e) = ended {
-                    debug!(error = %e, "connection ended with an error");
+                    match error_kind(&e, opened == Opening::Http2, served.load(Ordering::Relaxed)) {
+                        Some(kind) => {
+                            debug!(error = %e, kind = kind.as_str(), "connection ended with an error");
+                            errors.count(kind);
+                        }
+                        None => debug!(error = %e, "idle keep-alive connection closed"),
+                    }
                 }
                 drop(permit);
             }
@@ -219,6 +245,45 @@ pub async fn serve<F, Fut>(
     drop(listener);
     debug!(listener = name, addr = ?local, open = graceful.count(), "listener closed; draining");
     graceful.shutdown().await;
+}
+
+/// What kind of error ended a connection; `None` for hyper's header timer
+/// closing an HTTP/1 keep-alive connection that served requests and then sat
+/// idle, which is how the idle timeout works, not an error. (A next request
+/// that was still arriving is cut off the same way and not told apart.)
+fn error_kind(e: &hyper::Error, http2: bool, served: bool) -> Option<ConnectionErrorKind> {
+    let kind = if e.is_parse_too_large() {
+        ConnectionErrorKind::TooLarge
+    } else if e.is_parse() || e.is_parse_status() {
+        ConnectionErrorKind::Parse
+    } else if e.is_timeout() {
+        if served && !http2 {
+            return None;
+        }
+        ConnectionErrorKind::Timeout
+    } else if e.is_incomplete_message() {
+        ConnectionErrorKind::Incomplete
+    } else if e.is_user() {
+        ConnectionErrorKind::ResponseBody
+    } else if has_io_source(e) {
+        ConnectionErrorKind::Io
+    } else if http2 {
+        ConnectionErrorKind::Http2
+    } else {
+        ConnectionErrorKind::Other
+    };
+    Some(kind)
+}
+
+fn has_io_source(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<std::io::Error>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// The HTTP/2 side of a listener, bounded like the HTTP/1 side.
@@ -251,8 +316,10 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 enum Opening {
     Http1,
     Http2,
-    /// Nothing useful arrived in time (or the peer closed): the connection is dropped.
+    /// The peer closed before sending anything (a TCP probe): the connection is dropped.
     Silent,
+    /// Nothing arrived in time: the connection is dropped.
+    TimedOut,
 }
 
 /// Looks at the first bytes without taking them: the HTTP/2 preface, or anything
@@ -281,7 +348,7 @@ async fn opening(stream: &TcpStream, within: Duration) -> Opening {
     };
     tokio::time::timeout(within, look)
         .await
-        .unwrap_or(Opening::Silent)
+        .unwrap_or(Opening::TimedOut)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use support::{read_raw_message, RawMessage};
 use tokenproxy::config::MapEnv;
 use tokenproxy_mock::{MockProvider, ProviderConfig};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What a raw upstream saw: every request it read, as sent.
@@ -188,4 +188,147 @@ async fn assert_case_kept(proxy: SocketAddr, host_line: &str, seen: &Seen) {
         sent.iter().any(|l| l.starts_with("x-request-id: ")),
         "a request id is added: {sent:#?}"
     );
+}
+
+/// A request hyper refuses before the sidecar sees it (a raw `"` or `<` in
+/// the target, a header line without a colon) gets hyper's bare 400, and is
+/// counted: the access log and the per-client metrics never see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_routing_are_counted_as_connection_errors() {
+    let (upstream, seen) = raw_upstream(|_| CASED_RESPONSE.to_vec()).await;
+    let (_provider, running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let metrics_url = format!("http://{}/metrics", running.admin_addr());
+    let http = support::TestClient::new();
+    let count = |text: &str, kind: &str| {
+        support::metric(
+            text,
+            "tokenproxy_connection_errors_total",
+            &[("listener", "proxy"), ("kind", kind)],
+        )
+    };
+    let before = http.get(&metrics_url).await.text();
+    assert_eq!(
+        count(&before, "parse"),
+        Some(0.0),
+        "the counter is there from the start, at zero:\n{before}"
+    );
+
+    let refused: [&[u8]; 3] = [
+        b"GET /v1/charges?q=\"quoted\" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /v1/charges?q=<b> HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /v1/charges HTTP/1.1\r\nHost: localhost\r\nX-No-Colon\r\n\r\n",
+    ];
+    for request in refused {
+        let mut app = TcpStream::connect(proxy).await.expect("connect");
+        app.write_all(request).await.expect("write");
+        let mut pending = Vec::new();
+        let response = read_raw_message(&mut app, &mut pending)
+            .await
+            .expect("a response");
+        assert_eq!(
+            response.status(),
+            400,
+            "{:?} is refused: {response:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let after = loop {
+        // The counter moves once hyper has written its 400 and ended the connection.
+        let text = http.get(&metrics_url).await.text();
+        if count(&text, "parse") == Some(3.0) || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let counted = count(&after, "parse") == Some(3.0);
+    assert!(counted, "three parse errors should be counted:\n{after}");
+    assert!(
+        seen.lock().expect("log").is_empty(),
+        "nothing reached the upstream"
+    );
+}
+
+/// Reads (and drops) what `stream` sends until the peer closes it.
+async fn read_to_close(stream: &mut TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// The metric tells a head that never came from a keep-alive connection that
+/// was simply left idle: only the first is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_heads_are_counted_and_idle_keep_alive_is_not() {
+    let (upstream, _seen) = raw_upstream(|_| CASED_RESPONSE.to_vec()).await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let config = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[limits]\nheader_read_timeout = \"300ms\"\n\
+         max_header_bytes = \"8KiB\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+         upstream = \"http://{upstream}\"\n[clients.payments.token]\nurl = \"{}\"\n\
+         client_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
+        provider.token_url()
+    );
+    let (running, proxy, _) = support::start_sidecar(&config).await;
+    let metrics = running.metrics().clone();
+    let count = move |kind: &str| {
+        let text = String::from_utf8_lossy(&metrics.render()).into_owned();
+        support::metric(
+            &text,
+            "tokenproxy_connection_errors_total",
+            &[("listener", "proxy"), ("kind", kind)],
+        )
+        .unwrap_or(-1.0)
+    };
+
+    // Served once, then left idle until the header timer closes it.
+    let mut idle = TcpStream::connect(proxy).await.expect("connect");
+    idle.write_all(format!("GET /v1/ok HTTP/1.1\r\nHost: {proxy}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut pending = Vec::new();
+    let served = read_raw_message(&mut idle, &mut pending)
+        .await
+        .expect("a response");
+    assert_eq!(served.status(), 200);
+    // Half a head, never finished.
+    let mut slow = TcpStream::connect(proxy).await.expect("connect");
+    slow.write_all(b"GET /v1/ok HTTP/1.1\r\nHost: loc")
+        .await
+        .expect("write");
+    // Nothing at all.
+    let _silent = TcpStream::connect(proxy).await.expect("connect");
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        read_to_close(&mut idle).await;
+        read_to_close(&mut slow).await;
+    })
+    .await
+    .expect("the header timer closes both connections");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || count("timeout")
+            == 2.0)
+        .await,
+        "the unfinished head and the silent connection are timeouts, the idle keep-alive \
+         connection is not: {}",
+        count("timeout")
+    );
+
+    let huge = format!(
+        "GET /v1/ok HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    let refused = exchange(proxy, huge.as_bytes()).await;
+    assert_eq!(refused.status(), 431, "{refused:?}");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || count("too_large")
+            == 1.0)
+        .await,
+        "the oversized head is counted"
+    );
+    assert_eq!(count("parse"), 0.0, "nothing else was malformed");
 }
