@@ -224,6 +224,7 @@ pub(super) fn build_client(
         idempotency_headers: header_names(&t, "idempotency_headers", raw.idempotency_headers)?,
         replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
         http2: raw.http2.unwrap_or(false),
+        rewrite_location: raw.rewrite_location.unwrap_or(true),
         token: build_token(
             raw_token,
             &Table::new(x, t.key("token")),

@@ -132,6 +132,9 @@ impl ClientConfig {
         if self.http2 {
             row(out, "http2", "true")?;
         }
+        if !self.rewrite_location {
+            row(out, "rewrite_location", "false")?;
+        }
         if !self.allow_insecure.is_empty() {
             let waived: Vec<&str> = self.allow_insecure.iter().map(|v| v.as_str()).collect();
             row(out, "allow_insecure", format!("[{}]", waived.join(", ")))?;

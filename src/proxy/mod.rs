@@ -13,6 +13,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod location;
 pub mod pool;
 pub mod route;
 
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use self::body::{Body, BufferBudget, Pace, Paced, RequestBody};
+use self::location::{AppHost, LocationRewrite};
 use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use crate::config::{ClientConfig, Limits};
@@ -65,6 +67,9 @@ pub struct ClientRuntime {
     http: HttpClient,
     /// For `http://` upstreams: our own HTTP/1.1 pool instead of `http`.
     pool: Option<Http1Pool>,
+    /// How `Location` headers naming the upstream are pointed back at the
+    /// sidecar (`rewrite_location`, on by default).
+    location: Option<LocationRewrite>,
 }
 
 impl ClientRuntime {
@@ -114,6 +119,15 @@ impl ClientRuntime {
             metrics,
             http,
             pool,
+            location: config.rewrite_location.then(|| {
+                LocationRewrite::new(
+                    &config.upstream.scheme,
+                    &config.upstream.authority,
+                    &config.upstream.base_path,
+                    config.path_prefix.as_deref(),
+                    config.listen,
+                )
+            }),
         }
     }
 
@@ -205,7 +219,12 @@ pub async fn handle(
     // The access log's code comes from the error, never from a response header.
     let error_code = forwarded.as_ref().err().map_or("", |e| e.code());
     let response = match forwarded {
-        Ok(response) => response,
+        Ok(mut response) => {
+            if let Some(location) = &client.location {
+                location.apply(response.headers_mut(), &exchange.app_host);
+            }
+            response
+        }
         Err(e) => {
             // The access line below records every failure with its code; the cause goes
             // to debug so that an outage does not write one warning per request.
@@ -258,6 +277,8 @@ struct Exchange {
     upstream_status: Option<u16>,
     token_waited: bool,
     replayed: bool,
+    /// How the app addressed the sidecar, kept when `Location`s are rewritten.
+    app_host: AppHost,
 }
 
 /// The parts of the app's request that are sent (again) upstream.
@@ -322,12 +343,19 @@ async fn forward(
     uri.path_and_query = Some(path_and_query);
     let uri = Uri::from_parts(uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
-    headers::prepare_request(
+    let app_host = headers::prepare_request(
         &mut parts.headers,
         &client.host_header,
         &client.inject_header,
         request_id,
     );
+    if client.location.is_some() {
+        exchange.app_host = match (app_host, parts.uri.authority()) {
+            (Some(host), _) => AppHost::Header(host),
+            (None, Some(authority)) => AppHost::Authority(authority.clone()),
+            (None, None) => AppHost::Unknown,
+        };
+    }
     let subject = take_subject(client, &mut parts.headers)?;
     exchange.subject.clone_from(&subject);
     let subject = subject.as_deref();

@@ -332,3 +332,201 @@ async fn slow_and_oversized_heads_are_counted_and_idle_keep_alive_is_not() {
     );
     assert_eq!(count("parse"), 0.0, "nothing else was malformed");
 }
+
+/// One canned answer: the path-and-query it answers, its status and headers.
+type Route = (&'static str, u16, &'static [(&'static str, &'static str)]);
+
+/// Each request's path-and-query and `Authorization`, as an upstream saw them.
+type Targets = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// An upstream (hyper) that answers from `routes`: path-and-query to (status,
+/// headers), `{self}` in a header value standing for its own `http://ip:port`.
+/// Records each request's path-and-query and `Authorization`.
+async fn redirecting_upstream(routes: &'static [Route]) -> (SocketAddr, Targets) {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Targets = Arc::default();
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = Arc::clone(&log);
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                log.lock().expect("log").push((target.clone(), auth));
+                let mut response = http::Response::builder().status(404);
+                if let Some((_, status, headers)) = routes.iter().find(|(t, _, _)| *t == target) {
+                    response = response.status(*status);
+                    for (name, value) in *headers {
+                        response = response
+                            .header(*name, value.replace("{self}", &format!("http://{addr}")));
+                    }
+                }
+                let response = response
+                    .body(Full::new(bytes::Bytes::from_static(b"{}")))
+                    .expect("response builds");
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+const REDIRECTS: &[Route] = &[
+    (
+        "/api/v1/payments",
+        303,
+        &[
+            ("location", "{self}/api/v1/payments/7?view=full#top"),
+            ("content-location", "{self}/api/v1/payments"),
+        ],
+    ),
+    ("/api/v1/payments/7?view=full", 200, &[]),
+    (
+        "/api/v1/relative",
+        302,
+        &[("location", "/api/v1/payments/7")],
+    ),
+    (
+        "/api/v1/elsewhere",
+        302,
+        &[("location", "https://bank.example/3ds?session=1")],
+    ),
+    ("/api/v1/outside", 302, &[("location", "{self}/apix/v1")]),
+    ("/api/v1/root", 301, &[("Location", "{self}/api")]),
+];
+
+fn redirect_config(upstream: SocketAddr, token_url: &str, extra: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+         upstream = \"http://{upstream}/api\"\npath_prefix = \"/pay\"\n{extra}\n\
+         [clients.payments.token]\nurl = \"{token_url}\"\nclient_id = \"demo-client\"\n\
+         client_secret = \"${{CLIENT_SECRET}}\"\n"
+    )
+}
+
+/// Like nginx's default `proxy_redirect`: a `Location` (and `Content-Location`)
+/// naming the upstream under its base path is rewritten to the sidecar as the
+/// app addressed it, so an app that follows it stays on the sidecar and gets
+/// the token injected. Relative locations, other hosts and other paths on the
+/// upstream's host are left alone, and the sidecar never follows a redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_the_upstream_leads_the_app_back_to_the_sidecar() {
+    let (upstream, seen) = redirecting_upstream(REDIRECTS).await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let config = redirect_config(upstream, &provider.token_url(), "");
+    let (_running, proxy, _) = support::start_sidecar(&config).await;
+    let http = support::TestClient::new();
+
+    let created = http
+        .request(
+            http::Method::POST,
+            &format!("http://{proxy}/pay/v1/payments"),
+            &[("content-type", "application/json")],
+            b"{}",
+        )
+        .await;
+    assert_eq!(created.status, 303, "{}", created.text());
+    let location = created.headers["location"].to_str().expect("text");
+    assert_eq!(
+        location,
+        format!("http://{proxy}/pay/v1/payments/7?view=full#top"),
+        "the Location leads to the sidecar, under the client's prefix"
+    );
+    assert_eq!(
+        created.headers["content-location"],
+        format!("http://{proxy}/pay/v1/payments").as_str()
+    );
+    let followed = http.get(location).await;
+    assert_eq!(followed.status, 200, "{}", followed.text());
+    {
+        let seen = seen.lock().expect("log");
+        assert_eq!(
+            seen.len(),
+            2,
+            "the sidecar itself followed nothing: {seen:?}"
+        );
+        assert_eq!(seen[1].0, "/api/v1/payments/7?view=full");
+        assert!(
+            seen[1]
+                .1
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Bearer ")),
+            "the followed request carries the token: {seen:?}"
+        );
+    }
+
+    // The app's own name for the sidecar is kept.
+    let port = proxy.port();
+    let named = http
+        .request(
+            http::Method::POST,
+            &format!("http://{proxy}/pay/v1/payments"),
+            &[("host", &format!("localhost:{port}"))],
+            b"{}",
+        )
+        .await;
+    assert_eq!(
+        named.headers["location"],
+        format!("http://localhost:{port}/pay/v1/payments/7?view=full#top").as_str()
+    );
+
+    for (path, expected) in [
+        ("relative", "/api/v1/payments/7".to_owned()),
+        ("elsewhere", "https://bank.example/3ds?session=1".to_owned()),
+        ("outside", format!("http://{upstream}/apix/v1")),
+        ("root", format!("http://{proxy}/pay")),
+    ] {
+        let before = seen.lock().expect("log").len();
+        let r = http.get(&format!("http://{proxy}/pay/v1/{path}")).await;
+        assert!(r.status.is_redirection(), "{path}: {}", r.status);
+        assert_eq!(r.headers["location"], expected.as_str(), "{path}");
+        assert_eq!(
+            seen.lock().expect("log").len(),
+            before + 1,
+            "{path}: the redirect is the app's to follow, not the sidecar's"
+        );
+    }
+}
+
+/// `rewrite_location = false` hands every `Location` to the app as the upstream wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrite_location_false_leaves_locations_alone() {
+    let (upstream, _seen) = redirecting_upstream(REDIRECTS).await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let config = redirect_config(upstream, &provider.token_url(), "rewrite_location = false");
+    let (_running, proxy, _) = support::start_sidecar(&config).await;
+    let r = support::TestClient::new()
+        .request(
+            http::Method::POST,
+            &format!("http://{proxy}/pay/v1/payments"),
+            &[],
+            b"{}",
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    assert_eq!(
+        r.headers["location"],
+        format!("http://{upstream}/api/v1/payments/7?view=full#top").as_str()
+    );
+}
