@@ -231,7 +231,7 @@ pub async fn serve<F, Fut>(
                 if let Err(e) = ended {
                     match error_kind(&e, opened == Opening::Http2, served.load(Ordering::Relaxed)) {
                         Some(kind) => {
-                            debug!(error = %e, kind = kind.as_str(), "connection ended with an error");
+                            debug!(error = %crate::token::error_chain(&e), kind = kind.as_str(), "connection ended with an error");
                             errors.count(kind);
                         }
                         None => debug!(error = %e, "idle keep-alive connection closed"),

@@ -69,6 +69,8 @@ struct Idle {
 /// machine that does the I/O, polled by whichever request uses the connection.
 struct Conn {
     sender: http1::SendRequest<Body>,
+    /// Set once the upstream refused part of a request ([`Plain::broken`]).
+    broken: Arc<AtomicBool>,
     /// None once the connection has ended. It is dropped then, which fails (or
     /// hands back unsent) whatever request was still waiting on it.
     driver: Option<Pin<Box<http1::Connection<Plain, Body>>>>,
@@ -93,7 +95,8 @@ impl Conn {
     }
 
     fn ready(&mut self, cx: &mut Context<'_>) -> bool {
-        matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
+        !self.broken.load(Ordering::Relaxed)
+            && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -174,6 +177,7 @@ impl Http1Pool {
         let io = tower_service::Service::call(&mut connector, self.shared.target.clone())
             .await
             .map_err(SendError::Connect)?;
+        let broken = io.broken();
         let (sender, driver) = http1::Builder::new()
             // The response's header names as the upstream spelled them (see server.rs).
             .preserve_header_case(true)
@@ -182,6 +186,7 @@ impl Http1Pool {
             .map_err(|e| SendError::Connect(e.into()))?;
         Ok(Conn {
             sender,
+            broken,
             driver: Some(Box::pin(driver)),
         })
     }
@@ -231,7 +236,11 @@ struct DrivenBody {
 impl DrivenBody {
     fn release(&mut self) {
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
-            pool.put(conn);
+            // One the upstream stopped reading is closed here, with whatever of
+            // the request it was still being sent.
+            if !conn.broken.load(Ordering::Relaxed) {
+                pool.put(conn);
+            }
         }
     }
 

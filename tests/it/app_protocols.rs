@@ -7,6 +7,7 @@
 use crate::support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use support::{read_raw_message, RawMessage};
@@ -109,9 +110,9 @@ async fn header_names_keep_their_case_through_tls_too() {
 /// A request replayed after a 401 is spelled as the app sent it, both times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_after_a_401_keeps_the_case_too() {
-    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let answered = AtomicUsize::new(0);
     let (upstream, seen) = raw_upstream(move |_| {
-        if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        if answered.fetch_add(1, Ordering::SeqCst) == 0 {
             b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\n\
               Content-Length: 0\r\n\r\n"
                 .to_vec()
@@ -528,5 +529,426 @@ async fn rewrite_location_false_leaves_locations_alone() {
     assert_eq!(
         r.headers["location"],
         format!("http://{upstream}/api/v1/payments/7?view=full#top").as_str()
+    );
+}
+
+const EARLY_BODY: &str = r#"{"error":"payload_too_large"}"#;
+
+/// The upstream's early answer to an upload; with `says_close`, it says
+/// that it closes the connection (some servers close without saying so).
+fn early_answer(says_close: bool) -> String {
+    format!(
+        "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{}\r\n{EARLY_BODY}",
+        EARLY_BODY.len(),
+        if says_close {
+            "Connection: close\r\n"
+        } else {
+            ""
+        }
+    )
+}
+
+/// An upstream that answers [`early_answer`] as soon as it has read a request
+/// head, and closes without reading the body: the kernel then resets the
+/// connection under the sidecar's upload. With `tls`, it speaks TLS and ends it
+/// with a close_notify before the close, as TLS servers do. Counts the heads it
+/// read.
+async fn early_answering_upstream(
+    says_close: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            answer_early(stream, says_close, &count).await;
+                        }
+                    }
+                    None => answer_early(stream, says_close, &count).await,
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Reads a request head from `stream`, answers [`early_answer`] and closes.
+async fn answer_early<S>(mut stream: S, says_close: bool, heads: &AtomicUsize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut pending = Vec::new();
+    if support::read_raw_head(&mut stream, &mut pending)
+        .await
+        .is_some()
+    {
+        heads.fetch_add(1, Ordering::SeqCst);
+        if stream
+            .write_all(early_answer(says_close).as_bytes())
+            .await
+            .is_ok()
+        {
+            let _ = stream.shutdown().await;
+        }
+    }
+}
+
+/// Uploads `size` bytes to `proxy` on a new connection and reads the answer.
+/// With `sequential`, the whole body is written before anything is read (as
+/// simple clients do); else the answer is read while the body is written.
+async fn upload(proxy: SocketAddr, size: usize, sequential: bool) -> Result<RawMessage, String> {
+    let app = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = app.into_split();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {proxy}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {size}\r\n\r\n"
+    );
+    let writer = async move {
+        // The sidecar may answer and stop reading before all of it is written.
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if wr.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        // Keep the write half open: a shutdown would read as the end of the request.
+        std::mem::forget(wr);
+    };
+    let reader = async move {
+        let mut pending = Vec::new();
+        read_raw_message(&mut rd, &mut pending)
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "the connection ended without a whole response (after {:?})",
+                    String::from_utf8_lossy(&pending[..pending.len().min(200)])
+                )
+            })
+    };
+    let exchange = async move {
+        if sequential {
+            writer.await;
+            reader.await
+        } else {
+            let writing = tokio::spawn(writer);
+            let read = reader.await;
+            writing.abort();
+            read
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), exchange)
+        .await
+        .map_err(|_| "no response within 20 s".to_owned())?
+}
+
+/// An upstream that answers an upload from its head (401, 413) and closes:
+/// the app gets that answer, whole, every time, never a 502 or a cut
+/// connection. (Before, about one upload in thirty failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_app_intact() {
+    for says_close in [true, false] {
+        let (upstream, heads) = early_answering_upstream(says_close, None).await;
+        let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+        let what = format!("Connection: close sent: {says_close}");
+        early_answers_reach_the_app(proxy, &heads, 100, &what).await;
+    }
+}
+
+/// As above, through TLS and the shared client that `https://` upstreams use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_app_through_tls_too() {
+    use crate::upstream_tls::{tls_acceptor, Ca};
+    let ca = Ca::new("tokenproxy test CA");
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let acceptor = tls_acceptor(&cert, &key, None, &[b"http/1.1"]);
+    let (upstream, heads) = early_answering_upstream(true, Some(acceptor)).await;
+    let (_provider, _running, proxy) =
+        sidecar_for_tls_upstream(&format!("localhost:{}", upstream.port()), &ca).await;
+    early_answers_reach_the_app(proxy, &heads, 50, "through TLS").await;
+}
+
+/// `rounds` uploads of 4 MiB through `proxy` to an upstream that answers
+/// [`early_answer`] and counts the heads it read in `heads`.
+async fn early_answers_reach_the_app(
+    proxy: SocketAddr,
+    heads: &AtomicUsize,
+    rounds: usize,
+    what: &str,
+) {
+    let mut failures = Vec::new();
+    for i in 0..rounds {
+        match upload(proxy, 4 * 1024 * 1024, i % 2 == 1).await {
+            Ok(r) if r.status() == 413 && r.body == EARLY_BODY.as_bytes() => {}
+            Ok(r) => failures.push(format!(
+                "upload {i}: {} {:?}",
+                r.head,
+                String::from_utf8_lossy(&r.body)
+            )),
+            Err(e) => failures.push(format!("upload {i}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {rounds} uploads did not get the upstream's 413 ({what}): {failures:#?}",
+        failures.len()
+    );
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        rounds,
+        "each upload reached the upstream once"
+    );
+}
+
+/// A sidecar in front of `https://{authority}` trusting `ca`:
+/// (provider, running, proxy address).
+async fn sidecar_for_tls_upstream(
+    authority: &str,
+    ca: &crate::upstream_tls::Ca,
+) -> (MockProvider, tokenproxy::Running, SocketAddr) {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let config = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+         upstream = \"https://{authority}\"\n[clients.payments.tls]\nca_file = \"/pki/ca.pem\"\n\
+         [clients.payments.token]\nurl = \"{token_url}\"\nclient_id = \"demo-client\"\n\
+         client_secret = \"${{CLIENT_SECRET}}\"\n",
+        token_url = provider.token_url(),
+    );
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", support::CLIENT_SECRET)
+        .file("/pki/ca.pem", ca.pem());
+    let (running, proxy, _) = support::start_sidecar_env(&config, env).await;
+    (provider, running, proxy)
+}
+
+/// An upstream that reads a request head and resets the connection without
+/// an answer (with `tls`, after the TLS handshake).
+async fn resetting_upstream(tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                // No lingering: the close is a reset.
+                if stream.set_zero_linger().is_err() {
+                    return;
+                }
+                let mut pending = Vec::new();
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(mut stream) = acceptor.accept(stream).await {
+                            let _ = support::read_raw_head(&mut stream, &mut pending).await;
+                        }
+                    }
+                    None => {
+                        let mut stream = stream;
+                        let _ = support::read_raw_head(&mut stream, &mut pending).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that resets an upload without answering: the app gets a 502
+/// at once, every time, whether it reads while it writes or only after, over
+/// plain TCP and through TLS; the sidecar never holds the app's upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_reset_without_an_answer_gets_a_502_at_once() {
+    use crate::upstream_tls::{tls_acceptor, Ca};
+    let ca = Ca::new("tokenproxy test CA");
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let plain = resetting_upstream(None).await;
+    let tls = resetting_upstream(Some(tls_acceptor(&cert, &key, None, &[b"http/1.1"]))).await;
+    let (_p1, _r1, plain_proxy) = support::sidecar_for_upstream(plain).await;
+    let (_p2, _r2, tls_proxy) =
+        sidecar_for_tls_upstream(&format!("localhost:{}", tls.port()), &ca).await;
+    for (proxy, what) in [(plain_proxy, "plain"), (tls_proxy, "TLS")] {
+        for i in 0..20 {
+            let answer = upload(proxy, 4 * 1024 * 1024, i % 2 == 1).await;
+            match answer {
+                Ok(r) => assert_eq!(
+                    (r.status(), r.header("x-tokenproxy-error")),
+                    (502, Some("upstream_unreachable")),
+                    "upload {i} ({what}): {}",
+                    r.head
+                ),
+                Err(e) => panic!("upload {i} ({what}): {e}"),
+            }
+        }
+    }
+}
+
+/// An upstream that reads a request head, writes `answer` if there is one, and
+/// then neither reads the body nor closes: the connection is held open. With
+/// `tls`, it speaks TLS.
+async fn silent_upstream(
+    answer: Option<String>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (answer, tls) = (answer.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            answer_and_hold(stream, answer).await;
+                        }
+                    }
+                    None => answer_and_hold(stream, answer).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads a request head from `stream`, writes `answer` if there is one, and
+/// holds the connection open without reading.
+async fn answer_and_hold<S>(mut stream: S, answer: Option<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut pending = Vec::new();
+    if support::read_raw_head(&mut stream, &mut pending)
+        .await
+        .is_some()
+    {
+        if let Some(answer) = answer {
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.flush().await;
+        }
+    }
+    std::future::pending::<()>().await;
+    drop(stream);
+}
+
+/// An upstream that stops reading an upload and never answers nor closes:
+/// the client's `timeout` ends the request with a 504, and the app, even one
+/// that reads only once it has written everything, gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_stops_reading_ends_at_the_timeout() {
+    let upstream = silent_upstream(None, None).await;
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let config = format!(
+        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+         upstream = \"http://{upstream}\"\ntimeout = \"1s\"\n\
+         [clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\n\
+         client_secret = \"${{CLIENT_SECRET}}\"\n",
+        provider.token_url()
+    );
+    let (_running, proxy, _) = support::start_sidecar(&config).await;
+    for sequential in [false, true] {
+        let started = tokio::time::Instant::now();
+        let r = upload(proxy, 64 * 1024 * 1024, sequential)
+            .await
+            .unwrap_or_else(|e| panic!("sequential: {sequential}: {e}"));
+        assert_eq!(
+            (r.status(), r.header("x-tokenproxy-error")),
+            (504, Some("upstream_timeout")),
+            "sequential: {sequential}: {}",
+            r.head
+        );
+        assert!(
+            started.elapsed() >= std::time::Duration::from_secs(1),
+            "not before the timeout"
+        );
+    }
+}
+
+/// How long the sidecar waits for an upstream to take any of a request (README,
+/// "Uploads and early answers").
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An upstream that answers an upload early and then neither reads the rest
+/// nor closes: the app gets the answer at once, and the sidecar lets the
+/// upload go (closing the app's connection) within the send timeout rather
+/// than holding it, and the app's connection, forever.
+#[tokio::test]
+async fn an_early_answer_then_silence_lets_the_upload_go_within_the_send_timeout() {
+    let upstream = silent_upstream(Some(early_answer(false)), None).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    early_answer_then_silence(proxy, "plain").await;
+}
+
+/// As above, through TLS and the shared client that `https://` upstreams use.
+#[tokio::test]
+async fn an_early_answer_then_silence_through_tls_lets_the_upload_go_too() {
+    use crate::upstream_tls::{tls_acceptor, Ca};
+    let ca = Ca::new("tokenproxy test CA");
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let acceptor = tls_acceptor(&cert, &key, None, &[b"http/1.1"]);
+    let upstream = silent_upstream(Some(early_answer(false)), Some(acceptor)).await;
+    let authority = format!("localhost:{}", upstream.port());
+    let (_provider, _running, proxy) = sidecar_for_tls_upstream(&authority, &ca).await;
+    early_answer_then_silence(proxy, "TLS").await;
+}
+
+/// Uploads 64 MiB to `proxy`, in front of an upstream that answers 413 from the
+/// head and then holds the connection without reading; checks the answer and
+/// that the app's connection is closed within the send timeout. Time is paused
+/// once the answer is in (on a current-thread runtime), so the wait passes as
+/// soon as nothing else moves.
+async fn early_answer_then_silence(proxy: SocketAddr, what: &str) {
+    let app = TcpStream::connect(proxy).await.expect("connect");
+    let (mut rd, mut wr) = app.into_split();
+    let size = 64 * 1024 * 1024;
+    let head =
+        format!("POST /v1/files HTTP/1.1\r\nHost: {proxy}\r\nContent-Length: {size}\r\n\r\n");
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(wr)
+    });
+    let mut pending = Vec::new();
+    let answer = read_raw_message(&mut rd, &mut pending)
+        .await
+        .expect("the early answer");
+    assert_eq!(answer.status(), 413, "{what}");
+    tokio::time::pause();
+    let answered = tokio::time::Instant::now();
+    // The upload is stuck behind the silent upstream; the sidecar lets it go.
+    let mut rest = [0u8; 1024];
+    let closed = tokio::time::timeout(SEND_TIMEOUT * 3, rd.read(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the app's connection is still open"));
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "{what}: nothing more than the answer: {closed:?}"
+    );
+    assert!(
+        answered.elapsed() <= SEND_TIMEOUT + std::time::Duration::from_secs(5),
+        "{what}: let go after {:?}",
+        answered.elapsed()
+    );
+    assert!(
+        writer.await.expect("writer task").is_err(),
+        "{what}: the upload was not taken whole"
     );
 }
