@@ -2,7 +2,9 @@
 """Mock OAuth2 token endpoint for the benchmark (loopback only).
 
 POST /token/<lifetime_seconds>  -> {"access_token": <random>, "token_type": "Bearer",
-                                    "expires_in": <lifetime_seconds>}
+                                    "expires_in": <lifetime_seconds>}; token_type "DPoP" when
+                                    the request carries a DPoP proof (as a provider binding
+                                    the token would; the proof is not checked)
 GET  /count                     -> {"total": N, "by_path": {"/token/60": n, ...}}
 
 It is hit once per token lifetime, so its speed does not matter; it only counts.
@@ -45,7 +47,7 @@ class Handler(BaseHTTPRequestHandler):
             COUNTS[self.path] = COUNTS.get(self.path, 0) + 1
         self._send(200, {
             "access_token": secrets.token_urlsafe(32),
-            "token_type": "Bearer",
+            "token_type": "DPoP" if self.headers.get("DPoP") else "Bearer",
             "expires_in": int(parts[1]),
         })
 

@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 shift || true
-all_targets=(token_response token_response_json config headers path)
+all_targets=(token_response token_response_json token_response_mapped config headers path)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 sanitizer=${FUZZ_SANITIZER:-address}

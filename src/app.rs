@@ -31,7 +31,7 @@ use crate::proxy::{self, ClientRuntime};
 use crate::server;
 use crate::store::Store;
 use crate::subjects::Subjects;
-use crate::token::{self, Refresher, TokenEndpoint, TokenHandle};
+use crate::token::{self, Dpop, Refresher, TokenEndpoint, TokenHandle};
 use crate::workers::Workers;
 
 /// Header-read and idle timeout of admin connections: probes and scrapes send
@@ -47,14 +47,21 @@ const STOP_SLACK: Duration = Duration::from_secs(10);
 struct PreparedClient {
     upstream_http: crate::http::client::HttpClient,
     token_http: crate::http::client::HttpClient,
+    /// When the client forwards upgrades.
+    upgrade: Option<crate::http::client::UpgradeConnector>,
 }
 
 /// Why the sidecar could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// A listen address could not be bound: `admin.listen 127.0.0.1:9090:
+    /// address already in use (os error 98)`. The message shows the cause,
+    /// which is also the source: printers of error chains skip a cause the
+    /// text already holds.
+    #[error("{key} {addr}: {}", bind_cause(.source))]
     Bind {
+        /// The dotted config key of the address (`clients.payments.listen`).
+        key: String,
         /// The address.
         addr: SocketAddr,
         /// The cause.
@@ -70,9 +77,16 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] metrics::MetricsError),
-    /// The token store could not be opened.
-    #[error("token store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    /// The token store could not be opened: `store.path: cannot read
+    /// /var/lib/tokenproxy/tokens.json: permission denied (os error 13)`.
+    #[error("{}", store_text(.key, .source))]
+    Store {
+        /// The `[store]` key that says where the store is (`store.path`, `store.url`).
+        key: &'static str,
+        /// The cause.
+        #[source]
+        source: crate::store::StoreError,
+    },
     /// A bound listener could not be handed to the worker threads.
     #[error("cannot share the listener on {addr} with the worker threads: {source}")]
     Share {
@@ -98,15 +112,16 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every address in `config`.
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
-        let admin = bind(config.admin.listen).await?;
+        let admin = bind("admin.listen", config.admin.listen).await?;
         let mut proxies = BTreeMap::new();
         for client in &config.clients {
             if let std::collections::btree_map::Entry::Vacant(slot) = proxies.entry(client.listen) {
-                slot.insert(bind(client.listen).await?);
+                let key = format!("clients.{}.listen", client.name);
+                slot.insert(bind(&key, client.listen).await?);
             }
         }
         let connect = match &config.connect {
-            Some(c) => Some(bind(c.listen).await?),
+            Some(c) => Some(bind("connect.listen", c.listen).await?),
             None => None,
         };
         Ok(Listeners {
@@ -117,10 +132,71 @@ impl Listeners {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// Binds `addr`, the value of the config key `key`.
+async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, source })
+        .map_err(|source| bind_error(key, addr, source))
+}
+
+fn bind_error(key: &str, addr: SocketAddr, source: std::io::Error) -> StartError {
+    StartError::Bind {
+        key: key.to_owned(),
+        addr,
+        source,
+    }
+}
+
+/// The dotted key of the proxy listener `addr`: the listen key of its first client.
+fn listen_key<'a>(clients: impl IntoIterator<Item = &'a ClientConfig>, addr: SocketAddr) -> String {
+    clients.into_iter().find(|c| c.listen == addr).map_or_else(
+        || "listen".to_owned(),
+        |c| format!("clients.{}.listen", c.name),
+    )
+}
+
+/// The `[store]` key that says where the store is.
+fn store_key(store: &crate::config::StoreConfig) -> &'static str {
+    match store {
+        crate::config::StoreConfig::Memory => "store.kind",
+        crate::config::StoreConfig::File(_) => "store.path",
+        crate::config::StoreConfig::Redis(r) => match r.location_key() {
+            "sentinels" => "store.sentinels",
+            "cluster" => "store.cluster",
+            _ => "store.url",
+        },
+    }
+}
+
+/// A store error led by its key, which some store errors name themselves.
+fn store_text(key: &str, e: &crate::store::StoreError) -> String {
+    let text = e.to_string();
+    if text.starts_with(&format!("{key}: ")) {
+        return text;
+    }
+    format!("{key}: {text}")
+}
+
+/// Why binding failed, lower-case as our messages are, with what to do for
+/// the usual causes.
+fn bind_cause(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let mut chars = text.chars();
+    let text: String = match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text,
+    };
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "another process listens there; stop it, or choose another port"
+        }
+        std::io::ErrorKind::AddrNotAvailable => "no interface of this host has that address",
+        std::io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need privileges; choose a higher one"
+        }
+        _ => return text,
+    };
+    format!("{text} (hint: {hint})")
 }
 
 struct ClientEntry {
@@ -244,7 +320,10 @@ fn start_on(
     workers: Option<Workers>,
 ) -> Result<Running, StartError> {
     let metrics = Metrics::new()?;
-    let store = Store::open(&config.store)?;
+    let store = Store::open(&config.store).map_err(|source| StartError::Store {
+        key: store_key(&config.store),
+        source,
+    })?;
     let mut http = Clients::default();
     // The default client is built up front so that a broken trust store fails the start.
     http.get(
@@ -256,10 +335,7 @@ fn start_on(
     let admin_addr = listeners
         .admin
         .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: config.admin.listen,
-            source,
-        })?;
+        .map_err(|source| bind_error("admin.listen", config.admin.listen, source))?;
     let connect = config.connect.clone().map(|c| Arc::new(Connect::new(c)));
     let admin = Arc::new(
         Admin::new(
@@ -357,7 +433,7 @@ fn serve_connect(
     let addr = connect.config().listen;
     let bound = listener
         .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
+        .map_err(|source| bind_error("connect.listen", addr, source))?;
     let (stop, stop_rx) = watch::channel(false);
     let serving = Arc::clone(&connect);
     let task = tokio::spawn(server::serve(
@@ -421,7 +497,8 @@ impl Running {
         info!(config = %path.display(), "reloading configuration");
         let result = match crate::config::load(path, env) {
             Ok(new) => self.reload(new).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            // One log line: the problems joined, at most `MAX_SHOWN` of them.
+            Err(e) => Err(e.to_string().lines().collect::<Vec<_>>().join("; ")),
         };
         match &result {
             Ok(summary) => {
@@ -473,7 +550,7 @@ impl Running {
         let mut fresh = BTreeMap::new();
         for addr in self.wanted_listeners(&new) {
             if !self.listeners.contains_key(&addr) {
-                fresh.insert(addr, bind(addr).await?);
+                fresh.insert(addr, bind(&listen_key(&new.clients, addr), addr).await?);
             }
         }
 
@@ -548,12 +625,14 @@ impl Running {
                 self.retired.extend(entry.tasks);
             }
         }
-        // Keep admin, limits, log, runtime and connect as they are: they need a restart.
+        // Keep admin, limits, log, runtime, store and connect as they are:
+        // they need a restart, so the next reload compares with them again.
         let kept = (
             self.config.admin.clone(),
             self.config.limits.clone(),
             self.config.log.clone(),
             self.config.runtime,
+            self.config.store.clone(),
             self.config.connect.clone(),
         );
         self.config = Config {
@@ -561,7 +640,8 @@ impl Running {
             limits: kept.1,
             log: kept.2,
             runtime: kept.3,
-            connect: kept.4,
+            store: kept.4,
+            connect: kept.5,
             ..new
         };
         self.publish_tables();
@@ -633,9 +713,15 @@ impl Running {
 
     /// The fallible part of adding a client: its HTTP clients (TLS roots, keys).
     fn prepare_client(&mut self, client: &ClientConfig) -> Result<PreparedClient, StartError> {
+        let upgrade = if client.upgrades.is_empty() {
+            None
+        } else {
+            Some(self.http.upgrade_connector(&client.tls, &client.proxy)?)
+        };
         Ok(PreparedClient {
             upstream_http: self.http.get(&client.tls, &client.proxy, client.http2)?,
             token_http: self.http.get(&client.token.tls, &client.proxy, false)?,
+            upgrade,
         })
     }
 
@@ -647,8 +733,15 @@ impl Running {
         parts: PreparedClient,
         handover: ContinuedState,
     ) {
-        let endpoint = TokenEndpoint::new(parts.token_http, self.clock.clone());
         let client_metrics = self.metrics.client(&client.name);
+        let dpop = Dpop::for_client(
+            client,
+            self.store.client(client),
+            self.clock.clone(),
+            client_metrics.clone(),
+        );
+        let endpoint =
+            TokenEndpoint::new(parts.token_http, self.clock.clone()).with_dpop(dpop.clone());
         let (handle, mut refresher) = Refresher::new(
             client,
             endpoint.clone(),
@@ -691,15 +784,21 @@ impl Running {
                 span,
             ))
         });
-        let runtime = Arc::new(ClientRuntime::new(
-            client,
-            &self.config.limits,
-            Arc::clone(&self.buffer_budget),
-            handle,
-            subjects,
-            client_metrics,
-            parts.upstream_http,
-        ));
+        let runtime = Arc::new(
+            ClientRuntime::new(
+                client,
+                &self.config.limits,
+                Arc::clone(&self.buffer_budget),
+                handle,
+                subjects,
+                client_metrics,
+                proxy::UpstreamClients {
+                    http: parts.upstream_http,
+                    upgrade: parts.upgrade,
+                },
+            )
+            .with_dpop(dpop),
+        );
         self.clients.insert(
             client.name.clone(),
             ClientEntry {
@@ -714,14 +813,22 @@ impl Running {
     /// Drops cached HTTP clients (TLS configurations) no client uses any more.
     fn forget_unused_http_clients(&mut self) {
         let clients = &self.clients;
-        self.http.retain(|tls, proxy, http2_only| {
-            clients.values().any(|e| {
-                let c = &e.config;
-                &c.proxy == proxy
-                    && ((&c.tls == tls && c.http2 == http2_only)
-                        || (&c.token.tls == tls && !http2_only))
-            })
-        });
+        self.http.retain(
+            |tls, proxy, http2_only| {
+                clients.values().any(|e| {
+                    let c = &e.config;
+                    &c.proxy == proxy
+                        && ((&c.tls == tls && c.http2 == http2_only)
+                            || (&c.token.tls == tls && !http2_only))
+                })
+            },
+            |tls, proxy| {
+                clients.values().any(|e| {
+                    let c = &e.config;
+                    !c.upgrades.is_empty() && &c.proxy == proxy && &c.tls == tls
+                })
+            },
+        );
     }
 
     fn add_listener(&mut self, addr: SocketAddr, listener: TcpListener) -> Result<(), StartError> {
@@ -735,12 +842,15 @@ impl Running {
         listener: TcpListener,
         limits: &crate::config::Limits,
     ) -> Result<(), StartError> {
-        let bound = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| {
+            let key = listen_key(self.clients.values().map(|c| &c.config), addr);
+            bind_error(&key, addr, source)
+        })?;
         // Routes first: the socket is already bound, so connections queue up and
         // are served as soon as the loop starts; none may meet an empty table.
-        let table = Arc::new(ArcSwap::from_pointee(self.routes_for(addr, bound)));
+        let routes = self.routes_for(addr, bound);
+        info!(addr = %bound, clients = ?routes.client_names(), "routes");
+        let table = Arc::new(ArcSwap::from_pointee(routes));
         let hosts = Arc::new(ArcSwap::from_pointee(self.host_rule_for(addr, bound)));
         let (stop, stop_rx) = watch::channel(false);
         let serving = Arc::clone(&table);
@@ -829,8 +939,6 @@ impl Running {
             .filter(|c| c.config.listen == addr)
             .map(|c| (c.config.path_prefix.clone(), Arc::clone(&c.runtime)))
             .collect();
-        let names: Vec<&str> = routes.iter().map(|(_, c)| c.name.as_str()).collect();
-        info!(addr = %bound, clients = ?names, "routes");
         ListenerRoutes::new(bound, routes)
     }
 
@@ -853,11 +961,16 @@ impl Running {
     }
 
     /// Rebuilds every listener's routing table and the admin's client list.
+    /// A table whose clients changed is logged (a new listener logged its own).
     fn publish_tables(&self) {
         for (addr, entry) in &self.listeners {
-            entry
-                .table
-                .store(Arc::new(self.routes_for(*addr, entry.bound)));
+            let routes = self.routes_for(*addr, entry.bound);
+            let names = routes.client_names();
+            if entry.table.load().client_names() != names {
+                info!(addr = %entry.bound, clients = ?names, "routes");
+            }
+            drop(names);
+            entry.table.store(Arc::new(routes));
             entry
                 .hosts
                 .store(Arc::new(self.host_rule_for(*addr, entry.bound)));

@@ -253,13 +253,20 @@ pub async fn authorize(
 
     let http = crate::http::client::build_client(&client.token.tls, &client.proxy)
         .map_err(|e| AuthorizeError::Client(e.to_string()))?;
-    let endpoint = TokenEndpoint::new(http, Arc::new(SystemClock));
+    // A DPoP-bound token (and, for a public client, refresh token) is bound to
+    // the key the sidecar signs with: the one in the file or Redis store.
+    let dpop = match &client.dpop {
+        Some(_) => crate::token::Dpop::for_command(client, &Store::open(&config.store)?),
+        None => None,
+    };
+    let endpoint = TokenEndpoint::new(http, Arc::new(SystemClock)).with_dpop(dpop);
     let set = endpoint
         .exchange_code(
             &client.token,
             &code,
             &redirect_uri,
             request.verifier.as_ref(),
+            None,
         )
         .await?;
     let Some(refresh_token) = set.refresh_token else {

@@ -87,11 +87,11 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     .await?;
     let api = MockApi::start(provider.validator()).await?;
 
-    let proxy_listener = bind_or_any(options.listen).await?;
-    let admin_listener = bind_or_any(options.admin).await?;
-    let wallet_listener = bind_or_any(options.wallet_listen).await?;
-    let market_listener = bind_or_any(options.market_listen).await?;
-    let connect_listener = bind_or_any(options.connect_listen).await?;
+    let proxy_listener = bind_or_any("the sidecar", options.listen).await?;
+    let admin_listener = bind_or_any("the admin listener", options.admin).await?;
+    let wallet_listener = bind_or_any("the wallet client", options.wallet_listen).await?;
+    let market_listener = bind_or_any("the market client", options.market_listen).await?;
+    let connect_listener = bind_or_any("the connect listener", options.connect_listen).await?;
     let listen = proxy_listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let wallet = wallet_listener.local_addr()?;
@@ -101,7 +101,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let admin_key = Secret::new(crate::authorize::random_b64(24));
     let redirect_port = {
         // Probe the port `authorize` will listen on; the mock accepts any redirect URI.
-        let probe = bind_or_any(SocketAddr::from(([127, 0, 0, 1], options.redirect_port))).await?;
+        let wanted = SocketAddr::from(([127, 0, 0, 1], options.redirect_port));
+        let probe = bind_or_any("the authorize redirect", wanted).await?;
         probe.local_addr()?.port()
     };
     let dir = private_dir()?;
@@ -124,6 +125,7 @@ key = "{store_key}"
 [clients.wallet]
 listen = "{wallet}"
 upstream = "{upstream}"
+allow_insecure = {wallet_waiver}
 
 [clients.wallet.token]
 url = "{token_url}"
@@ -139,6 +141,7 @@ scope = "wallet"
 [clients.payments]
 listen = "{listen}"
 upstream = "{upstream}"
+allow_insecure = {listen_waiver}
 timeout = "10s"
 
 [clients.payments.token]
@@ -152,6 +155,7 @@ scope = "payments"
 [clients.market]
 listen = "{market}"
 upstream = "{upstream}"
+allow_insecure = {market_waiver}
 
 [clients.market.token]
 url = "{token_url}"
@@ -171,6 +175,9 @@ public_url = "http://{connect}"
 return_to = ["{upstream}{connected}"]
 "#,
         admin_key = admin_key.expose(),
+        listen_waiver = public_listen_waiver(listen),
+        wallet_waiver = public_listen_waiver(wallet),
+        market_waiver = public_listen_waiver(market),
         connected = tokenproxy_mock::CONNECTED_PATH,
         upstream = api.url(),
         token_url = provider.token_url(),
@@ -358,12 +365,29 @@ async fn demo_request(
     }
 }
 
-async fn bind_or_any(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// `allow_insecure` for a demo client on `addr`: a listener beyond loopback (the
+/// demo in a container, `--listen 0.0.0.0:8080`) is refused for real clients,
+/// but the demo's credentials are the mock provider's, worth nothing elsewhere.
+fn public_listen_waiver(addr: SocketAddr) -> &'static str {
+    if addr.ip().is_loopback() {
+        "[]"
+    } else {
+        r#"["public_listen"]   # the mock's credential only"#
+    }
+}
+
+/// Binds `addr`, or a free port on its IP when `addr` is taken, and says which:
+/// the banner then prints the address bound, never the one asked for.
+async fn bind_or_any(what: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
     match TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            eprintln!("{addr} is in use; using a free port instead");
-            TcpListener::bind(std::net::SocketAddr::new(addr.ip(), 0)).await
+            let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+            eprintln!(
+                "{what}: {addr} is in use; using {} instead",
+                listener.local_addr()?
+            );
+            Ok(listener)
         }
         Err(e) => Err(e),
     }

@@ -10,14 +10,15 @@
 //! |---|---|
 //! | [`config`] | TOML → validated runtime types; `${VAR}` and `*_file` secrets; precise errors |
 //! | [`secret`] | [`secret::Secret`]: credentials that cannot be printed |
+//! | [`jose`] | compact JWS on ring: signing keys from PEM or a secret, `sign`, ids and thumbprints (a leaf) |
 //! | [`clock`] | wall-clock access behind a trait (scheduling uses tokio time) |
 //! | [`token`] | per-client refresher task (single flight; a state machine owning one schedule, the endpoint behind a trait), hot-path handle, response parsing |
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes; subject records |
 //! | [`subjects`] | one token per merchant or customer: bounded cache, single flight per subject, budget, sweeper |
 //! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
-//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay |
+//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay, upgrade (WebSocket) tunnels |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
-//! | `server` | accept loop with limits and graceful drain |
+//! | `server` | accept loop with limits and graceful drain, upgraded connections included |
 //! | [`workers`] | proxy worker threads, one single-threaded runtime each |
 //! | `admin` | `/healthz`, `/readyz`, `/status`, `/metrics` |
 //! | `metrics` | every metric family, on an owned registry, with the label sets it uses (`Trigger`, `Outcome`, `State`) |
@@ -37,8 +38,8 @@
 //! drains on [`Running::shutdown`]. Tests bind port 0 themselves and pass the
 //! listeners in.
 //!
-//! Imports run one way: `app` and `admin` use `proxy` and `connect`, `connect` uses `subjects`, `proxy` uses `subjects`, `token` and
-//! `http`, `subjects` uses `token` and `store`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
+//! Imports run one way: `app` and `admin` use `proxy` and `connect`, `connect` uses `subjects`, `proxy` uses `subjects`, `token`,
+//! `http` and `server` (an upgraded connection's hold on its listener), `subjects` uses `token` and `store`, `token` uses `store`, `http`, `metrics` and `config`, and nothing low
 //! imports anything high (no module imports one that imports it back).
 
 #![forbid(unsafe_code)]
@@ -58,6 +59,7 @@ pub mod connect;
 pub mod demo;
 pub(crate) mod error;
 pub(crate) mod http;
+pub mod jose;
 pub(crate) mod metrics;
 pub mod operator;
 pub(crate) mod origin;

@@ -87,19 +87,33 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenproxy: {}", causes(&e));
+            report(&e);
             ExitCode::FAILURE
         }
     }
 }
 
+/// Prints the error on stderr: a configuration's problems one per line, then
+/// how many there are; any other error with its causes on one line.
+fn report(e: &anyhow::Error) {
+    match e.downcast_ref::<config::ConfigError>() {
+        Some(problems) => {
+            for line in problems.to_string().lines() {
+                eprintln!("tokenproxy: {line}");
+            }
+            eprintln!("tokenproxy: {}", problems.tally());
+        }
+        None => eprintln!("tokenproxy: {}", causes(e)),
+    }
+}
+
 /// The error and its causes on one line; a cause the text already shows
-/// (an error that prints its source) is not repeated.
+/// (an error that prints its source, perhaps in lower case) is not repeated.
 fn causes(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let cause = cause.to_string();
-        if text.contains(&cause) {
+        if text.to_lowercase().contains(&cause.to_lowercase()) {
             continue;
         }
         if !text.is_empty() {
@@ -164,13 +178,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
-    println!("{}", config.summary());
+    writeln!(stdout(), "{}", config.summary())?;
     Ok(())
 }
 
 fn token_command(path: &Path, client: &str, show: bool, spend: bool) -> anyhow::Result<()> {
     let config = load(path)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     runtime()?.block_on(tokenproxy::operator::token(
         &config, client, show, spend, &mut out,
     ))?;
@@ -197,13 +211,14 @@ fn provide_refresh_token(path: &Path, client: &str) -> anyhow::Result<()> {
         tokenproxy::secret::Secret::new(token),
         std::time::Duration::from_secs(15),
     ))?;
-    println!(
+    writeln!(
+        stdout(),
         "client {client}: refresh token accepted; state {}, access token expires {}",
         status["state"].as_str().unwrap_or("?"),
         status["access_token_expires_at"]
             .as_str()
             .unwrap_or("(no expiry stated)")
-    );
+    )?;
     Ok(())
 }
 
@@ -220,7 +235,7 @@ fn subjects_command(path: &Path, command: SubjectsCommand) -> anyhow::Result<()>
     }
     let admin = tokenproxy::operator::admin_target(config.admin.listen);
     let key = config.admin.api_key.as_ref();
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     let runtime = runtime()?;
     match command {
         SubjectsCommand::Import { .. } => {
@@ -280,25 +295,78 @@ fn authorize_command(
     let when = |t: Option<std::time::SystemTime>| {
         t.map_or_else(|| "not stated".to_owned(), tokenproxy::clock::rfc3339)
     };
-    println!("client {client}: authorized");
-    println!("  stored in:               {}", done.stored_in);
+    let mut out = stdout();
+    writeln!(out, "client {client}: authorized")?;
+    writeln!(out, "  stored in:               {}", done.stored_in)?;
     if done.generation > 0 {
-        println!("  generation:              {}", done.generation);
+        writeln!(out, "  generation:              {}", done.generation)?;
     }
-    println!(
+    writeln!(
+        out,
         "  scope:                   {}",
         done.scope.as_deref().unwrap_or("(not stated)")
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  access token expires:    {}",
         when(done.access_expires_at)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  refresh token expires:   {}",
         when(done.refresh_expires_at)
-    );
-    println!("A running sidecar sharing this store picks it up within a few seconds.");
+    )?;
+    writeln!(
+        out,
+        "A running sidecar sharing this store picks it up within a few seconds."
+    )?;
     Ok(())
+}
+
+/// Standard output for what a command prints. Once its reader is gone
+/// (`tokenproxy check … | head -1`), the rest is dropped and the command ends
+/// as Unix tools do, instead of panicking (`println!`) or failing with "broken
+/// pipe". Any other write error (a full disk under `> file`) is still an error.
+struct Stdout {
+    out: std::io::StdoutLock<'static>,
+    reader_gone: bool,
+}
+
+fn stdout() -> Stdout {
+    Stdout {
+        out: std::io::stdout().lock(),
+        reader_gone: false,
+    }
+}
+
+impl Stdout {
+    fn quiet<T>(&mut self, result: std::io::Result<T>, gone: T) -> std::io::Result<T> {
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.reader_gone = true;
+                Ok(gone)
+            }
+            other => other,
+        }
+    }
+}
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.reader_gone {
+            return Ok(buf.len());
+        }
+        let written = self.out.write(buf);
+        self.quiet(written, buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.reader_gone {
+            return Ok(());
+        }
+        let flushed = self.out.flush();
+        self.quiet(flushed, ())
+    }
 }
 
 #[cfg(feature = "demo")]

@@ -29,12 +29,15 @@ pub struct Metrics {
     request_duration: HistogramVec,
     token_wait: HistogramVec,
     unauthorized_retries: IntCounterVec,
+    dpop_nonce_retries: IntCounterVec,
     inflight: IntGaugeVec,
     client_state: IntGaugeVec,
     config_reloads: IntCounterVec,
     config_last_success: prometheus::Gauge,
     sidecar_errors: IntCounterVec,
     connection_errors: IntCounterVec,
+    upgrades: IntCounterVec,
+    upgraded_connections: IntGaugeVec,
     store: StoreFamilies,
     subjects: SubjectFamilies,
 }
@@ -209,6 +212,13 @@ impl Metrics {
             ),
             &["client", "outcome"],
         )?;
+        let dpop_nonce_retries = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_dpop_nonce_retries_total",
+                "Requests sent once more with a new DPoP proof carrying the nonce a server demanded (use_dpop_nonce), by where: token (the token endpoint) or upstream (the API).",
+            ),
+            &["client", "where"],
+        )?;
         let inflight = IntGaugeVec::new(
             Opts::new(
                 "tokenproxy_inflight_requests",
@@ -250,6 +260,22 @@ impl Metrics {
             &["listener", "kind"],
         )?;
         registry.register(Box::new(connection_errors.clone()))?;
+        let upgrades = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_upgrades_total",
+                "Upgrade requests (WebSocket and the other protocols a client lists) by protocol and outcome: upgraded (a tunnel opened), refused (the upstream answered without switching), failed (no answer, or the switch could not be completed), not_allowed (a protocol the client does not list, protocol \"other\"; served as a plain request).",
+            ),
+            &["client", "protocol", "outcome"],
+        )?;
+        let upgraded_connections = IntGaugeVec::new(
+            Opts::new(
+                "tokenproxy_upgraded_connections",
+                "Upgraded connections (tunnels) open now.",
+            ),
+            &["client"],
+        )?;
+        registry.register(Box::new(upgrades.clone()))?;
+        registry.register(Box::new(upgraded_connections.clone()))?;
         let store = StoreFamilies::new(&registry)?;
         let subjects = SubjectFamilies::new(&registry)?;
         registry.register(Box::new(config_reloads.clone()))?;
@@ -264,6 +290,7 @@ impl Metrics {
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(token_wait.clone()))?;
         registry.register(Box::new(unauthorized_retries.clone()))?;
+        registry.register(Box::new(dpop_nonce_retries.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(client_state.clone()))?;
         #[cfg(target_os = "linux")]
@@ -279,12 +306,15 @@ impl Metrics {
             request_duration,
             token_wait,
             unauthorized_retries,
+            dpop_nonce_retries,
             inflight,
             client_state,
             config_reloads,
             config_last_success,
             sidecar_errors,
             connection_errors,
+            upgrades,
+            upgraded_connections,
             store,
             subjects,
         })
@@ -320,6 +350,7 @@ impl Metrics {
             retry_not_replayable: self
                 .unauthorized_retries
                 .with_label_values(&[client, RetryOutcome::NotReplayable.as_str()]),
+            upgraded_connections: self.upgraded_connections.with_label_values(&[client]),
             codes: (0..1000).map(|_| OnceLock::new()).collect(),
         };
         m.set_state(State::Starting);
@@ -520,6 +551,39 @@ impl ConnectionErrorKind {
     }
 }
 
+/// How an upgrade request ended (a label of `tokenproxy_upgrades_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeOutcome {
+    /// The upstream switched protocols and the tunnel opened.
+    Upgraded,
+    /// The upstream answered without switching (its answer went to the app).
+    Refused,
+    /// No answer from the upstream, a switch to a protocol not asked for, or a
+    /// side that went away before the tunnel opened.
+    Failed,
+    /// A protocol the client does not list: served as a plain request.
+    NotAllowed,
+}
+
+impl UpgradeOutcome {
+    /// The outcomes of a listed protocol, for metric children.
+    pub const LISTED: [UpgradeOutcome; 3] = [
+        UpgradeOutcome::Upgraded,
+        UpgradeOutcome::Refused,
+        UpgradeOutcome::Failed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeOutcome::Upgraded => "upgraded",
+            UpgradeOutcome::Refused => "refused",
+            UpgradeOutcome::Failed => "failed",
+            UpgradeOutcome::NotAllowed => "not_allowed",
+        }
+    }
+}
+
 /// `tokenproxy_connection_errors_total` for one listener kind, a child per error kind.
 #[derive(Clone)]
 pub struct ConnectionErrors {
@@ -534,6 +598,33 @@ impl ConnectionErrors {
     }
 }
 
+/// Where a server demanded a DPoP nonce (the `where` label of
+/// `tokenproxy_dpop_nonce_retries_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NonceWhere {
+    /// The token endpoint.
+    Token,
+    /// The API.
+    Upstream,
+}
+
+impl NonceWhere {
+    /// Every value.
+    pub const ALL: [NonceWhere; 2] = [NonceWhere::Token, NonceWhere::Upstream];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NonceWhere::Token => "token",
+            NonceWhere::Upstream => "upstream",
+        }
+    }
+}
+
+/// The `protocol` label of upgrades to protocols the client does not list (the
+/// app's own names would make the label set open-ended).
+pub const OTHER_PROTOCOL: &str = "other";
+
 /// Metric handles for one client.
 #[derive(Clone)]
 pub struct ClientMetrics {
@@ -546,6 +637,7 @@ pub struct ClientMetrics {
     retry_recovered: IntCounter,
     retry_failed: IntCounter,
     retry_not_replayable: IntCounter,
+    upgraded_connections: IntGauge,
     /// `tokenproxy_requests_total{code}` children by status code, looked up once each:
     /// the request path then does no label hashing.
     codes: Arc<[OnceLock<IntCounter>]>,
@@ -606,6 +698,23 @@ impl ClientMetrics {
         self.token_wait.observe(seconds);
     }
 
+    /// Creates the `tokenproxy_dpop_nonce_retries_total` children of a client with DPoP.
+    pub fn dpop_init(&self) {
+        for place in NonceWhere::ALL {
+            self.families
+                .dpop_nonce_retries
+                .with_label_values(&[&self.name, place.as_str()]);
+        }
+    }
+
+    /// Counts a request sent once more with the nonce a server demanded.
+    pub fn dpop_nonce_retry(&self, place: NonceWhere) {
+        self.families
+            .dpop_nonce_retries
+            .with_label_values(&[&self.name, place.as_str()])
+            .inc();
+    }
+
     /// Records a 401 replay outcome.
     pub fn unauthorized_retry(&self, outcome: RetryOutcome) {
         match outcome {
@@ -613,6 +722,36 @@ impl ClientMetrics {
             RetryOutcome::Failed => self.retry_failed.inc(),
             RetryOutcome::NotReplayable => self.retry_not_replayable.inc(),
         }
+    }
+
+    /// Creates the `tokenproxy_upgrades_total` children of the listed `protocols`
+    /// (and of those not listed).
+    pub fn upgrades_init(&self, protocols: &[String]) {
+        for protocol in protocols {
+            for outcome in UpgradeOutcome::LISTED {
+                self.families
+                    .upgrades
+                    .with_label_values(&[&self.name, protocol, outcome.as_str()]);
+            }
+        }
+        self.families.upgrades.with_label_values(&[
+            &self.name,
+            OTHER_PROTOCOL,
+            UpgradeOutcome::NotAllowed.as_str(),
+        ]);
+    }
+
+    /// Counts an upgrade request to `protocol` (a listed name, or [`OTHER_PROTOCOL`]).
+    pub fn upgrade(&self, protocol: &str, outcome: UpgradeOutcome) {
+        self.families
+            .upgrades
+            .with_label_values(&[&self.name, protocol, outcome.as_str()])
+            .inc();
+    }
+
+    /// The gauge of open tunnels, for a guard around each.
+    pub fn upgraded_connections(&self) -> &IntGauge {
+        &self.upgraded_connections
     }
 
     /// The in-flight gauge, for a guard around each request.

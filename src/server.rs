@@ -8,10 +8,17 @@
 //! HTTP/2 preface ("prior knowledge", as gRPC's insecure channels do), with the
 //! same limits where HTTP/2 has them: the header list size, streams per
 //! connection, flow-control windows and keep-alive pings.
+//!
+//! A connection that hyper hands over after a `101 Switching Protocols` (a
+//! WebSocket tunnel) is no longer hyper's, so the drain does not see it: it
+//! keeps its connection slot and watches the listener's drain through the
+//! [`UpgradeHold`] its request carried, and is closed when the drain's grace
+//! runs out.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,13 +26,13 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Limits;
 use crate::http::body::Body;
@@ -34,6 +41,27 @@ use crate::metrics::{ConnectionErrorKind, ConnectionErrors};
 /// The connection's remote address, handed to the handler with each request.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// What an upgraded connection keeps of its listener once hyper has handed it
+/// over: its connection slot (a tunnel counts against `max_connections`), and
+/// the listener's drain. Found in the extensions of every HTTP/1.1 request
+/// that asks for an upgrade; dropped with the request when none happens.
+#[derive(Clone)]
+pub struct UpgradeHold {
+    _slot: Arc<Slot>,
+    closing: watch::Receiver<bool>,
+}
+
+impl UpgradeHold {
+    /// Resolves once the upgraded connection must close: the listener stopped
+    /// and its `shutdown_grace` has run out (or the listener is gone).
+    pub async fn closing(&mut self) {
+        let _closed_or_gone = self.closing.wait_for(|closing| *closing).await;
+    }
+}
+
+/// How long the drain waits for upgraded connections to go once told to close.
+const TUNNEL_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a listener logs that it refused connections; the lines in between
 /// are counted into the next one, so a flood cannot fill the log.
@@ -140,9 +168,11 @@ impl Drop for Slot {
 }
 
 /// Serves `listener` until `stop` turns true, then waits for its open
-/// connections to finish their in-flight requests (the caller bounds the wait).
-/// Each connection holds one of `slots` while open; beyond them it is closed at once.
-/// A connection that ends with an error is counted in `errors`.
+/// connections to finish their in-flight requests, and for its upgraded
+/// connections to end, for at most `limits.shutdown_grace`; then closes the
+/// upgraded connections still open. Each connection holds one of `slots` while
+/// open (an upgraded one too); beyond them it is closed at once. A connection
+/// that ends with an error is counted in `errors`.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
@@ -170,7 +200,18 @@ pub async fn serve<F, Fut>(
     let h2 = http2_builder(&limits);
     let first_bytes_within = limits.header_read_timeout.min(limits.idle_timeout);
     let local = listener.local_addr().ok();
-    let graceful = GracefulShutdown::new();
+    // Each open connection holds a receiver; a send asks them to finish their
+    // in-flight requests and close (as does the sender's drop, when this task is
+    // aborted).
+    let (drain, none_yet) = watch::channel(());
+    drop(none_yet);
+    // Every upgraded connection holds a receiver (in its `UpgradeHold`); `true`
+    // tells them to close, sent when the drain's grace runs out or this task
+    // ends (or is aborted, as when the sidecar is dropped).
+    let (tunnels, none_yet) = watch::channel(false);
+    drop(none_yet);
+    let tunnels = Arc::new(tunnels);
+    let _close_on_exit = CloseOnDrop(Arc::clone(&tunnels));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -195,28 +236,41 @@ pub async fn serve<F, Fut>(
             debug!(error = %e, "set_nodelay failed");
         }
         let handler = handler.clone();
+        let permit = Arc::new(permit);
+        let (slot, closing) = (Arc::clone(&permit), Arc::clone(&tunnels));
         // Whether a request got as far as the handler: hyper's header timer, which
         // also closes idle keep-alive connections, then ended a connection in use.
         let served = Arc::new(AtomicBool::new(false));
         let served_one = Arc::clone(&served);
-        let service = service_fn(move |req: Request<Incoming>| {
+        let service = service_fn(move |mut req: Request<Incoming>| {
             served_one.store(true, Ordering::Relaxed);
+            // hyper puts an `OnUpgrade` only in HTTP/1.1 requests with an Upgrade
+            // header (and CONNECTs): other requests skip this at the cost of a
+            // look into an empty extension map.
+            if req.extensions().get::<OnUpgrade>().is_some() {
+                req.extensions_mut().insert(UpgradeHold {
+                    _slot: Arc::clone(&slot),
+                    closing: closing.subscribe(),
+                });
+            }
             handler(req, PeerAddr(peer))
         });
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
-        let (h1, h2, watcher) = (h1.clone(), h2.clone(), graceful.watcher());
+        let (h1, h2, watcher) = (h1.clone(), h2.clone(), drain.subscribe());
         let errors = errors.clone();
         tokio::spawn(
             async move {
                 let opened = opening(&stream, first_bytes_within).await;
                 let ended = match opened {
                     Opening::Http1 => {
-                        let conn = h1.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
+                        let conn = h1
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades();
+                        until_drained(conn, watcher).await
                     }
                     Opening::Http2 => {
                         let conn = h2.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
+                        until_drained(conn, watcher).await
                     }
                     Opening::Silent => {
                         debug!("connection closed before a request");
@@ -243,8 +297,103 @@ pub async fn serve<F, Fut>(
         );
     }
     drop(listener);
-    debug!(listener = name, addr = ?local, open = graceful.count(), "listener closed; draining");
-    graceful.shutdown().await;
+    let deadline = Instant::now() + limits.shutdown_grace;
+    debug!(listener = name, addr = ?local, open = drain.receiver_count(),
+        upgraded = tunnels.receiver_count(), "listener closed; draining");
+    drain.send_replace(());
+    if tokio::time::timeout_at(deadline, drain.closed())
+        .await
+        .is_err()
+    {
+        debug!(
+            listener = name,
+            "drain grace ran out with requests in flight"
+        );
+    }
+    // Upgraded connections end when either side closes them, or now.
+    if tokio::time::timeout_at(deadline, tunnels.closed())
+        .await
+        .is_err()
+    {
+        info!(
+            listener = name,
+            upgraded = tunnels.receiver_count(),
+            "shutdown grace ran out: closing upgraded connections"
+        );
+        tunnels.send_replace(true);
+        if tokio::time::timeout(TUNNEL_CLOSE_WAIT, tunnels.closed())
+            .await
+            .is_err()
+        {
+            warn!(
+                listener = name,
+                upgraded = tunnels.receiver_count(),
+                "upgraded connections did not close when told to"
+            );
+        }
+    }
+}
+
+/// A served connection whose in-flight requests can be let finish before it closes.
+///
+/// hyper-util's `GracefulShutdown` does this for the connection types it knows,
+/// and an HTTP/1 connection that can be upgraded is not one of them.
+trait Drainable: Future<Output = Result<(), hyper::Error>> {
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Drainable for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B, E> Drainable for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Serves `conn` to its end; once `drain` changes (or its sender is gone), lets
+/// the requests in flight finish and closes. `drain` is held until then: the
+/// listener counts open connections by its receivers.
+async fn until_drained<C: Drainable>(
+    conn: C,
+    mut drain: watch::Receiver<()>,
+) -> Result<(), hyper::Error> {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _changed_or_gone = drain.changed() => {}
+    }
+    conn.as_mut().drain();
+    let ended = conn.await;
+    drop(drain);
+    ended
+}
+
+/// Tells the upgraded connections to close when dropped.
+struct CloseOnDrop(Arc<watch::Sender<bool>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 /// What kind of error ended a connection; `None` for hyper's header timer

@@ -9,7 +9,10 @@
 //!   right client and, for POST, the body that was sent);
 //! * the peer's own log shows about one token request per lifetime, at least one
 //!   renewal, and no token endpoint answer other than 200 (so no refresh token was
-//!   ever used twice).
+//!   ever used twice) apart from `use_dpop_nonce`, which is counted on its own;
+//! * for DPoP clients: every token reached the API DPoP-bound with a proof that
+//!   passed the API's checks (its `/healthz` counters), and a proof the sidecar
+//!   made, sent to the API once more, is refused as a replay.
 //!
 //! The peers need python3 (with venv) and node/npm and install their own
 //! dependencies, so these tests are `#[ignore]`d; `tests/interop.sh` runs them.
@@ -25,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -336,7 +340,7 @@ params = {{ prompt = "consent" }}
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let ready_after = authorized_at.elapsed();
-        drive_load(&http, &[listen_port], "sidecar-code", LOAD, &stats).await;
+        drive_load(&http, &[listen_port], "sidecar-code", false, LOAD, &stats).await;
         let metrics = get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
         (waiting, metrics, ready_after)
     });
@@ -393,6 +397,224 @@ params = {{ prompt = "consent" }}
     drop(sidecar);
     drop(peer);
     workdir.remove();
+}
+
+// ------------------------------------------------------------------ client authentication
+
+/// The peer checks every client assertion more strictly than oidc-provider's own
+/// rules: `sub` = `iss`, an `iat`, and `exp - iat` at most this many seconds.
+const ASSERTION_MAX_SECONDS: &str = "60";
+/// `sidecar-csjwt`'s secret in the peer's clients table.
+const CSJWT_SECRET: &str =
+    "sidecar-csjwt-secret-for-HS256-and-HS512-0123456789abcdefghijklmnopqrstuv";
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_rs256() {
+    run(assertion_case(
+        "oidc-pkjwt-rs256",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "rs256",
+            alg: "RS256",
+            kid: true,
+            issuer_audience: false,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_ps256_without_kid() {
+    run(assertion_case(
+        "oidc-pkjwt-ps256",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "rs256",
+            alg: "PS256",
+            kid: false,
+            issuer_audience: false,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_es256_issuer_audience() {
+    run(assertion_case(
+        "oidc-pkjwt-es256",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "es256",
+            alg: "ES256",
+            kid: true,
+            issuer_audience: true,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_private_key_jwt_eddsa() {
+    run(assertion_case(
+        "oidc-pkjwt-eddsa",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::PrivateKey {
+            key: "ed25519",
+            alg: "EdDSA",
+            kid: true,
+            issuer_audience: false,
+        }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_secret_jwt_hs256() {
+    run(assertion_case(
+        "oidc-csjwt-hs256",
+        Token::new("client_credentials", "sidecar-csjwt", CSJWT_SECRET)
+            .auth(Auth::SecretJwt { alg: "HS256" }),
+    ));
+}
+
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_tls_client_auth() {
+    run(assertion_case(
+        "oidc-mtls",
+        Token::new("client_credentials", "sidecar-mtls", "").auth(Auth::Tls),
+    ));
+}
+
+/// A JWT made outside the sidecar (as a projected service-account token is),
+/// signed here with the peer's Ed25519 key and rewritten every 250 ms: the
+/// peer accepts each jti once, so the sidecar must read the file again for
+/// every token request.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_client_assertion_file() {
+    run(assertion_case(
+        "oidc-assert-file",
+        Token::new("client_credentials", "sidecar-pkjwt", "").auth(Auth::File),
+    ));
+}
+
+// ------------------------------------------------------------------ DPoP
+
+/// The peer demands DPoP nonces at its token endpoint and at its API, whose
+/// nonce changes every 2 s (each good for 2 to 4 s): the sidecar keeps both
+/// from every answer, and meets `use_dpop_nonce` only now and then.
+const DPOP_NONCES: &[(&str, &str)] = &[
+    ("OIDC_DPOP_NONCE", "1"),
+    ("API_DPOP_NONCE", "1"),
+    ("API_DPOP_NONCE_SECONDS", "2"),
+    ("OIDC_ASSERTION_MAX_SECONDS", ASSERTION_MAX_SECONDS),
+];
+
+/// `sidecar-dpop` (client secret; every token DPoP-bound) with an ES256 key.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_dpop_es256_with_nonces() {
+    run(dpop_case(
+        "oidc-dpop-es256",
+        Token::new("client_credentials", "sidecar-dpop", "sidecar-dpop-secret").dpop("ES256"),
+    ));
+}
+
+/// FAPI 2.0 as a card network asks for it: `private_key_jwt` and DPoP-bound
+/// tokens (`sidecar-fapi`), here with an EdDSA DPoP key. A challenged token
+/// request has spent its assertion: the retry carries a new one.
+#[test]
+#[ignore = "needs the OAuth2 peers in ../shared/peers; run tests/interop.sh"]
+fn oidc_fapi_private_key_jwt_and_dpop_eddsa() {
+    run(dpop_case(
+        "oidc-fapi-dpop",
+        Token::new("client_credentials", "sidecar-fapi", "")
+            .auth(Auth::PrivateKey {
+                key: "es256",
+                alg: "ES256",
+                kid: true,
+                issuer_audience: true,
+            })
+            .dpop("EdDSA"),
+    ));
+}
+
+fn dpop_case(name: &'static str, token: Token) -> Case {
+    Case {
+        name,
+        peer: Peer::Oidc,
+        peer_env: DPOP_NONCES,
+        token,
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+        mode: Mode::Single,
+    }
+}
+
+/// Sends a proof the sidecar made once more, straight to the peer's API (as
+/// someone who copied it from the wire would): the API must refuse it as a
+/// replay. The proof comes from the echo of a request through the sidecar.
+async fn replay_a_proof(http: &HttpClient, listen_port: u16, peer_port: u16) -> (u16, String) {
+    let via_sidecar = get_text(http, &format!("http://127.0.0.1:{listen_port}{API_PATH}")).await;
+    let echo: Value = serde_json::from_str(&via_sidecar).unwrap_or(Value::Null);
+    let Some(proof) = echo["headers"]["dpop"].as_str() else {
+        return (0, format!("no proof in the echo: {via_sidecar}"));
+    };
+    // The token is not needed: the API refuses a seen jti before it looks at ath.
+    let request = Request::get(format!("http://127.0.0.1:{peer_port}{API_PATH}"))
+        .header("authorization", "DPoP copied-token")
+        .header("dpop", proof)
+        .body(Full::new(Bytes::new()))
+        .expect("request builds");
+    match http.request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map(|b| b.to_bytes());
+            let text = body.map_or_else(
+                |e| e.to_string(),
+                |b| String::from_utf8_lossy(&b).into_owned(),
+            );
+            (status, text)
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// What the peer's DPoP counters (read before the replay) and the replay say
+/// is wrong.
+fn dpop_problems(health: &str, replay: Option<&(u16, String)>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let counters: Value = serde_json::from_str(health).unwrap_or(Value::Null);
+    let count = |name: &str| counters[name].as_u64().unwrap_or(0);
+    if count("dpop_ok") == 0 {
+        problems.push("the API never accepted a DPoP proof".to_owned());
+    }
+    // Nonce challenges are DPoP refusals too; any other is a bad proof.
+    let refused = count("dpop_rejected").saturating_sub(count("dpop_nonce_challenges"));
+    if refused > 0 {
+        problems.push(format!("the API refused {refused} proof(s) or binding(s)"));
+    }
+    if count("dpop_replayed") > 0 {
+        problems.push("the API saw a proof twice from the sidecar".to_owned());
+    }
+    match replay {
+        Some((401, text)) if text.contains("replayed") => {}
+        Some((status, text)) => problems.push(format!(
+            "a copied proof was not refused as a replay: {status} {text}"
+        )),
+        None => problems.push("no proof was replayed".to_owned()),
+    }
+    problems
+}
+
+fn assertion_case(name: &'static str, token: Token) -> Case {
+    Case {
+        name,
+        peer: Peer::Oidc,
+        peer_env: &[("OIDC_ASSERTION_MAX_SECONDS", ASSERTION_MAX_SECONDS)],
+        token,
+        bootstrap_refresh_token: false,
+        expect_refresh_grant: false,
+        mode: Mode::Single,
+    }
 }
 
 // ------------------------------------------------------------------ subjects
@@ -549,6 +771,7 @@ fn oidc_fifty_subjects_connected_by_links_on_three_replicas_through_redis() {
                 let app = App {
                     client_id: "sidecar-code",
                     subject: Some(subject),
+                    dpop: false,
                 };
                 let url = format!("http://127.0.0.1:{port}{API_PATH}");
                 one_request(&http, &url, &app, 0, seq, &last).await;
@@ -1016,6 +1239,7 @@ async fn subject_load(
                 let app = App {
                     client_id: "sidecar-code",
                     subject: Some(&subjects[s]),
+                    dpop: false,
                 };
                 if one_request(&http, &url, &app, worker, n, &stats).await {
                     served[s * ports.len() + r].fetch_add(1, Ordering::Relaxed);
@@ -1204,6 +1428,31 @@ struct Token {
     client_id: &'static str,
     client_secret: &'static str,
     password_user: bool,
+    auth: Auth,
+    /// `[clients.peer.dpop] alg`: DPoP-bound tokens.
+    dpop: Option<&'static str>,
+}
+
+/// How the sidecar authenticates to the token endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// `client_secret` with HTTP Basic (the default).
+    Secret,
+    /// `private_key_jwt` with the peer's key `oidc/keys/<key>.pem`.
+    PrivateKey {
+        key: &'static str,
+        alg: &'static str,
+        /// Send kid = the key's file stem (the peer's registered kid).
+        kid: bool,
+        /// `assertion_audience` = the issuer, as FAPI 2.0 does, instead of the token URL.
+        issuer_audience: bool,
+    },
+    /// `client_secret_jwt` keyed with the client secret.
+    SecretJwt { alg: &'static str },
+    /// `tls_client_auth` with `oidc/keys/tls/client.crt` on the peer's HTTPS listener.
+    Tls,
+    /// `client_assertion` from a file this test keeps rewriting.
+    File,
 }
 
 impl Token {
@@ -1213,7 +1462,20 @@ impl Token {
             client_id,
             client_secret,
             password_user: false,
+            auth: Auth::Secret,
+            dpop: None,
         }
+    }
+
+    /// DPoP-bound tokens, the key made for `alg`.
+    fn dpop(mut self, alg: &'static str) -> Self {
+        self.dpop = Some(alg);
+        self
+    }
+
+    fn auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The password grant's resource owner (alice).
@@ -1262,8 +1524,15 @@ fn run(case: Case) {
     };
     let workdir = WorkDir::new(case.name);
 
-    // 1. the peer
-    let (peer, peer_port, log) = start_peer(case.name, case.peer, case.peer_env);
+    // 1. the peer (with its HTTPS listener for tls_client_auth)
+    let mtls_port = free_port();
+    let mtls_port_text = mtls_port.to_string();
+    let mut peer_env: Vec<(&str, &str)> = case.peer_env.to_vec();
+    if case.token.auth == Auth::Tls {
+        peer_env.push(("OIDC_MTLS_PORT", &mtls_port_text));
+    }
+    let (peer, peer_port, log) = start_peer(case.name, case.peer, &peer_env);
+    let auth = auth_config(&case, &peers, &workdir.path, peer_port, mtls_port);
 
     // 2. a bootstrap refresh token (oidc authorization_code flow), kept out of every file
     let mut child_env: Vec<(&str, String)> = vec![
@@ -1301,8 +1570,12 @@ fn run(case: Case) {
         .iter()
         .enumerate()
         .map(|(i, (admin_port, listen_port))| {
-            let config =
-                store.clone() + &sidecar_config(&case, peer_port, *admin_port, *listen_port);
+            let mut config = store.clone()
+                + &sidecar_config(&case, peer_port, *admin_port, *listen_port)
+                + &auth.toml;
+            if let Some(alg) = case.token.dpop {
+                config += &format!("\n[clients.peer.dpop]\nalg = \"{alg}\"\n");
+            }
             let path = workdir.path.join(format!("tokenproxy-{i}.toml"));
             fs::write(&path, config).expect("config written");
             path
@@ -1337,7 +1610,7 @@ fn run(case: Case) {
     // 4. ready, load, counters
     let runtime = test_runtime();
     let stats = Arc::new(Stats::default());
-    let (metrics, health, restart_token_calls) = runtime.block_on(async {
+    let (metrics, health, restart_token_calls, replay) = runtime.block_on(async {
         let http = app_client();
         for (sidecar, (admin_port, _)) in sidecars.iter_mut().zip(&ports) {
             wait_ready(&http, *admin_port, sidecar).await;
@@ -1350,7 +1623,15 @@ fn run(case: Case) {
         );
         let mut restart_token_calls = None;
         if case.mode == Mode::RestartWithFileStore {
-            drive_load(&http, &listen_ports, case.token.client_id, LOAD / 2, &stats).await;
+            drive_load(
+                &http,
+                &listen_ports,
+                case.token.client_id,
+                case.token.dpop.is_some(),
+                LOAD / 2,
+                &stats,
+            )
+            .await;
             // Abruptly, as a crash or an OOM kill would: no chance to save anything now.
             if let Some(mut child) = sidecars[0].child.take() {
                 let _ = child.kill();
@@ -1366,16 +1647,36 @@ fn run(case: Case) {
             wait_ready(&http, ports[0].0, &mut sidecars[restarted]).await;
             let after = count_token_calls(case.peer, &read_from(&log, log_offset)).total;
             restart_token_calls = Some(after - before);
-            drive_load(&http, &listen_ports, case.token.client_id, LOAD / 2, &stats).await;
+            drive_load(
+                &http,
+                &listen_ports,
+                case.token.client_id,
+                case.token.dpop.is_some(),
+                LOAD / 2,
+                &stats,
+            )
+            .await;
         } else {
-            drive_load(&http, &listen_ports, case.token.client_id, LOAD, &stats).await;
+            drive_load(
+                &http,
+                &listen_ports,
+                case.token.client_id,
+                case.token.dpop.is_some(),
+                LOAD,
+                &stats,
+            )
+            .await;
         }
         let mut metrics = String::new();
         for (admin_port, _) in &ports {
             metrics += &get_text(&http, &format!("http://127.0.0.1:{admin_port}/metrics")).await;
         }
         let health = get_text(&http, &format!("http://127.0.0.1:{peer_port}/healthz")).await;
-        (metrics, health, restart_token_calls)
+        let replay = match case.token.dpop {
+            Some(_) => Some(replay_a_proof(&http, listen_ports[0], peer_port).await),
+            None => None,
+        };
+        (metrics, health, restart_token_calls, replay)
     });
     drop(runtime);
 
@@ -1420,6 +1721,12 @@ fn run(case: Case) {
         "[{}] token requests in the peer log: {} ({} answered 200; limit {limit} for {lifetimes:.2} lifetimes); API 401s absorbed by the sidecar: {}",
         case.name, calls.total, calls.ok, calls.api_unauthorized
     );
+    if calls.nonce_challenges > 0 {
+        eprintln!(
+            "[{}] token requests answered use_dpop_nonce (and sent again with the nonce): {}",
+            case.name, calls.nonce_challenges
+        );
+    }
     for bad in &calls.bad {
         eprintln!("[{}]   token endpoint problem: {bad}", case.name);
     }
@@ -1467,6 +1774,31 @@ fn run(case: Case) {
             calls.bad.len()
         ));
     }
+    if case.token.auth != Auth::Secret {
+        // The peer states its assertion policy (and mTLS origin) when it starts.
+        let start = read_from(&log, 0);
+        let policy = format!("assertion_max={ASSERTION_MAX_SECONDS}s");
+        if !start.contains(&policy) {
+            problems.push(format!("the peer did not run with {policy}"));
+        }
+        if case.token.auth == Auth::Tls
+            && !start.contains(&format!("mtls=https://127.0.0.1:{mtls_port}"))
+        {
+            problems.push("the peer's HTTPS listener did not start".to_owned());
+        }
+    }
+    if case.token.dpop.is_some() {
+        problems.extend(dpop_problems(&health, replay.as_ref()));
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("tokenproxy_dpop_nonce_retries_total"))
+        {
+            eprintln!("[{}]   {line}", case.name);
+        }
+        if let Some((status, text)) = &replay {
+            eprintln!("[{}] a proof sent again: {status} {text}", case.name);
+        }
+    }
     if case.expect_refresh_grant && refresh_grants < 1.0 {
         problems.push("the refresh_token grant was never used successfully".to_owned());
     }
@@ -1500,8 +1832,164 @@ fn run(case: Case) {
         panic!("[{}] {}", case.name, problems.join("; "));
     }
     drop(sidecar);
+    drop(auth);
     drop(peer);
     workdir.remove();
+}
+
+/// The token settings of `case.token.auth` after the common ones, and what keeps
+/// them working (the thread rewriting an assertion file) until dropped.
+struct AuthConfig {
+    /// `url` and the client authentication keys of `[clients.peer.token]`, and
+    /// any `[clients.peer.token.tls]` table.
+    toml: String,
+    writer: Option<AssertionWriter>,
+}
+
+impl Drop for AuthConfig {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.stop();
+        }
+    }
+}
+
+fn auth_config(
+    case: &Case,
+    peers: &Path,
+    dir: &Path,
+    peer_port: u16,
+    mtls_port: u16,
+) -> AuthConfig {
+    let issuer = format!("http://127.0.0.1:{peer_port}");
+    let token_url = format!("{issuer}{}", case.peer.token_path());
+    let keys = peers.join("oidc/keys");
+    // The peer's files are world-readable; tokenproxy wants its keys private.
+    let private_copy = |from: &Path, name: &str| {
+        let to = dir.join(name);
+        let content = fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        fs::write(&to, content).expect("key copy written");
+        set_private(&to);
+        to
+    };
+    let mut writer = None;
+    let toml = match case.token.auth {
+        Auth::Secret => format!("url = \"{token_url}\"\nclient_secret = \"${{PEER_SECRET}}\"\n"),
+        Auth::PrivateKey {
+            key,
+            alg,
+            kid,
+            issuer_audience,
+        } => {
+            let file = private_copy(&keys.join(format!("{key}.pem")), "signing.pem");
+            let mut t = format!(
+                "url = \"{token_url}\"\nclient_auth = \"private_key_jwt\"\nsigning_key_file = \"{}\"\nsigning_alg = \"{alg}\"\n",
+                file.display()
+            );
+            if kid {
+                t += &format!("key_id = \"{key}\"\n");
+            }
+            if issuer_audience {
+                t += &format!("assertion_audience = \"{issuer}\"\n");
+            }
+            t
+        }
+        Auth::SecretJwt { alg } => format!(
+            "url = \"{token_url}\"\nclient_auth = \"client_secret_jwt\"\nclient_secret = \"${{PEER_SECRET}}\"\nsigning_alg = \"{alg}\"\n"
+        ),
+        Auth::Tls => {
+            let tls = keys.join("tls");
+            let key = private_copy(&tls.join("client.key"), "client.key");
+            format!(
+                "url = \"https://127.0.0.1:{mtls_port}/token\"\nclient_auth = \"tls_client_auth\"\n\n\
+                 [clients.peer.token.tls]\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                tls.join("ca.crt").display(),
+                tls.join("client.crt").display(),
+                key.display()
+            )
+        }
+        Auth::File => {
+            let file = dir.join("assertion.jwt");
+            let started = AssertionWriter::start(
+                &keys.join("ed25519.pem"),
+                file.clone(),
+                case.token.client_id,
+                token_url.clone(),
+            );
+            writer = Some(started);
+            format!(
+                "url = \"{token_url}\"\nclient_auth = \"client_assertion\"\nclient_assertion_file = \"{}\"\n",
+                file.display()
+            )
+        }
+    };
+    AuthConfig { toml, writer }
+}
+
+fn set_private(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    }
+}
+
+/// Rewrites an assertion file with a new Ed25519-signed JWT every 250 ms, as a
+/// token projector would (only much more often, because the peer accepts each
+/// jti once), until stopped.
+struct AssertionWriter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AssertionWriter {
+    fn start(key_pem: &Path, file: PathBuf, client_id: &'static str, audience: String) -> Self {
+        let pem = fs::read_to_string(key_pem).expect("the peer's Ed25519 key");
+        let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(der)
+            .expect("PEM base64");
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+            .expect("an Ed25519 PKCS#8 key");
+        let write = move |file: &Path| {
+            let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            let iat = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs();
+            let header = json!({"alg": "EdDSA", "kid": "ed25519"});
+            let claims = json!({
+                "iss": client_id, "sub": client_id, "aud": audience,
+                "jti": format!("{:032x}", fastrand::u128(..)), "iat": iat, "exp": iat + 60,
+            });
+            let input = format!(
+                "{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(claims.to_string().as_bytes())
+            );
+            let jwt = format!("{input}.{}", b64(key.sign(input.as_bytes()).as_ref()));
+            // Whole or not at all, as the kubelet swaps a projected token.
+            let tmp = file.with_extension("tmp");
+            fs::write(&tmp, jwt).expect("assertion written");
+            set_private(&tmp);
+            fs::rename(&tmp, file).expect("assertion in place");
+        };
+        write(&file);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                write(&file);
+            }
+        });
+        AssertionWriter { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 /// Starts `peer` on a free port with `env`; its guard, port and log file.
@@ -1555,12 +2043,9 @@ listen = "127.0.0.1:{listen_port}"
 upstream = "http://127.0.0.1:{peer_port}"
 
 [clients.peer.token]
-url = "http://127.0.0.1:{peer_port}{token_path}"
 grant = "{grant}"
 client_id = "{client_id}"
-client_secret = "${{PEER_SECRET}}"
 "#,
-        token_path = case.peer.token_path(),
         grant = case.token.grant,
         client_id = case.token.client_id,
     );
@@ -1625,6 +2110,7 @@ async fn drive_load(
     http: &HttpClient,
     ports: &[u16],
     client_id: &'static str,
+    dpop: bool,
     duration: Duration,
     stats: &Arc<Stats>,
 ) {
@@ -1641,6 +2127,7 @@ async fn drive_load(
                 let app = App {
                     client_id,
                     subject: None,
+                    dpop,
                 };
                 one_request(&http, &url, &app, worker, seq, &stats).await;
             }
@@ -1656,6 +2143,8 @@ async fn drive_load(
 struct App<'a> {
     client_id: &'a str,
     subject: Option<&'a str>,
+    /// The token must reach the API DPoP-bound, with a proof that passed.
+    dpop: bool,
 }
 
 /// One app request, GET or POST (by `seq` and `worker`), checked against the
@@ -1741,6 +2230,13 @@ async fn one_request(
         stats.fail(format!(
             "{method}: the API saw client {} (want {client_id})",
             echo["client_id"]
+        ));
+        return false;
+    }
+    if app.dpop && echo["token_binding"] != "dpop" {
+        stats.fail(format!(
+            "{method}: the API saw no DPoP-bound token (token_binding {})",
+            echo["token_binding"]
         ));
         return false;
     }
@@ -1858,6 +2354,9 @@ struct TokenCalls {
     /// Every token endpoint answer other than 200 (and oidc grant revocations).
     bad: Vec<String>,
     api_unauthorized: usize,
+    /// oidc: token requests answered `use_dpop_nonce` (not counted in `total`:
+    /// the sidecar sends them again at once, with the nonce).
+    nonce_challenges: usize,
     /// oidc: token requests answered 200 per grant type.
     refresh_grants: usize,
     code_grants: usize,
@@ -1904,6 +2403,9 @@ fn count_token_calls(peer: Peer, log: &str) -> TokenCalls {
                             Some(&"authorization_code") => calls.code_grants += 1,
                             _ => {}
                         }
+                    }
+                    Some(["token", "error"]) if words.get(4) == Some(&"use_dpop_nonce") => {
+                        calls.nonce_challenges += 1;
                     }
                     Some(["token", "error"]) => {
                         calls.total += 1;

@@ -6,7 +6,9 @@
 //! `redis_store/subjects.rs`.
 //!
 //! Needs `redis-server` on the PATH (`apt-get install redis-server`; `.ci/run`
-//! installs it).
+//! installs it). Without it every test here returns at once and one `SKIPPED:`
+//! line says so, unless `TOKENPROXY_REQUIRE_REDIS=1` (set by `.ci/run`) makes
+//! that a failure.
 
 #[path = "redis_store/subject_replicas.rs"]
 mod subject_replicas;
@@ -27,6 +29,14 @@ use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
 use tokio::time::Instant;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// Every test here starts `redis-server`; without it they are skipped, and say so.
+fn redis_installed() -> bool {
+    support::redis_on_path(
+        "the Redis store tests (tests/redis_store.rs: replicas, leases, outages, TLS, subjects)",
+        &["redis-server"],
+    )
+}
 
 /// A `redis-server` child on a free loopback port, without persistence.
 struct Redis {
@@ -178,7 +188,7 @@ impl Drop for Replica {
 
 struct Fleet {
     provider: MockProvider,
-    _api: MockApi,
+    api: MockApi,
     redis: Redis,
     replicas: Vec<Replica>,
     http: TestClient,
@@ -250,7 +260,7 @@ timeout = "2s"
         }
         let fleet = Fleet {
             provider,
-            _api: api,
+            api,
             redis,
             replicas,
             http: TestClient::new(),
@@ -339,8 +349,57 @@ fn rotating(lifetime: Duration) -> ProviderConfig {
 const PASSWORD_GRANT: &str =
     "grant = \"password\"\nusername = \"alice\"\npassword = \"alice-password\"";
 
+/// DPoP: the replicas sign with one key, made by the first and sealed in
+/// Redis beside the token, so the token they share is bound to the key each
+/// of them proves; a key record is never in clear text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sign_dpop_proofs_with_one_key_sealed_in_redis() {
+    if !redis_installed() {
+        return;
+    }
+    let fleet = Fleet::start(
+        "dpop",
+        2,
+        ProviderConfig::default(),
+        "\n[clients.payments.dpop]\nalg = \"EdDSA\"\n",
+    )
+    .await;
+    for replica in &fleet.replicas {
+        for _ in 0..3 {
+            let r = fleet.http.get(&replica.url()).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        }
+    }
+    assert_eq!(fleet.provider.dpop_bound(), 1, "one token for both");
+    let seen = fleet.api.recorded();
+    assert_eq!(seen.len(), 6);
+    let jkts: Vec<_> = seen.iter().filter_map(|r| r.dpop_jkt.clone()).collect();
+    assert_eq!(jkts.len(), 6, "every proof passed: {seen:?}");
+    assert!(jkts.windows(2).all(|w| w[0] == w[1]), "one key: {jkts:?}");
+
+    let mut redis = fleet.redis.connection().await;
+    let key = record_key(&mut redis, "dpop-eddsa")
+        .await
+        .expect("the key record is in Redis");
+    let fields: Vec<String> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("HGETALL");
+    let raw = fields.join(" ");
+    assert!(raw.contains("generation"), "a record: {raw}");
+    // The plain record is {"pkcs8":"MFMCAQEwBQYDK2Vw..."} (ring's Ed25519 PKCS#8).
+    assert!(
+        !raw.contains("pkcs8") && !raw.contains("MFMCAQEwBQYDK2Vw"),
+        "sealed: no key in clear"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_replicas_make_one_token_request_per_refresh_and_never_reuse_a_refresh_token() {
+    if !redis_installed() {
+        return;
+    }
     let fleet = Fleet::start("four", 4, rotating(Duration::from_secs(3)), PASSWORD_GRANT).await;
     let start_requests = fleet.provider.token_requests();
     assert_eq!(
@@ -381,6 +440,9 @@ async fn four_replicas_make_one_token_request_per_refresh_and_never_reuse_a_refr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_within_the_lease_time() {
+    if !redis_installed() {
+        return;
+    }
     let mut fleet = Fleet::start(
         "leader",
         3,
@@ -450,6 +512,9 @@ async fn a_killed_leader_is_replaced_within_the_lease_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_is_ridden_out_in_memory_and_reconciled() {
+    if !redis_installed() {
+        return;
+    }
     let mut fleet = Fleet::start(
         "outage",
         2,
@@ -555,6 +620,9 @@ mod tls {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca_and_a_password_file_shares_the_token_and_never_shows_the_password(
 ) {
+    if !redis_installed() {
+        return;
+    }
     const PASSWORD: &str = "redis-pw-Qm83-not-for-logs";
     let logs = support::LogCapture::install(tracing::Level::DEBUG);
     let dir = temp_dir("tls");
@@ -700,6 +768,9 @@ client_secret = "${{CLIENT_SECRET}}"
 /// restart of each adopts its own stored token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_differing_in_audience_sharing_redis_never_serve_each_others_token() {
+    if !redis_installed() {
+        return;
+    }
     let dir = temp_dir("binding");
     let provider = MockProvider::start(ProviderConfig {
         lifetime: Duration::from_secs(300),
@@ -788,6 +859,9 @@ params = {{ audience = "{audience}" }}
 /// replica serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_never_spends_a_rotating_refresh_token_outside_the_lease() {
+    if !redis_installed() {
+        return;
+    }
     let provider = MockProvider::start(rotating(Duration::from_secs(4)))
         .await
         .expect("provider");
@@ -887,6 +961,9 @@ async fn a_redis_outage_never_spends_a_rotating_refresh_token_outside_the_lease(
 /// lease is cleared (and logged), and refreshes go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_without_expiry_is_cleared_and_refreshes_go_on() {
+    if !redis_installed() {
+        return;
+    }
     let fleet = Fleet::start(
         "poisoned",
         1,
@@ -930,6 +1007,9 @@ async fn a_lease_without_expiry_is_cleared_and_refreshes_go_on() {
 /// tokens rotate: no refresh token is sent twice and no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_on_redis_never_reuse_a_refresh_token_nor_fail_a_request() {
+    if !redis_installed() {
+        return;
+    }
     let redis = Redis::start(temp_dir("reload"));
     let provider = MockProvider::start(rotating(Duration::from_secs(2)))
         .await
@@ -1118,6 +1198,9 @@ async fn client_status(fleet: &Fleet, replica: usize) -> serde_json::Value {
 /// had not sent it after all), it carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_another_replica_may_have_spent_is_never_sent_again() {
+    if !redis_installed() {
+        return;
+    }
     let provider = MockProvider::start(rotating(Duration::from_secs(4)))
         .await
         .expect("provider");
@@ -1253,6 +1336,9 @@ async fn a_refresh_token_another_replica_may_have_spent_is_never_sent_again() {
 /// refreshes with the password grant instead of sending it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_another_replica_may_have_spent_is_replaced_by_the_primary_grant() {
+    if !redis_installed() {
+        return;
+    }
     let fleet = Fleet::start(
         "spent-elsewhere-password",
         1,

@@ -37,6 +37,7 @@ async fn no_secret_appears_in_logs_status_metrics_errors_or_check_output() {
         refresh_tokens: true,
         rotate_refresh_tokens: true,
         users: vec![("alice".into(), PASSWORD.into())],
+        ..ProviderConfig::default()
     })
     .await
     .expect("provider");
@@ -317,6 +318,7 @@ async fn credentials_a_provider_echoes_in_its_error_text_never_leave_the_sidecar
             refresh_tokens: true,
             rotate_refresh_tokens: true,
             users: vec![("alice".into(), ECHO_PASSWORD.into())],
+            ..ProviderConfig::default()
         })
         .await
         .expect("provider");
@@ -614,4 +616,206 @@ revoke_url = "{token_url}/revoke"
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The test-only RSA key the private_key_jwt client signs with.
+const SIGNING_KEY_PEM: &str = include_str!("fixtures/rsa2048-test-only.pem");
+/// What the client_assertion client's file holds (a projected token, say).
+const ASSERTION_FILE_JWT: &str =
+    "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnLXByb2plY3RlZC1Ycjk3LXRva2Vu";
+
+/// Client assertions: the signing key, the assertions signed with it or with the
+/// client secret, and an assertion read from a file never leave the sidecar
+/// except towards the provider, even when a provider echoes them in its errors:
+/// not in logs (TRACE), `/status`, `/readyz`, `/metrics`, error bodies or `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_signing_key_or_client_assertion_appears_in_logs_status_metrics_errors_or_check() {
+    let logs = logs();
+    let http = TestClient::new();
+    let provider_config = ProviderConfig {
+        client_id: "secret-test".into(),
+        client_secret: CLIENT_SECRET.into(),
+        lifetime: Duration::from_secs(60),
+        ..ProviderConfig::default()
+    };
+    // client_secret_jwt against a provider that accepts it; the other two against
+    // providers that echo every credential they receive in an invalid_grant.
+    let provider = MockProvider::start(provider_config.clone())
+        .await
+        .expect("provider");
+    let echo_keyed = MockProvider::start(provider_config.clone())
+        .await
+        .expect("provider");
+    let echo_file = MockProvider::start(provider_config)
+        .await
+        .expect("provider");
+    echo_keyed.set_fault(Fault::EchoCredentials(Echo::Raw));
+    echo_file.set_fault(Fault::EchoCredentials(Echo::FormEncoded));
+    let api = MockApi::start(provider.validator()).await.expect("api");
+    let dir = support::temp_dir("secrets-assertions");
+    let key_file = dir.join("signing.pem");
+    let assertion_file = dir.join("assertion.jwt");
+    support::write_secret(&key_file, SIGNING_KEY_PEM);
+    support::write_secret(&assertion_file, ASSERTION_FILE_JWT);
+    let template = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+[clients.hmac]
+listen = "{{listen}}"
+upstream = "{api}"
+[clients.hmac.token]
+url = "{token}"
+client_id = "secret-test"
+client_secret = "${{TP_CLIENT_SECRET}}"
+client_auth = "client_secret_jwt"
+[clients.keyed]
+listen = "{{listen2}}"
+path_prefix = "/keyed"
+upstream = "{api}"
+token_wait_timeout = "300ms"
+[clients.keyed.token]
+url = "{echo_keyed}"
+client_id = "secret-test"
+client_auth = "private_key_jwt"
+signing_key_file = "{key}"
+key_id = "k1"
+[clients.file]
+listen = "{{listen2}}"
+path_prefix = "/file"
+upstream = "{api}"
+token_wait_timeout = "300ms"
+[clients.file.token]
+url = "{echo_file}"
+client_auth = "client_assertion"
+client_assertion_file = "{assertion}"
+"#,
+        api = api.url(),
+        token = provider.token_url(),
+        echo_keyed = echo_keyed.token_url(),
+        echo_file = echo_file.token_url(),
+        key = key_file.display(),
+        assertion = assertion_file.display(),
+    );
+    // Config loading reads through the injected env; the assertion file is read
+    // from disk again for every token request.
+    let env = || {
+        MapEnv::new()
+            .var("TP_CLIENT_SECRET", CLIENT_SECRET)
+            .file(&key_file, SIGNING_KEY_PEM)
+            .file(&assertion_file, ASSERTION_FILE_JWT)
+    };
+    let (running, proxy, admin) = start_sidecar_env(&template, env()).await;
+    let failed_once = |c: &str| {
+        running
+            .token(c)
+            .is_some_and(|t| t.status().refreshes_failed >= 1)
+    };
+    assert!(
+        support::eventually(Duration::from_secs(5), || running
+            .token("hmac")
+            .is_some_and(|t| t.is_ready())
+            && failed_once("keyed")
+            && failed_once("file"))
+        .await,
+        "the hmac client gets a token; the echoing providers refuse the others"
+    );
+    let listen2 = running.client_addr("keyed").expect("keyed listener");
+    let ok = http.get(&format!("http://{proxy}/v1/payments")).await;
+    assert_eq!(ok.status, StatusCode::OK, "client_secret_jwt authenticates");
+    let keyed_reply = http
+        .get(&format!("http://{listen2}/keyed/v1/payments"))
+        .await;
+    let file_reply = http
+        .get(&format!("http://{listen2}/file/v1/payments"))
+        .await;
+    assert_eq!(keyed_reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(file_reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let status = http.get(&format!("http://{admin}/status")).await.text();
+    assert!(
+        status.contains("Invalid credentials") && status.contains("[redacted]"),
+        "/status keeps the provider's description with the assertion redacted: {status}"
+    );
+    let metrics = http.get(&format!("http://{admin}/metrics")).await.text();
+    let ready = http.get(&format!("http://{admin}/readyz")).await.text();
+
+    let assertion_of = |p: &MockProvider| {
+        p.last_request()
+            .and_then(|r| r.param("client_assertion").map(str::to_owned))
+            .expect("an assertion was sent")
+    };
+    let hmac_assertion = assertion_of(&provider);
+    let keyed_assertion = assertion_of(&echo_keyed);
+    assert_eq!(assertion_of(&echo_file), ASSERTION_FILE_JWT);
+    let access_token = api
+        .recorded()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization"))
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim_start_matches("Bearer ").to_owned())
+        .next()
+        .expect("the API saw the hmac client's token");
+    drop(running);
+
+    let config_file = dir.join("tokenproxy.toml");
+    std::fs::write(
+        &config_file,
+        template
+            .replace("{listen}", "127.0.0.1:18180")
+            .replace("{listen2}", "127.0.0.1:18181")
+            .replace("{admin}", "127.0.0.1:19190"),
+    )
+    .expect("write config");
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["check", "--config"])
+        .arg(&config_file)
+        .env("TP_CLIENT_SECRET", CLIENT_SECRET)
+        .output()
+        .expect("run check");
+    let check_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "check passes: {check_out}");
+    assert!(
+        check_out.contains("private_key_jwt") && check_out.contains("[key redacted]"),
+        "check names the method and redacts the key: {check_out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Two lines from the middle of the PEM body: any printout of the key shows them.
+    let key_lines: Vec<&str> = SIGNING_KEY_PEM
+        .lines()
+        .filter(|l| l.len() == 64 && !l.contains(' '))
+        .collect();
+    let secrets = [
+        ("client secret", CLIENT_SECRET.to_owned()),
+        ("signing key", key_lines[3].to_owned()),
+        ("signing key", key_lines[key_lines.len() / 2].to_owned()),
+        ("client_secret_jwt assertion", hmac_assertion),
+        ("private_key_jwt assertion", keyed_assertion),
+        ("assertion file", ASSERTION_FILE_JWT.to_owned()),
+        ("access token", access_token),
+    ];
+    let log_text = logs.text();
+    let places = [
+        ("logs", &log_text),
+        ("/status", &status),
+        ("/metrics", &metrics),
+        ("/readyz", &ready),
+        ("keyed error body", &keyed_reply.text()),
+        ("file error body", &file_reply.text()),
+        ("check output", &check_out),
+    ];
+    for (what, value) in &secrets {
+        for written in written_forms(value) {
+            for (place, text) in &places {
+                assert!(
+                    !text.contains(&written),
+                    "the {what} (as {written:?}) leaked into {place}"
+                );
+            }
+        }
+    }
 }

@@ -23,10 +23,12 @@ use tokenproxy::config::{from_str, MapEnv};
 pub const MARKER: &str = "Mk7q-SeCrEt-v4lue-9zX";
 
 /// The base64 body of the client key file (a secret too).
-pub const KEY_BASE64: &str = "TWs3cS1jbGllbnQta2V5LW1hdGVyaWFsLWZvci1mdXp6aW5n";
+pub const KEY_BASE64: &str =
+    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgmVCrE2GhXmlZ/9u8uVuEqj/SPeh+NN5pRqzCXc2NFMShRANCAAS9GqLUXZNMK8hbQuRzhvaD7IVNHyZDD2Hqc766yol1ASx1RUrT3dzwMrREl9BqLPfsCFpvZLjeNjisM2h8kP4S";
 
-/// A certificate block: `pem_slice_iter` only decodes PEM, so any base64 will do.
-const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nTWs3cS1ub3QtYS1yZWFsLWNlcnRpZmljYXRl\n-----END CERTIFICATE-----\n";
+/// A self-signed certificate of the key above (P-256, made for these tests only): the
+/// config reads certificates as X.509 and keys as PEM, so placeholders no longer pass.
+const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBmzCCAUGgAwIBAgIUSvTXPcRuzCfQsgCIz7hFA3XP314wCgYIKoZIzj0EAwIw\nIjEgMB4GA1UEAwwXZnV6ei50b2tlbnByb3h5LmV4YW1wbGUwIBcNMjYxMjA3MTAw\nMTQ5WhgPMjEyNjExMTMxMDAxNDlaMCIxIDAeBgNVBAMMF2Z1enoudG9rZW5wcm94\neS5leGFtcGxlMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvRqi1F2TTCvIW0Lk\nc4b2g+yFTR8mQw9h6nO+usqJdQEsdUVK093c8DK0RJfQaiz37Ahab2S43jY4rDNo\nfJD+EqNTMFEwHQYDVR0OBBYEFHFgvz2+7BH9drfmJleKAE/JyCLdMB8GA1UdIwQY\nMBaAFHFgvz2+7BH9drfmJleKAE/JyCLdMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZI\nzj0EAwIDSAAwRQIgDBBQ1x2cuKAGKgZYqnqVqlZypkcdcRc9AqdfZeKqmTACIQDu\n3uUjdnyrGS1/dPSAkON/x78A/jHxjPEjdLGen5pBmQ==\n-----END CERTIFICATE-----\n";
 
 /// Where the config claims to live when the selector asks for a file name.
 pub const CONFIG_PATH: &str = "/etc/tokenproxy/tokenproxy.toml";

@@ -13,12 +13,14 @@
 //! - no `authorization` remains, and no inject header either (the app cannot choose the
 //!   credential) unless the inject header is `host` or `x-request-id`, which are set again;
 //! - `host` has exactly one value, the upstream's;
-//! - `x-request-id` exists: the app's own values when it sent one that is not
-//!   stripped, otherwise exactly the given id.
+//! - `x-request-id` is exactly the given id (the caller passes `request_id`'s);
+//!
+//! and `request_id` is the app's `x-request-id` when it sent exactly one, of 1 to 128
+//! characters of `A-Za-z0-9._:@/+=-`, otherwise a new safe id.
 
 use arbitrary::Arbitrary;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use tokenproxy::proxy::headers::{prepare_request, strip_hop_by_hop, REQUEST_ID};
+use tokenproxy::proxy::headers::{prepare_request, request_id, strip_hop_by_hop, REQUEST_ID};
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -217,14 +219,34 @@ pub fn check(case: &Case) {
         vec![host.clone()],
         "host is not the upstream's"
     );
-    let app_id_kept =
-        original.contains_key(&REQUEST_ID) && !stripped(&REQUEST_ID) && inject != REQUEST_ID;
-    let want_id = if app_id_kept {
-        values(&original, &REQUEST_ID)
-    } else {
-        vec![request_id.clone()]
+    assert_eq!(
+        values(&h, &REQUEST_ID),
+        vec![request_id.clone()],
+        "x-request-id is not the given id"
+    );
+    check_request_id(&original);
+}
+
+/// `request_id` keeps the app's `x-request-id` only when it sent one, of 1 to 128
+/// characters of `A-Za-z0-9._:@/+=-` (the access log writes it unquoted).
+fn check_request_id(original: &HeaderMap) {
+    let id = request_id(original);
+    let sent = values(original, &REQUEST_ID);
+    let safe = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        (1..=128).contains(&b.len())
+            && b.iter().all(|c| {
+                c.is_ascii_alphanumeric()
+                    || matches!(c, b'.' | b'_' | b':' | b'@' | b'/' | b'+' | b'=' | b'-')
+            })
     };
-    assert_eq!(values(&h, &REQUEST_ID), want_id, "x-request-id is wrong");
+    match sent.as_slice() {
+        [one] if safe(one) => assert_eq!(&id, one, "the app's safe x-request-id was replaced"),
+        _ => assert!(
+            safe(&id) && !sent.contains(&id),
+            "an unsafe or repeated x-request-id was kept, or the new one is unsafe"
+        ),
+    }
 }
 
 /// Every name listed in the Connection headers (RFC 9110 §7.6.1: a comma-separated list

@@ -40,7 +40,7 @@ enum Top {
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
-enum Key {
+pub enum Key {
     AccessToken,
     AccessTokenCamel,
     TokenType,
@@ -116,7 +116,7 @@ impl Key {
 }
 
 #[derive(Arbitrary, Debug)]
-enum Json {
+pub enum Json {
     Null,
     Bool(bool),
     U64(u64),
@@ -130,7 +130,7 @@ enum Json {
 }
 
 #[derive(Arbitrary, Debug)]
-enum Text {
+pub enum Text {
     Raw(String),
     /// A realistic opaque token: [A-Za-z0-9-._~+/] characters.
     Token(Vec<u8>),
@@ -145,7 +145,7 @@ enum Text {
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
-enum Noise {
+pub enum Noise {
     Space,
     Tab,
     Newline,
@@ -176,7 +176,7 @@ impl Noise {
 }
 
 #[derive(Arbitrary, Debug)]
-struct Rfc3339 {
+pub struct Rfc3339 {
     year: u16,
     month: u8,
     day: u8,
@@ -189,7 +189,7 @@ struct Rfc3339 {
 }
 
 #[derive(Arbitrary, Debug)]
-enum Offset {
+pub enum Offset {
     Missing,
     Z,
     LowerZ,
@@ -200,7 +200,7 @@ enum Offset {
 }
 
 #[derive(Arbitrary, Debug)]
-struct Jwt {
+pub struct Jwt {
     header: Option<String>,
     /// The payload's `exp` claim, or none.
     exp: Option<Box<Json>>,
@@ -264,7 +264,8 @@ fn write_object(out: &mut String, members: &[(Key, Json)], depth: usize) {
     out.push('}');
 }
 
-fn write_json(out: &mut String, v: &Json, depth: usize) {
+/// Writes `v` as JSON text, as a member value `depth` levels deep.
+pub fn write_json(out: &mut String, v: &Json, depth: usize) {
     if depth > MAX_DEPTH {
         out.push_str("null");
         return;

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod headers;
 pub mod json;
+pub mod mapped;
 pub mod path;
 pub mod token;
 
@@ -46,6 +47,21 @@ mod tests {
         for (_, data) in seeds("corpus/token_response_json") {
             if let Ok(case) = crate::json::Case::arbitrary_take_rest(Unstructured::new(&data)) {
                 crate::token::check(&case.body(), case.now(), case.status());
+            }
+        }
+    }
+
+    #[test]
+    fn mapped_token_seeds_and_regressions_pass() {
+        for dir in [
+            "corpus/token_response_mapped",
+            "regressions/token_response_mapped",
+        ] {
+            for (_, data) in seeds(dir) {
+                if let Ok(case) = crate::mapped::Case::arbitrary_take_rest(Unstructured::new(&data))
+                {
+                    crate::mapped::check(&case);
+                }
             }
         }
     }

@@ -1,7 +1,10 @@
 //! The mock payments API: a bearer-protected echo server that records every request.
 //!
 //! Tokens are checked with the provider's [`TokenValidator`]; a missing or invalid one gets the
-//! RFC 6750 401 with `WWW-Authenticate: Bearer … error="invalid_token"`. Valid requests reach a
+//! RFC 6750 401 with `WWW-Authenticate: Bearer … error="invalid_token"`. A token bound to a DPoP
+//! key (RFC 9449) passes only as `Authorization: DPoP …` with a fresh proof of that key for this
+//! request (`dpop.rs` checks it), never as Bearer; with [`MockApi::set_dpop_nonce`] every proof
+//! must carry the API's nonce. Valid requests reach a
 //! few routes that let tests exercise latency (`/slow`), streaming (`/big`) and arbitrary
 //! upstream statuses (`/status/NNN`); everything else echoes what arrived.
 //!
@@ -22,6 +25,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use super::dpop::{self, Expected, Refused, SeenJtis};
 use super::provider::{html_escape, TokenValidator};
 use super::{full, json_response, lock, query_param, Closed, MockBody, Server, Shutdown};
 
@@ -54,6 +58,8 @@ pub struct RecordedRequest {
     pub token_serial: Option<u64>,
     /// The account the presented token belongs to, when it was issued for one.
     pub token_account: Option<String>,
+    /// The thumbprint of the key of the DPoP proof that passed every check.
+    pub dpop_jkt: Option<String>,
     /// Status the API answered with.
     pub status: u16,
 }
@@ -62,6 +68,29 @@ pub struct RecordedRequest {
 struct ApiState {
     recorded: Vec<RecordedRequest>,
     reject_next: usize,
+    /// The nonce every DPoP proof must carry, once one is demanded.
+    dpop_nonce: Option<String>,
+    /// Every 401 offers a Bearer challenge before the DPoP one, in one header.
+    bearer_challenge_first: bool,
+    /// The `jti` of every proof whose signature verified.
+    seen: SeenJtis,
+    counts: DpopCounts,
+}
+
+/// What the API's DPoP checks decided so far, as the oidc peer's `/healthz` counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DpopCounts {
+    /// Requests that passed every DPoP check.
+    pub ok: usize,
+    /// Requests refused for a DPoP reason: the proof, the token's binding, or a
+    /// bound token sent as Bearer.
+    pub rejected: usize,
+    /// Refusals because the proof's `jti` was seen before.
+    pub replayed: usize,
+    /// 401 `use_dpop_nonce` answers.
+    pub nonce_challenges: usize,
+    /// Bound tokens sent with the Bearer scheme.
+    pub bound_as_bearer: usize,
 }
 
 struct Shared {
@@ -126,6 +155,25 @@ impl MockApi {
         self.state().recorded.clone()
     }
 
+    /// Makes every DPoP proof carry `nonce`: a proof without it gets 401
+    /// `use_dpop_nonce`, and every response carries it in `DPoP-Nonce`. `None`
+    /// demands none.
+    pub fn set_dpop_nonce(&self, nonce: Option<&str>) {
+        self.state().dpop_nonce = nonce.map(str::to_owned);
+    }
+
+    /// Makes every 401 offer `Bearer realm="payments"` before its own
+    /// challenge, in one `WWW-Authenticate` (RFC 9110 §11.6.1), as an API that
+    /// accepts either scheme does.
+    pub fn set_bearer_challenge_first(&self, first: bool) {
+        self.state().bearer_challenge_first = first;
+    }
+
+    /// What the DPoP checks decided so far.
+    pub fn dpop_counts(&self) -> DpopCounts {
+        self.state().counts
+    }
+
     /// The next `n` requests get 401 `invalid_token` whatever their token.
     pub fn reject_next(&self, n: usize) {
         self.state().reject_next = n;
@@ -137,8 +185,10 @@ impl MockApi {
 }
 
 /// What a request is answered with, decided before any waiting.
+#[derive(Clone)]
 enum Route {
-    Unauthorized,
+    /// 401 with this `WWW-Authenticate` and `error`.
+    Unauthorized(String, &'static str),
     BadRequest(&'static str),
     Slow(Duration),
     Big(u64),
@@ -147,9 +197,14 @@ enum Route {
 }
 
 impl Route {
+    /// Whether the request passed the token checks.
+    fn passed(&self) -> bool {
+        !matches!(self, Route::Unauthorized(..) | Route::BadRequest(_))
+    }
+
     fn status(&self) -> StatusCode {
         match self {
-            Route::Unauthorized => StatusCode::UNAUTHORIZED,
+            Route::Unauthorized(..) => StatusCode::UNAUTHORIZED,
             Route::BadRequest(_) => StatusCode::BAD_REQUEST,
             Route::Slow(_) | Route::Big(_) => StatusCode::OK,
             Route::Status(status) | Route::Echo(status) => *status,
@@ -175,18 +230,32 @@ async fn handle(
     };
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
-    let token_serial = bearer_token(&parts.headers).and_then(|t| shared.validator.check(t));
-    let token_account = bearer_token(&parts.headers).and_then(|t| shared.validator.account(t));
+    let presented = credentials(&parts.headers);
+    let token = presented.map(|(_, token)| token);
+    let token_serial = token.and_then(|t| shared.validator.check(t));
+    let token_account = token.and_then(|t| shared.validator.account(t));
+    let binding = token.and_then(|t| shared.validator.binding(t));
 
-    let route = {
+    let (route, nonce, bearer_first) = {
         let mut state = lock(&shared.state);
+        let dpop = match presented {
+            Some((Scheme::Dpop, token)) => {
+                dpop_verdict(&mut state, &parts, &path, token, binding.as_deref())
+            }
+            _ => Ok(None),
+        };
+        let scheme = presented.map(|(scheme, _)| scheme);
         let route = if !body_ok {
             Route::BadRequest("request body could not be read")
         } else if state.reject_next > 0 {
             state.reject_next -= 1;
-            Route::Unauthorized
+            invalid_token(scheme, None)
+        } else if let Err(refusal) = &dpop {
+            refusal.clone()
         } else if token_serial.is_none() {
-            Route::Unauthorized
+            invalid_token(scheme, Some("token is not active"))
+        } else if let Some(why) = binding_problem(scheme, binding.is_some(), &mut state.counts) {
+            invalid_token(scheme, Some(why))
         } else if merchant_in_path(&path).is_some_and(|m| token_account.as_deref() != Some(m)) {
             // The API's own check that a merchant's token is used for that merchant.
             Route::Echo(StatusCode::FORBIDDEN)
@@ -201,19 +270,32 @@ async fn handle(
             body: body.clone(),
             token_serial,
             token_account: token_account.clone(),
+            dpop_jkt: dpop.ok().flatten().filter(|_| route.passed()),
             status: route.status().as_u16(),
         });
-        route
+        if route.passed() && scheme == Some(Scheme::Dpop) {
+            state.counts.ok += 1;
+        }
+        (
+            route,
+            state.dpop_nonce.clone(),
+            state.bearer_challenge_first,
+        )
     };
 
     let mut response = match route {
-        Route::Unauthorized => {
-            let mut response =
-                json_response(StatusCode::UNAUTHORIZED, &json!({"error": "invalid_token"}));
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"payments\", error=\"invalid_token\""),
-            );
+        Route::Unauthorized(challenge, error) => {
+            let challenge = if bearer_first && !challenge.starts_with("Bearer") {
+                format!("Bearer realm=\"payments\", {challenge}")
+            } else {
+                challenge
+            };
+            let mut response = json_response(StatusCode::UNAUTHORIZED, &json!({"error": error}));
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
             response
         }
         Route::BadRequest(problem) => json_response(
@@ -247,7 +329,131 @@ async fn handle(
     response
         .headers_mut()
         .insert("x-mock-api", HeaderValue::from_static("1"));
+    if let Some(value) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert(dpop::NONCE_HEADER, value);
+    }
     Ok(response)
+}
+
+/// How a request presented its token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    Bearer,
+    Dpop,
+}
+
+/// The scheme and token of an `Authorization: Bearer|DPoP <token>` header.
+fn credentials(headers: &HeaderMap) -> Option<(Scheme, &str)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
+        return None;
+    };
+    (!token.is_empty()).then_some((scheme, token))
+}
+
+/// What is wrong with presenting a live token with `scheme`: a bound token as
+/// Bearer, or an unbound one as DPoP.
+fn binding_problem(
+    scheme: Option<Scheme>,
+    bound: bool,
+    counts: &mut DpopCounts,
+) -> Option<&'static str> {
+    let why = match (scheme, bound) {
+        (Some(Scheme::Bearer), true) => {
+            counts.bound_as_bearer += 1;
+            "DPoP-bound token presented as a Bearer token"
+        }
+        (Some(Scheme::Dpop), false) => "token is not DPoP-bound",
+        _ => return None,
+    };
+    counts.rejected += 1;
+    Some(why)
+}
+
+/// The 401 for a token that is not good, in the scheme it came with; a plain
+/// Bearer challenge unless a DPoP matter (`why`) is the reason.
+fn invalid_token(scheme: Option<Scheme>, why: Option<&str>) -> Route {
+    let challenge = match (scheme, why) {
+        (Some(Scheme::Dpop), why) => format!(
+            "DPoP error=\"invalid_token\", error_description=\"{}\", algs=\"ES256 EdDSA\"",
+            why.unwrap_or("token rejected")
+        ),
+        (_, Some(why)) if scheme == Some(Scheme::Bearer) && why.contains("DPoP") => format!(
+            "Bearer realm=\"payments\", error=\"invalid_token\", error_description=\"{why}\""
+        ),
+        _ => "Bearer realm=\"payments\", error=\"invalid_token\"".to_owned(),
+    };
+    Route::Unauthorized(challenge, "invalid_token")
+}
+
+/// The DPoP checks of a request that presented `token` with the DPoP scheme
+/// (RFC 9449 §7.1): its one proof, then the token's binding to the proof's
+/// key. The thumbprint of that key when all pass; the 401 otherwise.
+fn dpop_verdict(
+    state: &mut ApiState,
+    parts: &http::request::Parts,
+    path: &str,
+    token: &str,
+    binding: Option<&str>,
+) -> Result<Option<String>, Route> {
+    let refuse = |state: &mut ApiState, error: &'static str, why: &str| {
+        state.counts.rejected += 1;
+        Err(Route::Unauthorized(
+            format!("DPoP error=\"{error}\", error_description=\"{why}\", algs=\"ES256 EdDSA\""),
+            error,
+        ))
+    };
+    let mut proofs = parts.headers.get_all(dpop::HEADER).iter();
+    let proof = match (proofs.next(), proofs.next()) {
+        (Some(one), None) => one.to_str().ok(),
+        _ => None,
+    };
+    let Some(proof) = proof else {
+        return refuse(state, "invalid_dpop_proof", "one DPoP proof is required");
+    };
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let htu = format!("http://{host}{path}");
+    let ath = dpop::sha256_b64(token.as_bytes());
+    let nonce = state.dpop_nonce.clone();
+    let expected = Expected {
+        htm: parts.method.as_str(),
+        htu: &htu,
+        ath: Some(&ath),
+        nonces: nonce.as_ref().map(std::slice::from_ref),
+    };
+    let passed = match dpop::check(proof, &expected, &mut state.seen) {
+        Ok(passed) => passed,
+        Err(Refused::NeedsNonce) => {
+            state.counts.nonce_challenges += 1;
+            return refuse(
+                state,
+                "use_dpop_nonce",
+                "Resource server requires nonce in DPoP proof",
+            );
+        }
+        Err(refused) => {
+            if refused == Refused::Replayed {
+                state.counts.replayed += 1;
+            }
+            return refuse(state, "invalid_dpop_proof", &refused.description());
+        }
+    };
+    match binding {
+        // Unbound, or not a live token: decided by the caller.
+        None => Ok(None),
+        Some(jkt) if jkt == passed.jkt => Ok(Some(passed.jkt)),
+        Some(_) => refuse(state, "invalid_token", "token is bound to another key"),
+    }
 }
 
 /// The route of an authorized request.
@@ -313,14 +519,6 @@ fn connected_page(query: Option<&str>) -> Response<MockBody> {
     );
     headers.insert("x-mock-api", HeaderValue::from_static("1"));
     response
-}
-
-/// The token of an `Authorization: Bearer <token>` header.
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn echo_response(
@@ -394,6 +592,7 @@ impl Body for BigBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dpop::test_key::TestKey;
     use crate::test_support::{client, send, Reply};
     use crate::{MockProvider, ProviderConfig};
     use http_body_util::Full;
@@ -432,6 +631,151 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"{\"amount\":1250}")))
             .expect("valid request");
         send(&client(), req).await
+    }
+
+    /// A token bound to `key` by a proof at the provider.
+    async fn bound_token(provider: &MockProvider, key: &TestKey) -> String {
+        let proof = key.proof("POST", &provider.token_url(), None, None);
+        let req = Request::post(provider.token_url())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header("dpop", proof)
+            .body(Full::new(Bytes::from_static(
+                b"grant_type=client_credentials&client_id=demo-client&client_secret=demo-secret",
+            )))
+            .expect("valid request");
+        let reply = send(&client(), req).await;
+        assert_eq!(reply.json()["token_type"], "DPoP");
+        reply.json()["access_token"]
+            .as_str()
+            .expect("a token")
+            .to_owned()
+    }
+
+    /// `GET path` with `Authorization: DPoP token` and `proof`.
+    async fn dpop_call(api: &MockApi, path: &str, token: &str, proof: &str) -> Reply {
+        let req = Request::get(format!("{}{path}", api.url()))
+            .header(header::AUTHORIZATION, format!("DPoP {token}"))
+            .header("dpop", proof)
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        send(&client(), req).await
+    }
+
+    fn challenge(reply: &Reply) -> String {
+        reply.headers[header::WWW_AUTHENTICATE]
+            .to_str()
+            .expect("text")
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_bound_token_passes_with_a_fresh_proof_of_its_key_only() {
+        let (provider, api, bearer) = setup().await;
+        let key = TestKey::new();
+        let token = bound_token(&provider, &key).await;
+        let htu = format!("{}/v1/payments", api.url());
+        let proof = key.proof("GET", &htu, Some(&token), None);
+        let ok = dpop_call(&api, "/v1/payments?page=2", &token, &proof).await;
+        assert_eq!(
+            ok.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&ok.body)
+        );
+        assert_eq!(api.recorded()[0].dpop_jkt, Some(key.jkt()));
+
+        let replayed = dpop_call(&api, "/v1/payments", &token, &proof).await;
+        assert_eq!(replayed.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            challenge(&replayed).contains("replayed"),
+            "{}",
+            challenge(&replayed)
+        );
+
+        let cases = [
+            ("htm", key.proof("POST", &htu, Some(&token), None)),
+            (
+                "htu",
+                key.proof(
+                    "GET",
+                    &format!("{}/v1/other", api.url()),
+                    Some(&token),
+                    None,
+                ),
+            ),
+            (
+                "query in htu",
+                key.proof("GET", &format!("{htu}?page=2"), Some(&token), None),
+            ),
+            ("ath", key.proof("GET", &htu, Some("another token"), None)),
+            ("no ath", key.proof("GET", &htu, None, None)),
+        ];
+        for (what, proof) in cases {
+            let reply = dpop_call(&api, "/v1/payments", &token, &proof).await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{what}");
+            assert!(
+                challenge(&reply).contains("invalid_dpop_proof"),
+                "{what}: {}",
+                challenge(&reply)
+            );
+        }
+        let stranger = TestKey::new();
+        let foreign = stranger.proof("GET", &htu, Some(&token), None);
+        let reply = dpop_call(&api, "/v1/payments", &token, &foreign).await;
+        assert!(
+            challenge(&reply).starts_with("DPoP error=\"invalid_token\""),
+            "another key"
+        );
+
+        let as_bearer = call(&api, Method::GET, "/v1/payments", Some(&token)).await;
+        assert_eq!(as_bearer.status, StatusCode::UNAUTHORIZED);
+        assert!(challenge(&as_bearer).contains("presented as a Bearer token"));
+        let unbound = key.proof("GET", &htu, Some(&bearer), None);
+        let reply = dpop_call(&api, "/v1/payments", &bearer, &unbound).await;
+        assert!(
+            challenge(&reply).contains("not DPoP-bound"),
+            "{}",
+            challenge(&reply)
+        );
+        assert_eq!(
+            api.dpop_counts(),
+            DpopCounts {
+                ok: 1,
+                rejected: 9,
+                replayed: 1,
+                nonce_challenges: 0,
+                bound_as_bearer: 1,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_demanded_nonce_comes_with_every_answer_and_must_be_in_the_proof() {
+        let (provider, api, _) = setup().await;
+        let key = TestKey::new();
+        let token = bound_token(&provider, &key).await;
+        api.set_dpop_nonce(Some("api-1"));
+        let htu = format!("{}/v1/payments", api.url());
+        let without = dpop_call(
+            &api,
+            "/v1/payments",
+            &token,
+            &key.proof("GET", &htu, Some(&token), None),
+        )
+        .await;
+        assert_eq!(without.status, StatusCode::UNAUTHORIZED);
+        assert!(challenge(&without).contains("use_dpop_nonce"));
+        assert_eq!(without.headers["dpop-nonce"], "api-1");
+        let with = dpop_call(
+            &api,
+            "/v1/payments",
+            &token,
+            &key.proof("GET", &htu, Some(&token), Some("api-1")),
+        )
+        .await;
+        assert_eq!(with.status, StatusCode::OK);
+        assert_eq!(with.headers["dpop-nonce"], "api-1");
+        assert_eq!(api.dpop_counts().nonce_challenges, 1);
     }
 
     #[tokio::test]

@@ -5,8 +5,8 @@
 //! request counts:
 //!
 //! - [`MockProvider`] (`provider.rs`): a token endpoint speaking RFC 6749 (client_credentials,
-//!   password and refresh_token grants, Basic or body client auth, form or JSON bodies,
-//!   optional rotating refresh tokens) with injectable [`Fault`]s and per-grant counters;
+//!   password and refresh_token grants, Basic, body or `client_secret_jwt` client auth, form
+//!   or JSON bodies, optional rotating refresh tokens) with injectable [`Fault`]s and per-grant counters;
 //! - [`MockApi`] (`api.rs`): a protected "payments API" that checks bearer tokens through the
 //!   provider's [`TokenValidator`], records every request and offers slow, streaming and
 //!   fixed-status routes.
@@ -17,11 +17,14 @@
 //! the mock is dropped. All timing is `tokio::time`, so tests may pause the clock.
 
 mod api;
+mod assertion;
+mod dpop;
 mod provider;
 
-pub use api::{MockApi, RecordedRequest, CONNECTED_PATH};
+pub use api::{DpopCounts, MockApi, RecordedRequest, CONNECTED_PATH};
 pub use provider::{
-    Echo, Fault, MockProvider, ProviderConfig, TokenRequest, TokenValidator, AUTHORIZE_PATH,
+    Echo, ErrorStyle, Fault, MockProvider, ProviderConfig, ResponseShape, TokenRequest,
+    TokenValidator, AUTHORIZE_PATH,
 };
 
 use std::convert::Infallible;

@@ -14,7 +14,7 @@
 //! grant and rotation work on it; its tokens belong to the account of the user who approved
 //! ([`TokenValidator::account`]). Injected [`Fault`]s apply to the token endpoint only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,6 +28,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use super::assertion;
+use super::dpop::{self, Expected, Refused, SeenJtis};
 use super::{form_decode, full, json_response, lock, Closed, MockBody, Server, Shutdown};
 
 /// Path of the token endpoint.
@@ -58,6 +60,37 @@ pub struct ProviderConfig {
     pub rotate_refresh_tokens: bool,
     /// Username/password pairs accepted by the password grant and the sign-in page.
     pub users: Vec<(String, String)>,
+    /// How a successful token answer names its fields (default RFC 6749).
+    pub response_shape: ResponseShape,
+    /// How the token endpoint answers a refusal (default RFC 6749).
+    pub error_style: ErrorStyle,
+}
+
+/// How the token endpoint words a successful answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResponseShape {
+    /// RFC 6749 §5.1: `access_token`, `token_type`, `expires_in` in seconds,
+    /// `refresh_token`.
+    #[default]
+    Standard,
+    /// A commerce API's: no `expires_in`, but `access_token_expiration` and,
+    /// beside a refresh token, `refresh_token_expiration` (a day on), both
+    /// in epoch seconds.
+    EpochExpirations,
+}
+
+/// How the token endpoint answers a refusal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// RFC 6749 §5.2: 400 or 401 with `{"error": .., "error_description": ..}`.
+    #[default]
+    Rfc6749,
+    /// A payment gateway's: every refusal is a 500
+    /// `{"status": "FAILURE", "errorCode": CODE, "message": ..}`, where CODE is
+    /// `INVALID_CREDENTIALS` for a bad client, password or refresh token and
+    /// the RFC 6749 code in upper case otherwise. Injected faults are not
+    /// reworded.
+    Gateway500,
 }
 
 impl Default for ProviderConfig {
@@ -69,6 +102,8 @@ impl Default for ProviderConfig {
             refresh_tokens: false,
             rotate_refresh_tokens: true,
             users: vec![("alice".to_owned(), "alice-password".to_owned())],
+            response_shape: ResponseShape::default(),
+            error_style: ErrorStyle::default(),
         }
     }
 }
@@ -101,7 +136,7 @@ pub enum Fault {
     /// Answer 200 `application/json` with a truncated JSON body; nothing is issued.
     Garbage,
     /// Answer 400 `invalid_grant` with an `error_description` that repeats every credential
-    /// the request carried, in the given form, as some providers do ("Invalid refresh token:
+    /// the request carried (its DPoP proof included), in the given form, as some providers do ("Invalid refresh token:
     /// …"); nothing is issued.
     EchoCredentials(Echo),
 }
@@ -172,6 +207,16 @@ impl TokenValidator {
         (issued.issued_at.elapsed() < issued.lifetime).then_some(issued.serial)
     }
 
+    /// The RFC 7638 thumbprint of the DPoP key a live token is bound to
+    /// (`cnf.jkt`), when its token request carried a proof.
+    pub fn binding(&self, token: &str) -> Option<String> {
+        let table = lock(&self.table);
+        let issued = table.tokens.get(token)?;
+        (issued.issued_at.elapsed() < issued.lifetime)
+            .then(|| issued.jkt.clone())
+            .flatten()
+    }
+
     /// The account (merchant, customer) a live token was issued for, when it
     /// came from a refresh token issued for one
     /// ([`MockProvider::issue_refresh_token_for`]).
@@ -196,11 +241,18 @@ struct Issued {
     issued_at: Instant,
     lifetime: Duration,
     account: Option<String>,
+    /// The thumbprint of the DPoP key the token is bound to.
+    jkt: Option<String>,
 }
 
 impl TokenTable {
     /// Records a new access token and returns it.
-    fn issue(&mut self, lifetime: Duration, account: Option<String>) -> String {
+    fn issue(
+        &mut self,
+        lifetime: Duration,
+        account: Option<String>,
+        jkt: Option<String>,
+    ) -> String {
         let now = Instant::now();
         // Forget expired tokens so a long demo does not grow the table without bound.
         self.tokens
@@ -214,6 +266,7 @@ impl TokenTable {
                 issued_at: now,
                 lifetime,
                 account,
+                jkt,
             },
         );
         token
@@ -280,10 +333,37 @@ struct ProviderState {
     accounts: HashMap<String, String>,
     codes: HashMap<String, AuthorizationCode>,
     codes_issued: usize,
+    /// The `jti` of every client assertion accepted so far.
+    assertion_jtis: HashSet<String>,
+    /// Client assertions refused because their `jti` was seen before.
+    assertion_reuse: usize,
+    /// DPoP (RFC 9449) at the token endpoint.
+    dpop: ProviderDpop,
+}
+
+/// The token endpoint's DPoP state.
+#[derive(Default)]
+struct ProviderDpop {
+    /// Proofs are ignored and tokens are Bearer, as by a provider without DPoP.
+    ignored: bool,
+    /// The nonce every proof must carry, once one is demanded.
+    nonce: Option<String>,
+    /// The `jti` of proofs whose signature verified.
+    seen: SeenJtis,
+    /// Tokens issued bound to a proof's key.
+    bound: usize,
+    /// Proofs refused (not `use_dpop_nonce`), replays included.
+    refused: usize,
+    /// Proofs refused because their `jti` was seen before.
+    replayed: usize,
+    /// `use_dpop_nonce` answers.
+    nonce_challenges: usize,
 }
 
 struct Shared {
     config: ProviderConfig,
+    /// The token endpoint URL, the `aud` client assertions must name.
+    token_url: String,
     state: Mutex<ProviderState>,
     table: Arc<Mutex<TokenTable>>,
 }
@@ -314,8 +394,10 @@ impl MockProvider {
         listener: TcpListener,
         config: ProviderConfig,
     ) -> std::io::Result<MockProvider> {
+        let token_url = format!("http://{}{TOKEN_PATH}", listener.local_addr()?);
         let shared = Arc::new(Shared {
             config,
+            token_url,
             state: Mutex::new(ProviderState::default()),
             table: Arc::new(Mutex::new(TokenTable::default())),
         });
@@ -373,6 +455,50 @@ impl MockProvider {
     /// Authorization codes issued so far by approving on the sign-in page.
     pub fn authorization_codes_issued(&self) -> usize {
         self.state().codes_issued
+    }
+
+    /// Client assertions accepted so far (`client_secret_jwt`).
+    pub fn assertions_accepted(&self) -> usize {
+        self.state().assertion_jtis.len()
+    }
+
+    /// Client assertions refused because their `jti` had been accepted before.
+    pub fn assertion_reuse(&self) -> usize {
+        self.state().assertion_reuse
+    }
+
+    /// Makes the token endpoint ignore DPoP proofs and issue Bearer tokens, as
+    /// a provider that does not support DPoP does (`true`), or bind tokens to
+    /// the key of a request's proof again (`false`, the default).
+    pub fn ignore_dpop(&self, ignored: bool) {
+        self.state().dpop.ignored = ignored;
+    }
+
+    /// Makes every DPoP proof carry `nonce` (RFC 9449 §8): a proof without it
+    /// gets 400 `use_dpop_nonce` and the nonce in `DPoP-Nonce`, which every
+    /// token response carries from then on. `None` demands none.
+    pub fn set_dpop_nonce(&self, nonce: Option<&str>) {
+        self.state().dpop.nonce = nonce.map(str::to_owned);
+    }
+
+    /// Access tokens issued bound to the key of their request's DPoP proof.
+    pub fn dpop_bound(&self) -> usize {
+        self.state().dpop.bound
+    }
+
+    /// DPoP proofs refused (`invalid_dpop_proof`), replayed ones included.
+    pub fn dpop_refused(&self) -> usize {
+        self.state().dpop.refused
+    }
+
+    /// DPoP proofs refused because their `jti` had been seen before.
+    pub fn dpop_replayed(&self) -> usize {
+        self.state().dpop.replayed
+    }
+
+    /// Token requests answered `use_dpop_nonce`.
+    pub fn dpop_nonce_challenges(&self) -> usize {
+        self.state().dpop.nonce_challenges
     }
 
     /// What the last token request looked like.
@@ -483,7 +609,14 @@ async fn handle(
     };
 
     match fault {
-        Fault::None => Ok(answer(&shared, &parsed)),
+        Fault::None => {
+            let response = answer(&shared, &parsed);
+            let response = match shared.config.error_style {
+                ErrorStyle::Rfc6749 => response,
+                ErrorStyle::Gateway500 => gateway_refusal(response).await,
+            };
+            Ok(with_dpop_nonce(&shared, response))
+        }
         Fault::Status {
             status,
             body,
@@ -527,6 +660,33 @@ async fn handle(
     }
 }
 
+/// An RFC 6749 refusal reworded as [`ErrorStyle::Gateway500`] says; any
+/// other answer as it is.
+async fn gateway_refusal(response: Response<MockBody>) -> Response<MockBody> {
+    if !response.status().is_client_error() {
+        return response;
+    }
+    let body = match response.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(never) => match never {},
+    };
+    let refusal: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let error = refusal["error"].as_str().unwrap_or("server_error");
+    let code = match error {
+        "invalid_client" | "invalid_grant" => "INVALID_CREDENTIALS".to_owned(),
+        other => other.to_ascii_uppercase(),
+    };
+    let message = refusal["error_description"]
+        .as_str()
+        .unwrap_or("The request failed.");
+    let mut response = json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({ "status": "FAILURE", "errorCode": code, "message": message }),
+    );
+    no_store(response.headers_mut());
+    response
+}
+
 /// "Invalid credentials: name=value …" for every credential `request` carried, in `form`.
 fn echo_credentials(request: &TokenRequest, form: Echo) -> String {
     let encode = |value: &str| -> String {
@@ -562,6 +722,12 @@ fn echo_credentials(request: &TokenRequest, form: Echo) -> String {
         if CREDENTIAL_PARAMS.contains(&name.as_str()) {
             echoed.push(format!("{name}={}", encode(value)));
         }
+    }
+    if let Some(proof) = request.headers.get(dpop::HEADER) {
+        echoed.push(format!(
+            "dpop={}",
+            encode(&String::from_utf8_lossy(proof.as_bytes()))
+        ));
     }
     format!("Invalid credentials: {}", echoed.join(" "))
 }
@@ -665,12 +831,23 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
             (id, secret)
         }),
     };
-    if credentials != Some((config.client_id.as_str(), config.client_secret.as_str())) {
+    let authenticated = if request.param("client_assertion_type") == Some(assertion::JWT_BEARER) {
+        accept_assertion(shared, request)
+    } else {
+        credentials == Some((config.client_id.as_str(), config.client_secret.as_str()))
+    };
+    if !authenticated {
         return invalid_client();
     }
     if let Some(problem) = parsed.malformed {
         return error_response(StatusCode::BAD_REQUEST, "invalid_request", Some(problem));
     }
+    // After client authentication, as oidc-provider: a challenged request has
+    // spent its client assertion.
+    let jkt = match dpop_binding(shared, request) {
+        Ok(jkt) => jkt,
+        Err((error, why)) => return error_response(StatusCode::BAD_REQUEST, error, Some(&why)),
+    };
 
     let grant = match request.param("grant_type") {
         Some("client_credentials") => Grant::Direct,
@@ -784,14 +961,29 @@ fn answer(shared: &Shared, parsed: &ParsedRequest) -> Response<MockBody> {
         (new_refresh, scope, account)
     };
 
-    let access_token = lock(&shared.table).issue(config.lifetime, account);
+    let token_type = if jkt.is_some() { "DPoP" } else { "Bearer" };
+    let access_token = lock(&shared.table).issue(config.lifetime, account, jkt);
     let mut body = json!({
         "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": config.lifetime.as_secs(),
+        "token_type": token_type,
     });
+    let epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    };
+    match config.response_shape {
+        ResponseShape::Standard => body["expires_in"] = json!(config.lifetime.as_secs()),
+        ResponseShape::EpochExpirations => {
+            // Rounded down: the token is never said to live longer than it does.
+            body["access_token_expiration"] = json!((epoch() + config.lifetime).as_secs());
+        }
+    }
     if let Some(refresh) = new_refresh {
         body["refresh_token"] = json!(refresh);
+        if config.response_shape == ResponseShape::EpochExpirations {
+            body["refresh_token_expiration"] = json!(epoch().as_secs() + 86_400);
+        }
     }
     if let Some(scope) = scope {
         body["scope"] = json!(scope);
@@ -848,6 +1040,95 @@ fn error_response(
     }
     let mut response = json_response(status, &body);
     no_store(response.headers_mut());
+    response
+}
+
+/// A `client_secret_jwt` assertion (with no Basic credentials beside it) whose `jti`
+/// was never accepted before.
+fn accept_assertion(shared: &Shared, request: &TokenRequest) -> bool {
+    let config = &shared.config;
+    let checked = request.param("client_assertion").map(|jwt| {
+        assertion::check(
+            jwt,
+            &config.client_id,
+            &config.client_secret,
+            &shared.token_url,
+        )
+    });
+    let (Some(Ok(jti)), None) = (checked, &request.basic_auth) else {
+        return false;
+    };
+    let mut state = lock(&shared.state);
+    if state.assertion_jtis.insert(jti) {
+        true
+    } else {
+        state.assertion_reuse += 1;
+        false
+    }
+}
+
+/// The key a token request's DPoP proof binds its token to (RFC 9449 §5):
+/// none without a proof (or when proofs are ignored), else the proof is
+/// checked as at an API, with `htm` POST, `htu` the token URL and no `ath`.
+/// A refusal is the `error` and `error_description` of a 400.
+fn dpop_binding(
+    shared: &Shared,
+    request: &TokenRequest,
+) -> Result<Option<String>, (&'static str, String)> {
+    let mut proofs = request.headers.get_all(dpop::HEADER).iter();
+    let (first, second) = (proofs.next(), proofs.next());
+    let mut state = lock(&shared.state);
+    let state = &mut state.dpop;
+    if state.ignored {
+        return Ok(None);
+    }
+    let refused = |state: &mut ProviderDpop, why: &str| {
+        state.refused += 1;
+        Err(("invalid_dpop_proof", why.to_owned()))
+    };
+    let proof = match (first, second) {
+        (None, _) => return Ok(None),
+        (Some(_), Some(_)) => return refused(state, "more than one DPoP header"),
+        (Some(proof), None) => match proof.to_str() {
+            Ok(proof) => proof,
+            Err(_) => return refused(state, "DPoP proof is not text"),
+        },
+    };
+    let nonce = state.nonce.clone();
+    let expected = Expected {
+        htm: "POST",
+        htu: &shared.token_url,
+        ath: None,
+        nonces: nonce.as_ref().map(std::slice::from_ref),
+    };
+    match dpop::check(proof, &expected, &mut state.seen) {
+        Ok(passed) => {
+            state.bound += 1;
+            Ok(Some(passed.jkt))
+        }
+        Err(Refused::NeedsNonce) => {
+            state.nonce_challenges += 1;
+            Err(("use_dpop_nonce", Refused::NeedsNonce.description()))
+        }
+        Err(Refused::Replayed) => {
+            state.replayed += 1;
+            refused(state, &Refused::Replayed.description())
+        }
+        Err(invalid @ Refused::Invalid(_)) => refused(state, &invalid.description()),
+    }
+}
+
+/// `response` with the nonce the token endpoint demands, if any, in `DPoP-Nonce`.
+fn with_dpop_nonce(shared: &Shared, mut response: Response<MockBody>) -> Response<MockBody> {
+    let state = lock(&shared.state);
+    if let Some(value) = state
+        .dpop
+        .nonce
+        .as_deref()
+        .and_then(|n| HeaderValue::from_str(n).ok())
+    {
+        response.headers_mut().insert(dpop::NONCE_HEADER, value);
+    }
     response
 }
 
@@ -1306,6 +1587,89 @@ mod tests {
             .as_str()
             .expect("response should carry an access_token")
             .to_owned()
+    }
+
+    /// A client_credentials request with the proof `dpop`.
+    async fn post_with_proof(provider: &MockProvider, proof: &str) -> Reply {
+        let req = Request::post(provider.token_url())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::AUTHORIZATION, basic(CREDS.0, CREDS.1))
+            .header("dpop", proof)
+            .body(Full::new(Bytes::from(form(&[(
+                "grant_type",
+                "client_credentials",
+            )]))))
+            .expect("valid request");
+        send(&client(), req).await
+    }
+
+    #[tokio::test]
+    async fn a_proof_binds_the_token_to_its_key_once() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("starts");
+        let key = crate::dpop::test_key::TestKey::new();
+        let url = provider.token_url();
+        let proof = key.proof("POST", &url, None, None);
+        let reply = post_with_proof(&provider, &proof).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json());
+        assert_eq!(reply.json()["token_type"], "DPoP");
+        let token = access_token(&reply);
+        assert_eq!(provider.validator().binding(&token), Some(key.jkt()));
+        assert_eq!(provider.dpop_bound(), 1);
+
+        let again = post_with_proof(&provider, &proof).await;
+        assert_eq!(again.status, StatusCode::BAD_REQUEST);
+        assert_eq!(again.json()["error"], "invalid_dpop_proof");
+        assert_eq!(provider.dpop_replayed(), 1, "the same jti again");
+        let elsewhere = key.proof("POST", "http://other.example/token", None, None);
+        assert_eq!(
+            post_with_proof(&provider, &elsewhere).await.json()["error"],
+            "invalid_dpop_proof"
+        );
+        assert_eq!(provider.dpop_refused(), 2);
+
+        provider.ignore_dpop(true);
+        let ignored = post_with_proof(&provider, &key.proof("POST", &url, None, None)).await;
+        assert_eq!(
+            ignored.json()["token_type"],
+            "Bearer",
+            "a provider without DPoP"
+        );
+        assert_eq!(provider.validator().binding(&access_token(&ignored)), None);
+        let bearer = post_form(
+            &provider,
+            Some(CREDS),
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+        assert_eq!(
+            bearer.json()["token_type"],
+            "Bearer",
+            "no proof, no binding"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_demanded_nonce_is_handed_out_and_then_accepted() {
+        let provider = MockProvider::start(ProviderConfig::default())
+            .await
+            .expect("starts");
+        provider.set_dpop_nonce(Some("n-1"));
+        let key = crate::dpop::test_key::TestKey::new();
+        let url = provider.token_url();
+        let first = post_with_proof(&provider, &key.proof("POST", &url, None, None)).await;
+        assert_eq!(first.status, StatusCode::BAD_REQUEST);
+        assert_eq!(first.json()["error"], "use_dpop_nonce");
+        assert_eq!(first.headers["dpop-nonce"], "n-1");
+        assert_eq!(provider.dpop_nonce_challenges(), 1);
+        let second = post_with_proof(&provider, &key.proof("POST", &url, None, Some("n-1"))).await;
+        assert_eq!(second.status, StatusCode::OK);
+        assert_eq!(
+            second.headers["dpop-nonce"], "n-1",
+            "every answer carries it"
+        );
+        assert_eq!(second.json()["token_type"], "DPoP");
     }
 
     #[tokio::test]

@@ -263,7 +263,17 @@ impl Admin {
             (None, Some(at)) => Some(expiry(at, now)?),
             (None, None) => None,
         };
-        let access = import.access_token.map(|t| (Secret::new(t), lifetime));
+        // With [dpop], the subject's tokens are bound to its own key: an access
+        // token obtained elsewhere is bound to none of ours and is not kept
+        // (the first request refreshes, with the subject's key).
+        let key = subjects
+            .key_for_new_tokens(subject)
+            .await
+            .map_err(AdminError::Busy)?;
+        let access = import
+            .access_token
+            .filter(|_| key.is_none())
+            .map(|t| (Secret::new(t), lifetime));
         for _attempt in 0..3 {
             let (previous, connected_at) = match subjects.store().get(subject).await {
                 Ok(SubjectLoad::Missing) => (0, None),
@@ -277,6 +287,7 @@ impl Admin {
                 Some(Secret::new(import.refresh_token.clone())),
                 import.refresh_token_expires_in.map(Duration::from_secs),
                 connected_at,
+                key.as_ref().map(|(stored, _)| stored.clone()),
             );
             match subjects.store().put(subject, &record).await {
                 Ok(Saved::Written) => {

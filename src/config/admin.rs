@@ -49,18 +49,66 @@ pub(super) fn build_admin(
     t: &Table<'_>,
 ) -> Result<AdminConfig, ConfigError> {
     let d = AdminConfig::default();
+    let mut p = super::Problems::default();
     let listen = match raw.listen {
-        Some(listen) => t.listen("listen", &listen)?,
-        None => d.listen,
+        Some(listen) => p.take(t.listen("listen", &listen)),
+        None => Some(d.listen),
     };
-    let key_name = if raw.api_key_file.is_some() {
+    let api_key = p.take(api_key(raw.api_key, raw.api_key_file, t));
+    let max_connections = p.take(t.count(
+        "max_connections",
+        raw.max_connections,
+        d.max_connections,
+        1..=4096,
+    ));
+    // Checked against the default limit when max_connections itself is wrong.
+    let limit = max_connections.unwrap_or(d.max_connections);
+    let max_connections_per_ip = p.take(t.count(
+        "max_connections_per_ip",
+        raw.max_connections_per_ip,
+        d.max_connections_per_ip.min(limit),
+        1..=limit,
+    ));
+    let allowed_hosts = p.take(host_list(t, "allowed_hosts", raw.allowed_hosts));
+    let (
+        Some(listen),
+        Some(api_key),
+        Some(max_connections),
+        Some(max_connections_per_ip),
+        Some(allowed_hosts),
+    ) = (
+        listen,
+        api_key,
+        max_connections,
+        max_connections_per_ip,
+        allowed_hosts,
+    )
+    else {
+        return Err(p.into_error());
+    };
+    Ok(AdminConfig {
+        listen,
+        api_key,
+        max_connections,
+        max_connections_per_ip,
+        allowed_hosts,
+    })
+}
+
+/// `api_key` or `api_key_file`: a key compared as bytes from an
+/// Authorization header, so it must be one.
+fn api_key(
+    value: Option<String>,
+    file: Option<String>,
+    t: &Table<'_>,
+) -> Result<Option<Secret>, ConfigError> {
+    let key_name = if file.is_some() {
         "api_key_file"
     } else {
         "api_key"
     };
-    let api_key = t.secret("api_key", raw.api_key, raw.api_key_file)?;
+    let api_key = t.secret("api_key", value, file)?;
     if let Some(key) = &api_key {
-        // A key is compared as bytes from an Authorization header: it must be one.
         if key.expose().len() < 16 || !key.expose().bytes().all(|b| b.is_ascii_graphic()) {
             return Err(t
                 .err(
@@ -70,25 +118,7 @@ pub(super) fn build_admin(
                 .with_hint("make one with: openssl rand -base64 32"));
         }
     }
-    let max_connections = t.count(
-        "max_connections",
-        raw.max_connections,
-        d.max_connections,
-        1..=4096,
-    )?;
-    let max_connections_per_ip = t.count(
-        "max_connections_per_ip",
-        raw.max_connections_per_ip,
-        d.max_connections_per_ip.min(max_connections),
-        1..=max_connections,
-    )?;
-    Ok(AdminConfig {
-        listen,
-        api_key,
-        max_connections,
-        max_connections_per_ip,
-        allowed_hosts: host_list(t, "allowed_hosts", raw.allowed_hosts)?,
-    })
+    Ok(api_key)
 }
 
 /// A list of Host names (`host` or `host:port`), lower-cased; `[]` when unset.
@@ -98,27 +128,32 @@ pub(super) fn host_list(
     raw: Option<Vec<String>>,
 ) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
+    let mut p = super::Problems::default();
     for item in raw.unwrap_or_default() {
-        let text = t.string(k, &item)?;
+        let Some(text) = p.take(t.string(k, &item)) else {
+            continue;
+        };
         let host = text.trim().to_ascii_lowercase();
         let valid = !host.is_empty()
             && host.parse::<http::uri::Authority>().is_ok()
             && !host.contains(['@', '/', '*']);
         if !valid {
-            return Err(t
-                .err(k, format!("{text:?} is not a host name or host:port"))
-                .with_hint(HOST_HINT));
-        }
-        if !out.contains(&host) {
+            p.add(
+                t.err(k, format!("{text:?} is not a host name or host:port"))
+                    .with_hint(HOST_HINT),
+            );
+        } else if !out.contains(&host) {
             out.push(host);
         }
     }
+    p.finish()?;
     Ok(out)
 }
 
 /// Clients sharing a listen address share its cross-site rule: the check runs
 /// before a request is routed, so they must agree on `allow_cross_site`.
-pub(super) fn check_cross_site(clients: &[super::ClientConfig]) -> Result<(), ConfigError> {
+pub(super) fn check_cross_site(clients: &[&super::ClientConfig]) -> super::Problems {
+    let mut p = super::Problems::default();
     for (i, c) in clients.iter().enumerate() {
         let differs = clients[..i]
             .iter()
@@ -128,13 +163,13 @@ pub(super) fn check_cross_site(clients: &[super::ClientConfig]) -> Result<(), Co
                 "is {} but client {:?} on the same listen address {} has {}",
                 c.allow_cross_site, other.name, c.listen, other.allow_cross_site
             );
-            return Err(
+            p.add(
                 ConfigError::new(format!("clients.{}.allow_cross_site", c.name), problem)
                     .with_hint("set allow_cross_site the same on every client of one listen address, or give the client its own port"),
             );
         }
     }
-    Ok(())
+    p
 }
 
 #[cfg(test)]

@@ -60,9 +60,60 @@ pub(super) fn build_authorize(
     t: &Table<'_>,
     connect_callback: Option<&str>,
 ) -> Result<AuthorizeConfig, ConfigError> {
-    let url_text = t.required("url", raw.url, AUTHORIZE_URL_HINT)?;
-    let (url, _, _) = t.url("url", &url_text, AUTHORIZE_URL_HINT)?;
-    let redirect_uri = match (raw.redirect_port, raw.redirect_uri) {
+    let mut p = super::Problems::default();
+    let url = p.take(
+        t.required("url", raw.url, AUTHORIZE_URL_HINT)
+            .and_then(|text| t.url("url", &text, AUTHORIZE_URL_HINT))
+            .map(|(url, _, _)| url),
+    );
+    let redirect_uri = p.take(redirect_uri(
+        raw.redirect_port,
+        raw.redirect_uri,
+        t,
+        connect_callback,
+    ));
+    let mut params = Vec::new();
+    for (name, value) in raw.params.unwrap_or_default() {
+        let key = format!("params.{name}");
+        if RESERVED.contains(&name.as_str()) {
+            p.add(
+                t.err(&key, format!("{name} is set by tokenproxy authorize"))
+                    .with_hint("remove it (scope has its own key)"),
+            );
+        } else if let Some(value) = p.take(t.string(&key, &value)) {
+            params.push((name, value));
+        }
+    }
+    let scope = p.take(t.non_empty("scope", raw.scope));
+    let (Some(url), Some(redirect_uri), Some(scope), true) =
+        (url, redirect_uri, scope, p.is_empty())
+    else {
+        return Err(p.into_error());
+    };
+    // The connect listener, not `tokenproxy authorize`, receives the connect callback.
+    let via_connect = connect_callback.is_some_and(|c| redirect_uri == c);
+    let redirect_listen = (!via_connect)
+        .then(|| loopback_listen(&redirect_uri))
+        .flatten();
+    Ok(AuthorizeConfig {
+        url,
+        scope,
+        redirect_uri,
+        redirect_listen,
+        pkce: raw.pkce.unwrap_or(true),
+        params,
+    })
+}
+
+/// `redirect_port` or `redirect_uri` (or, for a client with subjects, the
+/// `[connect]` callback): where the provider sends the browser back.
+fn redirect_uri(
+    port: Option<i64>,
+    uri: Option<String>,
+    t: &Table<'_>,
+    connect_callback: Option<&str>,
+) -> Result<Uri, ConfigError> {
+    let uri = match (port, uri) {
         (Some(_), Some(_)) => {
             return Err(t
                 .err("redirect_port", "is set together with redirect_uri")
@@ -109,30 +160,7 @@ pub(super) fn build_authorize(
                 )),
         },
     };
-    // The connect listener, not `tokenproxy authorize`, receives the connect callback.
-    let via_connect = connect_callback.is_some_and(|c| redirect_uri == c);
-    let redirect_listen = (!via_connect)
-        .then(|| loopback_listen(&redirect_uri))
-        .flatten();
-    let mut params = Vec::new();
-    for (name, value) in raw.params.unwrap_or_default() {
-        let key = format!("params.{name}");
-        if RESERVED.contains(&name.as_str()) {
-            return Err(t
-                .err(&key, format!("{name} is set by tokenproxy authorize"))
-                .with_hint("remove it (scope has its own key)"));
-        }
-        let value = t.string(&key, &value)?;
-        params.push((name, value));
-    }
-    Ok(AuthorizeConfig {
-        url,
-        scope: t.non_empty("scope", raw.scope)?,
-        redirect_uri,
-        redirect_listen,
-        pkce: raw.pkce.unwrap_or(true),
-        params,
-    })
+    Ok(uri)
 }
 
 /// The address to listen on for `uri`, when it is plain http on a loopback address.

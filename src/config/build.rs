@@ -2,38 +2,85 @@
 
 use super::*;
 
+/// Validates every section, and every client on its own, so that one run
+/// reports the problems of all of them; checks across clients judge those
+/// that validated and lost nothing to `removed` (see `schema.rs`).
 pub(super) fn build(
     raw: RawConfig,
     source: Option<&Path>,
     x: &Expander<'_>,
+    removed: &Removed,
 ) -> Result<Config, ConfigError> {
+    let mut p = Problems::default();
     let top = Table::new(x, "");
-    let admin = build_admin(raw.admin.unwrap_or_default(), &Table::new(x, "admin"))?;
-    let log = build_log(raw.log.unwrap_or_default(), &Table::new(x, "log"))?;
-    let limits = build_limits(raw.limits.unwrap_or_default(), &Table::new(x, "limits"))?;
-    let runtime = build_runtime(raw.runtime.unwrap_or_default(), &Table::new(x, "runtime"))?;
-    let store = build_store(raw.store.unwrap_or_default(), &Table::new(x, "store"))?;
-    let connect = raw
-        .connect
-        .map(|c| connect::build_connect(c, &Table::new(x, "connect")))
-        .transpose()?;
+    let admin = p.take(build_admin(
+        raw.admin.unwrap_or_default(),
+        &Table::new(x, "admin"),
+    ));
+    let log = p.take(build_log(
+        raw.log.unwrap_or_default(),
+        &Table::new(x, "log"),
+    ));
+    let limits = p.take(build_limits(
+        raw.limits.unwrap_or_default(),
+        &Table::new(x, "limits"),
+    ));
+    let runtime = p.take(build_runtime(
+        raw.runtime.unwrap_or_default(),
+        &Table::new(x, "runtime"),
+    ));
+    let store = p.take(build_store(
+        raw.store.unwrap_or_default(),
+        &Table::new(x, "store"),
+    ));
+    let connect_written = raw.connect.is_some();
+    let connect = p.take(
+        raw.connect
+            .map(|c| connect::build_connect(c, &Table::new(x, "connect")))
+            .transpose(),
+    );
     let raw_clients = raw.clients.unwrap_or_default();
     if raw_clients.is_empty() {
         let hint =
             "add a [clients.NAME] table with listen and upstream, and a [clients.NAME.token] table";
-        return Err(top
-            .err("clients", "no client is configured")
-            .with_hint(hint));
+        p.add(
+            top.err("clients", "no client is configured")
+                .with_hint(hint),
+        );
     }
-    let clients = raw_clients
-        .into_iter()
-        .map(|(name, c)| build_client(&name, c, x, connect.as_ref()))
-        .collect::<Result<Vec<_>, _>>()?;
-    check_listeners(&admin, &clients)?;
-    if let Some(connect) = &connect {
-        check_connect_listener(connect, &admin, &clients)?;
+    let mut clients = Vec::with_capacity(raw_clients.len());
+    for (name, c) in raw_clients {
+        // A client with subjects takes its redirect URI from [connect]: with
+        // [connect] in error, its [authorize] cannot be judged.
+        let unjudged_authorize = (connect_written && connect.is_none() && c.subjects.is_some())
+            .then(|| format!("clients.{name}.authorize"));
+        match build_client(&name, c, x, connect.as_ref().and_then(Option::as_ref)) {
+            Ok(client) => clients.push(client),
+            Err(e) => {
+                let mut found = Problems::default();
+                found.add(e);
+                if let Some(scope) = &unjudged_authorize {
+                    found.retain(|p| !Removed::within(scope, p.key()));
+                }
+                p.extend(found);
+            }
+        }
     }
-    admin::check_cross_site(&clients)?;
+    let judged: Vec<&ClientConfig> = clients
+        .iter()
+        .filter(|c| !removed.covers(&format!("clients.{}", c.name)))
+        .collect();
+    p.extend(check_listeners(admin.as_ref(), &judged));
+    if let Some(Some(connect)) = &connect {
+        p.extend(check_connect_listener(connect, admin.as_ref(), &judged));
+    }
+    p.extend(admin::check_cross_site(&judged));
+    let (Some(admin), Some(log), Some(limits), Some(runtime), Some(store), Some(connect)) =
+        (admin, log, limits, runtime, store, connect)
+    else {
+        return Err(p.into_error());
+    };
+    p.finish()?;
     Ok(Config {
         source: source.map(Path::to_path_buf),
         admin,
@@ -106,57 +153,102 @@ pub(super) fn build_runtime(raw: RawRuntime, t: &Table<'_>) -> Result<RuntimeCon
 
 pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, ConfigError> {
     let d = Limits::default();
+    let mut p = Problems::default();
+    let header_read_timeout = p.take(t.duration(
+        "header_read_timeout",
+        raw.header_read_timeout,
+        d.header_read_timeout,
+    ));
+    // hyper refuses a read buffer below 8KiB.
+    let max_header_bytes = p.take(t.size(
+        "max_header_bytes",
+        raw.max_header_bytes,
+        d.max_header_bytes,
+        8 * KIB..=MIB,
+    ));
+    let max_headers = p.take(t.count("max_headers", raw.max_headers, d.max_headers, 1..=1000));
+    let idle_timeout = p.take(t.duration("idle_timeout", raw.idle_timeout, d.idle_timeout));
+    let max_connections = p.take(t.count(
+        "max_connections",
+        raw.max_connections,
+        d.max_connections,
+        1..=usize::MAX,
+    ));
+    let shutdown_grace = p.take(t.opt_duration("shutdown_grace", raw.shutdown_grace, true));
+    let body_timeout = p.take(t.duration("body_timeout", raw.body_timeout, d.body_timeout));
+    let body_min_rate = p.take(t.size(
+        "body_min_rate",
+        raw.body_min_rate,
+        d.body_min_rate,
+        1..=usize::MAX,
+    ));
+    let max_buffered_bytes = p.take(t.size(
+        "max_buffered_bytes",
+        raw.max_buffered_bytes,
+        d.max_buffered_bytes,
+        0..=usize::MAX,
+    ));
+    let http2_max_concurrent_streams = p.take(t.count(
+        "http2_max_concurrent_streams",
+        raw.http2_max_concurrent_streams,
+        d.http2_max_concurrent_streams as usize,
+        1..=10_000,
+    ));
+    // "0s" turns the pings off.
+    let http2_keepalive_interval = match raw.http2_keepalive_interval {
+        None => Some(d.http2_keepalive_interval),
+        raw => p
+            .take(t.opt_duration("http2_keepalive_interval", raw, true))
+            .map(|d| d.filter(|d| !d.is_zero())),
+    };
+    let upgrade_idle_timeout = p.take(t.duration(
+        "upgrade_idle_timeout",
+        raw.upgrade_idle_timeout,
+        d.upgrade_idle_timeout,
+    ));
+    let (
+        Some(header_read_timeout),
+        Some(max_header_bytes),
+        Some(max_headers),
+        Some(idle_timeout),
+        Some(max_connections),
+        Some(shutdown_grace),
+        Some(body_timeout),
+        Some(body_min_rate),
+        Some(max_buffered_bytes),
+        Some(http2_max_concurrent_streams),
+        Some(http2_keepalive_interval),
+        Some(upgrade_idle_timeout),
+    ) = (
+        header_read_timeout,
+        max_header_bytes,
+        max_headers,
+        idle_timeout,
+        max_connections,
+        shutdown_grace,
+        body_timeout,
+        body_min_rate,
+        max_buffered_bytes,
+        http2_max_concurrent_streams.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        http2_keepalive_interval,
+        upgrade_idle_timeout,
+    )
+    else {
+        return Err(p.into_error());
+    };
     Ok(Limits {
-        header_read_timeout: t.duration(
-            "header_read_timeout",
-            raw.header_read_timeout,
-            d.header_read_timeout,
-        )?,
-        // hyper refuses a read buffer below 8KiB.
-        max_header_bytes: t.size(
-            "max_header_bytes",
-            raw.max_header_bytes,
-            d.max_header_bytes,
-            8 * KIB..=MIB,
-        )?,
-        max_headers: t.count("max_headers", raw.max_headers, d.max_headers, 1..=1000)?,
-        idle_timeout: t.duration("idle_timeout", raw.idle_timeout, d.idle_timeout)?,
-        max_connections: t.count(
-            "max_connections",
-            raw.max_connections,
-            d.max_connections,
-            1..=usize::MAX,
-        )?,
-        shutdown_grace: t
-            .opt_duration("shutdown_grace", raw.shutdown_grace, true)?
-            .unwrap_or(d.shutdown_grace),
-        body_timeout: t.duration("body_timeout", raw.body_timeout, d.body_timeout)?,
-        body_min_rate: t.size(
-            "body_min_rate",
-            raw.body_min_rate,
-            d.body_min_rate,
-            1..=usize::MAX,
-        )?,
-        max_buffered_bytes: t.size(
-            "max_buffered_bytes",
-            raw.max_buffered_bytes,
-            d.max_buffered_bytes,
-            0..=usize::MAX,
-        )?,
-        http2_max_concurrent_streams: u32::try_from(t.count(
-            "http2_max_concurrent_streams",
-            raw.http2_max_concurrent_streams,
-            d.http2_max_concurrent_streams as usize,
-            1..=10_000,
-        )?)
-        .unwrap_or(d.http2_max_concurrent_streams),
-        http2_keepalive_interval: match raw.http2_keepalive_interval {
-            None => d.http2_keepalive_interval,
-            // "0s" turns the pings off.
-            raw => t
-                .opt_duration("http2_keepalive_interval", raw, true)?
-                .filter(|d| !d.is_zero()),
-        },
+        header_read_timeout,
+        max_header_bytes,
+        max_headers,
+        idle_timeout,
+        max_connections,
+        shutdown_grace: shutdown_grace.unwrap_or(d.shutdown_grace),
+        body_timeout,
+        body_min_rate,
+        max_buffered_bytes,
+        http2_max_concurrent_streams,
+        http2_keepalive_interval,
+        upgrade_idle_timeout,
     })
 }
 
@@ -173,273 +265,181 @@ pub(super) fn build_client(
         let hint = "name the table like [clients.payments]";
         return Err(ConfigError::new(t.key(""), problem).with_hint(hint));
     }
-    let allow_insecure = safety::allow_insecure(&t, raw.allow_insecure)?;
-    let listen = t.listen("listen", &t.required("listen", raw.listen, LISTEN_HINT)?)?;
-    let upstream = upstream_url(&t, &t.required("upstream", raw.upstream, UPSTREAM_HINT)?)?;
-    let path_prefix = match raw.path_prefix {
-        Some(r) => Some(path_prefix(&t, &r)?),
-        None => None,
-    };
+    // Each key is judged on its own, so that one run names every problem.
+    let mut p = Problems::default();
+    let allow_insecure = p.take(safety::allow_insecure(&t, raw.allow_insecure));
+    let listen = p.take(
+        t.required("listen", raw.listen, LISTEN_HINT)
+            .and_then(|l| t.listen("listen", &l)),
+    );
+    let upstream = p.take(
+        t.required("upstream", raw.upstream, UPSTREAM_HINT)
+            .and_then(|u| upstream_url(&t, &u)),
+    );
+    let path_prefix = p.take(raw.path_prefix.map(|r| path_prefix(&t, &r)).transpose());
     let token_hint = format!("add a [{}] table with url and grant", t.key("token"));
-    let raw_token = t.required("token", raw.token, &token_hint)?;
+    let raw_token = p.take(t.required("token", raw.token, &token_hint));
     // A client with subjects is connected through `[connect]`, whose callback
     // is the redirect URI: its `[authorize]` then needs none of its own.
     let connect_callback = connect
         .filter(|_| raw.subjects.is_some())
         .map(|c| c.redirect_uri.as_str());
-    let authorize = raw
-        .authorize
-        .map(|a| build_authorize(a, &Table::new(x, t.key("authorize")), connect_callback))
-        .transpose()?;
-    let subjects = raw
-        .subjects
-        .map(|s| subjects::build_subjects(s, &Table::new(x, t.key("subjects"))))
-        .transpose()?;
+    let authorize = p.take(
+        raw.authorize
+            .map(|a| build_authorize(a, &Table::new(x, t.key("authorize")), connect_callback))
+            .transpose(),
+    );
+    let subjects = p.take(
+        raw.subjects
+            .map(|s| subjects::build_subjects(s, &Table::new(x, t.key("subjects"))))
+            .transpose(),
+    );
+    let allowed_hosts = p.take(host_list(&t, "allowed_hosts", raw.allowed_hosts));
+    let retry_body_limit = p.take(t.size(
+        "retry_body_limit",
+        raw.retry_body_limit,
+        MIB,
+        0..=usize::MAX,
+    ));
+    let timeout = p.take(t.duration("timeout", raw.timeout, Duration::from_secs(30)));
+    let token_wait_timeout = p.take(t.duration(
+        "token_wait_timeout",
+        raw.token_wait_timeout,
+        Duration::from_secs(2),
+    ));
+    let unauthorized_status = p.take(statuses(&t, raw.unauthorized_status));
+    let idempotency_headers = p.take(header_names(
+        &t,
+        "idempotency_headers",
+        raw.idempotency_headers,
+    ));
     // Subjects bring their own refresh tokens: the client needs none of its own
-    // unless requests without a subject use the client's token.
-    let own_token_optional = authorize.is_some()
-        || subjects
-            .as_ref()
-            .is_some_and(|s| s.fallback == SubjectFallback::None);
-    let client = ClientConfig {
+    // unless requests without a subject use the client's token. Which it is
+    // is only known once [authorize] and [subjects] are valid.
+    let token = match (raw_token, &authorize, &subjects) {
+        (Some(raw_token), Some(authorize), Some(subjects)) => {
+            let own_token_optional = authorize.is_some()
+                || subjects
+                    .as_ref()
+                    .is_some_and(|s| s.fallback == SubjectFallback::None);
+            p.take(build_token(
+                raw_token,
+                &Table::new(x, t.key("token")),
+                own_token_optional,
+            ))
+        }
+        _ => None,
+    };
+    let dpop = p.take(
+        raw.dpop
+            .map(|d| dpop::build_dpop(d, &Table::new(x, t.key("dpop"))))
+            .transpose(),
+    );
+    let inject = match (&dpop, raw.inject) {
+        // A DPoP-bound token goes in `Authorization` with the scheme its
+        // token_type names (RFC 9449 §7.1), beside its proof.
+        (Some(Some(_)), Some(_)) => {
+            let problem = format!(
+                "cannot be set with [{}]: a DPoP-bound token is sent as \"Authorization: DPoP <token>\" beside its proof",
+                t.key("dpop")
+            );
+            let hint = format!("remove [{}]", t.key("inject"));
+            p.add(t.err("inject", problem).with_hint(hint));
+            None
+        }
+        (Some(Some(_)), None) => Some(InjectConfig {
+            header: http::header::AUTHORIZATION,
+            prefix: "DPoP ".to_owned(),
+            suffix: String::new(),
+            format_is_default: true,
+        }),
+        (_, raw_inject) => p.take(build_inject(
+            raw_inject.unwrap_or_default(),
+            &Table::new(x, t.key("inject")),
+        )),
+    };
+    let tls = p.take(build_tls(raw.tls, &Table::new(x, t.key("tls"))));
+    let proxy = p.take(build_proxy(raw.proxy, &t));
+    let http2 = raw.http2.unwrap_or(false);
+    let upgrades = p.take(upgrade_protocols(&t, raw.upgrades, http2));
+    if let Some(allowed) = &allow_insecure {
+        let exposure = safety::Exposure {
+            listen,
+            upstream: upstream.as_ref(),
+            token: token.as_ref(),
+            authorize: authorize.as_ref().and_then(Option::as_ref),
+            subjects: subjects.as_ref().and_then(Option::as_ref),
+        };
+        p.take(safety::check_client(&t, &exposure, allowed));
+    }
+    let (
+        Some(allow_insecure),
+        Some(listen),
+        Some(upstream),
+        Some(path_prefix),
+        Some(authorize),
+        Some(subjects),
+        Some(allowed_hosts),
+        Some(retry_body_limit),
+        Some(timeout),
+        Some(token_wait_timeout),
+        Some(unauthorized_status),
+        Some(idempotency_headers),
+        Some(token),
+        Some(inject),
+        Some(tls),
+        Some(proxy),
+        Some(upgrades),
+        Some(dpop),
+    ) = (
+        allow_insecure,
+        listen,
+        upstream,
+        path_prefix,
+        authorize,
+        subjects,
+        allowed_hosts,
+        retry_body_limit,
+        timeout,
+        token_wait_timeout,
+        unauthorized_status,
+        idempotency_headers,
+        token,
+        inject,
+        tls,
+        proxy,
+        upgrades,
+        dpop,
+    )
+    else {
+        return Err(p.into_error());
+    };
+    p.finish()?;
+    Ok(ClientConfig {
         name: name.to_owned(),
         listen,
         upstream,
         path_prefix,
-        allowed_hosts: host_list(&t, "allowed_hosts", raw.allowed_hosts)?,
+        allowed_hosts,
         allow_cross_site: raw.allow_cross_site.unwrap_or(false),
-        retry_body_limit: t.size(
-            "retry_body_limit",
-            raw.retry_body_limit,
-            MIB,
-            0..=usize::MAX,
-        )?,
-        timeout: t.duration("timeout", raw.timeout, Duration::from_secs(30))?,
-        token_wait_timeout: t.duration(
-            "token_wait_timeout",
-            raw.token_wait_timeout,
-            Duration::from_secs(2),
-        )?,
-        unauthorized_status: statuses(&t, raw.unauthorized_status)?,
-        idempotency_headers: header_names(&t, "idempotency_headers", raw.idempotency_headers)?,
+        retry_body_limit,
+        timeout,
+        token_wait_timeout,
+        unauthorized_status,
+        idempotency_headers,
         replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
-        http2: raw.http2.unwrap_or(false),
+        http2,
         rewrite_location: raw.rewrite_location.unwrap_or(true),
-        token: build_token(
-            raw_token,
-            &Table::new(x, t.key("token")),
-            own_token_optional,
-        )?,
-        inject: build_inject(
-            raw.inject.unwrap_or_default(),
-            &Table::new(x, t.key("inject")),
-        )?,
-        tls: build_tls(raw.tls, &Table::new(x, t.key("tls")))?,
-        proxy: build_proxy(raw.proxy, &t)?,
+        upgrades,
+        token,
+        inject,
+        tls,
+        proxy,
         authorize,
         subjects,
+        dpop,
         allow_insecure,
-    };
-    safety::check_client(&t, &client, &client.allow_insecure)?;
-    Ok(client)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum GrantKind {
-    ClientCredentials,
-    Password,
-    RefreshToken,
-}
-
-/// `[clients.NAME.token]`; with `authorizable` (an `[authorize]` table), `grant =
-/// "refresh_token"` may start without a bootstrap refresh token.
-pub(super) fn build_token(
-    raw: RawToken,
-    t: &Table<'_>,
-    authorizable: bool,
-) -> Result<TokenConfig, ConfigError> {
-    let url = t
-        .url(
-            "url",
-            &t.required("url", raw.url, TOKEN_URL_HINT)?,
-            TOKEN_URL_HINT,
-        )?
-        .0;
-    let grants = [
-        ("client_credentials", GrantKind::ClientCredentials),
-        ("password", GrantKind::Password),
-        ("refresh_token", GrantKind::RefreshToken),
-    ];
-    let grant_kind = t.choice(
-        "grant",
-        raw.grant,
-        Some(GrantKind::ClientCredentials),
-        &grants,
-    )?;
-    let grant_name = grants
-        .iter()
-        .find(|g| g.1 == grant_kind)
-        .map_or("", |g| g.0);
-    let client_id = t.non_empty("client_id", raw.client_id)?;
-    let secret_name = if raw.client_secret_file.is_some() {
-        "client_secret_file"
-    } else {
-        "client_secret"
-    };
-    let client_secret = t.secret("client_secret", raw.client_secret, raw.client_secret_file)?;
-    let auths = [
-        ("basic", ClientAuth::Basic),
-        ("body", ClientAuth::Body),
-        ("both", ClientAuth::Both),
-        ("none", ClientAuth::None),
-    ];
-    let client_auth = t.choice(
-        "client_auth",
-        raw.client_auth,
-        Some(ClientAuth::Basic),
-        &auths,
-    )?;
-    let bodies = [("form", BodyFormat::Form), ("json", BodyFormat::Json)];
-    let body = t.choice("body", raw.body, Some(BodyFormat::Form), &bodies)?;
-    let scope = t.non_empty("scope", raw.scope)?;
-    let username = t.non_empty("username", raw.username)?;
-    let password_name = if raw.password_file.is_some() {
-        "password_file"
-    } else {
-        "password"
-    };
-    let password = t.secret("password", raw.password, raw.password_file)?;
-    let refresh_token = t.secret("refresh_token", raw.refresh_token, raw.refresh_token_file)?;
-    let refresh_url = match raw.refresh_url {
-        Some(r) => Some(t.url("refresh_url", &r, TOKEN_URL_HINT)?.0),
-        None => None,
-    };
-
-    let needs = |k: &str, hint: &str| {
-        t.err(k, format!("is required when grant = \"{grant_name}\""))
-            .with_hint(hint)
-    };
-    let has_username = username.is_some();
-    let grant = match (grant_kind, username, password) {
-        (GrantKind::Password, Some(username), Some(password)) => {
-            Grant::Password { username, password }
-        }
-        (GrantKind::Password, None, _) => {
-            return Err(needs(
-                "username",
-                "set username, and password or password_file",
-            ))
-        }
-        (GrantKind::Password, Some(_), None) => {
-            return Err(needs("password", "set password or password_file"))
-        }
-        (_, Some(_), _) | (_, None, Some(_)) => {
-            let stray = if has_username {
-                "username"
-            } else {
-                password_name
-            };
-            let problem = format!("is only used with grant = \"password\", not \"{grant_name}\"");
-            let hint = "remove it, or set grant = \"password\"";
-            return Err(t.err(stray, problem).with_hint(hint));
-        }
-        (GrantKind::RefreshToken, None, None) if refresh_token.is_none() && !authorizable => {
-            let hint = "set refresh_token or refresh_token_file to a bootstrap refresh token, or add an [authorize] table and run tokenproxy authorize";
-            return Err(needs("refresh_token", hint));
-        }
-        (GrantKind::RefreshToken, None, None) => Grant::RefreshToken,
-        (GrantKind::ClientCredentials, None, None) => Grant::ClientCredentials,
-    };
-    match client_auth {
-        ClientAuth::Basic | ClientAuth::Body | ClientAuth::Both if client_id.is_none() => {
-            let problem = format!(
-                "is required when client_auth = \"{}\"",
-                client_auth.as_str()
-            );
-            let hint = "set client_id, or client_auth = \"none\" for a provider without client authentication";
-            return Err(t.err("client_id", problem).with_hint(hint));
-        }
-        ClientAuth::Basic | ClientAuth::Body | ClientAuth::Both if client_secret.is_none() => {
-            let problem = format!(
-                "is required when client_auth = \"{}\"",
-                client_auth.as_str()
-            );
-            let hint = "set client_secret or client_secret_file, or client_auth = \"none\" if the provider authenticates no client";
-            return Err(t.err("client_secret", problem).with_hint(hint));
-        }
-        ClientAuth::None if client_secret.is_some() => {
-            let hint = "use client_auth = \"basic\" or \"body\", or remove the secret";
-            return Err(t
-                .err(
-                    secret_name,
-                    "is set but client_auth = \"none\" never sends it",
-                )
-                .with_hint(hint));
-        }
-        _ => {}
-    }
-    Ok(TokenConfig {
-        url,
-        grant,
-        client_id,
-        client_secret,
-        client_auth,
-        body,
-        scope,
-        refresh_token,
-        refresh_url,
-        refresh_before: refresh_before(t, raw.refresh_before)?,
-        default_lifetime: t.opt_duration("default_lifetime", raw.default_lifetime, false)?,
-        refresh_token_lifetime: t.opt_duration(
-            "refresh_token_lifetime",
-            raw.refresh_token_lifetime,
-            false,
-        )?,
-        params: params(t, raw.params.unwrap_or_default())?,
-        timeout: t.duration("timeout", raw.timeout, Duration::from_secs(10))?,
-        tls: build_tls(raw.tls, &Table::new(t.x, t.key("tls")))?,
     })
-}
-
-/// `refresh_before`: a zero margin would start every refresh only once the
-/// token has expired, so requests would wait or fail at each expiry.
-fn refresh_before(t: &Table<'_>, raw: Option<Scalar>) -> Result<Option<Duration>, ConfigError> {
-    let margin = t.opt_duration("refresh_before", raw, true)?;
-    if margin.is_some_and(|d| d.is_zero()) {
-        let problem = "is zero: each refresh would start only once the token has expired";
-        let hint =
-            "remove it to refresh min(60s, 10% of the lifetime) ahead, or write it like \"30s\"";
-        return Err(t.err("refresh_before", problem).with_hint(hint));
-    }
-    Ok(margin)
-}
-
-pub(super) fn params(
-    t: &Table<'_>,
-    raw: BTreeMap<String, String>,
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut out = Vec::with_capacity(raw.len());
-    for (name, value) in raw {
-        let key = format!("params.{name}");
-        if name.is_empty() {
-            return Err(t
-                .err(&key, "a parameter name is empty")
-                .with_hint("remove it"));
-        }
-        if RESERVED_PARAMS.contains(&name.as_str()) {
-            let own = if name == "grant_type" {
-                "grant"
-            } else {
-                name.as_str()
-            };
-            let hint = format!("use the {own} key of [{}] instead", t.key(""));
-            let problem = format!("{name} is set by tokenproxy and cannot be overridden");
-            return Err(t.err(&key, problem).with_hint(hint));
-        }
-        let value = t.string(&key, &value)?;
-        out.push((name, value));
-    }
-    Ok(out)
 }
 
 pub(super) fn build_inject(raw: RawInject, t: &Table<'_>) -> Result<InjectConfig, ConfigError> {
@@ -492,55 +492,58 @@ pub(super) fn build_inject(raw: RawInject, t: &Table<'_>) -> Result<InjectConfig
 /// The connect listener has an address of its own.
 fn check_connect_listener(
     connect: &ConnectConfig,
-    admin: &AdminConfig,
-    clients: &[ClientConfig],
-) -> Result<(), ConfigError> {
+    admin: Option<&AdminConfig>,
+    clients: &[&ClientConfig],
+) -> Problems {
+    let mut p = Problems::default();
     let hint = "give [connect] listen its own port";
-    if connect.listen == admin.listen {
+    if admin.is_some_and(|a| a.listen == connect.listen) {
         let problem = format!("{} is also the admin listen address", connect.listen);
-        return Err(ConfigError::new("connect.listen", problem).with_hint(hint));
+        p.add(ConfigError::new("connect.listen", problem).with_hint(hint));
     }
     if let Some(c) = clients.iter().find(|c| c.listen == connect.listen) {
         let problem = format!(
             "{} is also the listen address of client {:?}",
             connect.listen, c.name
         );
-        return Err(ConfigError::new("connect.listen", problem).with_hint(hint));
+        p.add(ConfigError::new("connect.listen", problem).with_hint(hint));
     }
-    Ok(())
+    p
 }
 
-/// Each client listen address is unique, or shared only by clients with distinct path prefixes.
-pub(super) fn check_listeners(
-    admin: &AdminConfig,
-    clients: &[ClientConfig],
-) -> Result<(), ConfigError> {
+/// Each client listen address is unique, or shared only by clients with
+/// distinct path prefixes; none is the admin listen address.
+pub(super) fn check_listeners(admin: Option<&AdminConfig>, clients: &[&ClientConfig]) -> Problems {
+    let mut p = Problems::default();
     for (i, c) in clients.iter().enumerate() {
-        if c.listen == admin.listen {
+        if admin.is_some_and(|a| a.listen == c.listen) {
             let problem = format!(
                 "{} is also the listen address of client {:?}",
                 c.listen, c.name
             );
             let hint = "give [admin] listen its own port; the default is 127.0.0.1:9090";
-            return Err(ConfigError::new("admin.listen", problem).with_hint(hint));
+            p.add(ConfigError::new("admin.listen", problem).with_hint(hint));
         }
         let key = format!("clients.{}.listen", c.name);
-        for other in clients[..i].iter().filter(|o| o.listen == c.listen) {
-            let (problem, hint) = match (&other.path_prefix, &c.path_prefix) {
-                (Some(a), Some(b)) if a != b => continue,
-                (Some(a), Some(_)) => (
+        // One problem per client: the first other client it clashes with.
+        let clash = clients[..i].iter().filter(|o| o.listen == c.listen).find_map(|other| {
+            match (&other.path_prefix, &c.path_prefix) {
+                (Some(a), Some(b)) if a != b => None,
+                (Some(a), Some(_)) => Some((
                     format!("{} is shared with client {:?} and both use path_prefix {a:?}", c.listen, other.name),
                     "give each client sharing a listen address a distinct path_prefix, or its own port",
-                ),
-                _ => (
+                )),
+                _ => Some((
                     format!("{} is also the listen address of client {:?}", c.listen, other.name),
                     "clients sharing a listen address each need a distinct path_prefix; set one on both, or use another port",
-                ),
-            };
-            return Err(ConfigError::new(key, problem).with_hint(hint));
+                )),
+            }
+        });
+        if let Some((problem, hint)) = clash {
+            p.add(ConfigError::new(key, problem).with_hint(hint));
         }
     }
-    Ok(())
+    p
 }
 
 pub(super) fn upstream_url(t: &Table<'_>, raw: &str) -> Result<UpstreamUrl, ConfigError> {
@@ -581,6 +584,55 @@ pub(super) fn path_prefix(t: &Table<'_>, raw: &str) -> Result<String, ConfigErro
     Ok(format!("/{trimmed}"))
 }
 
+/// `upgrades`: the `Upgrade` protocol names forwarded, lower case, each once.
+/// By default WebSocket alone, and none to an HTTP/2 upstream (an HTTP/2
+/// connection carries no `Upgrade`). `h2c` (and `h2`) never: the connection
+/// would carry further requests past the sidecar, all with one token.
+pub(super) fn upgrade_protocols(
+    t: &Table<'_>,
+    raw: Option<Vec<String>>,
+    http2: bool,
+) -> Result<Vec<String>, ConfigError> {
+    const K: &str = "upgrades";
+    let Some(list) = raw else {
+        return Ok(if http2 {
+            Vec::new()
+        } else {
+            vec!["websocket".to_owned()]
+        });
+    };
+    let hint = "write it like [\"websocket\"], or [] to forward no upgrade";
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for item in list {
+        let text = t.string(K, &item)?;
+        let name = text.trim().to_ascii_lowercase();
+        // RFC 9110 §5.6.2 token characters; the version (`name/1`) is the app's.
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(tchar) {
+            let problem = format!("{text:?} is not an Upgrade protocol name");
+            return Err(t.err(K, problem).with_hint(hint));
+        }
+        if name == "h2c" || name == "h2" {
+            let problem = format!(
+                "{text:?} is never forwarded: an HTTP/2 connection would carry further requests past the sidecar"
+            );
+            let hint =
+                "remove it; apps that speak HTTP/2 to the sidecar open with the HTTP/2 preface";
+            return Err(t.err(K, problem).with_hint(hint));
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    if http2 && !out.is_empty() {
+        let problem =
+            "is set but http2 = true: an HTTP/2 upstream connection cannot carry an Upgrade";
+        let hint = "remove upgrades (or set it to []), or remove http2";
+        return Err(t.err(K, problem).with_hint(hint));
+    }
+    Ok(out)
+}
+
 /// A list of header names; by default `Idempotency-Key` alone.
 pub(super) fn header_names(
     t: &Table<'_>,
@@ -612,7 +664,7 @@ pub(super) fn statuses(
     let Some(list) = raw else {
         return Ok(vec![StatusCode::UNAUTHORIZED]);
     };
-    let hint = "write it like [401] or [401, 403]";
+    let hint = "write it like unauthorized_status = [401] or [401, 403]";
     let mut out = Vec::with_capacity(list.len());
     for item in list {
         let n = match item {

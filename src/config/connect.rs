@@ -54,8 +54,61 @@ impl ConnectConfig {
 }
 
 pub(super) fn build_connect(raw: RawConnect, t: &Table<'_>) -> Result<ConnectConfig, ConfigError> {
-    let listen = t.listen("listen", &t.required("listen", raw.listen, LISTEN_HINT)?)?;
-    let text = t.required("public_url", raw.public_url, PUBLIC_URL_HINT)?;
+    let mut p = super::Problems::default();
+    let listen = p.take(
+        t.required("listen", raw.listen, LISTEN_HINT)
+            .and_then(|listen| t.listen("listen", &listen)),
+    );
+    let public_url = p.take(public_url(raw.public_url, t));
+    let return_to = match raw.return_to {
+        None => {
+            p.add(t.err("return_to", "is required").with_hint(RETURN_TO_HINT));
+            None
+        }
+        Some(list) if list.is_empty() => {
+            p.add(t.err("return_to", "is empty").with_hint(RETURN_TO_HINT));
+            None
+        }
+        Some(list) => {
+            let prefixes: Vec<Option<String>> = list
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| p.take(return_to_prefix(t, i, raw)))
+                .collect();
+            prefixes.into_iter().collect::<Option<Vec<_>>>()
+        }
+    };
+    let session_ttl = p.take(
+        t.duration("session_ttl", raw.session_ttl, Duration::from_secs(15 * 60))
+            .and_then(|ttl| {
+                if ttl > MAX_SESSION_TTL {
+                    return Err(t.err("session_ttl", "is longer than 24h").with_hint(
+                        "a connect link is for one sign-in soon after it is made; use e.g. \"15m\"",
+                    ));
+                }
+                Ok(ttl)
+            }),
+    );
+    let (Some(listen), Some((text, base_path, secure)), Some(return_to), Some(session_ttl)) =
+        (listen, public_url, return_to, session_ttl)
+    else {
+        return Err(p.into_error());
+    };
+    Ok(ConnectConfig {
+        listen,
+        redirect_uri: format!("{text}/callback"),
+        public_url: text,
+        base_path,
+        secure,
+        return_to,
+        session_ttl,
+    })
+}
+
+/// `public_url`: where browsers reach the connect pages, as its text, its
+/// path (the pages' base) and whether it is https.
+fn public_url(raw: Option<String>, t: &Table<'_>) -> Result<(String, String, bool), ConfigError> {
+    let text = t.required("public_url", raw, PUBLIC_URL_HINT)?;
     let (uri, scheme, authority) = t.url("public_url", &text, PUBLIC_URL_HINT)?;
     let text = t.string("public_url", &text)?.trim().to_owned();
     if uri.query().is_some() || text.contains('?') {
@@ -80,32 +133,7 @@ pub(super) fn build_connect(raw: RawConnect, t: &Table<'_>) -> Result<ConnectCon
             ));
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
-    let return_to = match raw.return_to {
-        None => return Err(t.err("return_to", "is required").with_hint(RETURN_TO_HINT)),
-        Some(list) if list.is_empty() => {
-            return Err(t.err("return_to", "is empty").with_hint(RETURN_TO_HINT))
-        }
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| return_to_prefix(t, i, raw))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    let session_ttl = t.duration("session_ttl", raw.session_ttl, Duration::from_secs(15 * 60))?;
-    if session_ttl > MAX_SESSION_TTL {
-        return Err(t.err("session_ttl", "is longer than 24h").with_hint(
-            "a connect link is for one sign-in soon after it is made; use e.g. \"15m\"",
-        ));
-    }
-    Ok(ConnectConfig {
-        listen,
-        redirect_uri: format!("{text}/callback"),
-        public_url: text,
-        base_path,
-        secure,
-        return_to,
-        session_ttl,
-    })
+    Ok((text, base_path, secure))
 }
 
 /// One allowed `return_to` prefix. It must name its whole host (end it with

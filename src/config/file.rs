@@ -61,6 +61,7 @@ pub(super) struct RawLimits {
     pub(super) max_buffered_bytes: Option<Scalar>,
     pub(super) http2_max_concurrent_streams: Option<Scalar>,
     pub(super) http2_keepalive_interval: Option<Scalar>,
+    pub(super) upgrade_idle_timeout: Option<Scalar>,
 }
 
 /// `[runtime]`.
@@ -115,12 +116,14 @@ pub(super) struct RawClient {
     pub(super) replay_non_idempotent: Option<bool>,
     pub(super) http2: Option<bool>,
     pub(super) rewrite_location: Option<bool>,
+    pub(super) upgrades: Option<Vec<String>>,
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,
     pub(super) tls: Option<super::tls::RawTls>,
     pub(super) proxy: Option<String>,
     pub(super) authorize: Option<super::authorize::RawAuthorize>,
     pub(super) subjects: Option<RawSubjects>,
+    pub(super) dpop: Option<RawDpop>,
     pub(super) allow_insecure: Option<Vec<String>>,
 }
 
@@ -158,6 +161,13 @@ pub(super) struct RawToken {
     pub(super) client_secret: Option<String>,
     pub(super) client_secret_file: Option<String>,
     pub(super) client_auth: Option<String>,
+    pub(super) signing_key_file: Option<String>,
+    pub(super) signing_alg: Option<String>,
+    pub(super) key_id: Option<String>,
+    pub(super) certificate_file: Option<String>,
+    pub(super) assertion_audience: Option<String>,
+    pub(super) client_assertion_file: Option<String>,
+    pub(super) client_assertion_type: Option<String>,
     pub(super) body: Option<String>,
     pub(super) scope: Option<String>,
     pub(super) username: Option<String>,
@@ -173,6 +183,43 @@ pub(super) struct RawToken {
     pub(super) params: Option<BTreeMap<String, String>>,
     pub(super) timeout: Option<Scalar>,
     pub(super) tls: Option<super::tls::RawTls>,
+    // Sorted by name, so every token request carries them in the same order.
+    pub(super) headers: Option<BTreeMap<String, String>>,
+    pub(super) response: Option<RawResponse>,
+    pub(super) errors: Option<Vec<RawErrorRule>>,
+}
+
+/// `[clients.NAME.token.response]`: where a non-standard response keeps its fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResponse {
+    pub(super) access_token: Option<String>,
+    pub(super) refresh_token: Option<String>,
+    pub(super) token_type: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) expires_in: Option<String>,
+    pub(super) expires_at: Option<String>,
+    pub(super) expires_at_unit: Option<String>,
+    pub(super) refresh_token_expires_in: Option<String>,
+    pub(super) refresh_token_expires_at: Option<String>,
+    pub(super) refresh_token_expires_at_unit: Option<String>,
+}
+
+/// One `[[clients.NAME.token.errors]]` rule.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawErrorRule {
+    pub(super) status: Option<Scalar>,
+    pub(super) error: Option<String>,
+    pub(super) body_contains: Option<String>,
+    pub(super) means: Option<String>,
+}
+
+/// `[clients.NAME.dpop]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDpop {
+    pub(super) alg: Option<String>,
 }
 
 /// `[clients.NAME.inject]`.

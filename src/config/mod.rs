@@ -1,33 +1,44 @@
 //! Validated configuration: the only config the rest of tokenproxy sees.
 //!
-//! [`from_str`] parses TOML into the raw mirror in `file.rs` (unknown keys and
-//! syntax errors fail with their line and key), then converts it once into the
-//! types below: `${VAR}`s expanded, secrets read from `*_file`s and wrapped in
-//! [`Secret`], durations, sizes, addresses and URLs parsed, defaults applied and
-//! cross-field rules checked. [`load`] only reads the file first. Every failure
-//! is a [`ConfigError`] naming the file, the dotted key and a fix.
+//! [`from_str`] parses TOML into the raw mirror in `file.rs` (`schema.rs` reads
+//! past each unknown key or wrong type to find them all), then converts it once
+//! into the types below: `${VAR}`s expanded, secrets read from `*_file`s and
+//! wrapped in [`Secret`], durations, sizes, addresses and URLs parsed, defaults
+//! applied and cross-field rules checked. [`load`] only reads the file first.
+//! A failure is a [`ConfigError`] holding every problem found, each naming the
+//! file, line:column, the dotted key and a fix (`examples.rs` says how to
+//! write each key).
 
 mod admin;
+mod assertion;
 mod authorize;
 mod build;
 mod connect;
+mod dpop;
 mod egress;
 mod env;
 mod error;
+mod examples;
 mod file;
+mod quirk;
 mod safety;
+mod schema;
 mod store;
 mod subjects;
 mod summary;
 mod table;
+mod text;
 mod tls;
+mod token;
 
 pub use admin::AdminConfig;
 pub use authorize::AuthorizeConfig;
 pub use connect::ConnectConfig;
+pub use dpop::DpopConfig;
 pub use egress::{EgressProxy, ProxySource};
 pub use env::{Env, MapEnv, SystemEnv};
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigProblem, MAX_SHOWN};
+pub use quirk::{ErrorMeaning, ErrorRule, FieldPath, ResponseMapping, TimestampUnit};
 pub use safety::Insecure;
 pub use store::{
     FileStoreConfig, NodeAddr, RedisStoreConfig, RedisTopology, SentinelConfig, StoreConfig,
@@ -47,17 +58,21 @@ use bytesize::ByteSize;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, StatusCode, Uri};
 
+use crate::jose::SigningKey;
 use crate::secret::Secret;
 use admin::{build_admin, host_list};
 use authorize::build_authorize;
 use build::*;
 use egress::build_proxy;
 use env::Expander;
+use error::Problems;
 use file::{RawClient, RawConfig, RawInject, RawLimits, RawLog, RawRuntime, RawToken, Scalar};
+use schema::Removed;
 use store::build_store;
 use summary::*;
 use table::Table;
 use tls::build_tls;
+use token::build_token;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -89,12 +104,31 @@ pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
 }
 
 /// Parses and validates TOML `text`; `source` names the file in errors and anchors relative `*_file` paths.
+///
+/// Every problem is reported, not just the first: schema errors (unknown
+/// keys, wrong types) across the file, and validation problems of each part
+/// that can be judged on its own (each section, each client).
 pub fn from_str(text: &str, source: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
-    error::check_shape(text).map_err(|e| e.with_file(source))?;
-    let raw: RawConfig =
-        toml::from_str(text).map_err(|e| ConfigError::from_toml(&e, text).with_file(source))?;
-    let x = Expander::new(env, source.and_then(Path::parent));
-    build(raw, source, &x).map_err(|e| e.with_file(source))
+    text::check_shape(text).map_err(|e| e.with_file(source))?;
+    let read = schema::read(text).map_err(|e| e.with_file(source))?;
+    let mut problems = read.problems;
+    if let Some(raw) = read.raw {
+        let x = Expander::new(env, source.and_then(Path::parent));
+        match build(raw, source, &x, &read.removed) {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(e) => {
+                let mut found = Problems::default();
+                found.add(e);
+                found.retain(|p| !read.removed.covers(p.key()));
+                found.place(|key| {
+                    text::key_position(text, key).map(|at| text::line_column(text, at))
+                });
+                problems.extend(found);
+            }
+        }
+    }
+    Err(problems.into_error().with_file(source))
 }
 
 /// The whole validated configuration.
@@ -183,6 +217,9 @@ pub struct Limits {
     /// How often an HTTP/2 connection is pinged to find a dead peer (`None`: never);
     /// default 30s.
     pub http2_keepalive_interval: Option<Duration>,
+    /// An upgraded connection (a WebSocket) that moves no byte either way for
+    /// this long is closed; default 5m.
+    pub upgrade_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -199,6 +236,7 @@ impl Default for Limits {
             max_buffered_bytes: 64 * MIB,
             http2_max_concurrent_streams: 100,
             http2_keepalive_interval: Some(Duration::from_secs(30)),
+            upgrade_idle_timeout: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -269,6 +307,10 @@ pub struct ClientConfig {
     /// Rewrite a `Location` / `Content-Location` naming the upstream (under its
     /// base path) to the sidecar, as the app addressed it; default true.
     pub rewrite_location: bool,
+    /// `Upgrade` protocols forwarded to the upstream (lower case, by protocol
+    /// name); others are stripped. Default `["websocket"]` (none with `http2`);
+    /// never `h2c`.
+    pub upgrades: Vec<String>,
     /// `[clients.NAME.token]`.
     pub token: TokenConfig,
     /// `[clients.NAME.inject]`.
@@ -281,6 +323,9 @@ pub struct ClientConfig {
     pub authorize: Option<AuthorizeConfig>,
     /// `[clients.NAME.subjects]`: one token pair per merchant, customer or user.
     pub subjects: Option<SubjectsConfig>,
+    /// `[clients.NAME.dpop]`: DPoP-bound tokens (RFC 9449); the injected
+    /// header is then `Authorization: DPoP <token>`, with a proof beside it.
+    pub dpop: Option<DpopConfig>,
     /// `allow_insecure`: the refusals this client knowingly waives.
     pub allow_insecure: Vec<Insecure>,
 }
@@ -310,12 +355,15 @@ pub struct TokenConfig {
     pub url: Uri,
     /// The grant used for a full token request.
     pub grant: Grant,
-    /// Required when `client_auth` is basic or body.
+    /// Required unless `client_auth` is none or client_assertion.
     pub client_id: Option<String>,
     /// From `client_secret` or `client_secret_file` (trailing newlines trimmed).
     pub client_secret: Option<Secret>,
     /// How the client authenticates to the token endpoint; default basic.
     pub client_auth: ClientAuth,
+    /// How each request's `client_assertion` is made: set exactly when
+    /// `client_auth` is private_key_jwt, client_secret_jwt or client_assertion.
+    pub assertion: Option<ClientAssertion>,
     /// Encoding of the token request body; default form.
     pub body: BodyFormat,
     /// The `scope` parameter, when set.
@@ -337,6 +385,15 @@ pub struct TokenConfig {
     pub timeout: Duration,
     /// `[clients.NAME.token.tls]`: TLS to the token endpoint.
     pub tls: TlsConfig,
+    /// `headers`: extra headers on every token request (grants, refreshes,
+    /// code exchanges, revocations), sorted by name; never one tokenproxy
+    /// sets. Values whose name suggests a credential are marked sensitive.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `[clients.NAME.token.response]`: where a non-standard response keeps its fields.
+    pub response: ResponseMapping,
+    /// `[[clients.NAME.token.errors]]`: what error answers mean, tried in
+    /// order before the built-in classification.
+    pub errors: Vec<ErrorRule>,
 }
 
 /// `token.grant`, with the credentials the grant needs.
@@ -377,6 +434,16 @@ pub enum ClientAuth {
     Both,
     /// No client authentication.
     None,
+    /// A JWT signed with the client's private key (RFC 7523, OpenID `private_key_jwt`).
+    PrivateKeyJwt,
+    /// A JWT signed with HMAC keyed by the client secret (OpenID `client_secret_jwt`).
+    ClientSecretJwt,
+    /// The TLS client certificate of `[clients.NAME.token.tls]`, and
+    /// `client_id` in the body (RFC 8705 §2.1).
+    TlsClientAuth,
+    /// A JWT made by someone else (a Kubernetes projected service-account
+    /// token, say), read from `client_assertion_file` for every request.
+    ClientAssertion,
 }
 
 impl ClientAuth {
@@ -387,8 +454,50 @@ impl ClientAuth {
             ClientAuth::Body => "body",
             ClientAuth::Both => "both",
             ClientAuth::None => "none",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientSecretJwt => "client_secret_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::ClientAssertion => "client_assertion",
         }
     }
+}
+
+/// How long an assertion tokenproxy signs is valid (`exp` - `iat`): long enough
+/// for a slow token request, short enough for FAPI 2.0's limits.
+pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// `client_assertion_type` of RFC 7523 §2.2, the default.
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How a client's `client_assertion` is made (RFC 7523, RFC 7521 §4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAssertion {
+    /// Signed here, a new one for every request (`private_key_jwt`, `client_secret_jwt`).
+    Signed(AssertionSigner),
+    /// `client_assertion`: read from `path` for every request, as it is.
+    File {
+        /// `client_assertion_file`.
+        path: PathBuf,
+        /// `client_assertion_type`; default [`JWT_BEARER_ASSERTION`].
+        assertion_type: String,
+    },
+}
+
+/// The key and header of the assertions tokenproxy signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssertionSigner {
+    /// From `signing_key_file`, or the client secret (HS256/HS512); `signing_alg` chose its algorithm.
+    pub key: SigningKey,
+    /// `signing_key_file`, for display; `None` for client_secret_jwt.
+    pub key_file: Option<PathBuf>,
+    /// `key_id`: the JWS `kid`.
+    pub key_id: Option<String>,
+    /// `certificate_file`, for display.
+    pub certificate_file: Option<PathBuf>,
+    /// The JWS `x5t#S256`: the SHA-256 thumbprint of `certificate_file`'s first certificate.
+    pub x5t_s256: Option<String>,
+    /// `assertion_audience`: the `aud`; `None` means the URL each request is sent to.
+    pub audience: Option<String>,
 }
 
 /// `token.body`.
@@ -425,3 +534,7 @@ pub struct InjectConfig {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_quirks;
+#[cfg(test)]
+mod tests_report;

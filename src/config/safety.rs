@@ -78,45 +78,63 @@ fn allow_hint(t: &Table<'_>, safe: &str, value: Insecure) -> String {
     )
 }
 
-/// The client's own refusals: cleartext token endpoints and upstream, a public listener.
+/// What of a client the refusals judge; `None` for a part that did not
+/// validate (it is not judged).
+pub(super) struct Exposure<'a> {
+    pub(super) listen: Option<SocketAddr>,
+    pub(super) upstream: Option<&'a UpstreamUrl>,
+    pub(super) token: Option<&'a TokenConfig>,
+    pub(super) authorize: Option<&'a AuthorizeConfig>,
+    pub(super) subjects: Option<&'a SubjectsConfig>,
+}
+
+/// The client's own refusals, every one of them: cleartext token endpoints
+/// and upstream, a public listener.
 pub(super) fn check_client(
     t: &Table<'_>,
-    c: &ClientConfig,
+    c: &Exposure<'_>,
     allowed: &[Insecure],
 ) -> Result<(), ConfigError> {
-    if !allowed.contains(&Insecure::PublicListen) && !c.listen.ip().is_loopback() {
-        let problem = format!(
-            "{} is not a loopback address: anyone who can reach it can spend this client's credential",
-            c.listen
-        );
-        let hint = allow_hint(
-            t,
-            "listen on 127.0.0.1 beside the app",
-            Insecure::PublicListen,
-        );
-        return Err(t.err("listen", problem).with_hint(hint));
+    let mut p = Problems::default();
+    if let Some(listen) = c.listen {
+        if !allowed.contains(&Insecure::PublicListen) && !listen.ip().is_loopback() {
+            let problem = format!(
+                "{listen} is not a loopback address: anyone who can reach it can spend this client's credential"
+            );
+            let hint = allow_hint(
+                t,
+                "listen on 127.0.0.1 beside the app",
+                Insecure::PublicListen,
+            );
+            p.add(t.err("listen", problem).with_hint(hint));
+        }
     }
-    if !allowed.contains(&Insecure::CleartextUpstream)
-        && c.upstream.scheme == Scheme::HTTP
-        && !is_loopback_host(c.upstream.authority.host())
-    {
-        let problem = format!(
-            "http://{} is plain http to a host that is not loopback: every bearer token would cross the network in cleartext",
-            c.upstream.authority.host()
-        );
-        let hint = allow_hint(t, "use https://", Insecure::CleartextUpstream);
-        return Err(t.err("upstream", problem).with_hint(hint));
+    if let Some(upstream) = c.upstream {
+        if !allowed.contains(&Insecure::CleartextUpstream)
+            && upstream.scheme == Scheme::HTTP
+            && !is_loopback_host(upstream.authority.host())
+        {
+            let problem = format!(
+                "http://{} is plain http to a host that is not loopback: every bearer token would cross the network in cleartext",
+                upstream.authority.host()
+            );
+            let hint = allow_hint(t, "use https://", Insecure::CleartextUpstream);
+            p.add(t.err("upstream", problem).with_hint(hint));
+        }
     }
     if allowed.contains(&Insecure::CleartextTokenUrl) {
-        return Ok(());
+        return p.finish();
     }
     let urls = [
-        ("token.url", Some(&c.token.url)),
-        ("token.refresh_url", c.token.refresh_url.as_ref()),
-        ("authorize.url", c.authorize.as_ref().map(|a| &a.url)),
+        ("token.url", c.token.map(|t| &t.url)),
+        (
+            "token.refresh_url",
+            c.token.and_then(|t| t.refresh_url.as_ref()),
+        ),
+        ("authorize.url", c.authorize.map(|a| &a.url)),
         (
             "subjects.revoke_url",
-            c.subjects.as_ref().and_then(|s| s.revoke_url.as_ref()),
+            c.subjects.and_then(|s| s.revoke_url.as_ref()),
         ),
     ];
     for (k, url) in urls {
@@ -128,10 +146,10 @@ pub(super) fn check_client(
                 "http://{host} is plain http to a host that is not loopback: credentials and tokens would cross the network in cleartext"
             );
             let hint = allow_hint(t, "use https://", Insecure::CleartextTokenUrl);
-            return Err(t.err(k, problem).with_hint(hint));
+            p.add(t.err(k, problem).with_hint(hint));
         }
     }
-    Ok(())
+    p.finish()
 }
 
 #[cfg(test)]

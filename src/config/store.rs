@@ -172,21 +172,42 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
         ("file", Kind::File),
         ("redis", Kind::Redis),
     ];
-    let kind = t.choice("kind", raw.kind.clone(), Some(Kind::Memory), &kinds)?;
+    let mut p = super::Problems::default();
+    let kind = p.take(t.choice("kind", raw.kind.clone(), Some(Kind::Memory), &kinds));
     let key_name = if raw.key_file.is_some() {
         "key_file"
     } else {
         "key"
     };
     // Read the key even where it is not used: a broken secret mount is reported as such.
-    let key = t.secret("key", raw.key.take(), raw.key_file.take())?;
-    let previous_keys = previous_keys(raw.previous_keys.take(), raw.previous_key_files.take(), t)?;
+    let key = p.take(t.secret("key", raw.key.take(), raw.key_file.take()));
+    let previous_keys = p.take(previous_keys(
+        raw.previous_keys.take(),
+        raw.previous_key_files.take(),
+        t,
+    ));
     let password_name = if raw.password_file.is_some() {
         "password_file"
     } else {
         "password"
     };
-    let password = t.secret("password", raw.password.take(), raw.password_file.take())?;
+    let password = p.take(t.secret("password", raw.password.take(), raw.password_file.take()));
+    let sentinel_password_name = if raw.sentinel_password_file.is_some() {
+        "sentinel_password_file"
+    } else {
+        "sentinel_password"
+    };
+    let sentinel_password = p.take(t.secret(
+        "sentinel_password",
+        raw.sentinel_password.clone(),
+        raw.sentinel_password_file.clone(),
+    ));
+    // Each of these is read or parsed on its own: all their problems at once.
+    let (Some(kind), Some(key), Some(previous_keys), Some(password), Some(sentinel_password)) =
+        (kind, key, previous_keys, password, sentinel_password)
+    else {
+        return Err(p.into_error());
+    };
     let kind_name = match kind {
         Kind::Memory => "memory",
         Kind::File => "file",
@@ -196,16 +217,6 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
         t.err(name, format!("is not used by kind = \"{kind_name}\""))
             .with_hint(format!("remove {name} from [store]"))
     };
-    let sentinel_password_name = if raw.sentinel_password_file.is_some() {
-        "sentinel_password_file"
-    } else {
-        "sentinel_password"
-    };
-    let sentinel_password = t.secret(
-        "sentinel_password",
-        raw.sentinel_password.clone(),
-        raw.sentinel_password_file.clone(),
-    )?;
     let redis_only = [
         ("url", raw.url.is_some()),
         ("sentinels", raw.sentinels.is_some()),
@@ -241,23 +252,33 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
                 (key_name, key.is_some()),
                 ("previous_keys", !previous_keys.is_empty()),
             ];
-            if let Some((name, _)) = redis_only.iter().chain(&file_only).find(|(_, set)| *set) {
-                return Err(unused(name));
+            for (name, _) in redis_only.iter().chain(&file_only).filter(|(_, set)| *set) {
+                p.add(unused(name));
             }
+            p.finish()?;
             Ok(StoreConfig::Memory)
         }
         Kind::File => {
-            if let Some((name, _)) = redis_only.iter().find(|(_, set)| *set) {
-                return Err(unused(name));
+            for (name, _) in redis_only.iter().filter(|(_, set)| *set) {
+                p.add(unused(name));
             }
-            let path = t.required(
-                "path",
-                t.non_empty("path", raw.path)?,
-                "set path to a file on a persistent volume, e.g. \"/var/lib/tokenproxy/tokens.json\"",
-            )?;
-            let key = parse_key(key)?;
-            let path = t.x.resolve_path(&path);
-            t.x.check_store_dir(&t.key("path"), &path)?;
+            let path = p.take(
+                t.non_empty("path", raw.path)
+                    .and_then(|path| t.required(
+                        "path",
+                        path,
+                        "set path to a file on a persistent volume, e.g. \"/var/lib/tokenproxy/tokens.json\"",
+                    ))
+                    .map(|path| t.x.resolve_path(&path))
+                    .and_then(|path| {
+                        t.x.check_store_dir(&t.key("path"), &path)?;
+                        Ok(path)
+                    }),
+            );
+            let key = p.take(parse_key(key));
+            let (Some(path), Some(key), true) = (path, key, p.is_empty()) else {
+                return Err(p.into_error());
+            };
             Ok(StoreConfig::File(FileStoreConfig {
                 path,
                 key,
@@ -266,9 +287,12 @@ pub(super) fn build_store(mut raw: RawStore, t: &Table<'_>) -> Result<StoreConfi
         }
         Kind::Redis => {
             if raw.path.is_some() {
-                return Err(unused("path"));
+                p.add(unused("path"));
             }
-            let key = parse_key(key)?;
+            let key = p.take(parse_key(key));
+            let (Some(key), true) = (key, p.is_empty()) else {
+                return Err(p.into_error());
+            };
             build_redis(raw, t, password, sentinel_password, key, previous_keys)
                 .map(StoreConfig::Redis)
         }

@@ -60,51 +60,87 @@ pub(super) fn build_subjects(
     raw: RawSubjects,
     t: &Table<'_>,
 ) -> Result<SubjectsConfig, ConfigError> {
+    let mut p = super::Problems::default();
     let header = match raw.header {
-        None => HeaderName::from_static("x-tokenproxy-subject"),
-        Some(raw) => {
-            let text = t.string("header", &raw)?;
-            let name = HeaderName::from_bytes(text.trim().as_bytes()).map_err(|_| {
-                t.err("header", format!("{text:?} is not a header name"))
-                    .with_hint(HEADER_HINT)
-            })?;
-            if RESERVED.contains(&name.as_str()) {
-                let problem = format!("{name} is a header the sidecar sets or manages itself");
-                return Err(t.err("header", problem).with_hint(HEADER_HINT));
-            }
-            name
-        }
+        None => Some(HeaderName::from_static("x-tokenproxy-subject")),
+        Some(raw) => p.take(subject_header(&raw, t)),
     };
     let fallbacks = [
         ("none", SubjectFallback::None),
         ("client", SubjectFallback::Client),
     ];
+    let fallback = p.take(t.choice(
+        "fallback",
+        raw.fallback,
+        Some(SubjectFallback::None),
+        &fallbacks,
+    ));
+    let max_cached = p.take(t.count("max_cached", raw.max_cached, 10_000, 1..=10_000_000));
+    let active_window =
+        p.take(t.duration("active_window", raw.active_window, Duration::from_secs(600)));
+    let refresh_every = p.take(t.opt_duration("refresh_every", raw.refresh_every, false));
+    let max_concurrent_token_requests = p.take(t.count(
+        "max_concurrent_token_requests",
+        raw.max_concurrent_token_requests,
+        4,
+        1..=1024,
+    ));
+    let max_token_requests_per_minute = p.take(t.count(
+        "max_token_requests_per_minute",
+        raw.max_token_requests_per_minute,
+        600,
+        1..=1_000_000,
+    ));
+    let revoke_url = match raw.revoke_url {
+        Some(r) => p
+            .take(t.url("revoke_url", &r, REVOKE_URL_HINT))
+            .map(|(url, _, _)| Some(url)),
+        None => Some(None),
+    };
+    let (
+        Some(header),
+        Some(fallback),
+        Some(max_cached),
+        Some(active_window),
+        Some(refresh_every),
+        Some(max_concurrent_token_requests),
+        Some(max_token_requests_per_minute),
+        Some(revoke_url),
+    ) = (
+        header,
+        fallback,
+        max_cached,
+        active_window,
+        refresh_every,
+        max_concurrent_token_requests,
+        max_token_requests_per_minute,
+        revoke_url,
+    )
+    else {
+        return Err(p.into_error());
+    };
     Ok(SubjectsConfig {
         header,
-        fallback: t.choice(
-            "fallback",
-            raw.fallback,
-            Some(SubjectFallback::None),
-            &fallbacks,
-        )?,
-        max_cached: t.count("max_cached", raw.max_cached, 10_000, 1..=10_000_000)?,
-        active_window: t.duration("active_window", raw.active_window, Duration::from_secs(600))?,
-        refresh_every: t.opt_duration("refresh_every", raw.refresh_every, false)?,
-        max_concurrent_token_requests: t.count(
-            "max_concurrent_token_requests",
-            raw.max_concurrent_token_requests,
-            4,
-            1..=1024,
-        )?,
-        max_token_requests_per_minute: t.count(
-            "max_token_requests_per_minute",
-            raw.max_token_requests_per_minute,
-            600,
-            1..=1_000_000,
-        )?,
-        revoke_url: match raw.revoke_url {
-            Some(r) => Some(t.url("revoke_url", &r, REVOKE_URL_HINT)?.0),
-            None => None,
-        },
+        fallback,
+        max_cached,
+        active_window,
+        refresh_every,
+        max_concurrent_token_requests,
+        max_token_requests_per_minute,
+        revoke_url,
     })
+}
+
+/// `header`: a header name the sidecar neither sets nor manages.
+fn subject_header(raw: &str, t: &Table<'_>) -> Result<HeaderName, ConfigError> {
+    let text = t.string("header", raw)?;
+    let name = HeaderName::from_bytes(text.trim().as_bytes()).map_err(|_| {
+        t.err("header", format!("{text:?} is not a header name"))
+            .with_hint(HEADER_HINT)
+    })?;
+    if RESERVED.contains(&name.as_str()) {
+        let problem = format!("{name} is a header the sidecar sets or manages itself");
+        return Err(t.err("header", problem).with_hint(HEADER_HINT));
+    }
+    Ok(name)
 }

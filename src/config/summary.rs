@@ -55,6 +55,7 @@ impl Config {
             Some(d) => row(out, "http2_keepalive_interval", dur(d))?,
             None => row(out, "http2_keepalive_interval", "off")?,
         }
+        row(out, "upgrade_idle_timeout", dur(l.upgrade_idle_timeout))?;
         writeln!(out, "runtime")?;
         match self.runtime.workers {
             Some(n) => row(out, "workers", n)?,
@@ -135,6 +136,12 @@ impl ClientConfig {
         if !self.rewrite_location {
             row(out, "rewrite_location", "false")?;
         }
+        let upgrades = if self.upgrades.is_empty() {
+            "(none)".to_owned()
+        } else {
+            format!("[{}]", self.upgrades.join(", "))
+        };
+        row(out, "upgrades", upgrades)?;
         if !self.allow_insecure.is_empty() {
             let waived: Vec<&str> = self.allow_insecure.iter().map(|v| v.as_str()).collect();
             row(out, "allow_insecure", format!("[{}]", waived.join(", ")))?;
@@ -156,6 +163,7 @@ impl ClientConfig {
             secret_text(t.client_secret.as_ref()),
         )?;
         row(out, "token.client_auth", t.client_auth.as_str())?;
+        write_assertion(out, t.assertion.as_ref())?;
         row(out, "token.body", t.body.as_str())?;
         row(out, "token.scope", t.scope.as_deref().unwrap_or("(none)"))?;
         row(
@@ -187,6 +195,7 @@ impl ClientConfig {
         };
         row(out, "token.params", params)?;
         row(out, "token.timeout", dur(t.timeout))?;
+        write_quirks(out, t)?;
         row(out, "token.tls", t.tls.summary())?;
         row(out, "tls", self.tls.summary())?;
         row(out, "proxy", self.proxy.summary())?;
@@ -223,12 +232,101 @@ impl ClientConfig {
                 .map_or_else(|| "(none)".to_owned(), crate::secret::display_url);
             row(out, "subjects.revoke_url", revoke)?;
         }
+        if let Some(d) = &self.dpop {
+            let key = format!(
+                "{} key, made once and sealed in the store; a new proof per request",
+                d.alg
+            );
+            row(out, "dpop", key)?;
+        }
         let i = &self.inject;
         row(
             out,
             "inject",
             format!("{}: {}<token>{}", i.header, i.prefix, i.suffix),
         )
+    }
+}
+
+/// The rows of `check` for provider quirks, only when configured: header
+/// values unless marked sensitive, the response mapping, the error rules.
+fn write_quirks(out: &mut String, t: &TokenConfig) -> fmt::Result {
+    if !t.headers.is_empty() {
+        let shown: Vec<String> = t
+            .headers
+            .iter()
+            .map(|(name, value)| match value.to_str() {
+                Ok(v) if !value.is_sensitive() => format!("{name}: {v}"),
+                _ => format!("{name}: [redacted]"),
+            })
+            .collect();
+        row(out, "token.headers", shown.join(", "))?;
+    }
+    if !t.response.is_standard() {
+        let mut shown: Vec<String> = t
+            .response
+            .fields()
+            .map(|(key, path)| format!("{key} <- {path}"))
+            .collect();
+        let units = [
+            ("expires_at_unit", t.response.expires_at_unit),
+            (
+                "refresh_token_expires_at_unit",
+                t.response.refresh_token_expires_at_unit,
+            ),
+        ];
+        for (key, unit) in units {
+            if let Some(unit) = unit {
+                shown.push(format!("{key} = {}", unit.as_str()));
+            }
+        }
+        row(out, "token.response", shown.join(", "))?;
+    }
+    for (i, rule) in t.errors.iter().enumerate() {
+        let mut when: Vec<String> = Vec::new();
+        if let Some(status) = rule.status {
+            when.push(format!("status {}", status.as_u16()));
+        }
+        if let Some(error) = &rule.error {
+            when.push(format!("error {error:?}"));
+        }
+        if let Some(text) = &rule.body_contains {
+            when.push(format!("body contains {text:?}"));
+        }
+        let line = format!("{} -> {}", when.join(" and "), rule.means.as_str());
+        row(out, &format!("token.errors[{i}]"), line)?;
+    }
+    Ok(())
+}
+
+/// The assertion rows of `check`: where the key or assertion comes from, never either.
+fn write_assertion(out: &mut String, assertion: Option<&ClientAssertion>) -> fmt::Result {
+    match assertion {
+        None => Ok(()),
+        Some(ClientAssertion::File {
+            path,
+            assertion_type,
+        }) => {
+            let file = format!("{} (read for every request)", path.display());
+            row(out, "token.client_assertion_file", file)?;
+            row(out, "token.client_assertion_type", assertion_type)
+        }
+        Some(ClientAssertion::Signed(s)) => {
+            let source = match &s.key_file {
+                Some(path) => format!("{} from {}", s.key.kind().as_str(), path.display()),
+                None => "token.client_secret".to_owned(),
+            };
+            let key = format!("{}, {source} [key redacted]", s.key.alg());
+            row(out, "token.signing_key", key)?;
+            row(out, "token.key_id", s.key_id.as_deref().unwrap_or("(none)"))?;
+            if let (Some(path), Some(x5t)) = (&s.certificate_file, &s.x5t_s256) {
+                row(out, "token.x5t#S256", format!("{x5t} ({})", path.display()))?;
+            }
+            let audience = s.audience.as_deref().unwrap_or("(the URL of each request)");
+            row(out, "token.assertion_audience", audience)?;
+            let lifetime = format!("{}, a new jti for every request", dur(ASSERTION_LIFETIME));
+            row(out, "token.assertion lifetime", lifetime)
+        }
     }
 }
 

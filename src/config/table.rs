@@ -31,6 +31,25 @@ impl<'a> Table<'a> {
         ConfigError::new(self.key(k), problem)
     }
 
+    /// "write it like KEY = EXAMPLE" for `k` (see `examples.rs`), else `fallback`.
+    pub(super) fn write_it_like(&self, k: &str, fallback: &str) -> String {
+        super::examples::write_it_like(&self.key(k)).unwrap_or_else(|| fallback.to_owned())
+    }
+
+    fn duration_hint(&self, k: &str) -> String {
+        match super::examples::write_it_like(&self.key(k)) {
+            Some(like) => format!("{like}; the units are ms, s, m, h and d"),
+            None => DURATION_HINT.to_owned(),
+        }
+    }
+
+    fn size_hint(&self, k: &str) -> String {
+        match super::examples::write_it_like(&self.key(k)) {
+            Some(like) => format!("{like}, or a number of bytes"),
+            None => SIZE_HINT.to_owned(),
+        }
+    }
+
     pub(super) fn string(&self, k: &str, raw: &str) -> Result<String, ConfigError> {
         self.x.string(&self.key(k), raw)
     }
@@ -96,7 +115,11 @@ impl<'a> Table<'a> {
         let text = self.string(k, raw)?;
         text.trim().parse().map_err(|_| {
             let problem = format!("{text:?} is not an ip:port socket address");
-            self.err(k, problem).with_hint(LISTEN_HINT)
+            let hint = format!(
+                "{}; hostnames are not resolved",
+                self.write_it_like(k, "write it like \"127.0.0.1:8080\"")
+            );
+            self.err(k, problem).with_hint(hint)
         })
     }
 
@@ -169,20 +192,20 @@ impl<'a> Table<'a> {
             Some(Scalar::Int(n)) => {
                 return Err(self
                     .err(k, format!("{n} has no unit"))
-                    .with_hint(DURATION_HINT))
+                    .with_hint(self.duration_hint(k)))
             }
             Some(Scalar::Text(raw)) => {
                 let text = self.string(k, &raw)?;
                 humantime::parse_duration(text.trim()).map_err(|_| {
                     self.err(k, format!("{text:?} is not a duration"))
-                        .with_hint(DURATION_HINT)
+                        .with_hint(self.duration_hint(k))
                 })?
             }
         };
         if d.is_zero() && !allow_zero {
             return Err(self
                 .err(k, "must be greater than zero")
-                .with_hint(DURATION_HINT));
+                .with_hint(self.duration_hint(k)));
         }
         if d > MAX_DURATION {
             // Deadlines and /status times are computed from these; nothing needs longer.
@@ -191,7 +214,7 @@ impl<'a> Table<'a> {
                     k,
                     format!("{} is longer than 10 years", humantime::format_duration(d)),
                 )
-                .with_hint(DURATION_HINT));
+                .with_hint(self.duration_hint(k)));
         }
         Ok(Some(d))
     }
@@ -205,13 +228,15 @@ impl<'a> Table<'a> {
     ) -> Result<usize, ConfigError> {
         let bytes = match raw {
             None => return Ok(default),
-            Some(Scalar::Int(n)) => u64::try_from(n)
-                .map_err(|_| self.err(k, format!("{n} is negative")).with_hint(SIZE_HINT))?,
+            Some(Scalar::Int(n)) => u64::try_from(n).map_err(|_| {
+                self.err(k, format!("{n} is negative"))
+                    .with_hint(self.size_hint(k))
+            })?,
             Some(Scalar::Text(raw)) => {
                 let text = self.string(k, &raw)?;
                 let bad = || {
                     self.err(k, format!("{text:?} is not a size"))
-                        .with_hint(SIZE_HINT)
+                        .with_hint(self.size_hint(k))
                 };
                 text.trim().parse::<ByteSize>().map_err(|_| bad())?.as_u64()
             }
@@ -235,7 +260,7 @@ impl<'a> Table<'a> {
                 let bad = || self.err(k, format!("{text:?} is not a whole number"));
                 text.trim()
                     .parse::<i64>()
-                    .map_err(|_| bad().with_hint("write it like 100"))?
+                    .map_err(|_| bad().with_hint(self.write_it_like(k, "write it like 100")))?
             }
         };
         // A negative count is below every range we accept.

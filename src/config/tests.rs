@@ -29,7 +29,7 @@ body = "form"
 "#;
 
 /// One client with only the required keys; error tests edit it.
-const MIN: &str = r#"
+pub(super) const MIN: &str = r#"
 [clients.payments]
 listen = "127.0.0.1:8080"
 upstream = "https://api.pay.example"
@@ -57,7 +57,7 @@ fn parse(text: &str) -> Config {
     }
 }
 
-fn fail(text: &str) -> ConfigError {
+pub(super) fn fail(text: &str) -> ConfigError {
     match from_str(text, Some(Path::new("tokenproxy.toml")), &env()) {
         Ok(c) => panic!("config should be rejected, got: {c:?}"),
         Err(e) => e,
@@ -771,7 +771,7 @@ params = { prompt = "consent" }
 {connect}
 "#;
 
-fn connect_config(body: &str) -> String {
+pub(super) fn connect_config(body: &str) -> String {
     CONNECT.replace("{connect}", body)
 }
 
@@ -1175,5 +1175,141 @@ fn rewrite_location_can_be_turned_off_and_check_says_so() {
     assert!(
         err.to_string().contains("rewrite_location"),
         "the error names the key: {err}"
+    );
+}
+
+#[test]
+fn upgrades_default_to_websocket_and_take_listed_protocol_names() {
+    let c = parse(MIN);
+    assert_eq!(c.clients[0].upgrades, vec!["websocket".to_owned()]);
+    assert!(c.summary().contains("[websocket]"), "{}", c.summary());
+    let with = |list: &str| {
+        MIN.replace(
+            "upstream = \"https://api.pay.example\"",
+            &format!("upstream = \"https://api.pay.example\"\nupgrades = {list}"),
+        )
+    };
+    let c = parse(&with(r#"["WebSocket", " x-tunnel ", "websocket"]"#));
+    assert_eq!(
+        c.clients[0].upgrades,
+        vec!["websocket".to_owned(), "x-tunnel".to_owned()],
+        "names are lower-cased, trimmed and listed once"
+    );
+    let c = parse(&with("[]"));
+    assert!(c.clients[0].upgrades.is_empty());
+    assert!(c.summary().contains("(none)"), "{}", c.summary());
+
+    for h2 in ["h2c", "H2C", "h2"] {
+        let err = fail(&with(&format!("[\"websocket\", \"{h2}\"]")));
+        assert_error(&err, "clients.payments.upgrades", "is never forwarded");
+    }
+    for bad in ["", "web socket", "websocket/13", "a,b"] {
+        let err = fail(&with(&format!("[\"{bad}\"]")));
+        assert_error(
+            &err,
+            "clients.payments.upgrades",
+            "is not an Upgrade protocol name",
+        );
+    }
+}
+
+#[test]
+fn an_http2_upstream_forwards_no_upgrade() {
+    let http2 = |extra: &str| {
+        MIN.replace(
+            "upstream = \"https://api.pay.example\"",
+            &format!("upstream = \"https://api.pay.example\"\nhttp2 = true\n{extra}"),
+        )
+    };
+    assert!(parse(&http2("")).clients[0].upgrades.is_empty());
+    assert!(parse(&http2("upgrades = []")).clients[0]
+        .upgrades
+        .is_empty());
+    let err = fail(&http2("upgrades = [\"websocket\"]"));
+    assert_error(&err, "clients.payments.upgrades", "http2 = true");
+}
+
+#[test]
+fn upgrade_idle_timeout_is_a_positive_duration_defaulting_to_five_minutes() {
+    assert_eq!(
+        parse(MIN).limits.upgrade_idle_timeout,
+        Duration::from_secs(300)
+    );
+    let c = parse(&format!("[limits]\nupgrade_idle_timeout = \"90s\"\n{MIN}"));
+    assert_eq!(c.limits.upgrade_idle_timeout, Duration::from_secs(90));
+    assert!(
+        c.summary().contains("upgrade_idle_timeout"),
+        "{}",
+        c.summary()
+    );
+    let err = fail(&format!("[limits]\nupgrade_idle_timeout = \"0s\"\n{MIN}"));
+    assert_error(&err, "limits.upgrade_idle_timeout", "greater than zero");
+    let err = fail(&format!("[limits]\nupgrade_idle_timeout = 30\n{MIN}"));
+    assert_error(&err, "limits.upgrade_idle_timeout", "has no unit");
+}
+
+#[test]
+fn dpop_defaults_to_es256_and_sends_the_token_with_the_dpop_scheme() {
+    let c = parse(&format!("{MIN}[clients.payments.dpop]\n"));
+    let client = &c.clients[0];
+    assert_eq!(
+        client.dpop.as_ref().map(|d| d.alg),
+        Some(crate::jose::Alg::Es256),
+        "ES256 unless alg says otherwise"
+    );
+    assert_eq!(client.inject.header, http::header::AUTHORIZATION);
+    assert_eq!(
+        (client.inject.prefix.as_str(), client.inject.suffix.as_str()),
+        ("DPoP ", ""),
+        "Authorization: DPoP <token>"
+    );
+    let summary = c.summary();
+    assert!(
+        summary.contains("ES256 key, made once and sealed in the store")
+            && summary.contains("authorization: DPoP <token>"),
+        "{summary}"
+    );
+    let ed = parse(&format!("{MIN}[clients.payments.dpop]\nalg = \"EdDSA\"\n"));
+    assert_eq!(
+        ed.clients[0].dpop.as_ref().map(|d| d.alg),
+        Some(crate::jose::Alg::EdDsa)
+    );
+    assert!(
+        parse(MIN).clients[0].dpop.is_none(),
+        "off unless configured"
+    );
+}
+
+#[test]
+fn dpop_refuses_other_algorithms_and_a_custom_inject_but_goes_with_subjects() {
+    let err = fail(&format!("{MIN}[clients.payments.dpop]\nalg = \"RS256\"\n"));
+    assert_error(
+        &err,
+        "clients.payments.dpop.alg",
+        "\"RS256\" is not an accepted value",
+    );
+    assert!(err.to_string().contains("\"ES256\", \"EdDSA\""), "{err}");
+    let err = fail(&format!(
+        "{MIN}[clients.payments.dpop]\n[clients.payments.inject]\nformat = \"Bearer {{token}}\"\n"
+    ));
+    assert_error(
+        &err,
+        "clients.payments.inject",
+        "cannot be set with [clients.payments.dpop]",
+    );
+    let with_subjects = connect_config(CONNECT_OK).replace(
+        "[clients.pos.subjects]\n",
+        "[clients.pos.dpop]\n[clients.pos.subjects]\n",
+    );
+    let both = parse(&with_subjects);
+    let pos = &both.clients[0];
+    assert!(
+        pos.dpop.is_some() && pos.subjects.is_some(),
+        "subjects' tokens are bound to a key per subject"
+    );
+    let err = fail(&format!("{MIN}[clients.payments.dpop]\nkey = \"x\"\n"));
+    assert!(
+        err.to_string().contains("clients.payments.dpop.key"),
+        "an unknown key in [dpop] is named: {err}"
     );
 }

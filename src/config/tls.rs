@@ -100,13 +100,14 @@ impl TlsConfig {
     }
 }
 
-/// Reads the PEM file at key `k`, which must hold at least one certificate.
 /// Parses `cert` as a trust anchor, as the TLS client does with `ca_file`.
 fn webpki_anchor(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     rustls::RootCertStore::empty().add(cert.clone())
 }
 
-fn read_certificates(
+/// Reads the PEM file at key `k`, which must hold at least one certificate:
+/// its resolved path and content.
+pub(super) fn read_certificates(
     t: &Table<'_>,
     k: &str,
     raw_path: &str,
@@ -146,77 +147,115 @@ pub(super) fn build_tls(raw: Option<RawTls>, t: &Table<'_>) -> Result<TlsConfig,
     let Some(raw) = raw else {
         return Ok(TlsConfig::default());
     };
+    let mut p = super::Problems::default();
     let mut tls = TlsConfig::default();
+    let mut ca_unreadable = false;
     if let Some(path) = raw.ca_file {
-        let (path, pem) = read_certificates(
+        match p.take(read_certificates(
             t,
             "ca_file",
             &path,
             "use a PEM bundle with -----BEGIN CERTIFICATE----- blocks",
-        )?;
-        tls.ca_pem = Some(pem);
-        tls.ca_file = Some(path);
+        )) {
+            Some((path, pem)) => {
+                tls.ca_pem = Some(pem);
+                tls.ca_file = Some(path);
+            }
+            None => ca_unreadable = true,
+        }
     }
     tls.system_roots = raw.system_roots.unwrap_or(true);
-    if !tls.system_roots && tls.ca_pem.is_none() {
-        return Err(t
-            .err(
+    if !tls.system_roots && tls.ca_pem.is_none() && !ca_unreadable {
+        p.add(
+            t.err(
                 "system_roots",
                 "is false but no ca_file is set: nothing would be trusted",
             )
-            .with_hint("set ca_file, or remove system_roots"));
+            .with_hint("set ca_file, or remove system_roots"),
+        );
     }
-    match (raw.client_cert_file, raw.client_key_file) {
-        (Some(cert), Some(key)) => {
-            let (_, cert_pem) = read_certificates(
-                t,
-                "client_cert_file",
-                &cert,
-                "use the client certificate (and its chain) in PEM",
-            )?;
-            let (key_path, key_pem) = t.x.read_secret(&t.key("client_key_file"), &key)?;
-            if PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).is_err() {
-                return Err(t
-                    .err(
-                        "client_key_file",
-                        format!("{} holds no PEM private key", key_path.display()),
-                    )
-                    .with_hint("use an unencrypted PKCS#8, PKCS#1 or SEC1 key in PEM"));
-            }
-            tls.client_cert_pem = Some(cert_pem);
-            tls.client_key_pem = Some(Secret::new(key_pem));
-        }
-        (Some(_), None) => {
-            return Err(t
-                .err("client_key_file", "is required with client_cert_file")
-                .with_hint("set both for mutual TLS"))
-        }
-        (None, Some(_)) => {
-            return Err(t
-                .err("client_cert_file", "is required with client_key_file")
-                .with_hint("set both for mutual TLS"))
-        }
-        (None, None) => {}
+    if let Some((cert_pem, key_pem)) = p
+        .take(client_certificate(
+            raw.client_cert_file,
+            raw.client_key_file,
+            t,
+        ))
+        .flatten()
+    {
+        tls.client_cert_pem = Some(cert_pem);
+        tls.client_key_pem = Some(key_pem);
     }
     if let Some(name) = raw.server_name {
-        let name = t.string("server_name", &name)?;
-        if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
-            return Err(t
-                .err(
-                    "server_name",
-                    format!("{name:?} is not a DNS name or IP address"),
-                )
-                .with_hint("write it like \"api.pay.example\""));
-        }
-        tls.server_name = Some(name);
+        tls.server_name = p.take(server_name(&name, t));
     }
-    tls.min_version = t.choice(
+    if let Some(min_version) = p.take(t.choice(
         "min_version",
         raw.min_version,
         Some(TlsVersion::V1_2),
         &[("1.2", TlsVersion::V1_2), ("1.3", TlsVersion::V1_3)],
-    )?;
+    )) {
+        tls.min_version = min_version;
+    }
+    p.finish()?;
     Ok(tls)
+}
+
+/// `client_cert_file` and `client_key_file`, both or neither: the certificate
+/// chain and the key for mutual TLS.
+fn client_certificate(
+    cert: Option<String>,
+    key: Option<String>,
+    t: &Table<'_>,
+) -> Result<Option<(String, Secret)>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let mut p = super::Problems::default();
+            let cert = p.take(read_certificates(
+                t,
+                "client_cert_file",
+                &cert,
+                "use the client certificate (and its chain) in PEM",
+            ));
+            let key = p.take(client_key(&key, t));
+            match (cert, key) {
+                (Some((_, cert_pem)), Some(key_pem)) => Ok(Some((cert_pem, key_pem))),
+                _ => Err(p.into_error()),
+            }
+        }
+        (Some(_), None) => Err(t
+            .err("client_key_file", "is required with client_cert_file")
+            .with_hint("set both for mutual TLS")),
+        (None, Some(_)) => Err(t
+            .err("client_cert_file", "is required with client_key_file")
+            .with_hint("set both for mutual TLS")),
+        (None, None) => Ok(None),
+    }
+}
+
+fn client_key(path: &str, t: &Table<'_>) -> Result<Secret, ConfigError> {
+    let (key_path, key_pem) = t.x.read_secret(&t.key("client_key_file"), path)?;
+    if PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).is_err() {
+        return Err(t
+            .err(
+                "client_key_file",
+                format!("{} holds no PEM private key", key_path.display()),
+            )
+            .with_hint("use an unencrypted PKCS#8, PKCS#1 or SEC1 key in PEM"));
+    }
+    Ok(Secret::new(key_pem))
+}
+
+fn server_name(raw: &str, t: &Table<'_>) -> Result<String, ConfigError> {
+    let name = t.string("server_name", raw)?;
+    if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+        return Err(t
+            .err(
+                "server_name",
+                format!("{name:?} is not a DNS name or IP address"),
+            )
+            .with_hint("write it like \"api.pay.example\""));
+    }
+    Ok(name)
 }
 
 #[cfg(test)]

@@ -351,6 +351,12 @@ impl Connect {
         // The code exchange is a token request of the client: it waits its turn
         // in the budget its subjects' refreshes share.
         let _slot = subjects.token_request_slot().await;
+        // With [dpop], the tokens are bound to the subject's own key, which is
+        // stored with them below.
+        let key = subjects.key_for_new_tokens(subject).await.map_err(|e| {
+            warn!(client = %c.name, subject, error = %e, "connect cannot get the subject's DPoP key");
+            "store_unavailable"
+        })?;
         let set = subjects
             .endpoint()
             .exchange_code(
@@ -358,12 +364,14 @@ impl Connect {
                 code,
                 &self.config.redirect_uri,
                 Some(&verifier),
+                key.as_ref().map(|(_, k)| &**k),
             )
             .await
             .map_err(|e| {
                 warn!(client = %c.name, subject, error = %e, "connect code exchange failed");
                 "exchange_failed"
             })?;
+        let set_is_dpop = set.is_dpop();
         let Some(refresh_token) = set.refresh_token else {
             warn!(client = %c.name, subject,
                 "the provider issued no refresh token; add a scope like offline_access or a parameter to [authorize] params");
@@ -373,7 +381,13 @@ impl Connect {
             .refresh_token_lifetime
             .filter(|l| !l.is_zero())
             .or(subjects.token_config().refresh_token_lifetime);
-        let access = Some((set.access_token, set.lifetime));
+        // A Bearer token answering a DPoP-signed exchange is bound to no key:
+        // not kept (the first request refreshes, and says why if it stays so).
+        let bound = !subjects.uses_dpop() || set_is_dpop;
+        if !bound {
+            warn!(client = %c.name, subject, "the provider did not bind the subject's token to its DPoP key (token_type is not DPoP); it is not used");
+        }
+        let access = Some((set.access_token, set.lifetime)).filter(|_| bound);
         let now = subjects.wall_now();
         for _attempt in 0..3 {
             let previous = match subjects.store().get(subject).await {
@@ -391,6 +405,7 @@ impl Connect {
                 Some(refresh_token.clone()),
                 refresh_lifetime,
                 Some(now),
+                key.as_ref().map(|(stored, _)| stored.clone()),
             );
             match subjects.store().put(subject, &record).await {
                 Ok(Saved::Written) => {

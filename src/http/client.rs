@@ -104,6 +104,57 @@ fn build(
     proxy: &EgressProxy,
     http2_only: bool,
 ) -> Result<HttpClient, UpstreamError> {
+    let alpn = if http2_only { Alpn::Http2 } else { Alpn::Any };
+    let connector = connector(tls, proxy, alpn, Refusals::Drop)?;
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        // HTTP/1 responses keep their header names as the upstream spelled them.
+        .http1_preserve_header_case(true)
+        .http2_only(http2_only);
+    if http2_only {
+        // A dead upstream connection is found by a ping rather than by the next call.
+        builder
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(20));
+    }
+    Ok(builder.build(connector))
+}
+
+/// Connects to an upstream for one `Upgrade` request: TCP (through the egress
+/// proxy when it applies), then TLS for `https://` offering only `http/1.1`,
+/// since an HTTP/2 connection cannot carry an Upgrade. Its connections are
+/// never pooled: an upgraded one belongs to its tunnel.
+pub type UpgradeConnector = HttpsConnector<Egress>;
+
+/// Builds the [`UpgradeConnector`] for `tls` and `proxy`. A write the upstream
+/// refuses fails the tunnel ([`Refusals::Fail`]).
+pub fn upgrade_connector(
+    tls: &TlsConfig,
+    proxy: &EgressProxy,
+) -> Result<UpgradeConnector, UpstreamError> {
+    connector(tls, proxy, Alpn::Http1, Refusals::Fail)
+}
+
+/// The protocols offered through ALPN.
+#[derive(Clone, Copy)]
+enum Alpn {
+    /// `h2` and `http/1.1`: the server picks.
+    Any,
+    /// `h2` only.
+    Http2,
+    /// `http/1.1` only.
+    Http1,
+}
+
+fn connector(
+    tls: &TlsConfig,
+    proxy: &EgressProxy,
+    alpn: Alpn,
+    refusals: Refusals,
+) -> Result<HttpsConnector<Egress>, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     if tls.system_roots {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -153,28 +204,15 @@ fn build(
         }
         None => schemes,
     };
-    let egress = egress(proxy);
-    let connector = if http2_only {
-        schemes.enable_http2().wrap_connector(egress)
-    } else {
-        schemes.enable_all_versions().wrap_connector(egress)
+    let egress = Egress {
+        refusals,
+        ..egress(proxy)
     };
-
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // HTTP/1 responses keep their header names as the upstream spelled them.
-        .http1_preserve_header_case(true)
-        .http2_only(http2_only);
-    if http2_only {
-        // A dead upstream connection is found by a ping rather than by the next call.
-        builder
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(20));
-    }
-    Ok(builder.build(connector))
+    Ok(match alpn {
+        Alpn::Any => schemes.enable_all_versions().wrap_connector(egress),
+        Alpn::Http2 => schemes.enable_http2().wrap_connector(egress),
+        Alpn::Http1 => schemes.enable_http1().wrap_connector(egress),
+    })
 }
 
 /// The TCP connector every client uses: direct, or through the egress proxy.
@@ -210,6 +248,7 @@ pub fn egress(proxy: &EgressProxy) -> Egress {
 #[derive(Default)]
 pub struct Clients {
     built: Vec<(ClientKey, HttpClient)>,
+    upgrades: Vec<((TlsConfig, EgressProxy), UpgradeConnector)>,
 }
 
 /// What makes two clients different: TLS, egress proxy, HTTP/2 only.
@@ -234,9 +273,35 @@ impl Clients {
         Ok(client)
     }
 
-    /// Keeps only the clients for which `keep` holds (after a reload).
-    pub fn retain(&mut self, keep: impl Fn(&TlsConfig, &EgressProxy, bool) -> bool) {
+    /// The [`UpgradeConnector`] for `tls` and `proxy`, built on first use.
+    pub fn upgrade_connector(
+        &mut self,
+        tls: &TlsConfig,
+        proxy: &EgressProxy,
+    ) -> Result<UpgradeConnector, UpstreamError> {
+        if let Some((_, c)) = self
+            .upgrades
+            .iter()
+            .find(|((t, p), _)| t == tls && p == proxy)
+        {
+            return Ok(c.clone());
+        }
+        let c = upgrade_connector(tls, proxy)?;
+        self.upgrades
+            .push(((tls.clone(), proxy.clone()), c.clone()));
+        Ok(c)
+    }
+
+    /// Keeps only the clients for which `keep` holds (after a reload), and the
+    /// upgrade connectors for which `keep_upgrade` does.
+    pub fn retain(
+        &mut self,
+        keep: impl Fn(&TlsConfig, &EgressProxy, bool) -> bool,
+        keep_upgrade: impl Fn(&TlsConfig, &EgressProxy) -> bool,
+    ) {
         self.built
             .retain(|((tls, proxy, http2_only), _)| keep(tls, proxy, *http2_only));
+        self.upgrades
+            .retain(|((tls, proxy), _)| keep_upgrade(tls, proxy));
     }
 }

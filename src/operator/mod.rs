@@ -238,8 +238,14 @@ pub async fn token(
         return Err(TokenCommandError::WouldSpend(client.to_owned()));
     }
     let http = crate::http::client::build_client(&c.token.tls, &c.proxy)?;
+    // A DPoP client's token is bound to a key made for this one request (the
+    // command does not touch the store): enough to see the provider answer.
+    let dpop = crate::store::Store::open(&crate::config::StoreConfig::Memory)
+        .ok()
+        .and_then(|memory| crate::token::Dpop::for_command(c, &memory));
     let endpoint =
-        crate::token::TokenEndpoint::new(http, std::sync::Arc::new(crate::clock::SystemClock));
+        crate::token::TokenEndpoint::new(http, std::sync::Arc::new(crate::clock::SystemClock))
+            .with_dpop(dpop);
     let set = endpoint.obtain_once(&c.token).await?;
     writeln!(out, "client:         {client}")?;
     writeln!(

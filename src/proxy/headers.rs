@@ -44,12 +44,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         })
         .cloned()
         .collect();
-    let accepts_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|t| t.split(|b| *b == b';').next())
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    // Looked up only when a TE is present (most messages carry none).
+    let accepts_trailers = gone.contains(&header::TE)
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|t| t.split(|b| *b == b';').next())
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
     for name in gone {
         headers.remove(name);
     }

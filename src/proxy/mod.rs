@@ -10,12 +10,16 @@
 //! client that opted in. A payment POST without a key gets the API's 401 back
 //! rather than a second charge. A replayed response carries
 //! `x-tokenproxy-replayed: 1`.
+//!
+//! A request to switch protocols (a WebSocket) is forwarded once, unbuffered,
+//! and a `101` turns the two connections into a tunnel: see `upgrade`.
 
 pub mod body;
 pub mod headers;
 pub mod location;
 pub mod pool;
 pub mod route;
+mod upgrade;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,10 +41,11 @@ use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use crate::config::{ClientConfig, Limits};
 use crate::error::ProxyError;
-use crate::http::client::{self as upstream, HttpClient};
-use crate::metrics::{ClientMetrics, RetryOutcome};
+use crate::http::client::{self as upstream, HttpClient, UpgradeConnector};
+use crate::metrics::{ClientMetrics, NonceWhere, RetryOutcome, UpgradeOutcome, OTHER_PROTOCOL};
 use crate::subjects::{SubjectError, Subjects};
-use crate::token::{Token, TokenHandle, Unauthorized, Unavailable};
+use crate::token::dpop::{demands_nonce, offers_usable_nonce, DPOP_HEADER};
+use crate::token::{Dpop, Token, TokenHandle, Unauthorized, Unavailable};
 
 /// One configured client as the request path sees it.
 pub struct ClientRuntime {
@@ -70,6 +75,18 @@ pub struct ClientRuntime {
     /// How `Location` headers naming the upstream are pointed back at the
     /// sidecar (`rewrite_location`, on by default).
     location: Option<LocationRewrite>,
+    /// Upgrade passthrough, when the client forwards any protocol.
+    upgrades: Option<upgrade::Upgrades>,
+    /// DPoP (`[dpop]`): a proof of its key beside every token sent.
+    dpop: Option<Arc<Dpop>>,
+}
+
+/// The ways a client reaches its upstream.
+pub struct UpstreamClients {
+    /// The shared, pooled client.
+    pub http: HttpClient,
+    /// The connector of upgrade requests; `None` when the client forwards none.
+    pub upgrade: Option<UpgradeConnector>,
 }
 
 impl ClientRuntime {
@@ -82,8 +99,9 @@ impl ClientRuntime {
         token: TokenHandle,
         subjects: Option<Subjects>,
         metrics: ClientMetrics,
-        http: HttpClient,
+        upstream_clients: UpstreamClients,
     ) -> Self {
+        let UpstreamClients { http, upgrade } = upstream_clients;
         let authority = config.upstream.authority.clone();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("a parsed URI authority is a valid header value");
@@ -96,6 +114,18 @@ impl ClientRuntime {
             let target = Uri::from_parts(target).expect("scheme, authority and / make a valid URI");
             Http1Pool::new(upstream::egress(&config.proxy), target)
         });
+        metrics.upgrades_init(&config.upgrades);
+        let upgrades = upgrade
+            .filter(|_| !config.upgrades.is_empty())
+            .map(|connector| {
+                upgrade::Upgrades::new(
+                    config.upgrades.clone(),
+                    connector,
+                    config.upstream.scheme.clone(),
+                    authority.clone(),
+                    limits.upgrade_idle_timeout,
+                )
+            });
         ClientRuntime {
             name: config.name.clone(),
             scheme: config.upstream.scheme.clone(),
@@ -128,7 +158,44 @@ impl ClientRuntime {
                     config.listen,
                 )
             }),
+            upgrades,
+            dpop: None,
         }
+    }
+
+    /// The same runtime, signing a DPoP proof for every request with `dpop`'s key.
+    pub fn with_dpop(mut self, dpop: Option<Arc<Dpop>>) -> Self {
+        self.dpop = dpop;
+        self
+    }
+
+    /// The DPoP proof for one send of `outgoing` with `token`: `None` for a
+    /// client without DPoP, a new proof (a new `jti`) on every call otherwise.
+    fn proof(&self, outgoing: &Outgoing, token: &Token) -> Result<Option<HeaderValue>, ProxyError> {
+        let Some(dpop) = &self.dpop else {
+            return Ok(None);
+        };
+        let unavailable = |reason: String| ProxyError::TokenUnavailable {
+            reason,
+            retry_after: Duration::from_secs(1),
+        };
+        // A subject's token carries its subject's key; the client's own key
+        // is loaded before the first send (`ready_key`).
+        let key = match &token.dpop_key {
+            Some(key) => key
+                .get()
+                .map_err(|e| unavailable(format!("cannot sign a DPoP proof: {e}")))?,
+            None => dpop
+                .loaded_key()
+                .ok_or_else(|| unavailable("the DPoP key is not loaded yet".to_owned()))?,
+        };
+        let ath = token
+            .dpop_ath
+            .as_deref()
+            .ok_or_else(|| unavailable("the token is not DPoP-bound".to_owned()))?;
+        dpop.api_proof(key, &outgoing.method, outgoing.uri.path(), ath)
+            .map(Some)
+            .map_err(|e| unavailable(format!("cannot sign a DPoP proof: {e}")))
     }
 
     fn is_unauthorized(&self, status: StatusCode) -> bool {
@@ -292,16 +359,30 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// The request to send, when it may be sent once more after this.
-    fn request(&self, body: Body, token: &Token, inject: &HeaderName) -> Request<Body> {
-        self.build(body, token, inject, self.extensions.clone())
+    /// One attempt that may be followed by another: the template with `token`
+    /// and, for a DPoP client, `proof` (a new one for every attempt: an API
+    /// accepts each `jti` once).
+    fn request(
+        &self,
+        body: Body,
+        token: &Token,
+        inject: &HeaderName,
+        proof: Option<HeaderValue>,
+    ) -> Request<Body> {
+        self.build(body, token, inject, proof, self.extensions.clone())
     }
 
-    /// The request to send, the last time it is sent: the extensions move into it
-    /// instead of being copied (a copy of the case map is a few allocations).
-    fn last_request(&mut self, body: Body, token: &Token, inject: &HeaderName) -> Request<Body> {
+    /// The last attempt: as [`Outgoing::request`], with the extensions moved
+    /// into it instead of copied (a copy of the case map is a few allocations).
+    fn last_request(
+        &mut self,
+        body: Body,
+        token: &Token,
+        inject: &HeaderName,
+        proof: Option<HeaderValue>,
+    ) -> Request<Body> {
         let extensions = std::mem::take(&mut self.extensions);
-        self.build(body, token, inject, extensions)
+        self.build(body, token, inject, proof, extensions)
     }
 
     fn build(
@@ -309,6 +390,7 @@ impl Outgoing {
         body: Body,
         token: &Token,
         inject: &HeaderName,
+        proof: Option<HeaderValue>,
         extensions: Extensions,
     ) -> Request<Body> {
         let mut req = Request::new(body);
@@ -317,10 +399,25 @@ impl Outgoing {
         *req.version_mut() = Version::HTTP_11;
         let mut headers = self.headers.clone();
         headers.insert(inject.clone(), token.header.clone());
+        if let Some(proof) = proof {
+            headers.insert(DPOP_HEADER.clone(), proof);
+        }
         *req.headers_mut() = headers;
         *req.extensions_mut() = extensions;
         req
     }
+}
+
+/// Loads the client's DPoP key before the first proof sent with its own
+/// `token` (once; then a check). A subject's token carries its own key.
+async fn ready_key(client: &ClientRuntime, token: &Token) -> Result<(), ProxyError> {
+    if let (Some(dpop), None) = (&client.dpop, &token.dpop_key) {
+        dpop.key().await.map_err(|e| ProxyError::TokenUnavailable {
+            reason: e.to_string(),
+            retry_after: Duration::from_secs(1),
+        })?;
+    }
+    Ok(())
 }
 
 async fn forward(
@@ -333,6 +430,12 @@ async fn forward(
     grpc: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
+    let asked = upgrade::asked(client.upgrades.as_ref(), &parts);
+    if let upgrade::Asked::NotAllowed = asked {
+        client
+            .metrics
+            .upgrade(OTHER_PROTOCOL, UpgradeOutcome::NotAllowed);
+    }
     let mut uri = http::uri::Parts::default();
     if client.pool.is_none() {
         // The shared client wants the absolute form (it picks the pool by it); our own
@@ -365,6 +468,25 @@ async fn forward(
         headers: parts.headers,
         extensions: parts.extensions,
     };
+    if let (upgrade::Asked::Allowed(offer), Some(upgrades)) = (asked, &client.upgrades) {
+        // `asked` saw the server's hold, which comes with hyper's hand-over.
+        if let Some(app) = upgrade::AppSide::take(&mut outgoing.extensions) {
+            let handshake = upgrade::Handshake {
+                outgoing,
+                body: incoming,
+                app,
+                offer,
+                subject,
+                request_id,
+            };
+            // Boxed: a tunnel's state would otherwise make every request's future
+            // larger, and each is moved (copied) on its way into hyper's task.
+            return Box::pin(upgrade::forward(client, upgrades, handshake, exchange)).await;
+        }
+    }
+    // Served as a plain request: the app's connection is not handed over, and
+    // nothing of that hand-over goes upstream with the extensions.
+    let _not_upgraded = upgrade::AppSide::take(&mut outgoing.extensions);
 
     // A gRPC call's request may be a stream the client writes as the answers come
     // (and may idle between messages): it is forwarded as it arrives, never held
@@ -388,17 +510,57 @@ async fn forward(
     })?;
 
     let token = take_token(client, subject, exchange).await?;
+    ready_key(client, &token).await?;
     // In the template too, so that each copy only replaces the value (a copy has no
     // spare capacity, and adding a header to it would grow it).
     outgoing
         .headers
         .insert(client.inject_header.clone(), token.header.clone());
+    if client.dpop.is_some() {
+        // The app's own proof, if any, is replaced (and its place kept).
+        outgoing
+            .headers
+            .insert(DPOP_HEADER.clone(), HeaderValue::from_static(""));
+    }
     match body {
         RequestBody::Buffered(bytes, _reservation) => {
             let replayable = client.may_replay(&outgoing);
-            let first =
+            let mut first =
                 send_buffered(client, http, &mut outgoing, &bytes, &token, replayable).await?;
             exchange.upstream_status = Some(first.status().as_u16());
+            if client.is_unauthorized(first.status()) && nonce_demanded(client, &first) {
+                // The API wants a (newer) DPoP nonce, which send_once kept: the
+                // token is not the problem, so it is sent again, with a new proof
+                // carrying the nonce, when that is safe; never retired. A nonce
+                // no proof may carry is not kept: sending again would only double
+                // the request.
+                if !client.may_replay(&outgoing) || !offers_usable_nonce(first.headers()) {
+                    client
+                        .metrics
+                        .unauthorized_retry(RetryOutcome::NotReplayable);
+                    return Ok(first);
+                }
+                if let Some(dpop) = &client.dpop {
+                    dpop.nonce_retry(NonceWhere::Upstream);
+                }
+                drop(first);
+                exchange.replayed = true;
+                first = send_buffered(client, http, &mut outgoing, &bytes, &token, false).await?;
+                exchange.upstream_status = Some(first.status().as_u16());
+                if client.is_unauthorized(first.status()) && !nonce_demanded(client, &first) {
+                    // Replayed once already: the next requests meet a new token.
+                    let _decision = on_unauthorized(
+                        client,
+                        subject,
+                        &token,
+                        says_invalid_token(first.headers()),
+                    );
+                }
+                first
+                    .headers_mut()
+                    .insert(REPLAYED_HEADER.clone(), HeaderValue::from_static("1"));
+                return Ok(first);
+            }
             if !client.is_unauthorized(first.status()) {
                 return Ok(first);
             }
@@ -439,14 +601,21 @@ async fn forward(
             Ok(second)
         }
         RequestBody::Streaming(stream) => {
+            let proof = client.proof(&outgoing, &token)?;
             let response = send(
                 client,
                 http,
-                outgoing.last_request(stream, &token, &client.inject_header),
+                outgoing.last_request(stream, &token, &client.inject_header, proof),
             )
             .await?;
             exchange.upstream_status = Some(response.status().as_u16());
-            if client.is_unauthorized(response.status())
+            if client.is_unauthorized(response.status()) && nonce_demanded(client, &response) {
+                // Not sent again (nothing was buffered); the nonce is kept for the
+                // next request, and the token is not the problem.
+                client
+                    .metrics
+                    .unauthorized_retry(RetryOutcome::NotReplayable);
+            } else if client.is_unauthorized(response.status())
                 || (grpc && grpc_unauthenticated(response.headers()))
             {
                 // Not sent again, but the next requests should not meet the same 401.
@@ -607,18 +776,20 @@ async fn send_buffered(
     again: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let retry = is_safe(&outgoing.method);
-    let mut request = |last: bool| {
+    // A new DPoP proof for every send, the retry of a broken one included.
+    let mut request = |last: bool| -> Result<Request<Body>, ProxyError> {
+        let proof = client.proof(outgoing, token)?;
         let body = body::full(bytes.clone());
-        if last {
-            outgoing.last_request(body, token, &client.inject_header)
+        Ok(if last {
+            outgoing.last_request(body, token, &client.inject_header, proof)
         } else {
-            outgoing.request(body, token, &client.inject_header)
-        }
+            outgoing.request(body, token, &client.inject_header, proof)
+        })
     };
-    match send_once(client, http, request(!again && !retry)).await {
+    match send_once(client, http, request(!again && !retry)?).await {
         Err(Failure::Broken(e)) if retry => {
             debug!(client = %client.name, error = %e, "connection broke before a response; retrying a safe request once");
-            send_once(client, http, request(!again))
+            send_once(client, http, request(!again)?)
                 .await
                 .map_err(Failure::into_error)
         }
@@ -705,9 +876,23 @@ async fn send_once(
         }
     };
     let (mut parts, body) = response.into_parts();
+    if let Some(dpop) = &client.dpop {
+        // Every answer may carry the API's next nonce, 200s included.
+        dpop.note_api_nonce(&parts.headers);
+    }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_sidecar_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body))
+}
+
+/// Whether the API answered a DPoP client's request with `use_dpop_nonce`
+/// and a nonce (RFC 9449 §9): the proof, not the token, was refused.
+fn nonce_demanded<B>(client: &ClientRuntime, response: &Response<B>) -> bool {
+    client.dpop.is_some()
+        && demands_nonce(response.headers())
+        && response
+            .headers()
+            .contains_key(&crate::token::dpop::NONCE_HEADER)
 }
 
 /// Runs `f` when dropped.

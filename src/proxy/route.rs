@@ -38,6 +38,11 @@ impl ListenerRoutes {
         self.addr
     }
 
+    /// The clients served here, longest path prefix first.
+    pub fn client_names(&self) -> Vec<&str> {
+        self.routes.iter().map(|(_, c)| c.name.as_str()).collect()
+    }
+
     /// The client for `req` and the path-and-query to send upstream (prefix stripped).
     pub fn route<B>(
         &self,

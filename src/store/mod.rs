@@ -27,6 +27,9 @@
 //! replica talks to the provider, and a record read reports another process's
 //! spending mark on it ([`Loaded::spent_elsewhere`]); see `redis.rs`.
 //!
+//! A client with `[dpop]` has one more record beside its token record: its
+//! DPoP key, written once and shared by every process (see `dpop_key.rs`).
+//!
 //! Records written by earlier versions live under the bare client name and are
 //! bound only to client id, token URL, user and scope. When a client has no
 //! record under its identity, such a record is taken over once, if that older
@@ -35,6 +38,7 @@
 //! Its `params`, grant and bootstrap origin cannot be checked (the old format
 //! did not record them); this is logged.
 
+mod dpop_key;
 mod file;
 mod file_subjects;
 mod private_file;
@@ -42,7 +46,9 @@ mod redis;
 mod seal;
 mod subjects;
 
-pub use subjects::{SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, SubjectStore};
+pub use subjects::{
+    SubjectKey, SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, SubjectStore,
+};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -216,6 +222,9 @@ pub struct Store {
     scope: Arc<str>,
     /// The memory store's subjects.
     memory: Arc<subjects::MemorySubjects>,
+    /// The memory store's DPoP keys, by record name: a reloaded client of the
+    /// same account keeps its key, as with the other stores.
+    dpop_keys: Arc<Mutex<std::collections::HashMap<String, Secret>>>,
 }
 
 enum Backend {
@@ -246,6 +255,7 @@ impl Store {
             sealer: keys.map(|(key, previous)| Arc::new(Sealer::new(key, previous))),
             scope: Arc::from(scope),
             memory: Arc::default(),
+            dpop_keys: Arc::default(),
         })
     }
 

@@ -417,7 +417,28 @@ impl RedisBackend {
         replace: Option<&Unopened>,
         durable: bool,
     ) -> Result<Saved, StoreError> {
-        let key = self.key(name, "token");
+        self.save_at(name, "token", envelope, replace, durable)
+            .await
+    }
+
+    /// The record `PREFIX:{NAME}:what` (a client's DPoP key beside its token),
+    /// read as [`RedisBackend::load`] reads a token record, without looking
+    /// for records of earlier versions.
+    pub(crate) async fn load_at(&self, name: &str, what: &str) -> Result<Option<Read>, StoreError> {
+        self.read(&self.key(name, what)).await
+    }
+
+    /// A fenced write of the record `PREFIX:{NAME}:what`, as [`RedisBackend::save`]
+    /// writes a token record.
+    pub(crate) async fn save_at(
+        &self,
+        name: &str,
+        what: &str,
+        envelope: &Envelope,
+        replace: Option<&Unopened>,
+        durable: bool,
+    ) -> Result<Saved, StoreError> {
+        let key = self.key(name, what);
         let mut invocation = self.save.key(&key);
         invocation
             .arg(envelope.generation)

@@ -91,6 +91,19 @@ pub struct SubjectRecord {
     pub generation: u64,
     pub meta: SubjectMeta,
     pub tokens: TokenState,
+    /// The subject's DPoP key (`[dpop]`), sealed with its tokens: the tokens
+    /// of a record are bound to the key of that record, so a fenced write
+    /// of the record keeps the two together, and deleting it deletes both.
+    pub dpop_key: Option<SubjectKey>,
+}
+
+/// A subject's DPoP key as its record holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectKey {
+    /// The JWS `alg` it signs with (`ES256`, `EdDSA`).
+    pub alg: String,
+    /// The PKCS#8 document, standard base64.
+    pub pkcs8: Secret,
 }
 
 /// The result of reading one subject.
@@ -98,8 +111,8 @@ pub struct SubjectRecord {
 pub enum SubjectLoad {
     /// No record.
     Missing,
-    /// A record this client can use.
-    Found(SubjectRecord),
+    /// A record this client can use (boxed: the other variants are small).
+    Found(Box<SubjectRecord>),
     /// A record that does not open (another key, copied from elsewhere,
     /// damaged): never used; `generation` is what it claims, so that an
     /// operator's import can replace it.
@@ -143,6 +156,15 @@ struct SubjectPlain {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
     obtained_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dpop: Option<PlainKey>,
+}
+
+/// A DPoP key in the sealed content.
+#[derive(Serialize, Deserialize)]
+struct PlainKey {
+    alg: String,
+    pkcs8: String,
 }
 
 /// One client's subjects.
@@ -368,6 +390,10 @@ impl SubjectStore {
             lifetime_ms: t.lifetime.map(|l| l.as_millis() as u64),
             refresh_token: t.refresh_token.as_ref().map(|s| s.expose().to_owned()),
             obtained_at_ms: to_ms(t.obtained_at),
+            dpop: record.dpop_key.as_ref().map(|k| PlainKey {
+                alg: k.alg.clone(),
+                pkcs8: k.pkcs8.expose().to_owned(),
+            }),
         };
         let plain = serde_json::to_vec(&plain).unwrap_or_default();
         let data = match &self.store.sealer {
@@ -418,7 +444,7 @@ impl SubjectStore {
         let Ok(plain) = serde_json::from_slice::<SubjectPlain>(&plain) else {
             return not_opened("it opens, but its content is not a subject's tokens");
         };
-        SubjectLoad::Found(SubjectRecord {
+        SubjectLoad::Found(Box::new(SubjectRecord {
             generation,
             tokens: TokenState {
                 access_token: plain.access_token.map(Secret::new),
@@ -429,7 +455,11 @@ impl SubjectStore {
                 obtained_at: from_ms(plain.obtained_at_ms),
             },
             meta,
-        })
+            dpop_key: plain.dpop.map(|k| SubjectKey {
+                alg: k.alg,
+                pkcs8: Secret::new(k.pkcs8),
+            }),
+        }))
     }
 }
 

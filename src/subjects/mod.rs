@@ -15,9 +15,11 @@
 //!
 //! A token is cached under its subject's id and handed out only for that id:
 //! a request for subject A never carries subject B's token, whatever races,
-//! evictions or reloads happen.
+//! evictions or reloads happen. With `[dpop]`, each subject's tokens are bound
+//! to a key of its own, which the cached token carries (`key.rs`).
 
 mod budget;
+mod key;
 mod maintain;
 mod refresh;
 
@@ -38,6 +40,7 @@ use crate::secret::Secret;
 use crate::store::{SubjectRecord, SubjectStore};
 use crate::token::{Token, TokenEndpoint, Unauthorized, UNAUTHORIZED_MIN_AGE};
 
+pub use key::KeyPair;
 pub use maintain::maintain;
 
 /// The longest subject id.
@@ -106,6 +109,8 @@ pub(crate) struct Inner {
     config: SubjectsConfig,
     token: Arc<TokenConfig>,
     inject: InjectConfig,
+    /// `[dpop]`: the alg of the keys made for subjects.
+    dpop: Option<crate::jose::Alg>,
     wait_timeout: Duration,
     store: SubjectStore,
     endpoint: TokenEndpoint,
@@ -156,6 +161,7 @@ impl Subjects {
                 client: client.name.clone(),
                 token: Arc::new(client.token.clone()),
                 inject: client.inject.clone(),
+                dpop: client.dpop.as_ref().map(|d| d.alg),
                 wait_timeout: client.token_wait_timeout,
                 store,
                 endpoint,
@@ -417,7 +423,8 @@ impl Subjects {
     }
 
     /// Builds the record to store for tokens a person or an operator brought
-    /// (connect, import), one generation above `previous`.
+    /// (connect, import), one generation above `previous`, with the DPoP key
+    /// they are bound to ([`Subjects::key_for_new_tokens`]).
     pub fn new_record(
         &self,
         previous: u64,
@@ -425,14 +432,17 @@ impl Subjects {
         refresh_token: Option<Secret>,
         refresh_lifetime: Option<Duration>,
         connected_at: Option<SystemTime>,
+        dpop_key: Option<crate::store::SubjectKey>,
     ) -> SubjectRecord {
-        self.inner.record_for(
+        let mut record = self.inner.record_for(
             previous,
             access,
             refresh_token,
             refresh_lifetime,
             connected_at,
-        )
+        );
+        record.dpop_key = dpop_key;
+        record
     }
 }
 
@@ -486,9 +496,11 @@ impl Inner {
         }
     }
 
-    /// Makes `record`'s access token the subject's cached token, if it is usable.
+    /// Makes `record`'s access token the subject's cached token, if it is
+    /// usable (with `[dpop]`: if the record holds the key it is bound to).
     fn install(&self, subject: &str, record: &SubjectRecord) -> Option<Arc<Token>> {
         let access = record.tokens.access_token.as_ref()?;
+        let (dpop_ath, dpop_key) = self.token_key(subject, record, access.expose())?.unzip();
         let now = Instant::now();
         let wall_now = self.clock.wall_now();
         let remaining = match record.tokens.access_expires_at {
@@ -511,6 +523,8 @@ impl Inner {
         let token = Arc::new(Token {
             generation,
             header,
+            dpop_ath,
+            dpop_key,
             usable_until: remaining.and_then(|r| now.checked_add(r)),
             installed_at,
         });

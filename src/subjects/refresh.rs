@@ -73,7 +73,7 @@ impl Inner {
             return Ok(Some(pending.clone()));
         }
         match self.store.get(subject).await {
-            Ok(SubjectLoad::Found(record)) => Ok(Some(record)),
+            Ok(SubjectLoad::Found(record)) => Ok(Some(*record)),
             Ok(SubjectLoad::Missing) => Ok(None),
             Ok(SubjectLoad::NotOpened { problem, .. }) => {
                 warn!(client = %self.client, subject, problem = %problem,
@@ -253,10 +253,15 @@ impl Inner {
                 reason,
             }));
         };
+        let key = self.refresh_key(subject, record).map_err(Rejected::Error)?;
         let started = Instant::now();
         let result = self
             .endpoint
-            .call(&self.token, GrantKind::Refresh(&refresh_token))
+            .call_signed(
+                &self.token,
+                GrantKind::Refresh(&refresh_token),
+                key.as_ref().map(|(_, k)| &**k),
+            )
             .await;
         let elapsed = started.elapsed().as_secs_f64();
         let set = match result {
@@ -267,9 +272,27 @@ impl Inner {
                 return Err(self.refresh_failed(subject, record, e).await);
             }
         };
+        // A Bearer token answering a DPoP-signed request is bound to no key:
+        // never sent, but the refresh token it came with is stored.
+        let unbound = (self.dpop.is_some() && !set.is_dpop()).then(|| TokenError::Unusable {
+            url: crate::secret::display_url(
+                self.token.refresh_url.as_ref().unwrap_or(&self.token.url),
+            ),
+            reason: format!(
+                "token_type is not DPoP: the provider did not bind subject {subject:?}'s token to its DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
+                self.client
+            ),
+        });
+        let outcome = if unbound.is_some() {
+            Outcome::Error
+        } else {
+            Outcome::Success
+        };
         self.metrics
-            .token_request(trigger, "refresh_token", Outcome::Success, elapsed);
-        self.backoff.remove(subject);
+            .token_request(trigger, "refresh_token", outcome, elapsed);
+        if unbound.is_none() {
+            self.backoff.remove(subject);
+        }
         let rotated = set.refresh_token.is_some();
         let mut new = self.record_for(
             record.generation,
@@ -278,6 +301,13 @@ impl Inner {
             set.refresh_token_lifetime,
             Some(crate::store::from_ms(record.meta.connected_at_ms)),
         );
+        new.dpop_key = key.map(|(stored, _)| stored);
+        if unbound.is_some() {
+            new.tokens.access_token = None;
+            new.tokens.access_expires_at = None;
+            new.meta.access_expires_at_ms = None;
+            new.meta.last_outcome = Some("error".to_owned());
+        }
         if !rotated && set.refresh_token_lifetime.is_none() {
             // The refresh token was not renewed: its expiry stays what it was.
             new.tokens.refresh_expires_at = record.tokens.refresh_expires_at;
@@ -306,6 +336,9 @@ impl Inner {
                     "the subject's new tokens could not be stored; they are kept in memory and written again");
                 self.pending.insert(subject.to_owned(), new.clone());
             }
+        }
+        if let Some(e) = unbound {
+            return Err(self.refresh_failed(subject, &new, e).await);
         }
         info!(client = %self.client, subject, trigger = trigger.as_str(), generation = new.generation,
             rotated, "subject token obtained");
@@ -390,7 +423,8 @@ impl Inner {
         }
     }
 
-    /// A valid record one generation above `previous` holding these tokens.
+    /// A valid record one generation above `previous` holding these tokens
+    /// (and no DPoP key: the caller sets the one they are bound to).
     pub(super) fn record_for(
         &self,
         previous: u64,
@@ -424,6 +458,7 @@ impl Inner {
                 refresh_expires_at,
                 obtained_at: wall_now,
             },
+            dpop_key: None,
         }
     }
 

@@ -1,11 +1,13 @@
 //! Building token endpoint requests: grant parameters, client authentication
-//! (`basic` | `body` | `none`) and body encoding (`form` | `json`).
+//! (`basic` | `body` | `both` | `none`, a client assertion, or `client_id` beside
+//! a TLS client certificate) and body encoding (`form` | `json`).
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderMap, HeaderValue, Method, Request};
 
+use super::assertion::Assertion;
 use super::redact::Redactor;
 use crate::config::{BodyFormat, ClientAuth, Grant, TokenConfig};
 use crate::http::body::{full, Body};
@@ -48,10 +50,12 @@ impl GrantKind<'_> {
     }
 }
 
-/// The token endpoint request for `kind`.
+/// The token endpoint request for `kind`, with `assertion` when the client
+/// authenticates with one (made for this request alone).
 pub(crate) fn build_request(
     config: &TokenConfig,
     kind: GrantKind<'_>,
+    assertion: Option<&Assertion<'_>>,
 ) -> Result<Request<Body>, http::Error> {
     // Values are borrowed from config/secrets; the Vec lives only for this call.
     let mut params: Vec<(&str, &str)> = Vec::with_capacity(8);
@@ -107,8 +111,10 @@ pub(crate) fn build_request(
                 .unwrap_or(""),
         )
     });
-    // Public clients (`none`) still identify themselves with client_id.
-    if in_body || config.client_auth == ClientAuth::None {
+    // Public clients (`none`) and the secretless methods still identify
+    // themselves with client_id: RFC 8705 §2.1 requires it beside a certificate,
+    // and some providers want it beside an assertion too.
+    if !in_header || in_body {
         if let Some(id) = &config.client_id {
             params.push(("client_id", id));
         }
@@ -117,6 +123,10 @@ pub(crate) fn build_request(
         if let Some(secret) = &config.client_secret {
             params.push(("client_secret", secret.expose()));
         }
+    }
+    if let Some(a) = assertion {
+        params.push(("client_assertion_type", a.assertion_type));
+        params.push(("client_assertion", a.value.expose()));
     }
 
     let (content_type, body) = match config.body {
@@ -148,15 +158,33 @@ pub(crate) fn build_request(
     if let Some(value) = basic {
         builder = builder.header(AUTHORIZATION, value);
     }
-    builder.body(full(Bytes::from(body)))
+    let mut request = builder.body(full(Bytes::from(body)))?;
+    add_configured_headers(request.headers_mut(), config);
+    Ok(request)
+}
+
+/// `token.headers` (a provider's version header, say). Config refuses every
+/// header tokenproxy sets itself, so these add to the request; only `Accept`
+/// can be replaced.
+fn add_configured_headers(headers: &mut HeaderMap, config: &TokenConfig) {
+    for (name, value) in &config.headers {
+        headers.insert(name.clone(), value.clone());
+    }
 }
 
 /// Every credential the request for `kind` may carry, to scrub from the provider's answer:
-/// the client secret (also as Basic credentials), the password, the refresh token (the
+/// the client assertion, the client secret (also as Basic credentials), the password, the refresh token (the
 /// one sent and the configured one), the authorization code and PKCE verifier, and
 /// extra grant parameters whose name says they are credentials (`client_assertion`, ...).
-pub(crate) fn redactor(config: &TokenConfig, kind: GrantKind<'_>) -> Redactor {
+pub(crate) fn redactor(
+    config: &TokenConfig,
+    kind: GrantKind<'_>,
+    assertion: Option<&Assertion<'_>>,
+) -> Redactor {
     let mut r = Redactor::default();
+    if let Some(a) = assertion {
+        r.secret(a.value.expose());
+    }
     if let Some(secret) = &config.client_secret {
         r.basic(config.client_id.as_deref().unwrap_or(""), secret.expose());
     }
@@ -174,6 +202,12 @@ pub(crate) fn redactor(config: &TokenConfig, kind: GrantKind<'_>) -> Redactor {
             if let Some(v) = verifier {
                 r.secret(v.expose());
             }
+        }
+    }
+    // A header value named like a credential (an API key) is one.
+    for (_, value) in config.headers.iter().filter(|(_, v)| v.is_sensitive()) {
+        if let Ok(value) = value.to_str() {
+            r.secret(value);
         }
     }
     for (name, value) in &config.params {
@@ -227,7 +261,8 @@ mod tests {
     #[tokio::test]
     async fn client_credentials_form_with_basic_auth_scope_and_params() {
         let c = token_config("scope = \"payments read\"\nparams = { audience = \"api\" }");
-        let (parts, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        let (parts, body) =
+            body_of(build_request(&c, GrantKind::Primary, None).expect("request")).await;
         assert_eq!(parts.method, Method::POST);
         assert_eq!(
             parts.headers[CONTENT_TYPE],
@@ -245,7 +280,8 @@ mod tests {
     #[tokio::test]
     async fn json_body_with_body_auth_carries_the_credentials_as_members() {
         let c = token_config("client_auth = \"body\"\nbody = \"json\"");
-        let (parts, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        let (parts, body) =
+            body_of(build_request(&c, GrantKind::Primary, None).expect("request")).await;
         assert_eq!(parts.headers[CONTENT_TYPE], "application/json");
         assert!(parts.headers.get(AUTHORIZATION).is_none());
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -257,7 +293,8 @@ mod tests {
     #[tokio::test]
     async fn both_sends_basic_and_body_credentials() {
         let c = token_config("client_auth = \"both\"");
-        let (parts, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        let (parts, body) =
+            body_of(build_request(&c, GrantKind::Primary, None).expect("request")).await;
         assert!(parts.headers.get(AUTHORIZATION).is_some());
         assert!(body.contains("client_id=id") && body.contains("client_secret=sec+ret"));
     }
@@ -268,13 +305,125 @@ mod tests {
             "grant = \"password\"\nusername = \"alice\"\npassword = \"p&w\"\n\
              refresh_url = \"https://auth.example/refresh\"",
         );
-        let (_, body) = body_of(build_request(&c, GrantKind::Primary).expect("request")).await;
+        let (_, body) =
+            body_of(build_request(&c, GrantKind::Primary, None).expect("request")).await;
         assert_eq!(body, "grant_type=password&username=alice&password=p%26w");
         let rt = Secret::new("rt-1");
         let (parts, body) =
-            body_of(build_request(&c, GrantKind::Refresh(&rt)).expect("request")).await;
+            body_of(build_request(&c, GrantKind::Refresh(&rt), None).expect("request")).await;
         assert_eq!(parts.uri, "https://auth.example/refresh");
         assert_eq!(body, "grant_type=refresh_token&refresh_token=rt-1");
+    }
+
+    /// A client without a secret, keys on a fake file system.
+    fn secretless(extra: &str) -> TokenConfig {
+        let env = MapEnv::new()
+            .file("/k/rsa.pem", crate::jose::tests::RSA_PEM)
+            .file("/k/client.crt", TLS_CERT.0.as_str())
+            .file("/k/client.key", TLS_CERT.1.as_str());
+        let text = format!(
+            "[clients.c]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://api\"\n\
+             [clients.c.token]\nurl = \"https://auth.example/token\"\nclient_id = \"id\"\n{extra}"
+        );
+        config::from_str(&text, None, &env)
+            .expect("valid config")
+            .clients
+            .remove(0)
+            .token
+    }
+
+    static TLS_CERT: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
+        let c = rcgen::generate_simple_self_signed(vec!["id".into()]).expect("certificate");
+        (c.cert.pem(), c.key_pair.serialize_pem())
+    });
+
+    #[tokio::test]
+    async fn an_assertion_goes_in_the_body_with_its_type_and_the_client_id() {
+        let c = secretless("client_auth = \"private_key_jwt\"\nsigning_key_file = \"/k/rsa.pem\"");
+        let assertion = Assertion {
+            assertion_type: crate::config::JWT_BEARER_ASSERTION,
+            value: Secret::new("h.p.s"),
+        };
+        let request = build_request(&c, GrantKind::Primary, Some(&assertion)).expect("request");
+        let (parts, body) = body_of(request).await;
+        assert!(
+            parts.headers.get(AUTHORIZATION).is_none(),
+            "no Basic credentials beside an assertion"
+        );
+        assert_eq!(
+            body,
+            "grant_type=client_credentials&client_id=id&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=h.p.s"
+        );
+        let r = redactor(&c, GrantKind::Primary, Some(&assertion));
+        assert!(
+            !r.scrub("echo: h.p.s").contains("h.p.s"),
+            "a provider echoing the assertion is scrubbed"
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_client_auth_sends_only_the_client_id() {
+        let c = secretless(
+            "client_auth = \"tls_client_auth\"\n[clients.c.token.tls]\n\
+             client_cert_file = \"/k/client.crt\"\nclient_key_file = \"/k/client.key\"",
+        );
+        let (parts, body) =
+            body_of(build_request(&c, GrantKind::Primary, None).expect("request")).await;
+        assert!(
+            parts.headers.get(AUTHORIZATION).is_none(),
+            "no Basic credentials"
+        );
+        assert_eq!(body, "grant_type=client_credentials&client_id=id");
+    }
+
+    #[tokio::test]
+    async fn configured_headers_go_on_grant_refresh_and_revocation_requests() {
+        let c = token_config(
+            "refresh_url = \"https://auth.example/refresh\"\n\
+             headers = { \"Square-Version\" = \"2026-01-22\", Accept = \"application/vnd.pos+json\" }",
+        );
+        let rt = Secret::new("rt-1");
+        let revoke_url: http::Uri = "https://auth.example/revoke".parse().expect("uri");
+        let kinds = [
+            ("grant", GrantKind::Primary),
+            ("refresh", GrantKind::Refresh(&rt)),
+            (
+                "revocation",
+                GrantKind::Revoke {
+                    url: &revoke_url,
+                    token: &rt,
+                },
+            ),
+        ];
+        for (what, kind) in kinds {
+            let (parts, _) = body_of(build_request(&c, kind, None).expect("request")).await;
+            assert_eq!(
+                parts.headers.get("square-version").map(|v| v.as_bytes()),
+                Some(&b"2026-01-22"[..]),
+                "the {what} request carries the configured header"
+            );
+            assert_eq!(
+                parts.headers.get_all(ACCEPT).iter().collect::<Vec<_>>(),
+                ["application/vnd.pos+json"],
+                "the {what} request's Accept is the configured one, once"
+            );
+            assert!(
+                parts.headers[AUTHORIZATION]
+                    .to_str()
+                    .is_ok_and(|v| v.starts_with("Basic ")),
+                "the {what} request keeps its client credentials"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_value_named_like_a_credential_is_scrubbed_from_provider_text() {
+        let c = token_config("headers = { \"X-Api-Key\" = \"ak-Zq81-value\" }");
+        let r = redactor(&c, GrantKind::Primary, None);
+        assert!(
+            !r.scrub("unknown key ak-Zq81-value").contains("ak-Zq81"),
+            "a provider echoing the API key header is scrubbed"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! 401s causes at most one refresh, 401-triggered refreshes are rate-limited, and
 //! the old token keeps serving until a new one is installed.
 
+mod assertion;
 mod dialect;
+pub mod dpop;
 mod redact;
 mod refresher;
 pub mod response;
@@ -26,6 +28,7 @@ use tokio::time::Instant;
 
 pub use crate::metrics::{Outcome, State, Trigger};
 pub(crate) use dialect::GrantKind;
+pub use dpop::{Dpop, LazyProofKey};
 pub(crate) use refresher::{backoff_delay, error_chain, refresh_margin};
 pub use refresher::{Exit, Handover, Refresher, TokenEndpoint, TokenError};
 use state::StateCell;
@@ -37,6 +40,10 @@ pub struct Token {
     pub generation: u64,
     /// The complete injected header value (`Bearer …`), marked sensitive.
     pub header: HeaderValue,
+    /// For a DPoP-bound token, the `ath` of its proofs: base64url(SHA-256(token)).
+    pub dpop_ath: Option<String>,
+    /// A subject's token: the key of its proofs (the client's own key otherwise).
+    pub dpop_key: Option<Arc<LazyProofKey>>,
     /// After this instant the token is not used any more.
     pub usable_until: Option<Instant>,
     /// When it was installed (published by the refresher).
@@ -418,6 +425,8 @@ mod tests {
         Arc::new(Token {
             generation,
             header: HeaderValue::from_static("Bearer t"),
+            dpop_ath: None,
+            dpop_key: None,
             usable_until: Some(now + Duration::from_secs(3600)),
             installed_at: now,
         })
@@ -550,6 +559,8 @@ mod tests {
         shared.current.store(Some(Arc::new(Token {
             generation: 1,
             header: HeaderValue::from_static("Bearer t"),
+            dpop_ath: None,
+            dpop_key: None,
             usable_until: None,
             installed_at: Instant::now(),
         })));

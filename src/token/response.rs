@@ -22,6 +22,7 @@ use http::StatusCode;
 use serde_json::{Map, Value};
 
 use super::redact::Redactor;
+use crate::config::{ErrorMeaning, ErrorRule, FieldPath, ResponseMapping, TimestampUnit};
 use crate::secret::Secret;
 
 /// Longest lifetime kept (10 × 365 days); longer stated lifetimes are clamped to it.
@@ -46,43 +47,54 @@ const JWT_BASE64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
-/// A response field: its canonical (snake_case) name, used in errors, and its aliases.
+/// A response field: its canonical (snake_case) name, used in errors and as its
+/// key in `[token.response]`; its standard names; and where a configured
+/// [`ResponseMapping`] puts it instead.
 struct Field {
     name: &'static str,
     aliases: &'static [&'static str],
+    mapped: fn(&ResponseMapping) -> Option<&FieldPath>,
 }
 
 const ACCESS_TOKEN: Field = Field {
     name: "access_token",
     aliases: &["access_token", "accessToken"],
+    mapped: |m| m.access_token.as_ref(),
 };
 const TOKEN_TYPE: Field = Field {
     name: "token_type",
     aliases: &["token_type", "tokenType"],
+    mapped: |m| m.token_type.as_ref(),
 };
 const EXPIRES_IN: Field = Field {
     name: "expires_in",
     aliases: &["expires_in", "expiresIn"],
+    mapped: |m| m.expires_in.as_ref(),
 };
 const EXPIRES_AT: Field = Field {
     name: "expires_at",
     aliases: &["expires_at", "expiresAt"],
+    mapped: |m| m.expires_at.as_ref(),
 };
 const REFRESH_TOKEN: Field = Field {
     name: "refresh_token",
     aliases: &["refresh_token", "refreshToken"],
+    mapped: |m| m.refresh_token.as_ref(),
 };
 const REFRESH_EXPIRES_IN: Field = Field {
     name: "refresh_token_expires_in",
     aliases: &["refresh_token_expires_in", "refreshTokenExpiresIn"],
+    mapped: |m| m.refresh_token_expires_in.as_ref(),
 };
 const REFRESH_EXPIRES_AT: Field = Field {
     name: "refresh_token_expires_at",
     aliases: &["refresh_token_expires_at", "refreshTokenExpiresAt"],
+    mapped: |m| m.refresh_token_expires_at.as_ref(),
 };
 const SCOPE: Field = Field {
     name: "scope",
     aliases: &["scope"],
+    mapped: |m| m.scope.as_ref(),
 };
 
 /// A successful token response, normalized.
@@ -144,6 +156,14 @@ impl TokenSet {
         }
     }
 
+    /// True when token_type is "DPoP" in any case (RFC 9449 §5): the token is
+    /// bound to the key of the request's proof.
+    pub fn is_dpop(&self) -> bool {
+        self.token_type
+            .as_deref()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("dpop"))
+    }
+
     /// True when either lifetime was clamped to [`MAX_LIFETIME`] (the caller logs it).
     pub fn clamped(&self) -> bool {
         self.lifetime == Some(MAX_LIFETIME) || self.refresh_token_lifetime == Some(MAX_LIFETIME)
@@ -169,15 +189,19 @@ pub enum ResponseError {
     },
 }
 
-fn bad_field(field: &Field, reason: impl Into<String>) -> ResponseError {
-    ResponseError::BadField {
-        field: field.name,
-        reason: reason.into(),
-    }
+/// Parses a 2xx body, reading each field under its standard names.
+/// `now` is the wall clock (injected, for expires_at and JWT exp).
+pub fn parse_success(body: &[u8], now: SystemTime) -> Result<TokenSet, ResponseError> {
+    parse_success_with(body, now, &ResponseMapping::default())
 }
 
-/// Parses a 2xx body. `now` is the wall clock (injected, for expires_at and JWT exp).
-pub fn parse_success(body: &[u8], now: SystemTime) -> Result<TokenSet, ResponseError> {
+/// Parses a 2xx body as `mapping` says: a mapped field is read only at its
+/// path, in its unit; the others under their standard names.
+pub fn parse_success_with(
+    body: &[u8],
+    now: SystemTime,
+    mapping: &ResponseMapping,
+) -> Result<TokenSet, ResponseError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ResponseError::NotJson(e.to_string()))?;
     let obj = match value {
@@ -189,42 +213,88 @@ pub fn parse_success(body: &[u8], now: SystemTime) -> Result<TokenSet, ResponseE
             )))
         }
     };
+    let r = Reader { obj: &obj, mapping };
 
-    let access_token = access_token(&obj)?;
+    let access_token = access_token(&r)?;
 
-    let (lifetime, lifetime_source) = match stated_lifetime(&obj, &EXPIRES_IN, &EXPIRES_AT, now)? {
-        Some((lifetime, source)) => (Some(lifetime), source),
-        None => match jwt_exp(access_token.expose()) {
-            Some(exp) => (Some(clamp(remaining(exp, now))), LifetimeSource::JwtExp),
-            None => (None, LifetimeSource::None),
-        },
-    };
-    let refresh_token_lifetime =
-        stated_lifetime(&obj, &REFRESH_EXPIRES_IN, &REFRESH_EXPIRES_AT, now)?.map(|(d, _)| d);
+    let access_unit = mapping.expires_at_unit;
+    let (lifetime, lifetime_source) =
+        match stated_lifetime(&r, &EXPIRES_IN, &EXPIRES_AT, access_unit, now)? {
+            Some((lifetime, source)) => (Some(lifetime), source),
+            None => match jwt_exp(access_token.expose()) {
+                Some(exp) => (Some(clamp(remaining(exp, now))), LifetimeSource::JwtExp),
+                None => (None, LifetimeSource::None),
+            },
+        };
+    let refresh_unit = mapping.refresh_token_expires_at_unit;
+    let refresh_token_lifetime = stated_lifetime(
+        &r,
+        &REFRESH_EXPIRES_IN,
+        &REFRESH_EXPIRES_AT,
+        refresh_unit,
+        now,
+    )?
+    .map(|(d, _)| d);
 
-    let refresh_token = match field(&obj, &REFRESH_TOKEN) {
+    let refresh_token = match r.get(&REFRESH_TOKEN) {
         Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.as_str())),
         _ => None,
     };
 
     Ok(TokenSet {
         access_token,
-        token_type: non_empty_string(field(&obj, &TOKEN_TYPE)),
+        token_type: non_empty_string(r.get(&TOKEN_TYPE)),
         lifetime,
         lifetime_source,
         refresh_token,
         refresh_token_lifetime,
-        scope: scope(field(&obj, &SCOPE)),
+        scope: scope(r.get(&SCOPE)),
     })
 }
 
-/// The first alias present with a non-null value (`null` counts as absent).
-fn field<'a>(obj: &'a Map<String, Value>, field: &Field) -> Option<&'a Value> {
-    field
-        .aliases
-        .iter()
-        .filter_map(|name| obj.get(*name))
-        .find(|v| !v.is_null())
+/// One response object, read as a mapping says.
+struct Reader<'a> {
+    obj: &'a Map<String, Value>,
+    mapping: &'a ResponseMapping,
+}
+
+impl<'a> Reader<'a> {
+    /// The field's value at its mapped path, else under the first standard
+    /// name present; `null` counts as absent.
+    fn get(&self, field: &Field) -> Option<&'a Value> {
+        let found = match (field.mapped)(self.mapping) {
+            Some(path) => at_path(self.obj, path),
+            None => field
+                .aliases
+                .iter()
+                .find_map(|name| self.obj.get(*name).filter(|v| !v.is_null())),
+        };
+        found.filter(|v| !v.is_null())
+    }
+
+    /// A field whose value cannot be used; a mapped one names where it was read.
+    fn bad(&self, field: &Field, reason: impl Into<String>) -> ResponseError {
+        let reason = reason.into();
+        let reason = match (field.mapped)(self.mapping) {
+            Some(path) => format!("{reason} (read from {path})"),
+            None => reason,
+        };
+        ResponseError::BadField {
+            field: field.name,
+            reason,
+        }
+    }
+}
+
+/// The value at `path` through nested objects; `None` when a step is missing
+/// or not an object.
+fn at_path<'a>(obj: &'a Map<String, Value>, path: &FieldPath) -> Option<&'a Value> {
+    let (last, parents) = path.segments().split_last()?;
+    let mut current = obj;
+    for name in parents {
+        current = current.get(name)?.as_object()?;
+    }
+    current.get(last)
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -238,12 +308,12 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-fn access_token(obj: &Map<String, Value>) -> Result<Secret, ResponseError> {
-    let token = match field(obj, &ACCESS_TOKEN) {
+fn access_token(r: &Reader<'_>) -> Result<Secret, ResponseError> {
+    let token = match r.get(&ACCESS_TOKEN) {
         None => return Err(ResponseError::MissingAccessToken),
         Some(Value::String(s)) => s,
         Some(other) => {
-            return Err(bad_field(
+            return Err(r.bad(
                 &ACCESS_TOKEN,
                 format!("expected a string, found {}", kind(other)),
             ))
@@ -255,7 +325,7 @@ fn access_token(obj: &Map<String, Value>) -> Result<Secret, ResponseError> {
     // RFC 6749 §A.12: VSCHAR only. Anything else could not be injected into a header
     // (and a CR/LF would be header injection).
     if !token.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return Err(bad_field(
+        return Err(r.bad(
             &ACCESS_TOKEN,
             "contains characters that cannot be sent in an HTTP header",
         ));
@@ -285,20 +355,22 @@ fn scope(value: Option<&Value>) -> Option<String> {
     }
 }
 
-/// Lifetime from `*_expires_in`, else `*_expires_at`; `expires_in` wins because it is
-/// immune to clock skew between us and the provider.
+/// Lifetime from `*_expires_in`, else `*_expires_at` (read in `unit`);
+/// `expires_in` wins because it is immune to clock skew between us and the
+/// provider.
 fn stated_lifetime(
-    obj: &Map<String, Value>,
+    r: &Reader<'_>,
     expires_in: &Field,
     expires_at: &Field,
+    unit: Option<TimestampUnit>,
     now: SystemTime,
 ) -> Result<Option<(Duration, LifetimeSource)>, ResponseError> {
-    if let Some(value) = field(obj, expires_in) {
-        let secs = seconds(value, expires_in)?;
+    if let Some(value) = r.get(expires_in) {
+        let secs = seconds(r, value, expires_in)?;
         return Ok(Some((clamp(secs), LifetimeSource::ExpiresIn)));
     }
-    if let Some(value) = field(obj, expires_at) {
-        let at = timestamp(value, expires_at)?;
+    if let Some(value) = r.get(expires_at) {
+        let at = timestamp(r, value, expires_at, unit)?;
         return Ok(Some((clamp(remaining(at, now)), LifetimeSource::ExpiresAt)));
     }
     Ok(None)
@@ -317,19 +389,19 @@ fn remaining(at: Option<SystemTime>, now: SystemTime) -> Duration {
 }
 
 /// An `expires_in`-style value: whole seconds, fractions truncated.
-fn seconds(value: &Value, field: &Field) -> Result<Duration, ResponseError> {
+fn seconds(r: &Reader<'_>, value: &Value, field: &Field) -> Result<Duration, ResponseError> {
     let exact = match value {
         Value::Number(n) => non_negative(n)
-            .ok_or_else(|| bad_field(field, "must be a non-negative number of seconds"))?,
+            .ok_or_else(|| r.bad(field, "must be a non-negative number of seconds"))?,
         // Django-OAuth-Toolkit style servers document expires_in as a string.
         Value::String(s) => decimal(s.trim()).ok_or_else(|| {
-            bad_field(
+            r.bad(
                 field,
                 "must be a non-negative number of seconds or a numeric string",
             )
         })?,
         other => {
-            return Err(bad_field(
+            return Err(r.bad(
                 field,
                 format!("expected a number of seconds, found {}", kind(other)),
             ))
@@ -338,36 +410,56 @@ fn seconds(value: &Value, field: &Field) -> Result<Duration, ResponseError> {
     Ok(Duration::from_secs(exact.as_secs()))
 }
 
-/// An `expires_at`-style value: RFC 3339 / ISO 8601, or epoch seconds (milliseconds when
-/// above [`EPOCH_MILLIS_THRESHOLD`]) as a number or numeric string. `None` inside `Ok`
-/// means "later than `SystemTime` can represent".
-fn timestamp(value: &Value, field: &Field) -> Result<Option<SystemTime>, ResponseError> {
-    let since_epoch = match value {
+/// An `expires_at`-style value in `unit`. Without one: RFC 3339 / ISO 8601,
+/// or epoch seconds (milliseconds when above [`EPOCH_MILLIS_THRESHOLD`]) as a
+/// number or numeric string. `None` inside `Ok` means "later than
+/// `SystemTime` can represent".
+fn timestamp(
+    r: &Reader<'_>,
+    value: &Value,
+    field: &Field,
+    unit: Option<TimestampUnit>,
+) -> Result<Option<SystemTime>, ResponseError> {
+    let numeric = match value {
         Value::Number(n) => {
-            non_negative(n).ok_or_else(|| bad_field(field, "must be a non-negative epoch time"))?
+            Some(non_negative(n).ok_or_else(|| r.bad(field, "must be a non-negative epoch time"))?)
         }
-        Value::String(s) => {
-            let s = s.trim();
-            match decimal(s) {
-                Some(d) => d,
-                None => {
-                    return parse_rfc3339(s).map(Some).ok_or_else(|| {
-                        bad_field(field, "must be an RFC 3339 timestamp or epoch seconds")
-                    })
-                }
-            }
-        }
+        Value::String(s) => decimal(s.trim()),
         other => {
-            return Err(bad_field(
+            return Err(r.bad(
                 field,
                 format!("expected a timestamp, found {}", kind(other)),
             ))
         }
     };
-    let since_epoch = if since_epoch > EPOCH_MILLIS_THRESHOLD {
-        since_epoch / 1000
-    } else {
-        since_epoch
+    let text = value.as_str().map(str::trim);
+    let since_epoch = match (unit, numeric, text) {
+        (None, Some(d), _) if d > EPOCH_MILLIS_THRESHOLD => d / 1000,
+        (None | Some(TimestampUnit::EpochSeconds), Some(d), _) => d,
+        (Some(TimestampUnit::EpochMillis), Some(d), _) => d / 1000,
+        (None | Some(TimestampUnit::Rfc3339), None, Some(text)) => {
+            let unit_name = if unit.is_some() {
+                "must be an RFC 3339 timestamp"
+            } else {
+                "must be an RFC 3339 timestamp or epoch seconds"
+            };
+            return parse_rfc3339(text)
+                .map(Some)
+                .ok_or_else(|| r.bad(field, unit_name));
+        }
+        (Some(TimestampUnit::Rfc3339), _, _) => {
+            return Err(r.bad(field, "must be an RFC 3339 timestamp, as its unit says"))
+        }
+        (Some(TimestampUnit::EpochSeconds), None, _) => {
+            return Err(r.bad(field, "must be epoch seconds, as its unit says"))
+        }
+        (Some(TimestampUnit::EpochMillis), None, _) => {
+            return Err(r.bad(field, "must be epoch milliseconds, as its unit says"))
+        }
+        // A number is always numeric, so only a non-numeric string is left.
+        (None, None, None) => {
+            return Err(r.bad(field, "must be an RFC 3339 timestamp or epoch seconds"))
+        }
     };
     Ok(UNIX_EPOCH.checked_add(since_epoch))
 }
@@ -595,6 +687,9 @@ pub struct ProviderError {
     /// `error_description` / `errors[].detail` / `message`, sanitized: control characters
     /// removed, at most 200 characters; or a note such as "non-JSON body".
     pub description: Option<String>,
+    /// What a `[[token.errors]]` rule says the answer means; it decides
+    /// before the status and code do ([`ProviderError::is_rejection`]).
+    pub meaning: Option<ErrorMeaning>,
 }
 
 /// RFC 6749 §5.2 codes (plus RFC 6750's invalid_token) that mean "this grant or client
@@ -613,13 +708,26 @@ const REJECTION_CODES: &[&str] = &[
 /// RFC 6749 §4.1.2.1 codes that mean the provider is failing, not refusing.
 const TRANSIENT_CODES: &[&str] = &["temporarily_unavailable", "server_error"];
 
+/// RFC 9449 §5, §8 codes that refuse the DPoP proof, not the grant: the
+/// provider did not look at the grant (a refresh token is not spent), and the
+/// next attempt, with a new proof, may pass. A rejection would drop a good
+/// refresh token and wait for a person.
+const PROOF_CODES: &[&str] = &["use_dpop_nonce", "invalid_dpop_proof"];
+
 impl ProviderError {
     /// True when the provider refused the grant or client (4xx, or an RFC 6749 error code such as invalid_grant / invalid_client / unauthorized_client / invalid_scope / access_denied) as opposed to failing (5xx, 429).
     ///
-    /// 408, 429 and 5xx are failures whatever the body says; otherwise a
-    /// temporarily_unavailable / server_error code is a failure, a rejection code is a
-    /// rejection, and any other 4xx is a rejection.
+    /// A matching `[[token.errors]]` rule decides first. Otherwise 408, 429 and
+    /// 5xx are failures whatever the body says; a temporarily_unavailable /
+    /// server_error code, or one that refuses the DPoP proof (use_dpop_nonce,
+    /// invalid_dpop_proof), is a failure, a rejection code is a rejection, and
+    /// any other 4xx is a rejection.
     pub fn is_rejection(&self) -> bool {
+        match self.meaning {
+            Some(ErrorMeaning::Rejected | ErrorMeaning::NeedsAuthorization) => return true,
+            Some(ErrorMeaning::Transient) => return false,
+            None => {}
+        }
         let status = self.status;
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
@@ -632,11 +740,42 @@ impl ProviderError {
                 .as_deref()
                 .is_some_and(|e| codes.iter().any(|c| e.eq_ignore_ascii_case(c)))
         };
-        if code_in(TRANSIENT_CODES) {
+        if code_in(TRANSIENT_CODES) || code_in(PROOF_CODES) {
             return false;
         }
         code_in(REJECTION_CODES) || status.is_client_error()
     }
+}
+
+impl ProviderError {
+    /// True when a `[[token.errors]]` rule says only a person can issue a new
+    /// refresh token: a refused refresh does not fall back to the full grant.
+    pub fn needs_authorization(&self) -> bool {
+        self.meaning == Some(ErrorMeaning::NeedsAuthorization)
+    }
+
+    /// The same answer, with what the first of `rules` matching it (status,
+    /// error code, raw `body`) says it means.
+    pub fn classified(mut self, rules: &[ErrorRule], body: &[u8]) -> ProviderError {
+        self.meaning = rules
+            .iter()
+            .find(|rule| rule_matches(rule, self.status, self.error.as_deref(), body))
+            .map(|rule| rule.means);
+        self
+    }
+}
+
+/// Whether every condition `rule` sets holds for the answer.
+fn rule_matches(rule: &ErrorRule, status: StatusCode, code: Option<&str>, body: &[u8]) -> bool {
+    rule.status.is_none_or(|s| s == status)
+        && rule
+            .error
+            .as_deref()
+            .is_none_or(|want| code.is_some_and(|c| c.eq_ignore_ascii_case(want)))
+        && rule.body_contains.as_deref().is_none_or(|text| {
+            let text = text.as_bytes();
+            text.is_empty() || body.windows(text.len()).any(|w| w == text)
+        })
 }
 
 /// What the app may be told about an RFC 6749 §5.2 code: fixed text, never the provider's.
@@ -654,6 +793,8 @@ fn fixed_description(code: &str) -> Option<&'static str> {
         "invalid_token" => "the provider rejected the token",
         "temporarily_unavailable" => "the provider is temporarily unavailable",
         "server_error" => "the provider failed",
+        "use_dpop_nonce" => "the provider wants a newer DPoP nonce in the proof",
+        "invalid_dpop_proof" => "the provider refused the DPoP proof",
         _ => return None,
     })
 }
@@ -681,10 +822,14 @@ impl fmt::Display for ProviderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.status)?;
         match (&self.error, &self.description) {
-            (Some(error), Some(description)) => write!(f, ": {error} ({description})"),
-            (Some(error), None) => write!(f, ": {error}"),
-            (None, Some(description)) => write!(f, ": {description}"),
-            (None, None) => f.write_str(": no error details"),
+            (Some(error), Some(description)) => write!(f, ": {error} ({description})")?,
+            (Some(error), None) => write!(f, ": {error}")?,
+            (None, Some(description)) => write!(f, ": {description}")?,
+            (None, None) => f.write_str(": no error details")?,
+        }
+        match self.meaning {
+            Some(meaning) => write!(f, "; {} by token.errors", meaning.as_str()),
+            None => Ok(()),
         }
     }
 }
@@ -694,6 +839,11 @@ impl std::error::Error for ProviderError {}
 /// Parses a non-2xx body into what the provider said; never fails.
 pub fn parse_error(status: StatusCode, body: &[u8]) -> ProviderError {
     parse_error_redacted(status, body, &Redactor::default())
+}
+
+/// [`parse_error`], then classified by `rules` ([`ProviderError::classified`]).
+pub fn parse_error_with(status: StatusCode, body: &[u8], rules: &[ErrorRule]) -> ProviderError {
+    parse_error(status, body).classified(rules, body)
 }
 
 /// [`parse_error`], with every credential in `redactor` scrubbed from the kept text.
@@ -721,6 +871,7 @@ pub(crate) fn parse_error_redacted(
         status,
         error,
         description,
+        meaning: None,
     }
 }
 
@@ -845,6 +996,9 @@ fn is_invisible_format(c: char) -> bool {
             | '\u{E0020}'..='\u{E007F}'
     )
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {
@@ -1559,6 +1713,242 @@ mod tests {
         }
     }
 
+    // --- parse_success_with: a response mapping ---------------------------------------
+
+    fn path(text: &str) -> Option<FieldPath> {
+        Some(FieldPath::parse(text).unwrap_or_else(|| panic!("{text:?} is a valid path")))
+    }
+
+    fn mapped(body: &str, mapping: &ResponseMapping) -> Result<TokenSet, ResponseError> {
+        parse_success_with(body.as_bytes(), now(), mapping)
+    }
+
+    fn mapped_ok(body: &str, mapping: &ResponseMapping) -> TokenSet {
+        mapped(body, mapping).unwrap_or_else(|e| panic!("body should parse, got error: {e}"))
+    }
+
+    /// A commerce API: absolute expiries under its own names, in epoch seconds.
+    fn commerce() -> ResponseMapping {
+        ResponseMapping {
+            expires_at: path("access_token_expiration"),
+            expires_at_unit: Some(TimestampUnit::EpochSeconds),
+            refresh_token_expires_at: path("refresh_token_expiration"),
+            refresh_token_expires_at_unit: Some(TimestampUnit::EpochSeconds),
+            ..ResponseMapping::default()
+        }
+    }
+
+    const COMMERCE: &str = r#"{"access_token":"at-5ecr3t-value","token_type":"Bearer",
+        "access_token_expiration":1700000600,"refresh_token":"rt-1",
+        "refresh_token_expiration":"1700086400"}"#;
+
+    #[test]
+    fn expirations_under_other_names_in_epoch_seconds_are_read_through_the_mapping() {
+        let set = mapped_ok(COMMERCE, &commerce());
+        assert_eq!(set.access_token.expose(), TOKEN);
+        assert_eq!(
+            (set.lifetime, set.lifetime_source),
+            (secs(600), LifetimeSource::ExpiresAt),
+            "access_token_expiration is 600 s after now"
+        );
+        assert_eq!(
+            set.refresh_token_lifetime,
+            secs(86_400),
+            "refresh_token_expiration (a numeric string) is a day after now"
+        );
+        let unmapped = ok(COMMERCE);
+        assert_eq!(
+            (unmapped.lifetime, unmapped.refresh_token_lifetime),
+            (None, None),
+            "without the mapping these names mean nothing"
+        );
+    }
+
+    #[test]
+    fn dotted_paths_reach_into_nested_objects() {
+        let mapping = ResponseMapping {
+            access_token: path("data.token"),
+            expires_in: path("data.ttl"),
+            refresh_token: path("data.refresh.token"),
+            refresh_token_expires_in: path("data.refresh.ttl"),
+            token_type: path("data.kind"),
+            scope: path("grants"),
+            ..ResponseMapping::default()
+        };
+        let set = mapped_ok(
+            r#"{"status":"ok","grants":["read","write"],"data":{"token":"at-5ecr3t-value","ttl":"900",
+                "kind":"bearer","refresh":{"token":"rt-2","ttl":86400}}}"#,
+            &mapping,
+        );
+        assert_eq!(set.access_token.expose(), TOKEN);
+        assert_eq!(
+            (set.lifetime, set.lifetime_source),
+            (secs(900), LifetimeSource::ExpiresIn)
+        );
+        assert_eq!(set.refresh_token.as_ref().map(Secret::expose), Some("rt-2"));
+        assert_eq!(set.refresh_token_lifetime, secs(86_400));
+        assert_eq!(set.token_type.as_deref(), Some("bearer"));
+        assert_eq!(set.scope.as_deref(), Some("read write"));
+    }
+
+    #[test]
+    fn a_mapped_field_is_read_only_where_the_mapping_says() {
+        let mapping = ResponseMapping {
+            access_token: path("data.token"),
+            expires_in: path("data.ttl"),
+            ..ResponseMapping::default()
+        };
+        for body in [
+            r#"{"access_token":"std","accessToken":"camel"}"#,
+            r#"{"data":"at-5ecr3t-value"}"#,
+            r#"{"data":{"token":null},"access_token":"std"}"#,
+            r#"{"data":[{"token":"at"}]}"#,
+        ] {
+            assert!(
+                matches!(
+                    mapped(body, &mapping),
+                    Err(ResponseError::MissingAccessToken)
+                ),
+                "{body}: the standard names are not read for a mapped field"
+            );
+        }
+        let set = mapped_ok(
+            r#"{"data":{"token":"a"},"expires_in":900,"expiresAt":"2023-11-14T22:23:20Z"}"#,
+            &mapping,
+        );
+        assert_eq!(
+            (set.lifetime, set.lifetime_source),
+            (secs(600), LifetimeSource::ExpiresAt),
+            "expires_in is mapped elsewhere (absent here), so the standard expiresAt decides"
+        );
+    }
+
+    #[test]
+    fn expires_at_units_decide_how_a_number_is_read() {
+        let unit = |u: TimestampUnit| ResponseMapping {
+            expires_at_unit: Some(u),
+            ..ResponseMapping::default()
+        };
+        let millis = unit(TimestampUnit::EpochMillis);
+        for body in [
+            r#"{"access_token":"a","expires_at":1700000600000}"#,
+            r#"{"access_token":"a","expires_at":"1700000600000"}"#,
+            r#"{"access_token":"a","expires_at":1700000600000.0}"#,
+        ] {
+            assert_eq!(mapped_ok(body, &millis).lifetime, secs(600), "{body}");
+        }
+        assert_eq!(
+            mapped_ok(r#"{"access_token":"a","expires_at":1700000600}"#, &millis).lifetime,
+            Some(Duration::ZERO),
+            "in milliseconds, 1700000600 is January 1970: already expired"
+        );
+
+        // Above the threshold at which a number is guessed to be milliseconds.
+        let huge = r#"{"access_token":"a","expires_at":100000000001}"#;
+        assert_eq!(
+            ok(huge).lifetime,
+            Some(Duration::ZERO),
+            "unstated, it is taken as milliseconds: 1973"
+        );
+        assert_eq!(
+            mapped_ok(huge, &unit(TimestampUnit::EpochSeconds)).lifetime,
+            Some(MAX_LIFETIME),
+            "in seconds it is the year 5138: clamped, never divided"
+        );
+
+        let rfc = unit(TimestampUnit::Rfc3339);
+        assert_eq!(
+            mapped_ok(
+                r#"{"access_token":"a","expires_at":"2023-11-14T22:23:20Z"}"#,
+                &rfc
+            )
+            .lifetime,
+            secs(600)
+        );
+    }
+
+    #[test]
+    fn a_value_that_does_not_fit_its_unit_is_a_bad_field_naming_where_it_was_read() {
+        let reason = |body: &str, mapping: &ResponseMapping| match mapped(body, mapping) {
+            Err(ResponseError::BadField { field, reason }) => format!("{field}: {reason}"),
+            other => panic!("{body} should be a bad field, got {other:?}"),
+        };
+        assert_eq!(
+            reason(
+                r#"{"access_token":"a","access_token_expiration":"2023-11-14T22:23:20Z"}"#,
+                &commerce()
+            ),
+            "expires_at: must be epoch seconds, as its unit says (read from access_token_expiration)"
+        );
+        let rfc = ResponseMapping {
+            refresh_token_expires_at_unit: Some(TimestampUnit::Rfc3339),
+            ..ResponseMapping::default()
+        };
+        assert_eq!(
+            reason(
+                r#"{"access_token":"a","refresh_token_expires_at":1700000600}"#,
+                &rfc
+            ),
+            "refresh_token_expires_at: must be an RFC 3339 timestamp, as its unit says"
+        );
+        assert_eq!(
+            reason(
+                r#"{"access_token":"a","refresh_token_expires_at":"tomorrow"}"#,
+                &rfc
+            ),
+            "refresh_token_expires_at: must be an RFC 3339 timestamp"
+        );
+        let millis = ResponseMapping {
+            expires_at_unit: Some(TimestampUnit::EpochMillis),
+            ..ResponseMapping::default()
+        };
+        assert_eq!(
+            reason(r#"{"access_token":"a","expires_at":"soon"}"#, &millis),
+            "expires_at: must be epoch milliseconds, as its unit says"
+        );
+        let nested = ResponseMapping {
+            access_token: path("data.token"),
+            ..ResponseMapping::default()
+        };
+        assert_eq!(
+            reason(r#"{"data":{"token":42}}"#, &nested),
+            "access_token: expected a string, found a number (read from data.token)"
+        );
+    }
+
+    #[test]
+    fn the_access_and_refresh_units_are_separate() {
+        let mapping = ResponseMapping {
+            expires_at_unit: Some(TimestampUnit::EpochSeconds),
+            refresh_token_expires_at_unit: Some(TimestampUnit::EpochMillis),
+            ..ResponseMapping::default()
+        };
+        let set = mapped_ok(
+            r#"{"access_token":"a","expires_at":1700000600,"refresh_token_expires_at":1700086400000}"#,
+            &mapping,
+        );
+        assert_eq!(
+            (set.lifetime, set.refresh_token_lifetime),
+            (secs(600), secs(86_400))
+        );
+    }
+
+    #[test]
+    fn the_default_mapping_reads_exactly_what_parse_success_reads() {
+        let bodies = [
+            COMMERCE,
+            r#"{"accessToken":"at-5ecr3t-value","expiresIn":"3600","refreshToken":"r"}"#,
+            r#"{"access_token":"a","expires_at":"2023-11-14T22:23:20Z","scope":["x"]}"#,
+            r#"{"access_token":"","expires_in":-1}"#,
+            r#"[1]"#,
+        ];
+        for body in bodies {
+            let plain = format!("{:?}", parse(body));
+            let with = format!("{:?}", mapped(body, &ResponseMapping::default()));
+            assert_eq!(plain, with, "{body}");
+        }
+    }
+
     // --- parse_error -------------------------------------------------------------------
 
     #[test]
@@ -1800,6 +2190,9 @@ mod tests {
             (500, None, false),
             (500, Some("invalid_grant"), false),
             (503, Some("temporarily_unavailable"), false),
+            (400, Some("use_dpop_nonce"), false),
+            (400, Some("invalid_dpop_proof"), false),
+            (401, Some("USE_DPOP_NONCE"), false),
             (200, Some("invalid_grant"), true),
             (200, Some("unauthorized_client"), true),
             (302, None, false),
@@ -1809,9 +2202,124 @@ mod tests {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::IM_A_TEAPOT),
                 error: code.map(str::to_owned),
                 description: None,
+                meaning: None,
             };
             assert_eq!(e.is_rejection(), want, "{status} {code:?}");
         }
+    }
+
+    // --- [[token.errors]] rules ---------------------------------------------------------
+
+    const GATEWAY: &[u8] =
+        br#"{"status":"FAILURE","errorCode":"INVALID_CREDENTIALS","message":"Bad refresh token"}"#;
+
+    fn rule(
+        status: Option<u16>,
+        error: Option<&str>,
+        body: Option<&str>,
+        means: ErrorMeaning,
+    ) -> ErrorRule {
+        ErrorRule {
+            status: status.and_then(|s| StatusCode::from_u16(s).ok()),
+            error: error.map(str::to_owned),
+            body_contains: body.map(str::to_owned),
+            means,
+        }
+    }
+
+    #[test]
+    fn a_rejected_rule_makes_a_gateways_500_a_rejection_like_a_400() {
+        let rules = [rule(
+            Some(500),
+            None,
+            Some("INVALID_CREDENTIALS"),
+            ErrorMeaning::Rejected,
+        )];
+        let plain = parse_error(StatusCode::INTERNAL_SERVER_ERROR, GATEWAY);
+        assert!(
+            !plain.is_rejection(),
+            "without a rule a 500 is a failure, whatever its body says"
+        );
+        let e = parse_error_with(StatusCode::INTERNAL_SERVER_ERROR, GATEWAY, &rules);
+        assert_eq!(e.meaning, Some(ErrorMeaning::Rejected));
+        assert!(e.is_rejection(), "the rule decides: rejected");
+        assert!(!e.needs_authorization());
+        assert_eq!(
+            e.to_string(),
+            "500 Internal Server Error: INVALID_CREDENTIALS (Bad refresh token); rejected by token.errors"
+        );
+        assert_eq!(
+            e.app_summary(),
+            "500 Internal Server Error: the provider refused the request"
+        );
+        let other = parse_error_with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"status":"FAILURE","errorCode":"SYSTEM_ERROR"}"#,
+            &rules,
+        );
+        assert_eq!(
+            other.meaning, None,
+            "an unmatched 500 keeps the built-in meaning"
+        );
+        assert!(!other.is_rejection());
+    }
+
+    #[test]
+    fn a_transient_rule_makes_a_refusal_a_failure() {
+        let rules = [rule(
+            None,
+            Some("invalid_grant"),
+            Some("try again"),
+            ErrorMeaning::Transient,
+        )];
+        let busy = br#"{"error":"invalid_grant","error_description":"Database busy, try again"}"#;
+        let e = parse_error_with(StatusCode::BAD_REQUEST, busy, &rules);
+        assert!(!e.is_rejection(), "the rule decides: transient");
+        let dead = br#"{"error":"invalid_grant","error_description":"Refresh token revoked"}"#;
+        assert!(
+            parse_error_with(StatusCode::BAD_REQUEST, dead, &rules).is_rejection(),
+            "every condition must hold: without the text it is the usual rejection"
+        );
+    }
+
+    #[test]
+    fn rules_compare_the_code_ignoring_case_and_the_first_match_decides() {
+        let rules = [
+            rule(
+                Some(401),
+                Some("invalid_credentials"),
+                None,
+                ErrorMeaning::Transient,
+            ),
+            rule(
+                None,
+                Some("invalid_credentials"),
+                None,
+                ErrorMeaning::NeedsAuthorization,
+            ),
+            rule(Some(500), None, None, ErrorMeaning::Rejected),
+        ];
+        let e = parse_error_with(StatusCode::INTERNAL_SERVER_ERROR, GATEWAY, &rules);
+        assert_eq!(
+            e.meaning,
+            Some(ErrorMeaning::NeedsAuthorization),
+            "the first rule wants a 401, so the second decides"
+        );
+        assert!(e.is_rejection() && e.needs_authorization());
+        let e = parse_error_with(StatusCode::UNAUTHORIZED, GATEWAY, &rules);
+        assert_eq!(e.meaning, Some(ErrorMeaning::Transient));
+        let e = parse_error_with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"<html>oops</html>",
+            &rules,
+        );
+        assert_eq!(
+            e.meaning,
+            Some(ErrorMeaning::Rejected),
+            "a status-only rule matches whatever the body"
+        );
+        let e = parse_error_with(StatusCode::BAD_GATEWAY, GATEWAY, &rules[2..]);
+        assert_eq!(e.meaning, None);
     }
 
     // --- robustness --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 use http_body_util::BodyExt;
 
+use super::assertion;
 use super::dialect::{build_request, GrantKind};
 use super::TokenEndpoint;
 use crate::config::TokenConfig;
@@ -16,7 +17,8 @@ impl TokenEndpoint {
         url: &http::Uri,
         token: &Secret,
     ) -> Result<(), String> {
-        let request = build_request(config, GrantKind::Revoke { url, token })
+        let assertion = assertion::for_request(config, url, self.clock().wall_now()).await?;
+        let request = build_request(config, GrantKind::Revoke { url, token }, assertion.as_ref())
             .map_err(|e| format!("cannot build the revocation request: {e}"))?;
         let exchange = async {
             let response = self.http().request(request).await.map_err(|e| {

@@ -158,6 +158,163 @@ fn every_config_error_class_names_its_key_and_exits_non_zero() {
     }
 }
 
+/// `check` reports every problem of the file in one run, one per line with
+/// its line:column and dotted key, then how many there are.
+#[test]
+fn check_reports_every_problem_on_its_own_line_then_the_count() {
+    let text = format!(
+        "[admin]\nlisen = \"127.0.0.1:9090\"\n{}{}",
+        VALID.replace(
+            "upstream = \"https://api.pay.example\"",
+            "upstream = \"https://api.pay.example\"\ntimeout = 30",
+        ),
+        VALID
+            .replace("clients.payments", "clients.wallet")
+            .replace("18080", "18081")
+            .replace(
+                "upstream = \"https://api.pay.example\"",
+                "upstream = \"https://api.pay.example\"\nunauthorized_status = 401",
+            ),
+    );
+    let path = temp_config("three.toml", &text);
+    let out = tokenproxy(
+        &["check", "--config", path.to_str().expect("utf8")],
+        &[("PAY_SECRET", "s3cret-do-not-print")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "check exits 1: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let file = path.display().to_string();
+    assert_eq!(lines.len(), 4, "three problems and the count: {stderr}");
+    for (line, place, key) in [
+        (lines[0], "2:1", "admin.lisen"),
+        (lines[1], "7:1", "clients.payments.timeout"),
+        (lines[2], "17:23", "clients.wallet.unauthorized_status"),
+    ] {
+        assert!(
+            line.starts_with(&format!("tokenproxy: {file}:{place}: {key}: ")),
+            "{key} at {place}, on its own line: {stderr}"
+        );
+    }
+    assert!(
+        lines[1].contains("write it like timeout = \"30s\""),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("write it like unauthorized_status = [401]"),
+        "{stderr}"
+    );
+    assert_eq!(lines[3], format!("tokenproxy: 3 problems in {file}"));
+}
+
+/// Runs the sidecar with `config`, expecting it to stop at start; its stderr.
+fn run_expecting_failure(config: &std::path::Path) -> String {
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["--config", config.to_str().expect("utf8")])
+        .env_remove("TOKENPROXY_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("PAY_SECRET", "s3cret-do-not-print")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tokenproxy starts");
+    let pid = child.id();
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    let out = match outcome.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(out) => out.expect("tokenproxy ran"),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("tokenproxy should stop at start, but kept running");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "run exits 1: {stderr}");
+    stderr
+}
+
+/// A listen address in use stops the start with the key that names it and
+/// the cause, each said once.
+#[test]
+fn a_listen_address_in_use_names_its_key_and_says_the_cause_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
+    let taken = taken.local_addr().expect("occupied address");
+    let cases = [
+        (
+            format!("[admin]\nlisten = \"{taken}\"\n{VALID}"),
+            "admin.listen",
+        ),
+        (
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+                VALID.replace("127.0.0.1:18080", &taken.to_string())
+            ),
+            "clients.payments.listen",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = temp_config("port-in-use.toml", &text);
+        let stderr = run_expecting_failure(&path);
+        let lower = stderr.to_lowercase();
+        assert!(
+            stderr.contains(&format!("tokenproxy: {key} {taken}: ")),
+            "the error names {key} and its address: {stderr}"
+        );
+        assert_eq!(
+            stderr.matches(key).count(),
+            1,
+            "{key} is named once: {stderr}"
+        );
+        assert_eq!(
+            lower.matches("address already in use").count(),
+            1,
+            "the cause is said once: {stderr}"
+        );
+    }
+}
+
+/// A store file that cannot be read at start (here a symlink loop, which
+/// `check` does not look into) stops the start naming store.path, the cause
+/// said once.
+#[cfg(unix)]
+#[test]
+fn a_store_that_cannot_be_opened_names_its_key_and_says_the_cause_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::support::temp_dir("cli-store-loop");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+    let state = dir.join("tokens.json");
+    std::os::unix::fs::symlink(&state, &state).expect("a symlink to itself");
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n{}",
+        state.display(),
+        // Port 0 twice would be one address; 127.0.0.2 is loopback too.
+        VALID.replace("127.0.0.1:18080", "127.0.0.2:0")
+    );
+    let path = temp_config("store-loop.toml", &text);
+    let stderr = run_expecting_failure(&path);
+    assert!(
+        stderr.contains(&format!(
+            "tokenproxy: store.path: cannot read {}: ",
+            state.display()
+        )),
+        "the error names store.path and the file: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("store.path").count(),
+        1,
+        "store.path is named once: {stderr}"
+    );
+    assert_eq!(
+        stderr
+            .to_lowercase()
+            .matches("too many levels of symbolic links")
+            .count(),
+        1,
+        "the cause is said once: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn check_refuses_what_would_leak_a_credential_or_fail_later() {
     let dir = crate::support::temp_dir("cli-refusals");
@@ -551,4 +708,29 @@ async fn the_token_command_writes_metadata_and_shows_the_token_only_when_asked()
         .await
         .expect_err("no such client");
     assert!(err.to_string().contains("configured: payments"), "{err}");
+}
+
+/// `tokenproxy check … | head -1`: once the reader of its output is gone, the
+/// command ends as Unix tools do (exit 0, nothing on stderr), not with a panic.
+#[test]
+fn check_piped_into_a_closed_reader_ends_quietly() {
+    let path = temp_config("piped.toml", VALID);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    // Closed before the command writes a byte: every write meets a broken pipe.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["check", "--config", path.to_str().expect("utf8")])
+        .env_remove("TOKENPROXY_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("PAY_SECRET", "very-secret-value-123")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("tokenproxy runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "exit {:?}, stderr: {stderr}",
+        out.status
+    );
 }

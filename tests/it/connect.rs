@@ -42,6 +42,11 @@ struct Market {
 }
 
 async fn market(session_ttl: &str) -> Market {
+    market_with(session_ttl, "").await
+}
+
+/// A market whose configuration ends with `extra` (more tables of the client).
+async fn market_with(session_ttl: &str, extra: &str) -> Market {
     let provider = MockProvider::start(ProviderConfig {
         lifetime: Duration::from_secs(300),
         refresh_tokens: true,
@@ -71,6 +76,8 @@ listen = "{{connect}}"
 public_url = "http://{{connect}}"
 return_to = ["{return_to}", "http://localhost:1/other/"]
 session_ttl = "{session_ttl}"
+
+{extra}
 "#,
         authorize_url = provider.authorize_url(),
     );
@@ -697,4 +704,68 @@ async fn the_connect_listener_survives_a_reload_and_closes_on_shutdown() {
         tokio::net::TcpStream::connect(connect).await.is_err(),
         "the connect listener is closed after shutdown"
     );
+}
+
+/// Connects `merchant` through a browser: link, sign-in, callback.
+async fn connect_in_browser(m: &Market, merchant: &str) {
+    let link = m.link(merchant, None).await;
+    let mut browser = Browser::new();
+    let authorize = browser.open(&link).await;
+    let callback = browser.sign_in(&authorize, merchant, "approve").await;
+    let back = browser.get(&callback).await;
+    assert_eq!(back.status, StatusCode::FOUND, "{}", back.text());
+    assert!(
+        location(&back).ends_with(&format!("subject={merchant}&status=connected")),
+        "{}",
+        location(&back)
+    );
+}
+
+/// With [dpop], the code exchange of a connect is signed with a key of the
+/// subject's own, the tokens it obtains are bound to that key and sent with
+/// its proofs, and a second connect of the subject keeps the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dpop_a_connect_binds_the_subject_s_tokens_to_a_key_of_its_own() {
+    let m = market_with("15m", "[clients.pos.dpop]\n").await;
+    let mut jkts = Vec::new();
+    for merchant in ["m-1", "m-2"] {
+        connect_in_browser(&m, merchant).await;
+        let exchange = m.provider.last_request().expect("the code exchange");
+        assert_eq!(exchange.param("grant_type"), Some("authorization_code"));
+        assert!(
+            exchange.headers.contains_key("dpop"),
+            "the code exchange carries a proof"
+        );
+        let r = m.pay(merchant, merchant).await;
+        assert_eq!(r.status, StatusCode::OK, "{merchant}: {}", r.text());
+        let seen = m.api.recorded();
+        let last = seen.last().expect("the API saw the request");
+        let jkt = last.dpop_jkt.clone().expect("the API accepted the proof");
+        let token = last.headers["authorization"]
+            .to_str()
+            .expect("text")
+            .strip_prefix("DPoP ")
+            .expect("the DPoP scheme")
+            .to_owned();
+        assert_eq!(
+            m.provider.validator().binding(&token),
+            Some(jkt.clone()),
+            "the token the code exchange obtained is bound to the key of the request's proof"
+        );
+        jkts.push(jkt);
+    }
+    assert_eq!(m.provider.dpop_bound(), 2);
+    assert_eq!(m.provider.token_requests(), 2, "only the code exchanges");
+    assert_ne!(jkts[0], jkts[1], "a key per subject");
+    // Connected again: the subject's key is kept.
+    connect_in_browser(&m, "m-1").await;
+    let r = m.pay("m-1", "m-1").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let again = m.api.recorded().last().and_then(|r| r.dpop_jkt.clone());
+    assert_eq!(
+        again.as_ref(),
+        Some(&jkts[0]),
+        "the same key after a reconnect"
+    );
+    m.running.shutdown().await;
 }

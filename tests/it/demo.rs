@@ -1,6 +1,8 @@
-//! `tokenproxy demo`'s marketplace: a newcomer opens a printed connect link,
-//! signs in at the mock provider as the merchant, and requests naming that
-//! merchant then carry its own token.
+//! `tokenproxy demo`: the URLs it prints are the addresses it bound (a taken
+//! port falls back to a free one, and the banner shows that one); and its
+//! marketplace: a newcomer opens a printed connect link, signs in at the mock
+//! provider as the merchant, and requests naming that merchant then carry its
+//! own token.
 //!
 //! The demo binary runs as a child process; the test reads what it prints and
 //! acts as the browser with plain HTTP (one cookie), as tests/it/connect.rs does.
@@ -26,31 +28,49 @@ impl Drop for Demo {
     }
 }
 
-/// Starts the demo on free ports; returns it and a channel of its stdout lines
-/// (read to the end on a thread, so the demo never blocks on a full pipe).
-fn start_demo() -> (Demo, mpsc::UnboundedReceiver<String>) {
+/// The demo's output, line by line: stdout (the banner) and stderr (notices, logs).
+struct Output {
+    stdout: mpsc::UnboundedReceiver<String>,
+    stderr: mpsc::UnboundedReceiver<String>,
+}
+
+/// Starts the demo on free ports; returns it and its output.
+fn start_demo() -> (Demo, Output) {
+    start_demo_on("127.0.0.1:0", "127.0.0.1:0")
+}
+
+/// Starts the demo with its sidecar on `listen` and its admin listener on
+/// `admin`, everything else on free ports.
+fn start_demo_on(listen: &str, admin: &str) -> (Demo, Output) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
         .arg("demo")
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--listen", listen, "--admin", admin])
         .args(["--wallet-listen", "127.0.0.1:0", "--redirect-port", "0"])
         .args(["--market-listen", "127.0.0.1:0"])
         .args(["--connect-listen", "127.0.0.1:0"])
         .args(["--interval", "10s", "--exit-after", "60s"])
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("the demo starts");
-    let stdout = child.stdout.take().expect("stdout");
+    let stdout = lines_of(child.stdout.take().expect("stdout"));
+    let stderr = lines_of(child.stderr.take().expect("stderr"));
+    (Demo(child), Output { stdout, stderr })
+}
+
+/// The lines of a pipe, read to the end on a thread so the demo never blocks
+/// on a full pipe.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
+        for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
             // The test may have stopped listening; keep draining the pipe anyway.
             let _unheard = tx.send(line);
         }
     });
-    (Demo(child), rx)
+    rx
 }
 
 /// The demo's start-up text, up to the last line of its marketplace section.
@@ -69,13 +89,16 @@ async fn banner(lines: &mut mpsc::UnboundedReceiver<String>) -> String {
     }
 }
 
-/// The URL on the line that starts with `start` (after indentation).
+/// The first URL on the first line that starts with `start` (after
+/// indentation) and holds one.
 fn url_after<'a>(banner: &'a str, start: &str) -> &'a str {
     banner
         .lines()
         .map(str::trim)
-        .find_map(|l| l.strip_prefix(start))
-        .and_then(|rest| rest.split_whitespace().find(|w| w.starts_with("http://")))
+        .find_map(|l| {
+            l.strip_prefix(start)
+                .and_then(|rest| rest.split_whitespace().find(|w| w.starts_with("http://")))
+        })
         .unwrap_or_else(|| panic!("no line starting {start:?} with a URL in:\n{banner}"))
 }
 
@@ -89,8 +112,8 @@ fn location(r: &Reply) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_connects_through_the_demos_printed_link_and_its_requests_carry_its_token() {
-    let (_demo, mut lines) = start_demo();
-    let banner = banner(&mut lines).await;
+    let (_demo, mut output) = start_demo();
+    let banner = banner(&mut output.stdout).await;
     let link = url_after(&banner, "merchant-a ");
     let market_request = url_after(&banner, "curl -i -H 'x-tokenproxy-subject: merchant-a'");
     assert!(
@@ -187,4 +210,87 @@ async fn a_merchant_connects_through_the_demos_printed_link_and_its_requests_car
         .get(&format!("{market}/merchants/merchant-a/payments"))
         .await;
     assert_eq!(r.error_code(), Some("subject_required"), "{}", r.text());
+}
+
+/// A newcomer whose ports 8080 and 9090 are taken still gets URLs that work:
+/// the demo falls back to free ports, says so, and prints the addresses it
+/// bound, so the printed curl commands reach its sidecar and admin listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_the_addresses_it_bound_when_the_ones_asked_for_are_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to occupy");
+    let taken_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to occupy");
+    let (listen, admin) = (
+        taken.local_addr().expect("addr").to_string(),
+        taken_admin.local_addr().expect("addr").to_string(),
+    );
+    let (_demo, mut output) = start_demo_on(&listen, &admin);
+    let banner = banner(&mut output.stdout).await;
+
+    let sidecar = url_after(&banner, "tokenproxy ");
+    let shown_admin = url_after(&banner, "admin ");
+    for (shown, asked) in [(sidecar, &listen), (shown_admin, &admin)] {
+        assert_ne!(
+            shown,
+            format!("http://{asked}"),
+            "{asked} is taken, so the banner must show the free port used instead:\n{banner}"
+        );
+    }
+    let mut notices = String::new();
+    let said = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = output.stderr.recv().await {
+            notices.push_str(&line);
+            notices.push('\n');
+            let fallback = |asked: &str, shown: &str| {
+                notices.contains(&format!(
+                    "{asked} is in use; using {} instead",
+                    shown.trim_start_matches("http://")
+                ))
+            };
+            if fallback(&listen, sidecar) && fallback(&admin, shown_admin) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        said.is_ok(),
+        "stderr names each taken address and the one used instead:\n{notices}"
+    );
+
+    // The printed commands work as printed.
+    let http = TestClient::new();
+    let through = url_after(&banner, "curl -i ");
+    assert_eq!(
+        through,
+        format!("{sidecar}/api/v1/payments"),
+        "the first curl goes through the sidecar:\n{banner}"
+    );
+    let r = http.get(through).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "through the sidecar: {}",
+        r.text()
+    );
+    assert!(
+        r.json()["token_serial"].as_u64().is_some(),
+        "the API saw a token: {}",
+        r.text()
+    );
+    let api = url_after(&banner, "mock payments API ");
+    let direct = http.get(&format!("{api}/api/v1/payments")).await;
+    assert_eq!(
+        direct.status,
+        StatusCode::UNAUTHORIZED,
+        "the mock API itself wants a token: {}",
+        direct.text()
+    );
+    let status = http.get(&format!("{shown_admin}/status")).await;
+    assert_eq!(status.status, StatusCode::OK, "{}", status.text());
+    assert!(
+        status.text().contains("payments"),
+        "/status on the printed admin address lists the demo's clients: {}",
+        status.text()
+    );
+    drop((taken, taken_admin));
 }

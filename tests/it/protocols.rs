@@ -154,6 +154,7 @@ async fn grpc_upstream(validator: TokenValidator) -> (SocketAddr, Calls) {
                     version: req.version(),
                     token_serial: token.and_then(|t| validator.check(&t)),
                 };
+                let first_token = seen.token_serial == Some(1);
                 calls.lock().expect("lock").push(seen);
                 async move {
                     let mut grpc = tonic::server::Grpc::new(Raw);
@@ -161,6 +162,17 @@ async fn grpc_upstream(validator: TokenValidator) -> (SocketAddr, Calls) {
                         "/test.Echo/Unary" => grpc.unary(Unary, req).await,
                         "/test.Echo/Count" => grpc.server_streaming(Count, req).await,
                         "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                        // Refuses the provider's first token as a gRPC API would.
+                        "/test.Echo/Guarded" if first_token => {
+                            let mut meta = tonic::metadata::MetadataMap::new();
+                            meta.insert(
+                                "www-authenticate",
+                                "Bearer error=\"invalid_token\"".parse().expect("ascii"),
+                            );
+                            Status::with_metadata(Code::Unauthenticated, "token revoked", meta)
+                                .into_http()
+                        }
+                        "/test.Echo/Guarded" => grpc.unary(Unary, req).await,
                         _ => Status::unimplemented("no such method").into_http(),
                     };
                     Ok::<_, Infallible>(response)
@@ -461,4 +473,148 @@ async fn an_http2_request_naming_another_host_is_refused() {
     let response = sender.send_request(req).await.expect("a response");
     assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
     assert!(h.api.recorded().is_empty(), "nothing reached the API");
+}
+
+async fn h2_sender(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_refused_with_401_is_refreshed_and_replayed_like_http1() {
+    let h = harness(Options::default()).await;
+    wait_ready(&h).await;
+    h.api.reject_next(1);
+    let mut sender = h2_sender(h.proxy).await;
+    let req = Request::post(format!("http://{}/api/v1/payments", h.proxy))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "order-h2")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            br#"{"amount":100}"#,
+        )))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("a response");
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "the API's answer to the replay"
+    );
+    assert_eq!(
+        response
+            .headers()
+            .get("x-tokenproxy-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "one refresh and one replay, as over HTTP/1.1"
+    );
+    let recorded = h.api.recorded();
+    assert_eq!(recorded.len(), 2, "the refused request and its replay");
+    assert_eq!(
+        recorded[1].body,
+        &br#"{"amount":100}"#[..],
+        "the same body, sent again"
+    );
+    assert_eq!(recorded[1].token_serial, Some(2), "with the new token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_header_list_over_max_header_bytes_never_reaches_the_api() {
+    let h = harness(Options::default()).await;
+    wait_ready(&h).await;
+    let mut sender = h2_sender(h.proxy).await;
+    // The default limits.max_header_bytes is 32 KiB.
+    let req = Request::get(format!("http://{}/api/v1/payments", h.proxy))
+        .header("x-big", "a".repeat(40 * 1024))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    match sender.send_request(req).await {
+        Ok(response) => assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "an oversized header list is refused"
+        ),
+        Err(e) => assert!(!e.is_canceled(), "refused by a stream reset: {e}"),
+    }
+    assert!(h.api.recorded().is_empty(), "nothing reached the API");
+    // The connection (or a new one) still serves a normal request.
+    let mut sender = h2_sender(h.proxy).await;
+    let req = Request::get(format!("http://{}/api/v1/payments", h.proxy))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_unauthenticated_answer_retires_the_token_for_the_next_call() {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("provider");
+    let (upstream, calls) = grpc_upstream(provider.validator()).await;
+    let config = GRPC_CLIENT
+        .replace("{upstream}", &format!("http://{upstream}"))
+        .replace("{token_url}", &provider.token_url())
+        .replace("{client_extra}", "");
+    let (_running, proxy, _admin) = start_sidecar(&config).await;
+    let mut grpc = grpc_client(proxy).await;
+    let call = |grpc: &mut tonic::client::Grpc<tonic::transport::Channel>| {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready().await.expect("ready");
+            grpc.unary(
+                tonic::Request::new(Bytes::from_static(b"pay")),
+                path("/test.Echo/Guarded"),
+                Raw,
+            )
+            .await
+        }
+    };
+    let refused = call(&mut grpc)
+        .await
+        .expect_err("the API refuses the first token");
+    assert_eq!(
+        refused.code(),
+        Code::Unauthenticated,
+        "the API's answer goes back as it came (a gRPC call is not replayed)"
+    );
+    assert!(
+        refused.metadata().get("x-tokenproxy-error").is_none(),
+        "it is the API's answer, not the sidecar's"
+    );
+    let mut answered = None;
+    // The refresh the refusal asked for runs in the background.
+    for _ in 0..50 {
+        match call(&mut grpc).await {
+            Ok(r) => {
+                answered = Some(r);
+                break;
+            }
+            Err(s) if s.code() == Code::Unauthenticated => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    let answered = answered.expect("a later call carries a new token");
+    assert_eq!(answered.into_inner(), Bytes::from_static(b"echo:pay"));
+    let serials: Vec<Option<u64>> = calls
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|c| c.token_serial)
+        .collect();
+    assert_eq!(serials.first(), Some(&Some(1)));
+    assert_eq!(serials.last(), Some(&Some(2)), "the new token: {serials:?}");
+    assert_eq!(
+        provider.token_requests(),
+        2,
+        "one refresh, not one per call"
+    );
 }

@@ -426,3 +426,48 @@ async fn a_new_bootstrap_refresh_token_and_a_reload_recover_a_client_that_needs_
     assert_eq!(w.provider.refresh_token_reuse(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `[store]` change takes effect only after a restart: every reload whose
+/// store differs from the one in use says so (not just the first), a reload
+/// back to the store in use does not, and the sidecar keeps using its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reload_with_another_store_than_the_one_in_use_says_it_needs_a_restart() {
+    let w = Wallet::new(Duration::from_secs(60)).await;
+    let (mut running, proxy, admin) =
+        start_sidecar(&w.config("{admin}", "{listen}", "", "30s")).await;
+    let (admin, proxy) = (admin.to_string(), proxy.to_string());
+    let dir = support::temp_dir("store-change");
+    let state = dir.join("tokens.json");
+    let store = format!(
+        "[store]\nkind = \"file\"\npath = \"{}\"\nkey = \"{STORE_KEY}\"\n",
+        state.display()
+    );
+    for (round, timeout) in [(1, "31s"), (2, "32s")] {
+        let summary = running
+            .reload(parse(&w.config(&admin, &proxy, &store, timeout)))
+            .await
+            .expect("reload");
+        assert!(
+            summary.needs_restart.contains(&"store"),
+            "reload {round} asks for a file store while the memory store runs: {summary:?}"
+        );
+    }
+    let summary = running
+        .reload(parse(&w.config(&admin, &proxy, "", "33s")))
+        .await
+        .expect("reload");
+    assert!(
+        !summary.needs_restart.contains(&"store"),
+        "a reload back to the store in use needs no restart: {summary:?}"
+    );
+    let r = w.http.get(&format!("http://{proxy}/api/v1/payments")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        running
+            .token("wallet")
+            .is_some_and(|t| t.status().store.is_none()),
+        "the client keeps the memory store, which /status shows as none"
+    );
+    assert!(!state.exists(), "the file store was never used");
+    let _ = std::fs::remove_dir_all(&dir);
+}

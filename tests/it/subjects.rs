@@ -502,7 +502,7 @@ async fn fallback_client_uses_the_clients_own_token_without_the_header() {
     );
 }
 
-async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub(crate) async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut set = Vec::with_capacity(futures.len());
     for f in futures {
         set.push(Box::pin(f));

@@ -425,6 +425,70 @@ pub fn free_addr() -> SocketAddr {
     }
 }
 
+/// Whether the Redis programs a group of tests starts (`redis-server`, and
+/// `redis-cli` for a cluster) are on the PATH; a test returns at once when not.
+///
+/// A missing program never passes silently: the first test of `group` to find
+/// it missing writes one `SKIPPED:` line naming the group and the program (the
+/// harness still counts the tests as passed, so the line says so). It
+/// goes straight to stderr, past the test harness's capture, so a plain
+/// `cargo test` shows it. With `TOKENPROXY_REQUIRE_REDIS=1` (`.ci/run`, which
+/// installs Redis) a missing program fails the test instead.
+pub fn redis_on_path(group: &str, programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|program| !on_path(program))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "{} not found on PATH (apt-get install redis-server redis-tools)",
+        missing.join(" and ")
+    );
+    assert!(
+        std::env::var_os("TOKENPROXY_REQUIRE_REDIS").is_none_or(|v| v != "1"),
+        "{group} must run: {why}, and TOKENPROXY_REQUIRE_REDIS=1 makes that a failure"
+    );
+    static TOLD: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = TOLD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(group.to_owned());
+    if first {
+        use std::io::Write as _;
+        let line = format!(
+            "SKIPPED: {group} report ok without running: {why}; \
+             TOKENPROXY_REQUIRE_REDIS=1 makes this a failure\n"
+        );
+        // Best effort: a terminal that cannot be written to has nobody to tell.
+        let _unheard = std::io::stderr().write_all(line.as_bytes());
+    }
+    false
+}
+
+/// Whether an executable file named `program` is in a directory of the PATH.
+fn on_path(program: &str) -> bool {
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| {
+        let candidate = dir.join(program);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(&candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        }
+        #[cfg(not(unix))]
+        {
+            candidate.is_file()
+        }
+    })
+}
+
 /// Log output captured by a global subscriber installed with [`LogCapture::install`].
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);

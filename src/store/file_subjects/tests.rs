@@ -75,6 +75,7 @@ fn record(generation: u64, access: &str, meta: SubjectMeta) -> SubjectRecord {
             refresh_expires_at: None,
             obtained_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         },
+        dpop_key: None,
     }
 }
 
@@ -88,7 +89,7 @@ fn valid(generation: u64, access: &str) -> SubjectRecord {
 
 async fn found(subjects: &SubjectStore, subject: &str) -> SubjectRecord {
     match subjects.get(subject).await {
-        Ok(SubjectLoad::Found(r)) => r,
+        Ok(SubjectLoad::Found(r)) => *r,
         other => panic!("{subject} should be stored and open, got {other:?}"),
     }
 }
@@ -510,5 +511,37 @@ async fn opening_a_store_of_100_000_subjects_and_reading_one_is_fast() {
     );
     let counts = subjects.count().await.unwrap();
     assert_eq!(counts.get(&SubjectStatus::Valid), Some(&(N as u64 + 1)));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_subject_s_dpop_key_is_sealed_in_its_record_and_deleted_with_it() {
+    let dir = temp_dir("dpop-key");
+    let (_store, subjects) = open(&dir);
+    let mut r = valid(1, "a1");
+    r.dpop_key = Some(crate::store::SubjectKey {
+        alg: "ES256".to_owned(),
+        pkcs8: Secret::new("c3ViamVjdC1rZXktbWF0ZXJpYWw="),
+    });
+    assert_eq!(subjects.put("m-1", &r).await.unwrap(), Saved::Written);
+    let back = found(&subjects, "m-1").await;
+    assert_eq!(
+        back.dpop_key, r.dpop_key,
+        "the key comes back with the tokens"
+    );
+    let raw = std::fs::read(db_path(&dir)).unwrap();
+    let needle = b"c3ViamVjdC1rZXktbWF0ZXJpYWw";
+    assert!(
+        !raw.windows(needle.len()).any(|w| w == needle),
+        "the key is sealed, never in clear in the database"
+    );
+    // A record of a subject without [dpop] has none.
+    subjects.put("m-2", &valid(1, "b1")).await.unwrap();
+    assert_eq!(found(&subjects, "m-2").await.dpop_key, None);
+    assert!(subjects.delete("m-1").await.unwrap());
+    assert!(matches!(
+        subjects.get("m-1").await,
+        Ok(SubjectLoad::Missing)
+    ));
     std::fs::remove_dir_all(&dir).unwrap();
 }

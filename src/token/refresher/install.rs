@@ -20,6 +20,12 @@ use crate::token::response::{LifetimeSource, TokenSet, MAX_LIFETIME};
 use crate::token::state::{LastRefresh, State, StateCell};
 use crate::token::{Outcome, Token, Trigger};
 
+/// What the request path sends for one access token.
+pub(super) struct Injected {
+    header: http::HeaderValue,
+    dpop_ath: Option<String>,
+}
+
 impl Refresher {
     /// Installs a token from a successful response: the new state is persisted
     /// first (a rotated refresh token must outlive a crash right after), then
@@ -31,7 +37,19 @@ impl Refresher {
         grant: &'static str,
     ) -> Result<(), TokenError> {
         let url = display_url(&self.config.url);
-        if !set.is_bearer() && self.inject.format_is_default {
+        if self.dpop && !set.is_dpop() {
+            // A Bearer token sent with a proof would work, but it is not bound:
+            // whoever copies it can use it, which is what [dpop] rules out.
+            return Err(TokenError::Unusable {
+                url,
+                reason: format!(
+                    "token_type is {}, not DPoP: the provider did not bind the token to the DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
+                    shown_token_type(set.token_type.as_deref()),
+                    self.client
+                ),
+            });
+        }
+        if !self.dpop && !set.is_bearer() && self.inject.format_is_default {
             return Err(TokenError::Unusable {
                 url,
                 reason: format!(
@@ -54,7 +72,7 @@ impl Refresher {
                 });
             }
         }
-        let header = self
+        let injected = self
             .header_for(&set.access_token)
             .ok_or_else(|| TokenError::Unusable {
                 url: url.clone(),
@@ -103,12 +121,13 @@ impl Refresher {
         // (up to a replica acknowledgement timeout later): the token is never
         // sent after the provider's expiry.
         let remaining = lifetime.map(|l| l.saturating_sub(now.elapsed()));
-        self.publish_token(header, remaining, lifetime, origin);
+        self.publish_token(injected, remaining, lifetime, origin);
         Ok(())
     }
 
-    /// The header value to inject for `access_token`, marked sensitive.
-    pub(super) fn header_for(&self, access_token: &Secret) -> Option<http::HeaderValue> {
+    /// The header value to inject for `access_token`, marked sensitive, and
+    /// for a DPoP client the `ath` of its proofs.
+    pub(super) fn header_for(&self, access_token: &Secret) -> Option<Injected> {
         let mut header = http::HeaderValue::from_str(&format!(
             "{}{}{}",
             self.inject.prefix,
@@ -117,14 +136,17 @@ impl Refresher {
         ))
         .ok()?;
         header.set_sensitive(true);
-        Some(header)
+        let dpop_ath = self
+            .dpop
+            .then(|| crate::jose::access_token_hash(access_token.expose()));
+        Some(Injected { header, dpop_ath })
     }
 
-    /// Makes `header` the current token: usable for `remaining`, refreshed ahead
-    /// of that by the margin for a token of `lifetime`.
+    /// Makes the token `injected` current: usable for `remaining`, refreshed
+    /// ahead of that by the margin for a token of `lifetime`.
     pub(super) fn publish_token(
         &mut self,
-        header: http::HeaderValue,
+        injected: Injected,
         remaining: Option<Duration>,
         lifetime: Option<Duration>,
         origin: Origin,
@@ -134,7 +156,9 @@ impl Refresher {
         self.generation += 1;
         let token = Arc::new(Token {
             generation: self.generation,
-            header,
+            header: injected.header,
+            dpop_ath: injected.dpop_ath,
+            dpop_key: None,
             usable_until: remaining.and_then(|l| now.checked_add(l)),
             installed_at: now,
         });

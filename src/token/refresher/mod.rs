@@ -118,6 +118,9 @@ pub struct Refresher {
     client: String,
     config: Arc<TokenConfig>,
     inject: InjectConfig,
+    /// Tokens are DPoP-bound (`[dpop]`): the token_type must say so, and the
+    /// request path signs proofs with `ath` over each token.
+    dpop: bool,
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
     endpoint: Arc<dyn TokenSource>,
@@ -171,6 +174,7 @@ impl Refresher {
             client: client.name.clone(),
             config: Arc::new(client.token.clone()),
             inject: client.inject.clone(),
+            dpop: client.dpop.is_some(),
             shared,
             commands,
             endpoint,
@@ -517,7 +521,9 @@ impl Refresher {
                 Ok(()) | Err(TokenError::Provider { .. } | TokenError::Redirect { .. }) => {
                     Some(true)
                 }
-                Err(TokenError::Unreachable { .. }) => None,
+                Err(TokenError::Unreachable { .. } | TokenError::ClientAuthentication { .. }) => {
+                    None
+                }
                 Err(_) => matches!(kind, GrantKind::Refresh(_)).then_some(false),
             });
             let elapsed = started.elapsed().as_secs_f64();
@@ -540,7 +546,9 @@ impl Refresher {
                         }
                         warn!(client = %self.client, error = %e, "refresh token rejected; dropping it");
                         self.drop_refresh_token();
-                        if self.has_primary_grant() {
+                        // A rule may say only a person can mend this; the full
+                        // grant would not bring the refresh token back.
+                        if self.has_primary_grant() && !e.needs_authorization() {
                             continue;
                         }
                         self.enter_needs_authorization(format!("refresh token rejected: {e}"));

@@ -273,6 +273,8 @@ mod tests {
         Token {
             generation: 1,
             header: http::HeaderValue::from_static("Bearer t"),
+            dpop_ath: None,
+            dpop_key: None,
             usable_until: until,
             installed_at: Instant::now(),
         }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::endpoint::{TokenFuture, TokenSource};
 use super::{Refresher, TokenError};
 use crate::clock::Clock;
-use crate::config::{ClientConfig, Config, MapEnv, TokenConfig};
+use crate::config::{ClientConfig, Config, ErrorMeaning, MapEnv, TokenConfig};
 use crate::secret::Secret;
 use crate::store::{Record, Saved, Store, TokenState};
 use crate::token::dialect::GrantKind;
@@ -118,9 +118,30 @@ fn refused(status: u16, code: &str, retry_after: Option<u64>) -> Result<TokenSet
             status: StatusCode::from_u16(status).expect("a valid status"),
             error: Some(code.into()),
             description: None,
+            meaning: None,
         },
         retry_after: retry_after.map(Duration::from_secs),
     })
+}
+
+/// The provider answered `status` with `code`, and a `[[token.errors]]` rule
+/// said it means `meaning`.
+fn refused_as(status: u16, code: &str, meaning: ErrorMeaning) -> Result<TokenSet, TokenError> {
+    match refused(status, code, None) {
+        Err(TokenError::Provider {
+            url,
+            mut error,
+            retry_after,
+        }) => {
+            error.meaning = Some(meaning);
+            Err(TokenError::Provider {
+                url,
+                error,
+                retry_after,
+            })
+        }
+        other => other,
+    }
 }
 
 fn unreachable() -> Result<TokenSet, TokenError> {
@@ -471,6 +492,84 @@ async fn invalid_grant_on_a_refresh_token_only_client_needs_authorization() {
     let calls = h.script.calls();
     assert_eq!(calls.len(), 1, "nothing is retried: {calls:?}");
     assert_eq!(calls[0].refresh_token.as_deref(), Some("r0"));
+}
+
+/// A client with both a refresh token and the full grant.
+const REFRESH_AND_FULL_GRANT: &str =
+    "grant = \"client_credentials\"\nclient_secret = \"s3cret\"\nrefresh_token = \"r0\"";
+
+/// A gateway's 500 that a rule calls rejected is a refused refresh token:
+/// dropped, and the full grant at once, as after a 400 invalid_grant.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_refused_by_a_rejected_rule_falls_back_to_the_full_grant() {
+    let script = Script::new([
+        refused_as(500, "INVALID_CREDENTIALS", ErrorMeaning::Rejected),
+        token("a1", 300, None),
+    ]);
+    let h = Harness::start(&config(REFRESH_AND_FULL_GRANT, ""), script);
+    sleep(0.1).await;
+    let calls = h.script.calls();
+    let grants: Vec<&str> = calls.iter().map(|c| c.grant).collect();
+    assert_eq!(grants, ["refresh_token", "client_credentials"], "{calls:?}");
+    assert_eq!(
+        calls[1].at, calls[0].at,
+        "the full grant follows at once, without a backoff"
+    );
+    drop(calls);
+    assert_eq!(h.header().as_deref(), Some("Bearer a1"));
+    assert!(!h.handle.status().has_refresh_token, "r0 is dropped");
+}
+
+/// A rule saying needs_authorization: the refresh token is dead and only a
+/// person can issue another, so the full grant is not tried either.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_refused_by_a_needs_authorization_rule_does_not_try_the_full_grant() {
+    let script = Script::new([
+        refused_as(500, "CONSENT_REVOKED", ErrorMeaning::NeedsAuthorization),
+        token("a1", 300, None),
+    ]);
+    let h = Harness::start(&config(REFRESH_AND_FULL_GRANT, ""), script);
+    sleep(0.1).await;
+    assert_eq!(h.state(), State::NeedsAuthorization);
+    let reason = h.handle.status().reason.unwrap_or_default();
+    assert!(
+        reason.contains("refresh token rejected")
+            && reason.contains("needs_authorization by token.errors"),
+        "the reason names the rule's verdict: {reason}"
+    );
+    sleep(3600.0).await;
+    let calls = h.script.calls();
+    assert_eq!(calls.len(), 1, "nothing more is asked: {calls:?}");
+    assert_eq!(calls[0].grant, "refresh_token");
+}
+
+/// A rule saying transient: a 400 invalid_grant is a failure, so the same
+/// refresh token is tried again after a backoff, not dropped.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_a_rule_calls_transient_backs_off_and_keeps_the_refresh_token() {
+    let script = Script::new([
+        refused_as(400, "invalid_grant", ErrorMeaning::Transient),
+        token("a1", 300, None),
+    ]);
+    let h = Harness::start(&config(REFRESH_AND_FULL_GRANT, ""), script);
+    sleep(0.1).await;
+    assert_eq!(h.script.count(), 1);
+    assert_eq!(h.state(), State::Unavailable, "backing off");
+    assert!(h.handle.status().has_refresh_token, "r0 is kept");
+    sleep(2.0).await;
+    let calls = h.script.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        (calls[1].grant, calls[1].refresh_token.as_deref()),
+        ("refresh_token", Some("r0")),
+        "the same refresh token is tried again"
+    );
+    assert!(
+        calls[1].at - calls[0].at >= Duration::from_millis(500),
+        "after a backoff: {calls:?}"
+    );
+    let outcome = h.handle.status().last_failure.map(|f| f.outcome);
+    assert_eq!(outcome, Some("error"), "counted as an error, not rejected");
 }
 
 /// Another process writes a newer record to the file store: at the next
