@@ -15,6 +15,7 @@
 //! and a `101` turns the two connections into a tunnel: see `upgrade`.
 
 pub mod body;
+mod expect;
 pub mod headers;
 pub mod location;
 pub mod pool;
@@ -75,6 +76,9 @@ pub struct ClientRuntime {
     /// How `Location` headers naming the upstream are pointed back at the
     /// sidecar (`rewrite_location`, on by default).
     location: Option<LocationRewrite>,
+    /// Whether an upload that streams carries the app's `Expect: 100-continue`
+    /// upstream (not to an `http2` upstream, whose `100` hyper does not report).
+    forwards_expect: bool,
     /// Upgrade passthrough, when the client forwards any protocol.
     upgrades: Option<upgrade::Upgrades>,
     /// DPoP (`[dpop]`): a proof of its key beside every token sent.
@@ -149,6 +153,7 @@ impl ClientRuntime {
             metrics,
             http,
             pool,
+            forwards_expect: !config.http2,
             location: config.rewrite_location.then(|| {
                 LocationRewrite::new(
                     &config.upstream.scheme,
@@ -491,7 +496,23 @@ async fn forward(
     // A gRPC call's request may be a stream the client writes as the answers come
     // (and may idle between messages): it is forwarded as it arrives, never held
     // back to be buffered, and never paced. HTTP/2 flow control bounds what it holds.
-    let body = if grpc {
+    // An upload that will stream asks the upstream whether to send its body
+    // (see `expect`); one the sidecar reads itself is answered `100` by hyper
+    // and goes without `Expect`.
+    let expects = expect::expects_continue(&outgoing.headers);
+    let held = expects
+        && !grpc
+        && client.forwards_expect
+        && http_body::Body::size_hint(&incoming).lower() > client.retry_body_limit as u64;
+    if expects && !held {
+        outgoing.headers.remove(http::header::EXPECT);
+    }
+    let mut gate = None;
+    let body = if held {
+        let (body, held_by) = expect::hold(Paced::new(incoming, client.pace));
+        gate = Some(held_by);
+        Ok(RequestBody::Streaming(body))
+    } else if grpc {
         Ok(RequestBody::Streaming(body::incoming(incoming)))
     } else {
         RequestBody::read(
@@ -602,12 +623,14 @@ async fn forward(
         }
         RequestBody::Streaming(stream) => {
             let proof = client.proof(&outgoing, &token)?;
-            let response = send(
-                client,
-                http,
-                outgoing.last_request(stream, &token, &client.inject_header, proof),
-            )
-            .await?;
+            let mut req = outgoing.last_request(stream, &token, &client.inject_header, proof);
+            if let Some(gate) = &gate {
+                gate.attach(&mut req);
+            }
+            let mut response = send(client, http, req).await?;
+            if let Some(gate) = gate.filter(expect::Gate::answered_first) {
+                response = response.map(|answer| expect::answer_passed_on(answer, gate));
+            }
             exchange.upstream_status = Some(response.status().as_u16());
             if client.is_unauthorized(response.status()) && nonce_demanded(client, &response) {
                 // Not sent again (nothing was buffered); the nonce is kept for the

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{Body, BoxError};
+use super::expect::Gate;
 use crate::http::client::{Egress, Plain, POOL_IDLE_TIMEOUT};
 
 /// Pooled HTTP/1.1 connections to one `http://` upstream.
@@ -140,6 +141,7 @@ impl Http1Pool {
     /// closed it while idle) goes out again on another connection, as hyper-util's
     /// client does; nothing of it was written.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let gate = req.extensions().get::<Gate>().cloned();
         loop {
             let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
             let (mut conn, reused) = match checked_out {
@@ -161,6 +163,7 @@ impl Http1Pool {
                         incoming,
                         conn: conn.driver.is_some().then_some(conn),
                         pool: Arc::downgrade(&self.shared),
+                        gate,
                     };
                     return Ok(Response::from_parts(parts, Body::new(body)));
                 }
@@ -231,14 +234,18 @@ struct DrivenBody {
     incoming: Incoming,
     conn: Option<Conn>,
     pool: Weak<Shared>,
+    /// The gate of an upload held back for the upstream's `100`, if any.
+    gate: Option<Gate>,
 }
 
 impl DrivenBody {
     fn release(&mut self) {
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
-            // One the upstream stopped reading is closed here, with whatever of
-            // the request it was still being sent.
-            if !conn.broken.load(Ordering::Relaxed) {
+            // One the upstream stopped reading, or one whose upload the upstream
+            // refused before it was sent, is closed here, with whatever of the
+            // request it was still to send.
+            let unfinished = self.gate.as_ref().is_some_and(Gate::refused);
+            if !conn.broken.load(Ordering::Relaxed) && !unfinished {
                 pool.put(conn);
             }
         }

@@ -1,8 +1,8 @@
 //! How HTTP/1 itself travels through the sidecar, over raw sockets on both
 //! sides: header names keep the case they were sent with, redirects to the
 //! upstream lead back to the sidecar, an upstream's early answer to an upload
-//! reaches the app intact (and `Expect: 100-continue` is the upstream's to
-//! answer), and requests hyper refuses before they are routed are counted.
+//! reaches the app intact (and one that stops reading does not hold it), and
+//! requests hyper refuses before they are routed are counted.
 
 use crate::support;
 
@@ -716,7 +716,7 @@ async fn early_answers_reach_the_app(
 
 /// A sidecar in front of `https://{authority}` trusting `ca`:
 /// (provider, running, proxy address).
-async fn sidecar_for_tls_upstream(
+pub(crate) async fn sidecar_for_tls_upstream(
     authority: &str,
     ca: &crate::upstream_tls::Ca,
 ) -> (MockProvider, tokenproxy::Running, SocketAddr) {

@@ -15,6 +15,7 @@ mod connect;
 mod demo;
 mod dpop;
 mod egress_proxy;
+mod expect_continue;
 mod forwarding;
 mod hostile_input;
 mod lifecycle;
