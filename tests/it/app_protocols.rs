@@ -191,8 +191,8 @@ async fn assert_case_kept(proxy: SocketAddr, host_line: &str, seen: &Seen) {
     );
 }
 
-/// A request hyper refuses before the sidecar sees it (a raw `"` or `<` in
-/// the target, a header line without a colon) gets hyper's bare 400, and is
+/// A request hyper refuses before the sidecar sees it (a raw `"`, `<` or `>`
+/// in the target, a header line without a colon) gets hyper's bare 400, and is
 /// counted: the access log and the per-client metrics never see it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_before_routing_are_counted_as_connection_errors() {
@@ -214,9 +214,10 @@ async fn requests_refused_before_routing_are_counted_as_connection_errors() {
         "the counter is there from the start, at zero:\n{before}"
     );
 
-    let refused: [&[u8]; 3] = [
+    let refused: [&[u8]; 4] = [
         b"GET /v1/charges?q=\"quoted\" HTTP/1.1\r\nHost: localhost\r\n\r\n",
         b"GET /v1/charges?q=<b> HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /v1/charges?q=a>b HTTP/1.1\r\nHost: localhost\r\n\r\n",
         b"GET /v1/charges HTTP/1.1\r\nHost: localhost\r\nX-No-Colon\r\n\r\n",
     ];
     for request in refused {
@@ -237,13 +238,13 @@ async fn requests_refused_before_routing_are_counted_as_connection_errors() {
     let after = loop {
         // The counter moves once hyper has written its 400 and ended the connection.
         let text = http.get(&metrics_url).await.text();
-        if count(&text, "parse") == Some(3.0) || tokio::time::Instant::now() > deadline {
+        if count(&text, "parse") == Some(4.0) || tokio::time::Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    let counted = count(&after, "parse") == Some(3.0);
-    assert!(counted, "three parse errors should be counted:\n{after}");
+    let counted = count(&after, "parse") == Some(4.0);
+    assert!(counted, "four parse errors should be counted:\n{after}");
     assert!(
         seen.lock().expect("log").is_empty(),
         "nothing reached the upstream"
