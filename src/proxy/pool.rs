@@ -141,7 +141,12 @@ impl Http1Pool {
     /// closed it while idle) goes out again on another connection, as hyper-util's
     /// client does; nothing of it was written.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
-        let gate = req.extensions().get::<Gate>().cloned();
+        // Only a request that carries `Expect` upstream can have been held back.
+        let gate = req
+            .headers()
+            .contains_key(http::header::EXPECT)
+            .then(|| req.extensions().get::<Gate>().cloned())
+            .flatten();
         loop {
             let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
             let (mut conn, reused) = match checked_out {
