@@ -356,17 +356,9 @@ impl Admin {
         subjects: &Subjects,
         subject: &str,
     ) -> Result<Response<Body>, AdminError> {
-        let refresh_token = match subjects.store().get(subject).await {
-            Ok(SubjectLoad::Found(r)) => r.tokens.refresh_token,
-            Ok(_) => None,
-            Err(e) => return Err(AdminError::Busy(format!("the store cannot be read: {e}"))),
-        };
-        let deleted = subjects
-            .store()
-            .delete(subject)
-            .await
-            .map_err(|e| AdminError::Busy(format!("the store cannot be written: {e}")))?;
-        subjects.forget(subject).await;
+        // The refresh token revoked is the last one stored: read under the
+        // subject's lease, after any refresh under way stored its rotation.
+        let (deleted, refresh_token) = subjects.delete(subject).await.map_err(AdminError::Busy)?;
         if !deleted {
             return Ok(subject_unknown(name, subject));
         }

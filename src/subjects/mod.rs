@@ -335,6 +335,15 @@ impl Subjects {
         }
     }
 
+    /// Deletes `subject`'s record, fenced against refreshes under way on any
+    /// replica, and forgets what memory holds of it. Returns whether there
+    /// was a record, and the refresh token it held (to revoke).
+    pub async fn delete(&self, subject: &str) -> Result<(bool, Option<Secret>), String> {
+        let deleted = self.inner.delete(subject).await?;
+        self.forget(subject).await;
+        Ok(deleted)
+    }
+
     /// Forgets what memory holds of `subject` (after an admin import or
     /// delete), once a token request under way for it has ended: a token it
     /// installs is dropped too.

@@ -14,6 +14,7 @@ use crate::secret::Secret;
 use crate::store::{
     to_ms, Saved, SubjectLoad, SubjectMeta, SubjectRecord, SubjectStatus, TokenState,
 };
+use crate::token::lifetime::{access_lifetime, stated_refresh_token_lifetime};
 use crate::token::{GrantKind, Token, TokenError};
 
 /// How often a replica waiting for another one's refresh looks at the store.
@@ -137,10 +138,13 @@ impl Inner {
                     ))
                 }
             };
-            // Another replica may have refreshed between our read and the lease.
+            // Another replica may have refreshed between our read and the
+            // lease, or the subject may have been deleted and stored again (a
+            // new record starts again at generation 1: the generation alone
+            // does not tell it from the one read).
             let current = self.read(subject).await;
             let outcome = match current {
-                Ok(Some(current)) if current.generation != record.generation => None,
+                Ok(Some(current)) if !same_record(&current, &record) => None,
                 Ok(Some(_)) => Some(self.refresh(subject, &record, trigger).await),
                 Ok(None) => Some(Err(Rejected::Error(SubjectError::Unknown(
                     subject.to_owned(),
@@ -272,43 +276,43 @@ impl Inner {
                 return Err(self.refresh_failed(subject, record, e).await);
             }
         };
-        // A Bearer token answering a DPoP-signed request is bound to no key:
-        // never sent, but the refresh token it came with is stored.
-        let unbound = (self.dpop.is_some() && !set.is_dpop()).then(|| TokenError::Unusable {
-            url: crate::secret::display_url(
-                self.token.refresh_url.as_ref().unwrap_or(&self.token.url),
-            ),
-            reason: format!(
-                "token_type is not DPoP: the provider did not bind subject {subject:?}'s token to its DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
-                self.client
-            ),
-        });
-        let outcome = if unbound.is_some() {
+        // A token that cannot be sent (bound to no key, or too short-lived)
+        // counts as a failure and backs off, but the refresh token it came
+        // with is stored: the provider may have rotated the one just spent.
+        let lifetime = access_lifetime(&set, &self.token, &self.client);
+        let unusable = self.unusable(subject, &set, lifetime.as_ref().err());
+        let outcome = if unusable.is_some() {
             Outcome::Error
         } else {
             Outcome::Success
         };
         self.metrics
             .token_request(trigger, "refresh_token", outcome, elapsed);
-        if unbound.is_none() {
+        if unusable.is_none() {
             self.backoff.remove(subject);
         }
         let rotated = set.refresh_token.is_some();
+        let stated_rt_lifetime = stated_refresh_token_lifetime(&set, &self.client);
+        let rt_lifetime = if rotated {
+            stated_rt_lifetime.or(self.token.refresh_token_lifetime)
+        } else {
+            stated_rt_lifetime
+        };
         let mut new = self.record_for(
             record.generation,
-            Some((set.access_token, set.lifetime)),
+            Some((set.access_token, lifetime.ok().flatten())),
             set.refresh_token.or(Some(refresh_token)),
-            set.refresh_token_lifetime,
+            rt_lifetime,
             Some(crate::store::from_ms(record.meta.connected_at_ms)),
         );
         new.dpop_key = key.map(|(stored, _)| stored);
-        if unbound.is_some() {
+        if unusable.is_some() {
             new.tokens.access_token = None;
             new.tokens.access_expires_at = None;
             new.meta.access_expires_at_ms = None;
             new.meta.last_outcome = Some("error".to_owned());
         }
-        if !rotated && set.refresh_token_lifetime.is_none() {
+        if !rotated && stated_rt_lifetime.is_none() {
             // The refresh token was not renewed: its expiry stays what it was.
             new.tokens.refresh_expires_at = record.tokens.refresh_expires_at;
             new.meta.refresh_expires_at_ms = record.meta.refresh_expires_at_ms;
@@ -326,10 +330,13 @@ impl Inner {
             }
             Ok(Saved::Stale { generation }) => {
                 // Only a replica that lost its lease gets here: the store holds
-                // tokens newer than the ones just obtained.
+                // another record (a sibling's tokens, or an import or connect
+                // made meanwhile, perhaps of another account). Its tokens are
+                // the subject's; the ones just obtained are never served.
                 error!(client = %self.client, subject, stored_generation = generation,
                     "the subject's record changed while it was refreshed under a lease; keeping the store's");
                 self.pending.remove(subject);
+                return Err(Rejected::Sibling);
             }
             Err(e) => {
                 warn!(client = %self.client, subject, error = %e,
@@ -337,7 +344,7 @@ impl Inner {
                 self.pending.insert(subject.to_owned(), new.clone());
             }
         }
-        if let Some(e) = unbound {
+        if let Some(e) = unusable {
             return Err(self.refresh_failed(subject, &new, e).await);
         }
         info!(client = %self.client, subject, trigger = trigger.as_str(), generation = new.generation,
@@ -347,6 +354,33 @@ impl Inner {
                 "the provider's access token is already expired or not a header value",
                 Duration::from_secs(1),
             ))
+        })
+    }
+
+    /// Why a subject's new access token cannot be sent, if it cannot: a
+    /// Bearer token answering a DPoP-signed request is bound to no key, and
+    /// `too_short` says why its lifetime is refused.
+    fn unusable(
+        &self,
+        subject: &str,
+        set: &crate::token::response::TokenSet,
+        too_short: Option<&String>,
+    ) -> Option<TokenError> {
+        let url = || {
+            crate::secret::display_url(self.token.refresh_url.as_ref().unwrap_or(&self.token.url))
+        };
+        if self.dpop.is_some() && !set.is_dpop() {
+            return Some(TokenError::Unusable {
+                url: url(),
+                reason: format!(
+                    "token_type is not DPoP: the provider did not bind subject {subject:?}'s token to its DPoP key; remove [clients.{}.dpop] if it does not support DPoP for this client",
+                    self.client
+                ),
+            });
+        }
+        too_short.map(|reason| TokenError::Unusable {
+            url: url(),
+            reason: reason.clone(),
         })
     }
 
@@ -474,6 +508,48 @@ impl Inner {
         Some(to_ms(now + span.saturating_sub(jitter)))
     }
 
+    /// Deletes `subject`'s record, then waits until no refresh of it is under
+    /// way on any replica (its lease is free): such a refresh finds the
+    /// record gone and drops its answer, and only then may the subject be
+    /// stored again. Without the wait, a refresh's late write could land
+    /// over a record stored again after the deletion (a new record starts
+    /// at generation 1). Returns whether there was a record, and the refresh
+    /// token it held (to revoke).
+    pub(super) async fn delete(&self, subject: &str) -> Result<(bool, Option<Secret>), String> {
+        let refresh_token = match self.store.get(subject).await {
+            Ok(SubjectLoad::Found(r)) => r.tokens.refresh_token,
+            Ok(_) => None,
+            Err(e) => return Err(format!("the store cannot be read: {e}")),
+        };
+        let deleted = self
+            .store
+            .delete(subject)
+            .await
+            .map_err(|e| format!("the store cannot be written: {e}"))?;
+        let lease_ttl = self.token.timeout + Duration::from_secs(5);
+        // A lease lasts its ttl at most: a refresh that overruns it finds the
+        // record gone when it writes, as any other.
+        let deadline = Instant::now() + lease_ttl + FOLLOW_POLL;
+        loop {
+            match self.store.try_lease(subject, lease_ttl).await {
+                Ok(Some(lease)) => {
+                    if let Err(e) = self.store.release(subject, lease).await {
+                        debug!(client = %self.client, subject, error = %e, "releasing the subject's lease failed; it expires on its own");
+                    }
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(FOLLOW_POLL).await,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(client = %self.client, subject, error = %e,
+                        "deleted, but cannot tell whether a refresh of the subject is still under way");
+                    break;
+                }
+            }
+        }
+        Ok((deleted, refresh_token))
+    }
+
     /// Writes records the store did not take when they were made.
     pub(super) async fn write_pending(&self) {
         let subjects: Vec<String> = self.pending.iter().map(|e| e.key().clone()).collect();
@@ -494,6 +570,16 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether `a` and `b` are one stored record: the same generation of the same
+/// connection, with the same refresh token and key. A subject deleted and
+/// stored again has a generation of its own, which may be one seen before.
+fn same_record(a: &SubjectRecord, b: &SubjectRecord) -> bool {
+    a.generation == b.generation
+        && a.meta.connected_at_ms == b.meta.connected_at_ms
+        && a.tokens.refresh_token == b.tokens.refresh_token
+        && a.dpop_key == b.dpop_key
 }
 
 /// Why a refresh under the lease did not yield a token.

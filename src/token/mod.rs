@@ -11,6 +11,7 @@
 mod assertion;
 mod dialect;
 pub mod dpop;
+pub(crate) mod lifetime;
 mod redact;
 mod refresher;
 pub mod response;

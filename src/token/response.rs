@@ -717,7 +717,8 @@ const PROOF_CODES: &[&str] = &["use_dpop_nonce", "invalid_dpop_proof"];
 impl ProviderError {
     /// True when the provider refused the grant or client (4xx, or an RFC 6749 error code such as invalid_grant / invalid_client / unauthorized_client / invalid_scope / access_denied) as opposed to failing (5xx, 429).
     ///
-    /// A matching `[[token.errors]]` rule decides first. Otherwise 408, 429 and
+    /// A matching `[[token.errors]]` rule decides first (for a refused DPoP
+    /// proof, only one that names its code). Otherwise 408, 429 and
     /// 5xx are failures whatever the body says; a temporarily_unavailable /
     /// server_error code, or one that refuses the DPoP proof (use_dpop_nonce,
     /// invalid_dpop_proof), is a failure, a rejection code is a rejection, and
@@ -755,10 +756,18 @@ impl ProviderError {
     }
 
     /// The same answer, with what the first of `rules` matching it (status,
-    /// error code, raw `body`) says it means.
+    /// error code, raw `body`) says it means. A refused DPoP proof
+    /// ([`PROOF_CODES`]) is decided only by a rule that names its code: a
+    /// rule written for a status (`status = 400, means = "rejected"`) is about
+    /// the grant, and would drop a good refresh token over a proof.
     pub fn classified(mut self, rules: &[ErrorRule], body: &[u8]) -> ProviderError {
+        let proof = self
+            .error
+            .as_deref()
+            .is_some_and(|e| PROOF_CODES.iter().any(|c| e.eq_ignore_ascii_case(c)));
         self.meaning = rules
             .iter()
+            .filter(|rule| !proof || rule.error.is_some())
             .find(|rule| rule_matches(rule, self.status, self.error.as_deref(), body))
             .map(|rule| rule.means);
         self
@@ -2320,6 +2329,63 @@ mod tests {
         );
         let e = parse_error_with(StatusCode::BAD_GATEWAY, GATEWAY, &rules[2..]);
         assert_eq!(e.meaning, None);
+    }
+
+    #[test]
+    fn a_status_only_rule_does_not_make_a_refused_dpop_proof_a_rejection() {
+        let rules = [
+            rule(Some(400), None, None, ErrorMeaning::Rejected),
+            rule(
+                Some(401),
+                None,
+                Some("proof"),
+                ErrorMeaning::NeedsAuthorization,
+            ),
+        ];
+        for (status, body) in [
+            (
+                StatusCode::BAD_REQUEST,
+                &br#"{"error":"use_dpop_nonce"}"#[..],
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                br#"{"error":"INVALID_DPOP_PROOF"}"#,
+            ),
+            (
+                StatusCode::UNAUTHORIZED,
+                br#"{"error":"invalid_dpop_proof","error_description":"bad proof"}"#,
+            ),
+        ] {
+            let e = parse_error_with(status, body, &rules);
+            assert_eq!(
+                e.meaning, None,
+                "{status}: a proof refusal is not the grant's"
+            );
+            assert!(!e.is_rejection(), "{status}: a refused proof is a failure");
+            assert!(!e.needs_authorization(), "{status}");
+        }
+        let other = parse_error_with(StatusCode::BAD_REQUEST, br#"{"error":"x"}"#, &rules);
+        assert_eq!(
+            other.meaning,
+            Some(ErrorMeaning::Rejected),
+            "other codes: the rule decides"
+        );
+        let named = [rule(
+            None,
+            Some("invalid_dpop_proof"),
+            None,
+            ErrorMeaning::NeedsAuthorization,
+        )];
+        let e = parse_error_with(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":"invalid_dpop_proof"}"#,
+            &named,
+        );
+        assert_eq!(
+            e.meaning,
+            Some(ErrorMeaning::NeedsAuthorization),
+            "a rule that names the proof code decides"
+        );
     }
 
     // --- robustness --------------------------------------------------------------------

@@ -14,7 +14,7 @@ use http::{Method, StatusCode};
 use support::{eventually, metric, start_sidecar_env, PosConfig, TestClient, CLIENT_SECRET};
 use tokenproxy::config::MapEnv;
 use tokenproxy::Running;
-use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{Fault, MockApi, MockProvider, ProviderConfig, ResponseShape};
 
 const ADMIN_KEY: &str = "subjects-admin-key-7c41d2";
 const KEY_FILE: &str = "/run/secrets/tokenproxy-admin";
@@ -39,14 +39,24 @@ async fn market_with_lifetime(lifetime: Duration, subjects_extra: &str) -> Marke
 }
 
 async fn market_with(lifetime: Duration, subjects_extra: &str, client_extra: &str) -> Market {
-    let provider = MockProvider::start(ProviderConfig {
+    let provider = ProviderConfig {
         lifetime,
         refresh_tokens: true,
         rotate_refresh_tokens: true,
         ..ProviderConfig::default()
-    })
-    .await
-    .expect("provider");
+    };
+    market_from(provider, subjects_extra, client_extra, "").await
+}
+
+/// A market whose provider is `provider`, with `tail` after the subjects
+/// table (e.g. a `[clients.pos.token.response]` table).
+async fn market_from(
+    provider: ProviderConfig,
+    subjects_extra: &str,
+    client_extra: &str,
+    tail: &str,
+) -> Market {
+    let provider = MockProvider::start(provider).await.expect("provider");
     let api = MockApi::start(provider.validator()).await.expect("api");
     let text = PosConfig {
         upstream: &api.url(),
@@ -55,7 +65,7 @@ async fn market_with(lifetime: Duration, subjects_extra: &str, client_extra: &st
         grant: "grant = \"refresh_token\"",
         client: client_extra,
         subjects: subjects_extra,
-        tail: "",
+        tail,
     }
     .text();
     let env = MapEnv::new()
@@ -802,6 +812,116 @@ async fn a_subject_deleted_during_its_refresh_stays_deleted() {
     );
 }
 
+/// Imports `account`'s refresh token as `subject` through the admin API.
+async fn import_as(m: &Market, subject: &str, account: &str) -> support::Reply {
+    let rt = m.provider.issue_refresh_token_for(account);
+    m.admin_call(
+        Method::PUT,
+        &format!("/clients/pos/subjects/{subject}"),
+        serde_json::json!({ "refresh_token": rt })
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+}
+
+/// Reloads `m` with `max_cached = 5` (its text has `max_cached = 4`): the
+/// client gets a new subjects cache while the old one's token requests
+/// run on, as another replica's would.
+async fn reload_cache_size(m: &mut Market) {
+    let env = MapEnv::new()
+        .var("CLIENT_SECRET", CLIENT_SECRET)
+        .file(KEY_FILE, format!("{ADMIN_KEY}\n"));
+    let text = m.text.replace("max_cached = 4", "max_cached = 5");
+    let config = tokenproxy::config::from_str(&text, None, &env).expect("valid");
+    m.running.reload(config).await.expect("reload");
+}
+
+/// A subject deleted and connected again (here: another account under the
+/// same id) while a refresh of the deleted one is under way elsewhere (a
+/// replica, or the cache a reload replaced): the answer of that refresh
+/// never replaces the new record, and the subject's requests carry the new
+/// account's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_deleted_and_imported_again_during_a_refresh_keeps_the_new_tokens() {
+    let mut m = market("max_cached = 4", "").await;
+    m.connect("m-1").await;
+    m.provider
+        .set_fault(Fault::Delay(Duration::from_millis(700)));
+    let first = {
+        let http = m.http.clone();
+        let url = format!("http://{}/merchants/m-1/payments", m.proxy);
+        tokio::spawn(async move {
+            http.request(Method::GET, &url, &[("x-tokenproxy-subject", "m-1")], b"")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reload_cache_size(&mut m).await;
+    let r = m
+        .admin_call(Method::DELETE, "/clients/pos/subjects/m-1", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = import_as(&m, "m-1", "m-9").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let _first = first.await.expect("first request");
+    m.provider.set_fault(Fault::None);
+    let r = m.pay("m-9", Some("m-1")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "subject m-1 carries the token of the account imported last: {}",
+        r.text()
+    );
+}
+
+/// As above, with the deleted subject's refresh waiting for a place in the
+/// budget when the subject is deleted and imported again: the record it
+/// then finds has the generation of the one it read, but it is another
+/// record, whose tokens are the ones the subject's requests carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_waited_never_spends_a_deleted_subjects_refresh_token() {
+    let mut m = market("max_cached = 4\nmax_concurrent_token_requests = 1", "").await;
+    m.connect("m-1").await;
+    m.connect("m-2").await;
+    m.provider
+        .set_fault(Fault::Delay(Duration::from_millis(700)));
+    let spawn_pay = |merchant: &'static str| {
+        let http = m.http.clone();
+        let url = format!("http://{}/merchants/{merchant}/payments", m.proxy);
+        tokio::spawn(async move {
+            http.request(
+                Method::GET,
+                &url,
+                &[("x-tokenproxy-subject", merchant)],
+                b"",
+            )
+            .await
+        })
+    };
+    let holds_the_budget = spawn_pay("m-2");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let waits = spawn_pay("m-1");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    reload_cache_size(&mut m).await;
+    let r = m
+        .admin_call(Method::DELETE, "/clients/pos/subjects/m-1", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = import_as(&m, "m-1", "m-9").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let _ = holds_the_budget.await.expect("m-2 request");
+    let _ = waits.await.expect("m-1 request");
+    m.provider.set_fault(Fault::None);
+    let r = m.pay("m-9", Some("m-1")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "subject m-1 carries the token of the account imported last: {}",
+        r.text()
+    );
+}
+
 /// Reloads while requests for many subjects run: every request carries its
 /// own subject's token (the API refuses any other), and none fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -972,5 +1092,122 @@ async fn a_subject_that_cannot_be_swept_does_not_hold_up_the_others() {
         swept,
         "the other three subjects are swept: {} token requests",
         provider.grant_requests("refresh_token")
+    );
+}
+
+/// A provider that states expiries in epoch seconds (rotating its refresh
+/// tokens), read with `rt_unit` for the refresh token's: with
+/// `expires_at_unit = "epoch_millis"` every access token seems to have expired
+/// in 1970.
+async fn epoch_market(access_unit: &str, rt_unit: &str, subjects_extra: &str) -> Market {
+    let provider = ProviderConfig {
+        lifetime: Duration::from_secs(300),
+        refresh_tokens: true,
+        rotate_refresh_tokens: true,
+        response_shape: ResponseShape::EpochExpirations,
+        ..ProviderConfig::default()
+    };
+    let tail = format!(
+        "[clients.pos.token.response]\nexpires_at = \"access_token_expiration\"\nexpires_at_unit = \"{access_unit}\"\nrefresh_token_expires_at = \"refresh_token_expiration\"\nrefresh_token_expires_at_unit = \"{rt_unit}\"\n"
+    );
+    market_from(provider, subjects_extra, "", &tail).await
+}
+
+/// An access token expiry already past on our clock (here a provider that
+/// sends epoch seconds read as milliseconds) is clock skew, as for the
+/// client's own token: the subject's token is used for the fallback lifetime,
+/// not refreshed again at every request, each spending a refresh token; and
+/// the rotated refresh token is the one sent next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subjects_access_expiry_in_the_past_is_skew_not_a_refresh_per_request() {
+    let m = epoch_market("epoch_millis", "epoch_seconds", "").await;
+    m.connect("m-1").await;
+    for i in 0..5 {
+        let r = m.pay("m-1", Some("m-1")).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+    }
+    assert_eq!(
+        m.provider.grant_requests("refresh_token"),
+        1,
+        "five requests for one subject cost one refresh"
+    );
+    // The next refresh sends the rotated refresh token, which the store kept.
+    m.provider.revoke_all();
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(r.status, StatusCode::OK, "after a 401: {}", r.text());
+    assert_eq!(m.provider.grant_requests("refresh_token"), 2);
+    assert_eq!(m.provider.refresh_token_reuse(), 0);
+}
+
+/// A refresh token expiry already past on our clock is skew too: it does not
+/// make the subject due at once, so the sweeper does not renew it (spending a
+/// refresh token) at every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subjects_refresh_token_expiry_in_the_past_does_not_make_it_due_every_sweep() {
+    // refresh_every 8 s: the sweeper looks every 2 s.
+    let m = epoch_market("epoch_seconds", "epoch_millis", "refresh_every = \"8s\"").await;
+    m.connect("m-1").await;
+    let r = m.pay("m-1", Some("m-1")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(m.provider.grant_requests("refresh_token"), 1);
+    let r = m
+        .admin_call(Method::GET, "/clients/pos/subjects/m-1", b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let view: serde_json::Value = serde_json::from_str(&r.text()).expect("a JSON subject");
+    let next = view["next_renewal_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a renewal is planned: {view}"));
+    let next = humantime::parse_rfc3339(next).expect("an RFC 3339 time");
+    assert!(
+        next > std::time::SystemTime::now() + Duration::from_secs(5),
+        "renewed by refresh_every, not at once: {view}"
+    );
+    // Two sweeps later the subject was not renewed again.
+    let renewed = eventually(Duration::from_secs(5), || {
+        m.provider.grant_requests("refresh_token") > 1
+    })
+    .await;
+    assert!(
+        !renewed,
+        "the sweeper renewed the subject again: {} refreshes",
+        m.provider.grant_requests("refresh_token")
+    );
+}
+
+/// A subject's access token that lives less than a second is never used: the
+/// refresh backs off instead of running again at every request, and the
+/// refresh token it rotated is stored and sent next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subjects_token_under_a_second_backs_off_and_keeps_the_rotated_refresh_token() {
+    let m = market_with_lifetime(Duration::ZERO, "").await;
+    m.connect("m-1").await;
+    for i in 0..5 {
+        let r = m.pay("m-1", Some("m-1")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request {i}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), Some("token_unavailable"), "request {i}");
+    }
+    assert_eq!(
+        m.provider.grant_requests("refresh_token"),
+        1,
+        "the failed refresh backs off"
+    );
+    // After the backoff the next request's refresh sends the rotated refresh token.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while m.provider.grant_requests("refresh_token") < 2 && tokio::time::Instant::now() < deadline {
+        let _unusable_again = m.pay("m-1", Some("m-1")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retried = m.provider.grant_requests("refresh_token") >= 2;
+    assert!(retried, "the refresh is tried again after its backoff");
+    assert_eq!(
+        m.provider.refresh_token_reuse(),
+        0,
+        "the rotated refresh token was kept"
     );
 }

@@ -6,17 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::endpoint::{display_url, shown_token_type};
 use super::schedule::refresh_margin;
-use super::{
-    HeldAccessToken, HeldRefreshToken, Origin, Refresher, TokenError, MIN_LIFETIME,
-    SKEW_FALLBACK_LIFETIME,
-};
+use super::{HeldAccessToken, HeldRefreshToken, Origin, Refresher, TokenError};
 use crate::clock::{epoch_seconds, rfc3339, wall_after};
 use crate::secret::Secret;
-use crate::token::response::{LifetimeSource, TokenSet, MAX_LIFETIME};
+use crate::token::lifetime::{access_lifetime, refresh_token_lifetime};
+use crate::token::response::TokenSet;
 use crate::token::state::{LastRefresh, State, StateCell};
 use crate::token::{Outcome, Token, Trigger};
 
@@ -59,19 +57,12 @@ impl Refresher {
                 ),
             });
         }
-        let lifetime = self.checked_lifetime(&set);
-        if let Some(l) = lifetime {
-            if l < MIN_LIFETIME {
-                return Err(TokenError::Unusable {
-                    url,
-                    reason: format!(
-                        "the token's lifetime ({} ms) is shorter than {} s",
-                        l.as_millis(),
-                        MIN_LIFETIME.as_secs()
-                    ),
-                });
+        let lifetime = access_lifetime(&set, &self.config, &self.client).map_err(|reason| {
+            TokenError::Unusable {
+                url: url.clone(),
+                reason,
             }
-        }
+        })?;
         let injected = self
             .header_for(&set.access_token)
             .ok_or_else(|| TokenError::Unusable {
@@ -82,17 +73,12 @@ impl Refresher {
         let now = Instant::now();
         let wall_now = self.clock.wall_now();
         // Rotation: hold the new refresh token before anything else can run.
+        let rt_lifetime = set
+            .refresh_token
+            .is_some()
+            .then(|| refresh_token_lifetime(&set, &self.config, &self.client))
+            .flatten();
         if let Some(rt) = set.refresh_token {
-            let rt_lifetime = match set.refresh_token_lifetime {
-                // An expiry already past on our clock is skew, not a dead token just issued.
-                Some(l) if l.is_zero() => {
-                    warn!(client = %self.client, "refresh token expiry is in the past by our clock; ignoring it");
-                    self.config.refresh_token_lifetime
-                }
-                Some(l) => Some(l),
-                None => self.config.refresh_token_lifetime,
-            }
-            .map(|l| l.min(MAX_LIFETIME));
             self.refresh_token = Some(HeldRefreshToken {
                 value: rt,
                 usable_until: rt_lifetime.and_then(|l| now.checked_add(l)),
@@ -238,34 +224,5 @@ impl Refresher {
         });
         self.metrics.set_state(State::Valid);
         self.publish_store();
-    }
-
-    /// The access token lifetime to schedule by, measured from now (the moment
-    /// the response arrived, on tokio's monotonic clock): the response's, else
-    /// `default_lifetime`. A provider's `expires_at` already past on our clock
-    /// means clock skew; it is replaced by `default_lifetime` (or 60 s) and logged.
-    fn checked_lifetime(&self, set: &TokenSet) -> Option<Duration> {
-        match set.lifetime {
-            Some(l) if l.is_zero() && set.lifetime_source != LifetimeSource::ExpiresIn => {
-                let fallback = self
-                    .config
-                    .default_lifetime
-                    .unwrap_or(SKEW_FALLBACK_LIFETIME);
-                warn!(client = %self.client, source = set.lifetime_source.as_str(),
-                    fallback_s = fallback.as_secs(),
-                    "token expiry is already past by our clock (clock skew?); assuming a fallback lifetime");
-                Some(fallback.min(MAX_LIFETIME))
-            }
-            Some(l) => {
-                if set.clamped() {
-                    warn!(client = %self.client, source = set.lifetime_source.as_str(),
-                        "token expiry is implausibly far away; clamped");
-                }
-                Some(l)
-            }
-            // Config validation bounds it too; clamping here keeps deadline and
-            // formatting arithmetic safe whatever the config holds.
-            None => self.config.default_lifetime.map(|l| l.min(MAX_LIFETIME)),
-        }
     }
 }

@@ -50,10 +50,7 @@ pub use endpoint::{TokenEndpoint, TokenError};
 pub(crate) use schedule::{backoff_delay, refresh_margin};
 use schedule::{sleep_until_opt, Schedule, StorePlan, Wake};
 
-/// Shortest access token lifetime the sidecar will use.
-const MIN_LIFETIME: Duration = Duration::from_secs(1);
-/// Lifetime assumed when a provider's absolute expiry is already past on our clock.
-const SKEW_FALLBACK_LIFETIME: Duration = Duration::from_secs(60);
+use crate::token::lifetime::MIN_LIFETIME;
 
 struct HeldRefreshToken {
     value: Secret,
