@@ -386,7 +386,12 @@ fn start_on(
             .connect
             .take()
             .ok_or(StartError::MissingListener(c.listen))?;
-        running.connect = Some(serve_connect(connect, listener, &config.limits)?);
+        running.connect = Some(serve_connect(
+            connect,
+            listener,
+            &config.limits,
+            running.metrics.connection_errors("connect"),
+        )?);
     }
     running.publish_tables();
     // Only now: /readyz must not answer before it knows every client (an empty
@@ -409,6 +414,7 @@ fn start_on(
         listeners.admin,
         admin_limits,
         admin_slots,
+        running.metrics.connection_errors("admin"),
         admin_stop_rx,
         move |req, peer| Arc::clone(&admin_for_task).handle(req, peer),
     )));
@@ -422,6 +428,7 @@ fn serve_connect(
     connect: Arc<Connect>,
     listener: TcpListener,
     limits: &crate::config::Limits,
+    errors: metrics::ConnectionErrors,
 ) -> Result<ConnectListener, StartError> {
     let addr = connect.config().listen;
     let bound = listener
@@ -434,6 +441,7 @@ fn serve_connect(
         listener,
         limits.clone(),
         server::connection_slots(limits),
+        errors,
         stop_rx,
         move |req, peer| Arc::clone(&serving).handle(req, peer),
     ));
@@ -860,12 +868,14 @@ impl Running {
             }
         };
         let slots = server::connection_slots(limits);
+        let errors = self.metrics.connection_errors("proxy");
         let tasks = match &self.workers {
             None => vec![tokio::spawn(server::serve(
                 "proxy",
                 listener,
                 limits.clone(),
                 slots,
+                errors,
                 stop_rx,
                 handler,
             ))],
@@ -882,14 +892,17 @@ impl Running {
                 let mut copies = copies.into_iter();
                 workers.spawn_on_each(|_| {
                     let copy = copies.next();
-                    let (limits, slots, stop_rx) = (limits.clone(), slots.clone(), stop_rx.clone());
+                    let (limits, slots, errors, stop_rx) =
+                        (limits.clone(), slots.clone(), errors.clone(), stop_rx.clone());
                     let handler = handler.clone();
                     async move {
                         let Some(copy) = copy else { return };
                         match TcpListener::from_std(copy) {
                             Ok(listener) => {
-                                server::serve("proxy", listener, limits, slots, stop_rx, handler)
-                                    .await
+                                server::serve(
+                                    "proxy", listener, limits, slots, errors, stop_rx, handler,
+                                )
+                                .await
                             }
                             Err(e) => warn!(addr = %bound, error = %e, "a worker cannot accept on this listener"),
                         }

@@ -15,8 +15,8 @@
 //! | [`token`] | per-client refresher task (single flight; a state machine owning one schedule, the endpoint behind a trait), hot-path handle, response parsing |
 //! | [`store`] | token state beyond one process: encrypted file, or Redis with a lease and fenced writes; subject records |
 //! | [`subjects`] | one token per merchant or customer: bounded cache, single flight per subject, budget, sweeper |
-//! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress (a leaf) |
-//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay, upgrade (WebSocket) tunnels |
+//! | `http` | HTTP plumbing for the request path and token endpoints alike: body type, client builder, egress, the upstream connection and its early answers (a leaf) |
+//! | [`proxy`] | routing, header rules, paced and replayable bodies, the HTTP/1.1 pool, 401 replay, `Expect: 100-continue`, `Location` rewrite, upgrade (WebSocket) tunnels |
 //! | [`app`] | the running sidecar: build, reload in place, drain |
 //! | `server` | accept loop with limits and graceful drain, upgraded connections included |
 //! | [`workers`] | proxy worker threads, one single-threaded runtime each |

@@ -35,6 +35,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     config_last_success: prometheus::Gauge,
     sidecar_errors: IntCounterVec,
+    connection_errors: IntCounterVec,
     upgrades: IntCounterVec,
     upgraded_connections: IntGaugeVec,
     store: StoreFamilies,
@@ -251,6 +252,14 @@ impl Metrics {
             &["client", "error"],
         )?;
         registry.register(Box::new(sidecar_errors.clone()))?;
+        let connection_errors = IntCounterVec::new(
+            Opts::new(
+                "tokenproxy_connection_errors_total",
+                "Connections that ended with an error before or beside any request the sidecar saw, by listener (proxy, admin, connect) and kind (parse, too_large, timeout, incomplete, io, response_body, http2, other); parse and too_large got hyper's bare 400 or 431.",
+            ),
+            &["listener", "kind"],
+        )?;
+        registry.register(Box::new(connection_errors.clone()))?;
         let upgrades = IntCounterVec::new(
             Opts::new(
                 "tokenproxy_upgrades_total",
@@ -303,6 +312,7 @@ impl Metrics {
             config_reloads,
             config_last_success,
             sidecar_errors,
+            connection_errors,
             upgrades,
             upgraded_connections,
             store,
@@ -353,6 +363,17 @@ impl Metrics {
             self.sidecar_errors.with_label_values(&[client, code]);
         }
         m
+    }
+
+    /// The connection error counters of the listeners called `listener`, each
+    /// kind's child created now.
+    pub fn connection_errors(&self, listener: &'static str) -> ConnectionErrors {
+        ConnectionErrors {
+            by_kind: Arc::new(ConnectionErrorKind::ALL.map(|kind| {
+                self.connection_errors
+                    .with_label_values(&[listener, kind.as_str()])
+            })),
+        }
     }
 
     /// The text exposition of every family.
@@ -479,6 +500,57 @@ impl RetryOutcome {
     }
 }
 
+/// Why a connection ended with an error (a label of
+/// `tokenproxy_connection_errors_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionErrorKind {
+    /// A malformed request head (hyper answered 400, or 414 / 505).
+    Parse,
+    /// A request head over `max_header_bytes` or `max_headers` (hyper answered 431).
+    TooLarge,
+    /// No (complete) request head within `header_read_timeout`, or an HTTP/2
+    /// keep-alive ping unanswered.
+    Timeout,
+    /// The app closed the connection in the middle of a request.
+    Incomplete,
+    /// The socket failed: reset, broken pipe.
+    Io,
+    /// A response body failed while it was sent (the upstream broke it off).
+    ResponseBody,
+    /// An HTTP/2 protocol error.
+    Http2,
+    /// Anything else.
+    Other,
+}
+
+impl ConnectionErrorKind {
+    /// Every kind, for metric children.
+    pub const ALL: [ConnectionErrorKind; 8] = [
+        ConnectionErrorKind::Parse,
+        ConnectionErrorKind::TooLarge,
+        ConnectionErrorKind::Timeout,
+        ConnectionErrorKind::Incomplete,
+        ConnectionErrorKind::Io,
+        ConnectionErrorKind::ResponseBody,
+        ConnectionErrorKind::Http2,
+        ConnectionErrorKind::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionErrorKind::Parse => "parse",
+            ConnectionErrorKind::TooLarge => "too_large",
+            ConnectionErrorKind::Timeout => "timeout",
+            ConnectionErrorKind::Incomplete => "incomplete",
+            ConnectionErrorKind::Io => "io",
+            ConnectionErrorKind::ResponseBody => "response_body",
+            ConnectionErrorKind::Http2 => "http2",
+            ConnectionErrorKind::Other => "other",
+        }
+    }
+}
+
 /// How an upgrade request ended (a label of `tokenproxy_upgrades_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpgradeOutcome {
@@ -509,6 +581,20 @@ impl UpgradeOutcome {
             UpgradeOutcome::Failed => "failed",
             UpgradeOutcome::NotAllowed => "not_allowed",
         }
+    }
+}
+
+/// `tokenproxy_connection_errors_total` for one listener kind, a child per error kind.
+#[derive(Clone)]
+pub struct ConnectionErrors {
+    by_kind: Arc<[IntCounter; ConnectionErrorKind::ALL.len()]>,
+}
+
+impl ConnectionErrors {
+    /// Counts one connection that ended with `kind`.
+    pub fn count(&self, kind: ConnectionErrorKind) {
+        // `ALL` lists the kinds in declaration order, so a kind is its own index.
+        self.by_kind[kind as usize].inc();
     }
 }
 

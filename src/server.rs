@@ -1,6 +1,8 @@
 //! The accept loop shared by proxy and admin listeners: HTTP/1.1 with a
 //! header-read timeout (hyper's is off unless a timer is set), head size and
-//! header count limits, a connection cap, and graceful drain.
+//! header count limits, a connection cap, and graceful drain. Connections that
+//! end with an error (a head hyper refused with its bare 400, a timeout, a reset)
+//! are counted by kind: no handler, access log or per-client metric sees them.
 //!
 //! The same port speaks HTTP/2 over cleartext to a client that opens with the
 //! HTTP/2 preface ("prior knowledge", as gRPC's insecure channels do), with the
@@ -17,6 +19,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +36,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Limits;
 use crate::http::body::Body;
+use crate::metrics::{ConnectionErrorKind, ConnectionErrors};
 
 /// The connection's remote address, handed to the handler with each request.
 #[derive(Clone, Copy, Debug)]
@@ -167,12 +171,14 @@ impl Drop for Slot {
 /// connections to finish their in-flight requests, and for its upgraded
 /// connections to end, for at most `limits.shutdown_grace`; then closes the
 /// upgraded connections still open. Each connection holds one of `slots` while
-/// open (an upgraded one too); beyond them it is closed at once.
+/// open (an upgraded one too); beyond them it is closed at once. A connection
+/// that ends with an error is counted in `errors`.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
     slots: Arc<ConnectionSlots>,
+    errors: ConnectionErrors,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
@@ -186,6 +192,10 @@ pub async fn serve<F, Fut>(
         .header_read_timeout(limits.header_read_timeout.min(limits.idle_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
+        // Header names keep the spelling the app sent: hyper records it beside the
+        // request, the upstream connection writes it back, and the same works for the
+        // upstream's response. Some payment gateways sign or match names as sent.
+        .preserve_header_case(true)
         .keep_alive(true);
     let h2 = http2_builder(&limits);
     let first_bytes_within = limits.header_read_timeout.min(limits.idle_timeout);
@@ -228,7 +238,12 @@ pub async fn serve<F, Fut>(
         let handler = handler.clone();
         let permit = Arc::new(permit);
         let (slot, closing) = (Arc::clone(&permit), Arc::clone(&tunnels));
+        // Whether a request got as far as the handler: hyper's header timer, which
+        // also closes idle keep-alive connections, then ended a connection in use.
+        let served = Arc::new(AtomicBool::new(false));
+        let served_one = Arc::clone(&served);
         let service = service_fn(move |mut req: Request<Incoming>| {
+            served_one.store(true, Ordering::Relaxed);
             // hyper puts an `OnUpgrade` only in HTTP/1.1 requests with an Upgrade
             // header (and CONNECTs): other requests skip this at the cost of a
             // look into an empty extension map.
@@ -242,9 +257,11 @@ pub async fn serve<F, Fut>(
         });
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
         let (h1, h2, watcher) = (h1.clone(), h2.clone(), drain.subscribe());
+        let errors = errors.clone();
         tokio::spawn(
             async move {
-                let ended = match opening(&stream, first_bytes_within).await {
+                let opened = opening(&stream, first_bytes_within).await;
+                let ended = match opened {
                     Opening::Http1 => {
                         let conn = h1
                             .serve_connection(TokioIo::new(stream), service)
@@ -256,12 +273,23 @@ pub async fn serve<F, Fut>(
                         until_drained(conn, watcher).await
                     }
                     Opening::Silent => {
-                        debug!("connection closed: no request within the header read timeout");
+                        debug!("connection closed before a request");
+                        Ok(())
+                    }
+                    Opening::TimedOut => {
+                        debug!(kind = "timeout", "connection closed: no request within the header read timeout");
+                        errors.count(ConnectionErrorKind::Timeout);
                         Ok(())
                     }
                 };
                 if let Err(e) = ended {
-                    debug!(error = %e, "connection ended with an error");
+                    match error_kind(&e, opened == Opening::Http2, served.load(Ordering::Relaxed)) {
+                        Some(kind) => {
+                            debug!(error = %crate::token::error_chain(&e), kind = kind.as_str(), "connection ended with an error");
+                            errors.count(kind);
+                        }
+                        None => debug!(error = %e, "idle keep-alive connection closed"),
+                    }
                 }
                 drop(permit);
             }
@@ -368,6 +396,45 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// What kind of error ended a connection; `None` for hyper's header timer
+/// closing an HTTP/1 keep-alive connection that served requests and then sat
+/// idle, which is how the idle timeout works, not an error. (A next request
+/// that was still arriving is cut off the same way and not told apart.)
+fn error_kind(e: &hyper::Error, http2: bool, served: bool) -> Option<ConnectionErrorKind> {
+    let kind = if e.is_parse_too_large() {
+        ConnectionErrorKind::TooLarge
+    } else if e.is_parse() || e.is_parse_status() {
+        ConnectionErrorKind::Parse
+    } else if e.is_timeout() {
+        if served && !http2 {
+            return None;
+        }
+        ConnectionErrorKind::Timeout
+    } else if e.is_incomplete_message() {
+        ConnectionErrorKind::Incomplete
+    } else if e.is_user() {
+        ConnectionErrorKind::ResponseBody
+    } else if has_io_source(e) {
+        ConnectionErrorKind::Io
+    } else if http2 {
+        ConnectionErrorKind::Http2
+    } else {
+        ConnectionErrorKind::Other
+    };
+    Some(kind)
+}
+
+fn has_io_source(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<std::io::Error>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
 /// The HTTP/2 side of a listener, bounded like the HTTP/1 side.
 fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
@@ -398,8 +465,10 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 enum Opening {
     Http1,
     Http2,
-    /// Nothing useful arrived in time (or the peer closed): the connection is dropped.
+    /// The peer closed before sending anything (a TCP probe): the connection is dropped.
     Silent,
+    /// Nothing arrived in time: the connection is dropped.
+    TimedOut,
 }
 
 /// Looks at the first bytes without taking them: the HTTP/2 preface, or anything
@@ -428,7 +497,7 @@ async fn opening(stream: &TcpStream, within: Duration) -> Opening {
     };
     tokio::time::timeout(within, look)
         .await
-        .unwrap_or(Opening::Silent)
+        .unwrap_or(Opening::TimedOut)
 }
 
 #[cfg(test)]

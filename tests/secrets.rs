@@ -819,3 +819,57 @@ client_assertion_file = "{assertion}"
         }
     }
 }
+
+/// A request hyper refuses before the sidecar sees it (a raw `"`, `<` or `>`
+/// in the query, a header line without a colon) gets hyper's bare 400 and one
+/// debug line for its connection, with the kind of error, and never with the
+/// target, whose query may carry a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_is_logged_at_debug_without_its_query() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let logs = logs();
+    let h = support::harness(support::Options::default()).await;
+    let secret = "sk-live-Refused-Head-9QzX";
+    let requests = [
+        format!("GET /v1/charges?api_key={secret}&q=\"x\" HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        format!("GET /v1/charges?api_key={secret}&q=<b> HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        format!("GET /v1/charges?api_key={secret}&q=a>b HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        format!(
+            "GET /v1/charges?api_key={secret} HTTP/1.1\r\nHost: localhost\r\nX-No-Colon\r\n\r\n"
+        ),
+    ];
+    let mut peers = Vec::new();
+    for request in &requests {
+        let mut app = tokio::net::TcpStream::connect(h.proxy)
+            .await
+            .expect("connect");
+        peers.push(app.local_addr().expect("local addr"));
+        app.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        // hyper answers and closes.
+        app.read_to_end(&mut answer).await.expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 400 "),
+            "{request:?} is refused: {answer}"
+        );
+    }
+    let logged = |peer: &std::net::SocketAddr| {
+        logs.text().lines().any(|l| {
+            l.contains(&format!("peer={peer}"))
+                && l.contains("DEBUG")
+                && l.contains("connection ended with an error")
+                && l.contains("kind=\"parse\"")
+        })
+    };
+    // The line follows the close the app has seen: wait for it, for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !peers.iter().all(logged) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for peer in &peers {
+        assert!(logged(peer), "a debug line for {peer}");
+    }
+    assert!(!logs.text().contains(secret), "the query is never logged");
+}

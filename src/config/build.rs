@@ -429,6 +429,7 @@ pub(super) fn build_client(
         idempotency_headers,
         replay_non_idempotent: raw.replay_non_idempotent.unwrap_or(false),
         http2,
+        rewrite_location: raw.rewrite_location.unwrap_or(true),
         upgrades,
         token,
         inject,

@@ -76,6 +76,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("clients.*.replay_non_idempotent", "true"),
     ("clients.*.http2", "true"),
     ("clients.*.upgrades", "[\"websocket\"]"),
+    ("clients.*.rewrite_location", "false"),
     ("clients.*.proxy", "\"http://proxy.corp:3128\""),
     ("clients.*.allow_insecure", "[\"public_listen\"]"),
     (

@@ -115,6 +115,7 @@ pub(super) struct RawClient {
     pub(super) idempotency_headers: Option<Vec<String>>,
     pub(super) replay_non_idempotent: Option<bool>,
     pub(super) http2: Option<bool>,
+    pub(super) rewrite_location: Option<bool>,
     pub(super) upgrades: Option<Vec<String>>,
     pub(super) token: Option<RawToken>,
     pub(super) inject: Option<RawInject>,

@@ -304,6 +304,9 @@ pub struct ClientConfig {
     /// (h2c, as gRPC servers expect), through ALPN only to an `https://` one;
     /// default false (HTTP/1.1, or HTTP/2 when an `https://` upstream offers it).
     pub http2: bool,
+    /// Rewrite a `Location` / `Content-Location` naming the upstream (under its
+    /// base path) to the sidecar, as the app addressed it; default true.
+    pub rewrite_location: bool,
     /// `Upgrade` protocols forwarded to the upstream (lower case, by protocol
     /// name); others are stripped. Default `["websocket"]` (none with `http2`);
     /// never `h2c`.

@@ -133,6 +133,9 @@ impl ClientConfig {
         if self.http2 {
             row(out, "http2", "true")?;
         }
+        if !self.rewrite_location {
+            row(out, "rewrite_location", "false")?;
+        }
         let upgrades = if self.upgrades.is_empty() {
             "(none)".to_owned()
         } else {

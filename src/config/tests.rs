@@ -96,6 +96,7 @@ fn product_example_parses_with_env_values_and_defaults() {
     assert_eq!(p.timeout, Duration::from_secs(30));
     assert_eq!(p.token_wait_timeout, Duration::from_secs(2));
     assert_eq!(p.unauthorized_status, vec![StatusCode::UNAUTHORIZED]);
+    assert!(p.rewrite_location, "Location rewriting is on by default");
     let t = &p.token;
     assert_eq!(
         t.url.to_string(),
@@ -1153,6 +1154,28 @@ fn a_store_path_in_a_missing_or_unwritable_directory_is_refused() {
         );
     }
     parse(&text);
+}
+
+#[test]
+fn rewrite_location_can_be_turned_off_and_check_says_so() {
+    let off = parse(&EXAMPLE.replace(
+        "[clients.payments.token]",
+        "rewrite_location = false\n[clients.payments.token]",
+    ));
+    assert!(!off.clients[0].rewrite_location);
+    assert!(
+        off.summary().contains("rewrite_location"),
+        "{}",
+        off.summary()
+    );
+    let err = fail(&EXAMPLE.replace(
+        "[clients.payments.token]",
+        "rewrite_location = \"no\"\n[clients.payments.token]",
+    ));
+    assert!(
+        err.to_string().contains("rewrite_location"),
+        "the error names the key: {err}"
+    );
 }
 
 #[test]

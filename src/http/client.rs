@@ -12,17 +12,16 @@ use std::time::Duration;
 use http::Uri;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::{Body, BoxError};
+pub use super::plain::{Plain, Refusals};
 use crate::config::{EgressProxy, TlsConfig, TlsVersion};
 
 /// The shared, pooled client type.
@@ -34,59 +33,7 @@ pub type HttpClient = Client<HttpsConnector<Egress>, Body>;
 pub struct Egress {
     direct: HttpConnector,
     proxy: Option<Arc<Matcher>>,
-}
-
-/// A TCP connection to the upstream, or to the egress proxy with a tunnel through it.
-///
-/// hyper-util's own `TcpStream` connection describes itself with an `HttpInfo`
-/// (both addresses), which the pooled client then copies into the extensions of
-/// every response: a map allocated per response that nothing here reads.
-pub struct Plain(TokioIo<TcpStream>);
-
-impl Connection for Plain {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for Plain {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Plain {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
+    refusals: Refusals,
 }
 
 impl tower_service::Service<Uri> for Egress {
@@ -102,6 +49,7 @@ impl tower_service::Service<Uri> for Egress {
     fn call(&mut self, dst: Uri) -> Self::Future {
         let intercept = self.proxy.as_ref().and_then(|m| m.intercept(&dst));
         let mut direct = self.direct.clone();
+        let refusals = self.refusals;
         match intercept {
             Some(proxy) => {
                 let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
@@ -111,14 +59,14 @@ impl tower_service::Service<Uri> for Egress {
                 Box::pin(async move {
                     tower_service::Service::call(&mut tunnel, dst)
                         .await
-                        .map(Plain)
+                        .map(|io| Plain::new(io, refusals))
                         .map_err(|e| BoxError::from(format!("through the egress proxy: {e}")))
                 })
             }
             None => Box::pin(async move {
                 tower_service::Service::call(&mut direct, dst)
                     .await
-                    .map(Plain)
+                    .map(|io| Plain::new(io, refusals))
                     .map_err(BoxError::from)
             }),
         }
@@ -157,12 +105,14 @@ fn build(
     http2_only: bool,
 ) -> Result<HttpClient, UpstreamError> {
     let alpn = if http2_only { Alpn::Http2 } else { Alpn::Any };
-    let connector = connector(tls, proxy, alpn)?;
+    let connector = connector(tls, proxy, alpn, Refusals::Drop)?;
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
+        // HTTP/1 responses keep their header names as the upstream spelled them.
+        .http1_preserve_header_case(true)
         .http2_only(http2_only);
     if http2_only {
         // A dead upstream connection is found by a ping rather than by the next call.
@@ -179,12 +129,13 @@ fn build(
 /// never pooled: an upgraded one belongs to its tunnel.
 pub type UpgradeConnector = HttpsConnector<Egress>;
 
-/// Builds the [`UpgradeConnector`] for `tls` and `proxy`.
+/// Builds the [`UpgradeConnector`] for `tls` and `proxy`. A write the upstream
+/// refuses fails the tunnel ([`Refusals::Fail`]).
 pub fn upgrade_connector(
     tls: &TlsConfig,
     proxy: &EgressProxy,
 ) -> Result<UpgradeConnector, UpstreamError> {
-    connector(tls, proxy, Alpn::Http1)
+    connector(tls, proxy, Alpn::Http1, Refusals::Fail)
 }
 
 /// The protocols offered through ALPN.
@@ -202,6 +153,7 @@ fn connector(
     tls: &TlsConfig,
     proxy: &EgressProxy,
     alpn: Alpn,
+    refusals: Refusals,
 ) -> Result<HttpsConnector<Egress>, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     if tls.system_roots {
@@ -252,7 +204,10 @@ fn connector(
         }
         None => schemes,
     };
-    let egress = egress(proxy);
+    let egress = Egress {
+        refusals,
+        ..egress(proxy)
+    };
     Ok(match alpn {
         Alpn::Any => schemes.enable_all_versions().wrap_connector(egress),
         Alpn::Http2 => schemes.enable_http2().wrap_connector(egress),
@@ -285,6 +240,7 @@ pub fn egress(proxy: &EgressProxy) -> Egress {
     Egress {
         direct: http,
         proxy: matcher,
+        refusals: Refusals::Drop,
     }
 }
 

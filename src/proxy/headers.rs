@@ -80,12 +80,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 ///
 /// `inject` is the header that carries the token; whatever the app put there (and
 /// in `Authorization`) is dropped so the app can never choose the credential.
+/// Returns the app's `Host`, which the upstream's replaces.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     upstream_host: &HeaderValue,
     inject: &HeaderName,
     request_id: &HeaderValue,
-) {
+) -> Option<HeaderValue> {
     strip_hop_by_hop(headers);
     strip_underscore_aliases(headers, inject);
     // Room for `host`, `x-request-id` and the token: one growth at most, not one per insert.
@@ -94,10 +95,11 @@ pub fn prepare_request(
     if inject != header::AUTHORIZATION {
         headers.remove(inject);
     }
-    headers.insert(header::HOST, upstream_host.clone());
+    let app_host = headers.insert(header::HOST, upstream_host.clone());
     // The id the access log shows: the app's when it was safe (see
     // [`request_id`]), else a new one.
     headers.insert(&REQUEST_ID, request_id.clone());
+    app_host
 }
 
 /// The request's id: the app's `x-request-id` when it is 1 to 128 characters

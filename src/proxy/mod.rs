@@ -15,7 +15,9 @@
 //! and a `101` turns the two connections into a tunnel: see `upgrade`.
 
 pub mod body;
+mod expect;
 pub mod headers;
+pub mod location;
 pub mod pool;
 pub mod route;
 mod upgrade;
@@ -27,13 +29,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+    Version,
 };
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use self::body::{Body, BufferBudget, Pace, Paced, RequestBody};
+use self::location::{AppHost, LocationRewrite};
 use self::pool::Http1Pool;
 use self::route::ListenerRoutes;
 use crate::config::{ClientConfig, Limits};
@@ -69,6 +73,12 @@ pub struct ClientRuntime {
     http: HttpClient,
     /// For `http://` upstreams: our own HTTP/1.1 pool instead of `http`.
     pool: Option<Http1Pool>,
+    /// How `Location` headers naming the upstream are pointed back at the
+    /// sidecar (`rewrite_location`, on by default).
+    location: Option<LocationRewrite>,
+    /// Whether an upload that streams carries the app's `Expect: 100-continue`
+    /// upstream (not to an `http2` upstream, whose `100` hyper does not report).
+    forwards_expect: bool,
     /// Upgrade passthrough, when the client forwards any protocol.
     upgrades: Option<upgrade::Upgrades>,
     /// DPoP (`[dpop]`): a proof of its key beside every token sent.
@@ -143,6 +153,16 @@ impl ClientRuntime {
             metrics,
             http,
             pool,
+            forwards_expect: !config.http2,
+            location: config.rewrite_location.then(|| {
+                LocationRewrite::new(
+                    &config.upstream.scheme,
+                    &config.upstream.authority,
+                    &config.upstream.base_path,
+                    config.path_prefix.as_deref(),
+                    config.listen,
+                )
+            }),
             upgrades,
             dpop: None,
         }
@@ -271,7 +291,12 @@ pub async fn handle(
     // The access log's code comes from the error, never from a response header.
     let error_code = forwarded.as_ref().err().map_or("", |e| e.code());
     let response = match forwarded {
-        Ok(response) => response,
+        Ok(mut response) => {
+            if let Some(location) = &client.location {
+                location.apply(response.headers_mut(), &exchange.app_host);
+            }
+            response
+        }
         Err(e) => {
             // The access line below records every failure with its code; the cause goes
             // to debug so that an outage does not write one warning per request.
@@ -324,6 +349,8 @@ struct Exchange {
     upstream_status: Option<u16>,
     token_waited: bool,
     replayed: bool,
+    /// How the app addressed the sidecar, kept when `Location`s are rewritten.
+    app_host: AppHost,
 }
 
 /// The parts of the app's request that are sent (again) upstream.
@@ -331,17 +358,45 @@ struct Outgoing {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// The app's request extensions. hyper keeps there how an HTTP/1 app spelled
+    /// its header names, and writes them so upstream (`preserve_header_case`).
+    extensions: Extensions,
 }
 
 impl Outgoing {
-    /// One attempt: the template with `token` and, for a DPoP client, `proof`
-    /// (a new one for every attempt: an API accepts each `jti` once).
+    /// One attempt that may be followed by another: the template with `token`
+    /// and, for a DPoP client, `proof` (a new one for every attempt: an API
+    /// accepts each `jti` once).
     fn request(
         &self,
         body: Body,
         token: &Token,
         inject: &HeaderName,
         proof: Option<HeaderValue>,
+    ) -> Request<Body> {
+        self.build(body, token, inject, proof, self.extensions.clone())
+    }
+
+    /// The last attempt: as [`Outgoing::request`], with the extensions moved
+    /// into it instead of copied (a copy of the case map is a few allocations).
+    fn last_request(
+        &mut self,
+        body: Body,
+        token: &Token,
+        inject: &HeaderName,
+        proof: Option<HeaderValue>,
+    ) -> Request<Body> {
+        let extensions = std::mem::take(&mut self.extensions);
+        self.build(body, token, inject, proof, extensions)
+    }
+
+    fn build(
+        &self,
+        body: Body,
+        token: &Token,
+        inject: &HeaderName,
+        proof: Option<HeaderValue>,
+        extensions: Extensions,
     ) -> Request<Body> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -353,6 +408,7 @@ impl Outgoing {
             headers.insert(DPOP_HEADER.clone(), proof);
         }
         *req.headers_mut() = headers;
+        *req.extensions_mut() = extensions;
         req
     }
 }
@@ -395,12 +451,19 @@ async fn forward(
     uri.path_and_query = Some(path_and_query);
     let uri = Uri::from_parts(uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
-    headers::prepare_request(
+    let app_host = headers::prepare_request(
         &mut parts.headers,
         &client.host_header,
         &client.inject_header,
         request_id,
     );
+    if client.location.is_some() {
+        exchange.app_host = match (app_host, parts.uri.authority()) {
+            (Some(host), _) => AppHost::Header(host),
+            (None, Some(authority)) => AppHost::Authority(authority.clone()),
+            (None, None) => AppHost::Unknown,
+        };
+    }
     let subject = take_subject(client, &mut parts.headers)?;
     exchange.subject.clone_from(&subject);
     let subject = subject.as_deref();
@@ -408,10 +471,11 @@ async fn forward(
         method: parts.method,
         uri,
         headers: parts.headers,
+        extensions: parts.extensions,
     };
     if let (upgrade::Asked::Allowed(offer), Some(upgrades)) = (asked, &client.upgrades) {
         // `asked` saw the server's hold, which comes with hyper's hand-over.
-        if let Some(app) = upgrade::AppSide::take(&mut parts.extensions) {
+        if let Some(app) = upgrade::AppSide::take(&mut outgoing.extensions) {
             let handshake = upgrade::Handshake {
                 outgoing,
                 body: incoming,
@@ -425,11 +489,30 @@ async fn forward(
             return Box::pin(upgrade::forward(client, upgrades, handshake, exchange)).await;
         }
     }
+    // Served as a plain request: the app's connection is not handed over, and
+    // nothing of that hand-over goes upstream with the extensions.
+    let _not_upgraded = upgrade::AppSide::take(&mut outgoing.extensions);
 
     // A gRPC call's request may be a stream the client writes as the answers come
     // (and may idle between messages): it is forwarded as it arrives, never held
     // back to be buffered, and never paced. HTTP/2 flow control bounds what it holds.
-    let body = if grpc {
+    // An upload that will stream asks the upstream whether to send its body
+    // (see `expect`); one the sidecar reads itself is answered `100` by hyper
+    // and goes without `Expect`.
+    let expects = expect::expects_continue(&outgoing.headers);
+    let held = expects
+        && !grpc
+        && client.forwards_expect
+        && http_body::Body::size_hint(&incoming).lower() > client.retry_body_limit as u64;
+    if expects && !held {
+        outgoing.headers.remove(http::header::EXPECT);
+    }
+    let mut gate = None;
+    let body = if held {
+        let (body, held_by) = expect::hold(Paced::new(incoming, client.pace));
+        gate = Some(held_by);
+        Ok(RequestBody::Streaming(body))
+    } else if grpc {
         Ok(RequestBody::Streaming(body::incoming(incoming)))
     } else {
         RequestBody::read(
@@ -462,7 +545,9 @@ async fn forward(
     }
     match body {
         RequestBody::Buffered(bytes, _reservation) => {
-            let mut first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
+            let replayable = client.may_replay(&outgoing);
+            let mut first =
+                send_buffered(client, http, &mut outgoing, &bytes, &token, replayable).await?;
             exchange.upstream_status = Some(first.status().as_u16());
             if client.is_unauthorized(first.status()) && nonce_demanded(client, &first) {
                 // The API wants a (newer) DPoP nonce, which send_once kept: the
@@ -481,7 +566,7 @@ async fn forward(
                 }
                 drop(first);
                 exchange.replayed = true;
-                first = send_buffered(client, http, &outgoing, &bytes, &token).await?;
+                first = send_buffered(client, http, &mut outgoing, &bytes, &token, false).await?;
                 exchange.upstream_status = Some(first.status().as_u16());
                 if client.is_unauthorized(first.status()) && !nonce_demanded(client, &first) {
                     // Replayed once already: the next requests meet a new token.
@@ -502,7 +587,7 @@ async fn forward(
             }
             let decision =
                 on_unauthorized(client, subject, &token, says_invalid_token(first.headers()));
-            if !client.may_replay(&outgoing) {
+            if !replayable {
                 client
                     .metrics
                     .unauthorized_retry(RetryOutcome::NotReplayable);
@@ -529,7 +614,7 @@ async fn forward(
                 }
             };
             exchange.replayed = true;
-            let mut second = replay(client, subject, http, &outgoing, bytes, &newer).await?;
+            let mut second = replay(client, subject, http, &mut outgoing, bytes, &newer).await?;
             exchange.upstream_status = Some(second.status().as_u16());
             second
                 .headers_mut()
@@ -538,12 +623,14 @@ async fn forward(
         }
         RequestBody::Streaming(stream) => {
             let proof = client.proof(&outgoing, &token)?;
-            let response = send(
-                client,
-                http,
-                outgoing.request(stream, &token, &client.inject_header, proof),
-            )
-            .await?;
+            let mut req = outgoing.last_request(stream, &token, &client.inject_header, proof);
+            if let Some(gate) = &gate {
+                gate.attach(&mut req);
+            }
+            let mut response = send(client, http, req).await?;
+            if let Some(gate) = gate.filter(expect::Gate::answered_first) {
+                response = response.map(|answer| expect::answer_passed_on(answer, gate));
+            }
             exchange.upstream_status = Some(response.status().as_u16());
             if client.is_unauthorized(response.status()) && nonce_demanded(client, &response) {
                 // Not sent again (nothing was buffered); the nonce is kept for the
@@ -577,11 +664,11 @@ async fn replay(
     client: &ClientRuntime,
     subject: Option<&str>,
     http: &HttpClient,
-    outgoing: &Outgoing,
+    outgoing: &mut Outgoing,
     bytes: Bytes,
     newer: &Token,
 ) -> Result<Response<Body>, ProxyError> {
-    let result = send_buffered(client, http, outgoing, &bytes, newer).await;
+    let result = send_buffered(client, http, outgoing, &bytes, newer, false).await;
     let outcome = match &result {
         Ok(r) if client.is_unauthorized(r.status()) => {
             match (subject, &client.subjects) {
@@ -697,6 +784,7 @@ fn unavailable(e: Unavailable) -> ProxyError {
 
 /// Sends a buffered request; a safe method (GET, HEAD, OPTIONS) whose connection
 /// broke before any response head is sent once more on a fresh connection.
+/// `again`: whether the caller may send it once more after this (a 401 replay).
 ///
 /// A pooled connection the upstream closes just as a request is written (servers
 /// close idle keep-alive connections: gunicorn after 2 s) fails that request
@@ -705,24 +793,26 @@ fn unavailable(e: Unavailable) -> ProxyError {
 async fn send_buffered(
     client: &ClientRuntime,
     http: &HttpClient,
-    outgoing: &Outgoing,
+    outgoing: &mut Outgoing,
     bytes: &Bytes,
     token: &Token,
+    again: bool,
 ) -> Result<Response<Body>, ProxyError> {
+    let retry = is_safe(&outgoing.method);
     // A new DPoP proof for every send, the retry of a broken one included.
-    let request = || -> Result<Request<Body>, ProxyError> {
+    let mut request = |last: bool| -> Result<Request<Body>, ProxyError> {
         let proof = client.proof(outgoing, token)?;
-        Ok(outgoing.request(
-            body::full(bytes.clone()),
-            token,
-            &client.inject_header,
-            proof,
-        ))
+        let body = body::full(bytes.clone());
+        Ok(if last {
+            outgoing.last_request(body, token, &client.inject_header, proof)
+        } else {
+            outgoing.request(body, token, &client.inject_header, proof)
+        })
     };
-    match send_once(client, http, request()?).await {
-        Err(Failure::Broken(e)) if is_safe(&outgoing.method) => {
+    match send_once(client, http, request(!again && !retry)?).await {
+        Err(Failure::Broken(e)) if retry => {
             debug!(client = %client.name, error = %e, "connection broke before a response; retrying a safe request once");
-            send_once(client, http, request()?)
+            send_once(client, http, request(!again)?)
                 .await
                 .map_err(Failure::into_error)
         }

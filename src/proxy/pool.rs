@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{Body, BoxError};
+use super::expect::Gate;
 use crate::http::client::{Egress, Plain, POOL_IDLE_TIMEOUT};
 
 /// Pooled HTTP/1.1 connections to one `http://` upstream.
@@ -69,6 +70,8 @@ struct Idle {
 /// machine that does the I/O, polled by whichever request uses the connection.
 struct Conn {
     sender: http1::SendRequest<Body>,
+    /// Set once the upstream refused part of a request ([`Plain::broken`]).
+    broken: Arc<AtomicBool>,
     /// None once the connection has ended. It is dropped then, which fails (or
     /// hands back unsent) whatever request was still waiting on it.
     driver: Option<Pin<Box<http1::Connection<Plain, Body>>>>,
@@ -93,7 +96,8 @@ impl Conn {
     }
 
     fn ready(&mut self, cx: &mut Context<'_>) -> bool {
-        matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
+        !self.broken.load(Ordering::Relaxed)
+            && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -137,6 +141,12 @@ impl Http1Pool {
     /// closed it while idle) goes out again on another connection, as hyper-util's
     /// client does; nothing of it was written.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
+        // Only a request that carries `Expect` upstream can have been held back.
+        let gate = req
+            .headers()
+            .contains_key(http::header::EXPECT)
+            .then(|| req.extensions().get::<Gate>().cloned())
+            .flatten();
         loop {
             let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
             let (mut conn, reused) = match checked_out {
@@ -158,6 +168,7 @@ impl Http1Pool {
                         incoming,
                         conn: conn.driver.is_some().then_some(conn),
                         pool: Arc::downgrade(&self.shared),
+                        gate,
                     };
                     return Ok(Response::from_parts(parts, Body::new(body)));
                 }
@@ -174,12 +185,16 @@ impl Http1Pool {
         let io = tower_service::Service::call(&mut connector, self.shared.target.clone())
             .await
             .map_err(SendError::Connect)?;
+        let broken = io.broken();
         let (sender, driver) = http1::Builder::new()
+            // The response's header names as the upstream spelled them (see server.rs).
+            .preserve_header_case(true)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         Ok(Conn {
             sender,
+            broken,
             driver: Some(Box::pin(driver)),
         })
     }
@@ -224,12 +239,20 @@ struct DrivenBody {
     incoming: Incoming,
     conn: Option<Conn>,
     pool: Weak<Shared>,
+    /// The gate of an upload held back for the upstream's `100`, if any.
+    gate: Option<Gate>,
 }
 
 impl DrivenBody {
     fn release(&mut self) {
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
-            pool.put(conn);
+            // One the upstream stopped reading, or one whose upload the upstream
+            // refused before it was sent, is closed here, with whatever of the
+            // request it was still to send.
+            let unfinished = self.gate.as_ref().is_some_and(Gate::refused);
+            if !conn.broken.load(Ordering::Relaxed) && !unfinished {
+                pool.put(conn);
+            }
         }
     }
 

@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod admin_writes;
+mod app_protocols;
 mod authorize;
 mod cli;
 mod client_assertions;
@@ -14,6 +15,7 @@ mod connect;
 mod demo;
 mod dpop;
 mod egress_proxy;
+mod expect_continue;
 mod forwarding;
 mod hostile_input;
 mod lifecycle;

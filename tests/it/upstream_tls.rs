@@ -65,14 +65,14 @@ async fn tls_front(
     tls_front_alpn(backend, cert_pem, key_pem, client_ca, &[b"http/1.1"]).await
 }
 
-/// [`tls_front`] offering `alpn` (e.g. `h2` in front of an HTTP/2 backend).
-pub(crate) async fn tls_front_alpn(
-    backend: SocketAddr,
+/// A TLS server setup with `cert_pem`/`key_pem`, asking for a client
+/// certificate from `client_ca` when given, offering `alpn`.
+pub(crate) fn tls_acceptor(
     cert_pem: &str,
     key_pem: &str,
     client_ca: Option<&str>,
     alpn: &[&[u8]],
-) -> SocketAddr {
+) -> TlsAcceptor {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -99,7 +99,18 @@ pub(crate) async fn tls_front_alpn(
     };
     let mut config = builder.with_single_cert(chain, key).expect("server config");
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// [`tls_front`] offering `alpn` (e.g. `h2` in front of an HTTP/2 backend).
+pub(crate) async fn tls_front_alpn(
+    backend: SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca: Option<&str>,
+    alpn: &[&[u8]],
+) -> SocketAddr {
+    let acceptor = tls_acceptor(cert_pem, key_pem, client_ca, alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {

@@ -577,3 +577,87 @@ client_secret = "${{CLIENT_SECRET}}"
         )
     }
 }
+
+/// One HTTP/1 message read off a raw socket: the head exactly as sent, and the
+/// body framed by its `Content-Length` (none: empty).
+#[derive(Debug)]
+pub struct RawMessage {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawMessage {
+    /// The status code of a response head (`HTTP/1.1 413 ...`), 0 if there is none.
+    pub fn status(&self) -> u16 {
+        self.head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The header lines (`Name: value`) in the order and spelling they were sent.
+    pub fn header_lines(&self) -> Vec<&str> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// The value of the first header named `name` (compared without case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_lines().into_iter().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Reads up to the end of one HTTP/1 head (`\r\n\r\n`) from `stream`, taking
+/// bytes already read from `pending` first; what follows the head stays in
+/// `pending`. `None` when the stream ends (or fails) first.
+pub async fn read_raw_head<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    pending: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = pending.drain(..end + 4).collect();
+            return Some(String::from_utf8_lossy(&head).into_owned());
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Reads one HTTP/1 message (head, then a `Content-Length` body) as
+/// [`read_raw_head`] does. `None` when the stream ends before it is whole.
+pub async fn read_raw_message<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    pending: &mut Vec<u8>,
+) -> Option<RawMessage> {
+    use tokio::io::AsyncReadExt;
+    let head = read_raw_head(stream, pending).await?;
+    let mut message = RawMessage {
+        head,
+        body: Vec::new(),
+    };
+    let length: usize = message
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while pending.len() < length {
+        let mut chunk = [0u8; 64 * 1024];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+        }
+    }
+    message.body = pending.drain(..length).collect();
+    Some(message)
+}
