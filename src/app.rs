@@ -324,7 +324,7 @@ fn start_on(
         key: store_key(&config.store),
         source,
     })?;
-    let mut http = Clients::default();
+    let mut http = Clients::new(config.limits.preserve_header_case);
     // The default client is built up front so that a broken trust store fails the start.
     http.get(
         &crate::config::TlsConfig::default(),

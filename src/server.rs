@@ -192,10 +192,11 @@ pub async fn serve<F, Fut>(
         .header_read_timeout(limits.header_read_timeout.min(limits.idle_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
-        // Header names keep the spelling the app sent: hyper records it beside the
-        // request, the upstream connection writes it back, and the same works for the
-        // upstream's response. Some payment gateways sign or match names as sent.
-        .preserve_header_case(true)
+        // With `limits.preserve_header_case`, header names keep the spelling the app
+        // sent: hyper records it beside the request, the upstream connection writes
+        // it back, and the same works for the upstream's response. Some payment
+        // gateways sign or match names as sent. Off, nothing is recorded.
+        .preserve_header_case(limits.preserve_header_case)
         .keep_alive(true);
     let h2 = http2_builder(&limits);
     let first_bytes_within = limits.header_read_timeout.min(limits.idle_timeout);

@@ -249,6 +249,7 @@ pub(super) fn build_limits(raw: RawLimits, t: &Table<'_>) -> Result<Limits, Conf
         http2_max_concurrent_streams,
         http2_keepalive_interval,
         upgrade_idle_timeout,
+        preserve_header_case: raw.preserve_header_case.unwrap_or(d.preserve_header_case),
     })
 }
 

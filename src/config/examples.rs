@@ -27,6 +27,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("limits.http2_max_concurrent_streams", "100"),
     ("limits.http2_keepalive_interval", "\"30s\""),
     ("limits.upgrade_idle_timeout", "\"5m\""),
+    ("limits.preserve_header_case", "true"),
     ("runtime.workers", "2"),
     ("store.kind", "\"file\""),
     ("store.path", "\"/var/lib/tokenproxy/tokens.json\""),

@@ -62,6 +62,7 @@ pub(super) struct RawLimits {
     pub(super) http2_max_concurrent_streams: Option<Scalar>,
     pub(super) http2_keepalive_interval: Option<Scalar>,
     pub(super) upgrade_idle_timeout: Option<Scalar>,
+    pub(super) preserve_header_case: Option<bool>,
 }
 
 /// `[runtime]`.

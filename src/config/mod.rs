@@ -220,6 +220,9 @@ pub struct Limits {
     /// An upgraded connection (a WebSocket) that moves no byte either way for
     /// this long is closed; default 5m.
     pub upgrade_idle_timeout: Duration,
+    /// HTTP/1 header names keep the case the app and the upstream wrote them
+    /// in, both ways; default false (hyper then records a case map per message).
+    pub preserve_header_case: bool,
 }
 
 impl Default for Limits {
@@ -237,6 +240,7 @@ impl Default for Limits {
             http2_max_concurrent_streams: 100,
             http2_keepalive_interval: Some(Duration::from_secs(30)),
             upgrade_idle_timeout: Duration::from_secs(5 * 60),
+            preserve_header_case: false,
         }
     }
 }

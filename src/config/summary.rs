@@ -56,6 +56,7 @@ impl Config {
             None => row(out, "http2_keepalive_interval", "off")?,
         }
         row(out, "upgrade_idle_timeout", dur(l.upgrade_idle_timeout))?;
+        row(out, "preserve_header_case", l.preserve_header_case)?;
         writeln!(out, "runtime")?;
         match self.runtime.workers {
             Some(n) => row(out, "workers", n)?,

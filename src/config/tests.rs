@@ -1313,3 +1313,17 @@ fn dpop_refuses_other_algorithms_and_a_custom_inject_but_goes_with_subjects() {
         "an unknown key in [dpop] is named: {err}"
     );
 }
+
+#[test]
+fn preserve_header_case_is_off_unless_asked_for() {
+    assert!(!parse(MIN).limits.preserve_header_case);
+    let c = parse(&format!("[limits]\npreserve_header_case = true\n{MIN}"));
+    assert!(c.limits.preserve_header_case);
+    assert!(
+        c.summary().contains("preserve_header_case"),
+        "{}",
+        c.summary()
+    );
+    let err = fail(&format!("[limits]\npreserve_header_case = \"yes\"\n{MIN}"));
+    assert_eq!(err.key(), "limits.preserve_header_case", "{err}");
+}

@@ -94,7 +94,7 @@ pub enum UpstreamError {
 
 /// Builds a pooled client with the given TLS and egress proxy settings.
 pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, UpstreamError> {
-    build(tls, proxy, false)
+    build(tls, proxy, false, false)
 }
 
 /// Builds a pooled client; with `http2_only`, every connection speaks HTTP/2
@@ -103,6 +103,7 @@ fn build(
     tls: &TlsConfig,
     proxy: &EgressProxy,
     http2_only: bool,
+    preserve_header_case: bool,
 ) -> Result<HttpClient, UpstreamError> {
     let alpn = if http2_only { Alpn::Http2 } else { Alpn::Any };
     let connector = connector(tls, proxy, alpn, Refusals::Drop)?;
@@ -112,7 +113,7 @@ fn build(
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         // HTTP/1 responses keep their header names as the upstream spelled them.
-        .http1_preserve_header_case(true)
+        .http1_preserve_header_case(preserve_header_case)
         .http2_only(http2_only);
     if http2_only {
         // A dead upstream connection is found by a ping rather than by the next call.
@@ -247,6 +248,8 @@ pub fn egress(proxy: &EgressProxy) -> Egress {
 /// Builds each distinct (TLS, proxy) setting's client once.
 #[derive(Default)]
 pub struct Clients {
+    /// `limits.preserve_header_case`, for every client built here.
+    preserve_header_case: bool,
     built: Vec<(ClientKey, HttpClient)>,
     upgrades: Vec<((TlsConfig, EgressProxy), UpgradeConnector)>,
 }
@@ -255,6 +258,15 @@ pub struct Clients {
 type ClientKey = (TlsConfig, EgressProxy, bool);
 
 impl Clients {
+    /// No client yet; those built keep the upstream's header-name case when
+    /// `preserve_header_case` says so.
+    pub fn new(preserve_header_case: bool) -> Self {
+        Clients {
+            preserve_header_case,
+            ..Clients::default()
+        }
+    }
+
     /// The client for `tls` and `proxy` (HTTP/2 only with `http2_only`), built on
     /// first use.
     pub fn get(
@@ -267,7 +279,7 @@ impl Clients {
         if let Some((_, client)) = self.built.iter().find(|(key, _)| same(key)) {
             return Ok(client.clone());
         }
-        let client = build(tls, proxy, http2_only)?;
+        let client = build(tls, proxy, http2_only, self.preserve_header_case)?;
         self.built
             .push(((tls.clone(), proxy.clone(), http2_only), client.clone()));
         Ok(client)

@@ -116,7 +116,11 @@ impl ClientRuntime {
             target.authority = Some(authority.clone());
             target.path_and_query = Some(PathAndQuery::from_static("/"));
             let target = Uri::from_parts(target).expect("scheme, authority and / make a valid URI");
-            Http1Pool::new(upstream::egress(&config.proxy), target)
+            Http1Pool::new(
+                upstream::egress(&config.proxy),
+                target,
+                limits.preserve_header_case,
+            )
         });
         metrics.upgrades_init(&config.upgrades);
         let upgrades = upgrade

@@ -47,6 +47,7 @@ struct Shared {
     /// for one pop or push, and only its own worker takes it on the hot path.
     idle: Box<[IdleList]>,
     reaping: AtomicBool,
+    preserve_header_case: bool,
 }
 
 /// One slot's idle connections, on its own cache line so that workers do not
@@ -121,11 +122,14 @@ impl SendError {
 
 impl Http1Pool {
     /// A pool of connections to `target` (`http://authority/`) made by `connector`.
-    pub fn new(connector: Egress, target: Uri) -> Self {
+    /// `preserve_header_case`: responses keep their header names as the
+    /// upstream spelled them (`limits.preserve_header_case`).
+    pub fn new(connector: Egress, target: Uri, preserve_header_case: bool) -> Self {
         Http1Pool {
             shared: Arc::new(Shared {
                 connector,
                 target,
+                preserve_header_case,
                 idle: (0..crate::workers::slots())
                     .map(|_| IdleList::default())
                     .collect(),
@@ -188,7 +192,7 @@ impl Http1Pool {
         let broken = io.broken();
         let (sender, driver) = http1::Builder::new()
             // The response's header names as the upstream spelled them (see server.rs).
-            .preserve_header_case(true)
+            .preserve_header_case(self.shared.preserve_header_case)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;

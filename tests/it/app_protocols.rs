@@ -70,15 +70,43 @@ fn position(lines: &[&str], line: &str) -> usize {
 const CASED_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nX-Gateway-Signature: sig-of-response\r\n\
     Content-Type: application/json\r\nX-Trace-ID: t-1\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
 
+/// `limits.preserve_header_case` on every sidecar that keeps header-name case.
+const PRESERVE_CASE: &str = "[limits]\npreserve_header_case = true\n";
+
 /// Some payment gateways match header names case-sensitively, or sign them as
-/// sent: the names reach the upstream, and come back to the app, spelled as
-/// their sender spelled them. Plain `http://` upstreams go through the
-/// sidecar's own connection pool.
+/// sent: with `limits.preserve_header_case`, the names reach the upstream, and
+/// come back to the app, spelled as their sender spelled them. Plain `http://`
+/// upstreams go through the sidecar's own connection pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_names_keep_their_case_to_the_upstream_and_back() {
     let (upstream, seen) = raw_upstream(|_| CASED_RESPONSE.to_vec()).await;
-    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let (_provider, _running, proxy) =
+        support::sidecar_for_upstream_with(upstream, PRESERVE_CASE).await;
     assert_case_kept(proxy, &format!("Host: {upstream}"), &seen).await;
+}
+
+/// Without `limits.preserve_header_case` (the default: keeping the case costs
+/// every HTTP/1 message a case map), names travel lower-cased, as HTTP allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_header_names_travel_lower_cased() {
+    let (upstream, seen) = raw_upstream(|_| CASED_RESPONSE.to_vec()).await;
+    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let response = exchange(
+        proxy,
+        format!("GET /v1/charges/7 HTTP/1.1\r\nHost: {proxy}\r\nX-Api-Signature: sig\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(response.status(), 200, "{response:?}");
+    assert!(
+        response
+            .head
+            .contains("\r\nx-gateway-signature: sig-of-response\r\n"),
+        "{}",
+        response.head
+    );
+    let seen = seen.lock().expect("log");
+    position(&seen[0].header_lines(), "x-api-signature: sig");
 }
 
 /// As above, through the shared client that `https://` upstreams use.
@@ -93,7 +121,7 @@ async fn header_names_keep_their_case_through_tls_too() {
         .await
         .expect("provider");
     let config = format!(
-        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
+        "{PRESERVE_CASE}[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\n\
          upstream = \"https://localhost:{port}\"\n[clients.payments.tls]\nca_file = \"/pki/ca.pem\"\n\
          [clients.payments.token]\nurl = \"{token_url}\"\nclient_id = \"demo-client\"\n\
          client_secret = \"${{CLIENT_SECRET}}\"\n",
@@ -121,7 +149,8 @@ async fn a_replay_after_a_401_keeps_the_case_too() {
         }
     })
     .await;
-    let (_provider, _running, proxy) = support::sidecar_for_upstream(upstream).await;
+    let (_provider, _running, proxy) =
+        support::sidecar_for_upstream_with(upstream, PRESERVE_CASE).await;
     let response = exchange(
         proxy,
         format!("GET /v1/charges/7 HTTP/1.1\r\nHost: {proxy}\r\nX-Api-Signature: sig\r\n\r\n")

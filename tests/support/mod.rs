@@ -188,11 +188,20 @@ async fn start_sidecar_with(
 /// A sidecar with one client in front of `upstream` (plain http) and a default
 /// mock provider: (provider, running, proxy address).
 pub async fn sidecar_for_upstream(upstream: SocketAddr) -> (MockProvider, Running, SocketAddr) {
+    sidecar_for_upstream_with(upstream, "").await
+}
+
+/// As [`sidecar_for_upstream`], with `top` (whole tables, such as `[limits]`)
+/// before the others.
+pub async fn sidecar_for_upstream_with(
+    upstream: SocketAddr,
+    top: &str,
+) -> (MockProvider, Running, SocketAddr) {
     let provider = MockProvider::start(ProviderConfig::default())
         .await
         .expect("provider");
     let text = format!(
-        "[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
+        "{top}[admin]\nlisten = \"{{admin}}\"\n[clients.payments]\nlisten = \"{{listen}}\"\nupstream = \"http://{upstream}\"\n\
          [clients.payments.token]\nurl = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{CLIENT_SECRET}}\"\n",
         provider.token_url()
     );
