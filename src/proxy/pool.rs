@@ -151,6 +151,19 @@ impl Http1Pool {
             .contains_key(http::header::EXPECT)
             .then(|| req.extensions().get::<Gate>().cloned())
             .flatten();
+        // A body still being sent when the answer has come (an upstream that
+        // answers an upload early) leaves the connection mid-request: it must
+        // not carry another one. Only a body that is not complete at the start
+        // is watched (GETs and buffered bodies are written whole at once).
+        let sent = (!req.body().is_end_stream()).then(|| {
+            let sent = Arc::new(AtomicBool::new(false));
+            let body = std::mem::take(req.body_mut());
+            *req.body_mut() = Body::new(Watched {
+                inner: body,
+                sent: Arc::clone(&sent),
+            });
+            sent
+        });
         loop {
             let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
             let (mut conn, reused) = match checked_out {
@@ -173,6 +186,7 @@ impl Http1Pool {
                         conn: conn.driver.is_some().then_some(conn),
                         pool: Arc::downgrade(&self.shared),
                         gate,
+                        sent,
                     };
                     return Ok(Response::from_parts(parts, Body::new(body)));
                 }
@@ -245,6 +259,9 @@ struct DrivenBody {
     pool: Weak<Shared>,
     /// The gate of an upload held back for the upstream's `100`, if any.
     gate: Option<Gate>,
+    /// For a request body that was not complete at the start: whether it has
+    /// been sent to its end.
+    sent: Option<Arc<AtomicBool>>,
 }
 
 impl DrivenBody {
@@ -253,7 +270,11 @@ impl DrivenBody {
             // One the upstream stopped reading, or one whose upload the upstream
             // refused before it was sent, is closed here, with whatever of the
             // request it was still to send.
-            let unfinished = self.gate.as_ref().is_some_and(Gate::refused);
+            let unfinished = self.gate.as_ref().is_some_and(Gate::refused)
+                || self
+                    .sent
+                    .as_ref()
+                    .is_some_and(|sent| !sent.load(Ordering::Acquire));
             if !conn.broken.load(Ordering::Relaxed) && !unfinished {
                 pool.put(conn);
             }
@@ -327,5 +348,35 @@ async fn reap(pool: Weak<Shared>) {
             list.lock()
                 .retain(|c| c.since.elapsed() < POOL_IDLE_TIMEOUT);
         }
+    }
+}
+
+/// A request body that says when it has been read to its end.
+struct Watched {
+    inner: Body,
+    sent: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.sent.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
