@@ -145,12 +145,9 @@ impl Http1Pool {
     /// closed it while idle) goes out again on another connection, as hyper-util's
     /// client does; nothing of it was written.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
-        // Only a request that carries `Expect` upstream can have been held back.
-        let gate = req
-            .headers()
-            .contains_key(http::header::EXPECT)
-            .then(|| req.extensions().get::<Gate>().cloned())
-            .flatten();
+        // Only a held-back upload carries a gate (`Gate::attach`); other
+        // requests' extensions are empty, so this costs no header lookup.
+        let gate = req.extensions().get::<Gate>().cloned();
         // A body still being sent when the answer has come (an upstream that
         // answers an upload early) leaves the connection mid-request: it must
         // not carry another one. Only a body that is not complete at the start
