@@ -6,9 +6,9 @@
 //! a DPoP proof's header and the input of its thumbprint, which providers bind
 //! tokens to (`cnf.jkt`, RFC 9449 §6).
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair};
 use base64::Engine as _;
-use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair};
 
 use super::{base64url, from_pkcs8, sha256, Alg, Key, KeyError, KeyKind, SigningKey};
 use crate::secret::Secret;
