@@ -11,7 +11,8 @@ the counters and divides the instructions (Ir) by the requests tokenproxy counte
 
 Environment: REQUESTS (20000), CONNS (50), WARMUP (2000), METHOD (GET or POST16K),
 CALLGRIND_OUT (directory for the dump; default a temporary one, removed), KEEP=1 (keep it),
-TOKENPROXY (another binary).
+TOKENPROXY (another binary), DPOP (ES256 or EdDSA: the client signs a DPoP proof for every
+request with that algorithm; the mock token endpoint then issues DPoP tokens).
 Prints one line `Ir/request N` and, with KEEP=1, where the dump is for callgrind_annotate.
 """
 import glob
@@ -30,6 +31,7 @@ CONNS = int(os.environ.get("CONNS", "50"))
 WARMUP = int(os.environ.get("WARMUP", "2000"))
 METHOD = os.environ.get("METHOD", "GET")
 KEEP = os.environ.get("KEEP") == "1"
+DPOP = os.environ.get("DPOP", "")
 
 
 def load(url, total, conns):
@@ -72,6 +74,8 @@ def main():
         with open(cfg, "w") as f:
             f.write(bench.tokenproxy_conf(admin_port, [("bench", proxy_port, up_port)],
                                           tok_port, bench.MAIN_LIFETIME))
+            if DPOP:
+                f.write(f'[clients.bench.dpop]\nalg = "{DPOP}"\n')
         env = dict(os.environ, TOKIO_WORKER_THREADS="1")
         env.pop("RUST_LOG", None)
         out_file = os.path.join(out_dir, "callgrind.out.%p")
