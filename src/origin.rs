@@ -34,6 +34,12 @@ pub struct HostRule {
     /// Configured names (lower case, without brackets) and their port, if given.
     aliases: Vec<(String, Option<u16>)>,
     allow_cross_site: bool,
+    /// `Host` values accepted as they are, without parsing (lower case): the
+    /// listener's own address, `localhost` and `127.0.0.1`, each with and
+    /// without the port — what an app beside the sidecar sends on every
+    /// request. Each is also accepted by the full check; this only skips the
+    /// parsing and allocating it does.
+    usual: Vec<String>,
 }
 
 impl HostRule {
@@ -45,10 +51,20 @@ impl HostRule {
             .filter_map(|a| a.parse::<http::uri::Authority>().ok())
             .map(|a| (bare_host(&a), a.port_u16()))
             .collect();
+        let port = addr.port();
+        let own = match addr.ip().to_canonical() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        let usual = [own, "localhost".to_owned(), "127.0.0.1".to_owned()]
+            .into_iter()
+            .flat_map(|host| [format!("{host}:{port}"), host])
+            .collect();
         HostRule {
             addr,
             aliases,
             allow_cross_site,
+            usual,
         }
     }
 
@@ -56,7 +72,10 @@ impl HostRule {
     /// not compared: DNS rebinding needs the attacker's name, and a client may
     /// reach the listener through a forwarded port.
     pub fn accepts_host(&self, authority: &str) -> bool {
-        self.names_listener(authority, None)
+        self.usual
+            .iter()
+            .any(|usual| usual.eq_ignore_ascii_case(authority))
+            || self.names_listener(authority, None)
     }
 
     /// Whether `authority`, an origin's `host[:port]` (a missing port is
@@ -223,6 +242,39 @@ mod tests {
             );
         }
         h
+    }
+
+    /// The values accepted without parsing are exactly values the full check
+    /// accepts: the shortcut never widens what a listener takes as its name.
+    #[test]
+    fn hosts_accepted_without_parsing_are_accepted_by_the_full_check() {
+        for addr in [
+            "127.0.0.1:8080",
+            "0.0.0.0:80",
+            "10.1.2.3:9000",
+            "[::1]:8080",
+            "[::]:9000",
+        ] {
+            let r = rule(addr, &[]);
+            assert_eq!(r.usual.len(), 6, "{addr}: {:?}", r.usual);
+            for usual in &r.usual {
+                assert!(r.names_listener(usual, None), "{addr}: {usual}");
+                assert!(
+                    r.accepts_host(&usual.to_ascii_uppercase()),
+                    "{addr}: {usual}"
+                );
+            }
+        }
+        let r = rule("127.0.0.1:8080", &[]);
+        assert!(r.usual.contains(&"127.0.0.1:8080".to_owned()));
+        assert!(r.usual.contains(&"localhost:8080".to_owned()));
+        for refused in [
+            "127.0.0.1:8080@evil.example",
+            "evil.example",
+            "127.0.0.1:8080 ",
+        ] {
+            assert!(!r.accepts_host(refused), "{refused}");
+        }
     }
 
     /// Security review finding 6: only names of this listener are accepted as Host.
