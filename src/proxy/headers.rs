@@ -19,7 +19,14 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Look at the (few) names present first: most messages carry no hop-by-hop header
     // but `Connection`, and each removal hashes its name even when it is absent.
-    if !headers.keys().any(is_hop_by_hop) {
+    let mut hop_by_hop = headers.keys().filter(|name| is_hop_by_hop(name));
+    let Some(first) = hop_by_hop.next() else {
+        return;
+    };
+    // The usual message: `Connection` alone (`keep-alive` or `close`), naming no
+    // header present. One removal, nothing collected.
+    if first == header::CONNECTION && hop_by_hop.next().is_none() && !lists_a_present(headers) {
+        headers.remove(header::CONNECTION);
         return;
     }
     // The names `Connection` lists, split once. The raw bytes are split: a value with
@@ -58,6 +65,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if accepts_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether `Connection` lists a header that `headers` holds (other than the
+/// usual `keep-alive`), compared without case as in [`strip_hop_by_hop`].
+fn lists_a_present(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case(b"keep-alive"))
+        .any(|listed| {
+            headers
+                .keys()
+                .any(|name| listed.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        })
 }
 
 /// RFC 9110 §7.6.1 (and the legacy `keep-alive`, `proxy-connection`), by spelling:
@@ -385,6 +408,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"], "a listed name goes, whatever it is");
+    }
+
+    #[test]
+    fn connection_alone_goes_and_what_it_lists_goes_with_it() {
+        let mut h = map(&[("connection", "keep-alive"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"]);
+        let mut h = map(&[
+            ("connection", "close, X-Hop"),
+            ("x-hop", "1"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"], "a listed header present goes too");
     }
 
     #[test]
