@@ -1,6 +1,7 @@
 //! The integration tests, one module per user-visible behaviour, in one binary
 //! (one link instead of one per file). Tests that install a global log capture,
-//! the Redis fleets, and the interop and soak harnesses stay binaries of their own.
+//! the Redis fleets, the allocation guard (its own global allocator), and the
+//! interop and soak harnesses stay binaries of their own.
 
 #[path = "../support/mod.rs"]
 mod support;

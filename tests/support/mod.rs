@@ -124,7 +124,8 @@ pub async fn start_sidecar(template: &str) -> (Running, SocketAddr, SocketAddr) 
 pub async fn start_sidecar_env(template: &str, env: MapEnv) -> (Running, SocketAddr, SocketAddr) {
     let workers = std::env::var("TOKENPROXY_TEST_WORKERS")
         .ok()
-        .and_then(|n| n.parse::<usize>().ok());
+        .and_then(|n| n.parse::<usize>().ok())
+        .map(|n| Workers::start(n).expect("worker threads start"));
     start_sidecar_with(template, env, workers).await
 }
 
@@ -134,13 +135,25 @@ pub async fn start_sidecar_on_workers(
     n: usize,
 ) -> (Running, SocketAddr, SocketAddr) {
     let env = MapEnv::new().var("CLIENT_SECRET", CLIENT_SECRET);
-    start_sidecar_with(template, env, Some(n)).await
+    let workers = Workers::start(n).expect("worker threads start");
+    start_sidecar_with(template, env, Some(workers)).await
+}
+
+/// As [`start_sidecar_env`], with the proxy listeners served by `workers`,
+/// which the caller started (and may have given work first, such as marking
+/// their threads).
+pub async fn start_sidecar_on(
+    template: &str,
+    env: MapEnv,
+    workers: Workers,
+) -> (Running, SocketAddr, SocketAddr) {
+    start_sidecar_with(template, env, Some(workers)).await
 }
 
 async fn start_sidecar_with(
     template: &str,
     env: MapEnv,
-    workers: Option<usize>,
+    workers: Option<Workers>,
 ) -> (Running, SocketAddr, SocketAddr) {
     let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let proxy2 = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy2");
@@ -173,12 +186,9 @@ async fn start_sidecar_with(
         connect,
     };
     let running = match workers {
-        Some(n) => tokenproxy::start_with_workers(
-            config,
-            listeners,
-            Arc::new(SystemClock),
-            Workers::start(n).expect("worker threads start"),
-        ),
+        Some(workers) => {
+            tokenproxy::start_with_workers(config, listeners, Arc::new(SystemClock), workers)
+        }
         None => tokenproxy::start(config, listeners, Arc::new(SystemClock)),
     }
     .expect("sidecar starts");
