@@ -197,7 +197,10 @@ pub fn new_request_id() -> HeaderValue {
     for (i, digit) in id.iter_mut().enumerate() {
         *digit = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+    // Owned behind a reference count from the start: the id is cloned into the
+    // upstream request, which for a `Vec`'s bytes would allocate once more.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]
