@@ -254,7 +254,7 @@ impl RequestBody {
         if hint.lower() > limit as u64
             || !reservation.grow_to(usize::try_from(hint.lower()).unwrap_or(usize::MAX))
         {
-            return Ok(RequestBody::Streaming(body.boxed()));
+            return Ok(RequestBody::Streaming(Body::new(body)));
         }
         let mut body = body;
         // A body that arrives in one frame (most bodies of a few KiB) is kept as hyper
@@ -281,13 +281,10 @@ impl RequestBody {
                     if read > limit || !reservation.grow_to(read) {
                         drop(reservation);
                         let prefix = single.take().unwrap_or_else(|| buf.split().freeze());
-                        return Ok(RequestBody::Streaming(
-                            Prefixed {
-                                prefix: Some(prefix),
-                                rest: body,
-                            }
-                            .boxed(),
-                        ));
+                        return Ok(RequestBody::Streaming(Body::new(Prefixed {
+                            prefix: Some(prefix),
+                            rest: body,
+                        })));
                     }
                 }
                 Err(frame) => {
@@ -303,7 +300,7 @@ impl RequestBody {
         if let Some(t) = trailers {
             let frames = vec![Ok::<_, BoxError>(Frame::data(data)), Ok(Frame::trailers(t))];
             let stream = http_body_util::StreamBody::new(futures_iter(frames));
-            return Ok(RequestBody::Streaming(stream.boxed()));
+            return Ok(RequestBody::Streaming(Body::new(stream)));
         }
         Ok(RequestBody::Buffered(data, reservation))
     }
