@@ -281,7 +281,10 @@ pub async fn handle(
     // when the access log is on (the benchmarks, and some deployments, turn it off).
     let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let mut exchange = Exchange::default();
+    let mut exchange = Exchange {
+        logged: logged.is_some(),
+        ..Exchange::default()
+    };
     let forwarded = forward(
         &client,
         &client.http,
@@ -348,7 +351,9 @@ fn e_code<B>(response: &Response<B>) -> &str {
 /// What happened to one request on its way, for the access log.
 #[derive(Default)]
 struct Exchange {
-    /// The subject the app named (a validated id).
+    /// Whether the access log is on, and so wants the subject.
+    logged: bool,
+    /// The subject the app named (a validated id), when the access log is on.
     subject: Option<String>,
     upstream_status: Option<u16>,
     token_waited: bool,
@@ -469,7 +474,9 @@ async fn forward(
         };
     }
     let subject = take_subject(client, &mut parts.headers)?;
-    exchange.subject.clone_from(&subject);
+    if exchange.logged {
+        exchange.subject.clone_from(&subject);
+    }
     let subject = subject.as_deref();
     let mut outgoing = Outgoing {
         method: parts.method,
