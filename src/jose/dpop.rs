@@ -9,8 +9,8 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
+use ring::rand::{SecureRandom, SystemRandom};
 
 use super::{base64url, sha256, KeyError, KeyKind, SignError, SigningKey};
 

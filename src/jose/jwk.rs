@@ -6,9 +6,9 @@
 //! a DPoP proof's header and the input of its thumbprint, which providers bind
 //! tokens to (`cnf.jkt`, RFC 9449 §6).
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair};
 use base64::Engine as _;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair};
 
 use super::{base64url, from_pkcs8, sha256, Alg, Key, KeyError, KeyKind, SigningKey};
 use crate::secret::Secret;
@@ -21,8 +21,14 @@ impl SigningKey {
         let generated = match alg {
             Alg::Es256 => {
                 EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                    .map(|d| d.as_ref().to_vec())
+                    .map_err(|_| ())
             }
-            Alg::EdDsa => Ed25519KeyPair::generate_pkcs8(&rng),
+            Alg::EdDsa => aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(
+                &aws_lc_rs::rand::SystemRandom::new(),
+            )
+            .map(|d| d.as_ref().to_vec())
+            .map_err(|_| ()),
             other => {
                 return Err(KeyError::Unsupported(match other.key_kind() {
                     KeyKind::Rsa => "an RSA key, which tokenproxy cannot generate",
