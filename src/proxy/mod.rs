@@ -443,62 +443,72 @@ async fn forward(
     exchange: &mut Exchange,
     grpc: bool,
 ) -> Result<Response<Body>, ProxyError> {
-    let (mut parts, incoming) = req.into_parts();
-    let asked = upgrade::asked(client.upgrades.as_ref(), &parts);
-    if let upgrade::Asked::NotAllowed = asked {
-        client
-            .metrics
-            .upgrade(OTHER_PROTOCOL, UpgradeOutcome::NotAllowed);
-    }
-    let mut uri = http::uri::Parts::default();
-    if client.pool.is_none() {
-        // The shared client wants the absolute form (it picks the pool by it); our own
-        // pool sends the origin form as it is.
-        uri.scheme = Some(client.scheme.clone());
-        uri.authority = Some(client.authority.clone());
-    }
-    uri.path_and_query = Some(path_and_query);
-    let uri = Uri::from_parts(uri)
-        .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
-    let app_host = headers::prepare_request(
-        &mut parts.headers,
-        &client.host_header,
-        &client.inject_header,
-        request_id,
-    );
-    if client.location.is_some() {
-        exchange.app_host = match (app_host, parts.uri.authority()) {
-            (Some(host), _) => AppHost::Header(host),
-            (None, Some(authority)) => AppHost::Authority(authority.clone()),
-            (None, None) => AppHost::Unknown,
-        };
-    }
-    let subject = take_subject(client, &mut parts.headers)?;
-    if exchange.logged {
-        exchange.subject.clone_from(&subject);
-    }
-    let subject = subject.as_deref();
-    let mut outgoing = Outgoing {
-        method: parts.method,
-        uri,
-        headers: parts.headers,
-        extensions: parts.extensions,
-    };
-    if let (upgrade::Asked::Allowed(offer), Some(upgrades)) = (asked, &client.upgrades) {
-        // `asked` saw the server's hold, which comes with hyper's hand-over.
-        if let Some(app) = upgrade::AppSide::take(&mut outgoing.extensions) {
-            let handshake = upgrade::Handshake {
-                outgoing,
-                body: incoming,
-                app,
-                offer,
-                subject,
-                request_id,
-            };
-            // Boxed: a tunnel's state would otherwise make every request's future
-            // larger, and each is moved (copied) on its way into hyper's task.
-            return Box::pin(upgrade::forward(client, upgrades, handshake, exchange)).await;
+    // In a block: what is left of the app's request once its parts are taken is
+    // dropped before the first await, so it is no part of this future's state
+    // (which hyper moves twice per request and keeps for the connection's life).
+    let (mut outgoing, incoming, subject, upgrade) = {
+        let (mut parts, incoming) = req.into_parts();
+        let asked = upgrade::asked(client.upgrades.as_ref(), &parts);
+        if let upgrade::Asked::NotAllowed = asked {
+            client
+                .metrics
+                .upgrade(OTHER_PROTOCOL, UpgradeOutcome::NotAllowed);
         }
+        let mut uri = http::uri::Parts::default();
+        if client.pool.is_none() {
+            // The shared client wants the absolute form (it picks the pool by it); our own
+            // pool sends the origin form as it is.
+            uri.scheme = Some(client.scheme.clone());
+            uri.authority = Some(client.authority.clone());
+        }
+        uri.path_and_query = Some(path_and_query);
+        let uri = Uri::from_parts(uri)
+            .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
+        let app_host = headers::prepare_request(
+            &mut parts.headers,
+            &client.host_header,
+            &client.inject_header,
+            request_id,
+        );
+        if client.location.is_some() {
+            exchange.app_host = match (app_host, parts.uri.authority()) {
+                (Some(host), _) => AppHost::Header(host),
+                (None, Some(authority)) => AppHost::Authority(authority.clone()),
+                (None, None) => AppHost::Unknown,
+            };
+        }
+        let subject = take_subject(client, &mut parts.headers)?;
+        if exchange.logged {
+            exchange.subject.clone_from(&subject);
+        }
+        let mut outgoing = Outgoing {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+            extensions: parts.extensions,
+        };
+        let upgrade = match (asked, &client.upgrades) {
+            // `asked` saw the server's hold, which comes with hyper's hand-over.
+            (upgrade::Asked::Allowed(offer), Some(_)) => {
+                upgrade::AppSide::take(&mut outgoing.extensions).map(|app| (offer, app))
+            }
+            _ => None,
+        };
+        (outgoing, incoming, subject, upgrade)
+    };
+    let subject = subject.as_deref();
+    if let (Some((offer, app)), Some(upgrades)) = (upgrade, &client.upgrades) {
+        let handshake = upgrade::Handshake {
+            outgoing,
+            body: incoming,
+            app,
+            offer,
+            subject,
+            request_id,
+        };
+        // Boxed: a tunnel's state would otherwise make every request's future
+        // larger, and each is moved (copied) on its way into hyper's task.
+        return Box::pin(upgrade::forward(client, upgrades, handshake, exchange)).await;
     }
     // Served as a plain request: the app's connection is not handed over, and
     // nothing of that hand-over goes upstream with the extensions.
@@ -633,12 +643,17 @@ async fn forward(
             Ok(second)
         }
         RequestBody::Streaming(stream) => {
-            let proof = client.proof(&outgoing, &token)?;
-            let mut req = outgoing.last_request(stream, &token, &client.inject_header, proof);
-            if let Some(gate) = &gate {
-                gate.attach(&mut req);
-            }
-            let mut response = send(client, http, req).await?;
+            // The request is made in a block that ends before the await, so
+            // that it is held once, by the send, in this future's state.
+            let sending = {
+                let proof = client.proof(&outgoing, &token)?;
+                let mut req = outgoing.last_request(stream, &token, &client.inject_header, proof);
+                if let Some(gate) = &gate {
+                    gate.attach(&mut req);
+                }
+                send_once(client, http, req)
+            };
+            let mut response = sending.await.map_err(Failure::into_error)?;
             if let Some(gate) = gate.filter(expect::Gate::answered_first) {
                 response = response.map(|answer| expect::answer_passed_on(answer, gate));
             }
@@ -820,15 +835,20 @@ async fn send_buffered(
             outgoing.request(body, token, &client.inject_header, proof)
         })
     };
-    match send_once(client, http, request(!again && !retry)?).await {
+    // Each request is made before its send, not in the argument list: a
+    // temporary there would stay in this future's state across the await,
+    // beside the copy the send holds.
+    let first = request(!again && !retry)?;
+    match send_once(client, http, first).await {
         Err(Failure::Broken(e)) if retry => {
             debug!(client = %client.name, error = %e, "connection broke before a response; retrying a safe request once");
-            send_once(client, http, request(!again)?)
-                .await
-                .map_err(Failure::into_error)
         }
-        other => other.map_err(Failure::into_error),
+        other => return other.map_err(Failure::into_error),
     }
+    let second = request(!again)?;
+    send_once(client, http, second)
+        .await
+        .map_err(Failure::into_error)
 }
 
 /// RFC 9110 §9.2.1 safe methods: sending them twice changes nothing.
@@ -850,16 +870,6 @@ impl Failure {
             Failure::Broken(e) | Failure::Other(e) => e,
         }
     }
-}
-
-async fn send(
-    client: &ClientRuntime,
-    http: &HttpClient,
-    req: Request<Body>,
-) -> Result<Response<Body>, ProxyError> {
-    send_once(client, http, req)
-        .await
-        .map_err(Failure::into_error)
 }
 
 async fn send_once(

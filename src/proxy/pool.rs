@@ -144,7 +144,14 @@ impl Http1Pool {
     /// A request that a pooled connection could not even start (the upstream had
     /// closed it while idle) goes out again on another connection, as hyper-util's
     /// client does; nothing of it was written.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
+    ///
+    /// Not an `async fn`: the request, prepared here, is then held once in the
+    /// future (an `async fn` keeps its argument's slot beside the copy it
+    /// reassigns, and the future is part of every request's state).
+    pub fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         // Only a held-back upload carries a gate (`Gate::attach`); other
         // requests' extensions are empty, so this costs no header lookup.
         let gate = req.extensions().get::<Gate>().cloned();
@@ -161,36 +168,38 @@ impl Http1Pool {
             });
             sent
         });
-        loop {
-            let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
-            let (mut conn, reused) = match checked_out {
-                Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
-            };
-            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
-            let result = poll_fn(|cx| {
-                // The connection first: it writes the request and reads the answer
-                // that completes `response` (or ends, which fails it).
-                conn.drive(cx);
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match result {
-                Ok(response) => {
-                    let (parts, incoming) = response.into_parts();
-                    let body = DrivenBody {
-                        incoming,
-                        conn: conn.driver.is_some().then_some(conn),
-                        pool: Arc::downgrade(&self.shared),
-                        gate,
-                        sent,
-                    };
-                    return Ok(Response::from_parts(parts, Body::new(body)));
+        async move {
+            loop {
+                let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
+                let (mut conn, reused) = match checked_out {
+                    Some(conn) => (conn, true),
+                    None => (self.connect().await?, false),
+                };
+                let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+                let result = poll_fn(|cx| {
+                    // The connection first: it writes the request and reads the answer
+                    // that completes `response` (or ends, which fails it).
+                    conn.drive(cx);
+                    response.as_mut().poll(cx)
+                })
+                .await;
+                match result {
+                    Ok(response) => {
+                        let (parts, incoming) = response.into_parts();
+                        let body = DrivenBody {
+                            incoming,
+                            conn: conn.driver.is_some().then_some(conn),
+                            pool: Arc::downgrade(&self.shared),
+                            gate,
+                            sent,
+                        };
+                        return Ok(Response::from_parts(parts, Body::new(body)));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(SendError::Exchange(e.into_error())),
+                    },
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Exchange(e.into_error())),
-                },
             }
         }
     }
