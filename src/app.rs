@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -857,15 +858,18 @@ impl Running {
         let accepting = Arc::clone(&hosts);
         // Host and origin are checked before routing, so a refused request
         // never reaches a client's upstream with its token.
-        let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
-            let refused = accepting.load().check_request(&req).err();
-            let routes = serving.load_full();
-            async move {
-                match refused {
-                    Some(e) => Ok(origin::refusal_response(e, req.method(), req.uri().path())),
-                    None => proxy::handle(req, routes).await,
-                }
-            }
+        // Either an answer made here or the request's future itself, not an
+        // async block around them: the request would be held twice in it.
+        let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| match accepting
+            .load()
+            .check_request(&req)
+        {
+            Err(e) => Either::Left(std::future::ready(Ok(origin::refusal_response(
+                e,
+                req.method(),
+                req.uri().path(),
+            )))),
+            Ok(()) => Either::Right(proxy::handle(req, serving.load_full())),
         };
         let slots = server::connection_slots(limits);
         let errors = self.metrics.connection_errors("proxy");

@@ -23,6 +23,7 @@ pub mod route;
 mod upgrade;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,90 +252,96 @@ fn grpc_unauthenticated(headers: &HeaderMap) -> bool {
 }
 
 /// Handles one request on a proxy listener; every failure becomes a response.
-pub async fn handle(
+///
+/// Not an `async fn`: its future captures the request as it is, where an
+/// `async fn` would hold it twice (its argument, and the copy it moves on).
+#[allow(clippy::manual_async_fn)]
+pub fn handle(
     req: Request<Incoming>,
     routes: Arc<ListenerRoutes>,
-) -> Result<Response<Body>, Infallible> {
-    let started = Instant::now();
-    let grpc = crate::error::is_grpc(req.headers());
-    let (client, path_and_query) = match routes.route(&req) {
-        Ok((client, pq)) => (Arc::clone(client), pq),
-        Err(e) => {
-            let response = e.into_response_for(grpc, None);
-            info!(
-                target: ACCESS_LOG,
-                method = %req.method(),
-                path = %req.uri().path(),
-                status = response.status().as_u16(),
-                error = e_code(&response),
-                "refused"
-            );
-            return Ok(response);
-        }
-    };
-    let gauge = client.metrics.inflight().clone();
-    gauge.inc();
-    let _inflight = scopeguard(move || gauge.dec());
-
-    let request_id = headers::request_id(req.headers());
-    // Only the path: query strings can carry secrets and are never logged. Copied only
-    // when the access log is on (the benchmarks, and some deployments, turn it off).
-    let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let mut exchange = Exchange {
-        logged: logged.is_some(),
-        ..Exchange::default()
-    };
-    let forwarded = forward(
-        &client,
-        &client.http,
-        req,
-        path_and_query,
-        &request_id,
-        &mut exchange,
-        grpc,
-    )
-    .await;
-    // The access log's code comes from the error, never from a response header.
-    let error_code = forwarded.as_ref().err().map_or("", |e| e.code());
-    let response = match forwarded {
-        Ok(mut response) => {
-            if let Some(location) = &client.location {
-                location.apply(response.headers_mut(), &exchange.app_host);
+) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
+    async move {
+        let started = Instant::now();
+        let grpc = crate::error::is_grpc(req.headers());
+        let (client, path_and_query) = match routes.route(&req) {
+            Ok((client, pq)) => (Arc::clone(client), pq),
+            Err(e) => {
+                let response = e.into_response_for(grpc, None);
+                info!(
+                    target: ACCESS_LOG,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    status = response.status().as_u16(),
+                    error = e_code(&response),
+                    "refused"
+                );
+                return Ok(response);
             }
-            response
-        }
-        Err(e) => {
-            // The access line below records every failure with its code; the cause goes
-            // to debug so that an outage does not write one warning per request.
-            debug!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
-            client.metrics.sidecar_error(e.code());
-            e.into_response_for(grpc, Some(&client.name))
-        }
-    };
-    let elapsed = started.elapsed();
-    client
-        .metrics
-        .request(response.status(), elapsed.as_secs_f64());
-    let (method, path) = logged
-        .as_ref()
-        .map_or(("", ""), |(m, p)| (m.as_str(), p.as_str()));
-    info!(
-        target: ACCESS_LOG,
-        client = %client.name,
-        subject = exchange.subject.as_deref().unwrap_or(""),
-        request.id = %request_id.to_str().unwrap_or("-"),
-        method = %method,
-        path = %path,
-        status = response.status().as_u16(),
-        upstream.status = exchange.upstream_status,
-        duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
-        token_waited = exchange.token_waited,
-        replayed = exchange.replayed,
-        error = error_code,
-        "request"
-    );
-    Ok(response)
+        };
+        let gauge = client.metrics.inflight().clone();
+        gauge.inc();
+        let _inflight = scopeguard(move || gauge.dec());
+
+        let request_id = headers::request_id(req.headers());
+        // Only the path: query strings can carry secrets and are never logged. Copied only
+        // when the access log is on (the benchmarks, and some deployments, turn it off).
+        let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        let mut exchange = Exchange {
+            logged: logged.is_some(),
+            ..Exchange::default()
+        };
+        let forwarded = forward(
+            &client,
+            &client.http,
+            req,
+            path_and_query,
+            &request_id,
+            &mut exchange,
+            grpc,
+        )
+        .await;
+        // The access log's code comes from the error, never from a response header.
+        let error_code = forwarded.as_ref().err().map_or("", |e| e.code());
+        let response = match forwarded {
+            Ok(mut response) => {
+                if let Some(location) = &client.location {
+                    location.apply(response.headers_mut(), &exchange.app_host);
+                }
+                response
+            }
+            Err(e) => {
+                // The access line below records every failure with its code; the cause goes
+                // to debug so that an outage does not write one warning per request.
+                debug!(client = %client.name, request.id = %request_id.to_str().unwrap_or("-"), error = %e, "request failed");
+                client.metrics.sidecar_error(e.code());
+                e.into_response_for(grpc, Some(&client.name))
+            }
+        };
+        let elapsed = started.elapsed();
+        client
+            .metrics
+            .request(response.status(), elapsed.as_secs_f64());
+        let (method, path) = logged
+            .as_ref()
+            .map_or(("", ""), |(m, p)| (m.as_str(), p.as_str()));
+        info!(
+            target: ACCESS_LOG,
+            client = %client.name,
+            subject = exchange.subject.as_deref().unwrap_or(""),
+            request.id = %request_id.to_str().unwrap_or("-"),
+            method = %method,
+            path = %path,
+            status = response.status().as_u16(),
+            upstream.status = exchange.upstream_status,
+            duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+            token_waited = exchange.token_waited,
+            replayed = exchange.replayed,
+            error = error_code,
+            "request"
+        );
+        Ok(response)
+    }
 }
 
 /// Log target of the one-line-per-request access log (`RUST_LOG=tokenproxy::access=off` silences it).
