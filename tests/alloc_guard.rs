@@ -562,19 +562,9 @@ async fn a_small_get_naming_a_cached_subject_allocates_no_more_than_its_ceiling(
     for i in 0..SUBJECTS {
         let merchant = format!("merchant-{i}");
         let refresh_token = provider.issue_refresh_token_for(&merchant);
-        let reply = admin
-            .request(
-                http::Method::PUT,
-                &format!("http://{}/clients/pos/subjects/{merchant}", sidecar.admin),
-                &[
-                    ("authorization", bearer.as_str()),
-                    ("content-type", "application/json"),
-                ],
-                serde_json::json!({ "refresh_token": refresh_token })
-                    .to_string()
-                    .as_bytes(),
-            )
-            .await;
+        let reply =
+            support::import_subject(&admin, sidecar.admin, &bearer, &merchant, &refresh_token)
+                .await;
         assert_eq!(
             reply.status,
             StatusCode::CREATED,

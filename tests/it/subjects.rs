@@ -682,16 +682,7 @@ async fn a_restart_keeps_every_subjects_rotated_tokens() {
     for merchant in ["m-1", "m-2"] {
         let rt = provider.issue_refresh_token_for(merchant);
         let bearer = format!("Bearer {ADMIN_KEY}");
-        let r = http
-            .request(
-                Method::PUT,
-                &format!("http://{admin}/clients/pos/subjects/{merchant}"),
-                &[("authorization", bearer.as_str())],
-                serde_json::json!({ "refresh_token": rt })
-                    .to_string()
-                    .as_bytes(),
-            )
-            .await;
+        let r = support::import_subject(&http, admin, &bearer, merchant, &rt).await;
         assert_eq!(r.status, StatusCode::CREATED);
         let url = format!("http://{proxy}/merchants/{merchant}/payments");
         let r = http
@@ -1064,16 +1055,7 @@ async fn a_subject_that_cannot_be_swept_does_not_hold_up_the_others() {
     let bearer = format!("Bearer {ADMIN_KEY}");
     for merchant in ["a-edited", "b", "c", "d"] {
         let rt = provider.issue_refresh_token_for(merchant);
-        let r = http
-            .request(
-                Method::PUT,
-                &format!("http://{admin}/clients/pos/subjects/{merchant}"),
-                &[("authorization", bearer.as_str())],
-                serde_json::json!({ "refresh_token": rt })
-                    .to_string()
-                    .as_bytes(),
-            )
-            .await;
+        let r = support::import_subject(&http, admin, &bearer, merchant, &rt).await;
         assert_eq!(r.status, StatusCode::CREATED);
     }
     let db = rusqlite::Connection::open(dir.join("state.json.subjects.db")).expect("database");

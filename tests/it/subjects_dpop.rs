@@ -67,19 +67,7 @@ async fn start(template: &str) -> Sidecar {
 async fn import(http: &TestClient, s: &Sidecar, provider: &MockProvider, merchant: &str) {
     let rt = provider.issue_refresh_token_for(merchant);
     let bearer = format!("Bearer {ADMIN_KEY}");
-    let r = http
-        .request(
-            Method::PUT,
-            &format!("http://{}/clients/pos/subjects/{merchant}", s.admin),
-            &[
-                ("authorization", bearer.as_str()),
-                ("content-type", "application/json"),
-            ],
-            serde_json::json!({ "refresh_token": rt })
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
+    let r = support::import_subject(http, s.admin, &bearer, merchant, &rt).await;
     assert_eq!(r.status, StatusCode::CREATED, "import: {}", r.text());
 }
 

@@ -324,6 +324,30 @@ impl TestClient {
 
 /// The value of one sample in Prometheus text, e.g.
 /// `metric(&text, "tokenproxy_token_wait_seconds_sum", &[("client","payments")])`.
+/// Imports `refresh_token` for `subject` of the client `pos` through the admin
+/// listener at `admin`, as an operator does (`PUT /clients/pos/subjects/{subject}`
+/// with the admin key's `authorization`).
+pub async fn import_subject(
+    http: &TestClient,
+    admin: SocketAddr,
+    authorization: &str,
+    subject: &str,
+    refresh_token: &str,
+) -> Reply {
+    http.request(
+        Method::PUT,
+        &format!("http://{admin}/clients/pos/subjects/{subject}"),
+        &[
+            ("authorization", authorization),
+            ("content-type", "application/json"),
+        ],
+        serde_json::json!({ "refresh_token": refresh_token })
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+}
+
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     for line in text.lines() {
         if line.starts_with('#') {
