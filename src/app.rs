@@ -721,7 +721,7 @@ impl Running {
         };
         Ok(PreparedClient {
             upstream_http: self.http.get(&client.tls, &client.proxy, client.http2)?,
-            token_http: self.http.get(&client.token.tls, &client.proxy, false)?,
+            token_http: self.http.token(&client.token.tls, &client.proxy)?,
             upgrade,
         })
     }

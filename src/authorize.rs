@@ -251,7 +251,7 @@ pub async fn authorize(
     let code = check_redirect(&redirected, &request.state)?;
     say("Authorization received; exchanging the code for tokens ...");
 
-    let http = crate::http::client::build_client(&client.token.tls, &client.proxy)
+    let http = crate::http::client::build_token_client(&client.token.tls, &client.proxy)
         .map_err(|e| AuthorizeError::Client(e.to_string()))?;
     // A DPoP-bound token (and, for a public client, refresh token) is bound to
     // the key the sidecar signs with: the one in the file or Redis store.

@@ -92,9 +92,22 @@ pub enum UpstreamError {
     Tls(#[from] rustls::Error),
 }
 
-/// Builds a pooled client with the given TLS and egress proxy settings.
-pub fn build_client(tls: &TlsConfig, proxy: &EgressProxy) -> Result<HttpClient, UpstreamError> {
-    build(tls, proxy, false, false)
+/// Builds the client for a token endpoint, with the given TLS and egress
+/// proxy settings. It keeps no idle connection: every token request goes on a
+/// new one. A provider closes idle keep-alive connections when it likes (Node
+/// after 5 s, gunicorn after 2 s), and a token request written on one it has
+/// just closed fails with a reset, which for a rotating refresh token cannot be
+/// retried safely (the provider may have spent it). Token requests are few, one
+/// per token lifetime, so the connection each makes costs nothing that matters.
+pub fn build_token_client(
+    tls: &TlsConfig,
+    proxy: &EgressProxy,
+) -> Result<HttpClient, UpstreamError> {
+    let connector = connector(tls, proxy, Alpn::Any, Refusals::Drop)?;
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .timer(TokioTimer::new())
+        .build(connector))
 }
 
 /// Builds a pooled client; with `http2_only`, every connection speaks HTTP/2
@@ -251,6 +264,7 @@ pub struct Clients {
     /// `limits.preserve_header_case`, for every client built here.
     preserve_header_case: bool,
     built: Vec<(ClientKey, HttpClient)>,
+    tokens: Vec<((TlsConfig, EgressProxy), HttpClient)>,
     upgrades: Vec<((TlsConfig, EgressProxy), UpgradeConnector)>,
 }
 
@@ -282,6 +296,26 @@ impl Clients {
         let client = build(tls, proxy, http2_only, self.preserve_header_case)?;
         self.built
             .push(((tls.clone(), proxy.clone(), http2_only), client.clone()));
+        Ok(client)
+    }
+
+    /// The token-endpoint client for `tls` and `proxy` (see
+    /// [`build_token_client`]), built on first use.
+    pub fn token(
+        &mut self,
+        tls: &TlsConfig,
+        proxy: &EgressProxy,
+    ) -> Result<HttpClient, UpstreamError> {
+        if let Some((_, client)) = self
+            .tokens
+            .iter()
+            .find(|((t, p), _)| t == tls && p == proxy)
+        {
+            return Ok(client.clone());
+        }
+        let client = build_token_client(tls, proxy)?;
+        self.tokens
+            .push(((tls.clone(), proxy.clone()), client.clone()));
         Ok(client)
     }
 

@@ -237,7 +237,7 @@ pub async fn token(
     if matches!(c.token.grant, crate::config::Grant::RefreshToken) && !spend {
         return Err(TokenCommandError::WouldSpend(client.to_owned()));
     }
-    let http = crate::http::client::build_client(&c.token.tls, &c.proxy)?;
+    let http = crate::http::client::build_token_client(&c.token.tls, &c.proxy)?;
     // A DPoP client's token is bound to a key made for this one request (the
     // command does not touch the store): enough to see the provider answer.
     let dpop = crate::store::Store::open(&crate::config::StoreConfig::Memory)

@@ -31,6 +31,7 @@ mod subjects;
 mod subjects_cli;
 mod subjects_dpop;
 mod token_cache;
+mod token_connections;
 mod token_shapes;
 mod unauthorized;
 mod upgrade;
