@@ -29,17 +29,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(header::CONNECTION);
         return;
     }
-    // The names `Connection` lists, split once. The raw bytes are split: a value with
-    // one obs-text byte (>= 0x80) is not valid UTF-8 for `to_str`, and must not hide
-    // the names listed beside it. The usual `keep-alive` is hop-by-hop anyway and left
-    // out, so that list is mostly empty (no allocation).
-    let listed: Vec<&[u8]> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case(b"keep-alive"))
-        .collect();
+    // The names `Connection` lists, split once; without the usual `keep-alive` that
+    // list is mostly empty (no allocation).
+    let listed: Vec<&[u8]> = connection_listed(headers).collect();
     // Names are compared without case, as `HeaderName` parses them.
     let gone: Vec<HeaderName> = headers
         .keys()
@@ -67,20 +59,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether `Connection` lists a header that `headers` holds (other than the
-/// usual `keep-alive`), compared without case as in [`strip_hop_by_hop`].
-fn lists_a_present(headers: &HeaderMap) -> bool {
+/// The names `Connection` lists, but the usual `keep-alive` (hop-by-hop
+/// anyway), as raw bytes: a value with one obs-text byte (>= 0x80) is not
+/// valid UTF-8 for `to_str`, and must not hide the names listed beside it.
+fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case(b"keep-alive"))
-        .any(|listed| {
-            headers
-                .keys()
-                .any(|name| listed.eq_ignore_ascii_case(name.as_str().as_bytes()))
-        })
+}
+
+/// Whether `Connection` lists a header that `headers` holds, compared without
+/// case as in [`strip_hop_by_hop`].
+fn lists_a_present(headers: &HeaderMap) -> bool {
+    connection_listed(headers).any(|listed| {
+        headers
+            .keys()
+            .any(|name| listed.eq_ignore_ascii_case(name.as_str().as_bytes()))
+    })
 }
 
 /// RFC 9110 §7.6.1 (and the legacy `keep-alive`, `proxy-connection`), by spelling:
