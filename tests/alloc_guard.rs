@@ -453,6 +453,33 @@ async fn measure<'a>(
     }
 }
 
+/// Holds the allocations and reallocations per request of `scenario` to their
+/// ceilings, each given with the name of its constant.
+fn assert_within_ceilings(
+    measured: &Measured,
+    scenario: &str,
+    allocs: (f64, &str),
+    reallocs: (f64, &str),
+) {
+    let total = measured.total();
+    let detail = measured.describe();
+    eprintln!("{scenario}: {detail}");
+    assert_at_ceiling(
+        &format!("allocations per {scenario}"),
+        measured.per_request(total.allocs),
+        allocs.0,
+        allocs.1,
+        &detail,
+    );
+    assert_at_ceiling(
+        &format!("reallocations per {scenario}"),
+        measured.per_request(total.reallocs),
+        reallocs.0,
+        reallocs.1,
+        &detail,
+    );
+}
+
 /// Fails when `measured` (per request) is above `ceiling`, or a whole
 /// allocation below it: the ceiling must then come down to keep the gain.
 fn assert_at_ceiling(what: &str, measured: f64, ceiling: f64, constant: &str, detail: &str) {
@@ -505,22 +532,11 @@ async fn a_small_get_allocates_no_more_than_its_ceiling() {
         WARM_UP + REQUESTS,
         "every request reached the API"
     );
-    let total = measured.total();
-    let detail = measured.describe();
-    eprintln!("small GET: {detail}");
-    assert_at_ceiling(
-        "allocations per small GET",
-        measured.per_request(total.allocs),
-        MAX_ALLOCS_PER_GET,
-        "MAX_ALLOCS_PER_GET",
-        &detail,
-    );
-    assert_at_ceiling(
-        "reallocations per small GET",
-        measured.per_request(total.reallocs),
-        MAX_REALLOCS_PER_GET,
-        "MAX_REALLOCS_PER_GET",
-        &detail,
+    assert_within_ceilings(
+        &measured,
+        "small GET",
+        (MAX_ALLOCS_PER_GET, "MAX_ALLOCS_PER_GET"),
+        (MAX_REALLOCS_PER_GET, "MAX_REALLOCS_PER_GET"),
     );
 }
 
@@ -591,21 +607,10 @@ async fn a_small_get_naming_a_cached_subject_allocates_no_more_than_its_ceiling(
         SUBJECTS as usize,
         "one token per subject: every counted request found its subject's token cached"
     );
-    let total = measured.total();
-    let detail = measured.describe();
-    eprintln!("small GET naming a cached subject: {detail}");
-    assert_at_ceiling(
-        "allocations per small GET naming a cached subject",
-        measured.per_request(total.allocs),
-        MAX_ALLOCS_PER_SUBJECT_GET,
-        "MAX_ALLOCS_PER_SUBJECT_GET",
-        &detail,
-    );
-    assert_at_ceiling(
-        "reallocations per small GET naming a cached subject",
-        measured.per_request(total.reallocs),
-        MAX_REALLOCS_PER_SUBJECT_GET,
-        "MAX_REALLOCS_PER_SUBJECT_GET",
-        &detail,
+    assert_within_ceilings(
+        &measured,
+        "small GET naming a cached subject",
+        (MAX_ALLOCS_PER_SUBJECT_GET, "MAX_ALLOCS_PER_SUBJECT_GET"),
+        (MAX_REALLOCS_PER_SUBJECT_GET, "MAX_REALLOCS_PER_SUBJECT_GET"),
     );
 }
