@@ -198,7 +198,8 @@ pub async fn serve<F, Fut>(
         // gateways sign or match names as sent. Off, nothing is recorded.
         .preserve_header_case(limits.preserve_header_case)
         .keep_alive(true);
-    let h2 = http2_builder(&limits);
+    // Shared by the connections (8 bytes in each one's state, not two builders).
+    let builders = Arc::new((h1, http2_builder(&limits)));
     let first_bytes_within = limits.header_read_timeout.min(limits.idle_timeout);
     let local = listener.local_addr().ok();
     // Each open connection holds a receiver; a send asks them to finish their
@@ -257,21 +258,25 @@ pub async fn serve<F, Fut>(
             handler(req, PeerAddr(peer))
         });
         let span = tracing::debug_span!("conn", listener = name, peer = %peer);
-        let (h1, h2, watcher) = (h1.clone(), h2.clone(), drain.subscribe());
+        let (builders, watcher) = (Arc::clone(&builders), drain.subscribe());
         let errors = errors.clone();
         tokio::spawn(
             async move {
                 let opened = opening(&stream, first_bytes_within).await;
                 let ended = match opened {
                     Opening::Http1 => {
-                        let conn = h1
+                        let conn = std::pin::pin!(builders
+                            .0
                             .serve_connection(TokioIo::new(stream), service)
-                            .with_upgrades();
+                            .with_upgrades());
                         until_drained(conn, watcher).await
                     }
                     Opening::Http2 => {
-                        let conn = h2.serve_connection(TokioIo::new(stream), service);
-                        until_drained(conn, watcher).await
+                        // Boxed: an HTTP/2 connection's state is twice an HTTP/1
+                        // one's, and this task would otherwise be that size for
+                        // every connection (one allocation per HTTP/2 connection).
+                        let mut conn = Box::pin(builders.1.serve_connection(TokioIo::new(stream), service));
+                        until_drained(conn.as_mut(), watcher).await
                     }
                     Opening::Silent => {
                         debug!("connection closed before a request");
@@ -373,11 +378,13 @@ where
 /// Serves `conn` to its end; once `drain` changes (or its sender is gone), lets
 /// the requests in flight finish and closes. `drain` is held until then: the
 /// listener counts open connections by its receivers.
+///
+/// `conn` is pinned by the caller: pinning it here would hold it twice in this
+/// future (the argument and the pinned copy), which every connection pays for.
 async fn until_drained<C: Drainable>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     mut drain: watch::Receiver<()>,
 ) -> Result<(), hyper::Error> {
-    let mut conn = std::pin::pin!(conn);
     tokio::select! {
         ended = conn.as_mut() => return ended,
         _changed_or_gone = drain.changed() => {}
