@@ -15,10 +15,18 @@
 //! requests are in flight (and fewer connections open) under load. Idle
 //! connections are kept per thread ([`crate::workers::slot`]), so a worker only
 //! reuses connections registered with its own event loop.
+//!
+//! Short requests need far fewer upstream connections than the app has open to
+//! the sidecar: once a worker has [`BUSY_BEFORE_WAITING`] connections to the
+//! upstream and all are busy, a request waits for one to come free, at most
+//! [`MAX_WAIT_FOR_FREE`], before it opens another. A burst of a thousand small
+//! requests then shares a few dozen connections (each holds hyper's two 8 KiB
+//! buffers) instead of opening hundreds, and a slow upstream delays a request
+//! by 2 ms at most, never queues it behind another.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
@@ -27,12 +35,20 @@ use http::{Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use tokio::time::Instant;
+use tokio::sync::Notify;
+use tokio::time::{Duration, Instant};
 use tracing::debug;
 
 use super::body::{Body, BoxError};
 use super::expect::Gate;
 use crate::http::client::{Egress, Plain, POOL_IDLE_TIMEOUT};
+
+/// Open connections to one upstream, per worker, beyond which a request that
+/// finds none idle first waits for one to come free.
+pub const BUSY_BEFORE_WAITING: usize = 64;
+/// The longest such a wait lasts before the request opens a connection anyway:
+/// a short exchange frees one well within it; a slow one is not waited for.
+pub const MAX_WAIT_FOR_FREE: Duration = Duration::from_millis(2);
 
 /// Pooled HTTP/1.1 connections to one `http://` upstream.
 pub struct Http1Pool {
@@ -46,6 +62,11 @@ struct Shared {
     /// Idle connections per thread slot, most recently used last. A lock is held
     /// for one pop or push, and only its own worker takes it on the hot path.
     idle: Box<[IdleList]>,
+    /// Open connections per thread slot, idle or busy.
+    gauges: Box<[Arc<Gauge>]>,
+    /// [`BUSY_BEFORE_WAITING`] and [`MAX_WAIT_FOR_FREE`] (tests set others).
+    busy_before_waiting: usize,
+    max_wait_for_free: Duration,
     reaping: AtomicBool,
     preserve_header_case: bool,
 }
@@ -67,6 +88,22 @@ struct Idle {
     since: Instant,
 }
 
+/// One slot's open connections, and a notice when one comes back or closes.
+#[derive(Default)]
+struct Gauge {
+    open: AtomicUsize,
+    freed: Notify,
+}
+
+impl Gauge {
+    /// A connection is idle again or gone: the request waiting longest (if
+    /// any) looks again. tokio's `Notify` passes the notice on to the next
+    /// waiter when the woken one has gone meanwhile.
+    fn freed(&self) {
+        self.freed.notify_one();
+    }
+}
+
 /// One upstream connection: the handle requests are sent through, and the state
 /// machine that does the I/O, polled by whichever request uses the connection.
 struct Conn {
@@ -76,6 +113,15 @@ struct Conn {
     /// None once the connection has ended. It is dropped then, which fails (or
     /// hands back unsent) whatever request was still waiting on it.
     driver: Option<Pin<Box<http1::Connection<Plain, Body>>>>,
+    /// Its slot's count of open connections, which it is part of until dropped.
+    gauge: Arc<Gauge>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.gauge.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.freed();
+    }
 }
 
 impl Conn {
@@ -125,6 +171,24 @@ impl Http1Pool {
     /// `preserve_header_case`: responses keep their header names as the
     /// upstream spelled them (`limits.preserve_header_case`).
     pub fn new(connector: Egress, target: Uri, preserve_header_case: bool) -> Self {
+        Self::waiting(
+            connector,
+            target,
+            preserve_header_case,
+            BUSY_BEFORE_WAITING,
+            MAX_WAIT_FOR_FREE,
+        )
+    }
+
+    /// [`Http1Pool::new`] waiting for a connection to come free beyond
+    /// `busy_before_waiting` open ones, for at most `max_wait_for_free`.
+    fn waiting(
+        connector: Egress,
+        target: Uri,
+        preserve_header_case: bool,
+        busy_before_waiting: usize,
+        max_wait_for_free: Duration,
+    ) -> Self {
         Http1Pool {
             shared: Arc::new(Shared {
                 connector,
@@ -133,6 +197,11 @@ impl Http1Pool {
                 idle: (0..crate::workers::slots())
                     .map(|_| IdleList::default())
                     .collect(),
+                gauges: (0..crate::workers::slots())
+                    .map(|_| Arc::default())
+                    .collect(),
+                busy_before_waiting,
+                max_wait_for_free,
                 reaping: AtomicBool::new(false),
             }),
         }
@@ -169,11 +238,18 @@ impl Http1Pool {
             sent
         });
         async move {
+            // Set at the first wait for a connection to come free.
+            let mut waiting_until = None;
             loop {
                 let checked_out = poll_fn(|cx| Poll::Ready(self.shared.checkout(cx))).await;
                 let (mut conn, reused) = match checked_out {
                     Some(conn) => (conn, true),
-                    None => (self.connect().await?, false),
+                    None => {
+                        if self.shared.wait_for_free(&mut waiting_until).await {
+                            continue;
+                        }
+                        (self.connect().await?, false)
+                    }
                 };
                 let mut response = std::pin::pin!(conn.sender.try_send_request(req));
                 let result = poll_fn(|cx| {
@@ -210,17 +286,21 @@ impl Http1Pool {
             .await
             .map_err(SendError::Connect)?;
         let broken = io.broken();
+        let gauge = Arc::clone(self.shared.gauge());
+        gauge.open.fetch_add(1, Ordering::Relaxed);
+        let conn = |sender, driver| Conn {
+            sender,
+            broken,
+            driver: Some(Box::pin(driver)),
+            gauge,
+        };
         let (sender, driver) = http1::Builder::new()
             // The response's header names as the upstream spelled them (see server.rs).
             .preserve_header_case(self.shared.preserve_header_case)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        Ok(Conn {
-            sender,
-            broken,
-            driver: Some(Box::pin(driver)),
-        })
+        Ok(conn(sender, driver))
     }
 }
 
@@ -228,6 +308,29 @@ impl Shared {
     /// This thread's idle list.
     fn local(&self) -> &IdleList {
         &self.idle[crate::workers::slot() % self.idle.len()]
+    }
+
+    /// This thread's count of open connections.
+    fn gauge(&self) -> &Arc<Gauge> {
+        &self.gauges[crate::workers::slot() % self.gauges.len()]
+    }
+
+    /// With none idle: when this thread already has `busy_before_waiting`
+    /// connections open, waits for one to come back or close, until
+    /// `waiting_until` (set at the first wait, `max_wait_for_free` ahead).
+    /// True: look for an idle one again; false: open a connection.
+    ///
+    /// The wait is boxed: it is rare, and every request's future (which hyper
+    /// keeps a slot for, per connection) would otherwise hold its timer.
+    async fn wait_for_free(&self, waiting_until: &mut Option<Instant>) -> bool {
+        let gauge = self.gauge();
+        if gauge.open.load(Ordering::Relaxed) < self.busy_before_waiting {
+            return false;
+        }
+        let until = *waiting_until.get_or_insert_with(|| Instant::now() + self.max_wait_for_free);
+        Box::pin(tokio::time::timeout_at(until, gauge.freed.notified()))
+            .await
+            .is_ok()
     }
 
     /// The most recently used idle connection that is open and ready for a
@@ -245,6 +348,8 @@ impl Shared {
     }
 
     fn put(self: &Arc<Self>, conn: Conn) {
+        // The waiter woken runs after this, on this thread, and finds it idle.
+        conn.gauge.freed();
         self.local().lock().push(Idle {
             conn,
             since: Instant::now(),
@@ -384,5 +489,172 @@ impl http_body::Body for Watched {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    /// An upstream that counts the connections it accepts and answers `/held`
+    /// only once a permit is added to `release`, anything else at once.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<Semaphore>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Semaphore::new(0));
+        let (count, gate) = (Arc::clone(&accepted), Arc::clone(&release));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let gate = Arc::clone(&gate);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let gate = Arc::clone(&gate);
+                        async move {
+                            if req.uri().path() == "/held" {
+                                gate.acquire().await.expect("gate open").forget();
+                            }
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                        }
+                    });
+                    let _closed = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted, release)
+    }
+
+    fn pool(addr: SocketAddr, busy_before_waiting: usize, max_wait: Duration) -> Arc<Http1Pool> {
+        let target: Uri = format!("http://{addr}/").parse().expect("uri");
+        let connector = crate::http::client::egress(&Default::default());
+        Arc::new(Http1Pool::waiting(
+            connector,
+            target,
+            false,
+            busy_before_waiting,
+            max_wait,
+        ))
+    }
+
+    /// Sends GET `path` through `pool` on a task of its own; its body, read.
+    fn get(pool: &Arc<Http1Pool>, path: &str) -> tokio::task::JoinHandle<Bytes> {
+        let pool = Arc::clone(pool);
+        let req = Request::get(path)
+            .header(http::header::HOST, "upstream")
+            .body(crate::http::body::empty())
+            .expect("request");
+        tokio::spawn(async move {
+            let response = pool.send(req).await.expect("answered");
+            let body = response.into_body().collect().await.expect("body");
+            body.to_bytes()
+        })
+    }
+
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 10 s"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn with_every_connection_busy_a_request_waits_for_one_to_come_free() {
+        let (addr, accepted, release) = upstream().await;
+        let pool = pool(addr, 2, Duration::from_secs(30));
+        let held = [get(&pool, "/held"), get(&pool, "/held")];
+        wait_until("two connections", || accepted.load(Ordering::SeqCst) == 2).await;
+        let third = get(&pool, "/quick");
+        // Everything the third request can do before a connection comes free.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !third.is_finished(),
+            "answered while both connections were busy"
+        );
+        release.add_permits(1);
+        assert_eq!(third.await.expect("third"), "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the third request went out on a connection the first two had used"
+        );
+        release.add_permits(1);
+        for request in held {
+            assert_eq!(request.await.expect("held"), "ok");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_upstream_is_not_waited_for_beyond_the_bound() {
+        let (addr, accepted, release) = upstream().await;
+        let pool = pool(addr, 2, Duration::from_millis(20));
+        let held = [get(&pool, "/held"), get(&pool, "/held")];
+        wait_until("two connections", || accepted.load(Ordering::SeqCst) == 2).await;
+        let started = Instant::now();
+        assert_eq!(get(&pool, "/quick").await.expect("third"), "ok");
+        assert!(
+            started.elapsed() >= Duration::from_millis(20),
+            "opened a third connection without waiting"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "the third request opened a connection of its own"
+        );
+        release.add_permits(2);
+        for request in held {
+            assert_eq!(request.await.expect("held"), "ok");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn below_the_threshold_a_request_opens_a_connection_at_once() {
+        let (addr, accepted, release) = upstream().await;
+        let pool = pool(addr, 3, Duration::from_secs(30));
+        let held = [get(&pool, "/held"), get(&pool, "/held")];
+        wait_until("two connections", || accepted.load(Ordering::SeqCst) == 2).await;
+        assert_eq!(get(&pool, "/quick").await.expect("third"), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        release.add_permits(2);
+        for request in held {
+            assert_eq!(request.await.expect("held"), "ok");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_that_closes_lets_a_waiting_request_open_another() {
+        let (addr, accepted, release) = upstream().await;
+        let pool = pool(addr, 1, Duration::from_secs(30));
+        // The app goes away mid-exchange: its connection is closed, not pooled.
+        let abandoned = get(&pool, "/held");
+        wait_until("one connection", || accepted.load(Ordering::SeqCst) == 1).await;
+        let second = get(&pool, "/quick");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !second.is_finished(),
+            "answered while the one connection was busy"
+        );
+        abandoned.abort();
+        assert_eq!(second.await.expect("second"), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(release);
     }
 }
