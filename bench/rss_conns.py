@@ -8,9 +8,10 @@ Starts the benchmark's nginx upstream and mock token endpoint and the release to
 connections, sends one small GET on each (at most 100 in flight), keeps them all open and
 measures VmRSS and VmHWM again; then runs `wrk -c N` small GETs for LOAD_SECONDS (5) and
 reads the peak (VmHWM), as the benchmark's 1,000-connection scenario does. Prints KiB per
-connection. Loopback only; bounded.
+connection, and one `JSON:` line with the figures. Loopback only; bounded.
 """
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -79,9 +80,14 @@ def main():
               f"HWM {hwm / 1024:.1f} MiB; {(rss - idle) / N:.1f} KiB per connection")
         res = bench.run_wrk(f"http://127.0.0.1:{proxy_port}{bench.PATH}", N, LOAD_SECONDS,
                             "get.lua")
-        hwm = kib(proc.pid, "VmHWM")
+        peak = kib(proc.pid, "VmHWM")
         print(f"wrk -c{N} for {LOAD_SECONDS} s ({res['requests']} requests): "
-              f"peak RSS {hwm / 1024:.1f} MiB; {(hwm - idle) / N:.1f} KiB per connection")
+              f"peak RSS {peak / 1024:.1f} MiB; {(peak - idle) / N:.1f} KiB per connection")
+        # For bench/summary.py.
+        print("JSON: " + json.dumps({
+            "connections": N, "workers": os.environ.get("TOKIO_WORKER_THREADS", "auto"),
+            "idle_mib": idle / 1024, "idle_conn_kib": (rss - idle) / N,
+            "peak_mib": peak / 1024, "peak_conn_kib": (peak - idle) / N}))
     finally:
         bench.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
