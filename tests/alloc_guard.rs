@@ -710,9 +710,10 @@ fn held_per_connection(
 /// Heap bytes one idle keep-alive connection holds on the sidecar's threads
 /// (scenario C), what was measured + 512: allocation sizes do not depend on
 /// timing, but they do on the build (futures are larger in a debug build,
-/// which `cargo test` makes). Measured 22,016 (debug): hyper's read and write
+/// which `cargo test` makes). Measured 22,056 (debug): hyper's read and write
 /// buffers (8,192 each), the slot hyper keeps for the request's future
-/// (2,880), the connection's task (1,280), the last answer's header map that
+/// (2,928; 48 of it the upstream pool's wait for a free connection), the
+/// connection's task (1,280), the last answer's header map that
 /// hyper keeps for reuse (624 + 32), hyper's write queue (320), the socket's
 /// registration with the event loop (256), the header-read timer (112), and
 /// the connection's slot, hyper's slot for the answer's body and the
