@@ -215,6 +215,33 @@ fn freed(size: usize) {
     });
 }
 
+/// Whether `ALLOC_GUARD_TRACE` asks for backtraces.
+fn tracing_wanted() -> bool {
+    std::env::var_os("ALLOC_GUARD_TRACE").is_some()
+}
+
+/// While alive, every allocation counted in its tally is printed with a
+/// backtrace (the tests start one only when `tracing_wanted`).
+struct Tracing(&'static Tally);
+
+impl Tracing {
+    fn start(tally: &'static Tally) -> Tracing {
+        TRACED.store(std::ptr::from_ref(tally).cast_mut(), Ordering::Relaxed);
+        Tracing(tally)
+    }
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        let _other_test_traced = TRACED.compare_exchange(
+            std::ptr::from_ref(self.0).cast_mut(),
+            std::ptr::null_mut(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 fn trace(what: &str, size: usize) {
     if TRACING.with(|t| t.replace(true)) {
         return;
@@ -488,17 +515,10 @@ async fn measure<'a>(
         send(WARM_UP + i).await;
     }
     let (worker_after, control_after) = sidecar.read();
-    if std::env::var_os("ALLOC_GUARD_TRACE").is_some() {
+    if tracing_wanted() {
         // One more request, not counted: printing allocates.
-        let traced = std::ptr::from_ref(sidecar.worker).cast_mut();
-        TRACED.store(traced, Ordering::Relaxed);
+        let _tracing = Tracing::start(sidecar.worker);
         send(WARM_UP + REQUESTS).await;
-        let _other_test_traced = TRACED.compare_exchange(
-            traced,
-            std::ptr::null_mut(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
     }
     Measured {
         requests: REQUESTS,
@@ -554,28 +574,38 @@ fn assert_at_ceiling(what: &str, measured: f64, ceiling: f64, constant: &str, de
     );
 }
 
-/// Scenario A: small GETs through a client with its own (cached) token, on one
-/// keep-alive connection, the upstream connection pooled.
-#[tokio::test]
-async fn a_small_get_allocates_no_more_than_its_ceiling() {
-    let provider = MockProvider::start(ProviderConfig {
-        // No refresh while the requests are counted.
+/// A mock provider whose tokens outlive the test: no refresh while counting.
+async fn long_token_provider() -> MockProvider {
+    MockProvider::start(ProviderConfig {
         lifetime: Duration::from_secs(3600),
         ..ProviderConfig::default()
     })
     .await
-    .expect("mock provider starts");
-    let api = MockApi::start(provider.validator())
-        .await
-        .expect("mock api starts");
+    .expect("mock provider starts")
+}
+
+/// A counted sidecar with one client, its token from `provider`, in front of
+/// `upstream`.
+async fn one_client_sidecar(provider: &MockProvider, upstream: &str) -> CountedSidecar {
     let template = ONE_CLIENT
         .replace("{client_extra}", "")
         .replace("{token_extra}", "")
-        .replace("{upstream}", &api.url())
+        .replace("{upstream}", upstream)
         .replace("{token_url}", &provider.token_url())
         .replace("{client_id}", support::CLIENT_ID);
     let env = MapEnv::new().var("CLIENT_SECRET", support::CLIENT_SECRET);
-    let sidecar = CountedSidecar::start(template, env).await;
+    CountedSidecar::start(template, env).await
+}
+
+/// Scenario A: small GETs through a client with its own (cached) token, on one
+/// keep-alive connection, the upstream connection pooled.
+#[tokio::test]
+async fn a_small_get_allocates_no_more_than_its_ceiling() {
+    let provider = long_token_provider().await;
+    let api = MockApi::start(provider.validator())
+        .await
+        .expect("mock api starts");
+    let sidecar = one_client_sidecar(&provider, &api.url()).await;
     let mut conn = Connection::open(sidecar.proxy).await;
 
     let measured = measure(&sidecar, &mut conn, |_| ("/v1/balance", None)).await;
@@ -732,23 +762,11 @@ const IDLE_CONNECTIONS: usize = 100;
 /// what is left is the app connection's own state.
 #[tokio::test]
 async fn an_idle_keep_alive_connection_holds_no_more_heap_than_its_ceiling() {
-    let provider = MockProvider::start(ProviderConfig {
-        lifetime: Duration::from_secs(3600),
-        ..ProviderConfig::default()
-    })
-    .await
-    .expect("mock provider starts");
+    let provider = long_token_provider().await;
     let api = MockApi::start(provider.validator())
         .await
         .expect("mock api starts");
-    let template = ONE_CLIENT
-        .replace("{client_extra}", "")
-        .replace("{token_extra}", "")
-        .replace("{upstream}", &api.url())
-        .replace("{token_url}", &provider.token_url())
-        .replace("{client_id}", support::CLIENT_ID);
-    let env = MapEnv::new().var("CLIENT_SECRET", support::CLIENT_SECRET);
-    let sidecar = CountedSidecar::start(template, env).await;
+    let sidecar = one_client_sidecar(&provider, &api.url()).await;
     let mut warm = Connection::open(sidecar.proxy).await;
     for _ in 0..WARM_UP {
         let (status, _) = warm.get("/v1/balance", &[]).await;
@@ -768,19 +786,12 @@ async fn an_idle_keep_alive_connection_holds_no_more_heap_than_its_ceiling() {
     let (status, _) = warm.get("/v1/balance", &[]).await;
     assert_eq!(status, StatusCode::OK);
     let (bytes_after, blocks_after) = sidecar.worker.live();
-    if std::env::var_os("ALLOC_GUARD_TRACE").is_some() {
+    if tracing_wanted() {
         // One more connection, not counted: printing allocates.
-        let traced = std::ptr::from_ref(sidecar.worker).cast_mut();
-        TRACED.store(traced, Ordering::Relaxed);
+        let _tracing = Tracing::start(sidecar.worker);
         let mut conn = Connection::open(sidecar.proxy).await;
         let (status, _) = conn.get("/v1/balance", &[]).await;
         assert_eq!(status, StatusCode::OK);
-        let _other_test_traced = TRACED.compare_exchange(
-            traced,
-            std::ptr::null_mut(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
         idle.push(conn);
     }
 
@@ -871,21 +882,9 @@ async fn holding_upstream() -> (
 /// unbounded channel inside hyper's client), and the idle connection's rest.
 #[tokio::test]
 async fn what_a_connection_with_a_request_in_flight_holds() {
-    let provider = MockProvider::start(ProviderConfig {
-        lifetime: Duration::from_secs(3600),
-        ..ProviderConfig::default()
-    })
-    .await
-    .expect("mock provider starts");
+    let provider = long_token_provider().await;
     let (upstream, held, release) = holding_upstream().await;
-    let template = ONE_CLIENT
-        .replace("{client_extra}", "")
-        .replace("{token_extra}", "")
-        .replace("{upstream}", &format!("http://{upstream}"))
-        .replace("{token_url}", &provider.token_url())
-        .replace("{client_id}", support::CLIENT_ID);
-    let env = MapEnv::new().var("CLIENT_SECRET", support::CLIENT_SECRET);
-    let sidecar = CountedSidecar::start(template, env).await;
+    let sidecar = one_client_sidecar(&provider, &format!("http://{upstream}")).await;
     let mut warm = Connection::open(sidecar.proxy).await;
     for _ in 0..WARM_UP {
         let (status, _) = warm.get("/quick", &[]).await;
@@ -894,12 +893,12 @@ async fn what_a_connection_with_a_request_in_flight_holds() {
 
     let (bytes_before, blocks_before) = sidecar.worker.live();
     let mut requests = Vec::with_capacity(IN_FLIGHT);
-    let traced = std::ptr::from_ref(sidecar.worker).cast_mut();
+    let mut tracing = None;
     for i in 0..IN_FLIGHT {
-        if i == IN_FLIGHT - 1 && std::env::var_os("ALLOC_GUARD_TRACE").is_some() {
+        if i == IN_FLIGHT - 1 && tracing_wanted() {
             // From the last connection on, until every request is held: its
             // allocations and those of the requests still on their way.
-            TRACED.store(traced, Ordering::Relaxed);
+            tracing = Some(Tracing::start(sidecar.worker));
         }
         let mut conn = Connection::open(sidecar.proxy).await;
         requests.push(tokio::spawn(async move {
@@ -914,12 +913,7 @@ async fn what_a_connection_with_a_request_in_flight_holds() {
     })
     .await
     .expect("every request reaches the upstream within 10 s");
-    let _other_test_traced = TRACED.compare_exchange(
-        traced,
-        std::ptr::null_mut(),
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
+    drop(tracing);
     // The last request's head was written before the upstream counted it; one
     // more exchange makes sure the worker has finished with it.
     let (status, _) = warm.get("/quick", &[]).await;
