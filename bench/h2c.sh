@@ -9,17 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v nginx >/dev/null 2>&1 || need+=(nginx)
-command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-if ((${#need[@]})); then
-    echo "installing from Debian: ${need[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. bench/debian.sh
+need nginx h2load:nghttp2-client python3
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release
 fi

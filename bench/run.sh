@@ -12,18 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v nginx >/dev/null 2>&1 || need+=(nginx)
-command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-if ((${#need[@]})); then
-    echo "installing from Debian: ${need[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. bench/debian.sh
+need nginx haproxy wrk python3
 # Open-loop fixed-rate latency: wrk has no fixed-rate mode (wrk2 is not in Debian), so oha
 # from crates.io (-q RATE --latency-correction). The first install compiles for ~7 minutes.
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -10,16 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v nginx >/dev/null 2>&1 || need+=(nginx)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-if ((${#need[@]})); then
-    echo "installing from Debian: ${need[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. bench/debian.sh
+need nginx python3
 if [ "${SKIP_BUILD:-0}" != 1 ] && [ -z "${TOKENPROXY_BIN:-}" ]; then
     # Apart: an example builds with the dev-dependencies' features, which would
     # change the tokenproxy binary measured.
