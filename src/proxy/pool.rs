@@ -125,6 +125,22 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// A connection counted in `gauge` from now until it is dropped.
+    fn new(
+        sender: http1::SendRequest<Body>,
+        broken: Arc<AtomicBool>,
+        driver: http1::Connection<Plain, Body>,
+        gauge: Arc<Gauge>,
+    ) -> Conn {
+        gauge.open.fetch_add(1, Ordering::Relaxed);
+        Conn {
+            sender,
+            broken,
+            driver: Some(Box::pin(driver)),
+            gauge,
+        }
+    }
+
     /// Lets the connection do what I/O it can: write a queued request, read a
     /// response, notice a close. False once it has ended (closed or failed).
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
@@ -286,21 +302,18 @@ impl Http1Pool {
             .await
             .map_err(SendError::Connect)?;
         let broken = io.broken();
-        let gauge = Arc::clone(self.shared.gauge());
-        gauge.open.fetch_add(1, Ordering::Relaxed);
-        let conn = |sender, driver| Conn {
-            sender,
-            broken,
-            driver: Some(Box::pin(driver)),
-            gauge,
-        };
         let (sender, driver) = http1::Builder::new()
             // The response's header names as the upstream spelled them (see server.rs).
             .preserve_header_case(self.shared.preserve_header_case)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        Ok(conn(sender, driver))
+        Ok(Conn::new(
+            sender,
+            broken,
+            driver,
+            Arc::clone(self.shared.gauge()),
+        ))
     }
 }
 
