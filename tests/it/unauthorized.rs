@@ -9,7 +9,7 @@ use crate::support;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::{eventually, harness, metric, wait_ready, Options};
+use support::{harness, metric, wait_ready, Options};
 use tokenproxy_mock::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,10 +172,29 @@ async fn a_body_too_large_to_buffer_is_not_replayed() {
         Some(1.0)
     );
     // A new token was still asked for, so the next requests do not meet the same 401.
-    assert!(
-        eventually(Duration::from_secs(3), || h.provider.token_requests() == 2).await,
-        "the invalid_token 401 asked for a new token"
-    );
+    // Counted once installed (the provider counts the request before its answer
+    // reaches the sidecar, so its count alone can come a moment too early).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let refreshed = metric(
+            &metrics_text(&h).await,
+            "tokenproxy_token_refreshes_total",
+            &[
+                ("client", "payments"),
+                ("trigger", "unauthorized"),
+                ("outcome", "success"),
+            ],
+        );
+        if refreshed == Some(1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the invalid_token 401 asked for a new token and installed it"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.provider.token_requests(), 2);
     let next = h
         .http
         .get(&format!("http://{}/api/v1/payments", h.proxy))
