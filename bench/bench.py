@@ -71,6 +71,16 @@ def log(*args):
 
 # ---------------------------------------------------------------- processes
 
+def write_results(prefix, data, text):
+    """Writes results/<prefix>-<timestamp>.json (the samples) and results/<prefix>-latest.md."""
+    os.makedirs(RESULTS, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(RESULTS, f"{prefix}-{stamp}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(RESULTS, f"{prefix}-latest.md"), "w") as f:
+        f.write(text)
+
+
 def free_ports(n):
     socks, ports = [], []
     for _ in range(n):

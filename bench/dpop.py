@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (process, nginx, wrk and /proc helpers)
@@ -120,12 +119,7 @@ def main():
     if QUICK:
         print("(QUICK: results not written)")
     else:
-        os.makedirs(bench.RESULTS, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        with open(os.path.join(bench.RESULTS, f"dpop-{stamp}.json"), "w") as f:
-            json.dump(data, f, indent=1)
-        with open(os.path.join(bench.RESULTS, "dpop-latest.md"), "w") as f:
-            f.write(text)
+        bench.write_results("dpop", data, text)
     failed = sum(s["errors"] + s["non2xx"] for s in samples)
     return 1 if failed else 0
 

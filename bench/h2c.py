@@ -160,13 +160,8 @@ def main():
         bench.stop_all()
     data = {"machine": bench.machine(), "rounds": ROUNDS, "duration_s": DURATION,
             "workers": WORKERS, "samples": samples}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    os.makedirs(bench.RESULTS, exist_ok=True)
-    with open(os.path.join(bench.RESULTS, f"h2c-{stamp}.json"), "w") as f:
-        json.dump(data, f, indent=1)
     text = report(data)
-    with open(os.path.join(bench.RESULTS, "h2c-latest.md"), "w") as f:
-        f.write(text)
+    bench.write_results("h2c", data, text)
     print(text)
 
 

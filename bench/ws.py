@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -156,12 +155,7 @@ def main():
     if QUICK:
         print("(QUICK: results not written)")
     else:
-        os.makedirs(bench.RESULTS, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        with open(os.path.join(bench.RESULTS, f"ws-{stamp}.json"), "w") as f:
-            json.dump(data, f, indent=1)
-        with open(os.path.join(bench.RESULTS, "ws-latest.md"), "w") as f:
-            f.write(text)
+        bench.write_results("ws", data, text)
     return 1 if sum(s["errors"] for s in samples) else 0
 
 
