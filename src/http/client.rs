@@ -289,14 +289,13 @@ impl Clients {
         proxy: &EgressProxy,
         http2_only: bool,
     ) -> Result<HttpClient, UpstreamError> {
-        let same = |(t, p, h): &ClientKey| t == tls && p == proxy && *h == http2_only;
-        if let Some((_, client)) = self.built.iter().find(|(key, _)| same(key)) {
-            return Ok(client.clone());
-        }
-        let client = build(tls, proxy, http2_only, self.preserve_header_case)?;
-        self.built
-            .push(((tls.clone(), proxy.clone(), http2_only), client.clone()));
-        Ok(client)
+        let preserve_header_case = self.preserve_header_case;
+        cached(
+            &mut self.built,
+            |(t, p, h)| t == tls && p == proxy && *h == http2_only,
+            || (tls.clone(), proxy.clone(), http2_only),
+            || build(tls, proxy, http2_only, preserve_header_case),
+        )
     }
 
     /// The token-endpoint client for `tls` and `proxy` (see
@@ -306,17 +305,12 @@ impl Clients {
         tls: &TlsConfig,
         proxy: &EgressProxy,
     ) -> Result<HttpClient, UpstreamError> {
-        if let Some((_, client)) = self
-            .tokens
-            .iter()
-            .find(|((t, p), _)| t == tls && p == proxy)
-        {
-            return Ok(client.clone());
-        }
-        let client = build_token_client(tls, proxy)?;
-        self.tokens
-            .push(((tls.clone(), proxy.clone()), client.clone()));
-        Ok(client)
+        cached(
+            &mut self.tokens,
+            |(t, p)| t == tls && p == proxy,
+            || (tls.clone(), proxy.clone()),
+            || build_token_client(tls, proxy),
+        )
     }
 
     /// The [`UpgradeConnector`] for `tls` and `proxy`, built on first use.
@@ -325,17 +319,12 @@ impl Clients {
         tls: &TlsConfig,
         proxy: &EgressProxy,
     ) -> Result<UpgradeConnector, UpstreamError> {
-        if let Some((_, c)) = self
-            .upgrades
-            .iter()
-            .find(|((t, p), _)| t == tls && p == proxy)
-        {
-            return Ok(c.clone());
-        }
-        let c = upgrade_connector(tls, proxy)?;
-        self.upgrades
-            .push(((tls.clone(), proxy.clone()), c.clone()));
-        Ok(c)
+        cached(
+            &mut self.upgrades,
+            |(t, p)| t == tls && p == proxy,
+            || (tls.clone(), proxy.clone()),
+            || upgrade_connector(tls, proxy),
+        )
     }
 
     /// Keeps only the clients for which `keep` holds (after a reload), and the
@@ -350,4 +339,20 @@ impl Clients {
         self.upgrades
             .retain(|((tls, proxy), _)| keep_upgrade(tls, proxy));
     }
+}
+
+/// The value `cache` holds under the key `is_key` matches, or else the one
+/// `build` makes, kept under `key()` for the next call.
+fn cached<K, V: Clone, E>(
+    cache: &mut Vec<(K, V)>,
+    is_key: impl Fn(&K) -> bool,
+    key: impl FnOnce() -> K,
+    build: impl FnOnce() -> Result<V, E>,
+) -> Result<V, E> {
+    if let Some((_, value)) = cache.iter().find(|(k, _)| is_key(k)) {
+        return Ok(value.clone());
+    }
+    let value = build()?;
+    cache.push((key(), value.clone()));
+    Ok(value)
 }
