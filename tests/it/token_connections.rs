@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::StatusCode;
-use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A TCP relay in front of `target` that counts the connections made to it.
@@ -35,12 +34,7 @@ async fn counting_relay(target: std::net::SocketAddr) -> (std::net::SocketAddr, 
 
 #[tokio::test]
 async fn every_token_request_opens_a_connection_of_its_own() {
-    let provider = MockProvider::start(ProviderConfig::default())
-        .await
-        .expect("mock provider starts");
-    let api = MockApi::start(provider.validator())
-        .await
-        .expect("mock api starts");
+    let (provider, api) = support::backends().await;
     let (relay, connections) = counting_relay(provider.addr()).await;
     let text = support::ONE_CLIENT
         .replace("{client_extra}", "")

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::{TestClient, CLIENT_ID};
-use tokenproxy_mock::{MockApi, MockProvider, ProviderConfig};
+use tokenproxy_mock::{MockApi, MockProvider};
 
 const TEMPLATE: &str = r#"
 [admin]
@@ -27,16 +27,6 @@ url = "{token_url}"
 client_id = "{client_id}"
 client_secret = "${CLIENT_SECRET}"
 "#;
-
-async fn backends() -> (MockProvider, MockApi) {
-    let provider = MockProvider::start(ProviderConfig::default())
-        .await
-        .expect("mock provider starts");
-    let api = MockApi::start(provider.validator())
-        .await
-        .expect("mock api starts");
-    (provider, api)
-}
 
 fn template(provider: &MockProvider, api: &MockApi, max_connections: usize) -> String {
     TEMPLATE
@@ -62,7 +52,7 @@ async fn one_request(conn: &mut TcpStream) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_connections_on_four_workers_are_all_served_with_a_token() {
-    let (provider, api) = backends().await;
+    let (provider, api) = support::backends().await;
     let (running, proxy, _admin) =
         support::start_sidecar_on_workers(&template(&provider, &api, 10_000), 4).await;
     let http = TestClient::new();
@@ -100,7 +90,7 @@ async fn concurrent_connections_on_four_workers_are_all_served_with_a_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_across_all_workers() {
-    let (provider, api) = backends().await;
+    let (provider, api) = support::backends().await;
     let (_running, proxy, _admin) =
         support::start_sidecar_on_workers(&template(&provider, &api, 2), 2).await;
     // Two connections are served and kept open: the cap is reached.

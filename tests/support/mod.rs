@@ -86,6 +86,17 @@ impl Options {
     }
 }
 
+/// A mock provider with default settings and a mock API accepting its tokens.
+pub async fn backends() -> (MockProvider, MockApi) {
+    let provider = MockProvider::start(ProviderConfig::default())
+        .await
+        .expect("mock provider starts");
+    let api = MockApi::start(provider.validator())
+        .await
+        .expect("mock api starts");
+    (provider, api)
+}
+
 pub async fn harness(options: Options) -> Harness {
     let provider = MockProvider::start(options.provider.clone())
         .await
